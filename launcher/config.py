@@ -1,0 +1,289 @@
+"""The experiment file: one typed model, validated with pydantic.
+
+Defaults are the well-known Llama-2 QLoRA Colab notebook recipe, so an experiment file only
+says what differs from it. Field names follow the libraries users already know (transformers'
+TrainingArguments, trl's SFTConfig, peft's LoraConfig, bitsandbytes' BitsAndBytesConfig).
+
+This module must stay importable without torch: it runs on login nodes and laptops.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+
+
+class Section(BaseModel):
+    """Every section rejects unknown keys: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "NousResearch/Llama-2-7b-chat-hf"
+    # A GGUF file inside name_or_path (transformers dequantises it on load).
+    gguf_file: str | None = None
+    revision: str | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    trust_remote_code: bool = False
+    # The HF token is never written anywhere: a job reads it at run time from this
+    # environment variable, or from this file.
+    hf_token_env: str = "HF_TOKEN"
+    hf_token_file: str | None = None
+    # "random" builds the architecture from the model's config without loading weights
+    # (benchmarks of 7B shapes with no download).
+    init: Literal["pretrained", "random"] = "pretrained"
+
+
+class DatasetConfig(Section):
+    # A hub dataset id, or a local .jsonl/.json/.csv/.parquet file (relative paths are
+    # resolved against the experiment file's folder).
+    path: str = "mlabonne/guanaco-llama2-1k"
+    split: str = "train"
+    # auto: "text" if the text field exists, else "messages", else instruction/response.
+    format: Literal["auto", "text", "instruction", "messages"] = "auto"
+    text_field: str = "text"
+    instruction_field: str = "instruction"
+    input_field: str | None = None
+    response_field: str = "response"
+    system_field: str | None = None
+    messages_field: str = "messages"
+    max_samples: int | None = Field(default=None, ge=1)
+    # Fraction or count of examples held out for evaluation (0 = none).
+    test_size: float = Field(default=0.0, ge=0)
+    seed: int = 42
+
+
+class PromptConfig(Section):
+    # llama2: "<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>"
+    # chat_template: the tokenizer's own chat template.
+    # none: the text field is used as it is.
+    template: Literal["llama2", "chat_template", "none"] = "llama2"
+    system_prompt: str | None = None
+
+
+class QuantizationConfig(Section):
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = False
+    # On a machine without CUDA the job computes in float32 (half-precision autocast on CPU is
+    # about 10x slower) and says so in its log.
+    bnb_4bit_compute_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+
+class LoraConfig(Section):
+    r: int = Field(default=64, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    # null: peft's default for the architecture (q_proj, v_proj for Llama);
+    # "all-linear", or a list of module names.
+    target_modules: str | list[str] | None = None
+
+
+class TrainConfig(Section):
+    num_train_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = -1
+    per_device_train_batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.001, ge=0)
+    optim: str = "paged_adamw_32bit"
+    max_grad_norm: float = Field(default=0.3, ge=0)
+    warmup_ratio: float = Field(default=0.03, ge=0, le=1)
+    lr_scheduler_type: str = "constant"
+    group_by_length: bool = True
+    gradient_checkpointing: bool = True
+    fp16: bool = False
+    bf16: bool = False
+    max_seq_length: int | None = Field(default=None, ge=8)  # null: trl's default (1024)
+    packing: bool = False
+    use_liger_kernel: bool = False
+    seed: int = 42
+    logging_steps: int = Field(default=25, ge=1)
+    # Checkpoints are what a preempted job resumes from; a signal also forces one.
+    save_steps: int = Field(default=100, ge=1)
+    save_total_limit: int | None = Field(default=2, ge=1)
+    dataloader_num_workers: int = Field(default=0, ge=0)
+    # Any further trl SFTConfig / TrainingArguments keyword, passed through unchanged
+    # (checked against SFTConfig when the job starts).
+    sft_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class StorageConfig(Section):
+    # Shared filesystem (Slurm), the PVC mount path (Kubernetes) or a local folder.
+    # Relative paths are resolved against the experiment file's folder.
+    root: str = "./qlaunch-runs"
+
+
+class ResourcesConfig(Section):
+    nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=1, ge=0)
+    gpu_type: str = "t4"
+    cpus_per_task: int = Field(default=8, ge=1)
+    memory: str = "32G"
+    time_limit: str = "24:00:00"  # [D-]HH:MM:SS
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_format(cls, value: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", value):
+            raise ValueError("expected [D-]HH:MM:SS, e.g. 24:00:00 or 1-12:00:00")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_format(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+[KMGT]?", value):
+            raise ValueError("expected a size like 32G or 64000M")
+        return value
+
+    def time_limit_seconds(self) -> int:
+        days, _, hms = self.time_limit.rpartition("-")
+        h, m, s = (int(x) for x in hms.split(":"))
+        return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+
+
+class InferenceConfig(Section):
+    enabled: bool = True  # run the inference job after training
+    prompts: list[str] = Field(default_factory=list)
+    prompts_file: str | None = None  # .jsonl with a "prompt" field, or one prompt per line
+    # Held-out examples (.jsonl with "prompt" and "reference") scored for base vs fine-tuned.
+    eval_file: str | None = None
+    metric: str | None = None
+    max_new_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.0, ge=0)  # 0 = greedy
+    load_in_4bit: bool = True
+    compare_base: bool = True  # also answer with the base model, side by side
+
+
+class EnvironmentConfig(Section):
+    # Shell lines run before the job on a cluster node: module loads, a venv or conda activate.
+    setup: list[str] = Field(default_factory=list)
+    # Non-secret environment variables for the job.
+    variables: dict[str, str] = Field(default_factory=dict)
+    python: str = "python"
+    # An Apptainer/Singularity image the job runs in (Slurm).
+    container: str | None = None
+
+    @field_validator("variables")
+    @classmethod
+    def _no_secret_values(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if re.search(r"TOKEN|SECRET|PASSWORD|API_KEY", key, re.IGNORECASE):
+                raise ValueError(
+                    f"{key!r} looks like a secret; secrets are never written into job files. "
+                    "Use model.hf_token_env / model.hf_token_file (Slurm) or "
+                    "kubernetes.hf_token_secret (Kubernetes)"
+                )
+        return value
+
+
+class LocalConfig(Section):
+    max_parallel: int = Field(default=1, ge=1)
+
+
+class SlurmConfig(Section):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    # Seconds before the time limit (or at preemption) at which the job gets SIGUSR1 to checkpoint.
+    signal_seconds: int = Field(default=300, ge=0)
+    requeue: bool = True
+    extra_directives: list[str] = Field(default_factory=list)  # e.g. ["--exclusive"]
+    inference_partition: str | None = None
+
+
+class SecretRef(Section):
+    name: str
+    key: str = "token"
+
+
+class Toleration(Section):
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
+
+
+class KubernetesConfig(Section):
+    namespace: str = "default"
+    image: str = "ghcr.io/qlaunch/qlaunch-train:latest"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists")]
+    )
+    pvc: str = "qlaunch-storage"  # ReadWriteMany claim mounted at storage.root
+    hf_token_secret: SecretRef | None = None
+    service_account: str | None = None
+    backoff_limit: int = Field(default=3, ge=0)
+    ttl_seconds_after_finished: int | None = Field(default=7 * 24 * 3600, ge=0)
+    termination_grace_period_seconds: int = Field(default=300, ge=0)
+    shm_size: str = "8Gi"
+    run_as_user: int = 1000
+
+
+class Experiment(Section):
+    name: str
+    description: str = ""
+    backend: Literal["local", "slurm", "kubernetes"] = "local"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    # Dotted key -> list of values; the runs are their cartesian product.
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, value):
+            raise ValueError(
+                "must be 1-40 characters of lowercase letters, digits and '-', starting and "
+                "ending with a letter or digit (it names jobs, folders and Kubernetes objects)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _precision(self) -> "Experiment":
+        if self.train.fp16 and self.train.bf16:
+            raise ValueError("train.fp16 and train.bf16 cannot both be true")
+        return self
+
+
+# Sections that define what is trained: a run's id hashes these and nothing else, so moving a
+# run to another partition or cluster does not make it a new run.
+IDENTITY_SECTIONS = ("model", "dataset", "prompt", "quantization", "lora", "train")
+
+
+class RunConfig(Experiment):
+    """One grid point, fully resolved: what a job is started from (`run.yaml`)."""
+
+    run_id: str
+    run_dir: str  # absolute <storage root>/<experiment>/<run id>
+    # The grid values of this run, by dotted key (for tables and job labels).
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    experiment_dir: str = "."  # where relative dataset/prompt paths are resolved
+
+    def resolve_path(self, value: str) -> Path:
+        """A user-supplied path: absolute as is, relative to the experiment file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else Path(self.experiment_dir) / path

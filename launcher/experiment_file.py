@@ -1,0 +1,130 @@
+"""Reading an experiment file: YAML → `Experiment`, with errors that name file, key and line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .config import Experiment, RunConfig
+from .errors import ConfigError
+
+
+class Loader(yaml.SafeLoader):
+    """SafeLoader that reads `2e-4` as a float (YAML 1.2), as users writing learning rates expect."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=Loader)
+
+
+def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map every key path in the document to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (key_node.value,)
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            path = prefix + (index,)
+            lines[path] = item.start_mark.line + 1
+            lines.update(_key_lines(item, path))
+    return lines
+
+
+def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
+    # The deepest prefix of the location that exists in the file (a missing key has no line
+    # of its own, its parent does).
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def format_validation_error(
+    error: ValidationError, source: str, lines: dict[tuple, int] | None = None, prefix: tuple = ()
+) -> str:
+    messages = []
+    for item in error.errors():
+        loc = prefix + tuple(item["loc"])
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        line = _line_for(lines or {}, loc)
+        where = f"{source}:{line}" if line else source
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        messages.append(f"{where}: {key}: {message}")
+    return "\n".join(messages)
+
+
+def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple, int]]:
+    try:
+        node = yaml.compose(text, Loader=Loader)
+        data = load_yaml(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: expected a mapping of sections (name:, model:, ...)")
+    return data, _key_lines(node) if node is not None else {}
+
+
+def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
+    """Validate an experiment file. Returns the experiment and the file's resolved path."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    data, lines = parse_yaml(text, str(path))
+    try:
+        experiment = Experiment.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path), lines)) from None
+    return experiment, path.resolve()
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """The resolved per-run config a job starts from."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read run config: {exc.strerror}") from None
+    data, lines = parse_yaml(text, str(path))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path), lines)) from None
+
+
+def dump_run_config(run: RunConfig) -> str:
+    """Deterministic YAML of a run config (same run → same bytes)."""
+    return yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=1000)

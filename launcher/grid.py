@@ -1,0 +1,161 @@
+"""Grid expansion: one experiment → runs with stable ids.
+
+A run's id is a hash of the sections that define what is trained (`IDENTITY_SECTIONS`), so
+the same file always gives the same ids and resubmitting never duplicates a run, while any
+changed training value gives a new id.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .config import IDENTITY_SECTIONS, Experiment, RunConfig
+from .errors import ConfigError
+from .experiment_file import Loader, _key_lines, format_validation_error, load_experiment, load_yaml
+
+GRID_FORBIDDEN = {"name", "grid", "backend", "storage"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    experiment: Experiment
+    source: Path  # the experiment file
+    storage_root: Path
+    runs: tuple[RunConfig, ...]
+
+    @property
+    def varying_keys(self) -> list[str]:
+        return list(self.experiment.grid)
+
+    def find(self, ref: str) -> list[RunConfig]:
+        """Runs named by a run id (or a unique prefix of one), or all runs for the experiment name."""
+        if ref in (self.experiment.name, "all"):
+            return list(self.runs)
+        matches = [run for run in self.runs if run.run_id.startswith(ref)]
+        if len(matches) == 1:
+            return matches
+        known = ", ".join(run.run_id for run in self.runs)
+        if not matches:
+            raise ConfigError(f"no run {ref!r} in experiment {self.experiment.name!r} (runs: {known})")
+        raise ConfigError(f"{ref!r} matches several runs: {', '.join(r.run_id for r in matches)}")
+
+
+def run_id_for(resolved: dict[str, Any]) -> str:
+    identity = {section: resolved[section] for section in IDENTITY_SECTIONS}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:10]
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KeyError(dotted)
+    node[leaf] = value
+
+
+def _get_dotted(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+def _check_grid_key(key: str, source: str, line: int | None) -> None:
+    where = f"{source}:{line}" if line else source
+    parts = key.split(".")
+    if parts[0] in GRID_FORBIDDEN:
+        raise ConfigError(f"{where}: grid.{key}: {parts[0]!r} cannot vary within one experiment")
+    model: Any = Experiment
+    for depth, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            known = ", ".join(sorted(fields)) if fields else "none (not a section)"
+            prefix = ".".join(parts[:depth]) or "top level"
+            raise ConfigError(
+                f"{where}: grid.{key}: unknown key {part!r} under {prefix} (known: {known})"
+            )
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) else None
+        if depth < len(parts) - 1 and model is None:
+            # dict-valued fields such as train.sft_args accept any sub-key
+            return
+
+
+def plan(path: str | Path) -> Plan:
+    """Load, validate and expand an experiment file. Raises ConfigError naming key and line."""
+    experiment, source = load_experiment(path)
+    text = source.read_text()
+    raw = load_yaml(text)
+    lines = _key_lines(yaml.compose(text, Loader=Loader))
+    base = experiment.model_dump(mode="json")
+
+    grid = experiment.grid
+    for key, values in grid.items():
+        _check_grid_key(key, str(source), lines.get(("grid", key)))
+        if not values:
+            line = lines.get(("grid", key))
+            raise ConfigError(f"{source}:{line}: grid.{key}: needs at least one value")
+
+    root = Path(experiment.storage.root).expanduser()
+    if not root.is_absolute():
+        root = (source.parent / root).resolve()
+
+    runs: list[RunConfig] = []
+    seen: dict[str, dict] = {}
+    keys = list(grid)
+    for combo in itertools.product(*(list(enumerate(grid[k])) for k in keys)):
+        data = copy.deepcopy(raw)
+        data.pop("grid", None)
+        overrides = {}
+        for key, (_, value) in zip(keys, combo):
+            _set_dotted(data, key, value)
+            overrides[key] = value
+        try:
+            resolved = Experiment.model_validate(data).model_dump(mode="json")
+        except ValidationError as exc:
+            # Point at the grid value that broke it, not at the section it was merged into.
+            for key, (index, value) in zip(keys, combo):
+                trial = copy.deepcopy(raw)
+                trial.pop("grid", None)
+                _set_dotted(trial, key, value)
+                try:
+                    Experiment.model_validate(trial)
+                except ValidationError as single:
+                    line = lines.get(("grid", key, index))
+                    detail = format_validation_error(single, str(source), lines).split(": ", 2)[-1]
+                    raise ConfigError(
+                        f"{source}:{line}: grid.{key}[{index}] = {value!r}: {detail}"
+                    ) from None
+            raise ConfigError(format_validation_error(exc, str(source), lines)) from None
+        resolved["grid"] = {}
+        overrides = {key: _get_dotted(resolved, key) for key in keys}
+        run_id = run_id_for(resolved)
+        if run_id in seen:
+            raise ConfigError(
+                f"{source}: grid: two grid points resolve to the same run ({overrides} and "
+                f"{seen[run_id]}); remove the duplicate value"
+            )
+        seen[run_id] = overrides
+        runs.append(
+            RunConfig.model_validate(
+                {
+                    **resolved,
+                    "run_id": run_id,
+                    "run_dir": str(root / experiment.name / run_id),
+                    "overrides": overrides,
+                    "experiment_dir": str(source.parent),
+                }
+            )
+        )
+    return Plan(experiment=experiment, source=source, storage_root=root, runs=tuple(runs))

@@ -1,0 +1,108 @@
+"""The storage layout every backend and the trainer share.
+
+    <storage root>/<experiment>/<run id>/
+        run.yaml            resolved run config: a job starts from this file alone
+        progress.jsonl      progress events (launcher.progress), appended across restarts
+        train.log           the training job's output (appended across requeues)
+        infer.log           the inference job's output
+        checkpoints/        checkpoint-<step>/ (complete ones only; partial saves are in .tmp-*)
+        adapter/            final LoRA adapter + tokenizer (PeftModel.from_pretrained loads it)
+        metrics.json        final training metrics; its presence means training completed
+        inference/          results.jsonl, summary.json
+        submission.json     backend, job ids, submission times
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .experiment_file import dump_run_config
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, run: RunConfig) -> "RunPaths":
+        return cls(Path(run.run_dir))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "run.yaml"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.jsonl"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def infer_log(self) -> Path:
+        return self.root / "infer.log"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def inference(self) -> Path:
+        return self.root / "inference"
+
+    @property
+    def submission(self) -> Path:
+        return self.root / "submission.json"
+
+    def training_completed(self) -> bool:
+        return self.metrics.is_file() and (self.adapter / "adapter_config.json").is_file()
+
+    def inference_completed(self) -> bool:
+        return (self.inference / "summary.json").is_file()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write aside and rename, so readers on shared storage never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_run_config(run: RunConfig) -> Path:
+    paths = RunPaths.of(run)
+    text = dump_run_config(run)
+    if not paths.config.is_file() or paths.config.read_text() != text:
+        atomic_write_text(paths.config, text)
+    return paths.config
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
