@@ -47,6 +47,7 @@ class RunStatus:
 class SubmitReport:
     submitted: dict[str, list[str]] = field(default_factory=dict)  # run id → job ids
     skipped: dict[str, str] = field(default_factory=dict)  # run id → why (already running …)
+    interrupted: bool = False  # the local backend was stopped with Ctrl-C
 
 
 class Backend(Protocol):

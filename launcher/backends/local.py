@@ -1,0 +1,323 @@
+"""The local backend (the default): each grid point is a subprocess on this machine, running the
+same entrypoints with the same storage layout a cluster job would, at most N at a time, each
+followed by its inference job.
+
+Children run in their own session, so a terminal Ctrl-C reaches only qlaunch, which forwards
+SIGTERM: the trainer checkpoints and exits with EXIT_PREEMPTED, and `qlaunch run` resumes later.
+A second Ctrl-C kills them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Callable
+
+from ..config import RunConfig
+from ..grid import Plan
+from ..logs import follow_file
+from ..progress import EXIT_PREEMPTED
+from ..storage import RunPaths, read_json, write_json, write_run_config
+from .base import RunStatus, State, SubmitReport
+
+STATE_FILE = "local.json"
+
+
+def _state_path(run: RunConfig) -> Path:
+    return RunPaths.of(run).root / STATE_FILE
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def train_command(run: RunConfig) -> list[str]:
+    config = str(RunPaths.of(run).config)
+    if run.resources.gpus_per_node > 1:
+        return [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--num_processes", str(run.resources.gpus_per_node),
+            "-m", "training.sft", config,
+        ]  # fmt: skip
+    return [sys.executable, "-m", "training.sft", config]
+
+
+def infer_command(run: RunConfig, extra: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "training.infer", str(RunPaths.of(run).config), *(extra or [])]
+
+
+def job_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # The job imports launcher/training from wherever this qlaunch comes from (a checkout too).
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class _Job:
+    run: RunConfig
+    phase: str  # "train" | "infer"
+    process: subprocess.Popen
+    log: IO[bytes]
+
+
+class LocalBackend:
+    name = "local"
+
+    # ---- render -----------------------------------------------------------------------------
+    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for run in plan.runs:
+            lines = [
+                "#!/bin/sh",
+                f"# qlaunch local run {plan.experiment.name}/{run.run_id} {_describe(run)}",
+                "set -e",
+                shlex.join(train_command(run)),
+            ]
+            if run.inference.enabled:
+                lines.append(shlex.join(infer_command(run)))
+            path = out_dir / f"{run.run_id}.sh"
+            path.write_text("\n".join(lines) + "\n")
+            written.append(path)
+        return written
+
+    # ---- submit (runs in the foreground) --------------------------------------------------------
+    def submit(
+        self,
+        plan: Plan,
+        *,
+        force: bool = False,
+        dry_run: bool = False,
+        max_parallel: int | None = None,
+        on_event: Callable[[str], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
+        run_inference: bool = True,
+    ) -> SubmitReport:
+        report = SubmitReport()
+        say = on_event or (lambda message: None)
+        limit = max_parallel or plan.experiment.local.max_parallel
+        todo: list[tuple[RunConfig, str]] = []
+        for run in plan.runs:
+            paths = RunPaths.of(run)
+            state = read_json(_state_path(run)) or {}
+            if state.get("state") == "running" and _pid_alive(state.get("pid")):
+                report.skipped[run.run_id] = f"already running (pid {state['pid']})"
+                continue
+            if force and not dry_run:
+                _clear_outputs(paths)
+            if paths.training_completed():
+                if run_inference and run.inference.enabled and not paths.inference_completed():
+                    todo.append((run, "infer"))
+                else:
+                    report.skipped[run.run_id] = "completed"
+                continue
+            todo.append((run, "train"))
+        if dry_run:
+            for run, phase in todo:
+                report.submitted[run.run_id] = [f"{phase} (dry run)"]
+            return report
+        for run, _ in todo:
+            write_run_config(run)
+            self._set_state(run, "pending")
+
+        running: list[_Job] = []
+        stopping = {"count": 0}
+
+        def on_sigint(signum, frame):
+            stopping["count"] += 1
+            sig = signal.SIGTERM if stopping["count"] == 1 else signal.SIGKILL
+            if stopping["count"] == 1:
+                say("stopping: runs save a checkpoint and stop; `qlaunch run` again resumes them "
+                    "(Ctrl-C again to kill)")
+            for job in running:
+                _signal_group(job.process, sig)
+
+        previous = {s: signal.signal(s, on_sigint) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while todo or running:
+                while todo and len(running) < limit and not stopping["count"]:
+                    run, phase = todo.pop(0)
+                    if (read_json(_state_path(run)) or {}).get("state") == "cancelled":
+                        report.skipped[run.run_id] = "cancelled"
+                        continue
+                    running.append(self._start(run, phase))
+                    report.submitted.setdefault(run.run_id, []).append(str(running[-1].process.pid))
+                    say(f"{run.run_id} {phase} started (pid {running[-1].process.pid}) {_describe(run)}")
+                for job in list(running):
+                    code = job.process.poll()
+                    if code is None:
+                        continue
+                    running.remove(job)
+                    job.log.close()
+                    follow_up = self._finished(job, code, say)
+                    if follow_up and run_inference and not stopping["count"]:
+                        todo.insert(0, (job.run, "infer"))
+                if stopping["count"] and not running:
+                    for run, _ in todo:
+                        self._set_state(run, "stopped", returncode=EXIT_PREEMPTED)
+                    todo.clear()
+                if on_tick:
+                    on_tick()
+                time.sleep(0.3)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        report.interrupted = bool(stopping["count"])
+        return report
+
+    def _start(self, run: RunConfig, phase: str) -> _Job:
+        paths = RunPaths.of(run)
+        log_path = paths.train_log if phase == "train" else paths.infer_log
+        log = open(log_path, "ab")
+        command = train_command(run) if phase == "train" else infer_command(run)
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=job_environment(),
+            cwd=paths.root,
+            start_new_session=True,
+        )
+        self._set_state(run, "running", phase=phase, pid=process.pid, started=time.time())
+        return _Job(run, phase, process, log)
+
+    def _finished(self, job: _Job, code: int, say: Callable[[str], None]) -> bool:
+        """Record how a job ended; True when the run's inference job should follow."""
+        run = job.run
+        current = read_json(_state_path(run)) or {}
+        if current.get("state") == "cancelled":
+            say(f"{run.run_id} {job.phase} cancelled")
+            return False
+        if code == 0:
+            self._set_state(run, "completed", phase=job.phase, returncode=0)
+            say(f"{run.run_id} {job.phase} completed")
+            return job.phase == "train" and run.inference.enabled
+        if code == EXIT_PREEMPTED:
+            self._set_state(run, "stopped", phase=job.phase, returncode=code)
+            say(f"{run.run_id} {job.phase} stopped after a checkpoint (exit {code}); it resumes on the next run")
+            return False
+        self._set_state(run, "failed", phase=job.phase, returncode=code)
+        log = "infer.log" if job.phase == "infer" else "train.log"
+        say(f"{run.run_id} {job.phase} FAILED (exit {code}); see {RunPaths.of(run).root / log}")
+        return False
+
+    def _set_state(self, run: RunConfig, state: str, **fields) -> None:
+        data = {"state": state, "host": socket.gethostname(), "updated": time.time(), **fields}
+        write_json(_state_path(run), data)
+
+    # ---- watch ----------------------------------------------------------------------------------
+    def status(self, plan: Plan) -> dict[str, RunStatus]:
+        return {run.run_id: self._status(run) for run in plan.runs}
+
+    def _status(self, run: RunConfig) -> RunStatus:
+        paths = RunPaths.of(run)
+        local = read_json(_state_path(run)) or {}
+        state_name = local.get("state")
+        phase = local.get("phase", "train")
+        alive = state_name == "running" and _pid_alive(local.get("pid"))
+        job_ids = [str(local["pid"])] if local.get("pid") else []
+        status = RunStatus(job_ids=job_ids)
+        if paths.training_completed():
+            status.state = State.COMPLETED
+            if paths.inference_completed():
+                status.infer_state = State.COMPLETED
+            elif phase == "infer":
+                status.infer_state = _local_state(state_name, alive, local.get("returncode"))
+            elif state_name == "pending":
+                status.infer_state = State.PENDING
+            return status
+        status.state = _local_state(state_name, alive, local.get("returncode"))
+        if status.state == State.REQUEUED:
+            status.detail = "stopped after a checkpoint; `qlaunch run` resumes it"
+        elif status.state == State.FAILED:
+            status.detail = (
+                f"exit {local.get('returncode')}" if "returncode" in local else "process gone"
+            )
+        return status
+
+    def logs(self, plan: Plan, run: RunConfig, *, follow: bool, out: IO[str], infer: bool = False) -> None:
+        paths = RunPaths.of(run)
+        path = paths.infer_log if infer else paths.train_log
+
+        def active() -> bool:
+            return self._status(run).state in (State.RUNNING, State.PENDING) or (
+                infer and self._status(run).infer_state in (State.RUNNING, State.PENDING)
+            )
+
+        follow_file(path, out, follow=follow, active=active)
+
+    def cancel(self, plan: Plan, runs: list[RunConfig]) -> list[str]:
+        cancelled = []
+        for run in runs:
+            local = read_json(_state_path(run)) or {}
+            if local.get("state") not in ("running", "pending"):
+                continue
+            self._set_state(run, "cancelled", phase=local.get("phase", "train"), pid=local.get("pid"))
+            pid = local.get("pid")
+            if local.get("state") == "running" and _pid_alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGTERM)  # checkpoint, then stop
+                except ProcessLookupError:
+                    pass
+            cancelled.append(run.run_id)
+        return cancelled
+
+
+def _local_state(name: str | None, alive: bool, returncode: int | None) -> State:
+    if name == "running":
+        return State.RUNNING if alive else State.FAILED
+    if name == "pending":
+        return State.PENDING
+    if name == "stopped":
+        return State.REQUEUED
+    if name == "cancelled":
+        return State.CANCELLED
+    if name == "failed":
+        return State.FAILED
+    if name == "completed":
+        return State.COMPLETED
+    return State.UNKNOWN
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _clear_outputs(paths: RunPaths) -> None:
+    import shutil
+
+    for path in (paths.checkpoints, paths.adapter, paths.inference):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (paths.metrics, paths.progress, paths.root / STATE_FILE):
+        path.unlink(missing_ok=True)
+
+
+def _describe(run: RunConfig) -> str:
+    return " ".join(f"{key}={value}" for key, value in run.overrides.items())
