@@ -87,7 +87,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     run_index.record(p, name)
     if name == "local":
         return _run_locally(p, backend, args)
-    report = backend.submit(p, force=args.force, dry_run=bool(args.dry_run))
+    report = backend.submit(p, force=args.force, dry_run=args.dry_run or False)
     for run_id, jobs in report.submitted.items():
         console.print(f"{run_id} submitted: {', '.join(jobs)}")
     for run_id, why in report.skipped.items():

@@ -1,0 +1,419 @@
+"""Kubernetes manifests for a plan: pure (same plan, same bytes), checked before any API call.
+
+The jinja templates in `manifests/` lay out the objects and pass every value through `|tojson`;
+the result is parsed back into dicts (what the API client sends) and written as block YAML for
+review. Per run: a ConfigMap with run.yaml, a headless Service (multi-node only), the training
+Job and, unless inference is disabled, an inference Job that waits for the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..experiment_file import dump_run_config, parse_yaml
+from ..grid import Plan
+from ..progress import EXIT_PREEMPTED
+from ..storage import RunPaths
+from ..templates import render
+
+CONFIG_MOUNT = "/config"
+MAIN_PROCESS_PORT = 29500
+LABEL_PREFIX = "qlaunch.dev"
+EXPERIMENT_LABEL = f"{LABEL_PREFIX}/experiment"
+RUN_LABEL = f"{LABEL_PREFIX}/run-id"
+ROLE_LABEL = f"{LABEL_PREFIX}/role"
+TRAIN, INFER = "train", "infer"
+# Paths other volumes already use inside the pod.
+_RESERVED_MOUNTS = ("/config", "/dev", "/home/qlaunch", "/proc", "/sys")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+
+
+@dataclass(frozen=True)
+class Names:
+    """Object names of one run: DNS-1123 labels of at most 63 characters, unique per run."""
+
+    base: str
+
+    @classmethod
+    def of(cls, experiment: str, run_id: str) -> "Names":
+        prefix = re.sub(r"[^a-z0-9-]+", "-", experiment.lower()).strip("-")
+        # A Service name must start with a letter (DNS-1035); the experiment name may not.
+        if not prefix or not prefix[0].isalpha():
+            prefix = "q" + prefix
+        # 40 + 1 + 10 run id leaves room for "-infer" and for the pods' "-<index>" hostnames.
+        prefix = prefix[:40].rstrip("-")
+        return cls(f"{prefix}-{run_id}")
+
+    @property
+    def train_job(self) -> str:
+        return self.base
+
+    @property
+    def infer_job(self) -> str:
+        return f"{self.base}-infer"
+
+    @property
+    def config(self) -> str:
+        return f"{self.base}-run"
+
+    @property
+    def service(self) -> str:
+        return self.base
+
+    def job(self, role: str) -> str:
+        return self.train_job if role == TRAIN else self.infer_job
+
+
+def names(plan: Plan, run: RunConfig) -> Names:
+    return Names.of(plan.experiment.name, run.run_id)
+
+
+def namespace_of(plan: Plan) -> str:
+    return plan.runs[0].kubernetes.namespace if plan.runs else plan.experiment.kubernetes.namespace
+
+
+def experiment_selector(plan: Plan) -> str:
+    return f"{EXPERIMENT_LABEL}={plan.experiment.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: everything the API server would refuse, found before the first call.
+
+
+class _Where:
+    """file:line for a dotted key of the experiment file (or of its grid)."""
+
+    def __init__(self, plan: Plan):
+        self.source = plan.source
+        try:
+            _, self.lines = parse_yaml(plan.source.read_text(), str(plan.source))
+        except (OSError, ConfigError):
+            self.lines = {}
+
+    def __call__(self, dotted: str) -> str:
+        parts = tuple(dotted.split("."))
+        for end in range(len(parts), 0, -1):
+            line = self.lines.get(parts[:end])
+            if line:
+                return f"{self.source}:{line}: {dotted}"
+        grid_line = self.lines.get(("grid", dotted))
+        if grid_line:
+            return f"{self.source}:{grid_line}: grid.{dotted}"
+        return f"{self.source}: {dotted}"
+
+
+def _label_value_ok(value: str) -> bool:
+    return value == "" or (len(value) <= 63 and bool(_LABEL_NAME.match(value)))
+
+
+def _label_key_ok(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return 0 < len(name) <= 63 and bool(_LABEL_NAME.match(name))
+
+
+def _subdomain_ok(name: str) -> bool:
+    return len(name) <= 253 and bool(_DNS_SUBDOMAIN.match(name))
+
+
+def kube_memory(value: str) -> str:
+    """Slurm-style sizes (32G = 32 GiB, a bare number = MiB) as a Kubernetes quantity."""
+    number, unit = re.fullmatch(r"(\d+)([KMGT]?)", value).groups()
+    return f"{number}{unit or 'M'}i"
+
+
+def check_plan(plan: Plan) -> None:
+    """Raise ConfigError (file:line: key: message) for anything the cluster would refuse."""
+    where = _Where(plan)
+    problems: list[str] = []
+    root = plan.experiment.storage.root
+    posix_root = PurePosixPath(root)
+    if not posix_root.is_absolute():
+        problems.append(
+            f"{where('storage.root')}: must be an absolute path for the kubernetes backend: it is "
+            f"where the PVC is mounted inside every pod (e.g. /mnt/qlaunch), got {root!r}"
+        )
+    elif str(posix_root) == "/" or any(
+        str(posix_root) == reserved or str(posix_root).startswith(reserved + "/")
+        for reserved in _RESERVED_MOUNTS
+    ):
+        problems.append(f"{where('storage.root')}: {root!r} collides with a path the pod uses; "
+                        "choose a folder of its own such as /mnt/qlaunch")
+    namespaces = {run.kubernetes.namespace for run in plan.runs}
+    if len(namespaces) > 1:
+        problems.append(f"{where('kubernetes.namespace')}: all runs of one experiment must share a "
+                        f"namespace (the grid gives {sorted(namespaces)})")
+    seen: set[str] = set()
+    for run in plan.runs:
+        for message in _run_problems(run, where):
+            if message not in seen:
+                seen.add(message)
+                problems.append(message)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _run_problems(run: RunConfig, where: _Where) -> list[str]:
+    k8s, problems = run.kubernetes, []
+    if not (len(k8s.namespace) <= 63 and _DNS_LABEL.match(k8s.namespace)):
+        problems.append(f"{where('kubernetes.namespace')}: {k8s.namespace!r} is not a valid namespace "
+                        "(at most 63 lowercase letters, digits and '-')")
+    if not _subdomain_ok(k8s.pvc):
+        problems.append(f"{where('kubernetes.pvc')}: {k8s.pvc!r} is not a valid claim name "
+                        "(lowercase letters, digits, '-' and '.')")
+    if not k8s.image.strip():
+        problems.append(f"{where('kubernetes.image')}: the image must not be empty")
+    if k8s.service_account is not None and not _subdomain_ok(k8s.service_account):
+        problems.append(f"{where('kubernetes.service_account')}: {k8s.service_account!r} is not a valid name")
+    secret = k8s.hf_token_secret
+    if secret is not None:
+        if not _subdomain_ok(secret.name):
+            problems.append(f"{where('kubernetes.hf_token_secret.name')}: {secret.name!r} is not a "
+                            "valid Secret name")
+        if not _SECRET_KEY.match(secret.key):
+            problems.append(f"{where('kubernetes.hf_token_secret.key')}: {secret.key!r} is not a valid "
+                            "Secret key (letters, digits, '-', '_' and '.')")
+    if not _QUANTITY.match(k8s.shm_size):
+        problems.append(f"{where('kubernetes.shm_size')}: {k8s.shm_size!r} is not a Kubernetes "
+                        "quantity (e.g. 8Gi or 512Mi)")
+    for key, value in k8s.node_selector.items():
+        if not _label_key_ok(key) or not _label_value_ok(value):
+            problems.append(f"{where('kubernetes.node_selector')}: {key}: {value!r} is not a valid "
+                            "node label (values: at most 63 letters, digits, '-', '_' and '.')")
+    for index, toleration in enumerate(k8s.tolerations):
+        if not _label_key_ok(toleration.key):
+            problems.append(f"{where(f'kubernetes.tolerations.{index}')}: key {toleration.key!r} is "
+                            "not a valid taint key")
+        if toleration.operator == "Exists" and toleration.value:
+            problems.append(f"{where(f'kubernetes.tolerations.{index}')}: operator Exists takes no "
+                            "value (use operator: Equal)")
+        if toleration.value and not _label_value_ok(toleration.value):
+            problems.append(f"{where(f'kubernetes.tolerations.{index}')}: value {toleration.value!r} "
+                            "is not a valid taint value")
+    if run.resources.time_limit_seconds() <= 0:
+        problems.append(f"{where('resources.time_limit')}: must be longer than 0 seconds")
+    env_names = [run.model.hf_token_env] if secret is not None else []
+    env_names += list(run.environment.variables)
+    for name in env_names:
+        if not _ENV_NAME.match(name):
+            key = "model.hf_token_env" if name == run.model.hf_token_env else f"environment.variables.{name}"
+            problems.append(f"{where(key)}: {name!r} is not a valid environment variable name")
+    if secret is not None and run.model.hf_token_env in run.environment.variables:
+        problems.append(f"{where('environment.variables')}: {run.model.hf_token_env} comes from "
+                        "kubernetes.hf_token_secret; do not set it here too")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+
+
+def labels(plan: Plan, run: RunConfig, role: str | None) -> dict[str, str]:
+    result = {
+        "app.kubernetes.io/name": "qlaunch",
+        "app.kubernetes.io/instance": names(plan, run).base,
+        "app.kubernetes.io/component": role or "config",
+        "app.kubernetes.io/part-of": plan.experiment.name,
+        "app.kubernetes.io/managed-by": "qlaunch",
+        EXPERIMENT_LABEL: plan.experiment.name,
+        RUN_LABEL: run.run_id,
+    }
+    if role:
+        result[ROLE_LABEL] = role
+    return result
+
+
+def annotations(run: RunConfig) -> dict[str, str]:
+    return {
+        f"{LABEL_PREFIX}/run-dir": run.run_dir,
+        f"{LABEL_PREFIX}/overrides": json.dumps(run.overrides, sort_keys=True),
+    }
+
+
+def pod_run_config(plan: Plan, run: RunConfig) -> str:
+    """run.yaml as the pod sees it: relative paths resolve on the PVC (storage.root), since the
+    experiment file's folder on the laptop does not exist inside the cluster."""
+    return dump_run_config(run.model_copy(update={"experiment_dir": str(plan.storage_root)}))
+
+
+def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
+    variables = {
+        "PYTHONUNBUFFERED": "1",
+        "HOME": "/home/qlaunch",
+        # Model downloads land once on the shared claim, not once per pod.
+        "HF_HOME": str(PurePosixPath(str(plan.storage_root)) / ".cache" / "huggingface"),
+        **run.environment.variables,
+    }
+    env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in variables.items()]
+    secret = run.kubernetes.hf_token_secret
+    if secret is not None:
+        # The token stays in the cluster: the kubelet resolves the reference at pod start.
+        env.append({
+            "name": run.model.hf_token_env,
+            "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
+        })
+    return env
+
+
+def _resources(run: RunConfig, gpus: int) -> dict[str, Any]:
+    memory = kube_memory(run.resources.memory)
+    # Memory limit = request: running out shows as OOMKilled on this pod, not as node pressure.
+    limits: dict[str, Any] = {"memory": memory}
+    if gpus > 0:
+        limits["nvidia.com/gpu"] = gpus
+    return {"requests": {"cpu": str(run.resources.cpus_per_task), "memory": memory}, "limits": limits}
+
+
+def train_command(plan: Plan, run: RunConfig) -> list[str]:
+    nodes, gpus = run.resources.nodes, run.resources.gpus_per_node
+    command = ["accelerate", "launch"]
+    if nodes > 1:
+        n = names(plan, run)
+        command += [
+            "--multi_gpu",
+            "--num_machines", str(nodes),
+            "--num_processes", str(nodes * max(gpus, 1)),
+            # Expanded by the kubelet: the Job controller sets it for each pod of an Indexed Job.
+            "--machine_rank", "$(JOB_COMPLETION_INDEX)",
+            "--main_process_ip", f"{n.train_job}-0.{n.service}",
+            "--main_process_port", str(MAIN_PROCESS_PORT),
+        ]  # fmt: skip
+    elif gpus > 1:
+        command += ["--multi_gpu", "--num_processes", str(gpus)]
+    return command + ["-m", "training.sft", f"{CONFIG_MOUNT}/run.yaml"]
+
+
+def infer_command(run: RunConfig) -> list[str]:
+    return [run.environment.python, "-m", "training.infer", f"{CONFIG_MOUNT}/run.yaml"]
+
+
+def wait_command(run: RunConfig) -> list[str]:
+    paths = RunPaths.of(run)
+    # Paths travel as arguments ($1, $2), never inside the script text.
+    return [
+        "sh", "-c",
+        'while [ ! -f "$1" ] || [ ! -f "$2" ]; do sleep 15; done; echo "training finished: $1"',
+        "wait-for-adapter", str(paths.adapter / "adapter_config.json"), str(paths.metrics),
+    ]  # fmt: skip
+
+
+def _job(plan: Plan, run: RunConfig, role: str) -> str:
+    n, k8s = names(plan, run), run.kubernetes
+    train = role == TRAIN
+    indexed = train and run.resources.nodes > 1
+    time_limit = run.resources.time_limit_seconds()
+    return render(
+        "manifests",
+        "job.yaml.j2",
+        job_name=n.job(role),
+        names=n,
+        namespace=k8s.namespace,
+        labels=labels(plan, run, role),
+        annotations=annotations(run),
+        k8s=k8s,
+        # The inference Job exists from submission on and waits for training inside the same
+        # deadline clock, so it gets the training time limit twice.
+        active_deadline_seconds=time_limit if train else 2 * time_limit,
+        container_name=role,
+        exit_preempted=EXIT_PREEMPTED,
+        indexed=indexed,
+        nodes=run.resources.nodes,
+        tolerations=[t.model_dump(exclude_none=True) for t in k8s.tolerations],
+        wait_for=not train,
+        wait_command=wait_command(run),
+        command=train_command(plan, run) if train else infer_command(run),
+        env=_env(plan, run),
+        resources=_resources(run, run.resources.gpus_per_node if train else min(1, run.resources.gpus_per_node)),
+        container_security={
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        storage_root=str(plan.storage_root),
+    )
+
+
+def run_documents(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
+    """The objects of one run, in the order they are applied (ConfigMap before the Jobs)."""
+    n, namespace = names(plan, run), run.kubernetes.namespace
+    texts = [
+        render(
+            "manifests",
+            "configmap.yaml.j2",
+            names=n,
+            namespace=namespace,
+            labels=labels(plan, run, None),
+            annotations=annotations(run),
+            run_yaml=pod_run_config(plan, run),
+        )
+    ]
+    if run.resources.nodes > 1:
+        selector = {RUN_LABEL: run.run_id, ROLE_LABEL: TRAIN}
+        texts.append(
+            render(
+                "manifests",
+                "service.yaml.j2",
+                names=n,
+                namespace=namespace,
+                labels={**labels(plan, run, None), "app.kubernetes.io/component": "rendezvous"},
+                annotations=annotations(run),
+                selector=selector,
+                main_process_port=MAIN_PROCESS_PORT,
+            )
+        )
+    texts.append(_job(plan, run, TRAIN))
+    if run.inference.enabled:
+        texts.append(_job(plan, run, INFER))
+    return [yaml.load(text, Loader=_Loader) for text in texts]
+
+
+# libyaml's parser when PyYAML has it (same data, ~10x faster); the output is always written by
+# the pure-Python emitter so that the bytes never depend on how PyYAML was built.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block YAML with multi-line strings (run.yaml) as literal blocks, for review."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def to_yaml(documents: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+                         width=1000, explicit_start=True)
+
+
+def render_files(plan: Plan, out_dir: Path) -> list[Path]:
+    check_plan(plan)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for run in plan.runs:
+        path = out_dir / f"{run.run_id}.yaml"
+        header = (
+            f"# qlaunch · experiment {plan.experiment.name} · run {run.run_id}\n"
+            f"# `qlaunch submit` applies these objects (server-side apply, field manager qlaunch).\n"
+        )
+        path.write_text(header + to_yaml(run_documents(plan, run)))
+        written.append(path)
+    return written

@@ -1,0 +1,335 @@
+"""The Kubernetes backend: each run is a ConfigMap (run.yaml), a training Job on a T4 node pool
+and an inference Job that waits for the adapter, all on one ReadWriteMany PVC mounted at
+storage.root. Objects are sent with server-side apply (field manager `qlaunch`), so submitting
+again is idempotent.
+
+submit: render and check every object → GET namespace, PVC and token Secret (say which is
+missing) → one list of the experiment's Jobs → server-side dry run of every object → apply.
+status: one Job list and one Pod list per refresh, whatever the grid size.
+progress_events(plan) → {run id: [progress events]} from the pods' logs (the laptop cannot read
+the PVC); the status table summarizes them with launcher.progress.summarize.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from ..config import RunConfig
+from ..errors import BackendError
+from ..grid import Plan
+from . import k8s_manifests as manifests
+from .base import RunStatus, State, SubmitReport
+from .k8s_client import APPLY_PATCH, FIELD_MANAGER, Kube, KubeApiError
+from .k8s_logs import LogFollower, ProgressReader
+from .k8s_state import completion_index, created, job_state, owned_by
+
+Obj = dict[str, Any]
+DRY_RUN = "All"
+
+
+class KubernetesBackend:
+    name = "kubernetes"
+
+    def __init__(self, kubeconfig: str | None = None, context: str | None = None, *,
+                 poll_seconds: float = 2.0, delete_timeout: float | None = None):  # fmt: skip
+        self.kube = Kube(kubeconfig, context)
+        self.poll_seconds = poll_seconds
+        self.delete_timeout = delete_timeout
+        self._progress = ProgressReader(self.kube)
+        # The last (time, experiment, jobs, pods) lists: progress_events right after status (one
+        # table refresh) reuses them instead of listing again.
+        self._snapshot: tuple[float, str, list[Obj], list[Obj]] | None = None
+
+    # -- render ------------------------------------------------------------------------------
+
+    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
+        return manifests.render_files(plan, Path(out_dir))
+
+    # -- API helpers -------------------------------------------------------------------------
+
+    def _apply(self, doc: Obj, dry_run: bool) -> Obj:
+        kind, meta = doc["kind"], doc["metadata"]
+        if kind == "Job":
+            method = self.kube.batch.patch_namespaced_job
+        else:
+            method = getattr(self.kube.core, {"ConfigMap": "patch_namespaced_config_map",
+                                              "Service": "patch_namespaced_service"}[kind])
+        return self.kube.call(
+            method, meta["name"], meta["namespace"], doc,
+            field_manager=FIELD_MANAGER, force=True, dry_run=DRY_RUN if dry_run else None,
+            _content_type=APPLY_PATCH, what=f"applying {kind} {meta['name']}",
+        )  # fmt: skip
+
+    def _list(self, plan: Plan, kind: str) -> list[Obj]:
+        namespace = manifests.namespace_of(plan)
+        method = self.kube.batch.list_namespaced_job if kind == "jobs" else self.kube.core.list_namespaced_pod
+        listing = self.kube.call(method, namespace, label_selector=manifests.experiment_selector(plan),
+                                 what=f"listing {kind} in namespace {namespace!r}")  # fmt: skip
+        return listing.get("items") or []
+
+    def _lists(self, plan: Plan, reuse: bool = False) -> tuple[list[Obj], list[Obj]]:
+        """The experiment's Jobs and Pods. status() keeps them for one following
+        progress_events() (one table refresh = one list of each kind)."""
+        key = f"{manifests.namespace_of(plan)}/{plan.experiment.name}"
+        snap, self._snapshot = self._snapshot, None
+        if reuse and snap and snap[1] == key and time.monotonic() - snap[0] <= 5.0:
+            return snap[2], snap[3]
+        jobs, pods = self._list(plan, "jobs"), self._list(plan, "pods")
+        if not reuse:
+            self._snapshot = (time.monotonic(), key, jobs, pods)
+        return jobs, pods
+
+    @staticmethod
+    def _by_run(plan: Plan, objects: list[Obj]) -> dict[tuple[str, str], Obj]:
+        """(run id, role) → object; of two (a Job being replaced), the newer one."""
+        ids = {run.run_id for run in plan.runs}
+        result: dict[tuple[str, str], Obj] = {}
+        for obj in sorted(objects, key=created):
+            labels = obj["metadata"].get("labels") or {}
+            run_id, role = labels.get(manifests.RUN_LABEL), labels.get(manifests.ROLE_LABEL)
+            if run_id in ids and role:
+                result[(run_id, role)] = obj
+        return result
+
+    def _preflight(self, plan: Plan) -> None:
+        """The namespace, the claim and the token Secret must exist before anything is created."""
+        namespace = manifests.namespace_of(plan)
+        core = self.kube.core
+        try:
+            found = self.kube.call(core.read_namespace, namespace, missing_ok=True,
+                                   what=f"reading namespace {namespace!r}")  # fmt: skip
+        except KubeApiError as exc:
+            if exc.status != 403:  # many users may not read Namespace objects; the GETs below tell
+                raise
+            found = True
+        if found is None:
+            raise BackendError(
+                f"namespace {namespace!r} (kubernetes.namespace) does not exist: create it, and the "
+                f"ReadWriteMany claim {plan.runs[0].kubernetes.pvc!r} in it, before submitting"
+            )
+        for pvc in sorted({run.kubernetes.pvc for run in plan.runs}):
+            claim = self.kube.call(core.read_namespaced_persistent_volume_claim, pvc, namespace,
+                                   missing_ok=True, what=f"reading PVC {pvc!r}")  # fmt: skip
+            if claim is None:
+                raise BackendError(
+                    f"PersistentVolumeClaim {pvc!r} (kubernetes.pvc) not found in namespace "
+                    f"{namespace!r}: create a ReadWriteMany claim with that name (it is mounted at "
+                    f"{plan.storage_root} in every pod)"
+                )
+            modes = (claim.get("spec") or {}).get("accessModes") or []
+            if "ReadWriteMany" not in modes:
+                raise BackendError(
+                    f"PersistentVolumeClaim {pvc!r} (kubernetes.pvc) is {', '.join(modes) or 'without access modes'}; "
+                    "qlaunch needs ReadWriteMany: training, inference and replacement pods mount it "
+                    "from different nodes"
+                )
+        secrets = {run.kubernetes.hf_token_secret.name for run in plan.runs if run.kubernetes.hf_token_secret}
+        for name in sorted(secrets):
+            try:
+                # Metadata only: the token never leaves the cluster, not even into this process.
+                found = self.kube.call(
+                    core.read_namespaced_secret, name, namespace, missing_ok=True,
+                    _headers={"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"},
+                    what=f"checking Secret {name!r}",
+                )  # fmt: skip
+            except KubeApiError as exc:
+                if exc.status == 403:  # pods may use a Secret their submitter cannot read
+                    continue
+                raise
+            if found is None:
+                raise BackendError(
+                    f"Secret {name!r} (kubernetes.hf_token_secret) not found in namespace {namespace!r}: "
+                    f"create it with `kubectl -n {namespace} create secret generic {name} "
+                    f"--from-literal=token=$HF_TOKEN`"
+                )
+
+    def _delete_job(self, namespace: str, name: str, dry_run: bool = False) -> bool:
+        # Foreground: the Job object stays until its pods are gone, so nothing is left running
+        # and a resubmission cannot start a second trainer on the same run folder.
+        result = self.kube.call(
+            self.kube.batch.delete_namespaced_job, name, namespace,
+            propagation_policy="Foreground", dry_run=DRY_RUN if dry_run else None,
+            missing_ok=True, what=f"deleting Job {name}",
+        )  # fmt: skip
+        return result is not None
+
+    def _wait_gone(self, namespace: str, names: list[str], grace: int) -> None:
+        timeout = self.delete_timeout if self.delete_timeout is not None else grace + 120
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
+                                 what=f"waiting for Job {name} to be deleted") is not None:  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise BackendError(
+                        f"Job {name} is still being deleted after {timeout:.0f}s (its pod is saving "
+                        "a checkpoint or is stuck); submit again once `kubectl get job` no longer shows it"
+                    )
+                time.sleep(self.poll_seconds)
+
+    # -- submit ------------------------------------------------------------------------------
+
+    def submit(self, plan: Plan, *, force: bool = False, dry_run: bool | str = False) -> SubmitReport:
+        """dry_run=True (or "server"): the API server validates every object, nothing is stored;
+        dry_run="client": local checks and rendering only, no API call."""
+        manifests.check_plan(plan)
+        documents = {run.run_id: manifests.run_documents(plan, run) for run in plan.runs}
+        namespace = manifests.namespace_of(plan)
+        report = SubmitReport()
+        if dry_run == "client" or not plan.runs:
+            for run in plan.runs:
+                report.submitted[run.run_id] = [d["metadata"]["name"] for d in documents[run.run_id] if d["kind"] == "Job"]
+            return report
+
+        self._preflight(plan)
+        existing = self._by_run(plan, self._list(plan, "jobs"))
+        pods = self._list(plan, "pods")
+
+        # What each run needs: None (keep), "create" or "replace" per role.
+        actions: dict[str, dict[str, str | None]] = {}
+        for run in plan.runs:
+            train = existing.get((run.run_id, manifests.TRAIN))
+            infer = existing.get((run.run_id, manifests.INFER))
+            train_state = job_state(train, [p for p in pods if train and owned_by(p, train)])[0]
+            todo: dict[str, str | None] = {manifests.TRAIN: None, manifests.INFER: None}
+            if train is None:
+                todo[manifests.TRAIN] = "create"
+            elif force or not (train_state.active or train_state == State.COMPLETED):
+                todo[manifests.TRAIN] = "replace"
+            if run.inference.enabled:
+                infer_state = job_state(infer, [p for p in pods if infer and owned_by(p, infer)])[0]
+                if infer is None:
+                    todo[manifests.INFER] = "create"
+                elif todo[manifests.TRAIN] or not (infer_state.active or infer_state == State.COMPLETED):
+                    todo[manifests.INFER] = "replace"  # a new training run gets a new inference
+            if not any(todo.values()):
+                report.skipped[run.run_id] = (
+                    f"training Job {manifests.names(plan, run).train_job} is {train_state.value} "
+                    "(--force replaces it; it resumes from its newest checkpoint)"
+                )
+                continue
+            actions[run.run_id] = todo
+
+        def selected(run_id: str, replaceable: bool) -> list[Obj]:
+            todo = actions[run_id]
+            out = []
+            for doc in documents[run_id]:
+                role = (doc["metadata"].get("labels") or {}).get(manifests.ROLE_LABEL)
+                if role is None:
+                    out.append(doc)
+                elif todo.get(role) == "create" or (replaceable and todo.get(role) == "replace"):
+                    out.append(doc)
+            return out
+
+        # 1. The server validates every object (admission, quotas, schema) before any is stored;
+        #    a Job about to be replaced cannot be dry-run against its old, immutable self.
+        for run_id in actions:
+            for doc in selected(run_id, replaceable=False):
+                self._apply(doc, dry_run=True)
+        if dry_run:
+            for run_id, todo in actions.items():
+                run = next(r for r in plan.runs if r.run_id == run_id)
+                n = manifests.names(plan, run)
+                for role, action in todo.items():
+                    if action == "replace":
+                        self._delete_job(namespace, n.job(role), dry_run=True)
+                report.submitted[run_id] = [n.job(role) for role, action in todo.items() if action]
+            return report
+
+        # 2. Jobs to replace are deleted and gone (pods included) before their successors exist.
+        replacing = []
+        for run_id, todo in actions.items():
+            run = next(r for r in plan.runs if r.run_id == run_id)
+            for role, action in todo.items():
+                if action == "replace":
+                    name = manifests.names(plan, run).job(role)
+                    self._delete_job(namespace, name)
+                    replacing.append(name)
+        if replacing:
+            grace = max(run.kubernetes.termination_grace_period_seconds for run in plan.runs)
+            self._wait_gone(namespace, replacing, grace)
+
+        # 3. Apply: per run the ConfigMap (and Service) first, then its Jobs.
+        for run_id in actions:
+            for doc in selected(run_id, replaceable=True):
+                self._apply(doc, dry_run=False)
+            report.submitted[run_id] = [
+                doc["metadata"]["name"] for doc in selected(run_id, replaceable=True) if doc["kind"] == "Job"
+            ]
+        return report
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self, plan: Plan) -> dict[str, RunStatus]:
+        job_list, pods = self._lists(plan)
+        jobs = self._by_run(plan, job_list)
+        result = {}
+        for run in plan.runs:
+            status = RunStatus()
+            train = jobs.get((run.run_id, manifests.TRAIN))
+            infer = jobs.get((run.run_id, manifests.INFER))
+            if train is not None:
+                status.state, status.detail, status.restarts = job_state(train, pods)
+                status.job_ids = [train["metadata"]["name"]]
+            if infer is not None:
+                status.infer_state = job_state(infer, pods)[0]
+                status.job_ids.append(infer["metadata"]["name"])
+            result[run.run_id] = status
+        return result
+
+    def progress_events(self, plan: Plan) -> dict[str, list[dict]]:
+        """Run id → progress events parsed from its pods' logs (training pods oldest first, then
+        inference). Right after status() it reuses that call's lists; then it costs one log read
+        per live pod (only the lines added since the last read); an ended pod is read once."""
+        job_list, pod_list = self._lists(plan, reuse=True)
+        jobs = self._by_run(plan, job_list)
+        pods = sorted(pod_list, key=created)
+        run_pods: dict[str, list[Obj]] = {}
+        for run in plan.runs:
+            ordered = []
+            for role in (manifests.TRAIN, manifests.INFER):
+                job = jobs.get((run.run_id, role))
+                if job is not None:
+                    ordered += [p for p in pods if owned_by(p, job) and completion_index(p) in (None, "0")]
+            run_pods[run.run_id] = ordered
+        return self._progress.events(manifests.namespace_of(plan), run_pods)
+
+    # -- logs --------------------------------------------------------------------------------
+
+    def logs(self, plan: Plan, run: RunConfig, *, follow: bool, out: IO[str], infer: bool = False) -> None:
+        namespace = manifests.namespace_of(plan)
+        role = manifests.INFER if infer else manifests.TRAIN
+        name = manifests.names(plan, run).job(role)
+        job = self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
+                             what=f"reading Job {name}")  # fmt: skip
+        if job is None:
+            raise BackendError(f"run {run.run_id} has no {role} Job {name!r} in namespace {namespace!r} "
+                               "(not submitted, cancelled, or removed by ttlSecondsAfterFinished)")
+
+        def finished() -> bool:
+            current = self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
+                                     what=f"reading Job {name}")  # fmt: skip
+            return current is None or job_state(current, [])[0] not in (State.PENDING, State.RUNNING, State.REQUEUED)
+
+        selector = f"{manifests.RUN_LABEL}={run.run_id},{manifests.ROLE_LABEL}={role}"
+        LogFollower(self.kube, namespace, selector, out, finished).run(follow)
+
+    # -- cancel ------------------------------------------------------------------------------
+
+    def cancel(self, plan: Plan, runs: list[RunConfig]) -> list[str]:
+        namespace = manifests.namespace_of(plan)
+        jobs = self._by_run(plan, self._list(plan, "jobs"))
+        cancelled = []
+        for run in runs:
+            n = manifests.names(plan, run)
+            found = [jobs[(run.run_id, role)] for role in (manifests.TRAIN, manifests.INFER) if (run.run_id, role) in jobs]
+            deleted = [self._delete_job(namespace, job["metadata"]["name"]) for job in found]
+            if any(deleted):
+                cancelled.append(run.run_id)
+            self.kube.call(self.kube.core.delete_namespaced_config_map, n.config, namespace, missing_ok=True,
+                           what=f"deleting ConfigMap {n.config}")  # fmt: skip
+            if run.resources.nodes > 1:
+                self.kube.call(self.kube.core.delete_namespaced_service, n.service, namespace, missing_ok=True,
+                               what=f"deleting Service {n.service}")  # fmt: skip
+        return cancelled

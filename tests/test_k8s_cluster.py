@@ -1,0 +1,447 @@
+"""The Kubernetes backend against a stateful fake API server (tests/fake_kube), through the real
+`kubernetes` client and a kubeconfig file: submit → status → logs -f across a preempted pod →
+cancel, resubmission semantics, and the errors a user meets (no kubeconfig, unreachable API,
+401/403, missing namespace, PVC or Secret, an admission webhook saying no).
+
+The test plays the Job controller and the kubelet through FakeKube's controller methods.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fake_kube import ApiError, FakeKube
+
+from launcher.backends.base import State
+from launcher.backends.k8s_manifests import Names
+from launcher.backends.kubernetes import KubernetesBackend
+from launcher.errors import BackendError
+from launcher.experiment_file import load_yaml
+from launcher.grid import plan
+from launcher.progress import PROGRESS_PREFIX
+from launcher.status_view import collect
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = "ml-team"
+FAKE_TOKEN = "hf_qlaunchFAKEtoken0123456789abcdefXYZ"
+EXPERIMENT = """\
+    name: guanaco
+    backend: kubernetes
+    storage:
+      root: /mnt/qlaunch
+    kubernetes:
+      namespace: ml-team
+      hf_token_secret: {name: hf-token}
+    grid:
+      lora.r: [16, 64]
+"""
+
+
+def progress(event: str, step: int, **fields) -> str:
+    return PROGRESS_PREFIX + json.dumps({"event": event, "time": time.time(), "step": step, **fields}, sort_keys=True)
+
+
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    server = FakeKube().start()
+    monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("QLAUNCH_HOME", str(tmp_path / "qlaunch-home"))
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    server.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    server.add({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "qlaunch-storage", "namespace": NS},
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}})  # fmt: skip
+    server.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token", "namespace": NS},
+                "type": "Opaque", "data": {"token": base64.b64encode(FAKE_TOKEN.encode()).decode()}})  # fmt: skip
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    path = tmp_path / "guanaco.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT))
+    return plan(path)
+
+
+def backend() -> KubernetesBackend:
+    return KubernetesBackend(poll_seconds=0.05)
+
+
+def patches(fake: FakeKube) -> list[dict]:
+    return [r for r in fake.requests if r["method"] == "PATCH"]
+
+
+def job_names(p, run) -> Names:
+    return Names.of(p.experiment.name, run.run_id)
+
+
+def test_submit_status_follow_logs_across_a_preemption_then_cancel(fake, experiment):
+    p, k8s = experiment, backend()
+    report = k8s.submit(p)
+    assert sorted(report.submitted) == sorted(r.run_id for r in p.runs) and not report.skipped
+    run, other = p.runs
+    n = job_names(p, run)
+    assert report.submitted[run.run_id] == [n.train_job, n.infer_job]
+    config = fake.get("configmaps", NS, n.config)
+    assert load_yaml(config["data"]["run.yaml"])["run_id"] == run.run_id
+    assert fake.get("jobs", NS, n.train_job)["metadata"]["labels"]["qlaunch.dev/run-id"] == run.run_id
+    assert {s.state for s in k8s.status(p).values()} == {State.PENDING}
+
+    # Submitting again changes nothing while the runs are pending.
+    applied = len(patches(fake))
+    again = k8s.submit(p)
+    assert sorted(again.skipped) == sorted(r.run_id for r in p.runs) and not again.submitted
+    assert len(patches(fake)) == applied
+
+    # The Job controller starts a pod; the trainer logs progress.
+    first = fake.start_pod(NS, n.train_job)
+    fake.run_pod(NS, first)
+    fake.log(NS, first, "loading NousResearch/Llama-2-7b-chat-hf in 4-bit",
+             progress("start", 0, total_steps=100, attempt=1, resumed_from=None),
+             progress("step", 10, total_steps=100, loss=1.9, learning_rate=2e-4))  # fmt: skip
+    status = k8s.status(p)[run.run_id]
+    assert status.state == State.RUNNING and status.job_ids == [n.train_job, n.infer_job]
+    rows = {row.run_id: row for row in collect(p, k8s)}  # what `qlaunch status` shows
+    assert (rows[run.run_id].progress.step, rows[run.run_id].progress.loss) == (10, 1.9)
+    assert rows[run.run_id].progress.total_steps == 100 and rows[other.run_id].progress.step == 0
+
+    # logs -f, while the pod is preempted and the Job replaces it.
+    out = io.StringIO()
+    follower = threading.Thread(target=k8s.logs, args=(p, run), kwargs={"follow": True, "out": out}, daemon=True)
+    follower.start()
+    wait_until(lambda: '"step": 10' in out.getvalue(), what="the first pod's log")
+    fake.log(NS, first, "{'loss': 1.87, 'epoch': 0.12}")
+    wait_until(lambda: "'loss': 1.87" in out.getvalue(), what="a line appended while following")
+
+    fake.evict_pod(NS, first, reason="PreemptionByScheduler", terminate=False)
+    status = k8s.status(p)[run.run_id]
+    assert status.state == State.REQUEUED and "saving a checkpoint" in status.detail
+    fake.log(NS, first, progress("checkpoint", 12, path="/mnt/qlaunch/guanaco/x/checkpoints/checkpoint-12"),
+             progress("preempted", 12, signal="SIGTERM"))  # fmt: skip
+    fake.finish_pod(NS, first, exit_code=75)
+    second = fake.start_pod(NS, n.train_job, scheduled=False)
+    status = k8s.status(p)[run.run_id]
+    assert status.state == State.REQUEUED and "preempted" in status.detail and "Insufficient nvidia.com/gpu" in status.detail
+    fake.run_pod(NS, second)
+    fake.log(NS, second, progress("start", 12, total_steps=100, attempt=2, resumed_from=12), "resumed from checkpoint-12",
+             progress("step", 20, total_steps=100, loss=1.5))  # fmt: skip
+    wait_until(lambda: "resumed from checkpoint-12" in out.getvalue(), what="the replacement pod's log")
+    status = k8s.status(p)[run.run_id]
+    assert (status.state, status.restarts) == (State.RUNNING, 1)
+    row = {row.run_id: row for row in collect(p, k8s)}[run.run_id]
+    assert (row.progress.step, row.progress.loss, row.progress.restarts) == (20, 1.5, 1)
+    assert row.progress.resumed_from == [12]
+
+    fake.log(NS, second, progress("end", 100, total_steps=100, status="completed"))
+    fake.finish_pod(NS, second)
+    follower.join(timeout=15)
+    assert not follower.is_alive(), "logs -f did not stop when the Job completed"
+    text = out.getvalue()
+    order = ["loading NousResearch", '"step": 10', "'loss': 1.87", '"event": "preempted"',
+             f"pod {second}", "resumed from checkpoint-12", '"event": "end"']  # fmt: skip
+    positions = [text.index(marker) for marker in order]
+    assert positions == sorted(positions) and text.count("resumed from checkpoint-12") == 1
+    assert k8s.status(p)[run.run_id].state == State.COMPLETED
+
+    # Inference waits in its init container, then runs.
+    infer_pod = fake.start_pod(NS, n.infer_job)
+    status = k8s.status(p)[run.run_id]
+    assert status.infer_state == State.PENDING
+    fake.run_pod(NS, infer_pod)
+    fake.log(NS, infer_pod, progress("infer_end", 100, summary={"prompts": 1}))
+    fake.finish_pod(NS, infer_pod)
+    assert k8s.status(p)[run.run_id].infer_state == State.COMPLETED
+    assert {row.run_id: row for row in collect(p, k8s)}[run.run_id].progress.inference_done
+
+    # Cancel: every Job, pod and ConfigMap of the experiment is gone.
+    other_pod = fake.start_pod(NS, job_names(p, other).train_job)
+    fake.run_pod(NS, other_pod)
+    assert sorted(k8s.cancel(p, list(p.runs))) == sorted(r.run_id for r in p.runs)
+    assert fake.list("jobs", NS) == [] and fake.list("pods", NS) == [] and fake.list("configmaps", NS) == []
+    assert {s.state for s in k8s.status(p).values()} == {State.UNKNOWN}
+    assert k8s.cancel(p, list(p.runs)) == []
+
+    # The token went nowhere: not in a request, not even in an answer (metadata-only Secret GET).
+    secret_token_forms = (FAKE_TOKEN, base64.b64encode(FAKE_TOKEN.encode()).decode())
+    for request in fake.requests:
+        assert not any(form in request["body"] for form in secret_token_forms)
+    for body in fake.responses:
+        assert not any(form.encode() in body for form in secret_token_forms)
+
+
+def test_status_costs_two_list_calls_whatever_the_grid_size(fake, tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENT).replace("[16, 64]", "[4, 8, 16, 32, 64, 128]"))
+    p, k8s = plan(path), backend()
+    k8s.submit(p)
+    for run in p.runs[:3]:
+        fake.run_pod(NS, fake.start_pod(NS, job_names(p, run).train_job))
+    before = len(fake.requests)
+    statuses = k8s.status(p)
+    calls = fake.requests[before:]
+    assert [(c["method"], c["path"].rsplit("/", 1)[-1]) for c in calls] == [("GET", "jobs"), ("GET", "pods")]
+    assert calls[0]["query"]["labelSelector"] == "qlaunch.dev/experiment=guanaco"
+    assert sorted(s.state.value for s in statuses.values()) == ["pending"] * 3 + ["running"] * 3
+    # A table refresh (status + progress) lists once, then reads the logs of the running pods.
+    before = len(fake.requests)
+    collect(p, k8s)
+    calls = [c["path"].rsplit("/", 1)[-1] for c in fake.requests[before:]]
+    assert calls == ["jobs", "pods", "log", "log", "log"]
+
+
+def test_progress_reads_only_new_log_lines_and_finished_pods_once(fake, experiment):
+    p, k8s = experiment, backend()
+    k8s.submit(p)
+    run = p.runs[0]
+    pod = fake.start_pod(NS, job_names(p, run).train_job)
+    fake.run_pod(NS, pod)
+    fake.log(NS, pod, progress("start", 0, total_steps=50), progress("step", 5, loss=2.0))
+
+    def log_reads():
+        return [r for r in fake.requests if r["path"].endswith("/log")]
+
+    assert [e["step"] for e in k8s.progress_events(p)[run.run_id]] == [0, 5]
+    fake.log(NS, pod, progress("step", 6, loss=1.9))
+    assert [e["step"] for e in k8s.progress_events(p)[run.run_id]] == [0, 5, 6]
+    assert "sinceSeconds" in log_reads()[-1]["query"]  # the second read asked only for the tail
+    fake.finish_pod(NS, pod)
+    k8s.progress_events(p)
+    reads = len(log_reads())
+    assert [e["step"] for e in k8s.progress_events(p)[run.run_id]] == [0, 5, 6]
+    assert len(log_reads()) == reads  # an ended pod is not read again
+
+
+def test_logs_without_follow_prints_replaced_pods_first(fake, experiment):
+    p, k8s = experiment, backend()
+    k8s.submit(p)
+    run = p.runs[0]
+    job = job_names(p, run).train_job
+    first = fake.start_pod(NS, job)
+    fake.run_pod(NS, first)
+    fake.log(NS, first, "attempt one")
+    fake.evict_pod(NS, first, reason="EvictionByEvictionAPI")
+    second = fake.start_pod(NS, job)
+    fake.run_pod(NS, second)
+    fake.log(NS, second, "attempt two")
+    out = io.StringIO()
+    k8s.logs(p, run, follow=False, out=out)
+    text = out.getvalue()
+    assert text.index(f"pod {first} (replaced)") < text.index("attempt one") < text.index(f"pod {second}") < text.index("attempt two")
+    assert k8s.status(p)[run.run_id].restarts == 1
+
+
+def test_dry_run_is_validated_by_the_server_and_stores_nothing(fake, experiment):
+    report = backend().submit(experiment, dry_run=True)
+    assert sorted(report.submitted) == sorted(r.run_id for r in experiment.runs)
+    assert patches(fake) and all(r["query"].get("dryRun") == "All" for r in patches(fake))
+    assert fake.list("jobs", NS) == [] and fake.list("configmaps", NS) == []
+
+
+def test_an_object_refused_by_the_server_leaves_nothing_half_submitted(fake, experiment):
+    refused = Names.of(experiment.experiment.name, experiment.runs[1].run_id).infer_job
+
+    def webhook(resource, obj, dry_run):
+        if obj["metadata"]["name"] == refused:
+            raise ApiError(403, "Forbidden", f'admission webhook "images.policy.example.com" denied the request: '
+                                             f'jobs.batch "{refused}": images must come from registry.example.com')
+
+    fake.admission = webhook
+    with pytest.raises(BackendError) as error:
+        backend().submit(experiment)
+    assert "images must come from registry.example.com" in str(error.value) and refused in str(error.value)
+    assert fake.list("jobs", NS) == [] and fake.list("configmaps", NS) == []
+    assert all(r["query"].get("dryRun") == "All" for r in patches(fake))
+
+
+def test_a_failed_run_is_replaced_after_its_old_job_is_gone(fake, experiment):
+    p, k8s = experiment, backend()
+    k8s.submit(p)
+    run = p.runs[0]
+    n = job_names(p, run)
+    pod = fake.start_pod(NS, n.train_job)
+    fake.run_pod(NS, pod)
+    fake.finish_pod(NS, pod, exit_code=137, reason="OOMKilled")
+    fake.fail_job(NS, n.train_job)
+    status = k8s.status(p)[run.run_id]
+    assert status.state == State.OUT_OF_MEMORY and "memory" in status.detail
+    old_uid = fake.get("jobs", NS, n.train_job)["metadata"]["uid"]
+    fake.foreground_delay = 0.3  # the old Job lingers while its pods terminate
+    report = k8s.submit(p)
+    assert report.submitted == {run.run_id: [n.train_job, n.infer_job]}
+    assert report.skipped.keys() == {p.runs[1].run_id}
+    assert fake.get("jobs", NS, n.train_job)["metadata"]["uid"] != old_uid
+    assert fake.get("pods", NS, pod) is None  # the old pod went with its Job (foreground deletion)
+    deletes = [r for r in fake.requests if r["method"] == "DELETE"]
+    assert {r["query"].get("propagationPolicy") for r in deletes} == {"Foreground"}
+
+
+def test_force_replaces_a_running_job_and_completed_training_only_reruns_failed_inference(fake, experiment):
+    p, k8s = experiment, backend()
+    k8s.submit(p)
+    run = p.runs[0]
+    n = job_names(p, run)
+    pod = fake.start_pod(NS, n.train_job)
+    fake.run_pod(NS, pod)
+    uid = fake.get("jobs", NS, n.train_job)["metadata"]["uid"]
+    assert run.run_id in k8s.submit(p).skipped
+    k8s.submit(p, force=True)
+    assert fake.get("jobs", NS, n.train_job)["metadata"]["uid"] != uid and fake.get("pods", NS, pod) is None
+
+    train_pod = fake.start_pod(NS, n.train_job)
+    fake.run_pod(NS, train_pod)
+    fake.finish_pod(NS, train_pod)
+    infer_pod = fake.start_pod(NS, n.infer_job)
+    fake.run_pod(NS, infer_pod)
+    fake.finish_pod(NS, infer_pod, exit_code=1)
+    fake.fail_job(NS, n.infer_job)
+    assert k8s.status(p)[run.run_id].infer_state == State.FAILED
+    train_uid = fake.get("jobs", NS, n.train_job)["metadata"]["uid"]
+    report = k8s.submit(p)
+    assert report.submitted[run.run_id] == [n.infer_job]
+    assert fake.get("jobs", NS, n.train_job)["metadata"]["uid"] == train_uid
+
+
+def test_time_limit_shows_as_timeout(fake, experiment):
+    p, k8s = experiment, backend()
+    k8s.submit(p)
+    n = job_names(p, p.runs[0])
+    fake.run_pod(NS, fake.start_pod(NS, n.train_job))
+    fake.fail_job(NS, n.train_job, reason="DeadlineExceeded")
+    assert k8s.status(p)[p.runs[0].run_id].state == State.TIMEOUT
+
+
+# -- errors a user meets ----------------------------------------------------------------------
+
+
+def test_missing_kubeconfig_is_one_clear_error(experiment, tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere" / "config"
+    monkeypatch.setenv("KUBECONFIG", str(missing))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(BackendError) as error:
+        KubernetesBackend().status(experiment)
+    assert str(missing) in str(error.value) and "KUBECONFIG" in str(error.value)
+
+
+def test_unreachable_api_is_one_clear_error(experiment, tmp_path, monkeypatch):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fake = FakeKube()
+    fake.httpd.server_close()
+    config = fake.write_kubeconfig(tmp_path / "kubeconfig")
+    config.write_text(config.read_text().replace(fake.url, f"http://127.0.0.1:{port}"))
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    with pytest.raises(BackendError) as error:
+        KubernetesBackend().submit(experiment)
+    assert f"cannot reach the Kubernetes API at http://127.0.0.1:{port}" in str(error.value)
+
+
+def test_rejected_credentials(fake, experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "stale", token="expired")))
+    with pytest.raises(BackendError) as error:
+        backend().status(experiment)
+    assert "401 Unauthorized" in str(error.value)
+
+
+def test_forbidden_namespace_submits_nothing(fake, experiment):
+    fake.forbidden.add(NS)
+    with pytest.raises(BackendError) as error:
+        backend().submit(experiment)
+    message = str(error.value)
+    assert message.startswith("forbidden") and f'in the namespace "{NS}"' in message
+    assert patches(fake) == []
+
+
+@pytest.mark.parametrize(
+    "remove, expected",
+    [
+        (("secrets", "hf-token"), "Secret 'hf-token' (kubernetes.hf_token_secret) not found in namespace 'ml-team'"),
+        (("persistentvolumeclaims", "qlaunch-storage"), "PersistentVolumeClaim 'qlaunch-storage' (kubernetes.pvc) not found"),
+        (("namespaces", NS), "namespace 'ml-team' (kubernetes.namespace) does not exist"),
+    ],
+)
+def test_missing_cluster_objects_are_named_before_anything_is_applied(fake, experiment, remove, expected):
+    resource, name = remove
+    with fake.cond:
+        fake._remove((resource, "" if resource == "namespaces" else NS, name))
+    with pytest.raises(BackendError) as error:
+        backend().submit(experiment, dry_run=True)
+    assert expected in str(error.value)
+    assert patches(fake) == []
+
+
+def test_a_read_write_once_claim_is_refused(fake, experiment):
+    with fake.cond:
+        fake.store[("persistentvolumeclaims", NS, "qlaunch-storage")]["spec"]["accessModes"] = ["ReadWriteOnce"]
+    with pytest.raises(BackendError) as error:
+        backend().submit(experiment)
+    assert "ReadWriteOnce" in str(error.value) and "ReadWriteMany" in str(error.value)
+
+
+def test_logs_of_a_run_never_submitted(fake, experiment):
+    with pytest.raises(BackendError) as error:
+        backend().logs(experiment, experiment.runs[0], follow=False, out=io.StringIO())
+    assert "has no train Job" in str(error.value)
+
+
+# -- the CLI, as a user runs it ---------------------------------------------------------------
+
+
+def _cli(*args: str, **kwargs):
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "COLUMNS": "250"}, timeout=120, **kwargs)  # fmt: skip
+
+
+def test_cli_submit_status_logs_follow_cancel(fake, experiment):
+    source = str(experiment.source)
+    result = _cli("submit", source, "--skip-preflight")
+    assert result.returncode == 0, result.stderr
+    assert "2 runs submitted" in result.stdout
+    run = experiment.runs[0]
+    job = job_names(experiment, run).train_job
+    first = fake.start_pod(NS, job)
+    fake.run_pod(NS, first)
+    fake.log(NS, first, progress("start", 0, total_steps=40), progress("step", 8, total_steps=40, loss=1.25))
+    result = _cli("status", source)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if run.run_id in line)
+    assert "running" in line and "8/40" in line and "1.2500" in line
+
+    follower = subprocess.Popen([sys.executable, "-m", "launcher.cli", "logs", run.run_id[:6], "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    try:
+        time.sleep(1.0)  # the follower may attach before or after the preemption: both must work
+        fake.evict_pod(NS, first)
+        second = fake.start_pod(NS, job)
+        fake.run_pod(NS, second)
+        fake.log(NS, second, "second pod says hello")
+        fake.finish_pod(NS, second)
+        stdout, stderr = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, stderr
+    assert stdout.index('"step": 8') < stdout.index("second pod says hello")
+
+    result = _cli("cancel", "guanaco", "-e", source)
+    assert result.returncode == 0, result.stderr
+    assert fake.list("jobs", NS) == [] and fake.list("pods", NS) == []

@@ -1,0 +1,292 @@
+"""Kubernetes manifests: snapshots, the official JSON schemas of two Kubernetes versions, YAML
+safety of odd values, no secret in any rendered file, valid names, clear errors.
+
+Update the snapshots after an intended change with QLAUNCH_UPDATE_SNAPSHOTS=1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from launcher.backends.k8s_manifests import pod_run_config
+from launcher.backends.kubernetes import KubernetesBackend
+from launcher.errors import ConfigError
+from launcher.experiment_file import load_yaml
+from launcher.grid import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAPSHOTS = Path(__file__).parent / "snapshots" / "k8s"
+# The oldest and the newest minor version kubernetes-validate ships schemas for that have
+# everything the Job uses (podFailurePolicy GA in 1.31 but present since 1.26,
+# podReplacementPolicy since 1.28).
+SCHEMA_VERSIONS = ("1.30", "1.37")
+FAKE_TOKEN = "hf_qlaunchFAKEtoken0123456789abcdefXYZ"
+
+EXPERIMENTS = {
+    "single-node": """\
+        name: llama2-guanaco
+        backend: kubernetes
+        storage:
+          root: /mnt/qlaunch
+        kubernetes:
+          namespace: ml-team
+          hf_token_secret: {name: hf-token}
+        inference:
+          prompts: ["What is QLoRA?"]
+        grid:
+          lora.r: [16, 64]
+    """,
+    "multi-node": """\
+        name: llama2-multinode
+        backend: kubernetes
+        storage:
+          root: /shared/runs
+        resources:
+          nodes: 3
+          gpus_per_node: 2
+          cpus_per_task: 16
+          memory: 64000M
+          time_limit: 2-00:00:00
+        inference:
+          enabled: false
+        kubernetes:
+          namespace: research
+          image: registry.example.com:5000/team/qlaunch-train:v1.2
+          image_pull_policy: Always
+          node_selector: {cloud.google.com/gke-accelerator: nvidia-tesla-t4, pool: spot-t4}
+          tolerations:
+            - {key: nvidia.com/gpu, operator: Exists}
+            - {key: cloud.google.com/gke-spot, operator: Equal, value: "true", effect: NoSchedule}
+          service_account: trainer
+          ttl_seconds_after_finished: null
+          shm_size: 16Gi
+    """,
+    "odd-values": """\
+        name: 7b-odd-values-experiment-with-a-long-nam
+        description: "line one: with a colon\\nline two with 'single' and \\"double\\" quotes # not a comment"
+        backend: kubernetes
+        storage:
+          root: "/mnt/qlaunch runs/with: colon"
+        prompt:
+          system_prompt: "You are: helpful.\\n- not a list\\n{{ not jinja }} & $(not expanded)"
+        environment:
+          variables:
+            NOTE: "a: \\"b\\"\\nc # d"
+            LEADING_SPACE: "  x"
+            EMPTY: ""
+        kubernetes:
+          hf_token_secret: {name: hf.token-secret, key: hf_token}
+    """,
+}
+
+
+def _plan(tmp_path: Path, name: str):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENTS[name]))
+    return plan(path)
+
+
+def _documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_rendered_manifests_match_snapshots(tmp_path, name):
+    written = KubernetesBackend().render(_plan(tmp_path, name), tmp_path / "out")
+    folder = SNAPSHOTS / name
+    if os.environ.get("QLAUNCH_UPDATE_SNAPSHOTS"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.yaml"):
+            old.unlink()
+        for path in written:
+            (folder / path.name).write_text(path.read_text())
+    expected = sorted(p.name for p in folder.glob("*.yaml"))
+    assert sorted(p.name for p in written) == expected, "run ids changed: update the snapshots"
+    for path in written:
+        assert path.read_text() == (folder / path.name).read_text(), f"{name}/{path.name} differs from its snapshot"
+
+
+def test_rendering_twice_gives_the_same_bytes(tmp_path):
+    p = _plan(tmp_path, "odd-values")
+    first = [f.read_bytes() for f in KubernetesBackend().render(p, tmp_path / "a")]
+    second = [f.read_bytes() for f in KubernetesBackend().render(p, tmp_path / "b")]
+    assert first == second
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_every_manifest_is_valid_for_two_kubernetes_versions(tmp_path, name, version):
+    written = KubernetesBackend().render(_plan(tmp_path, name), tmp_path / "out")
+    kinds = []
+    for path in written:
+        for doc in _documents(path):
+            kubernetes_validate.validate(doc, version, strict=True)
+            kinds.append(doc["kind"])
+    assert "Job" in kinds and "ConfigMap" in kinds
+
+
+def test_schema_validation_catches_a_misspelled_field(tmp_path):
+    """The check above can fail: strict schemas reject a field Kubernetes does not know."""
+    written = KubernetesBackend().render(_plan(tmp_path, "single-node"), tmp_path / "out")
+    job = next(d for d in _documents(written[0]) if d["kind"] == "Job")
+    job["spec"]["template"]["spec"]["restartPolicyy"] = "Never"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, SCHEMA_VERSIONS[0], strict=True)
+
+
+def test_quotes_newlines_and_colons_reach_the_pod_unchanged(tmp_path):
+    p = _plan(tmp_path, "odd-values")
+    (path,) = KubernetesBackend().render(p, tmp_path / "out")
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _documents(path)}
+    config = next(d for (kind, _), d in docs.items() if kind == "ConfigMap")
+    assert config["data"]["run.yaml"] == pod_run_config(p, p.runs[0])
+    pod_config = load_yaml(config["data"]["run.yaml"])
+    assert pod_config["prompt"]["system_prompt"] == "You are: helpful.\n- not a list\n{{ not jinja }} & $(not expanded)"
+    assert pod_config["description"].startswith("line one: with a colon\nline two with 'single' and \"double\"")
+    train = next(d for (kind, name), d in docs.items() if kind == "Job" and not name.endswith("-infer"))
+    container = train["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NOTE"] == 'a: "b"\nc # d' and env["LEADING_SPACE"] == "  x" and env["EMPTY"] == ""
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["storage"] == "/mnt/qlaunch runs/with: colon"
+    # Relative paths in run.yaml resolve on the claim inside the pod, not on this laptop.
+    assert pod_config["experiment_dir"] == "/mnt/qlaunch runs/with: colon"
+
+
+def test_no_token_in_any_rendered_file(tmp_path, monkeypatch):
+    token_file = tmp_path / "hf_token"
+    token_file.write_text(FAKE_TOKEN + "\n")
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", FAKE_TOKEN)
+    text = textwrap.dedent(EXPERIMENTS["single-node"]).replace(
+        "kubernetes:\n", f"model:\n  hf_token_file: {token_file}\nkubernetes:\n", 1
+    )
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    written = KubernetesBackend().render(plan(path), tmp_path / "out")
+    assert written
+    for rendered in (tmp_path / "out").rglob("*"):
+        if rendered.is_file():
+            assert FAKE_TOKEN not in rendered.read_text(), f"token leaked into {rendered}"
+    job = next(d for d in _documents(written[0]) if d["kind"] == "Job")
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} in env
+
+
+def test_object_names_are_valid_unique_dns_labels(tmp_path):
+    path = tmp_path / "grid.yaml"
+    # a 40-character name that starts with a digit
+    path.write_text(textwrap.dedent(EXPERIMENTS["odd-values"]) + "resources: {nodes: 2}\ngrid:\n  lora.r: [8, 16, 32]\n")
+    p = plan(path)
+    names = []
+    for rendered in KubernetesBackend().render(p, tmp_path / "out"):
+        for doc in _documents(rendered):
+            name = doc["metadata"]["name"]
+            names.append((doc["kind"], name))
+            assert len(name) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+            if doc["kind"] == "Service":  # DNS-1035: starts with a letter
+                assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name)
+            if doc["kind"] == "Job" and doc["spec"].get("completionMode") == "Indexed":
+                assert len(f"{name}-{doc['spec']['completions'] - 1}") <= 63  # pod hostnames
+    assert len(names) == len(set(names)) == 3 * 4  # ConfigMap, Service, 2 Jobs per run
+    for run in p.runs:
+        assert sum(run.run_id in name for _, name in names) == 4
+
+
+def test_multi_node_is_an_indexed_job_behind_a_headless_service(tmp_path):
+    p = _plan(tmp_path, "multi-node")
+    (path,) = KubernetesBackend().render(p, tmp_path / "out")
+    docs = _documents(path)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Job"]  # inference disabled
+    service, job = docs[1], docs[2]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert all(spec["template"]["metadata"]["labels"][k] == v for k, v in service["spec"]["selector"].items())
+    command = pod["containers"][0]["command"]
+    flag = {command[i]: command[i + 1] for i in range(len(command) - 1) if command[i].startswith("--")}
+    assert flag["--machine_rank"] == "$(JOB_COMPLETION_INDEX)"
+    assert flag["--main_process_ip"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert (flag["--num_machines"], flag["--num_processes"]) == ("3", "6")
+    assert pod["containers"][0]["resources"]["limits"] == {"memory": "64000Mi", "nvidia.com/gpu": 2}
+    assert spec["activeDeadlineSeconds"] == 2 * 86400 and "ttlSecondsAfterFinished" not in spec
+
+
+def test_jobs_survive_preemption_and_run_as_non_root(tmp_path):
+    (path,) = KubernetesBackend().render(_plan(tmp_path, "odd-values"), tmp_path / "out")
+    jobs = [d for d in _documents(path) if d["kind"] == "Job"]
+    assert len(jobs) == 2
+    for job in jobs:
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+        assert any(r["action"] == "Ignore" and r.get("onExitCodes", {}).get("values") == [75] for r in rules)
+        pod = job["spec"]["template"]["spec"]
+        assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+        assert volumes["storage"]["persistentVolumeClaim"] == {"claimName": "qlaunch-storage"}
+    infer = jobs[1]
+    wait = infer["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    run_dir = "/mnt/qlaunch runs/with: colon/7b-odd-values-experiment-with-a-long-nam"
+    assert any(arg.endswith("/adapter/adapter_config.json") and arg.startswith(run_dir) for arg in wait)
+    assert any(arg.endswith("/metrics.json") for arg in wait)
+    assert infer["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "python", "-m", "training.infer", "/config/run.yaml"]  # fmt: skip
+
+
+def test_relative_storage_root_is_refused_with_file_and_line(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: rel\nbackend: kubernetes\nstorage:\n  root: ./runs\n")
+    with pytest.raises(ConfigError) as error:
+        KubernetesBackend().render(plan(path), tmp_path / "out")
+    assert f"{path.resolve()}:4: storage.root: must be an absolute path" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_cluster_values_are_named_before_anything_is_written(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: bad
+        storage: {root: /mnt/q}
+        kubernetes:
+          namespace: ML_Team
+          shm_size: 8GB
+          pvc: Shared_Claim
+          node_selector: {"gpu type": "t4"}
+    """))
+    with pytest.raises(ConfigError) as error:
+        KubernetesBackend().submit(plan(path), dry_run=True)  # refused before any API call
+    message = str(error.value)
+    for key, line in (("kubernetes.namespace", 4), ("kubernetes.shm_size", 5), ("kubernetes.pvc", 6),
+                      ("kubernetes.node_selector", 7)):  # fmt: skip
+        assert f"{path.resolve()}:{line}: {key}:" in message
+
+
+def test_cli_renders_kubernetes_manifests(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(EXPERIMENTS["single-node"]))
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "render", str(path), "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "QLAUNCH_HOME": str(tmp_path / "home")},
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.yaml")) == sorted(
+        p.name for p in (SNAPSHOTS / "single-node").glob("*.yaml")
+    )
