@@ -1,0 +1,327 @@
+"""The Slurm backend: qlaunch runs on a login node, storage.root is a shared filesystem.
+
+Each run becomes a training job and an inference job that waits for it
+(`--dependency=afterok`). Jobs are submitted with `sbatch <file>` on the scripts rendered into
+the run folder, rather than through submitit's executor (which pickles a Python function and
+writes its own script): what runs on the cluster is then exactly the file a user reviewed with
+`qlaunch render`, and it can be resubmitted by hand. Job ids are kept in
+`<run dir>/submission.json`; state comes from one squeue call per refresh (plus one sacct call
+where accounting exists) and, for jobs Slurm has forgotten, from the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterable
+
+from ..config import RunConfig
+from ..errors import BackendError
+from ..grid import Plan
+from ..logs import follow_file
+from ..progress import read_events
+from ..storage import RunPaths, read_json, write_json, write_run_config
+from .base import RunStatus, State, SubmitReport
+from .slurm_jobs import JobInfo, SlurmCommands
+from .slurm_script import INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_run
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# How long `submit --force` waits for the jobs it cancelled to let go of the run folder.
+CANCEL_WAIT_SECONDS = 120
+
+
+@dataclass
+class _Action:
+    run: RunConfig
+    scripts: RunScripts
+    train: bool  # submit the training job
+    infer: bool  # submit the inference job
+    after: str | None = None  # training job the inference job waits for (None: training is done)
+
+
+@dataclass(frozen=True)
+class _Submissions:
+    """A run's `submission.json`: its Slurm jobs, oldest first."""
+
+    jobs: tuple[dict, ...]
+
+    @classmethod
+    def of(cls, run: RunConfig) -> "_Submissions":
+        record = read_json(RunPaths.of(run).submission) or {}
+        return cls(tuple(record.get("jobs", [])) if record.get("backend") == "slurm" else ())
+
+    def ids(self, kind: str) -> list[str]:
+        return [str(job["job_id"]) for job in self.jobs if job.get("kind") == kind]
+
+    def latest(self, kind: str) -> str | None:
+        ids = self.ids(kind)
+        return ids[-1] if ids else None
+
+
+def _record_job(run: RunConfig, kind: str, job_id: str, **fields) -> None:
+    job = {"kind": kind, "job_id": job_id, "submitted_at": round(time.time(), 3), **fields}
+    jobs = [*_Submissions.of(run).jobs, job]
+    write_json(RunPaths.of(run).submission, {"backend": "slurm", "jobs": jobs})
+
+
+def sbatch_environment() -> dict[str, str]:
+    """The environment sbatch passes on to the job (its default --export=ALL)."""
+    env = dict(os.environ)
+    # From a source checkout, the job imports launcher/training from it, whichever python it runs.
+    if (_PACKAGE_ROOT / "pyproject.toml").is_file():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _clear_outputs(paths: RunPaths) -> None:
+    for path in (paths.checkpoints, paths.adapter, paths.inference):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (paths.metrics, paths.progress):
+        path.unlink(missing_ok=True)
+
+
+def _from_storage(run: RunConfig, job_id: str | None) -> tuple[State, str]:
+    """State of a training job Slurm no longer lists (no slurmdbd, older than MinJobAge)."""
+    paths = RunPaths.of(run)
+    if paths.training_completed():
+        return State.COMPLETED, ""
+    if job_id is None:
+        return State.UNKNOWN, ""
+    events = [e for e in read_events(paths.progress) if e.get("event") != "infer_end"]
+    if events and events[-1].get("event") == "error":
+        return State.FAILED, str(events[-1].get("message", "error"))[:200]
+    step = f", stopped at step {events[-1].get('step')}" if events else ""
+    return State.UNKNOWN, f"job {job_id} gone from Slurm{step}; `qlaunch submit` resumes it"
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def __init__(self) -> None:
+        self.commands = SlurmCommands()
+
+    # ---- render -------------------------------------------------------------------------------
+    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
+        rendered = [render_run(run) for run in plan.runs]  # all or nothing
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for scripts in rendered:
+            for kind, text in (("train", scripts.train), ("infer", scripts.infer)):
+                if text is not None:
+                    path = out_dir / f"{scripts.run_id}.{kind}.sbatch"
+                    path.write_text(text)
+                    written.append(path)
+        return written
+
+    # ---- state --------------------------------------------------------------------------------
+    def _infos(self, runs: Iterable[RunConfig]) -> dict[str, JobInfo]:
+        """Scheduler view of each run's newest training and inference job: one squeue call,
+        plus one sacct call for the ones squeue no longer lists when accounting exists."""
+        ids = []
+        for run in runs:
+            record = _Submissions.of(run)
+            ids += [job_id for job_id in (record.latest("train"), record.latest("infer")) if job_id]
+        infos = self.commands.squeue_jobs(ids)
+        missing = [job_id for job_id in ids if job_id not in infos]
+        if missing:
+            infos.update(self.commands.sacct_jobs(missing))
+        return infos
+
+    def status(self, plan: Plan) -> dict[str, RunStatus]:
+        infos = self._infos(plan.runs)
+        return {run.run_id: self._run_status(run, infos) for run in plan.runs}
+
+    def _run_status(self, run: RunConfig, infos: dict[str, JobInfo]) -> RunStatus:
+        paths, record = RunPaths.of(run), _Submissions.of(run)
+        train_id, infer_id = record.latest("train"), record.latest("infer")
+        status = RunStatus(job_ids=record.ids("train"))
+        train = infos.get(train_id) if train_id else None
+        if train is not None:
+            status.state, status.detail, status.restarts = train.state, train.detail, train.restarts
+        else:
+            status.state, status.detail = _from_storage(run, train_id)
+        infer = infos.get(infer_id) if infer_id else None
+        if infer is not None:
+            status.infer_state = infer.state
+        elif paths.inference_completed():
+            status.infer_state = State.COMPLETED
+        elif infer_id is not None:
+            status.infer_state = State.UNKNOWN
+        return status
+
+    # ---- submit -------------------------------------------------------------------------------
+    def _plan_actions(self, plan: Plan, scripts: dict[str, RunScripts], infos: dict[str, JobInfo],
+                      force: bool, report: SubmitReport) -> list[_Action]:  # fmt: skip
+        actions = []
+        for run in plan.runs:
+            paths = RunPaths.of(run)
+            infer_wanted = scripts[run.run_id].infer is not None
+            if force:
+                actions.append(_Action(run, scripts[run.run_id], train=True, infer=infer_wanted))
+                continue
+            record = _Submissions.of(run)
+            train_id, infer_id = record.latest("train"), record.latest("infer")
+            train = infos.get(train_id) if train_id else None
+            infer = infos.get(infer_id) if infer_id else None
+            infer_covered = paths.inference_completed() or (
+                infer is not None and (infer.state.active or infer.state == State.COMPLETED)
+            )
+            if train is not None and train.state.active:
+                if infer_wanted and not infer_covered:
+                    actions.append(_Action(run, scripts[run.run_id], train=False, infer=True, after=train_id))
+                else:
+                    report.skipped[run.run_id] = f"already {train.state.value} (job {train_id})"
+            elif paths.training_completed():
+                if infer_wanted and not infer_covered:
+                    actions.append(_Action(run, scripts[run.run_id], train=False, infer=True))
+                else:
+                    report.skipped[run.run_id] = "completed"
+            else:
+                actions.append(_Action(run, scripts[run.run_id], train=True, infer=infer_wanted))
+        return actions
+
+    def _check_with_scheduler(self, actions: list[_Action], env: dict[str, str]) -> None:
+        """`sbatch --test-only` once per distinct set of directives: slurmctld checks partition,
+        account, QOS and resources for every job we are about to submit, before the first one."""
+        seen: set[tuple[str, ...]] = set()
+        with tempfile.TemporaryDirectory(prefix="qlaunch-slurm-check-") as tmp:
+            for action in actions:
+                candidates = []
+                if action.train:
+                    candidates.append(("training", action.scripts.train))
+                if action.infer and action.scripts.infer is not None:
+                    candidates.append(("inference", action.scripts.infer))
+                for kind, text in candidates:
+                    key = (kind, *_resource_directives(text))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    path = Path(tmp) / f"{action.run.run_id}-{kind}.sbatch"
+                    path.write_text(text)
+                    self.commands.test_only(
+                        path, env=env, what=f"run {action.run.run_id}'s {kind} job"
+                    )
+
+    def submit(self, plan: Plan, *, force: bool = False, dry_run: bool = False) -> SubmitReport:
+        report = SubmitReport()
+        scripts = {run.run_id: render_run(run) for run in plan.runs}  # ConfigError before anything
+        env = sbatch_environment()
+        infos = self._infos(plan.runs)
+        actions = self._plan_actions(plan, scripts, infos, force, report)
+        if not actions:
+            return report
+        self._check_with_scheduler(actions, env)
+        if dry_run:
+            for action in actions:
+                report.submitted[action.run.run_id] = [
+                    f"{kind} (dry run)" for kind, wanted in (("train", action.train), ("infer", action.infer)) if wanted
+                ]
+            return report
+        if force:
+            self._stop_for_resubmit([a.run for a in actions], infos)
+        for action in actions:
+            paths = RunPaths.of(action.run)
+            write_run_config(action.run)
+            (paths.root / TRAIN_SCRIPT).write_text(action.scripts.train)
+            if action.scripts.infer is not None:
+                (paths.root / INFER_SCRIPT).write_text(action.scripts.infer)
+
+        done: list[str] = []
+        for action in actions:
+            try:
+                report.submitted[action.run.run_id] = self._submit_one(action, env)
+            except BackendError as exc:
+                remaining = [a.run.run_id for a in actions if a.run.run_id not in report.submitted]
+                raise BackendError(
+                    f"{exc}\nsubmitted before this failure: {', '.join(done) or 'none'}; "
+                    f"not submitted: {', '.join(remaining)}. Fix the cause and run submit again: "
+                    "it submits only what is missing."
+                ) from None
+            done.append(action.run.run_id)
+        return report
+
+    def _submit_one(self, action: _Action, env: dict[str, str]) -> list[str]:
+        run, paths = action.run, RunPaths.of(action.run)
+        job_ids = []
+        after = action.after
+        if action.train:
+            after = self.commands.sbatch(
+                paths.root / TRAIN_SCRIPT, env=env, what=f"sbatch of run {run.run_id}'s training job"
+            )
+            _record_job(run, "train", after, script=TRAIN_SCRIPT)
+            job_ids.append(after)
+        if action.infer:
+            options = [f"--dependency=afterok:{after}"] if after else []
+            infer_id = self.commands.sbatch(
+                paths.root / INFER_SCRIPT, options, env=env, what=f"sbatch of run {run.run_id}'s inference job"
+            )
+            _record_job(run, "infer", infer_id, script=INFER_SCRIPT, dependency=options[0] if options else None)
+            job_ids.append(infer_id)
+        return job_ids
+
+    def _stop_for_resubmit(self, runs: list[RunConfig], infos: dict[str, JobInfo]) -> None:
+        """--force: cancel the runs' active jobs, wait until they are gone, clear their outputs."""
+        active = self._active_ids(runs, infos)
+        if active:
+            self.commands.scancel(active)
+            deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+            while True:
+                still = [i for i, info in self.commands.squeue_jobs(active).items() if info.state.active]
+                if not still:
+                    break
+                if time.monotonic() > deadline:
+                    raise BackendError(f"jobs {', '.join(still)} still running {CANCEL_WAIT_SECONDS} s after scancel")
+                time.sleep(1)
+        for run in runs:
+            _clear_outputs(RunPaths.of(run))
+
+    @staticmethod
+    def _active_ids(runs: Iterable[RunConfig], infos: dict[str, JobInfo]) -> list[str]:
+        ids = []
+        for run in runs:
+            record = _Submissions.of(run)
+            for job_id in (record.latest("train"), record.latest("infer")):
+                if job_id and job_id in infos and infos[job_id].state.active:
+                    ids.append(job_id)
+        return ids
+
+    # ---- logs / cancel ------------------------------------------------------------------------
+    def logs(self, plan: Plan, run: RunConfig, *, follow: bool, out: IO[str], infer: bool = False) -> None:
+        paths = RunPaths.of(run)
+        checked = {"at": float("-inf"), "active": True}
+
+        def active() -> bool:
+            # Requeued jobs append to the same file: follow until nothing of the run can still
+            # write to it. At most one squeue call every 5 s.
+            if time.monotonic() - checked["at"] >= 5:
+                status = self._run_status(run, self._infos([run]))
+                # An inference job waiting for its training job is pending: active as well.
+                checked["active"] = (status.infer_state if infer else status.state).active
+                checked["at"] = time.monotonic()
+            return checked["active"]
+
+        follow_file(paths.infer_log if infer else paths.train_log, out, follow=follow, active=active)
+
+    def cancel(self, plan: Plan, runs: list[RunConfig]) -> list[str]:
+        infos = self._infos(runs)
+        cancelled, ids = [], []
+        for run in runs:
+            active = self._active_ids([run], infos)
+            if active:
+                cancelled.append(run.run_id)
+                ids += active
+        self.commands.scancel(ids)
+        return cancelled
+
+
+def _resource_directives(script: str) -> list[str]:
+    """The #SBATCH lines that decide whether Slurm accepts a job (not its name or log file)."""
+    return [
+        line
+        for line in script.splitlines()
+        if line.startswith("#SBATCH ") and not any(k in line for k in ("--job-name=", "--output="))
+    ]

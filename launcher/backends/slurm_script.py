@@ -1,0 +1,193 @@
+"""Slurm batch scripts for one run: the training job and its inference job.
+
+Pure: the same run gives the same bytes (no clock, no environment, no cluster). Values that
+reach the shell go through the templates' `|q`; values in `#SBATCH` lines go through
+`directive()`, because sbatch reads those lines itself with its own quoting rules (double
+quotes and backslash escapes; single quotes are literal), not through a shell.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import templates
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..progress import EXIT_PREEMPTED
+from ..storage import RunPaths
+
+TRAIN_SCRIPT = "train.sbatch"
+INFER_SCRIPT = "infer.sbatch"
+# accelerate's default rendezvous port; only multi-node jobs use it.
+MAIN_PROCESS_PORT = 29500
+
+_SAFE_DIRECTIVE = re.compile(r"[\w@%+=:,./-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class RunScripts:
+    run_id: str
+    train: str
+    infer: str | None  # None when inference.enabled is false
+
+
+def directive(text: str) -> str:
+    """One `#SBATCH` argument, quoted the way sbatch's own directive parser reads it."""
+    if _SAFE_DIRECTIVE.fullmatch(text):
+        return text
+    escaped = re.sub(r'(["\\#])', r"\\\1", text)
+    return f'"{escaped}"'
+
+
+def job_name(run: RunConfig, infer: bool = False) -> str:
+    return f"{run.name}-{run.run_id}" + ("-infer" if infer else "")
+
+
+def _check_path(value: str, what: str) -> None:
+    # sbatch expands %j, %x, ... in --output; a newline would end the directive line.
+    if "%" in value or "\n" in value:
+        raise ConfigError(f"{what}: {value!r} contains '%' or a newline, which sbatch cannot take in a path")
+
+
+def _validate(run: RunConfig) -> None:
+    env = run.environment
+    for index, line in enumerate(env.setup):
+        if "\n" in line:
+            raise ConfigError(f"environment.setup[{index}]: one shell line per list item (found a newline)")
+    for name in env.variables:
+        if not _ENV_NAME.fullmatch(name):
+            raise ConfigError(f"environment.variables.{name}: not a valid shell variable name")
+    for index, extra in enumerate(run.slurm.extra_directives):
+        if not extra.startswith("-") or "\n" in extra:
+            raise ConfigError(
+                f"slurm.extra_directives[{index}]: {extra!r} should be one sbatch option, e.g. --exclusive"
+            )
+    for key in ("partition", "inference_partition", "account", "qos", "constraint"):
+        value = getattr(run.slurm, key)
+        if value is not None and (not value or "\n" in value):
+            raise ConfigError(f"slurm.{key}: {value!r} is not a valid value")
+    if not re.fullmatch(r"[\w.+-]+", run.resources.gpu_type):
+        raise ConfigError(f"resources.gpu_type: {run.resources.gpu_type!r} is not a GRES type name")
+    _check_path(run.run_dir, "storage.root")
+
+
+def _common_directives(run: RunConfig, partition: str | None) -> list[str]:
+    slurm = run.slurm
+    directives = []
+    for key, value in (
+        ("partition", partition),
+        ("account", slurm.account),
+        ("qos", slurm.qos),
+        ("constraint", slurm.constraint),
+    ):
+        if value:
+            directives.append(f"--{key}={value}")
+    return directives
+
+
+def _train_directives(run: RunConfig) -> list[str]:
+    res, slurm, paths = run.resources, run.slurm, RunPaths.of(run)
+    directives = [
+        f"--job-name={job_name(run)}",
+        f"--nodes={res.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={res.cpus_per_task}",
+        f"--mem={res.memory}",
+        f"--time={res.time_limit}",
+    ]
+    if res.gpus_per_node:
+        directives.append(f"--gres=gpu:{res.gpu_type}:{res.gpus_per_node}")
+    directives += _common_directives(run, slurm.partition)
+    directives += [
+        "--requeue" if slurm.requeue else "--no-requeue",
+        f"--signal=B:USR1@{slurm.signal_seconds}",
+        "--open-mode=append",
+        f"--output={paths.train_log}",
+        *slurm.extra_directives,
+    ]
+    return [directive(d) for d in directives]
+
+
+def _infer_directives(run: RunConfig) -> list[str]:
+    res, slurm, paths = run.resources, run.slurm, RunPaths.of(run)
+    directives = [
+        f"--job-name={job_name(run, infer=True)}",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={res.cpus_per_task}",
+        f"--mem={res.memory}",
+        f"--time={res.time_limit}",
+    ]
+    if res.gpus_per_node:
+        directives.append(f"--gres=gpu:{res.gpu_type}:1")
+    directives += _common_directives(run, slurm.inference_partition or slurm.partition)
+    directives += [
+        "--requeue" if slurm.requeue else "--no-requeue",
+        # If training fails, the dependency can never be met: cancel instead of pending forever.
+        "--kill-on-invalid-dep=yes",
+        "--open-mode=append",
+        f"--output={paths.infer_log}",
+        *slurm.extra_directives,
+    ]
+    return [directive(d) for d in directives]
+
+
+def _context(run: RunConfig, gpus: int) -> dict:
+    env = run.environment
+    paths = RunPaths.of(run)
+    binds = sorted({str(Path(run.run_dir).parents[1]), run.experiment_dir})
+    return {
+        "experiment": run.name,
+        "run_id": run.run_id,
+        "overrides": json.dumps(run.overrides, sort_keys=True, ensure_ascii=True),
+        "setup": env.setup,
+        "variables": sorted(env.variables.items()),
+        "python": env.python,
+        "container": env.container,
+        "binds": ",".join(binds),
+        "gpus": gpus,
+        "hf_token_env": run.model.hf_token_env,
+        "run_dir": str(paths.root),
+        "run_yaml": str(paths.config),
+        "progress": str(paths.progress),
+    }
+
+
+def _mixed_precision(run: RunConfig) -> str:
+    if not run.resources.gpus_per_node:
+        return "no"  # CPU jobs compute in float32 (autocast on CPU is ~10x slower)
+    return "fp16" if run.train.fp16 else "bf16" if run.train.bf16 else "no"
+
+
+def render_run(run: RunConfig) -> RunScripts:
+    """The training script and (when enabled) the inference script of one run."""
+    _validate(run)
+    res = run.resources
+    per_node = max(res.gpus_per_node, 1)
+    train = templates.render(
+        "slurm",
+        "train.sbatch.j2",
+        **_context(run, res.gpus_per_node),
+        directives=_train_directives(run),
+        nodes=res.nodes,
+        num_processes=res.nodes * per_node,
+        threads_per_process=max(1, res.cpus_per_task // per_node),
+        mixed_precision=_mixed_precision(run),
+        main_process_port=MAIN_PROCESS_PORT,
+        signal_seconds=run.slurm.signal_seconds,
+        requeue=run.slurm.requeue,
+        exit_preempted=EXIT_PREEMPTED,
+    )
+    infer = None
+    if run.inference.enabled:
+        infer = templates.render(
+            "slurm",
+            "infer.sbatch.j2",
+            **_context(run, min(res.gpus_per_node, 1)),
+            directives=_infer_directives(run),
+        )
+    return RunScripts(run.run_id, train, infer)

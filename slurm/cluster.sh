@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# A single-node Slurm cluster on this machine, for qlaunch's tests and for trying qlaunch
+# without a cluster:
+#
+#   slurm/cluster.sh up       install slurm-wlm + munge if missing, write the config, start
+#                             munged, slurmctld and slurmd, wait until the node takes jobs
+#   slurm/cluster.sh status   daemons, node and partitions, queue
+#   slurm/cluster.sh down     stop the daemons (jobs are cancelled first)
+#
+# Everything it writes lives under $QLAUNCH_SLURM_DIR (default /var/lib/qlaunch-slurm), except
+# symlinks in /etc/slurm that point there: sbatch/squeue/scontrol read /etc/slurm/slurm.conf, so
+# the plain commands work with no SLURM_CONF in anyone's environment. It refuses to touch an
+# /etc/slurm/slurm.conf it did not write. Needs root (CI runs it as root on a fresh machine).
+#
+# The node: CPUs and memory as `slurmd -C` reports this machine, 2 placeholder `gpu:t4` GRES
+# (jobs that ask for --gres=gpu:t4:N can be scheduled; nothing uses a real GPU), partitions
+# `normal` (default, low priority, preemptible by requeue) and `high` (takes the node from
+# `normal` jobs). Jobs run as the submitting user, root here.
+set -euo pipefail
+
+STATE_DIR=${QLAUNCH_SLURM_DIR:-/var/lib/qlaunch-slurm}
+ETC_SLURM=/etc/slurm
+MARKER="# Written by qlaunch slurm/cluster.sh"
+CLUSTER_NAME=qlaunch-test
+GPU_COUNT=2
+# A preempted job keeps its node this long after SIGTERM (and USR1, see SlurmctldParameters):
+# enough for the trainer to save a checkpoint.
+GRACE_TIME=60
+# A requeued job may start again only after cred_expire + 1 seconds (Slurm's default is 120);
+# 10 keeps the preemption tests short while staying well above the time a step needs to launch.
+CRED_EXPIRE=10
+
+log() { printf 'cluster.sh: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages and starts slurmctld/slurmd)"
+}
+
+install_packages() {
+    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
+        && command -v sbatch >/dev/null && command -v munged >/dev/null; then
+        return
+    fi
+    log "installing slurm-wlm and munge (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null
+}
+
+pid_alive() {  # pid_alive PIDFILE
+    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+# slurmd -C prints the node line Slurm itself would accept (CPUs, sockets, cores, memory).
+node_hardware() {
+    slurmd -C | head -n 1 | tr ' ' '\n' \
+        | grep -E '^(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore|RealMemory)=' \
+        | tr '\n' ' '
+}
+
+write_config() {
+    local host hw conf
+    host=$(hostname -s)
+    hw=$(node_hardware)
+    mkdir -p "$STATE_DIR"/{etc,log,run,spool/slurmctld,spool/slurmd,dev,munge}
+    # Other users reach munged through its socket in here (the key itself stays 0600).
+    chmod 755 "$STATE_DIR" "$STATE_DIR/munge"
+    # gres.conf File= entries must exist and match the count. Placeholders are enough for
+    # scheduling (no job here touches a GPU); character devices (/dev/null's numbers) keep
+    # slurmd from complaining, plain files where mknod is not allowed.
+    local i
+    for ((i = 0; i < GPU_COUNT; i++)); do
+        [ -e "$STATE_DIR/dev/nvidia$i" ] \
+            || mknod "$STATE_DIR/dev/nvidia$i" c 1 3 2>/dev/null \
+            || touch "$STATE_DIR/dev/nvidia$i"
+    done
+
+    conf=$(cat <<EOF
+$MARKER: edits are overwritten by the next \`up\`.
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$STATE_DIR/munge/munge.socket,cred_expire=$CRED_EXPIRE
+StateSaveLocation=$STATE_DIR/spool/slurmctld
+SlurmdSpoolDir=$STATE_DIR/spool/slurmd
+SlurmctldPidFile=$STATE_DIR/run/slurmctld.pid
+SlurmdPidFile=$STATE_DIR/run/slurmd.pid
+SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
+SlurmdLogFile=$STATE_DIR/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups in containers/VMs without systemd: track processes through /proc.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+MpiDefault=none
+SwitchType=switch/none
+ReturnToService=2
+SchedulerType=sched/backfill
+# Pending jobs (e.g. a requeued one whose BeginTime just passed) are looked at every few
+# seconds instead of every minute.
+SchedulerParameters=sched_interval=5,bf_interval=5
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU_Memory
+DefMemPerCPU=1000
+GresTypes=gpu
+JobRequeue=1
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+# Send the job's --signal (qlaunch: B:USR1) at preemption too, not only before its time limit.
+SlurmctldParameters=preempt_send_user_signal
+KillWait=30
+# Finished jobs stay visible to squeue for an hour (there is no slurmdbd/sacct here).
+MinJobAge=3600
+NodeName=$host NodeAddr=127.0.0.1 ${hw}Gres=gpu:t4:$GPU_COUNT State=UNKNOWN
+PartitionName=normal Nodes=$host Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME MaxTime=INFINITE State=UP
+PartitionName=high Nodes=$host PriorityTier=100 PreemptMode=OFF MaxTime=INFINITE State=UP
+EOF
+)
+    local gres="$MARKER
+AutoDetect=off
+NodeName=$host Name=gpu Type=t4 File=$STATE_DIR/dev/nvidia[0-$((GPU_COUNT - 1))]"
+
+    CONFIG_CHANGED=0
+    if [ ! -f "$STATE_DIR/etc/slurm.conf" ] || [ "$(cat "$STATE_DIR/etc/slurm.conf")" != "$conf" ]; then
+        CONFIG_CHANGED=1
+    fi
+    printf '%s\n' "$conf" >"$STATE_DIR/etc/slurm.conf"
+    printf '%s\n' "$gres" >"$STATE_DIR/etc/gres.conf"
+
+    mkdir -p "$ETC_SLURM"
+    local name target
+    for name in slurm.conf gres.conf; do
+        target="$ETC_SLURM/$name"
+        if [ -e "$target" ] && [ "$(readlink -f "$target")" != "$STATE_DIR/etc/$name" ]; then
+            die "$target exists and was not written by this script (a real Slurm install?); not touching it"
+        fi
+        ln -sfn "$STATE_DIR/etc/$name" "$target"
+    done
+}
+
+start_munge() {
+    if pid_alive "$STATE_DIR/run/munged.pid"; then return; fi
+    if [ ! -s "$STATE_DIR/munge/munge.key" ]; then
+        # 1 KiB of random bytes is what mungekey writes too.
+        (umask 077 && dd if=/dev/urandom of="$STATE_DIR/munge/munge.key" bs=1024 count=1 status=none)
+    fi
+    # munged checks that its folders are not writable by others; the state dir may sit in a
+    # world-writable /tmp, so let the sticky bit there count as safe (--force).
+    munged --force \
+        --key-file="$STATE_DIR/munge/munge.key" \
+        --socket="$STATE_DIR/munge/munge.socket" \
+        --pid-file="$STATE_DIR/run/munged.pid" \
+        --seed-file="$STATE_DIR/munge/munged.seed" \
+        --log-file="$STATE_DIR/log/munged.log"
+}
+
+start_slurm() {
+    if ! pid_alive "$STATE_DIR/run/slurmctld.pid"; then
+        slurmctld -f "$STATE_DIR/etc/slurm.conf"
+    elif [ "$CONFIG_CHANGED" = 1 ]; then
+        log "configuration changed: scontrol reconfigure"
+        scontrol reconfigure
+    fi
+    if ! pid_alive "$STATE_DIR/run/slurmd.pid"; then
+        slurmd -f "$STATE_DIR/etc/slurm.conf"
+    fi
+}
+
+wait_ready() {
+    local state deadline=$((SECONDS + 90))
+    while ((SECONDS < deadline)); do
+        state=$(sinfo --noheader --node="$(hostname -s)" --format=%T 2>/dev/null | head -n 1 || true)
+        case "$state" in
+            idle* | mixed* | allocated* | completing*)
+                log "ready: node $(hostname -s) is $state"
+                return
+                ;;
+            down* | drain* | fail*)
+                scontrol update nodename="$(hostname -s)" state=resume 2>/dev/null || true
+                ;;
+        esac
+        sleep 1
+    done
+    die "the node did not come up within 90 s; see $STATE_DIR/log/"
+}
+
+stop_pidfile() {  # stop_pidfile NAME
+    local file="$STATE_DIR/run/$1.pid" pid i
+    pid_alive "$file" || return 0
+    pid=$(cat "$file")
+    kill "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    log "$1 (pid $pid) did not stop on SIGTERM; sending SIGKILL"
+    kill -9 "$pid" 2>/dev/null || true
+}
+
+cmd_up() {
+    need_root
+    install_packages
+    write_config
+    start_munge
+    start_slurm
+    wait_ready
+}
+
+cmd_down() {
+    need_root
+    if pid_alive "$STATE_DIR/run/slurmctld.pid"; then
+        local jobs
+        jobs=$(squeue --noheader --format=%i 2>/dev/null || true)
+        # shellcheck disable=SC2086 # one id per word
+        [ -z "$jobs" ] || scancel $jobs 2>/dev/null || true
+    fi
+    stop_pidfile slurmd
+    stop_pidfile slurmctld
+    stop_pidfile munged
+    # Job steps outlive slurmd by design; end the ones this cluster started.
+    local pid
+    for pid in $(pgrep -x slurmstepd || true); do
+        if tr '\0' ' ' <"/proc/$pid/environ" 2>/dev/null | grep -q "SLURM_CONF=$STATE_DIR/"; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    done
+    log "stopped (state kept in $STATE_DIR)"
+}
+
+cmd_status() {
+    local name
+    for name in munged slurmctld slurmd; do
+        if pid_alive "$STATE_DIR/run/$name.pid"; then
+            echo "$name: running (pid $(cat "$STATE_DIR/run/$name.pid"))"
+        else
+            echo "$name: stopped"
+        fi
+    done
+    if pid_alive "$STATE_DIR/run/slurmctld.pid"; then
+        sinfo
+        squeue --states=all
+    else
+        return 1
+    fi
+}
+
+case "${1:-}" in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    *)
+        echo "usage: $0 up|down|status" >&2
+        exit 2
+        ;;
+esac

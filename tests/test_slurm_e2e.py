@@ -1,0 +1,138 @@
+"""Real QLoRA runs through the real test cluster (slurm/cluster.sh up): a grid that trains and
+then answers prompts in its dependent inference jobs, and a run preempted twice (scontrol
+requeue, then a high-priority job taking the node) that resumes from its checkpoints.
+
+CPU jobs of 1 CPU each, so the two runs of the grid share the 2-core node.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import threading
+
+import pytest
+
+from launcher.backends.base import State
+from launcher.backends.slurm import SlurmBackend
+from launcher.progress import read_events, summarize
+from launcher.storage import RunPaths
+from test_slurm_support import (
+    PYTHON,
+    cancel_after,  # noqa: F401 - fixture
+    plan,
+    require_cluster,
+    scheduler_jobs,
+    unique_name,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cluster():
+    # Session scope: checked before the session's tiny model is built, not after.
+    require_cluster()
+
+
+def _slurm_sections(name: str, **sections) -> dict:
+    """tests/conftest.py's tiny experiment, as Slurm jobs run by this test's python."""
+    environment = {"python": PYTHON, **sections.pop("environment", {})}
+    return {"name": name, "backend": "slurm", "environment": environment, **sections}
+
+
+def _events(run, kind: str) -> list[dict]:
+    return [e for e in read_events(RunPaths.of(run).progress) if e.get("event") == kind]
+
+
+def test_grid_trains_then_runs_inference(tmp_path, tiny_experiment, cancel_after):
+    literal = "a b $(touch pwned) 'q' \"qq\""
+    p = plan(tiny_experiment(tmp_path, **_slurm_sections(
+        unique_name("grid"),
+        environment={"variables": {"QLAUNCH_LITERAL": literal},
+                     "setup": ['printf %s "$QLAUNCH_LITERAL" > environment-check.txt']},
+        grid={"lora.r": [4, 8]},
+    )))  # fmt: skip
+    cancel_after(p)
+    backend = SlurmBackend()
+    report = backend.submit(p)
+    assert all(len(job_ids) == 2 for job_ids in report.submitted.values())
+
+    def finished():
+        statuses = backend.status(p)
+        if any(s.state in (State.FAILED, State.CANCELLED) or s.infer_state in (State.FAILED, State.CANCELLED)
+               for s in statuses.values()):  # fmt: skip
+            logs = {r.run_id: RunPaths.of(r).train_log.read_text()[-3000:] for r in p.runs if RunPaths.of(r).train_log.exists()}
+            raise AssertionError(f"a job failed: {statuses}\n{logs}")
+        return all(s.state == State.COMPLETED and s.infer_state == State.COMPLETED for s in statuses.values())
+
+    wait_for(finished, timeout=600, message="training and inference of both runs", interval=5)
+    for run in p.runs:
+        paths = RunPaths.of(run)
+        assert (paths.adapter / "adapter_config.json").is_file()
+        assert json.loads(paths.metrics.read_text())["global_step"] == run.train.max_steps
+        results = [json.loads(line) for line in (paths.inference / "results.jsonl").read_text().splitlines()]
+        assert [row["prompt"] for row in results] == run.inference.prompts
+        assert all(row["tuned"] for row in results)
+        assert paths.infer_log.is_file()
+        # environment.variables arrive exactly as typed, nothing in them is executed.
+        assert (paths.root / "environment-check.txt").read_text() == literal
+        assert not (paths.root / "pwned").exists()
+    states = scheduler_jobs(*(job for ids in report.submitted.values() for job in ids))
+    assert set(states.values()) == {"COMPLETED"}
+
+
+def test_preempted_run_resumes_from_its_checkpoint(tmp_path, tiny_experiment, cancel_after):
+    # The tiny model steps fast; enough steps that both preemptions land mid-training.
+    max_steps = 60
+    p = plan(tiny_experiment(tmp_path, **_slurm_sections(
+        unique_name("preempt"), train={"max_steps": max_steps, "save_steps": 20}, inference={"enabled": False},
+    )))  # fmt: skip
+    cancel_after(p)
+    (run,) = p.runs
+    backend = SlurmBackend()
+    (job_id,) = backend.submit(p).submitted[run.run_id]
+
+    followed = io.StringIO()
+    follower = threading.Thread(target=backend.logs, args=(p, run), kwargs={"follow": True, "out": followed})
+    follower.start()
+
+    def training_in_attempt(attempt: int):
+        starts = _events(run, "start")
+        if len(starts) < attempt:
+            return False
+        first = starts[attempt - 1]["step"]
+        return any(e["step"] > first and e["time"] >= starts[attempt - 1]["time"] for e in _events(run, "step"))
+
+    # 1. scontrol requeue, as an admin or a user would.
+    wait_for(lambda: training_in_attempt(1), timeout=300, message="first attempt training", interval=0.2)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    # 2. a job in the high-priority partition that needs the whole node.
+    wait_for(lambda: training_in_attempt(2), timeout=300, message="second attempt training", interval=0.2)
+    high = subprocess.run(
+        ["sbatch", "--parsable", "--partition=high", "--exclusive", "--output=/dev/null", "--wrap=sleep 2"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    wait_for(lambda: scheduler_jobs(high).get(high) == "COMPLETED", timeout=120, message="the high-priority job")
+
+    wait_for(lambda: backend.status(p)[run.run_id].state == State.COMPLETED, timeout=400, message="run completed")
+    follower.join(timeout=60)
+    assert not follower.is_alive()
+
+    progress = summarize(read_events(RunPaths.of(run).progress))
+    assert progress.finished and progress.step == max_steps
+    assert progress.restarts == 2
+    assert all(step > 0 for step in progress.resumed_from), progress.resumed_from
+    assert progress.resumed_from[1] > progress.resumed_from[0]
+    # scontrol requeue: TERM to every process of the job. Preemption: the job's own
+    # --signal=B:USR1, which the batch script hands on to the trainer (as before a time limit).
+    assert [e["signal"] for e in _events(run, "preempted")] == ["SIGTERM", "SIGUSR1"]
+    assert json.loads(RunPaths.of(run).metrics.read_text())["global_step"] == max_steps
+    status = backend.status(p)[run.run_id]
+    assert status.restarts == 2 and status.job_ids == [job_id]
+    # `qlaunch logs --follow` stayed on the run through both requeues, to the end.
+    text = followed.getvalue()
+    for attempt in ("(restart 0)", "(restart 1)", "(restart 2)", "training step exited with status 0"):
+        assert attempt in text
