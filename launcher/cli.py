@@ -149,14 +149,14 @@ def _print_inference_summaries(p: Plan) -> None:
 
     for run in p.runs:
         summary = read_json(RunPaths.of(run).inference / "summary.json")
-        if not summary or not summary.get("metric"):
+        if not summary or summary.get("tuned_score") is None:
             continue
-        metric = summary["metric"]
+        base = summary.get("base_score")
         console.print(
             f"[bold]{run.run_id}[/] {escape(' '.join(f'{k}={v}' for k, v in run.overrides.items()))}: "
-            f"{metric.get('name', 'metric')} base {metric.get('base', float('nan')):.2f} → "
-            f"tuned [bold green]{metric.get('tuned', float('nan')):.2f}[/] "
-            f"on {metric.get('n', '?')} held-out prompts"
+            f"{summary.get('metric', 'metric')} base {'–' if base is None else f'{base:.2f}'} → "
+            f"tuned [bold green]{summary['tuned_score']:.2f}[/] "
+            f"on {summary.get('eval_examples', '?')} held-out prompts"
         )
 
 
