@@ -1,0 +1,163 @@
+"""The pre-flight memory check: notebook recipes pass on a T4, runs that cannot fit are refused
+with the knob to turn, and the knob it names really makes the run fit."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from launcher import preflight
+from launcher.grid import plan
+from launcher.preflight import GiB
+
+
+def write_experiment(tmp_path: Path, body: str, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text("name: pf\n" + textwrap.dedent(body))
+    return path
+
+
+def estimates_for(tmp_path: Path, body: str) -> list[preflight.RunEstimate]:
+    return preflight.preflight(plan(write_experiment(tmp_path, body)))
+
+
+def test_notebook_recipe_fits_a_t4(tmp_path):
+    (estimate,) = estimates_for(tmp_path, "resources: {gpu_type: t4}\n")
+    assert estimate.checked and estimate.fits
+    assert estimate.advice == ""
+    assert 4 * GiB < estimate.estimated_peak_bytes < estimate.capacity_bytes
+    assert estimate.capacity_bytes < 15 * GiB  # the CUDA context is not PyTorch's to use
+    assert estimate.breakdown["weights"] > 3.5 * GiB  # 6.7e9 weights at 4.5 bits, fp16 embeddings
+
+
+def test_huge_batch_without_checkpointing_is_refused_with_the_knob(tmp_path):
+    (estimate,) = estimates_for(
+        tmp_path,
+        """
+        resources: {gpu_type: t4}
+        train: {per_device_train_batch_size: 64, max_seq_length: 4096, gradient_checkpointing: false}
+        """,
+    )
+    assert not estimate.fits
+    assert estimate.estimated_peak_bytes > estimate.capacity_bytes
+    assert "train." in estimate.advice and "GiB" in estimate.advice
+
+
+def test_the_advised_batch_size_fits(tmp_path):
+    body = """
+        resources: {gpu_type: t4}
+        train: {per_device_train_batch_size: 16, max_seq_length: 2048}
+        """
+    (refused,) = estimates_for(tmp_path, body)
+    assert not refused.fits
+    assert "per_device_train_batch_size to " in refused.advice
+    smaller = int(refused.advice.split("per_device_train_batch_size to ")[1].split()[0])
+    assert 1 <= smaller < 16
+    (advised,) = estimates_for(tmp_path, body.replace("16,", f"{smaller},"))
+    assert advised.fits
+
+
+def test_grid_points_are_judged_one_by_one(tmp_path):
+    estimates = estimates_for(
+        tmp_path,
+        """
+        resources: {gpu_type: t4}
+        train: {max_seq_length: 2048}
+        grid: {train.per_device_train_batch_size: [1, 32]}
+        """,
+    )
+    assert [e.fits for e in estimates] == [True, False]
+    assert estimates[0].estimated_peak_bytes < estimates[1].estimated_peak_bytes
+
+
+def test_the_same_run_fits_a_larger_gpu(tmp_path):
+    body = """
+        train: {per_device_train_batch_size: 16, max_seq_length: 2048}
+        resources: {gpu_type: GPU}
+        """
+    (t4,) = estimates_for(tmp_path, body.replace("GPU", "t4"))
+    (a100,) = estimates_for(tmp_path, body.replace("GPU", "a100-80gb"))
+    assert not t4.fits and a100.fits
+    assert t4.estimated_peak_bytes == a100.estimated_peak_bytes
+
+
+def test_model_too_large_for_the_gpu_says_pick_another_gpu(tmp_path):
+    (estimate,) = estimates_for(
+        tmp_path,
+        """
+        model: {name_or_path: meta-llama/Llama-2-70b-hf}
+        resources: {gpu_type: t4}
+        """,
+    )
+    assert not estimate.fits
+    assert "resources.gpu_type" in estimate.advice
+
+
+def test_bf16_on_a_t4_is_refused(tmp_path):
+    (estimate,) = estimates_for(tmp_path, "resources: {gpu_type: t4}\ntrain: {bf16: true}\n")
+    assert not estimate.fits
+    assert "train.fp16" in estimate.advice
+    (ok,) = estimates_for(tmp_path, "resources: {gpu_type: l4}\ntrain: {bf16: true}\n")
+    assert ok.fits
+
+
+def test_local_model_folder_shape_is_read_from_config_json(tmp_path):
+    folder = tmp_path / "tiny-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    }))
+    (estimate,) = estimates_for(
+        tmp_path, "model: {name_or_path: ./tiny-model}\nresources: {gpu_type: t4}\n"
+    )
+    assert estimate.checked and estimate.fits
+    assert estimate.breakdown["weights"] < 1024**2  # thousands of parameters, not billions
+
+
+def test_unknown_model_or_gpu_is_not_refused(tmp_path):
+    (model,) = estimates_for(
+        tmp_path, "model: {name_or_path: someone/mystery-model}\nresources: {gpu_type: t4}\n"
+    )
+    assert model.fits and not model.checked
+    assert "not checked" in model.advice
+    (gpu,) = estimates_for(tmp_path, "resources: {gpu_type: quantum-9000}\n")
+    assert gpu.fits and not gpu.checked
+    assert "resources.gpu_type" in gpu.advice
+
+
+@pytest.mark.parametrize("gpu_type", ["t4", "nvidia-tesla-t4", "T4", "a100_80gb", "nvidia-h100"])
+def test_gpu_type_spellings(gpu_type):
+    assert preflight.gpu_capacity(gpu_type) is not None
+
+
+def test_shipped_t4_profile_fits_a_t4():
+    examples = Path(__file__).resolve().parents[1] / "examples" / "profiles"
+    profile = examples / "t4-fast.yaml"
+    if not profile.exists():
+        pytest.skip("examples/profiles/t4-fast.yaml not written yet")
+    for estimate in preflight.preflight(plan(profile)):
+        assert estimate.fits, estimate.advice
+        assert estimate.estimated_peak_bytes <= 14 * GiB
+
+
+def test_table_shows_the_verdict_and_advice(tmp_path):
+    estimates = estimates_for(
+        tmp_path,
+        """
+        resources: {gpu_type: t4}
+        grid: {train.per_device_train_batch_size: [4, 64]}
+        """,
+    )
+    console = Console(record=True, width=250)
+    console.print(preflight.format_table(estimates))
+    text = console.export_text()
+    for estimate in estimates:
+        assert estimate.run_id in text
+    assert "yes" in text and "no" in text
+    assert "per_device_train_batch_size" in text
