@@ -258,9 +258,14 @@ def lora_targets(run: RunConfig, shape: ModelShape) -> list[str]:
 
 def estimate_run(run: RunConfig) -> RunEstimate:
     gpu = run.resources.gpu_type
+    step = step_shape(run)
+    if run.resources.gpus_per_node == 0:
+        return RunEstimate(
+            run.run_id, "none", 0, 0, fits=True, tokens_per_step=step.tokens, checked=False,
+            advice="no GPU requested (resources.gpus_per_node: 0): nothing to check",
+        )
     capacity = gpu_capacity(gpu)
     shape = model_shape(run)
-    step = step_shape(run)
     problems = _precision_problems(run)
     if shape is None:
         return RunEstimate(
