@@ -148,15 +148,15 @@ def _print_inference_summaries(p: Plan) -> None:
     from .storage import RunPaths, read_json
 
     for run in p.runs:
-        summary = read_json(RunPaths.of(run).inference / "summary.json")
-        if not summary or summary.get("tuned_score") is None:
+        summary = read_json(RunPaths.of(run).inference / "summary.json") or {}
+        metric = summary.get("metric")
+        if not isinstance(metric, dict) or "tuned" not in metric:
             continue
-        base = summary.get("base_score")
+        base = f"base {metric['base']:.2f} → " if "base" in metric else ""
         console.print(
             f"[bold]{run.run_id}[/] {escape(' '.join(f'{k}={v}' for k, v in run.overrides.items()))}: "
-            f"{summary.get('metric', 'metric')} base {'–' if base is None else f'{base:.2f}'} → "
-            f"tuned [bold green]{summary['tuned_score']:.2f}[/] "
-            f"on {summary.get('eval_examples', '?')} held-out prompts"
+            f"{escape(str(metric.get('name', 'metric')))} {base}tuned [bold green]{metric['tuned']:.2f}[/] "
+            f"on {metric.get('n', '?')} held-out prompts"
         )
 
 

@@ -175,7 +175,8 @@ class EnvironmentConfig(Section):
     @classmethod
     def _no_secret_values(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if re.search(r"TOKEN|SECRET|PASSWORD|API_KEY", key, re.IGNORECASE):
+            # Whole words only: HF_TOKEN is a secret, TOKENIZERS_PARALLELISM is not.
+            if re.search(r"(^|_)(TOKEN|SECRET|PASSWORD|API_?KEY)(_|$)", key, re.IGNORECASE):
                 raise ValueError(
                     f"{key!r} looks like a secret; secrets are never written into job files. "
                     "Use model.hf_token_env / model.hf_token_file (Slurm) or "

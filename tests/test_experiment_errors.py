@@ -68,6 +68,13 @@ def test_bad_experiment_file_gets_one_clear_error(tmp_path, case):
     assert "Traceback" not in message and "pydantic" not in message.lower()
 
 
+def test_tokenizer_settings_are_not_mistaken_for_secrets(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: demo\nenvironment:\n  variables:\n    TOKENIZERS_PARALLELISM: 'false'\n")
+    (run,) = plan(path).runs
+    assert run.environment.variables == {"TOKENIZERS_PARALLELISM": "false"}
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="no-such.yaml: no such experiment file"):
         plan(tmp_path / "no-such.yaml")

@@ -1,0 +1,69 @@
+"""Helpers for the tests that start real training / inference processes (no tests of its own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.config import RunConfig
+from launcher.progress import read_events
+from launcher.storage import RunPaths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("HF_TOKEN", None)
+    # One compute thread: CI shares 2 cores between processes, and torch's spinning OpenMP threads
+    # slow down badly when oversubscribed; the tiny model gains nothing from a second thread.
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def start_job(module: str, *args: str, log: Path, cwd: Path) -> subprocess.Popen:
+    """`python -m <module> <args>` as a real process, output to `log`, from a folder that is not
+    the repository (the backends start jobs with an unspecified working directory)."""
+    handle = open(log, "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=cwd,
+        env=job_env(),
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def run_job(module: str, *args: str, log: Path, cwd: Path, timeout: float = 600) -> int:
+    process = start_job(module, *args, log=log, cwd=cwd)
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def events(run: RunConfig, kind: str | None = None) -> list[dict]:
+    found = read_events(RunPaths.of(run).progress)
+    return [e for e in found if kind is None or e.get("event") == kind]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def tail(log: Path, chars: int = 4000) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""

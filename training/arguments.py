@@ -1,0 +1,131 @@
+"""`train:` (notebook knob names) → trl 1.x `SFTConfig` keywords, adjusted to the machine.
+
+Renames for transformers 5 / trl 1: group_by_length → train_sampling_strategy,
+warmup_ratio → warmup_steps (a float below 1 is a ratio), max_seq_length → max_length.
+Without CUDA: fp32 compute, no fp16/bf16, CUDA-only (paged / bitsandbytes) optimizers replaced
+by torch's AdamW, each said once in the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.config import RunConfig
+from launcher.errors import ConfigError
+
+# Set by the job itself: where checkpoints go and how resuming works is not the user's to move.
+RESERVED_SFT_ARGS = {
+    "output_dir": "checkpoints always go to <run dir>/checkpoints",
+    "overwrite_output_dir": "runs resume from their checkpoints",
+    "resume_from_checkpoint": "the job resumes from its newest complete checkpoint by itself",
+}
+
+# Optimizers that need CUDA (bitsandbytes' paged/8-bit ones) → what to use without it.
+PLAIN_TORCH_OPTIMIZER = "adamw_torch"
+
+
+@dataclass
+class Adjustments:
+    """Changes made to the recipe because of the machine, each logged once."""
+
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+
+def cuda_only_optimizer(name: str) -> bool:
+    name = name.lower()
+    return name.startswith("paged_") or "bnb" in name or "8bit" in name or name in {"lion_32bit", "rmsprop_32bit"}
+
+
+def sft_kwargs(run: RunConfig, *, cuda: bool, adjustments: Adjustments) -> dict[str, Any]:
+    t = run.train
+    fp16, bf16, optim = t.fp16, t.bf16, t.optim
+    if not cuda:
+        if fp16 or bf16:
+            adjustments.note(f"no CUDA: {'fp16' if fp16 else 'bf16'} mixed precision off, computing in float32")
+            fp16 = bf16 = False
+        if cuda_only_optimizer(optim):
+            adjustments.note(f"no CUDA: optimizer {optim} needs CUDA, using {PLAIN_TORCH_OPTIMIZER}")
+            optim = PLAIN_TORCH_OPTIMIZER
+    kwargs: dict[str, Any] = {
+        "num_train_epochs": t.num_train_epochs,
+        "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "weight_decay": t.weight_decay,
+        "optim": optim,
+        "max_grad_norm": t.max_grad_norm,
+        # A float below 1 is a fraction of the total steps in transformers 5.
+        "warmup_steps": min(float(t.warmup_ratio), 0.999999),
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "train_sampling_strategy": "group_by_length" if t.group_by_length else "random",
+        "fp16": fp16,
+        "bf16": bf16,
+        "packing": t.packing,
+        "use_liger_kernel": t.use_liger_kernel,
+        "seed": t.seed,
+        "logging_steps": t.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "dataloader_num_workers": t.dataloader_num_workers,
+        "dataloader_pin_memory": cuda,
+        "dataset_text_field": "text",
+        # tokens/s in progress events counts real tokens, not padding.
+        "include_num_input_tokens_seen": "non_padding",
+        "report_to": "none",
+        # Progress goes to progress events; tqdm's carriage returns bloat logs on shared storage.
+        "disable_tqdm": True,
+    }
+    # transformers 5.x renamed gradient_checkpointing (the old name still works, with a warning).
+    kwargs[_pick_field("activation_checkpointing", "gradient_checkpointing")] = t.gradient_checkpointing
+    if t.max_seq_length is not None:
+        kwargs["max_length"] = t.max_seq_length
+    if run.dataset.test_size:
+        kwargs["per_device_eval_batch_size"] = t.per_device_train_batch_size
+    return {**kwargs, **checked_sft_args(run)}
+
+
+def checked_sft_args(run: RunConfig) -> dict[str, Any]:
+    from trl import SFTConfig
+
+    known = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    for key in run.train.sft_args:
+        if key in RESERVED_SFT_ARGS:
+            raise ConfigError(f"train.sft_args.{key}: set by qlaunch ({RESERVED_SFT_ARGS[key]})")
+        if key not in known:
+            raise ConfigError(
+                f"train.sft_args.{key}: not an argument of trl {_trl_version()} SFTConfig / "
+                "TrainingArguments"
+            )
+    return dict(run.train.sft_args)
+
+
+def build_sft_config(run: RunConfig, output_dir: str, *, cuda: bool, adjustments: Adjustments):
+    from trl import SFTConfig
+
+    kwargs = sft_kwargs(run, cuda=cuda, adjustments=adjustments)
+    try:
+        return SFTConfig(output_dir=output_dir, **kwargs)
+    except (ValueError, TypeError) as exc:
+        keys = ", ".join(f"train.sft_args.{k}" for k in run.train.sft_args) or "train"
+        raise ConfigError(f"train: trl's SFTConfig rejected the settings ({keys}): {exc}") from None
+
+
+def _pick_field(preferred: str, fallback: str) -> str:
+    from trl import SFTConfig
+
+    return preferred if preferred in {f.name for f in dataclasses.fields(SFTConfig)} else fallback
+
+
+def _trl_version() -> str:
+    import trl
+
+    return trl.__version__

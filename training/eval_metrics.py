@@ -1,0 +1,88 @@
+"""Scoring generated answers against references (`inference.metric`).
+
+  exact_match   the answer equals the reference (surrounding whitespace and runs of spaces ignored)
+  json_match    the whole answer is JSON equal to the reference's JSON (key order ignored)
+  format_match  the whole answer is JSON of the reference's shape: same keys, same value types
+                (a fixed output format, whatever the values)
+  contains      the reference appears in the answer (case-insensitive)
+  regex:<pattern>  the whole answer matches the pattern (the reference is not used)
+
+Several metrics, comma-separated (`json_match,format_match`), are all computed; the first is the
+headline (summary.json's `metric`; all of them are in `metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Callable
+
+from launcher.errors import ConfigError
+
+DEFAULT_METRIC = "exact_match"
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def exact_match(answer: str, reference: str) -> float:
+    return float(_normalize(answer) == _normalize(reference))
+
+
+def json_match(answer: str, reference: str) -> float:
+    try:
+        return float(json.loads(answer.strip()) == json.loads(reference))
+    except ValueError:
+        return 0.0
+
+
+def _shape(value):
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shape(item) for item in value]
+    if isinstance(value, bool) or value is None:
+        return type(value).__name__
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def format_match(answer: str, reference: str) -> float:
+    try:
+        return float(_shape(json.loads(answer.strip())) == _shape(json.loads(reference)))
+    except ValueError:
+        return 0.0
+
+
+def contains(answer: str, reference: str) -> float:
+    return float(_normalize(reference).casefold() in _normalize(answer).casefold())
+
+
+METRICS: dict[str, Callable[[str, str], float]] = {
+    "exact_match": exact_match,
+    "json_match": json_match,
+    "format_match": format_match,
+    "contains": contains,
+}
+
+
+def get_metrics(spec: str | None) -> list[tuple[str, Callable[[str, str], float]]]:
+    """`inference.metric`: one name or several, comma-separated (the first is the headline)."""
+    names = [part.strip() for part in (spec or DEFAULT_METRIC).split(",") if part.strip()]
+    if any(name.startswith("regex:") for name in names) and len(names) > 1:
+        names = [(spec or "").strip()]  # a pattern may contain commas: then it stands alone
+    return [get_metric(name) for name in names or [DEFAULT_METRIC]]
+
+
+def get_metric(name: str | None) -> tuple[str, Callable[[str, str], float]]:
+    name = name or DEFAULT_METRIC
+    if name.startswith("regex:"):
+        try:
+            pattern = re.compile(name[len("regex:"):], re.DOTALL)
+        except re.error as exc:
+            raise ConfigError(f"inference.metric: {name!r}: not a valid regular expression: {exc}") from None
+        return name, lambda answer, _reference: float(pattern.fullmatch(answer.strip()) is not None)
+    if name not in METRICS:
+        known = ", ".join([*METRICS, "regex:<pattern>"])
+        raise ConfigError(f"inference.metric: unknown metric {name!r} (known: {known})")
+    return name, METRICS[name]

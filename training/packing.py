@@ -1,0 +1,69 @@
+"""Packed rows with per-example attention, for GPUs without FlashAttention-2 (a T4).
+
+trl's packing (best-fit decreasing) fills rows of `max_length` tokens with whole examples, then its
+padding-free collator concatenates the whole micro-batch into ONE row and relies on a varlen
+kernel to keep examples apart. Without FlashAttention-2 that row goes through SDPA with a
+block-diagonal mask over all of it: attention work grows with (batch × max_length)², and most of
+it is masked out. This collator keeps the packed rows apart instead: a [rows, max_length] batch
+whose position ids restart at every example and with no attention mask, from which transformers
+builds each row's block-diagonal causal mask (`find_packed_sequence_indices`). Attention work is
+rows × max_length², the same tokens are trained, and no token sees another example.
+
+The first token of each example gets no label (as trl does): the previous example's last token
+does not learn to predict it. A row's padding tail is one more "example" whose labels are all
+ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class PackedRowsCollator:
+    pad_token_id: int
+    pad_to_multiple_of: int | None = 8
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        rows = len(examples)
+        input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, width), -100, dtype=torch.long)
+        position_ids = torch.zeros((rows, width), dtype=torch.long)
+        for row, example in enumerate(examples):
+            ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+            n = len(ids)
+            lengths = example.get("seq_lengths") or [n]
+            input_ids[row, :n] = ids
+            row_labels = ids.clone()
+            for key in ("completion_mask", "assistant_masks"):
+                if key in example:
+                    row_labels[torch.as_tensor(example[key]) == 0] = -100
+            at = 0
+            for length in lengths:
+                position_ids[row, at : at + length] = torch.arange(length)
+                row_labels[at] = -100
+                at += length
+            labels[row, :n] = row_labels
+            if n < width:
+                position_ids[row, n:] = torch.arange(width - n)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def use_packed_rows(trainer, model) -> bool:
+    """Swap trl's flattening padding-free collator for packed rows when the model's attention
+    has no varlen kernel (anything but FlashAttention). Returns whether it did."""
+    if not (getattr(trainer.args, "packing", False) and getattr(trainer, "padding_free", False)):
+        return False
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if "flash" in attention:
+        return False
+    tokenizer = getattr(trainer, "processing_class", None)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id)
+    return True

@@ -1,0 +1,210 @@
+"""The training job: `python -m training.sft <run.yaml>` (or under `accelerate launch -m training.sft`).
+
+Exit codes: 0 trained (or already trained: a finished run is never trained again),
+75 (`EXIT_PREEMPTED`) checkpointed on SIGTERM/SIGUSR1 — start it again to resume,
+2 invalid configuration, 1 any other failure. Each start resumes from the newest complete
+checkpoint in `<run dir>/checkpoints`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from launcher.config import RunConfig
+from launcher.errors import ConfigError
+from launcher.experiment_file import load_run_config
+from launcher.progress import EXIT_PREEMPTED
+from launcher.storage import RunPaths, write_json
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def log(message: str) -> None:
+    print(f"[qlaunch] {message}", flush=True)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def scrub(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.sft", description="Train one run (QLoRA SFT), resuming from its newest checkpoint."
+    )
+    parser.add_argument("run_config", help="the run's run.yaml (or its run folder)")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run_config(_run_yaml(args.run_config))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    paths = RunPaths.of(run)
+    if paths.training_completed():
+        log(f"run {run.run_id} already completed ({paths.metrics} exists): nothing to train")
+        return EXIT_OK
+
+    from .preemption import Preempted, PreemptionCallback
+    from .progress_events import EventWriter
+
+    write = EventWriter(paths.progress, is_main=is_main_process())
+    preemption = PreemptionCallback()
+    preemption.install()
+    token = None
+    try:
+        from .model_source import read_hf_token
+
+        token = read_hf_token(run)
+        return train(run, paths, write, preemption)
+    except Preempted as stop:
+        step = _latest_step(paths)
+        log(f"got {stop.signal_name} before training started: stopping (resumes from step {step})")
+        write("preempted", step, signal=stop.signal_name)
+        return EXIT_PREEMPTED
+    except ConfigError as exc:
+        message = scrub(str(exc), token)
+        print(f"error: {message}", file=sys.stderr)
+        write("error", _latest_step(paths), message=message)
+        return EXIT_CONFIG
+    except Exception as exc:  # noqa: BLE001 - the job reports every failure as an event
+        print(scrub(traceback.format_exc(), token), file=sys.stderr)
+        write("error", _latest_step(paths), message=scrub(f"{type(exc).__name__}: {exc}", token)[:2000])
+        return EXIT_FAILED
+
+
+def _run_yaml(value: str) -> Path:
+    path = Path(value)
+    return path / "run.yaml" if path.is_dir() else path
+
+
+def _latest_step(paths: RunPaths) -> int:
+    from .checkpoints import latest_checkpoint
+
+    latest = latest_checkpoint(paths.checkpoints)
+    return latest[0] if latest else 0
+
+
+def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
+    import torch
+    from peft import LoraConfig
+
+    from .arguments import Adjustments, build_sft_config
+    from .checkpoints import latest_checkpoint, publish, remove_partial_saves
+    from .formatting import build_text_dataset, load_records, split_eval
+    from .model_source import load_model, load_tokenizer, resolve_model
+    from .progress_events import ProgressCallback
+    from .trainer import AtomicCheckpointTrainer, keep_trainable_fp32
+
+    cuda = torch.cuda.is_available()
+    adjustments = Adjustments()
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        for partial in remove_partial_saves(paths.checkpoints):
+            log(f"removed an incomplete checkpoint save: {partial.name}")
+    latest = latest_checkpoint(paths.checkpoints)
+    attempt = write.previous_attempts() + 1
+    log(
+        f"run {run.run_id} attempt {attempt}: "
+        + (f"resuming from {latest[1].name}" if latest else "starting from scratch")
+        + f" on {'CUDA: ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}"
+    )
+
+    source = resolve_model(run)
+    tokenizer = load_tokenizer(source)
+    records = load_records(run, source.token)
+    train_data, eval_data = split_eval(run, build_text_dataset(run, tokenizer, records))
+    sft_config = build_sft_config(run, str(paths.checkpoints), cuda=cuda, adjustments=adjustments)
+    if not cuda and run.quantization.load_in_4bit and run.quantization.bnb_4bit_compute_dtype != "float32":
+        adjustments.note(
+            f"no CUDA: 4-bit compute dtype {run.quantization.bnb_4bit_compute_dtype} → float32 "
+            "(half-precision compute is much slower on CPU)"
+        )
+    for note in adjustments.notes:
+        log(note)
+
+    model = load_model(run, source, cuda=cuda)
+    model.config.use_cache = False  # incompatible with gradient checkpointing; generation only
+    if hasattr(model.config, "pretraining_tp"):
+        model.config.pretraining_tp = 1
+    lora = run.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    progress = ProgressCallback(write, attempt, latest[0] if latest else None)
+    trainer = AtomicCheckpointTrainer(
+        model=model,
+        args=sft_config,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[progress, preemption],
+    )
+    trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
+    from .packing import use_packed_rows
+
+    if use_packed_rows(trainer, model):
+        log("packing: rows of max_seq_length tokens, each example attending only to itself")
+    if not (cuda and sft_config.bf16):
+        keep_trainable_fp32(trainer.model)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    result = trainer.train(resume_from_checkpoint=str(latest[1]) if latest else None)
+    state = trainer.state
+    if preemption.signum is not None and state.global_step < state.max_steps:
+        log(f"stopped by {preemption.signal_name} at step {state.global_step}: start the run again to resume")
+        write("preempted", state.global_step, signal=preemption.signal_name)
+        return EXIT_PREEMPTED
+
+    metrics = {
+        "run_id": run.run_id,
+        "global_step": state.global_step,
+        "total_steps": state.max_steps,
+        "epoch": state.epoch,
+        "train_runtime": round(result.metrics.get("train_runtime", 0.0), 3),
+        "train_loss": result.training_loss,
+        "train_tokens": int(state.num_input_tokens_seen),  # non-padding, all attempts
+        "tokens_per_second": progress.attempt_tokens_per_second(state),  # this attempt
+        "attempt": attempt,
+        "resumed_from": latest[0] if latest else None,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "adjustments": adjustments.notes,
+    }
+    if eval_data is not None:
+        metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
+    if cuda:
+        metrics["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        metrics["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
+
+    if is_main_process():
+        staging = paths.root / f".tmp-adapter-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        trainer.model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        publish(staging, paths.adapter)
+        # metrics.json last: its presence (with adapter/) is what "completed" means.
+        write_json(paths.metrics, metrics)
+        write("end", state.global_step, total_steps=state.max_steps, status="completed")
+        log(
+            f"done: {state.global_step} steps, loss {metrics['train_loss']:.4f}, "
+            f"{metrics['train_runtime']:.1f}s, adapter in {paths.adapter}"
+        )
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
