@@ -218,7 +218,7 @@ def test_multi_node_is_an_indexed_job_behind_a_headless_service(tmp_path):
     flag = {command[i]: command[i + 1] for i in range(len(command) - 1) if command[i].startswith("--")}
     assert flag["--machine_rank"] == "$(JOB_COMPLETION_INDEX)"
     assert flag["--main_process_ip"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
-    assert (flag["--num_machines"], flag["--num_processes"]) == ("3", "6")
+    assert (flag["--num_machines"], flag["--processes"]) == ("3", "6")
     assert pod["containers"][0]["resources"]["limits"] == {"memory": "64000Mi", "nvidia.com/gpu": 2}
     assert spec["activeDeadlineSeconds"] == 2 * 86400 and "ttlSecondsAfterFinished" not in spec
 

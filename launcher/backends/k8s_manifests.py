@@ -280,22 +280,25 @@ def _resources(run: RunConfig, gpus: int) -> dict[str, Any]:
 
 
 def train_command(plan: Plan, run: RunConfig) -> list[str]:
+    """`training.launch` runs `accelerate launch -m training.sft` as PID 1's child: accelerate
+    launch alone, as PID 1, dies on the pod's SIGTERM and takes the trainer with it before it
+    can checkpoint; training.launch hands the signal to the trainer and exits 75."""
     nodes, gpus = run.resources.nodes, run.resources.gpus_per_node
-    command = ["accelerate", "launch"]
+    command = [run.environment.python, "-m", "training.launch", f"{CONFIG_MOUNT}/run.yaml"]
     if nodes > 1:
         n = names(plan, run)
         command += [
-            "--multi_gpu",
+            "--processes", str(nodes * max(gpus, 1)),
+            "--",
             "--num_machines", str(nodes),
-            "--num_processes", str(nodes * max(gpus, 1)),
             # Expanded by the kubelet: the Job controller sets it for each pod of an Indexed Job.
             "--machine_rank", "$(JOB_COMPLETION_INDEX)",
             "--main_process_ip", f"{n.train_job}-0.{n.service}",
             "--main_process_port", str(MAIN_PROCESS_PORT),
         ]  # fmt: skip
     elif gpus > 1:
-        command += ["--multi_gpu", "--num_processes", str(gpus)]
-    return command + ["-m", "training.sft", f"{CONFIG_MOUNT}/run.yaml"]
+        command += ["--processes", str(gpus)]
+    return command
 
 
 def infer_command(run: RunConfig) -> list[str]:
