@@ -70,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="processes (GPUs) on this node; default: resources.gpus_per_node, at most the visible GPUs, 1 without CUDA",
     )
-    parser.add_argument("accelerate_args", nargs="*", help="after --: extra `accelerate launch` options")
-    args = parser.parse_args(argv)
+    parser.epilog = "Options after -- go to `accelerate launch` (e.g. --num_machines, --machine_rank)."
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Split by hand: argparse will not take `--`-prefixed values after an optional option.
+    accelerate_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     run_yaml = Path(args.run_config)
     run_yaml = run_yaml / "run.yaml" if run_yaml.is_dir() else run_yaml
     try:
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     started = time.time()
     child = subprocess.Popen(
-        accelerate_command(run_yaml.resolve(), processes, args.accelerate_args),
+        accelerate_command(run_yaml.resolve(), processes, accelerate_args),
         env=env,
         preexec_fn=_ignore_forwarded_signals,
         start_new_session=True,  # its own process group: one killpg reaches every worker
