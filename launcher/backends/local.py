@@ -54,11 +54,8 @@ def _pid_alive(pid: int | None) -> bool:
 def train_command(run: RunConfig) -> list[str]:
     config = str(RunPaths.of(run).config)
     if run.resources.gpus_per_node > 1:
-        return [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--num_processes", str(run.resources.gpus_per_node),
-            "-m", "training.sft", config,
-        ]  # fmt: skip
+        # accelerate launch, one process per GPU, with signals and exit codes passed through.
+        return [sys.executable, "-m", "training.launch", config]
     return [sys.executable, "-m", "training.sft", config]
 
 
