@@ -112,8 +112,10 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    """The resolved per-run config a job starts from."""
+    """The resolved per-run config a job starts from: a run.yaml, or the run folder holding it."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "run.yaml"
     try:
         text = path.read_text()
     except OSError as exc:

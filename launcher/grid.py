@@ -98,7 +98,6 @@ def plan(path: str | Path) -> Plan:
     text = source.read_text()
     raw = load_yaml(text)
     lines = _key_lines(yaml.compose(text, Loader=Loader))
-    base = experiment.model_dump(mode="json")
 
     grid = experiment.grid
     for key, values in grid.items():

@@ -11,11 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from test_training_support import wait_until
 import yaml
 
 from launcher.backends.base import State
@@ -76,13 +76,8 @@ def scheduler_jobs(*job_ids: str) -> dict[str, str]:
 
 
 def wait_for(predicate, timeout: float, message: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s: {message}")
+    """Polls the scheduler once a second (the training helpers poll files much faster)."""
+    return wait_until(predicate, timeout, message, interval)
 
 
 @pytest.fixture

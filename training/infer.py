@@ -207,10 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true", help="also write the merged float16 model to <run dir>/merged/")
     parser.add_argument("--no-base", action="store_true", help="skip the base model's answers")
     args = parser.parse_args(argv)
-    run_yaml = Path(args.run)
-    run_yaml = run_yaml / "run.yaml" if run_yaml.is_dir() else run_yaml
     try:
-        run = load_run_config(run_yaml)
+        run = load_run_config(args.run)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

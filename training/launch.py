@@ -40,7 +40,7 @@ def visible_gpus() -> int:
         return 0
 
 
-def accelerate_command(run_yaml: Path, processes: int, extra: list[str]) -> list[str]:
+def accelerate_command(run_config: Path, processes: int, extra: list[str]) -> list[str]:
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     # Explicit values keep accelerate from warning about defaults; precision comes from the
     # run's train.fp16/bf16 (TrainingArguments overrides the launcher's setting).
@@ -48,7 +48,7 @@ def accelerate_command(run_yaml: Path, processes: int, extra: list[str]) -> list
     command += ["--mixed_precision", "no", "--quiet"]  # --quiet: no traceback for a non-zero exit
     if processes > 1:
         command.append("--multi_gpu")
-    return command + extra + ["-m", "training.sft", str(run_yaml)]
+    return command + extra + ["-m", "training.sft", str(run_config)]
 
 
 def _ignore_forwarded_signals() -> None:
@@ -75,10 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     # Split by hand: argparse will not take `--`-prefixed values after an optional option.
     accelerate_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    run_yaml = Path(args.run_config)
-    run_yaml = run_yaml / "run.yaml" if run_yaml.is_dir() else run_yaml
     try:
-        run = load_run_config(run_yaml)
+        run = load_run_config(args.run_config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     started = time.time()
     child = subprocess.Popen(
-        accelerate_command(run_yaml.resolve(), processes, accelerate_args),
+        accelerate_command(Path(args.run_config).resolve(), processes, accelerate_args),
         env=env,
         preexec_fn=_ignore_forwarded_signals,
         start_new_session=True,  # its own process group: one killpg reaches every worker

@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import traceback
-from pathlib import Path
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_config", help="the run's run.yaml (or its run folder)")
     args = parser.parse_args(argv)
     try:
-        run = load_run_config(_run_yaml(args.run_config))
+        run = load_run_config(args.run_config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -78,11 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print(scrub(traceback.format_exc(), token), file=sys.stderr)
         write("error", _latest_step(paths), message=scrub(f"{type(exc).__name__}: {exc}", token)[:2000])
         return EXIT_FAILED
-
-
-def _run_yaml(value: str) -> Path:
-    path = Path(value)
-    return path / "run.yaml" if path.is_dir() else path
 
 
 def _latest_step(paths: RunPaths) -> int:
