@@ -129,6 +129,8 @@ def _run_locally(p: Plan, backend, args: argparse.Namespace) -> int:
             run_inference=not args.no_infer,
         )
         live.update(table(), refresh=True)
+    if not interactive:
+        console.line()  # a non-terminal Live leaves its last line open
     for run_id, why in report.skipped.items():
         console.print(escape(f"{run_id} skipped: {why}"))
     _print_inference_summaries(p)
