@@ -111,15 +111,21 @@ def test_merge_writes_a_plain_float16_model(trained):
 
 
 @pytest.mark.slow
-def test_command_line_prompts_replace_the_experiments_and_no_base_skips_it(trained):
+def test_command_line_prompts_are_answered_aside_and_no_base_skips_it(trained):
     run, folder = trained
     paths = RunPaths.of(run)
+    before = {name: (paths.inference / name).read_bytes() if (paths.inference / name).exists() else None
+              for name in ("results.jsonl", "summary.json")}  # fmt: skip
     log = folder / "cli.log"
     assert run_job("training.infer", paths.config, "--prompt", "Is 5 a number?", "--no-base", log=log, cwd=folder) == 0
-    rows = [json.loads(line) for line in (paths.inference / "results.jsonl").read_text().splitlines()]
-    prompts = [r for r in rows if r["kind"] == "prompt"]
-    assert [r["prompt"] for r in prompts] == ["Is 5 a number?"]
+    (adhoc,) = paths.inference.glob("adhoc-*.jsonl")
+    rows = [json.loads(line) for line in adhoc.read_text().splitlines()]
+    assert [(r["kind"], r["prompt"]) for r in rows] == [("prompt", "Is 5 a number?")]  # no held-out set
     assert all("base" not in r for r in rows)
+    # The inference job's own results and metric stay as they were.
+    after = {name: (paths.inference / name).read_bytes() if (paths.inference / name).exists() else None
+             for name in before}  # fmt: skip
+    assert after == before
 
 
 @pytest.mark.slow

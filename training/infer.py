@@ -101,7 +101,8 @@ def read_eval_file(path: Path) -> list[Item]:
 
 
 def collect_items(run: RunConfig, cli_prompts: list[str], cli_file: str | None) -> tuple[list[Item], list[Item]]:
-    """(free prompts, eval items). Prompts given on the command line replace the experiment's."""
+    """(free prompts, eval items). Prompts given on the command line replace the experiment's,
+    held-out scoring included: an ad-hoc question is not the run's evaluation."""
     if cli_prompts or cli_file:
         prompts = list(cli_prompts)
         if cli_file:
@@ -110,7 +111,8 @@ def collect_items(run: RunConfig, cli_prompts: list[str], cli_file: str | None) 
         prompts = list(run.inference.prompts)
         if run.inference.prompts_file:
             prompts += read_prompts_file(run.resolve_path(run.inference.prompts_file), "inference.prompts_file")
-    evals = read_eval_file(run.resolve_path(run.inference.eval_file)) if run.inference.eval_file else []
+    adhoc = bool(cli_prompts or cli_file)
+    evals = read_eval_file(run.resolve_path(run.inference.eval_file)) if run.inference.eval_file and not adhoc else []
     return [Item(p) for p in prompts], evals
 
 
@@ -235,6 +237,7 @@ def infer(run: RunConfig, paths: RunPaths, args) -> int:
     if not (paths.adapter / "adapter_config.json").is_file():
         raise ConfigError(f"run {run.run_id} has no trained adapter yet ({paths.adapter}): train it first")
     items, evals = collect_items(run, args.prompt, args.prompts_file)
+    adhoc = bool(args.prompt or args.prompts_file)
     from .eval_metrics import get_metrics
 
     metrics = get_metrics(run.inference.metric) if evals else []
@@ -280,8 +283,10 @@ def infer(run: RunConfig, paths: RunPaths, args) -> int:
         if evals:
             summary.update(score(evals, metrics))
         paths.inference.mkdir(parents=True, exist_ok=True)
+        # Ad-hoc prompts (--prompt / --prompts-file) never replace the inference job's results.
+        results_name = f"adhoc-{time.strftime('%Y%m%dT%H%M%S')}.jsonl" if adhoc else "results.jsonl"
         atomic_write_text(
-            paths.inference / "results.jsonl",
+            paths.inference / results_name,
             "".join(json.dumps(i.record(), ensure_ascii=False) + "\n" for i in everything),
         )
         print_table(items, evals, with_base)
@@ -290,6 +295,9 @@ def infer(run: RunConfig, paths: RunPaths, args) -> int:
             log(f"metric {entry['name']}: {base}tuned {entry['tuned']:.2f} ({entry['n']} held-out examples)")
     if args.merge:
         summary["merged"] = str(merge(run, source, paths))
+    if adhoc:
+        log(f"answers written to {paths.inference / results_name}")
+        return EXIT_OK
     summary["seconds"] = round(time.time() - started, 2)
     write_json(paths.inference / "summary.json", summary)
     emit(make_event("infer_end", _trained_steps(paths), summary=summary), paths.progress, sys.stdout)
