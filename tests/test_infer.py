@@ -8,7 +8,7 @@ import pytest
 
 from launcher.errors import ConfigError
 from launcher.storage import RunPaths
-from test_training_support import events, run_job, tail
+from training_support import events, run_job, tail
 from training.eval_metrics import get_metric, get_metrics
 
 # --- metrics (fast) -------------------------------------------------------------------------------

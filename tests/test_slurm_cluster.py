@@ -18,7 +18,7 @@ from launcher.backends.base import State
 from launcher.backends.slurm import SlurmBackend
 from launcher.errors import BackendError
 from launcher.storage import RunPaths, write_json
-from test_slurm_support import (
+from slurm_support import (
     cancel_after,  # noqa: F401 - fixture
     plan,
     require_cluster,

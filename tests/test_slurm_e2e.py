@@ -18,7 +18,7 @@ from launcher.backends.base import State
 from launcher.backends.slurm import SlurmBackend
 from launcher.progress import read_events, summarize
 from launcher.storage import RunPaths
-from test_slurm_support import (
+from slurm_support import (
     PYTHON,
     cancel_after,  # noqa: F401 - fixture
     plan,

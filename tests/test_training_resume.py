@@ -11,7 +11,7 @@ import pytest
 
 from launcher.progress import EXIT_PREEMPTED
 from launcher.storage import RunPaths
-from test_training_support import events, run_job, start_job, tail, wait_until
+from training_support import events, run_job, start_job, tail, wait_until
 
 pytestmark = pytest.mark.slow
 

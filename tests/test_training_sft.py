@@ -8,7 +8,7 @@ import pytest
 
 from launcher.progress import PROGRESS_PREFIX
 from launcher.storage import RunPaths
-from test_training_support import events, run_job, tail
+from training_support import events, run_job, tail
 
 pytestmark = pytest.mark.slow
 

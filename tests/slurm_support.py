@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_training_support import wait_until
+from training_support import wait_until
 import yaml
 
 from launcher.backends.base import State
