@@ -25,16 +25,19 @@ from typing import Any
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
-from launcher.experiment_file import load_run_config
 from launcher.progress import emit, make_event
 from launcher.storage import RunPaths, atomic_write_text, write_json
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+from .entrypoint import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    load_run_or_report,
+    log,
+    scrub,
+)
+
 BATCH_SIZE = 8
-
-
-def log(message: str) -> None:
-    print(f"[qlaunch] {message}", flush=True)
 
 
 @dataclass
@@ -209,10 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true", help="also write the merged float16 model to <run dir>/merged/")
     parser.add_argument("--no-base", action="store_true", help="skip the base model's answers")
     args = parser.parse_args(argv)
-    try:
-        run = load_run_config(args.run)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    run = load_run_or_report(args.run)
+    if run is None:
         return EXIT_CONFIG
     paths = RunPaths.of(run)
     token = None
@@ -222,15 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         token = read_hf_token(run)
         return infer(run, paths, args)
     except ConfigError as exc:
-        print(f"error: {_scrub(str(exc), token)}", file=sys.stderr)
+        print(f"error: {scrub(str(exc), token)}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception:  # noqa: BLE001
-        print(_scrub(traceback.format_exc(), token), file=sys.stderr)
+        print(scrub(traceback.format_exc(), token), file=sys.stderr)
         return EXIT_FAILED
-
-
-def _scrub(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
 
 
 def infer(run: RunConfig, paths: RunPaths, args) -> int:

@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.errors import ConfigError
-from launcher.experiment_file import load_run_config
 from launcher.progress import EXIT_PREEMPTED, read_events
 from launcher.storage import RunPaths
+
+from .entrypoint import EXIT_CONFIG, load_run_or_report
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -75,11 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     # Split by hand: argparse will not take `--`-prefixed values after an optional option.
     accelerate_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    try:
-        run = load_run_config(args.run_config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    run = load_run_or_report(args.run_config)
+    if run is None:
+        return EXIT_CONFIG
     paths = RunPaths.of(run)
     processes = args.processes or max(1, min(run.resources.gpus_per_node, visible_gpus() or 1))
 

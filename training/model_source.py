@@ -23,13 +23,11 @@ from pathlib import Path
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
 
+from .entrypoint import log
+
 PACKAGE_SCHEME = "package:"
 
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
-
-
-def log(message: str) -> None:
-    print(f"[qlaunch] {message}", flush=True)
 
 
 @dataclass(frozen=True)

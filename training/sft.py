@@ -16,23 +16,21 @@ import traceback
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
-from launcher.experiment_file import load_run_config
 from launcher.progress import EXIT_PREEMPTED
 from launcher.storage import RunPaths, write_json
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-
-
-def log(message: str) -> None:
-    print(f"[qlaunch] {message}", flush=True)
+from .entrypoint import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    load_run_or_report,
+    log,
+    scrub,
+)
 
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def scrub(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_config", help="the run's run.yaml (or its run folder)")
     args = parser.parse_args(argv)
-    try:
-        run = load_run_config(args.run_config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    run = load_run_or_report(args.run_config)
+    if run is None:
         return EXIT_CONFIG
     paths = RunPaths.of(run)
     if paths.training_completed():

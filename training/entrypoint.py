@@ -1,0 +1,31 @@
+"""What the job entrypoints (training.sft, training.infer, training.launch) share."""
+
+from __future__ import annotations
+
+import sys
+
+from launcher.config import RunConfig
+from launcher.errors import ConfigError
+from launcher.experiment_file import load_run_config
+
+# Exit codes of every entrypoint; 75 (launcher.progress.EXIT_PREEMPTED) is "checkpointed, stopped".
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def load_run_or_report(value: str) -> RunConfig | None:
+    """The run config named on the command line (run.yaml or its run folder); None after
+    printing one clear error line, for the caller to exit with EXIT_CONFIG."""
+    try:
+        return load_run_config(value)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def log(message: str) -> None:
+    print(f"[qlaunch] {message}", flush=True)
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """Text for a log or an error event with the HF token blanked out."""
+    return text.replace(secret, "***") if secret else text
