@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,14 @@ class RunPaths:
 
     def inference_completed(self) -> bool:
         return (self.inference / "summary.json").is_file()
+
+    def clear_outputs(self) -> None:
+        """Forget what a run produced (`--force`): it trains again from step 0. Its config,
+        logs and submission record stay."""
+        for path in (self.checkpoints, self.adapter, self.inference):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in (self.metrics, self.progress):
+            path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

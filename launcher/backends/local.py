@@ -124,7 +124,8 @@ class LocalBackend:
                 report.skipped[run.run_id] = f"already running (pid {state['pid']})"
                 continue
             if force and not dry_run:
-                _clear_outputs(paths)
+                paths.clear_outputs()
+                _state_path(run).unlink(missing_ok=True)
             if paths.training_completed():
                 if run_inference and run.inference.enabled and not paths.inference_completed():
                     todo.append((run, "infer"))
@@ -305,15 +306,6 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
-
-
-def _clear_outputs(paths: RunPaths) -> None:
-    import shutil
-
-    for path in (paths.checkpoints, paths.adapter, paths.inference):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in (paths.metrics, paths.progress, paths.root / STATE_FILE):
-        path.unlink(missing_ok=True)
 
 
 def _describe(run: RunConfig) -> str:

@@ -12,7 +12,6 @@ where accounting exists) and, for jobs Slurm has forgotten, from the run folder.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -75,13 +74,6 @@ def sbatch_environment() -> dict[str, str]:
     if (_PACKAGE_ROOT / "pyproject.toml").is_file():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
     return env
-
-
-def _clear_outputs(paths: RunPaths) -> None:
-    for path in (paths.checkpoints, paths.adapter, paths.inference):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in (paths.metrics, paths.progress):
-        path.unlink(missing_ok=True)
 
 
 def _from_storage(run: RunConfig, job_id: str | None) -> tuple[State, str]:
@@ -277,7 +269,7 @@ class SlurmBackend:
                     raise BackendError(f"jobs {', '.join(still)} still running {CANCEL_WAIT_SECONDS} s after scancel")
                 time.sleep(1)
         for run in runs:
-            _clear_outputs(RunPaths.of(run))
+            RunPaths.of(run).clear_outputs()
 
     @staticmethod
     def _active_ids(runs: Iterable[RunConfig], infos: dict[str, JobInfo]) -> list[str]:
