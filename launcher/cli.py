@@ -155,10 +155,14 @@ def _print_inference_summaries(p: Plan) -> None:
         if not isinstance(metric, dict) or "tuned" not in metric:
             continue
         base = f"base {metric['base']:.2f} → " if "base" in metric else ""
+        others = [m for m in summary.get("metrics", [])[1:] if isinstance(m, dict) and "tuned" in m]
+        also = "".join(
+            f"; {m.get('name')} " + (f"{m['base']:.2f} → " if "base" in m else "") + f"{m['tuned']:.2f}" for m in others
+        )
         console.print(
             f"[bold]{run.run_id}[/] {escape(' '.join(f'{k}={v}' for k, v in run.overrides.items()))}: "
             f"{escape(str(metric.get('name', 'metric')))} {base}tuned [bold green]{metric['tuned']:.2f}[/] "
-            f"on {metric.get('n', '?')} held-out prompts"
+            f"on {metric.get('n', '?')} held-out prompts{escape(also)}"
         )
 
 

@@ -229,8 +229,24 @@ def load_model(run: RunConfig, source: ModelSource, *, cuda: bool, load_in_4bit:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         # The adapter records the model it belongs to: the source, not a deleted temp folder.
         model.name_or_path = model.config._name_or_path = source.path
-        return model
+        return pin_cpu_4bit_kernel(model)
     model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    return pin_cpu_4bit_kernel(model)
+
+
+def pin_cpu_4bit_kernel(model):
+    """One 4-bit matmul on every CPU: bitsandbytes' dequantise-then-matmul path.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a `Linear4bit` weight in place for a bf16
+    kernel at its first no-grad forward in eval mode (`_convert_weight_packed_for_cpu`). That
+    makes answers depend on the CPU (bf16 scales instead of fp32), and a model repacked that way
+    and then wrapped by PEFT answers garbage, even with the adapter disabled (issue #8); after
+    an eval pass during training, the packed path would also bypass autograd. Turning the repack
+    off keeps training, evaluation and inference on the same math everywhere. GPUs are unaffected.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

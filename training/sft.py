@@ -101,6 +101,12 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
             log(f"removed an incomplete checkpoint save: {partial.name}")
     latest = latest_checkpoint(paths.checkpoints)
     attempt = write.previous_attempts() + 1
+    if is_main_process():
+        from .environment_record import record_attempt
+
+        environment = record_attempt(paths, attempt)
+        log(f"environment: {environment['device']}, cpu {environment['cpu_model']} "
+            f"[{' '.join(environment['cpu_flags']) or 'no avx512/amx'}], recorded in attempts/{attempt}/")
     log(
         f"run {run.run_id} attempt {attempt}: "
         + (f"resuming from {latest[1].name}" if latest else "starting from scratch")
