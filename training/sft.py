@@ -23,6 +23,7 @@ from .entrypoint import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
+    input_errors,
     load_run_or_report,
     log,
     scrub,
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     from .progress_events import EventWriter
 
     write = EventWriter(paths.progress, is_main=is_main_process())
+    # The inference files too: the inference job that follows would fail on them after training.
+    errors = input_errors(run, args.run_config, ("model", "dataset", "inference"))
+    if errors:
+        write("error", _latest_step(paths), message="\n".join(errors))
+        return EXIT_CONFIG
     preemption = PreemptionCallback()
     preemption.install()
     token = None
