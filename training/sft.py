@@ -16,7 +16,7 @@ import traceback
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
-from launcher.progress import EXIT_PREEMPTED
+from launcher.progress import EXIT_PREEMPTED, emit, make_event
 from launcher.storage import RunPaths, write_json
 
 from .entrypoint import (
@@ -48,15 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         log(f"run {run.run_id} already completed ({paths.metrics} exists): nothing to train")
         return EXIT_OK
 
+    # The launcher's input checks again, before transformers is even imported: a path checked
+    # nowhere else (--skip-input-checks) fails in the job's first seconds. The inference files
+    # too: the inference job that follows would fail on them only after training.
+    errors = input_errors(run, args.run_config, ("model", "dataset", "inference"))
+    if errors:
+        if is_main_process():
+            emit(make_event("error", _latest_step(paths), message="\n".join(errors)), paths.progress, sys.stdout)
+        return EXIT_CONFIG
+
     from .preemption import Preempted, PreemptionCallback
     from .progress_events import EventWriter
 
     write = EventWriter(paths.progress, is_main=is_main_process())
-    # The inference files too: the inference job that follows would fail on them after training.
-    errors = input_errors(run, args.run_config, ("model", "dataset", "inference"))
-    if errors:
-        write("error", _latest_step(paths), message="\n".join(errors))
-        return EXIT_CONFIG
     preemption = PreemptionCallback()
     preemption.install()
     token = None
