@@ -111,6 +111,7 @@ def _kind(value) -> str:
 
 
 def _csv(path: Path, handle, limit: int) -> Rows:
+    csv.field_size_limit(2**31 - 1)  # long text fields are normal in a dataset (pandas has no limit)
     reader = csv.reader(handle)
     try:
         header = next(reader, None)

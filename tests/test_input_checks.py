@@ -18,7 +18,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
 
 from launcher.cli import main
 from launcher.grid import plan
@@ -537,6 +536,38 @@ def test_slurm_one_bad_grid_point_submits_nothing(tmp_path, capsys, cancel_after
     cancel_after(plan(exp))
     assert main(["submit", str(exp), "--skip-preflight"]) == 0, capsys.readouterr().err
     assert name in squeue_names()
+
+
+# Catalogue cases whose messages are the same on every backend: no relative path in them (a pod
+# resolves those on the claim), or a problem of the file itself.
+EVERY_BACKEND = ["dataset absolute path missing", "a second train section", "duplicate nested key",
+                 "duplicate key in the grid"]  # fmt: skip
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("case", EVERY_BACKEND + ["dataset typo", "eval_file missing", "hf_token_file missing",
+                                                  "instruction_field not in the rows", "JSONL with a broken line",
+                                                  "gguf not in the package", "model package not installed"])  # fmt: skip
+def test_slurm_catalogue_cases_submit_nothing(tmp_path, capsys, case):
+    require_cluster()
+    exp, expected = write_case(tmp_path / "exp", case)
+    before = cat_jobs()
+    assert main(["submit", str(exp), "--backend", "slurm", "--skip-preflight"]) == 2
+    assert reported(capsys.readouterr().err) == expected
+    assert cat_jobs() == before and not (tmp_path / "exp" / "runs").exists()
+
+
+@pytest.mark.parametrize("case", EVERY_BACKEND)
+def test_kubernetes_catalogue_cases_submit_nothing(tmp_path, capsys, fake, case):
+    exp, expected = write_case(tmp_path / "exp", case)
+    assert main(["submit", str(exp), "--backend", "kubernetes", "--skip-preflight"]) == 2
+    assert reported(capsys.readouterr().err) == expected
+    assert fake.requests == [] and k8s_objects(fake) == []
+
+
+def cat_jobs() -> set[str]:
+    """Jobs of the catalogue's experiment (`name: cat`) in the scheduler, any state."""
+    return {line for line in squeue_names().split() if line.startswith("cat-")}
 
 
 def squeue_names() -> str:
