@@ -431,6 +431,18 @@ def test_the_training_job_fails_first_with_the_same_message(tmp_path):
     assert events[-1]["event"] == "error" and "no such file" in events[-1]["message"]
 
 
+def test_skipped_checks_fail_in_the_local_job_with_the_same_message(tmp_path, capsys, monkeypatch):
+    exp, expected = write_case(tmp_path / "exp", "dataset typo")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))  # the job runs this checkout
+    assert main(["run", str(exp), "--skip-input-checks", "--no-infer"]) == 1
+    assert "input checks skipped" in capsys.readouterr().err
+    (run,) = plan(exp).runs
+    log = RunPaths.of(run).train_log.read_text()
+    detail = expected[0].split(": ", 1)[1]  # dataset.path: no such file …/data/nope.jsonl
+    errors = [line for line in log.splitlines() if line.startswith(f"error: {RunPaths.of(run).config}:")]
+    assert [line.split(": ", 2)[2] for line in errors] == [detail], log
+
+
 def test_the_inference_job_fails_first_with_the_same_message(tmp_path):
     exp, expected = write_case(tmp_path / "exp", "eval_file rows lack the reference")
     (run,) = plan(exp).runs
