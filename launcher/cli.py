@@ -61,7 +61,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
     refuse_bad_inputs(p, _backend_name(args, p), False, err_console)
-    console.print(f"inputs OK: {len(p.runs)} runs checked, nothing started")
+    console.print(f"inputs OK: {len(p.runs)} run{'s' if len(p.runs) != 1 else ''} checked, nothing started")
     return 0
 
 

@@ -368,7 +368,7 @@ def test_good_inputs_pass_and_the_auto_decision_is_said(tmp_path, capsys):
     assert main(["check", str(exp)]) == 0
     out, err = capsys.readouterr()
     assert err.strip() == f"note: {exp}:4: dataset.format: auto → 'instruction': {tmp_path}/data.jsonl has 'instruction' + 'response'"
-    assert "inputs OK: 1 runs checked" in out
+    assert "inputs OK: 1 run checked" in out
     assert "hf_secret" not in out + err
     # The shipped examples pass too (hub ids are left alone: nothing here reaches a network).
     for example in ("quickstart.yaml", "llama2-7b-t4.yaml"):
