@@ -33,6 +33,7 @@ from .entrypoint import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
+    input_errors,
     load_run_or_report,
     log,
     scrub,
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if run is None:
         return EXIT_CONFIG
     paths = RunPaths.of(run)
+    # Ad-hoc prompts (--prompt / --prompts-file) do not read the experiment's inference files.
+    if input_errors(run, args.run, ("model",) if args.prompt or args.prompts_file else ("model", "inference")):
+        return EXIT_CONFIG
     token = None
     try:
         from .model_source import read_hf_token
