@@ -117,6 +117,9 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
             f"no CUDA: 4-bit compute dtype {run.quantization.bnb_4bit_compute_dtype} → float32 "
             "(half-precision compute is much slower on CPU)"
         )
+    from .levers import apply_allocator_settings
+
+    apply_allocator_settings(run.train, cuda=cuda, adjustments=adjustments)
     for note in adjustments.notes:
         log(note)
 
