@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                 data = synthetic.write_dataset(work / "data.jsonl", args.examples, config["vocab_size"], **lengths)
             print(f"{size} model and data ready at {time.time() - started:.0f}s: "
                   f"{shapes[size].num_params / 1e9:.2f}B parameters, {args.examples} examples", flush=True)
+            if args.deadline and time.time() - started > args.deadline:
+                print(f"--- {name}: not started (past --deadline {args.deadline:.0f}s); run again to continue",
+                      flush=True)
+                continue
         if args.warmup_steps and not warmed:
             # The first training process on a fresh machine compiles Triton kernels (trl's chunked
             # loss) for each new shape specialisation; whichever profile ran first paid for it (the

@@ -107,8 +107,9 @@ class TrainConfig(Section):
     # they change no math (bench/RESULTS.md). Resolved when the job starts (training/arguments.py).
     use_liger_kernel: bool | Literal["auto"] = "auto"
     # Memory levers that change no math (examples/profiles/t4-lean.yaml): trl's offloading of
-    # checkpointed activations to CPU memory, and PyTorch's expandable allocator segments.
-    activation_offloading: bool = False
+    # checkpointed activations to CPU memory ("sync": copies on the compute stream, no side
+    # stream and its memory pool: least memory, slower), and PyTorch's expandable segments.
+    activation_offloading: bool | Literal["sync"] = False
     expandable_segments: bool = False
     seed: int = 42
     logging_steps: int = Field(default=25, ge=1)

@@ -3,7 +3,9 @@
     train.use_liger_kernel      auto (default): Liger's Triton kernels (RMSNorm, RoPE, SwiGLU)
                                 when CUDA, a GPU Triton supports and `liger_kernel` are all there
     train.activation_offloading trl's: checkpointed activations go to pinned CPU memory in the
-                                forward pass and come back, on a side stream, in the backward
+                                forward pass and come back, on a side stream, in the backward;
+                                "sync": the same copies on the compute stream (no side-stream
+                                pool, no forward stash: least memory, the copies not hidden)
     train.expandable_segments   PyTorch's allocator grows segments in place instead of keeping
                                 one block per size class: less reserved-but-unused memory
 
@@ -65,7 +67,18 @@ def resolve(train, *, cuda: bool, adjustments) -> dict[str, Any]:
     if offload and not cuda:
         adjustments.note("no CUDA: activation offloading off (nothing to offload to)")
         offload = False
-    return {"use_liger_kernel": use_liger, "activation_offloading": offload}
+    return {"use_liger_kernel": use_liger, "activation_offloading": bool(offload)}
+
+
+def configure_trainer(trainer, train, *, cuda: bool, adjustments) -> None:
+    """After the trainer is built: trl builds its streamed offloading context itself; "sync"
+    replaces it with one that copies on the compute stream."""
+    if not (cuda and train.activation_offloading == "sync"):
+        return
+    from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+    trainer.maybe_activation_offload_context = get_act_offloading_ctx_manager(trainer.model, use_streams=False)
+    adjustments.note("activation offloading: synchronous copies on the compute stream")
 
 
 def apply_allocator_settings(train, *, cuda: bool, adjustments) -> None:

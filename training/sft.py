@@ -147,6 +147,9 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         callbacks=[progress, preemption],
     )
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
+    from .levers import configure_trainer
+
+    configure_trainer(trainer, run.train, cuda=cuda, adjustments=adjustments)
     from .packing import use_packed_rows
 
     if use_packed_rows(trainer, model):
