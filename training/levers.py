@@ -70,15 +70,15 @@ def resolve(train, *, cuda: bool, adjustments) -> dict[str, Any]:
     return {"use_liger_kernel": use_liger, "activation_offloading": bool(offload)}
 
 
-def configure_trainer(trainer, train, *, cuda: bool, adjustments) -> None:
+def configure_trainer(trainer, train, *, cuda: bool) -> str | None:
     """After the trainer is built: trl builds its streamed offloading context itself; "sync"
-    replaces it with one that copies on the compute stream."""
+    replaces it with one that copies on the compute stream. Returns the line to log, if any."""
     if not (cuda and train.activation_offloading == "sync"):
-        return
+        return None
     from trl.models.activation_offloading import get_act_offloading_ctx_manager
 
     trainer.maybe_activation_offload_context = get_act_offloading_ctx_manager(trainer.model, use_streams=False)
-    adjustments.note("activation offloading: synchronous copies on the compute stream")
+    return "activation offloading: synchronous copies on the compute stream (activation_offloading: sync)"
 
 
 def apply_allocator_settings(train, *, cuda: bool, adjustments) -> None:
@@ -87,5 +87,5 @@ def apply_allocator_settings(train, *, cuda: bool, adjustments) -> None:
         return
     import torch
 
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")  # (ran on torch 2.11)
     adjustments.note("CUDA allocator: expandable segments (train.expandable_segments)")

@@ -149,7 +149,9 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
     from .levers import configure_trainer
 
-    configure_trainer(trainer, run.train, cuda=cuda, adjustments=adjustments)
+    offload_line = configure_trainer(trainer, run.train, cuda=cuda)
+    if offload_line:
+        log(offload_line)
     from .packing import use_packed_rows
 
     if use_packed_rows(trainer, model):
