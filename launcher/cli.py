@@ -71,9 +71,11 @@ def _preflight(p: Plan, show: bool) -> bool:
     if show or refused:
         console.print(preflight.format_table(estimates))
     if show:
-        from . import time_estimate
+        from . import speed_tips, time_estimate
 
         console.print(time_estimate.format_table(time_estimate.estimate_grid(p.runs)))
+        for line in speed_tips.summarize(p.runs):
+            console.print(f"faster: {escape(line)}")
     for estimate in refused:
         err_console.print(f"[red]{estimate.run_id} will not fit:[/] {escape(estimate.advice)}")
     return not refused

@@ -213,3 +213,28 @@ def test_estimates_match_the_measured_peaks_of_every_lever_within_10_percent(tmp
         checked.append(r["profile"])
         assert abs(error) <= 0.10, (r["profile"], f"{error:+.1%}")
     assert {"t4-lean", "13b:t4-lean", "t4+offload", "t4+liger", "t4+expandable"} <= set(checked)
+
+
+def test_runs_without_packing_are_told_its_measured_effect_and_packed_runs_are_not(tmp_path):
+    from launcher import speed_tips
+
+    notebook, fast = plan(write_experiment(tmp_path, """
+        resources: {gpu_type: t4}
+        grid: {train.packing: [false, true]}
+        """)).runs
+    (packing_tip,) = [t for t in speed_tips.tips(notebook) if t.startswith("train.packing: true")]
+    assert "3.2× tokens/s" in packing_tip and "GiB here" in packing_tip
+    fast_tips = speed_tips.tips(fast)
+    assert not any(t.startswith("train.packing") for t in fast_tips)
+    # Packed at trl's 4×1024: the profile's 12×1024 budget is offered, since it fits a T4.
+    assert any(t.startswith("token budget: per_device_train_batch_size: 12") for t in fast_tips)
+
+
+def test_preflight_prints_tips_and_the_time_estimate(tmp_path, capsys):
+    from launcher.cli import main
+
+    path = write_experiment(tmp_path, "resources: {gpu_type: t4}\ntrain: {max_steps: 100, use_liger_kernel: false}\n")
+    assert main(["preflight", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "faster:" in out and "train.packing: true" in out and "use_liger_kernel: auto" in out
+    assert "time estimate" in out and "GPU-h" in out
