@@ -18,7 +18,8 @@ unchanged, on an H200 (bench/RESULTS.md). For a GPU without measurements (a T4) 
 efficiencies are applied to its datasheet peak and bandwidth, with its sustained clock under its
 power cap: that is the estimate's basis, not a measurement.
 
-Tokens per run: `max_steps` × tokens per step, or the dataset's tokens (a local .jsonl/.json:
+Liger counts only when `use_liger_kernel: true` (`auto` depends on the job's machine, which this
+cannot see: counted off, the slower estimate). Tokens per run: `max_steps` × tokens per step, or the dataset's tokens (a local .jsonl/.json:
 characters / 4, the usual English rate of Llama-family tokenizers) × epochs. No torch here.
 """
 
