@@ -43,6 +43,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for run in p.runs:
         table.add_row(run.run_id, *(str(run.overrides[k]) for k in p.varying_keys), run.run_dir)
     console.print(table)
+    from . import time_estimate
+
+    console.print(time_estimate.format_table(time_estimate.estimate_grid(p.runs)))
     return 0
 
 
@@ -77,6 +80,12 @@ def _preflight(p: Plan, show: bool) -> bool:
     refused = [e for e in estimates if not e.fits]
     if show or refused:
         console.print(preflight.format_table(estimates))
+    if show:
+        from . import speed_tips, time_estimate
+
+        console.print(time_estimate.format_table(time_estimate.estimate_grid(p.runs)))
+        for line in speed_tips.summarize(p.runs):
+            console.print(f"faster: {escape(line)}")
     for estimate in refused:
         err_console.print(f"[red]{estimate.run_id} will not fit:[/] {escape(estimate.advice)}")
     return not refused

@@ -103,7 +103,14 @@ class TrainConfig(Section):
     bf16: bool = False
     max_seq_length: int | None = Field(default=None, ge=8)  # null: trl's default (1024)
     packing: bool = False
-    use_liger_kernel: bool = False
+    # auto: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) when CUDA and liger-kernel are there;
+    # they change no math (bench/RESULTS.md). Resolved when the job starts (training/arguments.py).
+    use_liger_kernel: bool | Literal["auto"] = "auto"
+    # Memory levers that change no math (examples/profiles/t4-lean.yaml): trl's offloading of
+    # checkpointed activations to CPU memory ("sync": copies on the compute stream, no side
+    # stream and its memory pool: least memory, slower), and PyTorch's expandable segments.
+    activation_offloading: bool | Literal["sync"] = False
+    expandable_segments: bool = False
     seed: int = 42
     logging_steps: int = Field(default=25, ge=1)
     # Checkpoints are what a preempted job resumes from; a signal also forces one.

@@ -3,7 +3,8 @@
 Renames for transformers 5 / trl 1: group_by_length → train_sampling_strategy,
 warmup_ratio → warmup_steps (a float below 1 is a ratio), max_seq_length → max_length.
 Without CUDA: fp32 compute, no fp16/bf16, CUDA-only (paged / bitsandbytes) optimizers replaced
-by torch's AdamW, each said once in the log.
+by torch's AdamW, each said once in the log. Liger kernels and activation offloading are
+resolved against the machine in training/levers.py (one log line each).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
+
+from . import levers
 
 # Set by the job itself: where checkpoints go and how resuming works is not the user's to move.
 RESERVED_SFT_ARGS = {
@@ -68,7 +71,6 @@ def sft_kwargs(run: RunConfig, *, cuda: bool, adjustments: Adjustments) -> dict[
         "fp16": fp16,
         "bf16": bf16,
         "packing": t.packing,
-        "use_liger_kernel": t.use_liger_kernel,
         "seed": t.seed,
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
@@ -86,6 +88,7 @@ def sft_kwargs(run: RunConfig, *, cuda: bool, adjustments: Adjustments) -> dict[
     }
     # transformers 5.x renamed gradient_checkpointing (the old name still works, with a warning).
     kwargs[_pick_field("activation_checkpointing", "gradient_checkpointing")] = t.gradient_checkpointing
+    kwargs.update(levers.resolve(t, cuda=cuda, adjustments=adjustments))
     if t.max_seq_length is not None:
         kwargs["max_length"] = t.max_seq_length
     if run.dataset.test_size:

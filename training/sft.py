@@ -133,6 +133,9 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
             f"no CUDA: 4-bit compute dtype {run.quantization.bnb_4bit_compute_dtype} → float32 "
             "(half-precision compute is much slower on CPU)"
         )
+    from .levers import apply_allocator_settings
+
+    apply_allocator_settings(run.train, cuda=cuda, adjustments=adjustments)
     for note in adjustments.notes:
         log(note)
 
@@ -160,6 +163,11 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         callbacks=[progress, preemption],
     )
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
+    from .levers import configure_trainer
+
+    offload_line = configure_trainer(trainer, run.train, cuda=cuda)
+    if offload_line:
+        log(offload_line)
     from .packing import use_packed_rows
 
     if use_packed_rows(trainer, model):
