@@ -2,7 +2,8 @@
 
 A run's id is a hash of the sections that define what is trained (`IDENTITY_SECTIONS`), so
 the same file always gives the same ids and resubmitting never duplicates a run, while any
-changed training value gives a new id.
+changed training value gives a new id. Values at qlaunch's defaults are left out of the hash,
+so a new knob (at a default that changes nothing) keeps every existing id.
 """
 
 from __future__ import annotations
@@ -49,8 +50,19 @@ class Plan:
         raise ConfigError(f"{ref!r} matches several runs: {', '.join(r.run_id for r in matches)}")
 
 
+def _defaults() -> dict[str, Any]:
+    return Experiment(name="defaults").model_dump(mode="json")
+
+
 def run_id_for(resolved: dict[str, Any]) -> str:
-    identity = {section: resolved[section] for section in IDENTITY_SECTIONS}
+    """Hash of the identity sections' values that differ from qlaunch's defaults. Leaving the
+    defaults out keeps ids stable when a release adds a knob (at a default that changes nothing):
+    resubmitting after an upgrade must not start the whole grid again."""
+    defaults = _defaults()
+    identity = {
+        section: {key: value for key, value in resolved[section].items() if defaults[section].get(key, object()) != value}
+        for section in IDENTITY_SECTIONS
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:10]
 

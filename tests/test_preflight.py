@@ -184,7 +184,8 @@ def test_a_run_that_does_not_fit_is_told_the_lean_lever_that_makes_it_fit(tmp_pa
 def test_shipped_lean_profile_fits_13b_on_a_t4(tmp_path):
     profile = Path(__file__).resolve().parents[1] / "examples" / "profiles" / "t4-lean.yaml"
     text = profile.read_text().replace("NousResearch/Llama-2-7b-chat-hf", "meta-llama/Llama-2-13b-hf")
-    (estimate,) = preflight.preflight(plan(write_experiment(tmp_path, text.split("\n", 1)[1])))
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("name:"))
+    (estimate,) = preflight.preflight(plan(write_experiment(tmp_path, body)))
     assert estimate.fits and estimate.estimated_peak_bytes <= 14 * GiB
 
 
