@@ -84,6 +84,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if name != "local" and not args.skip_preflight and not _preflight(p, show=False):
         err_console.print("nothing submitted (use --skip-preflight to submit anyway)")
         return 1
+    if not args.no_prefetch and not args.dry_run and name != "kubernetes":
+        from . import prefetch  # hub models and datasets pinned and downloaded once, before any job
+
+        p = prefetch.prefetch_for_submit(p, say=lambda message: console.print(escape(message)))
     run_index.record(p, name)
     if name == "local":
         return _run_locally(p, backend, args)
@@ -169,6 +173,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     name = _backend_name(args, p)
     backend = get_backend(name)
     run_index.record(p, name)
+    if args.check_hub:
+        _print_hub_check(p)
     if not args.watch:
         console.print(build_table(p, collect(p, backend), name))
         return 0
@@ -182,6 +188,33 @@ def cmd_status(args: argparse.Namespace) -> int:
                 time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from . import prefetch
+
+    p = plan(args.experiment)
+    if p.experiment.backend == "kubernetes":
+        raise QlaunchError("prefetch: a Kubernetes experiment's cache is on its claim, which this machine "
+                           "does not mount; its pods download from the hub themselves")
+    p = prefetch.prefetch(p, say=lambda message: console.print(escape(message)))
+    pinned = {(pin.repo_type, pin.repo_id, pin.revision) for run in p.runs for pin in run.hub_pins}
+    console.print(f"{len(pinned)} hub repos pinned for {len(p.runs)} runs; their jobs read them offline")
+    return 0
+
+
+def _print_hub_check(p: Plan) -> None:
+    from . import prefetch
+
+    for move in prefetch.check_hub(p):
+        if move.current == move.pinned:
+            console.print(escape(f"{move.repo}@{move.requested}: pinned {move.pinned[:12]}, still the hub's"))
+        else:
+            console.print(escape(
+                f"{move.repo}@{move.requested} has moved on: pinned {move.pinned[:12]}, the hub now has "
+                f"{move.current[:12]}. Runs keep the pinned revision; to train on the new one, write "
+                f"its revision into the experiment file (new run ids)"
+            ))
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -258,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--no-infer", action="store_true", help="skip the inference jobs")
     command.add_argument("--dry-run", action="store_true", help="show what would run")
     command.set_defaults(skip_preflight=True)
+    command.add_argument("--no-prefetch", action="store_true", help="skip pinning/downloading hub repos first")
 
     command = add("submit", cmd_submit, "Submit the grid (training + dependent inference jobs).")
     command.add_argument("experiment")
@@ -268,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--skip-preflight", action="store_true", help="submit runs the memory check refuses")
     command.add_argument("--max-parallel", "-j", type=int, help="local backend: runs at a time")
     command.add_argument("--no-infer", action="store_true", help="local backend: skip inference")
+    command.add_argument("--no-prefetch", action="store_true",
+                         help="skip pinning/downloading hub repos first (jobs then reach the hub themselves)")
+
+    command = add("prefetch", cmd_prefetch,
+                  "Pin the grid's hub models/datasets to commits and download them once into the shared cache.")
+    command.add_argument("experiment")
 
     command = add("preflight", cmd_preflight, "Estimate each run's peak GPU memory on its target GPU.")
     command.add_argument("experiment")
@@ -277,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     backend_option(command)
     command.add_argument("--watch", "-w", action="store_true", help="refresh until every run has ended")
     command.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    command.add_argument("--check-hub", action="store_true",
+                         help="ask the hub whether the pinned revisions have moved on (changes nothing)")
 
     command = add("logs", cmd_logs, "Print a run's log (-f follows it across restarts).")
     command.add_argument("run", help="run id (or a unique prefix)")

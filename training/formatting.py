@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
+from launcher.hub import pin_for, snapshot_dir
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -208,8 +209,12 @@ def load_records(run: RunConfig, token: str | None = None):
             data = datasets.load_dataset(kind, data_files=str(local), split=ds.split)
         elif ds.path.startswith(("/", "./", "../", "~")) or local.suffix.lower() in LOCAL_FORMATS:
             raise ConfigError(f"dataset.path: no such file {local}")
+        elif (pin := pin_for(run, "dataset.path")) is not None:
+            # Prefetched: the pinned commit's files, from the shared cache (offline-safe: the
+            # same data-file and README-config rules as the hub repo itself).
+            data = datasets.load_dataset(str(snapshot_dir(run, pin)), split=ds.split)
         else:
-            data = datasets.load_dataset(ds.path, split=ds.split, token=token)
+            data = datasets.load_dataset(ds.path, split=ds.split, token=token, revision=ds.revision)
     except ConfigError:
         raise
     except ValueError as exc:

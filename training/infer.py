@@ -218,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     paths = RunPaths.of(run)
     token = None
     try:
+        from .hub_files import prepare_offline
         from .model_source import read_hf_token
 
         token = read_hf_token(run)
+        prepare_offline(run)
         return infer(run, paths, args)
     except ConfigError as exc:
         print(f"error: {scrub(str(exc), token)}", file=sys.stderr)

@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     preemption.install()
     token = None
     try:
+        from .hub_files import prepare_offline
         from .model_source import read_hf_token
 
         token = read_hf_token(run)
+        prepare_offline(run)
         return train(run, paths, write, preemption)
     except Preempted as stop:
         step = _latest_step(paths)
