@@ -233,5 +233,36 @@ def test_network_cut_job_trains_offline_on_the_pinned_revision(hub, tmp_path, ti
     assert written["run_id"] == run.run_id
     assert written["model"]["revision"] == model_sha and written["dataset"]["revision"] == data_sha
     assert {pin["revision"] for pin in written["hub_pins"]} == {model_sha, data_sha}
+    assert f"read offline from {tmp_path / 'runs' / '.cache' / 'huggingface' / 'hub'}" in log
     for text in [result.stdout, result.stderr, log, paths.config.read_text(), paths.infer_log.read_text()]:
         assert TOKEN not in text
+
+
+def test_slurm_script_of_a_prefetched_run_runs_offline_from_the_shared_cache(tmp_path):
+    from launcher.backends.slurm_script import render_run
+
+    experiment = write_experiment(tmp_path, backend="slurm", grid={})
+    (run,) = plan(experiment).runs
+    pins = {f"model:{MODEL}@main": {"revision": "a" * 40, "files": ["config.json"]},
+            f"dataset:{DATA}@main": {"revision": "b" * 40, "files": ["data/train.jsonl"]}}  # fmt: skip
+    script = render_run(pinned_run(run, pins)).train
+    assert f"export HF_HOME={tmp_path / 'runs' / '.cache' / 'huggingface'}\n" in script
+    assert "export HF_HUB_OFFLINE=1\n" in script and "export HF_DATASETS_OFFLINE=1\n" in script
+    assert "HF_HUB_OFFLINE" not in render_run(run).train  # --no-prefetch: the job reaches the hub
+
+
+def test_only_the_weights_a_job_loads_are_downloaded(tmp_path):
+    from launcher.hub import hub_refs
+    from launcher.prefetch import select_files
+
+    siblings = [(name, 1) for name in ("config.json", "tokenizer.model", "model-00001.safetensors",
+                                       "pytorch_model-00001.bin", "original/consolidated.00.pth",
+                                       "tiny.Q4_0.gguf", "tiny.Q8_0.gguf")]  # fmt: skip
+
+    def files(**model):
+        (run,) = plan(write_experiment(tmp_path, grid={}, model=model)).runs
+        return select_files(hub_refs(run)[0], run, siblings)
+
+    assert files() == ["config.json", "model-00001.safetensors", "tokenizer.model"]
+    assert files(gguf_file="tiny.Q8_0.gguf") == ["config.json", "tiny.Q8_0.gguf", "tokenizer.model"]
+    assert files(init="random") == ["config.json", "tokenizer.model"]

@@ -15,10 +15,17 @@ from launcher.config import RunConfig
 from launcher.errors import ConfigError
 from launcher.hub import hub_cache_dir, missing_files, offline_env
 
+from .entrypoint import log
 
-def prepare_offline(run: RunConfig) -> None:
-    """Must run before huggingface_hub is imported (it reads these variables at import)."""
+
+def apply_offline_env(run: RunConfig) -> None:
+    """The job's first step: before transformers/huggingface_hub are imported (they read these
+    variables at import time)."""
     os.environ.update(offline_env(run))
+
+
+def check_prefetched(run: RunConfig) -> None:
+    """Every pinned file in the cache, or one ConfigError naming repo, revision and file."""
     for pin in run.hub_pins:
         missing = missing_files(run, pin)
         if missing:
@@ -28,3 +35,6 @@ def prepare_offline(run: RunConfig) -> None:
                 f"in the hub cache {hub_cache_dir(run)}, and this job runs offline (HF_HUB_OFFLINE=1). "
                 "Run `qlaunch prefetch EXPERIMENT` on a machine that reaches the hub, then start the run again"
             )
+    if run.hub_pins:
+        pinned = ", ".join(f"{pin.repo_id}@{pin.revision[:12]}" for pin in run.hub_pins)
+        log(f"hub repos pinned by qlaunch prefetch, read offline from {hub_cache_dir(run)}: {pinned}")

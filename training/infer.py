@@ -36,6 +36,7 @@ from .entrypoint import (
     log,
     scrub,
 )
+from .hub_files import apply_offline_env, check_prefetched
 
 BATCH_SIZE = 8
 
@@ -215,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run_or_report(args.run)
     if run is None:
         return EXIT_CONFIG
+    apply_offline_env(run)
     paths = RunPaths.of(run)
     token = None
     try:
-        from .hub_files import prepare_offline
         from .model_source import read_hf_token
 
         token = read_hf_token(run)
-        prepare_offline(run)
+        check_prefetched(run)
         return infer(run, paths, args)
     except ConfigError as exc:
         print(f"error: {scrub(str(exc), token)}", file=sys.stderr)

@@ -27,6 +27,7 @@ from .entrypoint import (
     log,
     scrub,
 )
+from .hub_files import apply_offline_env, check_prefetched
 
 
 def is_main_process() -> bool:
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run_or_report(args.run_config)
     if run is None:
         return EXIT_CONFIG
+    apply_offline_env(run)
     paths = RunPaths.of(run)
     if paths.training_completed():
         log(f"run {run.run_id} already completed ({paths.metrics} exists): nothing to train")
@@ -55,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     preemption.install()
     token = None
     try:
-        from .hub_files import prepare_offline
         from .model_source import read_hf_token
 
         token = read_hf_token(run)
-        prepare_offline(run)
+        check_prefetched(run)
         return train(run, paths, write, preemption)
     except Preempted as stop:
         step = _latest_step(paths)
