@@ -14,6 +14,7 @@ import yaml
 
 from launcher.grid import plan
 from launcher.hub import pinned_run, pins_path, read_pins
+from launcher.progress import read_events
 from launcher.storage import RunPaths, write_run_config
 from tests.fake_hub import FakeHub
 
@@ -200,6 +201,8 @@ def test_missing_cached_file_is_one_clear_error_at_job_start(hub, tmp_path):
     assert (f"error: model.name_or_path: {MODEL} at revision {model_sha}: file 'model.safetensors' is not in "
             f"the hub cache {cache}") in error  # fmt: skip
     assert "qlaunch prefetch" in error and "Traceback" not in job.stderr
+    (event,) = [e for e in read_events(RunPaths.of(run).progress) if e["event"] == "error"]
+    assert "model.safetensors" in event["message"]
 
     resubmit = qlaunch("http://127.0.0.1:9", tmp_path, "run", str(experiment), "--no-infer")
     assert resubmit.returncode == 2

@@ -16,7 +16,7 @@ import traceback
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
-from launcher.progress import EXIT_PREEMPTED
+from launcher.progress import EXIT_PREEMPTED, emit, make_event
 from launcher.storage import RunPaths, write_json
 
 from .entrypoint import (
@@ -49,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         log(f"run {run.run_id} already completed ({paths.metrics} exists): nothing to train")
         return EXIT_OK
 
+    try:
+        check_prefetched(run)  # seconds, before the training stack is imported
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        emit(make_event("error", _latest_step(paths), message=str(exc)), paths.progress, None)
+        return EXIT_CONFIG
+
     from .preemption import Preempted, PreemptionCallback
     from .progress_events import EventWriter
 
@@ -60,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         from .model_source import read_hf_token
 
         token = read_hf_token(run)
-        check_prefetched(run)
         return train(run, paths, write, preemption)
     except Preempted as stop:
         step = _latest_step(paths)
