@@ -206,7 +206,10 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 def _print_hub_check(p: Plan) -> None:
     from . import prefetch
 
-    for move in prefetch.check_hub(p):
+    moves = prefetch.check_hub(p)
+    if not moves:
+        console.print("no hub repos pinned for this experiment yet (qlaunch prefetch pins them)")
+    for move in moves:
         if move.current == move.pinned:
             console.print(escape(f"{move.repo}@{move.requested}: pinned {move.pinned[:12]}, still the hub's"))
         else:
