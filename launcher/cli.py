@@ -174,7 +174,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     backend = get_backend(name)
     run_index.record(p, name)
     if args.check_hub:
-        _print_hub_check(p)
+        from .prefetch import hub_check_lines
+
+        for line in hub_check_lines(p):
+            console.print(escape(line))
     if not args.watch:
         console.print(build_table(p, collect(p, backend), name))
         return 0
@@ -193,31 +196,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from . import prefetch
 
-    p = plan(args.experiment)
-    if p.experiment.backend == "kubernetes":
-        raise QlaunchError("prefetch: a Kubernetes experiment's cache is on its claim, which this machine "
-                           "does not mount; its pods download from the hub themselves")
-    p = prefetch.prefetch(p, say=lambda message: console.print(escape(message)))
+    p = prefetch.prefetch(plan(args.experiment), say=lambda message: console.print(escape(message)), command=True)
     pinned = {(pin.repo_type, pin.repo_id, pin.revision) for run in p.runs for pin in run.hub_pins}
     console.print(f"{len(pinned)} hub repos pinned for {len(p.runs)} runs; their jobs read them offline")
     return 0
-
-
-def _print_hub_check(p: Plan) -> None:
-    from . import prefetch
-
-    moves = prefetch.check_hub(p)
-    if not moves:
-        console.print("no hub repos pinned for this experiment yet (qlaunch prefetch pins them)")
-    for move in moves:
-        if move.current == move.pinned:
-            console.print(escape(f"{move.repo}@{move.requested}: pinned {move.pinned[:12]}, still the hub's"))
-        else:
-            console.print(escape(
-                f"{move.repo}@{move.requested} has moved on: pinned {move.pinned[:12]}, the hub now has "
-                f"{move.current[:12]}. Runs keep the pinned revision; to train on the new one, write "
-                f"its revision into the experiment file (new run ids)"
-            ))
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -153,8 +153,11 @@ def _fetch(ref: HubRef, run: RunConfig, record: dict | None, cache: Path) -> Fet
     return Fetched(ref, revision, files, size, downloaded=True)
 
 
-def prefetch(p: Plan, say: Callable[[str], None] = lambda message: None) -> Plan:
+def prefetch(p: Plan, say: Callable[[str], None] = lambda message: None, command: bool = False) -> Plan:
     """Pin and download every hub repo of the grid; the plan with each run pinned."""
+    if command and p.experiment.backend == "kubernetes":
+        raise PrefetchError("prefetch: a Kubernetes experiment's cache is on its claim, which this machine "
+                            "does not mount; its pods download from the hub themselves")
     path = pins_path(p.storage_root, p.experiment.name)
     pins = read_pins(path)
     recorded = json.dumps(pins, sort_keys=True)
@@ -223,12 +226,20 @@ def check_hub(p: Plan) -> list[HubMove]:
     return moves
 
 
-def describe_pins(p: Plan) -> list[str]:
-    """One line per pin of the experiment's record (no network)."""
-    pins = read_pins(pins_path(p.storage_root, p.experiment.name))
-    return [
-        f"{record['repo_type']} {record['repo_id']}@{record.get('requested') or DEFAULT_REVISION} "
-        f"pinned to {record['revision'][:12]} ({record.get('resolved_at', '?')})"
-        for _, record in sorted(pins.items())
-    ]
+def hub_check_lines(p: Plan) -> list[str]:
+    """`qlaunch status --check-hub`: one line per pinned repo."""
+    moves = check_hub(p)
+    if not moves:
+        return ["no hub repos pinned for this experiment yet (qlaunch prefetch pins them)"]
+    lines = []
+    for move in moves:
+        if move.current == move.pinned:
+            lines.append(f"{move.repo}@{move.requested}: pinned {move.pinned[:12]}, still the hub's")
+        else:
+            lines.append(
+                f"{move.repo}@{move.requested} has moved on: pinned {move.pinned[:12]}, the hub now has "
+                f"{move.current[:12]}. Runs keep the pinned revision; to train on the new one, write "
+                "its revision into the experiment file (new run ids)"
+            )
+    return lines
 
