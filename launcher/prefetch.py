@@ -6,7 +6,9 @@ machine that submits, before any job starts.
 - Resolved once: the commit goes into `<storage>/<experiment>/pins.json` and every later submit
   of the experiment (a resume, a resubmit, a grid grown by a value) reuses it, so runs of one
   grid never train on different bytes; `qlaunch status --check-hub` says when the hub moved on.
-- Resumable: huggingface_hub's `snapshot_download` keeps partial files and continues them; a
+- Resumable: `snapshot_download` continues a file after a dropped connection (HTTP Range) and
+  skips the files already in the cache, so a killed prefetch fetches only what it had not
+  finished (a file in flight restarts: huggingface_hub keeps partial files per process); a
   pinned repo whose files are all in the cache costs no network call at all.
 - The token (model.hf_token_env / hf_token_file, read as the job reads them, else the hub
   client's own login) is passed to the client only; it is never written or printed.

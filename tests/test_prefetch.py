@@ -114,6 +114,21 @@ def test_one_download_for_a_grid_pinned_for_every_run(hub, tmp_path):
     assert len(hub.requests) == before  # pinned and complete: no network at all
 
 
+def test_a_dropped_connection_resumes_the_download_where_it_stopped(hub, tmp_path):
+    weights = os.urandom(24 << 20)  # > the client's 10 MiB write chunk, so a part is kept
+    model_sha = hub.commit("model", MODEL, {"config.json": b"{}", "model.safetensors": weights})
+    publish_data(hub)
+    experiment = write_experiment(tmp_path)
+    hub.cut_after = 12 << 20
+
+    result = qlaunch(hub.endpoint, tmp_path, "prefetch", str(experiment))
+    assert result.returncode == 0, result.stderr
+    assert len(hub.ranges) == 1 and int(hub.ranges[0].split("=")[1].rstrip("-")) > 0  # continued, not restarted
+    cache = tmp_path / "runs" / ".cache" / "huggingface" / "hub"
+    snapshot = cache / f"models--{MODEL.replace('/', '--')}" / "snapshots" / model_sha
+    assert (snapshot / "model.safetensors").read_bytes() == weights
+
+
 def test_pinned_grid_unaffected_when_the_hubs_main_moves(hub, tmp_path):
     old_model, old_data = publish_fake_model(hub), publish_data(hub)
     experiment = write_experiment(tmp_path)

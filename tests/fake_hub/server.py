@@ -11,7 +11,8 @@ make, with the headers the client reads (huggingface_hub/file_download.py, utils
   GET  /cdn/{sha256}                                    → the bytes (Range → 206)
 Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) the way the
 hub does, so the client raises its own exception types. A gated repo answers 401 without a
-token and 403 with a wrong one. Every request is recorded (`requests`) for the tests to count.
+token and 403 with a wrong one. Every request is recorded (`requests`, and `ranges` for resumed downloads) for the tests to
+count; `cut_after` drops the connection half-way through the next large download.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class FakeHub:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.blobs: dict[str, bytes] = {}  # sha256 → bytes (the CDN)
         self.requests: list[tuple[str, str]] = []
+        self.ranges: list[str] = []  # Range headers of resumed downloads
+        # Set: the next download of a larger file sends this many bytes, then the connection drops.
+        self.cut_after: int | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -132,11 +136,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _bytes(self, data: bytes, headers: dict[str, str]) -> None:
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if match:  # a resumed download
+            with self.state._lock:
+                self.state.ranges.append(match.group(0))
             start = int(match.group(1))
             end = int(match.group(2)) if match.group(2) else len(data) - 1
             part = data[start:end + 1]
             self._send(206, part, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"},
                        "application/octet-stream")  # fmt: skip
+        elif self.state.cut_after is not None and self.command == "GET" and len(data) > self.state.cut_after:
+            cut, self.state.cut_after = self.state.cut_after, None
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data[:cut])
+            self.wfile.flush()
+            self.close_connection = True  # fewer bytes than Content-Length: a dropped connection
         else:
             self._send(200, data, {**headers, "Accept-Ranges": "bytes"}, "application/octet-stream")
 
