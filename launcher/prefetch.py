@@ -74,6 +74,9 @@ def select_files(ref: HubRef, run: RunConfig, siblings: list[tuple[str, int | No
     top = [n for n in names if "/" not in n]
     if run.model.gguf_file:
         weights = [n for n in names if n == run.model.gguf_file]
+        if not weights:
+            ggufs = ", ".join(n for n in names if n.endswith(".gguf")) or "none"
+            raise PrefetchError(f"model.gguf_file: no {run.model.gguf_file!r} in {ref.repo_id} (its GGUF files: {ggufs})")
     else:
         weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
     return sorted(other + weights)
@@ -96,12 +99,14 @@ def _hub_error(ref: HubRef, run: RunConfig, exc: Exception, token: str | None) -
     )  # fmt: skip
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, GatedRepoError):
-        if token is None:
+        if token is None and status != 403:  # 403: the client sent its stored login's token
             return PrefetchError(
                 f"{where} is gated: the hub refused it without a token (HTTP {status}). Set "
                 f"{token_source} on this machine to a token of an account that accepted the "
                 "model's license on its hub page"
             )
+        if token is None:
+            token_source = "your huggingface_hub login"
         return PrefetchError(
             f"{where} is gated and the hub refused the token from {token_source} (HTTP {status}): "
             "its account has not been granted access (accept the license on the model's hub page)"

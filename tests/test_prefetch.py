@@ -271,7 +271,7 @@ def test_slurm_script_of_a_prefetched_run_runs_offline_from_the_shared_cache(tmp
 
 def test_only_the_weights_a_job_loads_are_downloaded(tmp_path):
     from launcher.hub import hub_refs
-    from launcher.prefetch import select_files
+    from launcher.prefetch import PrefetchError, select_files
 
     siblings = [(name, 1) for name in ("config.json", "tokenizer.model", "model-00001.safetensors",
                                        "pytorch_model-00001.bin", "original/consolidated.00.pth",
@@ -284,3 +284,5 @@ def test_only_the_weights_a_job_loads_are_downloaded(tmp_path):
     assert files() == ["config.json", "model-00001.safetensors", "tokenizer.model"]
     assert files(gguf_file="tiny.Q8_0.gguf") == ["config.json", "tiny.Q8_0.gguf", "tokenizer.model"]
     assert files(init="random") == ["config.json", "tokenizer.model"]
+    with pytest.raises(PrefetchError, match=r"model.gguf_file: no 'tiny.Q2_K.gguf' in .*tiny.Q4_0.gguf, tiny.Q8_0.gguf"):
+        files(gguf_file="tiny.Q2_K.gguf")
