@@ -104,6 +104,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if name != "local" and not args.skip_preflight and not _preflight(p, show=False):
         err_console.print("nothing submitted (use --skip-preflight to submit anyway)")
         return 1
+    if not args.no_prefetch and not args.dry_run and name != "kubernetes":
+        from . import prefetch  # hub models and datasets pinned and downloaded once, before any job
+
+        p = prefetch.prefetch_for_submit(p, say=lambda message: console.print(escape(message)))
     run_index.record(p, name)
     if name == "local":
         return _run_locally(p, backend, args)
@@ -193,6 +197,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     name = _backend_name(args, p)
     backend = get_backend(name)
     run_index.record(p, name)
+    if args.check_hub:
+        from .prefetch import hub_check_lines
+
+        for line in hub_check_lines(p):
+            console.print(escape(line))
     if not args.watch:
         console.print(build_table(p, collect(p, backend), name))
         return 0
@@ -206,6 +215,15 @@ def cmd_status(args: argparse.Namespace) -> int:
                 time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from . import prefetch
+
+    p = prefetch.prefetch(plan(args.experiment), say=lambda message: console.print(escape(message)), command=True)
+    pinned = {(pin.repo_type, pin.repo_id, pin.revision) for run in p.runs for pin in run.hub_pins}
+    console.print(f"{len(pinned)} hub repos pinned for {len(p.runs)} runs; their jobs read them offline")
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -293,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--dry-run", action="store_true", help="show what would run")
     command.set_defaults(skip_preflight=True)
     input_checks_option(command)
+    command.add_argument("--no-prefetch", action="store_true", help="skip pinning/downloading hub repos first")
 
     command = add("submit", cmd_submit, "Submit the grid (training + dependent inference jobs).")
     command.add_argument("experiment")
@@ -304,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--max-parallel", "-j", type=int, help="local backend: runs at a time")
     command.add_argument("--no-infer", action="store_true", help="local backend: skip inference")
     input_checks_option(command)
+    command.add_argument("--no-prefetch", action="store_true",
+                         help="skip pinning/downloading hub repos first (jobs then reach the hub themselves)")
+
+    command = add("prefetch", cmd_prefetch,
+                  "Pin the grid's hub models/datasets to commits and download them once into the shared cache.")
+    command.add_argument("experiment")
 
     command = add("preflight", cmd_preflight, "Estimate each run's peak GPU memory on its target GPU.")
     command.add_argument("experiment")
@@ -313,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     backend_option(command)
     command.add_argument("--watch", "-w", action="store_true", help="refresh until every run has ended")
     command.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    command.add_argument("--check-hub", action="store_true",
+                         help="ask the hub whether the pinned revisions have moved on (changes nothing)")
 
     command = add("logs", cmd_logs, "Print a run's log (-f follows it across restarts).")
     command.add_argument("run", help="run id (or a unique prefix)")

@@ -434,7 +434,7 @@ def test_the_training_job_fails_first_with_the_same_message(tmp_path):
 def test_skipped_checks_fail_in_the_local_job_with_the_same_message(tmp_path, capsys, monkeypatch):
     exp, expected = write_case(tmp_path / "exp", "dataset typo")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))  # the job runs this checkout
-    assert main(["run", str(exp), "--skip-input-checks", "--no-infer"]) == 1
+    assert main(["run", str(exp), "--skip-input-checks", "--no-infer", "--no-prefetch"]) == 1
     assert "input checks skipped" in capsys.readouterr().err
     (run,) = plan(exp).runs
     log = RunPaths.of(run).train_log.read_text()

@@ -24,6 +24,7 @@ from launcher.config import RunConfig
 from launcher.data_files import LOCAL_FORMATS
 from launcher.errors import ConfigError
 from launcher.input_checks import auto_format, dataset_file, needed_fields
+from launcher.hub import pin_for, snapshot_dir
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -201,8 +202,12 @@ def load_records(run: RunConfig, token: str | None = None):
             data = datasets.load_dataset(kind, data_files=str(local), split=ds.split)
         elif local is not None:
             raise ConfigError(f"dataset.path: no such file {local}")
+        elif (pin := pin_for(run, "dataset.path")) is not None:
+            # Prefetched: the pinned commit's files, from the shared cache (offline-safe: the
+            # same data-file and README-config rules as the hub repo itself).
+            data = datasets.load_dataset(str(snapshot_dir(run, pin)), split=ds.split)
         else:
-            data = datasets.load_dataset(ds.path, split=ds.split, token=token)
+            data = datasets.load_dataset(ds.path, split=ds.split, token=token, revision=ds.revision)
     except ConfigError:
         raise
     except ValueError as exc:

@@ -38,6 +38,7 @@ from .entrypoint import (
     log,
     scrub,
 )
+from .hub_files import apply_offline_env, check_prefetched
 
 BATCH_SIZE = 8
 
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run_or_report(args.run)
     if run is None:
         return EXIT_CONFIG
+    apply_offline_env(run)
     paths = RunPaths.of(run)
     # Ad-hoc prompts (--prompt / --prompts-file) do not read the experiment's inference files.
     if input_errors(run, args.run, ("model",) if args.prompt or args.prompts_file else ("model", "inference")):
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         from .model_source import read_hf_token
 
         token = read_hf_token(run)
+        check_prefetched(run)
         return infer(run, paths, args)
     except ConfigError as exc:
         print(f"error: {scrub(str(exc), token)}", file=sys.stderr)

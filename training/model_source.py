@@ -22,6 +22,7 @@ from pathlib import Path
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
 from launcher.input_checks import model_location
+from launcher.hub import read_hf_token  # noqa: F401 - the jobs' entrypoints import it from here
 
 from .entrypoint import log
 
@@ -37,6 +38,7 @@ class ModelSource:
     token: str | None
     trust_remote_code: bool
     tokenizer_path: str
+    tokenizer_revision: str | None = None  # of a separate tokenizer repo
 
     def hub_kwargs(self) -> dict:
         kwargs: dict = {"trust_remote_code": self.trust_remote_code}
@@ -50,18 +52,6 @@ class ModelSource:
 def storage_root(run: RunConfig) -> Path:
     # run_dir is <storage root>/<experiment>/<run id>
     return Path(run.run_dir).parent.parent
-
-
-def read_hf_token(run: RunConfig) -> str | None:
-    """The HF token, read at run time and never written anywhere (nor printed)."""
-    if run.model.hf_token_file:
-        path = run.resolve_path(run.model.hf_token_file)
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"model.hf_token_file: cannot read {path}: {exc.strerror}") from None
-        return token or None
-    return os.environ.get(run.model.hf_token_env) or None
 
 
 def resolve_location(value: str, run: RunConfig, key: str) -> str:
@@ -82,7 +72,8 @@ def resolve_model(run: RunConfig) -> ModelSource:
     tokenizer = (
         resolve_location(run.model.tokenizer, run, "model.tokenizer") if run.model.tokenizer else source.path
     )
-    return ModelSource(source.path, source.revision, token, source.trust_remote_code, tokenizer)
+    return ModelSource(source.path, source.revision, token, source.trust_remote_code, tokenizer,
+                       run.model.tokenizer_revision if run.model.tokenizer else None)
 
 
 def _cache_name(source_path: str, gguf_file: str, revision: str | None) -> str:
@@ -184,7 +175,8 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     kwargs = source.hub_kwargs() if source.tokenizer_path == source.path else {
-        "trust_remote_code": source.trust_remote_code, **({"token": source.token} if source.token else {})
+        "trust_remote_code": source.trust_remote_code, **({"token": source.token} if source.token else {}),
+        **({"revision": source.tokenizer_revision} if source.tokenizer_revision else {}),
     }
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path, **kwargs)
     if tokenizer.pad_token is None:

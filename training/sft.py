@@ -28,6 +28,7 @@ from .entrypoint import (
     log,
     scrub,
 )
+from .hub_files import apply_offline_env, check_prefetched
 
 
 def is_main_process() -> bool:
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run_or_report(args.run_config)
     if run is None:
         return EXIT_CONFIG
+    apply_offline_env(run)
     paths = RunPaths.of(run)
     if paths.training_completed():
         log(f"run {run.run_id} already completed ({paths.metrics} exists): nothing to train")
@@ -55,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         if is_main_process():
             emit(make_event("error", _latest_step(paths), message="\n".join(errors)), paths.progress, sys.stdout)
+        return EXIT_CONFIG
+    try:
+        check_prefetched(run)  # seconds, before the training stack is imported
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        emit(make_event("error", _latest_step(paths), message=str(exc)), paths.progress, None)
         return EXIT_CONFIG
 
     from .preemption import Preempted, PreemptionCallback

@@ -22,6 +22,7 @@ from typing import IO, Callable
 
 from ..config import RunConfig
 from ..grid import Plan
+from ..hub import offline_env
 from ..logs import follow_file
 from ..progress import EXIT_PREEMPTED
 from ..storage import RunPaths, read_json, write_json, write_run_config
@@ -196,7 +197,7 @@ class LocalBackend:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=job_environment(),
+            env={**job_environment(), **offline_env(run)},  # offline once prefetched
             cwd=paths.root,
             start_new_session=True,
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import templates
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..hub import offline_env
 from ..progress import EXIT_PREEMPTED
 from ..storage import RunPaths
 
@@ -146,6 +147,7 @@ def _context(run: RunConfig, gpus: int) -> dict:
         "overrides": json.dumps(run.overrides, sort_keys=True, ensure_ascii=True),
         "setup": env.setup,
         "variables": sorted(env.variables.items()),
+        "hub_env": sorted(offline_env(run).items()),  # prefetched: read the shared cache offline
         "python": env.python,
         "container": env.container,
         "binds": ",".join(binds),
