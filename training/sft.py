@@ -180,6 +180,10 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
 
     if use_packed_rows(trainer, model):
         log("packing: rows of max_seq_length tokens, each example attending only to itself")
+    from .example_record import record_path, record_requested
+
+    if record_requested():
+        trainer.record_examples_to(record_path(paths.root, int(os.environ.get("RANK", "0"))))
     if not (cuda and sft_config.bf16):
         keep_trainable_fp32(trainer.model)
     if cuda:
