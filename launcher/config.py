@@ -103,6 +103,9 @@ class TrainConfig(Section):
     bf16: bool = False
     max_seq_length: int | None = Field(default=None, ge=8)  # null: trl's default (1024)
     packing: bool = False
+    # Loss on the answers only (trl's completion_only_loss; Axolotl's train_on_inputs: false).
+    # null: answer-only for instruction and messages data, the whole text for format: text.
+    completion_only_loss: bool | None = None
     use_liger_kernel: bool = False
     seed: int = 42
     logging_steps: int = Field(default=25, ge=1)
