@@ -107,10 +107,21 @@ def instruction_turn(run: RunConfig, row: dict[str, Any]) -> tuple[str | None, T
     return system, Turn(user, str(row[ds.response_field]))
 
 
+# ShareGPT's {from, value} messages (Axolotl's `sharegpt` type) read as {role, content}.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def _as_role_content(message: Any) -> Any:
+    if isinstance(message, dict) and "role" not in message and "from" in message:
+        return {"role": SHAREGPT_ROLES.get(message["from"], message["from"]), "content": message.get("value", "")}
+    return message
+
+
 def message_turns(messages: list[dict[str, Any]], default_system: str | None, where: str) -> tuple[str | None, list[Turn]]:
     """A conversation as (system, turns); roles must alternate user/assistant."""
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: expected a non-empty list of {{role, content}} messages")
+    messages = [_as_role_content(m) for m in messages]
     system = default_system
     rest = list(messages)
     if rest[0].get("role") == "system":
