@@ -211,3 +211,17 @@ def test_sharegpt_from_value_rows_are_read_as_messages(tmp_path):
                                     "dataset": {"messages_field": "conversations"}})
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     assert format_row(run, None, row, "messages") == "<s>[INST] Hi [/INST] Hello </s>"
+
+
+def test_the_readme_shows_what_the_import_prints(tmp_path, capsys, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("$ qlaunch import qlora.yml -o llama2-qlora.yaml\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qlora.yml").write_text((DATA / AXOLOTL_CONFIGS[0]).read_text())
+    assert main(["import", "qlora.yml", "-o", "llama2-qlora.yaml"]) == 0
+    printed = capsys.readouterr()
+    assert block.splitlines() == printed.err.splitlines() + printed.out.splitlines()
+    written = (tmp_path / "llama2-qlora.yaml").read_text()
+    shown = readme.split("```yaml\n# Imported by `qlaunch import` from axolotl: qlora.yml\n", 1)[1].split("```", 1)[0]
+    body = [line for line in shown.splitlines() if not line.startswith("#")]
+    assert body == [line for line in written.splitlines() if not line.startswith("#")]

@@ -262,18 +262,18 @@ def _datasets(datasets: Any, out: Imported) -> None:
         rest = ", ".join(str(d.get("path")) for d in datasets[1:] if isinstance(d, dict))
         out.warn(f"datasets: qlaunch trains on one dataset: imported the first, not {rest}")
     ds = datasets[0]
-    where = "axolotl datasets[0]"
+    where = "datasets[0]"
     path = ds.get("path")
     if ds.get("data_files"):
         files = ds["data_files"]
         path = files[0] if isinstance(files, list) else files
-        out.set("dataset.path", path, f"{where}.data_files: {yaml_scalar(ds['data_files'])}")
+        out.set("dataset.path", path, f"axolotl {where}.data_files: {yaml_scalar(ds['data_files'])}")
         if isinstance(files, list) and len(files) > 1:
             out.warn(f"{where}.data_files: only the first file is imported ({path})")
     elif path:
-        out.set("dataset.path", path, f"{where}.path: {yaml_scalar(path)}")
+        out.set("dataset.path", path, f"axolotl {where}.path: {yaml_scalar(path)}")
     if ds.get("split"):
-        out.set("dataset.split", ds["split"], f"{where}.split: {yaml_scalar(ds['split'])}")
+        out.set("dataset.split", ds["split"], f"axolotl {where}.split: {yaml_scalar(ds['split'])}")
     kind = ds.get("type")
     base = kind.split(":")[0] if isinstance(kind, str) else kind
     fmt = TYPES.get(kind) or (TYPES.get(base) if base == "sharegpt" else None)
@@ -281,17 +281,17 @@ def _datasets(datasets: Any, out: Imported) -> None:
         out.warn(f"{where}.type: {yaml_scalar(kind)}: not mapped (qlaunch reads alpaca, sharegpt, chat_template "
                  "and completion data); dataset.format stays auto")
     else:
-        out.set("dataset.format", fmt, f"{where}.type: {yaml_scalar(kind)}")
+        out.set("dataset.format", fmt, f"axolotl {where}.type: {yaml_scalar(kind)}")
     if fmt == "instruction":
-        out.set("dataset.instruction_field", "instruction", f"{where}.type: alpaca (its instruction column)")
-        out.set("dataset.input_field", "input", f"{where}.type: alpaca (its input column)")
-        out.set("dataset.response_field", "output", f"{where}.type: alpaca (its output column)")
+        out.set("dataset.instruction_field", "instruction", f"axolotl {where}.type: alpaca (its instruction column)")
+        out.set("dataset.input_field", "input", f"axolotl {where}.type: alpaca (its input column)")
+        out.set("dataset.response_field", "output", f"axolotl {where}.type: alpaca (its output column)")
         out.warn(f"{where}.type: alpaca: rows are rendered in qlaunch's prompt.template "
                  f"({out.get('prompt.template', 'llama2')}), not Axolotl's '### Instruction:' wording")
     elif fmt == "messages":
         field = ds.get("field_messages") or ("conversations" if base == "sharegpt" else "messages")
-        out.set("dataset.messages_field", field, f"{where}.field_messages: {yaml_scalar(field)}"
-                if ds.get("field_messages") else f"{where}.type: {kind} (Axolotl's default column)")
+        out.set("dataset.messages_field", field, f"axolotl {where}.field_messages: {yaml_scalar(field)}"
+                if ds.get("field_messages") else f"axolotl {where}.type: {kind} (Axolotl's default column)")
         roles = ds.get("message_property_mappings") or {}
         role = roles.get("role") or ds.get("message_field_role")
         content = roles.get("content") or ds.get("message_field_content")
@@ -299,12 +299,12 @@ def _datasets(datasets: Any, out: Imported) -> None:
                                    (None, "content"), ("from", None), (None, "value")):
             out.warn(f"{where}: message keys {role!r}/{content!r}: qlaunch reads role/content or from/value")
         if not out.has("prompt.template"):
-            out.set("prompt.template", "chat_template", f"{where}.type: {kind} (rendered with a chat template)")
+            out.set("prompt.template", "chat_template", f"axolotl {where}.type: {kind} (rendered with a chat template)")
         out.warn(f"{where}.type: {kind}: with answer-only loss, qlaunch scores the last answer of each "
                  "conversation (earlier turns are context), where Axolotl scores every assistant turn")
     elif fmt == "text":
         field = ds.get("field") or "text"
-        out.set("dataset.text_field", field, f"{where}.field: {yaml_scalar(field)}" if ds.get("field") else f"{where}.type: completion (its text column)")
+        out.set("dataset.text_field", field, f"axolotl {where}.field: {yaml_scalar(field)}" if ds.get("field") else f"axolotl {where}.type: completion (its text column)")
     known = {"path", "type", "split", "data_files", "ds_type", "field_messages", "message_property_mappings",
              "message_field_role", "message_field_content", "field", "roles_to_train", "train_on_eos"}
     for key, value in ds.items():
