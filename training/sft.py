@@ -113,6 +113,10 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     dataset, answer_only = build_train_dataset(run, tokenizer, records)
     train_data, eval_data = split_eval(run, dataset)
     log("loss: " + ("the answers only (the prompt is context)" if answer_only else "the whole text"))
+    if run.train.completion_only_loss is None and answer_only:
+        # The plan could not see the columns (format auto, hub dataset), so the id does not record it.
+        log("note: answer-only loss was chosen from the dataset's columns here; set dataset.format "
+            "(or train.completion_only_loss) in the experiment so the run id records it")
     sft_config = build_sft_config(
         run, str(paths.checkpoints), cuda=cuda, adjustments=adjustments, completion_only_loss=answer_only
     )
