@@ -22,6 +22,7 @@ from .backends import State, canonical, get_backend
 from .errors import QlaunchError
 from .grid import Plan, plan
 from .importers import command as import_command
+from .input_checks import refuse_bad_inputs
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -34,6 +35,7 @@ def _backend_name(args: argparse.Namespace, p: Plan) -> str:
 # ---- commands ---------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
+    refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     table = Table(title=f"{p.experiment.name}: {len(p.runs)} runs", title_justify="left")
     table.add_column("run")
     for key in p.varying_keys:
@@ -47,12 +49,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
+    refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     backend = get_backend(_backend_name(args, p))
     out = Path(args.output)
     written = backend.render(p, out)
     for path in written:
         console.print(str(path))
     console.print(f"rendered {len(p.runs)} runs for {backend.name} into {out}; nothing submitted")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    p = plan(args.experiment)
+    refuse_bad_inputs(p, _backend_name(args, p), False, err_console)
+    console.print(f"inputs OK: {len(p.runs)} run{'s' if len(p.runs) != 1 else ''} checked, nothing started")
     return 0
 
 
@@ -80,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
+    refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     name = _backend_name(args, p)
     backend = get_backend(name)
     if name != "local" and not args.skip_preflight and not _preflight(p, show=False):
@@ -156,10 +167,14 @@ def _print_inference_summaries(p: Plan) -> None:
         if not isinstance(metric, dict) or "tuned" not in metric:
             continue
         base = f"base {metric['base']:.2f} → " if "base" in metric else ""
+        others = [m for m in summary.get("metrics", [])[1:] if isinstance(m, dict) and "tuned" in m]
+        also = "".join(
+            f"; {m.get('name')} " + (f"{m['base']:.2f} → " if "base" in m else "") + f"{m['tuned']:.2f}" for m in others
+        )
         console.print(
             f"[bold]{run.run_id}[/] {escape(' '.join(f'{k}={v}' for k, v in run.overrides.items()))}: "
             f"{escape(str(metric.get('name', 'metric')))} {base}tuned [bold green]{metric['tuned']:.2f}[/] "
-            f"on {metric.get('n', '?')} held-out prompts"
+            f"on {metric.get('n', '?')} held-out prompts{escape(also)}"
         )
 
 
@@ -244,13 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--backend", "-b", choices=["local", "slurm", "kubernetes", "k8s"],
                              help="default: the experiment file's `backend:` (local)")
 
+    def input_checks_option(command):
+        command.add_argument("--skip-input-checks", action="store_true",
+                             help="do not check local paths here (only the cluster sees them); the job still checks")
+
+    command = add("check", cmd_check, "Check the inputs every run names (files, fields, keys); start nothing.")
+    command.add_argument("experiment")
+    backend_option(command)
+
     command = add("plan", cmd_plan, "List the runs an experiment file expands to.")
     command.add_argument("experiment")
+    input_checks_option(command)
 
     command = add("render", cmd_render, "Write each run's job script/manifest for review; submit nothing.")
     command.add_argument("experiment")
     backend_option(command)
     command.add_argument("-o", "--output", default="rendered", help="folder (default: ./rendered)")
+    input_checks_option(command)
 
     command = add("run", cmd_run, "Train every run of the grid on this machine, then run inference.")
     command.add_argument("experiment")
@@ -259,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--no-infer", action="store_true", help="skip the inference jobs")
     command.add_argument("--dry-run", action="store_true", help="show what would run")
     command.set_defaults(skip_preflight=True)
+    input_checks_option(command)
 
     command = add("submit", cmd_submit, "Submit the grid (training + dependent inference jobs).")
     command.add_argument("experiment")
@@ -269,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--skip-preflight", action="store_true", help="submit runs the memory check refuses")
     command.add_argument("--max-parallel", "-j", type=int, help="local backend: runs at a time")
     command.add_argument("--no-infer", action="store_true", help="local backend: skip inference")
+    input_checks_option(command)
 
     command = add("preflight", cmd_preflight, "Estimate each run's peak GPU memory on its target GPU.")
     command.add_argument("experiment")

@@ -15,27 +15,20 @@ Pure: the launcher resolves it at plan time (the run id records it) and the job 
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Iterable
 
 from .config import DatasetConfig, TrainConfig
+from .data_files import LOCAL_FORMATS, read_rows
 from .errors import ConfigError
+from .input_checks import auto_format
 
 ANSWER_ONLY_FORMATS = ("instruction", "messages")
 
 
 def format_from_columns(ds: DatasetConfig, columns: Iterable[str]) -> str | None:
     """What `dataset.format: auto` picks for these columns (None: none of the known shapes)."""
-    columns = set(columns)
-    if ds.text_field in columns:
-        return "text"
-    if ds.messages_field in columns:
-        return "messages"
-    if ds.instruction_field in columns and ds.response_field in columns:
-        return "instruction"
-    return None
+    return auto_format(ds, columns)
 
 
 def answer_only(train: TrainConfig, fmt: str) -> bool:
@@ -72,28 +65,7 @@ def resolve_for_plan(ds: DatasetConfig, train: TrainConfig, experiment_dir: Path
 
 
 def _local_columns(path: Path) -> list[str] | None:
-    if not path.is_file():
+    if not path.is_file() or path.suffix.lower() not in LOCAL_FORMATS:
         return None
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with path.open() as handle:
-            for line in handle:
-                if line.strip():
-                    break
-            else:
-                return None
-        try:
-            first = json.loads(line)
-        except json.JSONDecodeError:
-            first = json.loads(path.read_text())  # one JSON document spread over lines
-        if isinstance(first, list):  # a list of rows
-            first = first[0] if first else None
-        return list(first) if isinstance(first, dict) else None
-    if suffix == ".csv":
-        with path.open(newline="") as handle:
-            return next(csv.reader(handle), None)
-    if suffix == ".parquet":
-        import pyarrow.parquet  # only here: datasets' own dependency, not the launcher's
-
-        return list(pyarrow.parquet.read_schema(path).names)
-    return None
+    rows = read_rows(path, limit=1000)  # the fields of the first rows are the columns
+    return rows.fields if rows.fields and not rows.error else None

@@ -30,14 +30,15 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from launcher.config import RunConfig
+from launcher.data_files import LOCAL_FORMATS
 from launcher.errors import ConfigError
-from launcher.loss import answer_only, format_from_columns
+from launcher.input_checks import auto_format, dataset_file, needed_fields
+from launcher.loss import answer_only
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 LLAMA2_BOS, LLAMA2_EOS = "<s>", "</s>"
 
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -76,26 +77,21 @@ def detect_format(run: RunConfig, columns: Iterable[str]) -> str:
     columns = set(columns)
     ds = run.dataset
     if ds.format != "auto":
-        needed = {
-            "text": [ds.text_field],
-            "messages": [ds.messages_field],
-            "instruction": [ds.instruction_field, ds.response_field],
-        }[ds.format]
-        missing = [c for c in needed if c not in columns]
+        missing = [c for c in needed_fields(ds, ds.format).values() if c not in columns]
         if missing:
             raise ConfigError(
                 f"dataset.format: {ds.format!r} needs column(s) {missing} "
                 f"(the dataset has: {sorted(columns)})"
             )
         return ds.format
-    detected = format_from_columns(ds, columns)
-    if detected is not None:
-        return detected
-    raise ConfigError(
-        f"dataset.path: cannot tell the dataset's format from its columns {sorted(columns)}: expected "
-        f"{ds.text_field!r}, {ds.messages_field!r}, or {ds.instruction_field!r} + {ds.response_field!r} "
-        "(set dataset.format and the *_field keys)"
-    )
+    fmt = auto_format(ds, columns)
+    if fmt is None:
+        raise ConfigError(
+            f"dataset.path: cannot tell the dataset's format from its columns {sorted(columns)}: expected "
+            f"{ds.text_field!r}, {ds.messages_field!r}, or {ds.instruction_field!r} + {ds.response_field!r} "
+            "(set dataset.format and the *_field keys)"
+        )
+    return fmt
 
 
 def instruction_turn(run: RunConfig, row: dict[str, Any]) -> tuple[str | None, Turn]:
@@ -237,9 +233,9 @@ def load_records(run: RunConfig, token: str | None = None):
     import datasets
 
     ds = run.dataset
-    local = run.resolve_path(ds.path)
+    local = dataset_file(run)  # None: a hub id (the launcher's input check uses the same rule)
     try:
-        if local.is_file():
+        if local is not None and local.is_file():
             kind = LOCAL_FORMATS.get(local.suffix.lower())
             if kind is None:
                 raise ConfigError(
@@ -247,7 +243,7 @@ def load_records(run: RunConfig, token: str | None = None):
                     f"(use {', '.join(LOCAL_FORMATS)})"
                 )
             data = datasets.load_dataset(kind, data_files=str(local), split=ds.split)
-        elif ds.path.startswith(("/", "./", "../", "~")) or local.suffix.lower() in LOCAL_FORMATS:
+        elif local is not None:
             raise ConfigError(f"dataset.path: no such file {local}")
         else:
             data = datasets.load_dataset(ds.path, split=ds.split, token=token)

