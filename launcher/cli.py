@@ -21,6 +21,7 @@ from . import run_index
 from .backends import State, canonical, get_backend
 from .errors import QlaunchError
 from .grid import Plan, plan
+from .importers import command as import_command
 from .input_checks import refuse_bad_inputs
 
 console = Console(highlight=False)
@@ -360,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--merge", action="store_true", help="also write a merged fp16 model")
     command.add_argument("--no-base", action="store_true", help="skip the base model's answers")
     command.add_argument("-e", "--experiment", help="experiment file")
+
+    import_command.add_arguments(add("import", import_command.cmd_import, import_command.HELP))
     return parser
 
 

@@ -105,6 +105,9 @@ class TrainConfig(Section):
     bf16: bool = False
     max_seq_length: int | None = Field(default=None, ge=8)  # null: trl's default (1024)
     packing: bool = False
+    # Loss on the answers only (trl's completion_only_loss; Axolotl's train_on_inputs: false).
+    # null: answer-only for instruction and messages data, the whole text for format: text.
+    completion_only_loss: bool | None = None
     # auto: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) when CUDA and liger-kernel are there;
     # they change no math (bench/RESULTS.md). Resolved when the job starts (training/arguments.py).
     use_liger_kernel: bool | Literal["auto"] = "auto"

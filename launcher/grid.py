@@ -19,9 +19,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .config import IDENTITY_SECTIONS, Experiment, RunConfig
+from .config import IDENTITY_SECTIONS, DatasetConfig, Experiment, RunConfig, TrainConfig
 from .errors import ConfigError
 from .experiment_file import Loader, _key_lines, format_validation_error, load_experiment, load_yaml
+from .loss import resolve_for_plan
 
 GRID_FORBIDDEN = {"name", "grid", "backend", "storage"}
 
@@ -63,6 +64,10 @@ def run_id_for(resolved: dict[str, Any]) -> str:
         section: {key: value for key, value in resolved[section].items() if defaults[section].get(key, object()) != value}
         for section in IDENTITY_SECTIONS
     }
+    # Whole-text loss is what every run trained with before the key existed: only answer-only
+    # loss enters the hash, so those runs keep their ids and a changed loss gets a new one.
+    if identity["train"].get("completion_only_loss") is not True:
+        identity["train"].pop("completion_only_loss", None)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:10]
 
@@ -150,6 +155,15 @@ def plan(path: str | Path) -> Plan:
                     ) from None
             raise ConfigError(format_validation_error(exc, str(source), lines)) from None
         resolved["grid"] = {}
+        try:
+            # The loss the job will train with, by the data's format where it is known here.
+            resolved["train"]["completion_only_loss"] = resolve_for_plan(
+                DatasetConfig.model_validate(resolved["dataset"]),
+                TrainConfig.model_validate(resolved["train"]),
+                source.parent,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         overrides = {key: _get_dotted(resolved, key) for key in keys}
         run_id = run_id_for(resolved)
         if run_id in seen:

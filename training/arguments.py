@@ -23,6 +23,8 @@ RESERVED_SFT_ARGS = {
     "output_dir": "checkpoints always go to <run dir>/checkpoints",
     "overwrite_output_dir": "runs resume from their checkpoints",
     "resume_from_checkpoint": "the job resumes from its newest complete checkpoint by itself",
+    "completion_only_loss": "use train.completion_only_loss",
+    "assistant_only_loss": "answer-only loss is train.completion_only_loss, masked by the rendered prompt",
 }
 
 # Optimizers that need CUDA (bitsandbytes' paged/8-bit ones) → what to use without it.
@@ -45,8 +47,15 @@ def cuda_only_optimizer(name: str) -> bool:
     return name.startswith("paged_") or "bnb" in name or "8bit" in name or name in {"lion_32bit", "rmsprop_32bit"}
 
 
-def sft_kwargs(run: RunConfig, *, cuda: bool, adjustments: Adjustments) -> dict[str, Any]:
+def sft_kwargs(
+    run: RunConfig, *, cuda: bool, adjustments: Adjustments, completion_only_loss: bool | None = None
+) -> dict[str, Any]:
+    """`completion_only_loss`: what the job resolved from the data (default: the run's value,
+    which the plan resolved where it could; None leaves it to trl, which masks prompts exactly
+    when the dataset has prompt/completion columns)."""
     t = run.train
+    if completion_only_loss is None:
+        completion_only_loss = t.completion_only_loss
     fp16, bf16, optim = t.fp16, t.bf16, t.optim
     if not cuda:
         if fp16 or bf16:
@@ -80,6 +89,8 @@ def sft_kwargs(run: RunConfig, *, cuda: bool, adjustments: Adjustments) -> dict[
         "dataloader_num_workers": t.dataloader_num_workers,
         "dataloader_pin_memory": cuda,
         "dataset_text_field": "text",
+        # Answer-only loss: the dataset has prompt/completion columns and trl masks the prompt.
+        "completion_only_loss": completion_only_loss,
         # tokens/s in progress events counts real tokens, not padding.
         "include_num_input_tokens_seen": "non_padding",
         "report_to": "none",
@@ -111,10 +122,17 @@ def checked_sft_args(run: RunConfig) -> dict[str, Any]:
     return dict(run.train.sft_args)
 
 
-def build_sft_config(run: RunConfig, output_dir: str, *, cuda: bool, adjustments: Adjustments):
+def build_sft_config(
+    run: RunConfig,
+    output_dir: str,
+    *,
+    cuda: bool,
+    adjustments: Adjustments,
+    completion_only_loss: bool | None = None,
+):
     from trl import SFTConfig
 
-    kwargs = sft_kwargs(run, cuda=cuda, adjustments=adjustments)
+    kwargs = sft_kwargs(run, cuda=cuda, adjustments=adjustments, completion_only_loss=completion_only_loss)
     try:
         return SFTConfig(output_dir=output_dir, **kwargs)
     except (ValueError, TypeError) as exc:

@@ -106,7 +106,7 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
 
     from .arguments import Adjustments, build_sft_config
     from .checkpoints import latest_checkpoint, publish, remove_partial_saves
-    from .formatting import build_text_dataset, load_records, split_eval
+    from .formatting import build_train_dataset, load_records, split_eval
     from .model_source import load_model, load_tokenizer, resolve_model
     from .progress_events import ProgressCallback
     from .trainer import AtomicCheckpointTrainer, keep_trainable_fp32
@@ -134,8 +134,16 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     source = resolve_model(run)
     tokenizer = load_tokenizer(source)
     records = load_records(run, source.token)
-    train_data, eval_data = split_eval(run, build_text_dataset(run, tokenizer, records))
-    sft_config = build_sft_config(run, str(paths.checkpoints), cuda=cuda, adjustments=adjustments)
+    dataset, answer_only = build_train_dataset(run, tokenizer, records)
+    train_data, eval_data = split_eval(run, dataset)
+    log("loss: " + ("the answers only (the prompt is context)" if answer_only else "the whole text"))
+    if run.train.completion_only_loss is None and answer_only:
+        # The plan could not see the columns (format auto, hub dataset), so the id does not record it.
+        log("note: answer-only loss was chosen from the dataset's columns here; set dataset.format "
+            "(or train.completion_only_loss) in the experiment so the run id records it")
+    sft_config = build_sft_config(
+        run, str(paths.checkpoints), cuda=cuda, adjustments=adjustments, completion_only_loss=answer_only
+    )
     if not cuda and run.quantization.load_in_4bit and run.quantization.bnb_4bit_compute_dtype != "float32":
         adjustments.note(
             f"no CUDA: 4-bit compute dtype {run.quantization.bnb_4bit_compute_dtype} → float32 "
