@@ -207,7 +207,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from .backends.local import infer_command, job_environment
+    from .backends.local import infer_command
+    from .jobspec import launcher_environment
     from .storage import RunPaths
 
     p, _, runs = run_index.resolve(args.run, args.experiment)
@@ -223,7 +224,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         extra.append("--merge")
     if args.no_base:
         extra.append("--no-base")
-    return subprocess.call(infer_command(run, extra), env=job_environment())
+    return subprocess.call(infer_command(run, extra), env=launcher_environment())
 
 
 # ---- parser -----------------------------------------------------------------------------------

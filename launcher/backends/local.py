@@ -22,6 +22,7 @@ from typing import IO, Callable
 
 from ..config import RunConfig
 from ..grid import Plan
+from ..jobspec import JobSpec, inference_job, job_specs, launcher_environment
 from ..logs import follow_file
 from ..progress import EXIT_PREEMPTED
 from ..storage import RunPaths, read_json, write_json, write_run_config
@@ -51,25 +52,18 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
+def command(spec: JobSpec, extra: tuple[str, ...] = ()) -> list[str]:
+    """A job spec as a process on this machine: run by this qlaunch's own python. Local jobs
+    inherit this shell's environment (environment.variables and .setup are for cluster jobs)."""
+    return spec.placed(python=sys.executable, args=extra).command
+
+
 def train_command(run: RunConfig) -> list[str]:
-    config = str(RunPaths.of(run).config)
-    if run.resources.gpus_per_node > 1:
-        # accelerate launch, one process per GPU, with signals and exit codes passed through.
-        return [sys.executable, "-m", "training.launch", config]
-    return [sys.executable, "-m", "training.sft", config]
+    return command(job_specs(run).train)
 
 
 def infer_command(run: RunConfig, extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "training.infer", str(RunPaths.of(run).config), *(extra or [])]
-
-
-def job_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    # The job imports launcher/training from wherever this qlaunch comes from (a checkout too).
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return command(inference_job(run), tuple(extra or ()))
 
 
 @dataclass
@@ -196,7 +190,7 @@ class LocalBackend:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=job_environment(),
+            env=launcher_environment(),
             cwd=paths.root,
             start_new_session=True,
         )

@@ -11,7 +11,6 @@ where accounting exists) and, for jobs Slurm has forgotten, from the run folder.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import IO, Iterable
 from ..config import RunConfig
 from ..errors import BackendError
 from ..grid import Plan
+from ..jobspec import launcher_environment
 from ..logs import follow_file
 from ..progress import read_events
 from ..storage import RunPaths, read_json, write_json, write_run_config
@@ -28,7 +28,6 @@ from .base import RunStatus, State, SubmitReport
 from .slurm_jobs import JobInfo, SlurmCommands
 from .slurm_script import INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_run
 
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # How long `submit --force` waits for the jobs it cancelled to let go of the run folder.
 CANCEL_WAIT_SECONDS = 120
 
@@ -65,15 +64,6 @@ def _record_job(run: RunConfig, kind: str, job_id: str, **fields) -> None:
     job = {"kind": kind, "job_id": job_id, "submitted_at": round(time.time(), 3), **fields}
     jobs = [*_Submissions.of(run).jobs, job]
     write_json(RunPaths.of(run).submission, {"backend": "slurm", "jobs": jobs})
-
-
-def sbatch_environment() -> dict[str, str]:
-    """The environment sbatch passes on to the job (its default --export=ALL)."""
-    env = dict(os.environ)
-    # From a source checkout, the job imports launcher/training from it, whichever python it runs.
-    if (_PACKAGE_ROOT / "pyproject.toml").is_file():
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-    return env
 
 
 def _from_storage(run: RunConfig, job_id: str | None) -> tuple[State, str]:
@@ -182,13 +172,14 @@ class SlurmBackend:
         seen: set[tuple[str, ...]] = set()
         with tempfile.TemporaryDirectory(prefix="qlaunch-slurm-check-") as tmp:
             for action in actions:
+                scripts = action.scripts
                 candidates = []
                 if action.train:
-                    candidates.append(("training", action.scripts.train))
-                if action.infer and action.scripts.infer is not None:
-                    candidates.append(("inference", action.scripts.infer))
-                for kind, text in candidates:
-                    key = (kind, *_resource_directives(text))
+                    candidates.append(("training", scripts.train, scripts.train_scheduling))
+                if action.infer and scripts.infer is not None:
+                    candidates.append(("inference", scripts.infer, scripts.infer_scheduling))
+                for kind, text, scheduling in candidates:
+                    key = (kind, *scheduling)
                     if key in seen:
                         continue
                     seen.add(key)
@@ -201,7 +192,7 @@ class SlurmBackend:
     def submit(self, plan: Plan, *, force: bool = False, dry_run: bool = False) -> SubmitReport:
         report = SubmitReport()
         scripts = {run.run_id: render_run(run) for run in plan.runs}  # ConfigError before anything
-        env = sbatch_environment()
+        env = launcher_environment()  # what sbatch passes on to the job (--export=ALL)
         infos = self._infos(plan.runs)
         actions = self._plan_actions(plan, scripts, infos, force, report)
         if not actions:
@@ -309,11 +300,3 @@ class SlurmBackend:
         self.commands.scancel(ids)
         return cancelled
 
-
-def _resource_directives(script: str) -> list[str]:
-    """The #SBATCH lines that decide whether Slurm accepts a job (not its name or log file)."""
-    return [
-        line
-        for line in script.splitlines()
-        if line.startswith("#SBATCH ") and not any(k in line for k in ("--job-name=", "--output="))
-    ]
