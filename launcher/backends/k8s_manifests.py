@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
@@ -482,16 +482,10 @@ def to_yaml(documents: list[dict[str, Any]]) -> str:
                          width=1000, explicit_start=True)
 
 
-def render_files(plan: Plan, out_dir: Path) -> list[Path]:
-    check_plan(plan)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for run in plan.runs:
-        path = out_dir / f"{run.run_id}.yaml"
-        header = (
-            f"# qlaunch · experiment {plan.experiment.name} · run {run.run_id}\n"
-            f"# `qlaunch submit` applies these objects (server-side apply, field manager qlaunch).\n"
-        )
-        path.write_text(header + to_yaml(run_documents(plan, run)))
-        written.append(path)
-    return written
+def file_text(plan: Plan, run_id: str, documents: list[dict[str, Any]]) -> str:
+    """The reviewable file of one run's objects."""
+    header = (
+        f"# qlaunch · experiment {plan.experiment.name} · run {run_id}\n"
+        f"# `qlaunch submit` applies these objects (server-side apply, field manager qlaunch).\n"
+    )
+    return header + to_yaml(documents)

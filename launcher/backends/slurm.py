@@ -24,7 +24,7 @@ from ..jobspec import launcher_environment
 from ..logs import follow_file
 from ..progress import read_events
 from ..storage import RunPaths, read_json, write_json, write_run_config
-from .base import RunStatus, State, SubmitReport
+from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 from .slurm_jobs import JobInfo, SlurmCommands
 from .slurm_script import INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_run
 
@@ -39,6 +39,16 @@ class _Action:
     train: bool  # submit the training job
     infer: bool  # submit the inference job
     after: str | None = None  # training job the inference job waits for (None: training is done)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The Slurm side of a Submission: what apply() submits, and the scheduler view it was
+    decided on (--force cancels the active jobs in it)."""
+
+    actions: tuple[_Action, ...]
+    infos: dict[str, JobInfo]
+    force: bool
 
 
 @dataclass(frozen=True)
@@ -80,24 +90,11 @@ def _from_storage(run: RunConfig, job_id: str | None) -> tuple[State, str]:
     return State.UNKNOWN, f"job {job_id} gone from Slurm{step}; `qlaunch submit` resumes it"
 
 
-class SlurmBackend:
+class SlurmBackend(Backend):
     name = "slurm"
 
     def __init__(self) -> None:
         self.commands = SlurmCommands()
-
-    # ---- render -------------------------------------------------------------------------------
-    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
-        rendered = [render_run(run) for run in plan.runs]  # all or nothing
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for scripts in rendered:
-            for kind, text in (("train", scripts.train), ("infer", scripts.infer)):
-                if text is not None:
-                    path = out_dir / f"{scripts.run_id}.{kind}.sbatch"
-                    path.write_text(text)
-                    written.append(path)
-        return written
 
     # ---- state --------------------------------------------------------------------------------
     def _infos(self, runs: Iterable[RunConfig]) -> dict[str, JobInfo]:
@@ -189,23 +186,39 @@ class SlurmBackend:
                         path, env=env, what=f"run {action.run.run_id}'s {kind} job"
                     )
 
-    def submit(self, plan: Plan, *, force: bool = False, dry_run: bool = False) -> SubmitReport:
+    def prepare(self, plan: Plan, *, force: bool = False, offline: bool = False) -> Submission:
+        """Scripts for every run (ConfigError before anything), the jobs each run needs given
+        what squeue/sacct know, and `sbatch --test-only` on each distinct request."""
+        scripts = {run.run_id: render_run(run) for run in plan.runs}
+        files = {}
+        for rendered in scripts.values():
+            for kind, text in (("train", rendered.train), ("infer", rendered.infer)):
+                if text is not None:
+                    files[f"{rendered.run_id}.{kind}.sbatch"] = text
         report = SubmitReport()
-        scripts = {run.run_id: render_run(run) for run in plan.runs}  # ConfigError before anything
-        env = launcher_environment()  # what sbatch passes on to the job (--export=ALL)
-        infos = self._infos(plan.runs)
+        infos = {} if offline else self._infos(plan.runs)
         actions = self._plan_actions(plan, scripts, infos, force, report)
+        checked = "not checked with Slurm (offline)"
+        if actions and not offline:
+            self._check_with_scheduler(actions, launcher_environment())
+            checked = "accepted by sbatch --test-only"
+        jobs = {}
+        for action in actions:
+            jobs[action.run.run_id] = (["train"] if action.train else []) + (
+                [f"infer after job {action.after}" if action.after else "infer"] if action.infer else []
+            )
+        return Submission(self.name, files, jobs, report.skipped, checked,
+                          request=_Request(tuple(actions), infos, force))  # fmt: skip
+
+    def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
+        request: _Request = submission.request
+        report = SubmitReport(skipped=dict(submission.skipped))
+        actions = list(request.actions)
         if not actions:
             return report
-        self._check_with_scheduler(actions, env)
-        if dry_run:
-            for action in actions:
-                report.submitted[action.run.run_id] = [
-                    f"{kind} (dry run)" for kind, wanted in (("train", action.train), ("infer", action.infer)) if wanted
-                ]
-            return report
-        if force:
-            self._stop_for_resubmit([a.run for a in actions], infos)
+        env = launcher_environment()  # what sbatch passes on to the job (--export=ALL)
+        if request.force:
+            self._stop_for_resubmit([a.run for a in actions], request.infos)
         for action in actions:
             paths = RunPaths.of(action.run)
             write_run_config(action.run)
