@@ -17,7 +17,7 @@ import yaml
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..experiment_file import dump_run_config, parse_yaml
+from ..experiment_file import dump_run_config
 from ..grid import Plan
 from ..progress import EXIT_PREEMPTED
 from ..storage import RunPaths
@@ -97,10 +97,7 @@ class _Where:
 
     def __init__(self, plan: Plan):
         self.source = plan.source
-        try:
-            _, self.lines = parse_yaml(plan.source.read_text(), str(plan.source))
-        except (OSError, ConfigError):
-            self.lines = {}
+        self.lines = plan.key_lines
 
     def __call__(self, dotted: str) -> str:
         parts = tuple(dotted.split("."))
