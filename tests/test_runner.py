@@ -65,3 +65,9 @@ def test_a_dry_run_records_the_runs_for_later_commands(tmp_path, home):
     runner.submit(p, get_backend("kubernetes"), dry_run="client")
     resolved, name, runs = run_index.resolve(p.runs[0].run_id[:6], None)
     assert name == "kubernetes" and [r.run_id for r in runs] == [p.runs[0].run_id]
+
+
+def test_infer_without_a_trained_adapter_is_one_clear_error(tmp_path, home):
+    p = _plan(tmp_path, "name: inf\nstorage: {root: runs}\n")
+    with pytest.raises(runner.QlaunchError, match=f"run {p.runs[0].run_id} has no trained adapter yet"):
+        runner.infer(p, p.runs[0], ["--prompt", "hi"])
