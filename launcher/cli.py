@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,8 +16,9 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from . import run_index
-from .backends import State, canonical, get_backend
+from . import run_index, runner
+from .backends import Submission, canonical, get_backend
+from .backends.base import Foreground
 from .errors import QlaunchError
 from .grid import Plan, plan
 from .importers import command as import_command
@@ -50,14 +50,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_submission(submission: Submission) -> None:
+    for line in submission.describe():
+        console.print(escape(line), soft_wrap=True)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
     refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     backend = get_backend(_backend_name(args, p))
     out = Path(args.output)
-    written = backend.render(p, out)
+    submission, written = runner.render(p, backend, out)
     for path in written:
         console.print(str(path))
+    _print_submission(submission)
     console.print(f"rendered {len(p.runs)} runs for {backend.name} into {out}; nothing submitted")
     return 0
 
@@ -71,25 +77,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
-    return 0 if _preflight(p, show=True) else 1
+    estimates, refused = runner.preflight_refusals(p)
+    _print_estimates(estimates, refused, show=True, runs=p.runs)
+    return 1 if refused else 0
 
 
-def _preflight(p: Plan, show: bool) -> bool:
+def _print_estimates(estimates: list, refused: list, show: bool, runs=()) -> None:
     from . import preflight
 
-    estimates = preflight.preflight(p)
-    refused = [e for e in estimates if not e.fits]
     if show or refused:
         console.print(preflight.format_table(estimates))
     if show:
         from . import speed_tips, time_estimate
 
-        console.print(time_estimate.format_table(time_estimate.estimate_grid(p.runs)))
-        for line in speed_tips.summarize(p.runs):
+        console.print(time_estimate.format_table(time_estimate.estimate_grid(runs)))
+        for line in speed_tips.summarize(runs):
             console.print(f"faster: {escape(line)}")
     for estimate in refused:
         err_console.print(f"[red]{estimate.run_id} will not fit:[/] {escape(estimate.advice)}")
-    return not refused
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -99,37 +104,46 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
-    refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     name = _backend_name(args, p)
+    refuse_bad_inputs(p, name, args.skip_input_checks, err_console)
     backend = get_backend(name)
-    if name != "local" and not args.skip_preflight and not _preflight(p, show=False):
+    prepare = None if args.no_prefetch or args.dry_run or name == "kubernetes" else _prefetch
+    if backend.foreground:
+        return _run_here(p, backend, args, prepare)
+    result = runner.submit(p, backend, force=args.force, dry_run=args.dry_run or False,
+                           skip_preflight=args.skip_preflight, prepare=prepare)  # fmt: skip
+    if result.submission is None:
+        _print_estimates([], result.refused, show=False)
         err_console.print("nothing submitted (use --skip-preflight to submit anyway)")
-        return 1
-    if not args.no_prefetch and not args.dry_run and name != "kubernetes":
-        from . import prefetch  # hub models and datasets pinned and downloaded once, before any job
-
-        p = prefetch.prefetch_for_submit(p, say=lambda message: console.print(escape(message)))
-    run_index.record(p, name)
-    if name == "local":
-        return _run_locally(p, backend, args)
-    report = backend.submit(p, force=args.force, dry_run=args.dry_run or False)
+        return result.exit_code
+    if result.dry_run:
+        _print_submission(result.submission)
+        console.print(f"validated (dry run), nothing submitted. Submit: qlaunch submit {p.source}")
+        return result.exit_code
+    report = result.report
     for run_id, jobs in report.submitted.items():
         console.print(f"{run_id} submitted: {', '.join(jobs)}")
     for run_id, why in report.skipped.items():
         console.print(escape(f"{run_id} skipped: {why}"))
-    verb = "validated (dry run)" if args.dry_run else "submitted"
     console.print(
-        f"{len(report.submitted)} runs {verb}, {len(report.skipped)} skipped. "
+        f"{len(report.submitted)} runs submitted, {len(report.skipped)} skipped. "
         f"Watch: qlaunch status {p.source} --watch"
     )
-    return 0
+    return result.exit_code
 
 
-def _run_locally(p: Plan, backend, args: argparse.Namespace) -> int:
+def _prefetch(p: Plan) -> Plan:
+    from . import prefetch  # hub models and datasets pinned and downloaded once, before any job
+
+    return prefetch.prefetch_for_submit(p, say=lambda message: console.print(escape(message)))
+
+
+def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
+    """A backend that runs the jobs in this process: a live table while they run."""
     from .status_view import build_table, collect
 
     def table():
-        return build_table(p, collect(p, backend), "local")
+        return build_table(p, collect(p, backend), backend.name)
 
     interactive = console.is_terminal
     with Live(table(), console=console, refresh_per_second=2, auto_refresh=False,
@@ -144,31 +158,25 @@ def _run_locally(p: Plan, backend, args: argparse.Namespace) -> int:
         def on_event(message: str):
             live.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(message)}")
 
-        report = backend.submit(
-            p,
-            force=args.force,
-            dry_run=bool(args.dry_run),
-            max_parallel=args.max_parallel,
-            on_event=on_event,
-            on_tick=on_tick,
-            run_inference=not args.no_infer,
-        )
+        options = Foreground(max_parallel=args.max_parallel, run_inference=not args.no_infer,
+                             on_event=on_event, on_tick=on_tick)  # fmt: skip
+        result = runner.submit(p, backend, force=args.force, dry_run=bool(args.dry_run), foreground=options,
+                               prepare=prepare)  # fmt: skip
         live.update(table(), refresh=True)
     if not interactive:
         console.line()  # a non-terminal Live leaves its last line open
-    for run_id, why in report.skipped.items():
+    if result.dry_run:
+        _print_submission(result.submission)
+        return result.exit_code
+    for run_id, why in result.report.skipped.items():
         console.print(escape(f"{run_id} skipped: {why}"))
     _print_inference_summaries(p)
-    if report.interrupted:
+    if result.exit_code == runner.EXIT_INTERRUPTED:
         console.print(f"stopped. Resume with: qlaunch run {p.source}")
-        return 130
-    statuses = backend.status(p)
-    failed = [r for r, s in statuses.items() if s.state != State.COMPLETED or s.infer_state == State.FAILED]
-    if failed and not args.dry_run:
-        err_console.print(f"[red]{len(failed)} runs did not complete:[/] {', '.join(failed)} "
+    elif result.failed:
+        err_console.print(f"[red]{len(result.failed)} runs did not complete:[/] {', '.join(result.failed)} "
                           f"(qlaunch logs RUN shows why)")
-        return 1
-    return 0
+    return result.exit_code
 
 
 def _print_inference_summaries(p: Plan) -> None:
@@ -208,14 +216,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     try:
         with Live(build_table(p, collect(p, backend), name), console=console, auto_refresh=False) as live:
-            while True:
-                rows = collect(p, backend)
-                live.update(build_table(p, rows, name), refresh=True)
-                if all(not r.status.state.active and not r.status.infer_state.active for r in rows):
-                    return 0
-                time.sleep(args.interval)
+            runner.watch(p, backend, lambda rows: live.update(build_table(p, rows, name), refresh=True),
+                         args.interval)  # fmt: skip
     except KeyboardInterrupt:
-        return 0
+        pass
+    return 0
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
@@ -250,15 +255,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from .backends.local import infer_command, job_environment
-    from .storage import RunPaths
-
     p, _, runs = run_index.resolve(args.run, args.experiment)
     if len(runs) != 1:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; infer needs one run id")
-    run = runs[0]
-    if not RunPaths.of(run).training_completed():
-        raise QlaunchError(f"run {run.run_id} has no trained adapter yet (qlaunch status {p.source})")
     extra = [part for prompt in args.prompt for part in ("--prompt", prompt)]
     if args.prompts_file:
         extra += ["--prompts-file", args.prompts_file]
@@ -266,7 +265,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         extra.append("--merge")
     if args.no_base:
         extra.append("--no-base")
-    return subprocess.call(infer_command(run, extra), env=job_environment())
+    return runner.infer(p, runs[0], extra)
 
 
 # ---- parser -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import ValidationError
@@ -147,8 +147,17 @@ def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple, int]
     return data, _key_lines(node) if node is not None else {}
 
 
-def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
-    """Validate an experiment file. Returns the experiment and the file's resolved path."""
+class ExperimentFile(NamedTuple):
+    """An experiment file read and validated once: what grid.plan expands."""
+
+    experiment: Experiment
+    path: Path  # resolved
+    data: dict[str, Any]  # the file's mapping as written (grid values not applied)
+    lines: dict[tuple, int]  # dotted key path → line, for file:line errors
+
+
+def load_experiment(path: str | Path) -> ExperimentFile:
+    """Read and validate an experiment file (ConfigError naming file, line and key)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -161,7 +170,7 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), lines)) from None
-    return experiment, path.resolve()
+    return ExperimentFile(experiment, path.resolve(), data, lines)
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -12,16 +12,15 @@ import copy
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from .config import IDENTITY_SECTIONS, DatasetConfig, Experiment, RunConfig, TrainConfig
 from .errors import ConfigError
-from .experiment_file import Loader, _key_lines, format_validation_error, load_experiment, load_yaml
+from .experiment_file import format_validation_error, load_experiment
 from .loss import resolve_for_plan
 
 GRID_FORBIDDEN = {"name", "grid", "backend", "storage"}
@@ -33,6 +32,8 @@ class Plan:
     source: Path  # the experiment file
     storage_root: Path
     runs: tuple[RunConfig, ...]
+    # Dotted key path → line in `source`, for errors found later (e.g. by a backend's checks).
+    key_lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def varying_keys(self) -> list[str]:
@@ -111,10 +112,7 @@ def _check_grid_key(key: str, source: str, line: int | None) -> None:
 
 def plan(path: str | Path) -> Plan:
     """Load, validate and expand an experiment file. Raises ConfigError naming key and line."""
-    experiment, source = load_experiment(path)
-    text = source.read_text()
-    raw = load_yaml(text)
-    lines = _key_lines(yaml.compose(text, Loader=Loader))
+    experiment, source, raw, lines = load_experiment(path)
 
     grid = experiment.grid
     for key, values in grid.items():
@@ -183,4 +181,4 @@ def plan(path: str | Path) -> Plan:
                 }
             )
         )
-    return Plan(experiment=experiment, source=source, storage_root=root, runs=tuple(runs))
+    return Plan(experiment=experiment, source=source, storage_root=root, runs=tuple(runs), key_lines=lines)

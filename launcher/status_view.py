@@ -39,8 +39,7 @@ class Row:
 def collect(plan: Plan, backend: Backend) -> list[Row]:
     """One refresh: the backend's status call (constant scheduler calls) + progress events."""
     statuses = backend.status(plan)
-    remote_events = getattr(backend, "progress_events", None)
-    events = remote_events(plan) if remote_events else None
+    events = backend.progress_events(plan)  # None: this machine reads the run folders
     rows = []
     for run in plan.runs:
         run_events = events.get(run.run_id, []) if events is not None else read_events(RunPaths.of(run).progress)

@@ -68,3 +68,16 @@ def tail(log: Path, chars: int = 4000) -> str:
         return log.read_text(errors="replace")[-chars:]
     except OSError:
         return ""
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of the processes whose command line contains `text` (a run's run.yaml path)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
