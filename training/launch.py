@@ -51,6 +51,28 @@ def accelerate_command(run_config: Path, processes: int, extra: list[str]) -> li
     return command + extra + ["-m", "training.sft", str(run_config)]
 
 
+# torchrun (accelerate's multi-process launcher) would otherwise install handlers for TERM, INT
+# and HUP over the ignored ones and answer a preemption by killing the workers mid-checkpoint.
+TORCHRUN_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT"}
+
+
+def signal_descendants(pid: int, signum: int) -> None:
+    """`signum` to every process under `pid`: torchrun starts each worker in a session of its
+    own, so a signal to the launcher's process group would not reach them (Slurm signals every
+    process of a step itself; a Kubernetes pod's SIGTERM reaches PID 1 alone)."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for process in children:
+        try:
+            process.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _ignore_forwarded_signals() -> None:
     # Runs in the child between fork and exec: the launcher (accelerate / torchrun) ignores the
     # signals; the training workers install their own handlers, so they still get them.
@@ -84,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     # `-m training.sft` must resolve whatever the job's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.update(TORCHRUN_ENV)
     started = time.time()
     child = subprocess.Popen(
         accelerate_command(Path(args.run_config).resolve(), processes, accelerate_args),
@@ -94,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def forward(signum, _frame):
         print(f"[qlaunch] got {signal.Signals(signum).name}: asking the workers to checkpoint", file=sys.stderr, flush=True)
-        try:
-            os.killpg(child.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            pass
+        signal_descendants(child.pid, signal.SIGUSR1)
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
