@@ -24,9 +24,10 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(VENV)/bin/qlaunch run examples/quickstart.yaml
 
-# Starts the single-node Slurm test cluster (installs slurm-wlm and munge with apt if missing).
+# Starts the Slurm test cluster: this machine as a node, plus two namespaced nodes for the
+# multi-node tests (installs slurm-wlm and munge with apt if missing).
 test: setup
-	bash slurm/cluster.sh up
+	bash slurm/cluster.sh up --nodes 2
 	$(VENV)/bin/pytest
 
 test-fast: setup

@@ -2,8 +2,14 @@
 # A single-node Slurm cluster on this machine, for qlaunch's tests and for trying qlaunch
 # without a cluster:
 #
-#   slurm/cluster.sh up       install slurm-wlm + munge if missing, write the config, start
-#                             munged, slurmctld and slurmd, wait until the node takes jobs
+#   slurm/cluster.sh up [--nodes N]
+#                             install slurm-wlm + munge if missing, write the config, start
+#                             munged, slurmctld and slurmd, wait until the node takes jobs.
+#                             --nodes N (N >= 2) adds N more nodes, qlnode1..N, each a slurmd
+#                             in its own network namespace and hostname with its own address
+#                             on a private bridge (10.77.0.0/24: this machine's own test hosts),
+#                             in partitions `multi` (preemptible by requeue) and `multi-high`
+#                             (takes nodes from `multi` jobs): real multi-node jobs on one machine
 #   slurm/cluster.sh status   daemons, node and partitions, queue
 #   slurm/cluster.sh down     stop the daemons (jobs are cancelled first)
 #
@@ -29,6 +35,12 @@ GRACE_TIME=60
 # A requeued job may start again only after cred_expire + 1 seconds (Slurm's default is 120);
 # 10 keeps the preemption tests short while staying well above the time a step needs to launch.
 CRED_EXPIRE=10
+# Multi-node mode (--nodes): the bridge, its subnet and the node names.
+EXTRA_NODES=0
+BRIDGE=qlbr0
+SUBNET=10.77.0
+NODE_PREFIX=qlnode
+HOSTS_MARK="# qlaunch-slurm test node"
 
 log() { printf 'cluster.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -76,21 +88,34 @@ write_config() {
             || touch "$STATE_DIR/dev/nvidia$i"
     done
 
+    local ctld_addr=127.0.0.1 extra_nodes="" extra_gres="" names
+    if ((EXTRA_NODES >= 2)); then
+        # The namespaced nodes reach slurmctld (and each other) over the bridge.
+        ctld_addr=$SUBNET.1
+        names="$NODE_PREFIX[1-$EXTRA_NODES]"
+        for ((i = 1; i <= EXTRA_NODES; i++)); do
+            extra_nodes+="NodeName=$NODE_PREFIX$i NodeAddr=$SUBNET.$((10 + i)) ${hw}Gres=gpu:t4:$GPU_COUNT State=UNKNOWN"$'\n'
+        done
+        extra_nodes+="PartitionName=multi Nodes=$names PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME MaxTime=INFINITE State=UP"$'\n'
+        extra_nodes+="PartitionName=multi-high Nodes=$names PriorityTier=100 PreemptMode=OFF MaxTime=INFINITE State=UP"
+        extra_gres=$'\n'"NodeName=$names Name=gpu Type=t4 File=$STATE_DIR/dev/nvidia[0-$((GPU_COUNT - 1))]"
+    fi
     conf=$(cat <<EOF
 $MARKER: edits are overwritten by the next \`up\`.
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($ctld_addr)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$STATE_DIR/munge/munge.socket,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$STATE_DIR/spool/slurmctld
-SlurmdSpoolDir=$STATE_DIR/spool/slurmd
+# %n: a spool, pid file and log per node (several slurmd run on this machine with --nodes).
+SlurmdSpoolDir=$STATE_DIR/spool/slurmd-%n
 SlurmctldPidFile=$STATE_DIR/run/slurmctld.pid
-SlurmdPidFile=$STATE_DIR/run/slurmd.pid
+SlurmdPidFile=$STATE_DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
-SlurmdLogFile=$STATE_DIR/log/slurmd.log
+SlurmdLogFile=$STATE_DIR/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroups in containers/VMs without systemd: track processes through /proc.
@@ -122,11 +147,12 @@ MinJobAge=3600
 NodeName=$host NodeAddr=127.0.0.1 ${hw}Gres=gpu:t4:$GPU_COUNT State=UNKNOWN
 PartitionName=normal Nodes=$host Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME MaxTime=INFINITE State=UP
 PartitionName=high Nodes=$host PriorityTier=100 PreemptMode=OFF MaxTime=INFINITE State=UP
+$extra_nodes
 EOF
 )
     local gres="$MARKER
 AutoDetect=off
-NodeName=$host Name=gpu Type=t4 File=$STATE_DIR/dev/nvidia[0-$((GPU_COUNT - 1))]"
+NodeName=$host Name=gpu Type=t4 File=$STATE_DIR/dev/nvidia[0-$((GPU_COUNT - 1))]$extra_gres"
 
     CONFIG_CHANGED=0
     if [ ! -f "$STATE_DIR/etc/slurm.conf" ] || [ "$(cat "$STATE_DIR/etc/slurm.conf")" != "$conf" ]; then
@@ -162,34 +188,111 @@ start_munge() {
         --log-file="$STATE_DIR/log/munged.log"
 }
 
+stop_slurmds() {
+    local file
+    for file in "$STATE_DIR"/run/slurmd-*.pid "$STATE_DIR"/run/slurmd.pid; do
+        [ -e "$file" ] && stop_pidfile "$(basename "$file" .pid)"
+    done
+    return 0
+}
+
 start_slurm() {
+    local host i
+    host=$(hostname -s)
+    if pid_alive "$STATE_DIR/run/slurmctld.pid" && [ "$CONFIG_CHANGED" = 1 ]; then
+        # Added or removed nodes need slurmctld and slurmd restarted (queued jobs survive it).
+        log "configuration changed: restarting slurmctld and slurmd"
+        stop_pidfile slurmctld
+        stop_slurmds
+    fi
     if ! pid_alive "$STATE_DIR/run/slurmctld.pid"; then
         slurmctld -f "$STATE_DIR/etc/slurm.conf"
-    elif [ "$CONFIG_CHANGED" = 1 ]; then
-        log "configuration changed: scontrol reconfigure"
-        scontrol reconfigure
     fi
-    if ! pid_alive "$STATE_DIR/run/slurmd.pid"; then
+    if ! pid_alive "$STATE_DIR/run/slurmd-$host.pid"; then
+        mkdir -p "$STATE_DIR/spool/slurmd-$host"
         slurmd -f "$STATE_DIR/etc/slurm.conf"
+    fi
+    for ((i = 1; i <= EXTRA_NODES; i++)); do
+        pid_alive "$STATE_DIR/run/slurmd-$NODE_PREFIX$i.pid" && continue
+        # Its own network namespace (its address) and UTS namespace (its hostname, which srun
+        # and the job's `hostname` use); the filesystem, munge socket and venv are shared.
+        # nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup tree slurmd reads.
+        mkdir -p "$STATE_DIR/spool/slurmd-$NODE_PREFIX$i"
+        nsenter --net="/run/netns/$NODE_PREFIX$i" unshare --uts sh -c \
+            'hostname "$1" && exec slurmd -N "$1" -f "$2"' slurmd "$NODE_PREFIX$i" "$STATE_DIR/etc/slurm.conf" \
+            || die "slurmd of $NODE_PREFIX$i did not start; see $STATE_DIR/log/slurmd-$NODE_PREFIX$i.log"
+    done
+}
+
+# The bridge in this namespace (slurmctld at $SUBNET.1) and a veth + namespace per node.
+setup_network() {
+    ((EXTRA_NODES >= 2)) || return 0
+    local i name addr
+    if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+        ip link add "$BRIDGE" type bridge
+        ip addr add "$SUBNET.1/24" dev "$BRIDGE"
+    fi
+    ip link set "$BRIDGE" up
+    # Docker sets the FORWARD policy to DROP, and with br_netfilter loaded that applies to
+    # traffic between two ports of a bridge too: let the test nodes talk to each other.
+    if command -v iptables >/dev/null && ! iptables -C FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null; then
+        iptables -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null || true
+    fi
+    for ((i = 1; i <= EXTRA_NODES; i++)); do
+        name=$NODE_PREFIX$i
+        addr=$SUBNET.$((10 + i))
+        if ! ip netns list | grep -qw "$name"; then
+            ip netns add "$name"
+            ip link add "ql-$name" type veth peer name eth0 netns "$name"
+            ip link set "ql-$name" master "$BRIDGE" up
+            ip -n "$name" addr add "$addr/24" dev eth0
+            ip -n "$name" link set eth0 up
+            ip -n "$name" link set lo up
+            ip -n "$name" route add default via "$SUBNET.1"
+        fi
+        # Every node (and this, the login node) finds the others by name, as on a cluster.
+        grep -q "^$addr $name " /etc/hosts || echo "$addr $name $HOSTS_MARK" >>/etc/hosts
+    done
+}
+
+teardown_network() {
+    local name kept
+    for name in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NODE_PREFIX" || true); do
+        ip netns del "$name" 2>/dev/null || true
+    done
+    ip link del "$BRIDGE" 2>/dev/null || true
+    if command -v iptables >/dev/null; then
+        iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null || true
+    fi
+    if grep -q "$HOSTS_MARK" /etc/hosts; then
+        # /etc/hosts may be a bind mount (containers): rewrite it in place, never replace it.
+        kept=$(grep -v "$HOSTS_MARK" /etc/hosts)
+        printf '%s\n' "$kept" >/etc/hosts
     fi
 }
 
-wait_ready() {
+wait_node() {  # wait_node NAME
     local state deadline=$((SECONDS + 90))
     while ((SECONDS < deadline)); do
-        state=$(sinfo --noheader --node="$(hostname -s)" --format=%T 2>/dev/null | head -n 1 || true)
+        state=$(sinfo --noheader --node="$1" --format=%T 2>/dev/null | head -n 1 || true)
         case "$state" in
             idle* | mixed* | allocated* | completing*)
-                log "ready: node $(hostname -s) is $state"
+                log "ready: node $1 is $state"
                 return
                 ;;
             down* | drain* | fail*)
-                scontrol update nodename="$(hostname -s)" state=resume 2>/dev/null || true
+                scontrol update nodename="$1" state=resume 2>/dev/null || true
                 ;;
         esac
         sleep 1
     done
-    die "the node did not come up within 90 s; see $STATE_DIR/log/"
+    die "node $1 did not come up within 90 s; see $STATE_DIR/log/"
+}
+
+wait_ready() {
+    local i
+    wait_node "$(hostname -s)"
+    for ((i = 1; i <= EXTRA_NODES; i++)); do wait_node "$NODE_PREFIX$i"; done
 }
 
 stop_pidfile() {  # stop_pidfile NAME
@@ -208,6 +311,7 @@ stop_pidfile() {  # stop_pidfile NAME
 cmd_up() {
     need_root
     install_packages
+    setup_network
     write_config
     start_munge
     start_slurm
@@ -222,9 +326,10 @@ cmd_down() {
         # shellcheck disable=SC2086 # one id per word
         [ -z "$jobs" ] || scancel $jobs 2>/dev/null || true
     fi
-    stop_pidfile slurmd
+    stop_slurmds
     stop_pidfile slurmctld
     stop_pidfile munged
+    teardown_network
     # Job steps outlive slurmd by design; end the ones this cluster started.
     local pid
     for pid in $(pgrep -x slurmstepd || true); do
@@ -237,7 +342,7 @@ cmd_down() {
 
 cmd_status() {
     local name
-    for name in munged slurmctld slurmd; do
+    for name in munged slurmctld $(cd "$STATE_DIR/run" 2>/dev/null && ls slurmd-*.pid 2>/dev/null | sed 's/[.]pid$//'); do
         if pid_alive "$STATE_DIR/run/$name.pid"; then
             echo "$name: running (pid $(cat "$STATE_DIR/run/$name.pid"))"
         else
@@ -252,12 +357,26 @@ cmd_status() {
     fi
 }
 
-case "${1:-}" in
+command=${1:-}
+[ $# -eq 0 ] || shift
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --nodes)
+            [ "${2:-}" -ge 1 ] 2>/dev/null || die "--nodes takes a number: 1 (this machine), or 2 and more"
+            EXTRA_NODES=$2
+            ((EXTRA_NODES >= 2)) || EXTRA_NODES=0
+            shift 2
+            ;;
+        *) die "unknown option $1 (usage: $0 up [--nodes N] | down | status)" ;;
+    esac
+done
+
+case "$command" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
     *)
-        echo "usage: $0 up|down|status" >&2
+        echo "usage: $0 up [--nodes N] | down | status" >&2
         exit 2
         ;;
 esac

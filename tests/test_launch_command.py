@@ -44,10 +44,11 @@ def test_multi_node_kubernetes_pod_gets_its_rank_from_the_indexed_job(tmp_path):
     command = k8s_command(p, run)
     assert command[:4] == ["python", "-m", "training.launch", "/config/run.yaml"]
     args, extra = launch.parse_args(command[3:])
-    # This machine has no GPU: training.launch falls back to one CPU process per node.
+    # This machine has no GPU: training.launch falls back to one CPU process per node, still a
+    # torchrun rendezvous across the nodes (gloo), in float32.
     flags = _flags(launch.node_command(args, extra, run, {"JOB_COMPLETION_INDEX": "2"}))
     assert (flags["--num_machines"], flags["--num_processes"], flags["--machine_rank"]) == ("3", "3", "2")
-    assert "--cpu" in flags and flags["--mixed_precision"] == "no"
+    assert "--multi_gpu" in flags and "--cpu" not in flags and flags["--mixed_precision"] == "no"
     args.processes = 2  # as on the pod's 2 GPUs
     flags = _flags(launch.node_command(args, extra, run, {"JOB_COMPLETION_INDEX": "2"}))
     assert (flags["--num_processes"], flags["--mixed_precision"]) == ("6", "fp16") and "--multi_gpu" in flags

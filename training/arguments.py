@@ -10,6 +10,7 @@ resolved against the machine in training/levers.py (one log line each).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,11 @@ class Adjustments:
     def note(self, message: str) -> None:
         if message not in self.notes:
             self.notes.append(message)
+
+
+def world_size() -> int:
+    """Processes of this data-parallel job (torchrun / accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def cuda_only_optimizer(name: str) -> bool:
@@ -100,6 +106,18 @@ def sft_kwargs(
     # transformers 5.x renamed gradient_checkpointing (the old name still works, with a warning).
     kwargs[_pick_field("activation_checkpointing", "gradient_checkpointing")] = t.gradient_checkpointing
     kwargs.update(levers.resolve(t, cuda=cuda, adjustments=adjustments))
+    if t.gradient_checkpointing:
+        # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks for LoRA
+        # (parameters "marked ready twice") and needs inputs that require grad.
+        kwargs[_pick_field("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")] = {"use_reentrant": False}
+    if not cuda:
+        # Under torchrun without CUDA this makes accelerate a gloo data-parallel job (MULTI_CPU);
+        # without it every process believes it is the only one and trains on all the data.
+        kwargs["use_cpu"] = True
+    if world_size() > 1:
+        # Every LoRA parameter gets a gradient each step: skip DDP's unused-parameter search
+        # (a full graph walk per step, and it fails with non-reentrant checkpointing).
+        kwargs["ddp_find_unused_parameters"] = False
     if t.max_seq_length is not None:
         kwargs["max_length"] = t.max_seq_length
     if run.dataset.test_size:

@@ -77,16 +77,42 @@ def accelerate_command(run: RunConfig, run_yaml: Path, *, gpus: int, rank: int,
     precision = "fp16" if gpus and run.train.fp16 else "bf16" if gpus and run.train.bf16 else "no"
     command += ["--mixed_precision", precision, "--dynamo_backend", "no"]
     command.append("--quiet")  # no traceback for a non-zero exit
-    if not gpus:
-        command.append("--cpu")
-    elif processes > 1:
+    if processes > 1:
+        # torchrun, one process per GPU; without CUDA one per CPU slot, which
+        # training/arguments.py makes a gloo data-parallel job (use_cpu).
         command.append("--multi_gpu")
+    elif not gpus:
+        command.append("--cpu")
     if nodes > 1:
         if not main_process_ip:
             raise SystemExit(f"error: run {run.run_id} has {nodes} nodes: --main-process-ip is required")
         command += ["--machine_rank", str(rank), "--main_process_ip", main_process_ip,
                     "--main_process_port", str(main_process_port)]  # fmt: skip
     return command + list(extra) + ["-m", "training.sft", str(run_yaml)]
+
+
+# torchrun (accelerate's multi-process launcher) would otherwise install handlers for TERM, INT
+# and HUP over the ignored ones and answer a preemption by killing the workers mid-checkpoint.
+TORCHRUN_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT"}
+
+
+def signal_descendants(pid: int, signum: int, skip_group: int | None = None) -> None:
+    """`signum` to every process under `pid` outside `skip_group` (already signalled): torchrun
+    starts each worker in a session of its own, so a signal to the launcher's process group does
+    not reach them (Slurm signals every process of a step itself; a Kubernetes pod's SIGTERM
+    reaches PID 1 alone)."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for process in children:
+        try:
+            if skip_group is None or os.getpgid(process.pid) != skip_group:
+                process.send_signal(signum)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
 
 
 def _ignore_stop_signals() -> None:
@@ -102,6 +128,7 @@ class StopForwarder:
 
     def __init__(self) -> None:
         self.group: int | None = None  # the workers' process group, once started
+        self.child: int | None = None  # accelerate launch's pid, once started
         self.received: int | None = None
         self.forwarded = False
         self._echo: int | None = None  # the signal we sent to our own group (see main)
@@ -134,6 +161,8 @@ class StopForwarder:
             os.killpg(self.group, request)
         except ProcessLookupError:
             pass
+        if self.child is not None:
+            signal_descendants(self.child, request, skip_group=self.group)
 
 
 def _say(message: str) -> None:
@@ -198,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C) reaches them all; otherwise (started from a shell script or a test) they get a
     # session of their own, and forwarding never signals the caller's group.
     own_group = os.getpgrp() == os.getpid()
+    env.update(TORCHRUN_ENV)
     started = time.time()
     child = subprocess.Popen(command, env=env, preexec_fn=_ignore_stop_signals, start_new_session=not own_group)
     stop.group = os.getpgrp() if own_group else child.pid
+    stop.child = child.pid
     if stop.received is not None:  # arrived while the child was starting
         stop.forward(stop.received)
     code = child.wait()
