@@ -144,6 +144,11 @@ def _infer_directives(run: RunConfig, spec: JobSpec) -> list[str]:
     return directives
 
 
+# Multi-node steps: how long the other nodes may take to end after the first one did (all stop
+# within seconds of each other after a checkpoint; a rank stuck after a peer crashed does not).
+TASK_WAIT_SECONDS = 120
+
+
 def _context(run: RunConfig, spec: JobSpec) -> dict:
     env = run.environment
     return {
@@ -153,6 +158,7 @@ def _context(run: RunConfig, spec: JobSpec) -> dict:
         "setup": env.setup,
         "variables": spec.env,
         "hub_env": sorted(offline_env(run).items()),  # prefetched: read the shared cache offline
+        "task_wait_seconds": TASK_WAIT_SECONDS,
         "container": env.container,
         "binds": ",".join(spec.mounts),
         "gpus": spec.resources.gpus_per_node,
