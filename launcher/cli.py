@@ -6,6 +6,7 @@ Imports nothing of the training stack: this runs on login nodes and laptops.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from . import run_index
 from .backends import State, canonical, get_backend
 from .errors import QlaunchError
 from .grid import Plan, plan
+from .status_view import output_width
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=output_width())  # a pipe gets whole tables
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -31,8 +33,21 @@ def _backend_name(args: argparse.Namespace, p: Plan) -> str:
 
 
 # ---- commands ---------------------------------------------------------------------------------
+def _print_json(document: dict) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
+    if args.json:
+        from .json_output import PlanDocument
+
+        _print_json(PlanDocument(
+            experiment=p.experiment.name, source=str(p.source), backend=canonical(p.experiment.backend),
+            storage_root=str(p.storage_root), varying_keys=p.varying_keys,
+            runs=[{"run_id": r.run_id, "overrides": r.overrides, "run_dir": r.run_dir} for r in p.runs],
+        ).model_dump(mode="json"))  # fmt: skip
+        return 0
     table = Table(title=f"{p.experiment.name}: {len(p.runs)} runs", title_justify="left")
     table.add_column("run")
     for key in p.varying_keys:
@@ -104,7 +119,7 @@ def _run_locally(p: Plan, backend, args: argparse.Namespace) -> int:
     from .status_view import build_table, collect
 
     def table():
-        return build_table(p, collect(p, backend), "local")
+        return build_table(p, collect(p, backend), "local", width=console.width)
 
     interactive = console.is_terminal
     with Live(table(), console=console, refresh_per_second=2, auto_refresh=False,
@@ -163,25 +178,44 @@ def _print_inference_summaries(p: Plan) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status_view import build_table, collect
+    from .status_view import build_table, collect, status_document
 
     p = plan(args.experiment)
     name = _backend_name(args, p)
     backend = get_backend(name)
     run_index.record(p, name)
+    if args.json:
+        _print_json(status_document(p, collect(p, backend), name))
+        return 0
     if not args.watch:
-        console.print(build_table(p, collect(p, backend), name))
+        console.print(build_table(p, collect(p, backend), name, width=console.width))
         return 0
     try:
-        with Live(build_table(p, collect(p, backend), name), console=console, auto_refresh=False) as live:
+        with Live(build_table(p, collect(p, backend), name, width=console.width), console=console,
+                  auto_refresh=False) as live:  # fmt: skip
             while True:
                 rows = collect(p, backend)
-                live.update(build_table(p, rows, name), refresh=True)
+                live.update(build_table(p, rows, name, width=console.width), refresh=True)
                 if all(not r.status.state.active and not r.status.infer_state.active for r in rows):
                     return 0
                 time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report
+
+    p = plan(args.experiment)
+    name = _backend_name(args, p)
+    run_index.record(p, name)
+    document = report.build(p, get_backend(name), name)
+    document = report.write(document, Path(args.output) if args.output else report.default_output(p, name))
+    if args.json:
+        _print_json(document.model_dump(mode="json"))
+    else:
+        report.print_summary(console, document)
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -243,8 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--backend", "-b", choices=["local", "slurm", "kubernetes", "k8s"],
                              help="default: the experiment file's `backend:` (local)")
 
+    def json_option(command):
+        command.add_argument("--json", action="store_true",
+                             help="print one JSON document instead (shape: README, Machine-readable output)")
+
     command = add("plan", cmd_plan, "List the runs an experiment file expands to.")
     command.add_argument("experiment")
+    json_option(command)
 
     command = add("render", cmd_render, "Write each run's job script/manifest for review; submit nothing.")
     command.add_argument("experiment")
@@ -277,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     backend_option(command)
     command.add_argument("--watch", "-w", action="store_true", help="refresh until every run has ended")
     command.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    json_option(command)
+
+    command = add("report", cmd_report, "Compare the runs: report.html (table, loss curves, base vs tuned, "
+                  "restarts), report.md, report.json.")  # fmt: skip
+    command.add_argument("experiment")
+    backend_option(command)
+    command.add_argument("-o", "--output", help="folder (default: <storage root>/<experiment>/report; "
+                         "Kubernetes: ./<experiment>-report)")  # fmt: skip
+    json_option(command)
 
     command = add("logs", cmd_logs, "Print a run's log (-f follows it across restarts).")
     command.add_argument("run", help="run id (or a unique prefix)")
