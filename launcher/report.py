@@ -217,8 +217,13 @@ def _value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _gpu_hours(run: ReportRun, hours: float, seconds: float) -> str:
-    return f"{hours:.3f}" if run.gpus else f"CPU, {_duration(seconds)}"
+def _gpu_hours(run: ReportRun, hours: float) -> str:
+    return f"{hours:.3f}" if run.gpus else "– (CPU)"
+
+
+def _gpu_time(run: ReportRun, hours: float, seconds: float) -> str:
+    """GPU-hours and wall time (a CPU run: the wall time alone)."""
+    return f"{hours:.3f} h ({_duration(seconds)})" if run.gpus else f"{_duration(seconds)} (CPU)"
 
 
 def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
@@ -243,10 +248,10 @@ def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
         row += [
             "–" if run.tokens_per_second is None else f"{run.tokens_per_second:,.0f}",
             _duration(run.wall_seconds),
-            _gpu_hours(run, run.gpu_hours, run.wall_seconds),
+            _gpu_hours(run, run.gpu_hours),
             str(run.restarts),
             str(run.steps_redone),
-            _gpu_hours(run, run.lost_gpu_hours, run.lost_seconds),
+            _gpu_time(run, run.lost_gpu_hours, run.lost_seconds),
         ]
         rows.append(row)
     return header, rows
@@ -313,9 +318,11 @@ def html(document: ReportDocument, images: dict[str, Path]) -> str:
     inline = {name: base64.b64encode(Path(path).read_bytes()).decode("ascii") for name, path in images.items()}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    short = {key: key.rsplit(".", 1)[-1] for key in document.varying_keys}  # full key in a tooltip
     return env.get_template("report.html.j2").render(
         doc=document,
         header=header,
+        short=short,
         rows=rows,
         images=inline,
         attempt_text=attempt_text,

@@ -59,7 +59,10 @@ def run_events(plan: Plan, backend: Backend) -> dict[str, list[dict]]:
     remote_events = getattr(backend, "progress_events", None)
     if remote_events:
         events = remote_events(plan)
-        return {run.run_id: events.get(run.run_id, []) for run in plan.runs}
+        # Pods are read in creation order, which ties within a second (a replacement pod created
+        # right after the evicted one): order by the events' own times (stable for equal ones).
+        return {run.run_id: sorted(events.get(run.run_id, []), key=lambda e: e.get("time") or 0)
+                for run in plan.runs}  # fmt: skip
     return {run.run_id: read_events(RunPaths.of(run).progress) for run in plan.runs}
 
 

@@ -140,8 +140,9 @@ def test_status_and_plan_json_and_whole_tables(grid):
     result = qlaunch("status", str(path), "--json", home=home)
     assert result.returncode == 0, result.stderr
     status = StatusDocument.model_validate_json(result.stdout)
+    configs = {run.run_id: run for run in p.runs}
     for run in status.runs:
-        summary = read_json(RunPaths(p.runs[0].run_dir).root.parent / run.run_id / "inference" / "summary.json")
+        summary = read_json(RunPaths.of(configs[run.run_id]).inference / "summary.json")
         assert (run.state, run.infer_state, run.step, run.restarts) == ("completed", "completed", STEPS, 1)
         assert run.metric.model_dump() == summary["metric"]
     planned = PlanDocument.model_validate_json(qlaunch("plan", str(path), "--json", home=home).stdout)
