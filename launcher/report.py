@@ -331,14 +331,30 @@ def html(document: ReportDocument, images: dict[str, Path]) -> str:
     )
 
 
-def environment_table(run: ReportRun) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """(record sources, [(dotted key, value per record)]): attempts side by side, so a version
-    that changed between a preemption and its resume shows."""
-    flat = [dict(_flatten(env.data)) for env in run.environment]
+def environment_table(document: ReportDocument) -> tuple[list[tuple[str, str]], list[tuple[str, list[str], bool]]]:
+    """Every run's attempt records side by side: ([(run id, record source)], [(dotted key,
+    value per record, differs)]), so a version that differs between runs or between a
+    preemption and its resume stands out."""
+    columns, flat = [], []
+    for run in document.runs:
+        for env in run.environment:
+            columns.append((run.run_id, env.source))
+            flat.append(dict(_flatten(env.data)))
     keys: list[str] = []
     for record in flat:
         keys += [key for key in record if key not in keys]
-    return [env.source for env in run.environment], [(key, [r.get(key, "–") for r in flat]) for key in keys]
+    rows = []
+    for key in keys:
+        values = [_environment_value(key, record.get(key, "–")) for record in flat]
+        per_attempt = key in ("attempt", "time") or key.startswith("scheduler.")  # differ by nature
+        rows.append((key, values, not per_attempt and len(set(values)) > 1))
+    return columns, rows
+
+
+def _environment_value(key: str, value: Any) -> str:
+    if key == "time" and isinstance(value, (int, float)):
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+    return str(value)
 
 
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:

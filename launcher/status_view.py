@@ -143,18 +143,17 @@ def build_table(plan: Plan, rows: list[Row], backend_name: str, width: int | Non
     """The status table; with `width`, columns are dropped until no cell needs cutting."""
     columns = _cells(plan, rows)
     title = f"{plan.experiment.name} · {backend_name} · {len(rows)} runs · {time.strftime('%H:%M:%S')}"
-    table = _table(title, columns, plan)
-    if width is None:
-        return table
-    droppable = [*_DROP_ORDER, *reversed([_short_key(k) for k in plan.varying_keys])]
-    droppable += [name for name in columns if name not in droppable and name not in ("run", "state")]
-    while _cuts_a_cell(table, width) and droppable:
-        columns.pop(droppable.pop(0), None)
-        table = _table(title, columns, plan)
+    table = _table(title, columns)
+    if width is not None:
+        droppable = [*_DROP_ORDER, *reversed([_short_key(k) for k in plan.varying_keys])]
+        droppable += [name for name in columns if name not in droppable and name not in ("run", "state")]
+        while _cuts_a_cell(table, width) and droppable:
+            columns.pop(droppable.pop(0), None)
+            table = _table(title, columns)
     return table
 
 
-def _table(title: str, columns: dict[str, list], plan: Plan) -> Table:
+def _table(title: str, columns: dict[str, list]) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
     for name in columns:
         if name == "run":

@@ -119,3 +119,27 @@ def test_readme_documents_every_field_of_every_document():
                   json_output.AttemptRecord, json_output.Answer, json_output.Environment, json_output.Metric):  # fmt: skip
         for name in model.model_fields:
             assert re.search(rf"\b{name}\b", section), f"README's Machine-readable output lacks {model.__name__}.{name}"
+
+
+def test_report_shows_attempt_environments_side_by_side_and_marks_a_version_that_differs(experiment, tmp_path):
+    """attempts/<n>/environment.json (written by the trainer where it records them)."""
+    from launcher import report
+    from launcher.backends import get_backend
+
+    p = plan(experiment)
+    first, second = p.runs[:2]
+    for run, attempt, transformers in ((first, 1, "5.24.0"), (first, 2, "5.25.0"), (second, 1, "5.24.0")):
+        record = {"attempt": attempt, "time": 1796187824.4 + attempt, "device": "cpu",
+                  "versions": {"transformers": transformers, "torch": "2.13.0+cpu"}}  # fmt: skip
+        folder = Path(run.run_dir) / "attempts" / str(attempt)
+        folder.mkdir(parents=True)
+        (folder / "environment.json").write_text(json.dumps(record))
+    document = report.build(p, get_backend("local"), "local")
+    by_id = {run.run_id: run for run in document.runs}
+    assert [e.source for e in by_id[first.run_id].environment] == ["attempts/1/environment.json", "attempts/2/environment.json"]
+    columns, rows = report.environment_table(document)
+    assert len(columns) == 3
+    differs = {key for key, _, flagged in rows if flagged}
+    assert differs == {"versions.transformers"}  # attempt numbers and times differ by nature
+    html = report.html(document, {})
+    assert '<tr class="differs"><td class="text mono">versions.transformers</td>' in html
