@@ -40,13 +40,9 @@ def _print_json(document: dict) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
     if args.json:
-        from .json_output import PlanDocument
+        from .json_output import plan_document
 
-        _print_json(PlanDocument(
-            experiment=p.experiment.name, source=str(p.source), backend=canonical(p.experiment.backend),
-            storage_root=str(p.storage_root), varying_keys=p.varying_keys,
-            runs=[{"run_id": r.run_id, "overrides": r.overrides, "run_dir": r.run_dir} for r in p.runs],
-        ).model_dump(mode="json"))  # fmt: skip
+        _print_json(plan_document(p, canonical(p.experiment.backend)))
         return 0
     table = Table(title=f"{p.experiment.name}: {len(p.runs)} runs", title_justify="left")
     table.add_column("run")

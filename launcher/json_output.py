@@ -158,4 +158,16 @@ class ReportDocument(_Shape):
     runs: list[ReportRun]
 
 
+def plan_document(plan, backend: str) -> dict:
+    """`qlaunch plan --json` of a launcher.grid.Plan."""
+    return PlanDocument(
+        experiment=plan.experiment.name,
+        source=str(plan.source),
+        backend=backend,
+        storage_root=str(plan.storage_root),
+        varying_keys=plan.varying_keys,
+        runs=[PlanRun(run_id=r.run_id, overrides=r.overrides, run_dir=r.run_dir) for r in plan.runs],
+    ).model_dump(mode="json")
+
+
 DOCUMENTS = {"plan": PlanDocument, "status": StatusDocument, "report": ReportDocument}
