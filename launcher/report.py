@@ -289,14 +289,14 @@ def markdown(document: ReportDocument) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def interrupted(run: ReportRun) -> bool:
+    """Restarted, or stopped without completing: the runs the recovery ledger lists."""
+    return len(run.attempts) > 1 or any(a.outcome not in ("completed", "running") for a in run.attempts)
+
+
 def _ledger_lines(document: ReportDocument) -> list[str]:
-    lines = []
-    for run in document.runs:
-        for attempt in run.attempts:
-            if attempt.outcome == "completed" and len(run.attempts) == 1:
-                continue
-            lines.append(f"- {run.run_id} attempt {attempt.number}: {attempt_text(attempt)}")
-    return lines
+    return [f"- {run.run_id} attempt {attempt.number}: {attempt_text(attempt)}"
+            for run in document.runs if interrupted(run) for attempt in run.attempts]  # fmt: skip
 
 
 def attempt_text(attempt: AttemptRecord) -> str:
@@ -304,10 +304,12 @@ def attempt_text(attempt: AttemptRecord) -> str:
     why = {"preempted": f"preempted ({attempt.signal or 'signal'}), checkpoint saved",
            "killed": "killed without a save", "failed": f"failed: {(attempt.message or '')[:120]}",
            "completed": "completed", "running": "running (no end event yet)"}[attempt.outcome]  # fmt: skip
+    started = time.strftime("%H:%M:%S", time.gmtime(attempt.started_at)) if attempt.started_at else "?"
+    if attempt.outcome == "running":
+        return f"started {started} UTC {begin}, at step {attempt.stop_step} so far: {why}"
     cost = ""
     if attempt.outcome != "completed":
         cost = f"; {attempt.steps_redone} steps redone, {_duration(attempt.lost_seconds)} lost"
-    started = time.strftime("%H:%M:%S", time.gmtime(attempt.started_at)) if attempt.started_at else "?"
     return f"started {started} UTC {begin}, stopped at step {attempt.stop_step}: {why}{cost}"
 
 
@@ -326,6 +328,7 @@ def html(document: ReportDocument, images: dict[str, Path]) -> str:
         rows=rows,
         images=inline,
         attempt_text=attempt_text,
+        listed=[run for run in document.runs if interrupted(run)],
         generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(document.generated_at)),
         environment_table=environment_table,
     )
