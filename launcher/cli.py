@@ -6,6 +6,7 @@ Imports nothing of the training stack: this runs on login nodes and laptops.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -23,8 +24,9 @@ from .errors import QlaunchError
 from .grid import Plan, plan
 from .importers import command as import_command
 from .input_checks import refuse_bad_inputs
+from .status_view import output_width
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=output_width())  # a pipe gets whole tables
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -33,9 +35,18 @@ def _backend_name(args: argparse.Namespace, p: Plan) -> str:
 
 
 # ---- commands ---------------------------------------------------------------------------------
+def _print_json(document: dict) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
     refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
+    if args.json:
+        from .json_output import plan_document
+
+        _print_json(plan_document(p, canonical(p.experiment.backend)))
+        return 0
     table = Table(title=f"{p.experiment.name}: {len(p.runs)} runs", title_justify="left")
     table.add_column("run")
     for key in p.varying_keys:
@@ -143,7 +154,7 @@ def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
     from .status_view import build_table, collect
 
     def table():
-        return build_table(p, collect(p, backend), backend.name)
+        return build_table(p, collect(p, backend), backend.name, width=console.width)
 
     interactive = console.is_terminal
     with Live(table(), console=console, refresh_per_second=2, auto_refresh=False,
@@ -200,24 +211,28 @@ def _print_inference_summaries(p: Plan) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status_view import build_table, collect
+    from .status_view import build_table, collect, status_document
 
     p = plan(args.experiment)
     name = _backend_name(args, p)
     backend = get_backend(name)
     run_index.record(p, name)
+    if args.json:
+        _print_json(status_document(p, collect(p, backend), name))
+        return 0
     if args.check_hub:
         from .prefetch import hub_check_lines
 
         for line in hub_check_lines(p):
             console.print(escape(line))
     if not args.watch:
-        console.print(build_table(p, collect(p, backend), name))
+        console.print(build_table(p, collect(p, backend), name, width=console.width))
         return 0
     try:
-        with Live(build_table(p, collect(p, backend), name), console=console, auto_refresh=False) as live:
-            runner.watch(p, backend, lambda rows: live.update(build_table(p, rows, name), refresh=True),
-                         args.interval)  # fmt: skip
+        with Live(build_table(p, collect(p, backend), name, width=console.width), console=console,
+                  auto_refresh=False) as live:  # fmt: skip
+            runner.watch(p, backend, lambda rows: live.update(build_table(p, rows, name, width=console.width),
+                                                              refresh=True), args.interval)  # fmt: skip
     except KeyboardInterrupt:
         pass
     return 0
@@ -229,6 +244,21 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     p = prefetch.prefetch(plan(args.experiment), say=lambda message: console.print(escape(message)), command=True)
     pinned = {(pin.repo_type, pin.repo_id, pin.revision) for run in p.runs for pin in run.hub_pins}
     console.print(f"{len(pinned)} hub repos pinned for {len(p.runs)} runs; their jobs read them offline")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report
+
+    p = plan(args.experiment)
+    name = _backend_name(args, p)
+    run_index.record(p, name)
+    document = report.build(p, get_backend(name), name)
+    document = report.write(document, Path(args.output) if args.output else report.default_output(p, name))
+    if args.json:
+        _print_json(document.model_dump(mode="json"))
+    else:
+        report.print_summary(console, document)
     return 0
 
 
@@ -293,9 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("experiment")
     backend_option(command)
 
+    def json_option(command):
+        command.add_argument("--json", action="store_true",
+                             help="print one JSON document instead (shape: README, Machine-readable output)")
+
     command = add("plan", cmd_plan, "List the runs an experiment file expands to.")
     command.add_argument("experiment")
     input_checks_option(command)
+    json_option(command)
 
     command = add("render", cmd_render, "Write each run's job script/manifest for review; submit nothing.")
     command.add_argument("experiment")
@@ -340,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
     command.add_argument("--check-hub", action="store_true",
                          help="ask the hub whether the pinned revisions have moved on (changes nothing)")
+    json_option(command)
+
+    command = add("report", cmd_report, "Compare the runs: report.html (table, loss curves, base vs tuned, "
+                  "restarts), report.md, report.json.")  # fmt: skip
+    command.add_argument("experiment")
+    backend_option(command)
+    command.add_argument("-o", "--output", help="folder (default: <storage root>/<experiment>/report; "
+                         "Kubernetes: ./<experiment>-report)")  # fmt: skip
+    json_option(command)
 
     command = add("logs", cmd_logs, "Print a run's log (-f follows it across restarts).")
     command.add_argument("run", help="run id (or a unique prefix)")

@@ -4,13 +4,19 @@ The trainer appends one JSON object per line to `<run dir>/progress.jsonl` and p
 object to its log prefixed with `PROGRESS_PREFIX` (a Kubernetes user's laptop cannot read the
 PVC, but it can read pod logs). Events, all with "event", "time" (unix seconds) and "step":
 
-    start       total_steps, attempt (1 for the first start), resumed_from (step or null)
+    start       total_steps, attempt (1 for the first start), resumed_from (step or null),
+                launched_at (when the process began, before loading the model)
     step        total_steps, loss, learning_rate, tokens_per_second, epoch
+    eval        eval_loss       (an evaluation on the dataset's test split)
     checkpoint  path
     preempted   signal          (a checkpoint was saved, the job exits with EXIT_PREEMPTED)
     end         total_steps, status "completed"
     error       message
+    killed      attempt, last_time: written by the next attempt on its start when the previous
+                one has no end event (killed without a save); step = the last step it reached
     infer_end   summary (inference job finished)
+
+`launcher.ledger` turns them into attempts (started, from which checkpoint, stopped where and why).
 
 Pure Python, no torch: the trainer imports it too.
 """

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from launcher.ledger import lost_attempt
 from launcher.progress import emit, make_event, read_events
 
 
@@ -18,6 +19,9 @@ class EventWriter:
     def __init__(self, progress_file: Path, is_main: bool = True) -> None:
         self.progress_file = progress_file
         self.is_main = is_main
+        # When this attempt's process began: the recovery ledger counts loading the model and
+        # restoring a checkpoint as time a restart cost.
+        self.launched_at = round(time.time(), 3)
 
     def __call__(self, event: str, step: int, **fields: Any) -> None:
         if not self.is_main:
@@ -31,6 +35,14 @@ class EventWriter:
 
     def previous_attempts(self) -> int:
         return sum(1 for e in read_events(self.progress_file) if e.get("event") == "start")
+
+    def record_lost_attempt(self) -> None:
+        """Before this attempt starts: a `killed` event for a previous attempt that ended without
+        an end event (SIGKILL, OOM, lost node), with the last step it reached."""
+        if self.is_main:
+            lost = lost_attempt(read_events(self.progress_file))
+            if lost is not None:
+                self("killed", lost.pop("step"), **lost)
 
 
 class ProgressCallback(TrainerCallback):
@@ -52,10 +64,13 @@ class ProgressCallback(TrainerCallback):
             total_steps=state.max_steps,
             attempt=self.attempt,
             resumed_from=self.resumed_from,
+            launched_at=self.write.launched_at,
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
+        if "eval_loss" in logs:
+            self.write("eval", state.global_step, eval_loss=_number(logs["eval_loss"]))
         if "loss" not in logs:
             return  # the end-of-training summary log, eval logs
         now, tokens = time.time(), state.num_input_tokens_seen

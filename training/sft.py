@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from .progress_events import EventWriter
 
     write = EventWriter(paths.progress, is_main=is_main_process())
+    write.record_lost_attempt()
     preemption = PreemptionCallback()
     preemption.install()
     token = None
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         step = _latest_step(paths)
         log(f"got {stop.signal_name} before training started: stopping (resumes from step {step})")
-        write("preempted", step, signal=stop.signal_name)
+        write("preempted", step, signal=stop.signal_name, launched_at=write.launched_at)
         return EXIT_PREEMPTED
     except ConfigError as exc:
         message = scrub(str(exc), token)

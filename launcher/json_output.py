@@ -1,0 +1,173 @@
+"""The documents `qlaunch plan|status|report --json` print: one JSON object each, for scripts and jq.
+
+The shape is these models (README: "Machine-readable output"). It is stable: a field is never
+renamed or removed within a `version`; new fields may be added. Each document says what it is in
+`kind` and `version`. tests/snapshots/json/*.schema.json hold the JSON Schema of each, so a change
+of shape shows up in review.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+VERSION = 1
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Metric(_Shape):
+    """An inference metric over the held-out examples: mean score of the base model and of the
+    fine-tuned one (0..1, higher is better)."""
+
+    name: str
+    base: float | None = None
+    tuned: float | None = None
+    n: int | None = None
+
+
+# ---- qlaunch plan --json ---------------------------------------------------------------------
+class PlanRun(_Shape):
+    run_id: str
+    overrides: dict[str, Any]  # the grid values of this run, by dotted key
+    run_dir: str
+
+
+class PlanDocument(_Shape):
+    kind: Literal["qlaunch.plan"] = "qlaunch.plan"
+    version: int = VERSION
+    experiment: str
+    source: str  # the experiment file
+    backend: str  # the experiment file's default backend
+    storage_root: str
+    varying_keys: list[str]
+    runs: list[PlanRun]
+
+
+# ---- qlaunch status --json -------------------------------------------------------------------
+State = Literal["unknown", "pending", "running", "requeued", "completed", "failed", "cancelled", "timeout",
+                "out_of_memory"]  # fmt: skip
+
+
+class StatusRun(_Shape):
+    run_id: str
+    overrides: dict[str, Any]
+    state: State  # the training job
+    detail: str  # scheduler reason, exit code ("" when none)
+    infer_state: State  # the inference job
+    job_ids: list[str]
+    step: int
+    total_steps: int | None
+    loss: float | None  # last logged training loss
+    tokens_per_second: float | None
+    elapsed_seconds: float | None  # first start → last event
+    eta_seconds: float | None  # only while running
+    restarts: int
+    metric: Metric | None  # headline metric, once inference has run
+
+
+class StatusDocument(_Shape):
+    kind: Literal["qlaunch.status"] = "qlaunch.status"
+    version: int = VERSION
+    experiment: str
+    backend: str
+    time: float  # unix seconds of the snapshot
+    varying_keys: list[str]
+    runs: list[StatusRun]
+
+
+# ---- qlaunch report --json -------------------------------------------------------------------
+Outcome = Literal["completed", "preempted", "killed", "failed", "running"]
+
+
+class AttemptRecord(_Shape):
+    """One start of the training job (launcher.ledger)."""
+
+    number: int
+    launched_at: float | None
+    started_at: float | None
+    ended_at: float | None
+    resumed_from: int | None  # checkpoint step (None: from scratch)
+    stop_step: int
+    outcome: Outcome
+    signal: str | None
+    message: str | None
+    steps_redone: int  # steps the next attempt trained again
+    lost_seconds: float  # redone steps' wall time + the next attempt's start-up
+    seconds: float  # launch → end
+
+
+class Answer(_Shape):
+    kind: Literal["prompt", "eval"]
+    prompt: str
+    reference: str | None = None
+    base: str | None = None
+    tuned: str | None = None
+    base_score: float | None = None
+    tuned_score: float | None = None
+
+
+class Environment(_Shape):
+    source: str  # file it was read from, relative to the run folder
+    data: dict[str, Any]
+
+
+class ReportRun(_Shape):
+    rank: int  # 1 = best by the document's ranked_by
+    best: bool
+    run_id: str
+    overrides: dict[str, Any]
+    state: State
+    infer_state: State
+    step: int
+    total_steps: int | None
+    final_loss: float | None
+    best_loss: float | None
+    eval_loss: float | None
+    metric: Metric | None  # headline (the first of inference.metric)
+    metrics: list[Metric]
+    tokens_per_second: float | None  # mean over logged steps
+    wall_seconds: float  # all attempts, launch → end
+    gpus: int  # nodes × gpus_per_node (0: CPU)
+    gpu_hours: float
+    restarts: int
+    steps_redone: int
+    lost_seconds: float
+    lost_gpu_hours: float
+    attempts: list[AttemptRecord]
+    loss_curve: list[tuple[int, float]]  # (step, training loss), the steps that were kept
+    eval_curve: list[tuple[int, float]]  # (step, eval loss)
+    environment: list[Environment]
+    answers: list[Answer]  # the first few of inference/results.jsonl
+
+
+class ReportDocument(_Shape):
+    kind: Literal["qlaunch.report"] = "qlaunch.report"
+    version: int = VERSION
+    experiment: str
+    backend: str
+    generated_at: float
+    ranked_by: str  # "<metric> (tuned)" or "final_loss"
+    best_run: str | None
+    varying_keys: list[str]
+    notes: list[str]  # what the report could not read, and why
+    files: dict[str, str]  # report.html, report.md, report.json, PNGs → path
+    runs: list[ReportRun]
+
+
+def plan_document(plan, backend: str) -> dict:
+    """`qlaunch plan --json` of a launcher.grid.Plan."""
+    return PlanDocument(
+        experiment=plan.experiment.name,
+        source=str(plan.source),
+        backend=backend,
+        storage_root=str(plan.storage_root),
+        varying_keys=plan.varying_keys,
+        runs=[PlanRun(run_id=r.run_id, overrides=r.overrides, run_dir=r.run_dir) for r in plan.runs],
+    ).model_dump(mode="json")
+
+
+DOCUMENTS = {"plan": PlanDocument, "status": StatusDocument, "report": ReportDocument}

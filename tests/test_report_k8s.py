@@ -1,0 +1,105 @@
+"""`qlaunch report` for Kubernetes: the laptop cannot read the claim, so the report is built from
+what the pods logged (through the real client, against tests/fake_kube), and says what it lacks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import textwrap
+import time
+
+import pytest
+from fake_kube import FakeKube
+
+from launcher import report
+from launcher.backends.k8s_manifests import Names
+from launcher.backends.kubernetes import KubernetesBackend
+from launcher.grid import plan
+from launcher.progress import PROGRESS_PREFIX
+
+NS = "ml-team"
+
+
+def progress(event: str, step: int, when: float, **fields) -> str:
+    return PROGRESS_PREFIX + json.dumps({"event": event, "time": when, "step": step, **fields}, sort_keys=True)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    server = FakeKube().start()
+    monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("QLAUNCH_HOME", str(tmp_path / "qlaunch-home"))
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    server.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    server.add({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "qlaunch-storage", "namespace": NS},
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}})  # fmt: skip
+    server.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token", "namespace": NS},
+                "type": "Opaque", "data": {"token": base64.b64encode(b"hf_fake").decode()}})  # fmt: skip
+    yield server
+    server.stop()
+
+
+def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missing(fake, tmp_path, monkeypatch):
+    path = tmp_path / "guanaco.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: guanaco
+        backend: kubernetes
+        storage:
+          root: /mnt/qlaunch-not-here
+        resources: {nodes: 1, gpus_per_node: 2}
+        kubernetes:
+          namespace: ml-team
+          hf_token_secret: {name: hf-token}
+        grid:
+          lora.r: [16, 64]
+    """))
+    p = plan(path)
+    k8s = KubernetesBackend(poll_seconds=0.05)
+    k8s.submit(p)
+    run, other = p.runs
+    names = Names.of(p.experiment.name, run.run_id)
+    t = time.time() - 7200
+
+    # First pod: 40 steps, checkpoint at 40, preempted by SIGTERM; the replacement resumes at 40.
+    first = fake.start_pod(NS, names.train_job)
+    fake.run_pod(NS, first)
+    fake.log(NS, first, progress("start", 0, t + 60, total_steps=100, attempt=1, resumed_from=None, launched_at=t),
+             progress("step", 20, t + 600, total_steps=100, loss=1.9, tokens_per_second=1000.0),
+             progress("step", 40, t + 1200, total_steps=100, loss=1.6, tokens_per_second=1200.0),
+             progress("checkpoint", 40, t + 1210, path="checkpoint-40"),
+             progress("preempted", 40, t + 1210, signal="SIGTERM"))  # fmt: skip
+    fake.finish_pod(NS, first, exit_code=75)
+    second = fake.start_pod(NS, names.train_job)
+    fake.run_pod(NS, second)
+    fake.log(NS, second, progress("start", 40, t + 1500, total_steps=100, attempt=2, resumed_from=40, launched_at=t + 1300),
+             progress("step", 100, t + 3300, total_steps=100, loss=1.2, tokens_per_second=1100.0),
+             progress("end", 100, t + 3310, total_steps=100, status="completed"))  # fmt: skip
+    fake.finish_pod(NS, second)
+    infer_pod = fake.start_pod(NS, names.infer_job)
+    fake.run_pod(NS, infer_pod)
+    metric = {"name": "json_match", "base": 0.05, "tuned": 0.8, "n": 40}
+    fake.log(NS, infer_pod, progress("infer_end", 100, t + 3500, summary={"metric": metric, "metrics": [metric]}))
+    fake.finish_pod(NS, infer_pod)
+
+    monkeypatch.chdir(tmp_path)
+    document = report.build(p, k8s, "kubernetes")
+    out = report.default_output(p, "kubernetes")
+    assert out == tmp_path / "guanaco-report"  # not the claim's path, which is not mounted here
+    report.write(document, out)
+
+    best = document.runs[0]
+    assert (document.best_run, best.run_id, best.best) == (run.run_id, run.run_id, True)
+    assert best.metric.model_dump() == metric
+    assert [a.outcome for a in best.attempts] == ["preempted", "completed"]
+    assert (best.restarts, best.steps_redone, best.attempts[1].resumed_from) == (1, 0, 40)
+    assert best.lost_seconds == 200  # the replacement pod's start-up: launched t+1300, training at t+1500
+    assert best.wall_seconds == 1210 + 2010  # both pods, from launch to their last event
+    assert best.gpus == 2 and best.gpu_hours == round(2 * 3220 / 3600, 4)
+    assert best.loss_curve == [(20, 1.9), (40, 1.6), (100, 1.2)] and best.final_loss == 1.2
+    assert best.tokens_per_second == 1100.0
+    assert document.runs[1].run_id == other.run_id and document.runs[1].attempts == []
+    notes = " ".join(document.notes)
+    assert "pods' logs" in notes and "not mounted on this machine" in notes and "results.jsonl" in notes
+    assert (out / "report.html").is_file() and (out / "loss.png").is_file() and (out / "metric.png").is_file()
+    assert "not mounted on this machine" in (out / "report.md").read_text()
