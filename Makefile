@@ -19,9 +19,11 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(VENV)/bin/qlaunch run examples/quickstart.yaml
 
-# Starts the single-node Slurm test cluster (installs slurm-wlm and munge with apt if missing).
+# Starts the single-node Slurm test cluster (installs slurm-wlm and munge with apt if missing)
+# and a Docker daemon for the container tests (installs docker.io and debootstrap if missing).
 test: setup
 	bash slurm/cluster.sh up
+	bash docker/dockerd.sh up
 	$(VENV)/bin/pytest
 
 test-fast: setup

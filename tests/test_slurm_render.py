@@ -51,6 +51,14 @@ CASES = {
         "environment": {"container": "/shared/images/qlaunch-train.sif", "python": "python3"},
         "slurm": {"signal_seconds": 600},
     },
+    # The job image (docker/Dockerfile) run by Docker on one GPU node; a variable and the token by name.
+    "gpu-docker": {
+        "name": "llama2-docker",
+        "storage": {"root": "/shared/qlaunch-runs"},
+        "resources": {"gpus_per_node": 2},
+        "environment": {"container": "registry.example.com/ml/qlaunch-train:0.1.0",
+                        "container_runtime": "docker", "variables": {"WANDB_MODE": "offline"}},
+    },
     # CPU only, no requeue, no inference job.
     "cpu-no-requeue": {
         "name": "cpu-smoke",

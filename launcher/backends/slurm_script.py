@@ -148,13 +148,27 @@ def _context(run: RunConfig, gpus: int) -> dict:
         "variables": sorted(env.variables.items()),
         "python": env.python,
         "container": env.container,
+        "container_runtime": env.container_runtime,
         "binds": ",".join(binds),
+        "bind_list": binds,
+        "pass_env": _container_env(run),
         "gpus": gpus,
         "hf_token_env": run.model.hf_token_env,
         "run_dir": str(paths.root),
         "run_yaml": str(paths.config),
         "progress": str(paths.progress),
     }
+
+
+# What a docker/podman container gets from the job's shell (apptainer passes everything): what
+# the job script exports, the token by name, where caches go, and Slurm's own task variables.
+_CONTAINER_ENV = ("PYTHONUNBUFFERED", "QLAUNCH_RUN_YAML", "HF_HOME", "SLURM_JOB_ID", "SLURM_JOB_NODELIST",
+                  "SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_RESTART_COUNT")
+
+
+def _container_env(run: RunConfig) -> list[str]:
+    names = [*sorted(run.environment.variables), run.model.hf_token_env, *_CONTAINER_ENV]
+    return list(dict.fromkeys(names))
 
 
 def _mixed_precision(run: RunConfig) -> str:
