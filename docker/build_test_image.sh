@@ -137,6 +137,8 @@ ca=$(extra_ca_bundle)
 [ -n "$ca" ] && args+=(--secret "id=extra_ca,src=$ca")
 
 say "building $IMAGE on $BASE_TAG"
-"${BUILD[@]}" "${args[@]}" -f "$REPO/docker/Dockerfile" -t "$IMAGE" "$REPO" >&2
+"${BUILD[@]}" "${args[@]}" --label qlaunch.test-image=true -f "$REPO/docker/Dockerfile" -t "$IMAGE" "$REPO" >&2
+# Earlier builds of the tag, now untagged, would pile up GBs; the build cache keeps the layers.
+"$DOCKER" image prune --force --filter label=qlaunch.test-image=true >/dev/null
 say "built $IMAGE in $(( $(date +%s) - start )) s, $("$DOCKER" image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 echo "$IMAGE"

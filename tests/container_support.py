@@ -32,7 +32,8 @@ def docker_or_fail() -> str:
 
 
 def build_test_image(log: Path) -> str:
-    """docker/build_test_image.sh: cached layers make a rebuild take seconds. Returns the tag."""
+    """docker/build_test_image.sh (needs Docker: docker_or_fail first). Cached layers make a
+    rebuild take seconds, so each test module builds it. Returns the tag."""
     with open(log, "wb") as out:
         result = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=out, timeout=1800)
     if result.returncode != 0:
