@@ -140,6 +140,7 @@ def _context(run: RunConfig, gpus: int) -> dict:
     env = run.environment
     paths = RunPaths.of(run)
     binds = sorted({str(Path(run.run_dir).parents[1]), run.experiment_dir})
+    token_file = run.model.hf_token_file
     return {
         "experiment": run.name,
         "run_id": run.run_id,
@@ -152,6 +153,9 @@ def _context(run: RunConfig, gpus: int) -> dict:
         "binds": ",".join(binds),
         "bind_list": binds,
         "pass_env": _container_env(run),
+        # The token file's path (never its content) is bound into docker/podman containers; a
+        # ~/ path is the job's business (expanding it here would make rendering impure).
+        "hf_token_file": token_file if token_file and token_file.startswith("/") else None,
         "gpus": gpus,
         "hf_token_env": run.model.hf_token_env,
         "run_dir": str(paths.root),
