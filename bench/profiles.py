@@ -1,9 +1,11 @@
 """The profiles the throughput bench compares: each is a set of experiment-file values.
 
-`notebook` is the experiment model's defaults, which are the Llama-2 QLoRA Colab recipe users copy
-(batch 4 padded to the longest example, no packing, gradient checkpointing, LoRA r=64 on q/v,
-4-bit NF4 with fp16 compute). `t4` is examples/profiles/t4-fast.yaml as users get it. The others
-each change one lever, to measure it alone.
+`notebook` is the Llama-2 QLoRA Colab recipe users copy, which the experiment model's defaults
+follow (batch 4 padded to the longest example, no packing, gradient checkpointing, LoRA r=64 on
+q/v, 4-bit NF4 with fp16 compute), without Liger (the notebook has none; qlaunch's default is
+`use_liger_kernel: auto`). `t4` is examples/profiles/t4-fast.yaml with Liger off, the baseline the
+levers are measured against one at a time; `t4+liger` is t4-fast.yaml as users get it on a GPU
+with liger-kernel installed (auto → on). `t4-lean` is examples/profiles/t4-lean.yaml.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ from launcher.experiment_file import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 T4_PROFILE_FILE = ROOT / "examples" / "profiles" / "t4-fast.yaml"
+LEAN_PROFILE_FILE = ROOT / "examples" / "profiles" / "t4-lean.yaml"
 # What a profile may set: the sections that define the training recipe.
 RECIPE_SECTIONS = ("quantization", "lora", "train")
 
 
-def t4_profile() -> dict[str, Any]:
-    data = load_yaml(T4_PROFILE_FILE.read_text())
+def profile_file(path: Path = T4_PROFILE_FILE) -> dict[str, Any]:
+    data = load_yaml(path.read_text())
     return {section: data[section] for section in RECIPE_SECTIONS if section in data}
+
+
+def t4_profile() -> dict[str, Any]:
+    return profile_file(T4_PROFILE_FILE)
 
 
 def merged(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
@@ -34,8 +41,9 @@ def merged(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
 
 def profiles() -> dict[str, tuple[str, dict[str, Any]]]:
     """name → (what it changes, recipe sections)."""
-    t4 = t4_profile()
-    notebook: dict[str, Any] = {}
+    t4 = merged(t4_profile(), train={"use_liger_kernel": False})
+    lean = profile_file(LEAN_PROFILE_FILE)
+    notebook: dict[str, Any] = {"train": {"use_liger_kernel": False}}
     budget = t4["train"]["per_device_train_batch_size"] * t4["train"]["max_seq_length"]
     return {
         "notebook": ("the notebook recipe (the experiment model's defaults)", notebook),
@@ -44,8 +52,23 @@ def profiles() -> dict[str, tuple[str, dict[str, Any]]]:
         "notebook+fp16+packed": ("+ packed rows, per-example attention, same 4×1024 tokens per step",
                                  merged(notebook, train={"fp16": True, "packing": True,
                                                          "max_seq_length": 1024, "group_by_length": False})),
-        "t4": (f"examples/profiles/t4-fast.yaml: packed rows, {budget} tokens per step", t4),
-        "t4+liger": ("t4 + Liger kernels (RMSNorm, RoPE, SwiGLU)", merged(t4, train={"use_liger_kernel": True})),
+        "t4": (f"examples/profiles/t4-fast.yaml without Liger: packed rows, {budget} tokens per step", t4),
+        "t4+liger": ("t4 + Liger kernels (RMSNorm, RoPE, SwiGLU) = t4-fast.yaml with the default auto",
+                     merged(t4, train={"use_liger_kernel": True})),
+        "t4-fast": ("examples/profiles/t4-fast.yaml exactly as users get it (use_liger_kernel: auto)", t4_profile()),
+        "t4+offload": ("t4 + trl activation offloading (train.activation_offloading)",
+                       merged(t4, train={"activation_offloading": True})),
+        "t4+expandable": ("t4 + PyTorch expandable segments (train.expandable_segments)",
+                          merged(t4, train={"expandable_segments": True})),
+        "t4-lean": ("examples/profiles/t4-lean.yaml: t4 + Liger + offloading (sync) + expandable segments", lean),
+        "t4-lean-streams": ("t4-lean with trl's streamed offloading (activation_offloading: true)",
+                            merged(lean, train={"activation_offloading": True})),
+        "t4+offload-sync": ("t4 + activation offloading on the compute stream (activation_offloading: sync)",
+                            merged(t4, train={"activation_offloading": "sync"})),
+        "t4-lean-streams-24rows": ("t4-lean-streams with 24 packed rows (24576 tokens per step)",
+                                   merged(lean, train={"activation_offloading": True, "per_device_train_batch_size": 24})),
+        "t4-lean-streams-4rows": ("t4-lean-streams with 4 packed rows (4096 tokens per step)",
+                                  merged(lean, train={"activation_offloading": True, "per_device_train_batch_size": 4})),
         "t4+all-linear": ("t4 + LoRA on all linear layers", merged(t4, lora={"target_modules": "all-linear"})),
         "t4+workers": ("t4 + 2 data-loading worker processes", merged(t4, train={"dataloader_num_workers": 2})),
     }

@@ -32,6 +32,16 @@ LLAMA2_7B = {
     "torch_dtype": "float16",
 }
 
+# Llama-2-13B: 13.0e9 parameters, 40 layers, hidden 5120 (same vocabulary, tokenizer and data).
+LLAMA2_13B = {
+    **LLAMA2_7B,
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+}
+
 # Same vocabulary (so the tokenizer and data are the same), toy depth and width: the whole bench
 # runs on a laptop CPU in a minute.
 TINY = {
@@ -43,6 +53,8 @@ TINY = {
     "num_key_value_heads": 4,
     "torch_dtype": "float32",
 }
+
+SHAPES = {"7b": LLAMA2_7B, "13b": LLAMA2_13B, "tiny": TINY}
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
 
@@ -66,11 +78,12 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(folder))
 
 
-def write_model_folder(folder: Path, tiny: bool, weights: bool = True, seed: int = 0) -> Path:
+def write_model_folder(folder: Path, tiny: bool = False, weights: bool = True, seed: int = 0,
+                       shape: str | None = None) -> Path:
     """config.json + tokenizer (+ random fp16 safetensors shards when `weights`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = TINY if tiny else LLAMA2_7B
+    config = SHAPES[shape or ("tiny" if tiny else "7b")]
     marker = folder / ".complete"
     if marker.is_file() and json.loads(marker.read_text()) == {"config": config, "weights": weights}:
         return folder
@@ -151,8 +164,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Write a random Llama-2-7B-shaped (or tiny) model folder.")
     parser.add_argument("folder")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="model shape (default 7b, or tiny with --tiny)")
     args = parser.parse_args()
-    write_model_folder(Path(args.folder), tiny=args.tiny)
+    write_model_folder(Path(args.folder), tiny=args.tiny, shape=args.shape)
 
 
 if __name__ == "__main__":

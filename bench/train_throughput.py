@@ -3,6 +3,11 @@
     python bench/train_throughput.py                      # Llama-2-7B shapes, on a GPU
     python bench/train_throughput.py --tiny --steps 4     # toy shapes, runs on a CPU (debugging)
     python bench/train_throughput.py --profiles notebook,t4,t4+liger --steps 40
+    python bench/train_throughput.py --profiles t4,13b:t4,13b:t4-lean   # 13B shapes: prefix 13b:
+
+Profiles run in the order given; `--deadline S` starts no profile after S seconds, and a second
+invocation with the same --work skips the profiles already measured there (so one list can span
+two device commands of 10 minutes each).
 
 It builds Llama-2-7B-shaped weights at random (once, no download), a word-level tokenizer and a
 dataset whose example lengths are log-normal (median ~300 tokens, up to 2048), then for each
@@ -62,6 +67,12 @@ PEAK_FP16 = [
 DEFAULT_PROFILES = "notebook,t4"
 
 
+def split_profile(name: str) -> tuple[str, str]:
+    """'13b:t4-lean' → ('13b', 't4-lean'); no prefix → 7b."""
+    size, _, profile = name.rpartition(":")
+    return size or "7b", profile
+
+
 def peak_flops(device: str) -> float | None:
     for name, flops in PEAK_FP16:
         if name in device:
@@ -95,6 +106,7 @@ def experiment_for(name: str, recipe: dict, model_dir: Path, data: Path, work: P
 
 
 def run_profile(name: str, experiment: Path, work: Path, timeout: float) -> dict:
+    """Train one profile in its own process; its metrics, losses and preflight estimate."""
     (run,) = plan(experiment).runs
     paths = RunPaths.of(run)
     shutil.rmtree(paths.root, ignore_errors=True)  # a completed run would not train again
@@ -134,7 +146,11 @@ def summarize(name: str, run, paths: RunPaths, wall: float) -> dict:
         "peak_allocated_bytes": metrics.get("peak_memory_allocated_bytes"),
         "peak_reserved_bytes": metrics.get("peak_memory_reserved_bytes"),
         "device": metrics.get("device"),
+        "train_runtime": metrics.get("train_runtime"),
+        "train_tokens": metrics.get("train_tokens"),
         "losses": [e.get("loss") for e in steps],
+        "step_times": [e.get("time") for e in steps],
+        "step_tokens_per_second": [e.get("tokens_per_second") for e in steps],
         "train": run.train.model_dump(mode="json"),
         "lora_target_modules": run.lora.target_modules,
     }
@@ -160,7 +176,7 @@ def gib(value) -> str:
     return "-" if value is None else f"{value / 2**30:.2f}"
 
 
-def table_rows(results: list[dict], n_params: int) -> tuple[list[str], list[list[str]]]:
+def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["profile", "tokens/s", "× notebook", "s/step", "tokens/step", "peak alloc GiB",
               "peak reserved GiB", "preflight GiB (err)", "MFU", "loss@1", "loss@N (last 5)"]
     base = next((r.get("tokens_per_second") for r in results if r["profile"] == "notebook"), None)
@@ -168,6 +184,7 @@ def table_rows(results: list[dict], n_params: int) -> tuple[list[str], list[list
     for r in results:
         tps = r.get("tokens_per_second")
         flops = peak_flops(r.get("device") or "")
+        n_params = r.get("n_params") or 0
         reserved = r.get("peak_reserved_bytes")
         err = f" ({100 * (r['preflight_bytes'] / reserved - 1):+.0f}%)" if reserved else ""
         rows.append([
@@ -216,13 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/qlaunch-bench", help="model, data and run folders")
     parser.add_argument("--out", help="where results.json / results.md go (default: <work>/out)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per profile")
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="seconds after which no further profile starts (0: none)")
     parser.add_argument("--warmup-steps", type=int, default=6,
                         help="steps of a discarded first run that fills the Triton/CUDA caches (default 6)")
     args = parser.parse_args(argv)
 
     available = bench_profiles.profiles()
     chosen = [name.strip() for name in args.profiles.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in available]
+    unknown = [name for name in chosen if split_profile(name)[1] not in available
+               or split_profile(name)[0] not in synthetic.SHAPES]
     if unknown:
         parser.error(f"unknown profile(s) {unknown}; known: {', '.join(available)}")
     work = Path(args.work).resolve()
@@ -230,53 +250,80 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
-    model_dir = work / ("tiny" if args.tiny else "llama2-7b")
-    # Its own process: the parent never holds a CUDA context while the profiles run.
-    subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic.py"), str(model_dir)]
-                   + (["--tiny"] if args.tiny else []), check=True)
-    config = json.loads((model_dir / "config.json").read_text())
-    lengths = {"median": 60, "longest": 512} if args.tiny else {}
-    data = synthetic.write_dataset(work / "data.jsonl", args.examples, config["vocab_size"], **lengths)
-    shape = preflight.shape_from_config(config)
-    print(f"model and data ready in {time.time() - started:.0f}s: {shape.num_params / 1e9:.2f}B parameters, "
-          f"{args.examples} examples", flush=True)
-
-    if args.warmup_steps and chosen:
-        # The first training process on a fresh machine compiles Triton kernels (trl's chunked
-        # loss) for each new shape specialisation; whichever profile ran first paid for it (the
-        # notebook measured 1.5x slower that way). A short discarded run pays it for everyone.
-        what, recipe = available[chosen[0]]
-        experiment = experiment_for("warmup", recipe, model_dir, data, work, args.warmup_steps,
-                                    args.gpu_type, args.tiny)
-        print(f"--- warm-up ({chosen[0]}, {args.warmup_steps} steps, discarded)", flush=True)
-        warm = run_profile("warmup", experiment, work, args.timeout)
-        if warm.get("exit") != 0:
-            print(warm.get("log_tail", ""), flush=True)
-
-    results = []
+    results_file = work / "results.json"  # survives between invocations with the same --work
+    previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    done = {r["profile"]: r for r in previous.get("results", []) if r.get("exit") == 0
+            and r.get("steps") == args.steps}
+    results = [done[name] for name in chosen if name in done]
+    if results:
+        print(f"already measured in {work}: {', '.join(r['profile'] for r in results)}", flush=True)
+    data = None
+    warmed = False
+    shapes: dict[str, preflight.ModelShape] = {}
     for name in chosen:
-        what, recipe = available[name]
-        experiment = experiment_for(name, recipe, model_dir, data, work, args.steps, args.gpu_type, args.tiny)
-        print(f"--- {name}: {what}", flush=True)
+        if name in done:
+            continue
+        size, profile = split_profile(name)
+        if args.deadline and time.time() - started > args.deadline:
+            print(f"--- {name}: not started (past --deadline {args.deadline:.0f}s); run again to continue",
+                  flush=True)
+            continue
+        size = "tiny" if args.tiny else size
+        model_dir = work / f"llama2-{size}"
+        if size not in shapes:
+            # Its own process: the parent never holds a CUDA context while the profiles run.
+            subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic.py"), str(model_dir),
+                            "--shape", size], check=True)
+            config = json.loads((model_dir / "config.json").read_text())
+            shapes[size] = preflight.shape_from_config(config)
+            if data is None:
+                lengths = {"median": 60, "longest": 512} if args.tiny else {}
+                data = synthetic.write_dataset(work / "data.jsonl", args.examples, config["vocab_size"], **lengths)
+            print(f"{size} model and data ready at {time.time() - started:.0f}s: "
+                  f"{shapes[size].num_params / 1e9:.2f}B parameters, {args.examples} examples", flush=True)
+            if args.deadline and time.time() - started > args.deadline:
+                print(f"--- {name}: not started (past --deadline {args.deadline:.0f}s); run again to continue",
+                      flush=True)
+                continue
+        if args.warmup_steps and not warmed:
+            # The first training process on a fresh machine compiles Triton kernels (trl's chunked
+            # loss) for each new shape specialisation; whichever profile ran first paid for it (the
+            # notebook measured 1.5x slower that way). A short discarded run pays it for everyone.
+            warmed = True
+            what, recipe = available[profile]
+            experiment = experiment_for("warmup", recipe, model_dir, data, work, args.warmup_steps,
+                                        args.gpu_type, args.tiny)
+            print(f"--- warm-up ({name}, {args.warmup_steps} steps, discarded)", flush=True)
+            warm = run_profile("warmup", experiment, work, args.timeout)
+            if warm.get("exit") != 0:
+                print(warm.get("log_tail", ""), flush=True)
+        what, recipe = available[profile]
+        experiment = experiment_for(name.replace(":", "-"), recipe, model_dir, data, work, args.steps,
+                                    args.gpu_type, args.tiny)
+        print(f"--- {name}: {what} (at {time.time() - started:.0f}s)", flush=True)
         result = run_profile(name, experiment, work, args.timeout)
         result["what"] = what
+        result["n_params"] = shapes[size].num_params
+        result["shape"] = size
         results.append(result)
-        print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "train", "log_tail")}),
+        print(json.dumps({k: v for k, v in result.items()
+                          if k not in ("losses", "train", "log_tail", "step_times", "step_tokens_per_second")}),
               flush=True)
         if "log_tail" in result:
             print(result["log_tail"], flush=True)
-        (out / "results.json").write_text(json.dumps(
-            {"date": _dt.date.today().isoformat(), "command": " ".join(sys.argv), "steps": args.steps,
-             "tiny": args.tiny, "n_params": shape.num_params, "gpu_type": args.gpu_type, "results": results},
-            indent=1))
+        record = {"date": _dt.date.today().isoformat(), "command": " ".join(sys.argv), "steps": args.steps,
+                  "tiny": args.tiny, "gpu_type": args.gpu_type, "results": results}
+        for target in (results_file, out / "results.json"):
+            target.write_text(json.dumps(record, indent=1))
+    results.sort(key=lambda r: chosen.index(r["profile"]))
 
     device = next((r["device"] for r in results if r.get("device")), "cpu")
-    header, rows = table_rows(results, shape.num_params)
-    title = (f"{shape.num_params / 1e9:.2f}B-parameter Llama shapes, {args.steps} steps per profile, on {device} "
+    header, rows = table_rows(results)
+    title = (f"Llama-2 shapes, {args.steps} steps per profile, on {device} "
              f"({_dt.date.today().isoformat()}); preflight targets a {args.gpu_type}")
     (out / "results.md").write_text(f"{title}\n\n{markdown(header, rows)}\n")
     print_table(header, rows, title)
-    return 0 if all(r.get("exit") == 0 for r in results) else 1
+    return 0 if all(r.get("exit") == 0 for r in results) and len(results) == len(chosen) else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,10 +16,13 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from . import run_index
-from .backends import State, canonical, get_backend
+from . import run_index, runner
+from .backends import Submission, canonical, get_backend
+from .backends.base import Foreground
 from .errors import QlaunchError
 from .grid import Plan, plan
+from .importers import command as import_command
+from .input_checks import refuse_bad_inputs
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -33,6 +35,7 @@ def _backend_name(args: argparse.Namespace, p: Plan) -> str:
 # ---- commands ---------------------------------------------------------------------------------
 def cmd_plan(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
+    refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     table = Table(title=f"{p.experiment.name}: {len(p.runs)} runs", title_justify="left")
     table.add_column("run")
     for key in p.varying_keys:
@@ -41,35 +44,57 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for run in p.runs:
         table.add_row(run.run_id, *(str(run.overrides[k]) for k in p.varying_keys), run.run_dir)
     console.print(table)
+    from . import time_estimate
+
+    console.print(time_estimate.format_table(time_estimate.estimate_grid(p.runs)))
     return 0
+
+
+def _print_submission(submission: Submission) -> None:
+    for line in submission.describe():
+        console.print(escape(line), soft_wrap=True)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
+    refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     backend = get_backend(_backend_name(args, p))
     out = Path(args.output)
-    written = backend.render(p, out)
+    submission, written = runner.render(p, backend, out)
     for path in written:
         console.print(str(path))
+    _print_submission(submission)
     console.print(f"rendered {len(p.runs)} runs for {backend.name} into {out}; nothing submitted")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    p = plan(args.experiment)
+    refuse_bad_inputs(p, _backend_name(args, p), False, err_console)
+    console.print(f"inputs OK: {len(p.runs)} run{'s' if len(p.runs) != 1 else ''} checked, nothing started")
     return 0
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
-    return 0 if _preflight(p, show=True) else 1
+    estimates, refused = runner.preflight_refusals(p)
+    _print_estimates(estimates, refused, show=True, runs=p.runs)
+    return 1 if refused else 0
 
 
-def _preflight(p: Plan, show: bool) -> bool:
+def _print_estimates(estimates: list, refused: list, show: bool, runs=()) -> None:
     from . import preflight
 
-    estimates = preflight.preflight(p)
-    refused = [e for e in estimates if not e.fits]
     if show or refused:
         console.print(preflight.format_table(estimates))
+    if show:
+        from . import speed_tips, time_estimate
+
+        console.print(time_estimate.format_table(time_estimate.estimate_grid(runs)))
+        for line in speed_tips.summarize(runs):
+            console.print(f"faster: {escape(line)}")
     for estimate in refused:
         err_console.print(f"[red]{estimate.run_id} will not fit:[/] {escape(estimate.advice)}")
-    return not refused
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -80,31 +105,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
     name = _backend_name(args, p)
+    refuse_bad_inputs(p, name, args.skip_input_checks, err_console)
     backend = get_backend(name)
-    if name != "local" and not args.skip_preflight and not _preflight(p, show=False):
+    prepare = None if args.no_prefetch or args.dry_run or name == "kubernetes" else _prefetch
+    if backend.foreground:
+        return _run_here(p, backend, args, prepare)
+    result = runner.submit(p, backend, force=args.force, dry_run=args.dry_run or False,
+                           skip_preflight=args.skip_preflight, prepare=prepare)  # fmt: skip
+    if result.submission is None:
+        _print_estimates([], result.refused, show=False)
         err_console.print("nothing submitted (use --skip-preflight to submit anyway)")
-        return 1
-    run_index.record(p, name)
-    if name == "local":
-        return _run_locally(p, backend, args)
-    report = backend.submit(p, force=args.force, dry_run=args.dry_run or False)
+        return result.exit_code
+    if result.dry_run:
+        _print_submission(result.submission)
+        console.print(f"validated (dry run), nothing submitted. Submit: qlaunch submit {p.source}")
+        return result.exit_code
+    report = result.report
     for run_id, jobs in report.submitted.items():
         console.print(f"{run_id} submitted: {', '.join(jobs)}")
     for run_id, why in report.skipped.items():
         console.print(escape(f"{run_id} skipped: {why}"))
-    verb = "validated (dry run)" if args.dry_run else "submitted"
     console.print(
-        f"{len(report.submitted)} runs {verb}, {len(report.skipped)} skipped. "
+        f"{len(report.submitted)} runs submitted, {len(report.skipped)} skipped. "
         f"Watch: qlaunch status {p.source} --watch"
     )
-    return 0
+    return result.exit_code
 
 
-def _run_locally(p: Plan, backend, args: argparse.Namespace) -> int:
+def _prefetch(p: Plan) -> Plan:
+    from . import prefetch  # hub models and datasets pinned and downloaded once, before any job
+
+    return prefetch.prefetch_for_submit(p, say=lambda message: console.print(escape(message)))
+
+
+def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
+    """A backend that runs the jobs in this process: a live table while they run."""
     from .status_view import build_table, collect
 
     def table():
-        return build_table(p, collect(p, backend), "local")
+        return build_table(p, collect(p, backend), backend.name)
 
     interactive = console.is_terminal
     with Live(table(), console=console, refresh_per_second=2, auto_refresh=False,
@@ -119,31 +158,25 @@ def _run_locally(p: Plan, backend, args: argparse.Namespace) -> int:
         def on_event(message: str):
             live.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(message)}")
 
-        report = backend.submit(
-            p,
-            force=args.force,
-            dry_run=bool(args.dry_run),
-            max_parallel=args.max_parallel,
-            on_event=on_event,
-            on_tick=on_tick,
-            run_inference=not args.no_infer,
-        )
+        options = Foreground(max_parallel=args.max_parallel, run_inference=not args.no_infer,
+                             on_event=on_event, on_tick=on_tick)  # fmt: skip
+        result = runner.submit(p, backend, force=args.force, dry_run=bool(args.dry_run), foreground=options,
+                               prepare=prepare)  # fmt: skip
         live.update(table(), refresh=True)
     if not interactive:
         console.line()  # a non-terminal Live leaves its last line open
-    for run_id, why in report.skipped.items():
+    if result.dry_run:
+        _print_submission(result.submission)
+        return result.exit_code
+    for run_id, why in result.report.skipped.items():
         console.print(escape(f"{run_id} skipped: {why}"))
     _print_inference_summaries(p)
-    if report.interrupted:
+    if result.exit_code == runner.EXIT_INTERRUPTED:
         console.print(f"stopped. Resume with: qlaunch run {p.source}")
-        return 130
-    statuses = backend.status(p)
-    failed = [r for r, s in statuses.items() if s.state != State.COMPLETED or s.infer_state == State.FAILED]
-    if failed and not args.dry_run:
-        err_console.print(f"[red]{len(failed)} runs did not complete:[/] {', '.join(failed)} "
+    elif result.failed:
+        err_console.print(f"[red]{len(result.failed)} runs did not complete:[/] {', '.join(result.failed)} "
                           f"(qlaunch logs RUN shows why)")
-        return 1
-    return 0
+    return result.exit_code
 
 
 def _print_inference_summaries(p: Plan) -> None:
@@ -155,10 +188,14 @@ def _print_inference_summaries(p: Plan) -> None:
         if not isinstance(metric, dict) or "tuned" not in metric:
             continue
         base = f"base {metric['base']:.2f} → " if "base" in metric else ""
+        others = [m for m in summary.get("metrics", [])[1:] if isinstance(m, dict) and "tuned" in m]
+        also = "".join(
+            f"; {m.get('name')} " + (f"{m['base']:.2f} → " if "base" in m else "") + f"{m['tuned']:.2f}" for m in others
+        )
         console.print(
             f"[bold]{run.run_id}[/] {escape(' '.join(f'{k}={v}' for k, v in run.overrides.items()))}: "
             f"{escape(str(metric.get('name', 'metric')))} {base}tuned [bold green]{metric['tuned']:.2f}[/] "
-            f"on {metric.get('n', '?')} held-out prompts"
+            f"on {metric.get('n', '?')} held-out prompts{escape(also)}"
         )
 
 
@@ -169,19 +206,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     name = _backend_name(args, p)
     backend = get_backend(name)
     run_index.record(p, name)
+    if args.check_hub:
+        from .prefetch import hub_check_lines
+
+        for line in hub_check_lines(p):
+            console.print(escape(line))
     if not args.watch:
         console.print(build_table(p, collect(p, backend), name))
         return 0
     try:
         with Live(build_table(p, collect(p, backend), name), console=console, auto_refresh=False) as live:
-            while True:
-                rows = collect(p, backend)
-                live.update(build_table(p, rows, name), refresh=True)
-                if all(not r.status.state.active and not r.status.infer_state.active for r in rows):
-                    return 0
-                time.sleep(args.interval)
+            runner.watch(p, backend, lambda rows: live.update(build_table(p, rows, name), refresh=True),
+                         args.interval)  # fmt: skip
     except KeyboardInterrupt:
-        return 0
+        pass
+    return 0
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from . import prefetch
+
+    p = prefetch.prefetch(plan(args.experiment), say=lambda message: console.print(escape(message)), command=True)
+    pinned = {(pin.repo_type, pin.repo_id, pin.revision) for run in p.runs for pin in run.hub_pins}
+    console.print(f"{len(pinned)} hub repos pinned for {len(p.runs)} runs; their jobs read them offline")
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -207,15 +255,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from .backends.local import infer_command, job_environment
-    from .storage import RunPaths
-
     p, _, runs = run_index.resolve(args.run, args.experiment)
     if len(runs) != 1:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; infer needs one run id")
-    run = runs[0]
-    if not RunPaths.of(run).training_completed():
-        raise QlaunchError(f"run {run.run_id} has no trained adapter yet (qlaunch status {p.source})")
     extra = [part for prompt in args.prompt for part in ("--prompt", prompt)]
     if args.prompts_file:
         extra += ["--prompts-file", args.prompts_file]
@@ -223,7 +265,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         extra.append("--merge")
     if args.no_base:
         extra.append("--no-base")
-    return subprocess.call(infer_command(run, extra), env=job_environment())
+    return runner.infer(p, runs[0], extra)
 
 
 # ---- parser -----------------------------------------------------------------------------------
@@ -243,13 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--backend", "-b", choices=["local", "slurm", "kubernetes", "k8s"],
                              help="default: the experiment file's `backend:` (local)")
 
+    def input_checks_option(command):
+        command.add_argument("--skip-input-checks", action="store_true",
+                             help="do not check local paths here (only the cluster sees them); the job still checks")
+
+    command = add("check", cmd_check, "Check the inputs every run names (files, fields, keys); start nothing.")
+    command.add_argument("experiment")
+    backend_option(command)
+
     command = add("plan", cmd_plan, "List the runs an experiment file expands to.")
     command.add_argument("experiment")
+    input_checks_option(command)
 
     command = add("render", cmd_render, "Write each run's job script/manifest for review; submit nothing.")
     command.add_argument("experiment")
     backend_option(command)
     command.add_argument("-o", "--output", default="rendered", help="folder (default: ./rendered)")
+    input_checks_option(command)
 
     command = add("run", cmd_run, "Train every run of the grid on this machine, then run inference.")
     command.add_argument("experiment")
@@ -258,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--no-infer", action="store_true", help="skip the inference jobs")
     command.add_argument("--dry-run", action="store_true", help="show what would run")
     command.set_defaults(skip_preflight=True)
+    input_checks_option(command)
+    command.add_argument("--no-prefetch", action="store_true", help="skip pinning/downloading hub repos first")
 
     command = add("submit", cmd_submit, "Submit the grid (training + dependent inference jobs).")
     command.add_argument("experiment")
@@ -268,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--skip-preflight", action="store_true", help="submit runs the memory check refuses")
     command.add_argument("--max-parallel", "-j", type=int, help="local backend: runs at a time")
     command.add_argument("--no-infer", action="store_true", help="local backend: skip inference")
+    input_checks_option(command)
+    command.add_argument("--no-prefetch", action="store_true",
+                         help="skip pinning/downloading hub repos first (jobs then reach the hub themselves)")
+
+    command = add("prefetch", cmd_prefetch,
+                  "Pin the grid's hub models/datasets to commits and download them once into the shared cache.")
+    command.add_argument("experiment")
 
     command = add("preflight", cmd_preflight, "Estimate each run's peak GPU memory on its target GPU.")
     command.add_argument("experiment")
@@ -277,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     backend_option(command)
     command.add_argument("--watch", "-w", action="store_true", help="refresh until every run has ended")
     command.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    command.add_argument("--check-hub", action="store_true",
+                         help="ask the hub whether the pinned revisions have moved on (changes nothing)")
 
     command = add("logs", cmd_logs, "Print a run's log (-f follows it across restarts).")
     command.add_argument("run", help="run id (or a unique prefix)")
@@ -297,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--merge", action="store_true", help="also write a merged fp16 model")
     command.add_argument("--no-base", action="store_true", help="skip the base model's answers")
     command.add_argument("-e", "--experiment", help="experiment file")
+
+    import_command.add_arguments(add("import", import_command.cmd_import, import_command.HELP))
     return parser
 
 

@@ -30,6 +30,7 @@ class ModelConfig(Section):
     gguf_file: str | None = None
     revision: str | None = None
     tokenizer: str | None = None  # defaults to name_or_path
+    tokenizer_revision: str | None = None  # of a separate tokenizer repo (default: its main)
     trust_remote_code: bool = False
     # The HF token is never written anywhere: a job reads it at run time from this
     # environment variable, or from this file.
@@ -44,6 +45,7 @@ class DatasetConfig(Section):
     # A hub dataset id, or a local .jsonl/.json/.csv/.parquet file (relative paths are
     # resolved against the experiment file's folder).
     path: str = "mlabonne/guanaco-llama2-1k"
+    revision: str | None = None  # of a hub dataset: a branch, tag or commit
     split: str = "train"
     # auto: "text" if the text field exists, else "messages", else instruction/response.
     format: Literal["auto", "text", "instruction", "messages"] = "auto"
@@ -103,7 +105,17 @@ class TrainConfig(Section):
     bf16: bool = False
     max_seq_length: int | None = Field(default=None, ge=8)  # null: trl's default (1024)
     packing: bool = False
-    use_liger_kernel: bool = False
+    # Loss on the answers only (trl's completion_only_loss; Axolotl's train_on_inputs: false).
+    # null: answer-only for instruction and messages data, the whole text for format: text.
+    completion_only_loss: bool | None = None
+    # auto: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) when CUDA and liger-kernel are there;
+    # they change no math (bench/RESULTS.md). Resolved when the job starts (training/arguments.py).
+    use_liger_kernel: bool | Literal["auto"] = "auto"
+    # Memory levers that change no math (examples/profiles/t4-lean.yaml): trl's offloading of
+    # checkpointed activations to CPU memory ("sync": copies on the compute stream, no side
+    # stream and its memory pool: least memory, slower), and PyTorch's expandable segments.
+    activation_offloading: bool | Literal["sync"] = False
+    expandable_segments: bool = False
     seed: int = 42
     logging_steps: int = Field(default=25, ge=1)
     # Checkpoints are what a preempted job resumes from; a signal also forces one.
@@ -277,6 +289,18 @@ class Experiment(Section):
 # Sections that define what is trained: a run's id hashes these and nothing else, so moving a
 # run to another partition or cluster does not make it a new run.
 IDENTITY_SECTIONS = ("model", "dataset", "prompt", "quantization", "lora", "train")
+# Values at their defaults are left out of the hash (launcher/grid.py run_id_for).
+
+
+class HubPin(Section):
+    """One hub repo of a run at the commit `qlaunch prefetch` resolved and downloaded."""
+
+    key: str  # the experiment key naming the repo: model.name_or_path, model.tokenizer, dataset.path
+    repo_id: str
+    repo_type: Literal["model", "dataset"]
+    requested: str | None = None  # the revision the experiment file asks for (None: main)
+    revision: str  # the commit hash
+    files: list[str] = Field(default_factory=list)  # what the job reads from the cache
 
 
 class RunConfig(Experiment):
@@ -287,6 +311,9 @@ class RunConfig(Experiment):
     # The grid values of this run, by dotted key (for tables and job labels).
     overrides: dict[str, Any] = Field(default_factory=dict)
     experiment_dir: str = "."  # where relative dataset/prompt paths are resolved
+    # Set by `qlaunch prefetch` / submit (launcher.prefetch): the hub repos this run reads, pinned
+    # and already in the shared cache, so the job runs offline. Not part of the run id.
+    hub_pins: list[HubPin] = Field(default_factory=list)
 
     def resolve_path(self, value: str) -> Path:
         """A user-supplied path: absolute as is, relative to the experiment file's folder."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import ValidationError
@@ -29,6 +29,51 @@ Loader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping: YAML would silently keep only the last one."""
+
+
+def _construct_mapping(loader: Loader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults` overrides on purpose
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node)
+        except TypeError:
+            continue  # an unhashable key; SafeConstructor reports it
+        if first is not key_node:
+            raise DuplicateKeyError(
+                None, None, f"duplicate key {key!r}, first at line {first.start_mark.line + 1}", key_node.start_mark
+            )
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+Loader.construct_mapping = _construct_mapping  # type: ignore[method-assign]
+
+
+def duplicate_keys(node: yaml.Node | None, prefix: tuple = ()) -> list[tuple[tuple, int, int]]:
+    """Every key given twice in one mapping, at any depth: (key path, first line, second line)."""
+    found: list[tuple[tuple, int, int]] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            path = prefix + (key_node.value,)
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and path in first:
+                found.append((path, first[path], line))
+            else:
+                first.setdefault(path, line)
+            found += duplicate_keys(value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found += duplicate_keys(item, prefix + (index,))
+    return found
 
 
 def load_yaml(text: str):
@@ -81,6 +126,14 @@ def format_validation_error(
 def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple, int]]:
     try:
         node = yaml.compose(text, Loader=Loader)
+        # Every duplicate at once, with its dotted key (the loader would stop at the first).
+        duplicates = duplicate_keys(node)
+        if duplicates:
+            raise ConfigError("\n".join(
+                f"{source}:{second}: {'.'.join(str(p) for p in path)}: duplicate key, first at line {first} "
+                "(YAML would silently keep only the last one)"
+                for path, first, second in duplicates
+            ))  # fmt: skip
         data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -94,8 +147,17 @@ def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple, int]
     return data, _key_lines(node) if node is not None else {}
 
 
-def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
-    """Validate an experiment file. Returns the experiment and the file's resolved path."""
+class ExperimentFile(NamedTuple):
+    """An experiment file read and validated once: what grid.plan expands."""
+
+    experiment: Experiment
+    path: Path  # resolved
+    data: dict[str, Any]  # the file's mapping as written (grid values not applied)
+    lines: dict[tuple, int]  # dotted key path → line, for file:line errors
+
+
+def load_experiment(path: str | Path) -> ExperimentFile:
+    """Read and validate an experiment file (ConfigError naming file, line and key)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -108,7 +170,7 @@ def load_experiment(path: str | Path) -> tuple[Experiment, Path]:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), lines)) from None
-    return experiment, path.resolve()
+    return ExperimentFile(experiment, path.resolve(), data, lines)
 
 
 def load_run_config(path: str | Path) -> RunConfig:

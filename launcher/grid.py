@@ -2,7 +2,8 @@
 
 A run's id is a hash of the sections that define what is trained (`IDENTITY_SECTIONS`), so
 the same file always gives the same ids and resubmitting never duplicates a run, while any
-changed training value gives a new id.
+changed training value gives a new id. Values at qlaunch's defaults are left out of the hash,
+so a new knob (at a default that changes nothing) keeps every existing id.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import copy
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from .config import IDENTITY_SECTIONS, Experiment, RunConfig
+from .config import IDENTITY_SECTIONS, DatasetConfig, Experiment, RunConfig, TrainConfig
 from .errors import ConfigError
-from .experiment_file import Loader, _key_lines, format_validation_error, load_experiment, load_yaml
+from .experiment_file import format_validation_error, load_experiment
+from .loss import resolve_for_plan
 
 GRID_FORBIDDEN = {"name", "grid", "backend", "storage"}
 
@@ -31,6 +32,8 @@ class Plan:
     source: Path  # the experiment file
     storage_root: Path
     runs: tuple[RunConfig, ...]
+    # Dotted key path → line in `source`, for errors found later (e.g. by a backend's checks).
+    key_lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def varying_keys(self) -> list[str]:
@@ -49,8 +52,23 @@ class Plan:
         raise ConfigError(f"{ref!r} matches several runs: {', '.join(r.run_id for r in matches)}")
 
 
+def _defaults() -> dict[str, Any]:
+    return Experiment(name="defaults").model_dump(mode="json")
+
+
 def run_id_for(resolved: dict[str, Any]) -> str:
-    identity = {section: resolved[section] for section in IDENTITY_SECTIONS}
+    """Hash of the identity sections' values that differ from qlaunch's defaults. Leaving the
+    defaults out keeps ids stable when a release adds a knob (at a default that changes nothing):
+    resubmitting after an upgrade must not start the whole grid again."""
+    defaults = _defaults()
+    identity = {
+        section: {key: value for key, value in resolved[section].items() if defaults[section].get(key, object()) != value}
+        for section in IDENTITY_SECTIONS
+    }
+    # Whole-text loss is what every run trained with before the key existed: only answer-only
+    # loss enters the hash, so those runs keep their ids and a changed loss gets a new one.
+    if identity["train"].get("completion_only_loss") is not True:
+        identity["train"].pop("completion_only_loss", None)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:10]
 
@@ -94,10 +112,7 @@ def _check_grid_key(key: str, source: str, line: int | None) -> None:
 
 def plan(path: str | Path) -> Plan:
     """Load, validate and expand an experiment file. Raises ConfigError naming key and line."""
-    experiment, source = load_experiment(path)
-    text = source.read_text()
-    raw = load_yaml(text)
-    lines = _key_lines(yaml.compose(text, Loader=Loader))
+    experiment, source, raw, lines = load_experiment(path)
 
     grid = experiment.grid
     for key, values in grid.items():
@@ -138,6 +153,15 @@ def plan(path: str | Path) -> Plan:
                     ) from None
             raise ConfigError(format_validation_error(exc, str(source), lines)) from None
         resolved["grid"] = {}
+        try:
+            # The loss the job will train with, by the data's format where it is known here.
+            resolved["train"]["completion_only_loss"] = resolve_for_plan(
+                DatasetConfig.model_validate(resolved["dataset"]),
+                TrainConfig.model_validate(resolved["train"]),
+                source.parent,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         overrides = {key: _get_dotted(resolved, key) for key in keys}
         run_id = run_id_for(resolved)
         if run_id in seen:
@@ -157,4 +181,4 @@ def plan(path: str | Path) -> Plan:
                 }
             )
         )
-    return Plan(experiment=experiment, source=source, storage_root=root, runs=tuple(runs))
+    return Plan(experiment=experiment, source=source, storage_root=root, runs=tuple(runs), key_lines=lines)

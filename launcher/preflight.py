@@ -135,7 +135,18 @@ LORA_DROPOUT_BYTES_PER_INPUT = 3  # dropout output (fp16) + mask (bool) per adap
 # PyTorch's caching allocator reserves more than it hands out: a fixed part (cuBLAS workspaces,
 # dequantised weight tiles) and a part that grows with the activation blocks it recycles.
 FIXED_OVERHEAD_BYTES = 450 * MiB
-ACTIVATION_OVERHEAD = 0.12
+ACTIVATION_OVERHEAD = 0.20
+# The lean levers (examples/profiles/t4-lean.yaml), fitted on one H200 run of 7B and 13B shapes
+# (bench/RESULTS.md, 2026-12-02): each was measured alone against the same t4 baseline.
+#   Liger's fused RMSNorm/RoPE/SwiGLU keep fewer fp32 temporaries in the layer being recomputed.
+LIGER_LAYER_FACTOR = 0.6
+#   trl's activation offloading moves each checkpointed layer input to CPU memory; up to five
+#   stay on the GPU (its forward stash), and the blocks brought back on its side stream form a
+#   pool of their own, about nine layer inputs, which replaces the allocator slack when larger.
+OFFLOAD_STASH_LAYERS = 5
+OFFLOAD_POOL_LAYERS = 9
+#   Expandable segments grow allocations in place: almost no reserved-but-unused memory.
+EXPANDABLE_OVERHEAD = 0.02
 
 
 @dataclass
@@ -336,8 +347,30 @@ def memory_breakdown(run: RunConfig, shape: ModelShape, step: StepShape) -> tupl
         "activations": activations,
         "attention mask": attention,
     }
-    breakdown["overhead"] = int(FIXED_OVERHEAD_BYTES + ACTIVATION_OVERHEAD * (activations + attention))
+    slack = (EXPANDABLE_OVERHEAD if run.train.expandable_segments else ACTIVATION_OVERHEAD) * (
+        activations + attention
+    )
+    if _offloading_mode(run) == "streams":
+        layer_input = step.tokens * 2 * shape.hidden_size * compute_bytes / 2
+        slack = max(slack, OFFLOAD_POOL_LAYERS * layer_input)
+    breakdown["overhead"] = int(FIXED_OVERHEAD_BYTES + slack)
     return breakdown, paged
+
+
+def _offloading(run: RunConfig) -> bool:
+    return _offloading_mode(run) is not None
+
+
+def _offloading_mode(run: RunConfig) -> str | None:
+    """None, "streams" (trl's default) or "sync" (train.activation_offloading: sync)."""
+    value = run.train.sft_args.get("activation_offloading", run.train.activation_offloading)
+    return "sync" if value == "sync" else "streams" if value else None
+
+
+def _liger(run: RunConfig) -> bool:
+    """Only an explicit `true` counts: `auto` depends on the job's machine, which preflight cannot
+    see, and counting Liger off errs on the side of more memory."""
+    return run.train.sft_args.get("use_liger_kernel", run.train.use_liger_kernel) is True
 
 
 def _activation_bytes_per_token(
@@ -348,12 +381,16 @@ def _activation_bytes_per_token(
     lora_inputs = sum(shape.linear_shapes()[t][0] for t in targets) if run.lora.dropout > 0 else 0
     saved_layer = (LAYER_H * h + LAYER_I * i) * scale + LORA_DROPOUT_BYTES_PER_INPUT * lora_inputs
     backward_layer = (BACKWARD_H * h + BACKWARD_I * i) * scale
+    if _liger(run):
+        saved_layer, backward_layer = LIGER_LAYER_FACTOR * saved_layer, LIGER_LAYER_FACTOR * backward_layer
     head = HEAD_H * h * scale
     mode = checkpointing_mode(run)
+    offload = _offloading_mode(run)
+    kept_layers = {"sync": 1, "streams": min(layers, OFFLOAD_STASH_LAYERS)}.get(offload, layers)
     if mode == "none":
-        return layers * saved_layer + backward_layer + head
+        return kept_layers * saved_layer + backward_layer + head
     kept = 2 * h * scale if mode == "full" else 4 * h * scale  # layer input (+ attention output)
-    return layers * kept + saved_layer + backward_layer + head
+    return kept_layers * kept + saved_layer + backward_layer + head
 
 
 def _precision_problems(run: RunConfig) -> list[str]:
@@ -393,6 +430,9 @@ def _advice(run: RunConfig, shape: ModelShape, step: StepShape, capacity: int, p
             f"{over}: the model alone ({_gib(fixed)}) does not fit a {run.resources.gpu_type}; "
             "pick a larger resources.gpu_type (or a smaller model / lower lora.r)"
         )
+    lean = _lean_advice(run, shape, capacity, over)
+    if lean:
+        return lean
     prefix = ""
     if checkpointing_mode(run) != "full":
         checkpointed = _with_checkpointing(run)
@@ -419,6 +459,35 @@ def _advice(run: RunConfig, shape: ModelShape, step: StepShape, capacity: int, p
                 f"train.max_seq_length to {candidate}"
             )
     return f"{over}: pick a larger resources.gpu_type"
+
+
+# The lean levers, smallest change first: none of them changes the math (same loss per step).
+LEAN_LEVERS: list[dict[str, Any]] = [
+    {"expandable_segments": True},
+    {"use_liger_kernel": True},
+    {"use_liger_kernel": True, "expandable_segments": True},
+    {"activation_offloading": True},
+    {"activation_offloading": True, "expandable_segments": True},
+    {"activation_offloading": True, "use_liger_kernel": True, "expandable_segments": True},
+    {"activation_offloading": "sync", "use_liger_kernel": True, "expandable_segments": True},
+]
+
+
+def _lean_advice(run: RunConfig, shape: ModelShape, capacity: int, over: str) -> str:
+    """The fewest lean levers (examples/profiles/t4-lean.yaml) that make the run fit, if any."""
+    lean_keys = ("activation_offloading", "use_liger_kernel", "expandable_segments")
+    if any(key in run.train.sft_args for key in lean_keys):
+        return ""
+    for levers in LEAN_LEVERS:
+        changes = {key: value for key, value in levers.items() if getattr(run.train, key) != value}
+        if not changes:
+            continue  # already on
+        peak = _peak(_with_train(run, **changes), shape)
+        if peak <= capacity:
+            keys = ", ".join(f"train.{key}: {str(value).lower()}" for key, value in changes.items())
+            name = " (the t4-lean profile)" if len(levers) == 3 else ""
+            return f"{over}; with {keys}{name} ~{_gib(peak)}, same math"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------

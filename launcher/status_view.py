@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
 
 from .backends.base import Backend, RunStatus, State
+from .environments import attempt_records, version_mismatches
 from .grid import Plan
 from .progress import Progress, read_events, summarize
 from .storage import RunPaths
@@ -37,8 +39,7 @@ class Row:
 def collect(plan: Plan, backend: Backend) -> list[Row]:
     """One refresh: the backend's status call (constant scheduler calls) + progress events."""
     statuses = backend.status(plan)
-    remote_events = getattr(backend, "progress_events", None)
-    events = remote_events(plan) if remote_events else None
+    events = backend.progress_events(plan)  # None: this machine reads the run folders
     rows = []
     for run in plan.runs:
         run_events = events.get(run.run_id, []) if events is not None else read_events(RunPaths.of(run).progress)
@@ -93,4 +94,10 @@ def build_table(plan: Plan, rows: list[Row], backend_name: str) -> Table:
             str(restarts),
             Text(status.infer_state.value, style=STATE_STYLE[status.infer_state]),
         )
+    mismatches = version_mismatches({run.run_id: attempt_records(Path(run.run_dir)) for run in plan.runs})
+    if mismatches:
+        table.caption = Text(
+            "not comparable: " + "; ".join(mismatches) + " (attempts/<n>/environment.json)", style="yellow"
+        )
+        table.caption_justify = "left"
     return table

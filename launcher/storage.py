@@ -9,6 +9,7 @@
         adapter/            final LoRA adapter + tokenizer (PeftModel.from_pretrained loads it)
         metrics.json        final training metrics; its presence means training completed
         inference/          results.jsonl, summary.json
+        attempts/<n>/       environment.json: versions, device, CPU flags, host, job id of attempt n
         submission.json     backend, job ids, submission times
 """
 
@@ -67,6 +68,10 @@ class RunPaths:
         return self.root / "inference"
 
     @property
+    def attempts(self) -> Path:
+        return self.root / "attempts"
+
+    @property
     def submission(self) -> Path:
         return self.root / "submission.json"
 
@@ -79,7 +84,7 @@ class RunPaths:
     def clear_outputs(self) -> None:
         """Forget what a run produced (`--force`): it trains again from step 0. Its config,
         logs and submission record stay."""
-        for path in (self.checkpoints, self.adapter, self.inference):
+        for path in (self.checkpoints, self.adapter, self.inference, self.attempts):
             shutil.rmtree(path, ignore_errors=True)
         for path in (self.metrics, self.progress):
             path.unlink(missing_ok=True)

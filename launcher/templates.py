@@ -1,4 +1,4 @@
-"""Finding the project's template folders (`slurm/`, `manifests/`, `examples/`) and rendering them.
+"""Finding the project's template folders (`slurm/`, `examples/`) and rendering them.
 
 In a checkout they are top-level folders; in an installed wheel they are packaged inside
 `launcher/_data/` (pyproject's force-include), so `qlaunch` works from either.
@@ -17,7 +17,7 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def data_dir(name: str) -> Path:
-    """`slurm`, `manifests` or `examples`, from the wheel or the checkout."""
+    """`slurm` or `examples`, from the wheel or the checkout."""
     for candidate in (_PACKAGE / "_data" / name, _PACKAGE.parent / name):
         if candidate.is_dir():
             return candidate

@@ -69,7 +69,7 @@ def test_render_local_writes_reviewable_commands_and_starts_nothing(experiment, 
     assert result.returncode == 0, result.stderr
     scripts = sorted((tmp_path / "out").glob("*.sh"))
     assert len(scripts) == 2
-    assert "-m training.sft" in scripts[0].read_text()
+    assert "-m training.launch" in scripts[0].read_text()
     assert not (tmp_path / "runs").exists()  # nothing ran, nothing written to storage
 
 

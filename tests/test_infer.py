@@ -134,3 +134,12 @@ def test_an_untrained_run_is_a_clear_error(tmp_path, tiny_plan):
     log = tmp_path / "infer.log"
     assert run_job("training.infer", RunPaths.of(run).config, log=log, cwd=tmp_path) == 2
     assert "has no trained adapter yet" in log.read_text()
+
+
+def test_json_match_fenced_reads_json_out_of_a_fence_or_prose():
+    _, metric = get_metric("json_match_fenced")
+    reference = '{"name": "Ana", "age": 30}'
+    assert metric('```json\n{"age": 30, "name": "Ana"}\n```', reference) == 1.0
+    assert metric('Here you go: {"name": "Ana", "age": 30} — anything else?', reference) == 1.0
+    assert metric('```\n{"name": "Ana", "age": 31}\n```', reference) == 0.0
+    assert metric("no json here", reference) == 0.0

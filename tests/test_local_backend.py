@@ -70,6 +70,8 @@ def test_ctrl_c_checkpoints_and_the_next_run_resumes(tiny_experiment, tmp_path):
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 130, output
     assert "Resume with: qlaunch run" in output
+    # The local backend's SIGTERM took the same path as on a cluster: training.launch.
+    assert "[qlaunch] got SIGTERM: asking the workers to checkpoint" in paths.train_log.read_text()
 
     stopped = summarize(read_events(paths.progress))
     assert stopped.preempted and 5 <= stopped.step < 60

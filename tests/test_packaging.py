@@ -26,7 +26,7 @@ def test_wheel_carries_templates_and_examples_and_uses_them(tmp_path):
     )  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("qlaunch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder in ("slurm", "manifests", "examples"):
+    for folder in ("slurm", "examples"):
         expected = tracked_files(folder)
         assert expected, f"{folder}/ is empty"
         for name in expected:
@@ -38,7 +38,7 @@ def test_wheel_carries_templates_and_examples_and_uses_them(tmp_path):
                    check=True, capture_output=True, timeout=600)  # fmt: skip
     probe = (
         "import launcher.templates as t; "
-        "print(t.data_dir('slurm')); print(t.data_dir('manifests')); print(t.data_dir('examples'))"
+        "print(t.data_dir('slurm')); print(t.data_dir('examples'))"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(site)}, check=True).stdout.split()  # fmt: skip

@@ -48,16 +48,18 @@ def test_huge_batch_without_checkpointing_is_refused_with_the_knob(tmp_path):
 
 
 def test_the_advised_batch_size_fits(tmp_path):
+    # The lean levers already on: what is left to turn is the batch.
     body = """
         resources: {gpu_type: t4}
-        train: {per_device_train_batch_size: 16, max_seq_length: 2048}
+        train: {per_device_train_batch_size: 48, max_seq_length: 2048, use_liger_kernel: true,
+                activation_offloading: sync, expandable_segments: true}
         """
     (refused,) = estimates_for(tmp_path, body)
     assert not refused.fits
     assert "per_device_train_batch_size to " in refused.advice
     smaller = int(refused.advice.split("per_device_train_batch_size to ")[1].split()[0])
-    assert 1 <= smaller < 16
-    (advised,) = estimates_for(tmp_path, body.replace("16,", f"{smaller},"))
+    assert 1 <= smaller < 48
+    (advised,) = estimates_for(tmp_path, body.replace("48,", f"{smaller},"))
     assert advised.fits
 
 
@@ -160,4 +162,80 @@ def test_table_shows_the_verdict_and_advice(tmp_path):
     for estimate in estimates:
         assert estimate.run_id in text
     assert "yes" in text and "no" in text
-    assert "per_device_train_batch_size" in text
+    assert "activation_offloading" in text  # the lean levers make the batch of 64 fit
+
+
+def test_a_run_that_does_not_fit_is_told_the_lean_lever_that_makes_it_fit(tmp_path):
+    body = """
+        model: {name_or_path: meta-llama/Llama-2-13b-hf}
+        resources: {gpu_type: t4}
+        train: {fp16: true, packing: true, max_seq_length: 1024, per_device_train_batch_size: 12,
+                group_by_length: false}
+        """
+    (refused,) = estimates_for(tmp_path, body)
+    assert not refused.fits and refused.estimated_peak_bytes > 16 * GiB
+    assert "with train.activation_offloading: true" in refused.advice and "same math" in refused.advice
+    (advised,) = estimates_for(tmp_path, body.replace("group_by_length: false", "group_by_length: false, "
+                                                      "activation_offloading: true"))
+    assert advised.fits
+    assert advised.estimated_peak_bytes < refused.estimated_peak_bytes - 3 * GiB
+
+
+def test_shipped_lean_profile_fits_13b_on_a_t4(tmp_path):
+    profile = Path(__file__).resolve().parents[1] / "examples" / "profiles" / "t4-lean.yaml"
+    text = profile.read_text().replace("NousResearch/Llama-2-7b-chat-hf", "meta-llama/Llama-2-13b-hf")
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("name:"))
+    (estimate,) = preflight.preflight(plan(write_experiment(tmp_path, body)))
+    assert estimate.fits and estimate.estimated_peak_bytes <= 14 * GiB
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "2026-12-02-h200-lean.json"
+
+
+def measured_runs(tmp_path):
+    """(profile, RunConfig as the bench ran it, measured peak reserved) from the committed H200 run."""
+    from launcher.config import RunConfig
+
+    for r in json.loads(RESULTS.read_text())["results"]:
+        size = "13b" if r["profile"].startswith("13b:") else "7b"
+        run = RunConfig.model_validate({
+            "name": "bench", "run_id": "0123456789", "run_dir": str(tmp_path),
+            "model": {"name_or_path": f"meta-llama/Llama-2-{size}-hf"}, "train": r["train"],
+            "lora": {"target_modules": r["lora_target_modules"]}, "resources": {"gpu_type": "t4"},
+        })
+        yield r, run
+
+
+def test_estimates_match_the_measured_peaks_of_every_lever_within_10_percent(tmp_path):
+    checked = []
+    for r, run in measured_runs(tmp_path):
+        estimate = preflight.estimate_run(run).estimated_peak_bytes
+        error = estimate / r["peak_reserved_bytes"] - 1
+        checked.append(r["profile"])
+        assert abs(error) <= 0.10, (r["profile"], f"{error:+.1%}")
+    assert {"t4-lean", "13b:t4-lean", "t4+offload", "t4+liger", "t4+expandable"} <= set(checked)
+
+
+def test_runs_without_packing_are_told_its_measured_effect_and_packed_runs_are_not(tmp_path):
+    from launcher import speed_tips
+
+    notebook, fast = plan(write_experiment(tmp_path, """
+        resources: {gpu_type: t4}
+        grid: {train.packing: [false, true]}
+        """)).runs
+    (packing_tip,) = [t for t in speed_tips.tips(notebook) if t.startswith("train.packing: true")]
+    assert "3.2× tokens/s" in packing_tip and "GiB here" in packing_tip
+    fast_tips = speed_tips.tips(fast)
+    assert not any(t.startswith("train.packing") for t in fast_tips)
+    # Packed at trl's 4×1024: the profile's 12×1024 budget is offered, since it fits a T4.
+    assert any(t.startswith("token budget: per_device_train_batch_size: 12") for t in fast_tips)
+
+
+def test_preflight_prints_tips_and_the_time_estimate(tmp_path, capsys):
+    from launcher.cli import main
+
+    path = write_experiment(tmp_path, "resources: {gpu_type: t4}\ntrain: {max_steps: 100, use_liger_kernel: false}\n")
+    assert main(["preflight", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "faster:" in out and "train.packing: true" in out and "use_liger_kernel: auto" in out
+    assert "time estimate" in out and "GPU-h" in out

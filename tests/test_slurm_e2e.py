@@ -127,8 +127,11 @@ def test_preempted_run_resumes_from_its_checkpoint(tmp_path, tiny_experiment, ca
     assert all(step > 0 for step in progress.resumed_from), progress.resumed_from
     assert progress.resumed_from[1] > progress.resumed_from[0]
     # scontrol requeue: TERM to every process of the job. Preemption: the job's own
-    # --signal=B:USR1, which the batch script hands on to the trainer (as before a time limit).
+    # --signal=USR1 to the step's processes (as before a time limit), then TERM.
     assert [e["signal"] for e in _events(run, "preempted")] == ["SIGTERM", "SIGUSR1"]
+    # Through training.launch, as on every backend: one stop request, the rest absorbed.
+    log = RunPaths.of(run).train_log.read_text()
+    assert log.count("asking the workers to checkpoint") == 2 and "accelerate.commands" not in log
     assert json.loads(RunPaths.of(run).metrics.read_text())["global_step"] == max_steps
     status = backend.status(p)[run.run_id]
     assert status.restarts == 2 and status.job_ids == [job_id]

@@ -108,8 +108,9 @@ def test_one_training_and_one_inference_script_per_run(tmp_path):
         assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, name
     train = next(text for name, text in rendered.items() if name.endswith(".train.sbatch"))
     assert "#SBATCH --gres=gpu:t4:1" in train
-    assert "#SBATCH --signal=B:USR1@300" in train
-    assert "-m training.sft" in train
+    # To the step's processes: training.launch handles it (no forwarding in the script).
+    assert "#SBATCH --signal=USR1@300" in train
+    assert "-m training.launch" in train and "accelerate.commands" not in train and "trap" not in train
     infer = next(text for name, text in rendered.items() if name.endswith(".infer.sbatch"))
     assert "#SBATCH --partition=gpu-short" in infer
     assert "-m training.infer" in infer

@@ -11,7 +11,7 @@ import pytest
 
 from launcher.progress import EXIT_PREEMPTED
 from launcher.storage import RunPaths
-from training_support import events, run_job, start_job, tail, wait_until
+from training_support import events, processes_mentioning, run_job, start_job, tail, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -112,18 +112,6 @@ def test_a_save_killed_mid_write_is_ignored_on_resume(tmp_path, tiny_plan):
     assert events(run, "end")[-1]["step"] == STEPS
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
 def test_signal_reaches_the_worker_under_accelerate_launch(tmp_path, tiny_plan):
     """`accelerate launch` alone would die on SIGTERM and orphan the worker; training.launch
     hands the signal to the worker and keeps its exit code (75) visible."""
@@ -136,7 +124,7 @@ def test_signal_reaches_the_worker_under_accelerate_launch(tmp_path, tiny_plan):
     assert job.wait(timeout=300) == EXIT_PREEMPTED, tail(log)
     [preempted] = events(run, "preempted")
     assert preempted["step"] >= 2
-    assert _processes_mentioning(str(paths.config)) == []  # no orphaned worker left training
+    assert processes_mentioning(str(paths.config)) == []  # no orphaned worker left training
 
     assert run_job("training.launch", paths.config, log=log, cwd=tmp_path) == 0, tail(log)
     assert events(run, "start")[-1]["resumed_from"] == preempted["step"]

@@ -15,8 +15,8 @@ from launcher.storage import RunPaths
 REPO = Path(__file__).resolve().parents[1]
 
 
-def job_env() -> dict[str, str]:
-    env = dict(os.environ)
+def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(extra or {})}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.pop("HF_TOKEN", None)
     # One compute thread: CI shares 2 cores between processes, and torch's spinning OpenMP threads
@@ -25,21 +25,22 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def start_job(module: str, *args: str, log: Path, cwd: Path) -> subprocess.Popen:
+def start_job(module: str, *args: str, log: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`python -m <module> <args>` as a real process, output to `log`, from a folder that is not
-    the repository (the backends start jobs with an unspecified working directory)."""
+    the repository (the backends start jobs with an unspecified working directory); `env`: extra
+    environment variables."""
     handle = open(log, "ab")
     return subprocess.Popen(
         [sys.executable, "-m", module, *map(str, args)],
         cwd=cwd,
-        env=job_env(),
+        env=job_env(env),
         stdout=handle,
         stderr=subprocess.STDOUT,
     )
 
 
-def run_job(module: str, *args: str, log: Path, cwd: Path, timeout: float = 600) -> int:
-    process = start_job(module, *args, log=log, cwd=cwd)
+def run_job(module: str, *args: str, log: Path, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> int:
+    process = start_job(module, *args, log=log, cwd=cwd, env=env)
     try:
         return process.wait(timeout=timeout)
     finally:
@@ -67,3 +68,16 @@ def tail(log: Path, chars: int = 4000) -> str:
         return log.read_text(errors="replace")[-chars:]
     except OSError:
         return ""
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of the processes whose command line contains `text` (a run's run.yaml path)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found

@@ -3,7 +3,8 @@
 Renames for transformers 5 / trl 1: group_by_length → train_sampling_strategy,
 warmup_ratio → warmup_steps (a float below 1 is a ratio), max_seq_length → max_length.
 Without CUDA: fp32 compute, no fp16/bf16, CUDA-only (paged / bitsandbytes) optimizers replaced
-by torch's AdamW, each said once in the log.
+by torch's AdamW, each said once in the log. Liger kernels and activation offloading are
+resolved against the machine in training/levers.py (one log line each).
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from typing import Any
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
 
+from . import levers
+
 # Set by the job itself: where checkpoints go and how resuming works is not the user's to move.
 RESERVED_SFT_ARGS = {
     "output_dir": "checkpoints always go to <run dir>/checkpoints",
     "overwrite_output_dir": "runs resume from their checkpoints",
     "resume_from_checkpoint": "the job resumes from its newest complete checkpoint by itself",
+    "completion_only_loss": "use train.completion_only_loss",
+    "assistant_only_loss": "answer-only loss is train.completion_only_loss, masked by the rendered prompt",
 }
 
 # Optimizers that need CUDA (bitsandbytes' paged/8-bit ones) → what to use without it.
@@ -42,8 +47,15 @@ def cuda_only_optimizer(name: str) -> bool:
     return name.startswith("paged_") or "bnb" in name or "8bit" in name or name in {"lion_32bit", "rmsprop_32bit"}
 
 
-def sft_kwargs(run: RunConfig, *, cuda: bool, adjustments: Adjustments) -> dict[str, Any]:
+def sft_kwargs(
+    run: RunConfig, *, cuda: bool, adjustments: Adjustments, completion_only_loss: bool | None = None
+) -> dict[str, Any]:
+    """`completion_only_loss`: what the job resolved from the data (default: the run's value,
+    which the plan resolved where it could; None leaves it to trl, which masks prompts exactly
+    when the dataset has prompt/completion columns)."""
     t = run.train
+    if completion_only_loss is None:
+        completion_only_loss = t.completion_only_loss
     fp16, bf16, optim = t.fp16, t.bf16, t.optim
     if not cuda:
         if fp16 or bf16:
@@ -68,7 +80,6 @@ def sft_kwargs(run: RunConfig, *, cuda: bool, adjustments: Adjustments) -> dict[
         "fp16": fp16,
         "bf16": bf16,
         "packing": t.packing,
-        "use_liger_kernel": t.use_liger_kernel,
         "seed": t.seed,
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
@@ -78,6 +89,8 @@ def sft_kwargs(run: RunConfig, *, cuda: bool, adjustments: Adjustments) -> dict[
         "dataloader_num_workers": t.dataloader_num_workers,
         "dataloader_pin_memory": cuda,
         "dataset_text_field": "text",
+        # Answer-only loss: the dataset has prompt/completion columns and trl masks the prompt.
+        "completion_only_loss": completion_only_loss,
         # tokens/s in progress events counts real tokens, not padding.
         "include_num_input_tokens_seen": "non_padding",
         "report_to": "none",
@@ -86,6 +99,7 @@ def sft_kwargs(run: RunConfig, *, cuda: bool, adjustments: Adjustments) -> dict[
     }
     # transformers 5.x renamed gradient_checkpointing (the old name still works, with a warning).
     kwargs[_pick_field("activation_checkpointing", "gradient_checkpointing")] = t.gradient_checkpointing
+    kwargs.update(levers.resolve(t, cuda=cuda, adjustments=adjustments))
     if t.max_seq_length is not None:
         kwargs["max_length"] = t.max_seq_length
     if run.dataset.test_size:
@@ -108,10 +122,17 @@ def checked_sft_args(run: RunConfig) -> dict[str, Any]:
     return dict(run.train.sft_args)
 
 
-def build_sft_config(run: RunConfig, output_dir: str, *, cuda: bool, adjustments: Adjustments):
+def build_sft_config(
+    run: RunConfig,
+    output_dir: str,
+    *,
+    cuda: bool,
+    adjustments: Adjustments,
+    completion_only_loss: bool | None = None,
+):
     from trl import SFTConfig
 
-    kwargs = sft_kwargs(run, cuda=cuda, adjustments=adjustments)
+    kwargs = sft_kwargs(run, cuda=cuda, adjustments=adjustments, completion_only_loss=completion_only_loss)
     try:
         return SFTConfig(output_dir=output_dir, **kwargs)
     except (ValueError, TypeError) as exc:

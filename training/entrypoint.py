@@ -22,6 +22,17 @@ def load_run_or_report(value: str) -> RunConfig | None:
         return None
 
 
+def input_errors(run: RunConfig, config_path: str, parts: tuple[str, ...]) -> list[str]:
+    """The launcher's input checks, run again by the job before it loads the model (a path
+    checked nowhere else, after `--skip-input-checks`): each error printed as one line."""
+    from launcher.input_checks import check_job
+
+    errors = [str(problem) for problem in check_job(run, config_path, parts)]
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return errors
+
+
 def log(message: str) -> None:
     print(f"[qlaunch] {message}", flush=True)
 

@@ -2,6 +2,9 @@
 
   exact_match   the answer equals the reference (surrounding whitespace and runs of spaces ignored)
   json_match    the whole answer is JSON equal to the reference's JSON (key order ignored)
+  json_match_fenced  the same, but the JSON may sit inside a ``` code fence or amid prose (the
+                first JSON value in the answer is read): what a chat model that answers in
+                Markdown gets credit for. json_match stays the strict headline.
   format_match  the whole answer is JSON of the reference's shape: same keys, same value types
                 (a fixed output format, whatever the values)
   contains      the reference appears in the answer (case-insensitive)
@@ -37,6 +40,30 @@ def json_match(answer: str, reference: str) -> float:
         return 0.0
 
 
+_FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
+
+
+def _embedded_json(answer: str):
+    """The JSON inside the first code fence, else the first JSON value that parses in the text."""
+    fence = _FENCE.search(answer)
+    text = fence.group(1) if fence else answer
+    decoder = json.JSONDecoder()
+    for start, char in enumerate(text):
+        if char in "{[":
+            try:
+                return decoder.raw_decode(text, start)[0]
+            except ValueError:
+                continue
+    raise ValueError("no JSON in the answer")
+
+
+def json_match_fenced(answer: str, reference: str) -> float:
+    try:
+        return float(_embedded_json(answer) == json.loads(reference))
+    except ValueError:
+        return 0.0
+
+
 def _shape(value):
     if isinstance(value, dict):
         return {key: _shape(item) for key, item in value.items()}
@@ -61,6 +88,7 @@ def contains(answer: str, reference: str) -> float:
 METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
     "json_match": json_match,
+    "json_match_fenced": json_match_fenced,
     "format_match": format_match,
     "contains": contains,
 }

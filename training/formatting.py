@@ -1,4 +1,13 @@
-"""Dataset → one `text` column in the run's prompt template.
+"""Dataset → trl's dataset shapes in the run's prompt template.
+
+Whole-text loss gives one `text` column; answer-only loss (`train.completion_only_loss`, see
+launcher/loss.py) gives `prompt` + `completion` columns, both rendered in the template, so trl's
+SFTTrainer tokenises prompt+completion and leaves the prompt's tokens out of the loss itself.
+The prompt is rendered by the same function inference uses, so it is exactly what the model is
+asked later. No tokenizer chat template has to mark assistant turns (trl's `assistant_only_loss`
+needs `{% generation %}` markers, which neither Llama 2's format nor most chat templates have):
+the mask is the rendered prompt. In a multi-turn conversation the last answer is the completion
+and the earlier turns are context.
 
 Rows come in three shapes (`dataset.format`, auto-detected by default):
   text         a ready `text` column, used as it is (e.g. mlabonne/guanaco-llama2-1k, which is
@@ -21,13 +30,16 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from launcher.config import RunConfig
+from launcher.data_files import LOCAL_FORMATS
 from launcher.errors import ConfigError
+from launcher.input_checks import auto_format, dataset_file, needed_fields
+from launcher.hub import pin_for, snapshot_dir
+from launcher.loss import answer_only
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 LLAMA2_BOS, LLAMA2_EOS = "<s>", "</s>"
 
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -66,29 +78,21 @@ def detect_format(run: RunConfig, columns: Iterable[str]) -> str:
     columns = set(columns)
     ds = run.dataset
     if ds.format != "auto":
-        needed = {
-            "text": [ds.text_field],
-            "messages": [ds.messages_field],
-            "instruction": [ds.instruction_field, ds.response_field],
-        }[ds.format]
-        missing = [c for c in needed if c not in columns]
+        missing = [c for c in needed_fields(ds, ds.format).values() if c not in columns]
         if missing:
             raise ConfigError(
                 f"dataset.format: {ds.format!r} needs column(s) {missing} "
                 f"(the dataset has: {sorted(columns)})"
             )
         return ds.format
-    if ds.text_field in columns:
-        return "text"
-    if ds.messages_field in columns:
-        return "messages"
-    if ds.instruction_field in columns and ds.response_field in columns:
-        return "instruction"
-    raise ConfigError(
-        f"dataset.path: cannot tell the dataset's format from its columns {sorted(columns)}: expected "
-        f"{ds.text_field!r}, {ds.messages_field!r}, or {ds.instruction_field!r} + {ds.response_field!r} "
-        "(set dataset.format and the *_field keys)"
-    )
+    fmt = auto_format(ds, columns)
+    if fmt is None:
+        raise ConfigError(
+            f"dataset.path: cannot tell the dataset's format from its columns {sorted(columns)}: expected "
+            f"{ds.text_field!r}, {ds.messages_field!r}, or {ds.instruction_field!r} + {ds.response_field!r} "
+            "(set dataset.format and the *_field keys)"
+        )
+    return fmt
 
 
 def instruction_turn(run: RunConfig, row: dict[str, Any]) -> tuple[str | None, Turn]:
@@ -100,10 +104,21 @@ def instruction_turn(run: RunConfig, row: dict[str, Any]) -> tuple[str | None, T
     return system, Turn(user, str(row[ds.response_field]))
 
 
+# ShareGPT's {from, value} messages (Axolotl's `sharegpt` type) read as {role, content}.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def _as_role_content(message: Any) -> Any:
+    if isinstance(message, dict) and "role" not in message and "from" in message:
+        return {"role": SHAREGPT_ROLES.get(message["from"], message["from"]), "content": message.get("value", "")}
+    return message
+
+
 def message_turns(messages: list[dict[str, Any]], default_system: str | None, where: str) -> tuple[str | None, list[Turn]]:
     """A conversation as (system, turns); roles must alternate user/assistant."""
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: expected a non-empty list of {{role, content}} messages")
+    messages = [_as_role_content(m) for m in messages]
     system = default_system
     rest = list(messages)
     if rest[0].get("role") == "system":
@@ -147,17 +162,40 @@ def render(run: RunConfig, tokenizer, system: str | None, turns: list[Turn]) -> 
     raise ConfigError("prompt.template: 'none' only works with a ready text column (dataset.format: text)")
 
 
-def format_row(run: RunConfig, tokenizer, row: dict[str, Any], fmt: str, where: str = "dataset row") -> str:
-    ds = run.dataset
-    if fmt == "text":
-        return str(row[ds.text_field])
+def row_turns(run: RunConfig, row: dict[str, Any], fmt: str, where: str) -> tuple[str | None, list[Turn]]:
+    """An instruction or messages row as (system, answered turns)."""
     if fmt == "instruction":
         system, turn = instruction_turn(run, row)
-        return render(run, tokenizer, system, [turn])
-    system, turns = message_turns(row[ds.messages_field], run.prompt.system_prompt, where)
+        return system, [turn]
+    system, turns = message_turns(row[run.dataset.messages_field], run.prompt.system_prompt, where)
     if turns[-1].answer is None:
         raise ConfigError(f"{where}: the last message must be the assistant's answer")
+    return system, turns
+
+
+def format_row(run: RunConfig, tokenizer, row: dict[str, Any], fmt: str, where: str = "dataset row") -> str:
+    if fmt == "text":
+        return str(row[run.dataset.text_field])
+    system, turns = row_turns(run, row, fmt, where)
     return render(run, tokenizer, system, turns)
+
+
+def prompt_and_completion(
+    run: RunConfig, tokenizer, row: dict[str, Any], fmt: str, where: str = "dataset row"
+) -> tuple[str, str]:
+    """(prompt, completion) whose concatenation is the row's training text: the prompt is what
+    inference asks (the last turn unanswered), the completion the last answer."""
+    system, turns = row_turns(run, row, fmt, where)
+    full = render(run, tokenizer, system, turns)
+    asked = render(run, tokenizer, system, [*turns[:-1], Turn(turns[-1].user, None)])
+    # A template may render the open prompt a little differently from the same prefix of the
+    # whole conversation; the completion then starts where the two part.
+    cut = 0
+    for a, b in zip(asked, full):
+        if a != b:
+            break
+        cut += 1
+    return full[:cut], full[cut:]
 
 
 def format_prompt(run: RunConfig, tokenizer, prompt: str, system: str | None = None) -> str:
@@ -196,9 +234,9 @@ def load_records(run: RunConfig, token: str | None = None):
     import datasets
 
     ds = run.dataset
-    local = run.resolve_path(ds.path)
+    local = dataset_file(run)  # None: a hub id (the launcher's input check uses the same rule)
     try:
-        if local.is_file():
+        if local is not None and local.is_file():
             kind = LOCAL_FORMATS.get(local.suffix.lower())
             if kind is None:
                 raise ConfigError(
@@ -206,10 +244,14 @@ def load_records(run: RunConfig, token: str | None = None):
                     f"(use {', '.join(LOCAL_FORMATS)})"
                 )
             data = datasets.load_dataset(kind, data_files=str(local), split=ds.split)
-        elif ds.path.startswith(("/", "./", "../", "~")) or local.suffix.lower() in LOCAL_FORMATS:
+        elif local is not None:
             raise ConfigError(f"dataset.path: no such file {local}")
+        elif (pin := pin_for(run, "dataset.path")) is not None:
+            # Prefetched: the pinned commit's files, from the shared cache (offline-safe: the
+            # same data-file and README-config rules as the hub repo itself).
+            data = datasets.load_dataset(str(snapshot_dir(run, pin)), split=ds.split)
         else:
-            data = datasets.load_dataset(ds.path, split=ds.split, token=token)
+            data = datasets.load_dataset(ds.path, split=ds.split, token=token, revision=ds.revision)
     except ConfigError:
         raise
     except ValueError as exc:
@@ -223,21 +265,39 @@ def load_records(run: RunConfig, token: str | None = None):
     return data
 
 
-def build_text_dataset(run: RunConfig, tokenizer, data):
-    """Map rows to a dataset with only a `text` column (other columns such as `prompt` would
-    change how trl reads the dataset)."""
+def build_train_dataset(run: RunConfig, tokenizer, data):
+    """(dataset, answer_only): rows mapped to only a `text` column (whole-text loss) or only
+    `prompt` + `completion` columns (answer-only loss); any other column would change how trl
+    reads the dataset."""
     fmt = detect_format(run, data.column_names)
     if run.prompt.template == "none" and fmt != "text":
         raise ConfigError(
             f"prompt.template: 'none' uses a ready text column, but the dataset is in the {fmt!r} format "
             "(use 'llama2' or 'chat_template')"
         )
+    only_answers = answer_only(run.train, fmt)
 
     def to_text(row, index):
         text = format_row(run, tokenizer, row, fmt, where=f"dataset row {index}")
         return {"text": without_leading_bos(text, tokenizer)}
 
-    return data.map(to_text, with_indices=True, remove_columns=data.column_names, desc="Formatting")
+    def to_prompt_completion(row, index):
+        prompt, completion = prompt_and_completion(run, tokenizer, row, fmt, where=f"dataset row {index}")
+        return {"prompt": without_leading_bos(prompt, tokenizer), "completion": completion}
+
+    mapped = data.map(
+        to_prompt_completion if only_answers else to_text,
+        with_indices=True,
+        remove_columns=data.column_names,
+        desc="Formatting",
+    )
+    return mapped, only_answers
+
+
+def build_text_dataset(run: RunConfig, tokenizer, data):
+    """Rows as one `text` column each: prompt and answer together (whole-text loss)."""
+    run = run.model_copy(update={"train": run.train.model_copy(update={"completion_only_loss": False})})
+    return build_train_dataset(run, tokenizer, data)[0]
 
 
 def split_eval(run: RunConfig, data):

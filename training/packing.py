@@ -11,7 +11,8 @@ rows × max_length², the same tokens are trained, and no token sees another exa
 
 The first token of each example gets no label (as trl does): the previous example's last token
 does not learn to predict it. A row's padding tail is one more "example" whose labels are all
-ignored.
+ignored. Answer-only loss arrives as the `labels` trl built while preparing the dataset (-100 over
+each prompt; older trl versions passed `completion_mask` / `assistant_masks` instead): both are kept.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class PackedRowsCollator:
             n = len(ids)
             lengths = example.get("seq_lengths") or [n]
             input_ids[row, :n] = ids
-            row_labels = ids.clone()
+            row_labels = torch.as_tensor(example["labels"], dtype=torch.long).clone() if "labels" in example else ids.clone()
             for key in ("completion_mask", "assistant_masks"):
                 if key in example:
                     row_labels[torch.as_tensor(example[key]) == 0] = -100

@@ -4,6 +4,11 @@ Slurm sends SIGUSR1 (`--signal`) before the time limit or at preemption and SIGT
 scancel/requeue; Kubernetes sends SIGTERM when it evicts a pod. Before training starts there is
 nothing new to save, so the signal stops the job at once; during training it stops the loop at
 the next optimizer-step boundary, after a checkpoint.
+
+Only the first signal counts. Once the job is stopping, every later SIGTERM, SIGUSR1 or SIGINT
+is absorbed: Slurm sends USR1 and then TERM (to every process of the step, and srun and
+training.launch forward them again), and none of them may cut the checkpoint short or turn
+exit 75 into a death by signal, which would leave the job without its requeue.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import sys
 from transformers import TrainerCallback
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Absorbed once stopping (SIGINT keeps its default until then: Ctrl-C on a bare training.sft).
+ABSORBED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(BaseException):
@@ -47,19 +54,18 @@ class PreemptionCallback(TrainerCallback):
         return signal.Signals(self.signum).name if self.signum else None
 
     def _handle(self, signum, _frame) -> None:
-        first = self.signum is None
-        self.signum = self.signum or signum
+        if self.signum is not None:
+            _say(f"got {signal.Signals(signum).name} while stopping: ignored, the checkpoint comes first")
+            return
+        self._stopping(signum)
         if not self.training:
             raise Preempted(signum)
-        if first:
-            try:
-                print(
-                    f"[qlaunch] got {signal.Signals(signum).name}: saving a checkpoint after the current step",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            except (OSError, ValueError):
-                pass  # never let a closed log stream turn a preemption into a crash
+        _say(f"got {signal.Signals(signum).name}: saving a checkpoint after the current step")
+
+    def _stopping(self, signum: int) -> None:
+        self.signum = signum
+        for sig in ABSORBED_SIGNALS:
+            signal.signal(sig, self._handle)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.training = True
@@ -82,5 +88,12 @@ class PreemptionCallback(TrainerCallback):
         flag = torch.tensor([1 if self.signum else 0], device=args.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.signum is None:
-            self.signum = signal.SIGTERM
+            self._stopping(signal.SIGTERM)
         return bool(flag.item())
+
+
+def _say(message: str) -> None:
+    try:
+        print(f"[qlaunch] {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # never let a closed log stream turn a preemption into a crash

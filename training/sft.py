@@ -16,17 +16,19 @@ import traceback
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
-from launcher.progress import EXIT_PREEMPTED
+from launcher.progress import EXIT_PREEMPTED, emit, make_event
 from launcher.storage import RunPaths, write_json
 
 from .entrypoint import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
+    input_errors,
     load_run_or_report,
     log,
     scrub,
 )
+from .hub_files import apply_offline_env, check_prefetched
 
 
 def is_main_process() -> bool:
@@ -42,10 +44,26 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run_or_report(args.run_config)
     if run is None:
         return EXIT_CONFIG
+    apply_offline_env(run)
     paths = RunPaths.of(run)
     if paths.training_completed():
         log(f"run {run.run_id} already completed ({paths.metrics} exists): nothing to train")
         return EXIT_OK
+
+    # The launcher's input checks again, before transformers is even imported: a path checked
+    # nowhere else (--skip-input-checks) fails in the job's first seconds. The inference files
+    # too: the inference job that follows would fail on them only after training.
+    errors = input_errors(run, args.run_config, ("model", "dataset", "inference"))
+    if errors:
+        if is_main_process():
+            emit(make_event("error", _latest_step(paths), message="\n".join(errors)), paths.progress, sys.stdout)
+        return EXIT_CONFIG
+    try:
+        check_prefetched(run)  # seconds, before the training stack is imported
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        emit(make_event("error", _latest_step(paths), message=str(exc)), paths.progress, None)
+        return EXIT_CONFIG
 
     from .preemption import Preempted, PreemptionCallback
     from .progress_events import EventWriter
@@ -88,7 +106,7 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
 
     from .arguments import Adjustments, build_sft_config
     from .checkpoints import latest_checkpoint, publish, remove_partial_saves
-    from .formatting import build_text_dataset, load_records, split_eval
+    from .formatting import build_train_dataset, load_records, split_eval
     from .model_source import load_model, load_tokenizer, resolve_model
     from .progress_events import ProgressCallback
     from .trainer import AtomicCheckpointTrainer, keep_trainable_fp32
@@ -101,6 +119,12 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
             log(f"removed an incomplete checkpoint save: {partial.name}")
     latest = latest_checkpoint(paths.checkpoints)
     attempt = write.previous_attempts() + 1
+    if is_main_process():
+        from .environment_record import record_attempt
+
+        environment = record_attempt(paths, attempt)
+        log(f"environment: {environment['device']}, cpu {environment['cpu_model']} "
+            f"[{' '.join(environment['cpu_flags']) or 'no avx512/amx'}], recorded in attempts/{attempt}/")
     log(
         f"run {run.run_id} attempt {attempt}: "
         + (f"resuming from {latest[1].name}" if latest else "starting from scratch")
@@ -110,13 +134,24 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     source = resolve_model(run)
     tokenizer = load_tokenizer(source)
     records = load_records(run, source.token)
-    train_data, eval_data = split_eval(run, build_text_dataset(run, tokenizer, records))
-    sft_config = build_sft_config(run, str(paths.checkpoints), cuda=cuda, adjustments=adjustments)
+    dataset, answer_only = build_train_dataset(run, tokenizer, records)
+    train_data, eval_data = split_eval(run, dataset)
+    log("loss: " + ("the answers only (the prompt is context)" if answer_only else "the whole text"))
+    if run.train.completion_only_loss is None and answer_only:
+        # The plan could not see the columns (format auto, hub dataset), so the id does not record it.
+        log("note: answer-only loss was chosen from the dataset's columns here; set dataset.format "
+            "(or train.completion_only_loss) in the experiment so the run id records it")
+    sft_config = build_sft_config(
+        run, str(paths.checkpoints), cuda=cuda, adjustments=adjustments, completion_only_loss=answer_only
+    )
     if not cuda and run.quantization.load_in_4bit and run.quantization.bnb_4bit_compute_dtype != "float32":
         adjustments.note(
             f"no CUDA: 4-bit compute dtype {run.quantization.bnb_4bit_compute_dtype} → float32 "
             "(half-precision compute is much slower on CPU)"
         )
+    from .levers import apply_allocator_settings
+
+    apply_allocator_settings(run.train, cuda=cuda, adjustments=adjustments)
     for note in adjustments.notes:
         log(note)
 
@@ -144,10 +179,19 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         callbacks=[progress, preemption],
     )
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
+    from .levers import configure_trainer
+
+    offload_line = configure_trainer(trainer, run.train, cuda=cuda)
+    if offload_line:
+        log(offload_line)
     from .packing import use_packed_rows
 
     if use_packed_rows(trainer, model):
         log("packing: rows of max_seq_length tokens, each example attending only to itself")
+    from .example_record import record_path, record_requested
+
+    if record_requested():
+        trainer.record_examples_to(record_path(paths.root, int(os.environ.get("RANK", "0"))))
     if not (cuda and sft_config.bf16):
         keep_trainable_fp32(trainer.model)
     if cuda:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import ConfigError
-from .base import Backend, RunStatus, State, SubmitReport
+from .base import Backend, RunStatus, State, Submission, SubmitReport
 
 ALIASES = {"k8s": "kubernetes", "kube": "kubernetes"}
 _MODULES = {
@@ -28,4 +28,4 @@ def get_backend(name: str) -> Backend:
     return getattr(importlib.import_module(module_name), class_name)()
 
 
-__all__ = ["Backend", "RunStatus", "State", "SubmitReport", "canonical", "get_backend"]
+__all__ = ["Backend", "RunStatus", "State", "Submission", "SubmitReport", "canonical", "get_backend"]

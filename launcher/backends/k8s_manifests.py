@@ -1,8 +1,7 @@
 """Kubernetes manifests for a plan: pure (same plan, same bytes), checked before any API call.
 
-The jinja templates in `manifests/` lay out the objects and pass every value through `|tojson`;
-the result is parsed back into dicts (what the API client sends) and written as block YAML for
-review. Per run: a ConfigMap with run.yaml, a headless Service (multi-node only), the training
+Each run's job specs (launcher.jobspec) become API objects built directly as dicts (what the API
+client sends, after TorchX's `role_to_pod`), written once as block YAML for review. Per run: a ConfigMap with run.yaml, a headless Service (multi-node only), the training
 Job and, unless inference is disabled, an inference Job that waits for the adapter.
 """
 
@@ -11,21 +10,20 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import yaml
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..experiment_file import dump_run_config, parse_yaml
+from ..experiment_file import dump_run_config
 from ..grid import Plan
 from ..progress import EXIT_PREEMPTED
 from ..storage import RunPaths
-from ..templates import render
+from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
 
 CONFIG_MOUNT = "/config"
-MAIN_PROCESS_PORT = 29500
 LABEL_PREFIX = "qlaunch.dev"
 EXPERIMENT_LABEL = f"{LABEL_PREFIX}/experiment"
 RUN_LABEL = f"{LABEL_PREFIX}/run-id"
@@ -99,10 +97,7 @@ class _Where:
 
     def __init__(self, plan: Plan):
         self.source = plan.source
-        try:
-            _, self.lines = parse_yaml(plan.source.read_text(), str(plan.source))
-        except (OSError, ConfigError):
-            self.lines = {}
+        self.lines = plan.key_lines
 
     def __call__(self, dotted: str) -> str:
         parts = tuple(dotted.split("."))
@@ -280,29 +275,19 @@ def _resources(run: RunConfig, gpus: int) -> dict[str, Any]:
 
 
 def train_command(plan: Plan, run: RunConfig) -> list[str]:
-    """`training.launch` runs `accelerate launch -m training.sft` as PID 1's child: accelerate
-    launch alone, as PID 1, dies on the pod's SIGTERM and takes the trainer with it before it
-    can checkpoint; training.launch hands the signal to the trainer and exits 75."""
-    nodes, gpus = run.resources.nodes, run.resources.gpus_per_node
-    command = [run.environment.python, "-m", "training.launch", f"{CONFIG_MOUNT}/run.yaml"]
-    if nodes > 1:
+    """The run's training job spec as the container's command: `training.launch` runs accelerate
+    and the trainer as PID 1's children (accelerate launch alone, as PID 1, dies on the pod's
+    SIGTERM and takes the trainer with it before it can checkpoint). A multi-node pod's rank is
+    the JOB_COMPLETION_INDEX the Job controller gives each pod of an Indexed Job."""
+    rendezvous: tuple[str, ...] = ()
+    if run.resources.nodes > 1:
         n = names(plan, run)
-        command += [
-            "--processes", str(nodes * max(gpus, 1)),
-            "--",
-            "--num_machines", str(nodes),
-            # Expanded by the kubelet: the Job controller sets it for each pod of an Indexed Job.
-            "--machine_rank", "$(JOB_COMPLETION_INDEX)",
-            "--main_process_ip", f"{n.train_job}-0.{n.service}",
-            "--main_process_port", str(MAIN_PROCESS_PORT),
-        ]  # fmt: skip
-    elif gpus > 1:
-        command += ["--processes", str(gpus)]
-    return command
+        rendezvous = ("--main-process-ip", f"{n.train_job}-0.{n.service}")
+    return job_specs(run).train.placed(run_yaml=f"{CONFIG_MOUNT}/run.yaml", args=rendezvous).command
 
 
 def infer_command(run: RunConfig) -> list[str]:
-    return [run.environment.python, "-m", "training.infer", f"{CONFIG_MOUNT}/run.yaml"]
+    return inference_job(run).placed(run_yaml=f"{CONFIG_MOUNT}/run.yaml").command
 
 
 def wait_command(run: RunConfig) -> list[str]:
@@ -315,83 +300,170 @@ def wait_command(run: RunConfig) -> list[str]:
     ]  # fmt: skip
 
 
-def _job(plan: Plan, run: RunConfig, role: str) -> str:
+def _sorted(value: Any) -> Any:
+    """Mappings with their keys sorted, at every depth: the order the reviewed manifests (and
+    their snapshots) have always shown for labels, env entries, resources and the like."""
+    if isinstance(value, dict):
+        return {key: _sorted(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(item) for item in value]
+    return value
+
+
+def _metadata(plan: Plan, run: RunConfig, name: str, labels_: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": run.kubernetes.namespace,
+        "labels": _sorted(labels_),
+        "annotations": _sorted(annotations(run)),
+    }
+
+
+def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
+    """One Job per role (train, infer)."""
     n, k8s = names(plan, run), run.kubernetes
     train = role == TRAIN
-    indexed = train and run.resources.nodes > 1
-    time_limit = run.resources.time_limit_seconds()
-    return render(
-        "manifests",
-        "job.yaml.j2",
-        job_name=n.job(role),
-        names=n,
-        namespace=k8s.namespace,
-        labels=labels(plan, run, role),
-        annotations=annotations(run),
-        k8s=k8s,
+    spec = job_specs(run).train if train else inference_job(run)
+    indexed = train and spec.resources.nodes > 1
+    role_labels = labels(plan, run, role)
+    container_security = _sorted({
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    })
+    storage_root = str(plan.storage_root)
+    job_spec: dict[str, Any] = {
+        "backoffLimit": k8s.backoff_limit,
         # The inference Job exists from submission on and waits for training inside the same
         # deadline clock, so it gets the training time limit twice.
-        active_deadline_seconds=time_limit if train else 2 * time_limit,
-        container_name=role,
-        exit_preempted=EXIT_PREEMPTED,
-        indexed=indexed,
-        nodes=run.resources.nodes,
-        tolerations=[t.model_dump(exclude_none=True) for t in k8s.tolerations],
-        wait_for=not train,
-        wait_command=wait_command(run),
-        command=train_command(plan, run) if train else infer_command(run),
-        env=_env(plan, run),
-        resources=_resources(run, run.resources.gpus_per_node if train else min(1, run.resources.gpus_per_node)),
-        container_security={
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
+        "activeDeadlineSeconds": spec.resources.time_limit_seconds * (1 if train else 2),
+    }
+    if k8s.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = k8s.ttl_seconds_after_finished
+    # A replacement pod starts only once the old one has fully terminated (and saved its
+    # checkpoint): two trainers never write the same run folder.
+    job_spec["podReplacementPolicy"] = "Failed"
+    job_spec["podFailurePolicy"] = {"rules": [
+        # Preemption, eviction, node drain or shutdown: not the run's fault. The Job replaces the
+        # pod without counting it against backoffLimit; the new pod resumes from its checkpoint.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        # The trainer checkpointed on SIGTERM and exited EXIT_PREEMPTED: same as above (covers a
+        # SIGTERM that comes without a DisruptionTarget condition, e.g. `kubectl delete pod`).
+        # activeDeadlineSeconds still bounds the run as a whole.
+        {"action": "Ignore",
+         "onExitCodes": {"containerName": role, "operator": "In", "values": [EXIT_PREEMPTED]}},
+    ]}  # fmt: skip
+    if indexed:
+        job_spec.update(completionMode="Indexed", completions=spec.resources.nodes,
+                        parallelism=spec.resources.nodes)  # fmt: skip
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": k8s.termination_grace_period_seconds,
+    }
+    if k8s.service_account:
+        pod["serviceAccountName"] = k8s.service_account
+    pod.update(automountServiceAccountToken=False, enableServiceLinks=False)
+    if indexed:
+        pod["subdomain"] = n.service
+    pod["nodeSelector"] = _sorted(k8s.node_selector)
+    pod["tolerations"] = _sorted([t.model_dump(exclude_none=True) for t in k8s.tolerations])
+    pod["securityContext"] = {
+        "runAsNonRoot": True,
+        "runAsUser": k8s.run_as_user,
+        "runAsGroup": k8s.run_as_user,
+        "fsGroup": k8s.run_as_user,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if not train:
+        # Inference starts once training has left a complete adapter and its final metrics.
+        pod["initContainers"] = [{
+            "name": "wait-for-adapter",
+            "image": k8s.image,
+            "imagePullPolicy": k8s.image_pull_policy,
+            "command": wait_command(run),
+            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
+            "securityContext": container_security,
+            "volumeMounts": [{"name": "storage", "mountPath": storage_root, "readOnly": True}],
+        }]  # fmt: skip
+    pod["containers"] = [{
+        "name": role,
+        "image": k8s.image,
+        "imagePullPolicy": k8s.image_pull_policy,
+        "command": train_command(plan, run) if train else infer_command(run),
+        "env": _sorted(_env(plan, run)),
+        "resources": _sorted(_resources(run, spec.resources.gpus_per_node)),
+        "securityContext": container_security,
+        "volumeMounts": [
+            {"name": "storage", "mountPath": storage_root},
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "home", "mountPath": "/home/qlaunch"},
+        ],
+    }]  # fmt: skip
+    pod["volumes"] = [
+        {"name": "storage", "persistentVolumeClaim": {"claimName": k8s.pvc}},
+        {"name": "config", "configMap": {"name": n.config}},
+        # PyTorch data loaders and NCCL share memory through /dev/shm (64Mi by default).
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
+        # A writable HOME for caches whatever uid runs the image.
+        {"name": "home", "emptyDir": {}},
+    ]
+    job_spec["template"] = {
+        "metadata": {"labels": _sorted(role_labels), "annotations": _sorted(annotations(run))},
+        "spec": pod,
+    }
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _metadata(plan, run, n.job(role), role_labels), "spec": job_spec}  # fmt: skip
+
+
+def _config_map(plan: Plan, run: RunConfig) -> dict[str, Any]:
+    """The run's resolved config, mounted read-only at /config in every pod of the run."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(plan, run, names(plan, run).config, labels(plan, run, None)),
+        "data": {"run.yaml": pod_run_config(plan, run)},
+    }
+
+
+def _service(plan: Plan, run: RunConfig) -> dict[str, Any]:
+    """Multi-node runs only: a headless Service gives each pod of the Indexed Job a stable DNS
+    name (<job>-<index>.<service>), so every rank finds rank 0 before any pod is Ready."""
+    n = names(plan, run)
+    service_labels = {**labels(plan, run, None), "app.kubernetes.io/component": "rendezvous"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(plan, run, n.service, service_labels),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": _sorted({RUN_LABEL: run.run_id, ROLE_LABEL: TRAIN}),
+            "ports": [{"name": "rendezvous", "port": MAIN_PROCESS_PORT, "targetPort": MAIN_PROCESS_PORT}],
         },
-        storage_root=str(plan.storage_root),
-    )
+    }
 
 
 def run_documents(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
-    """The objects of one run, in the order they are applied (ConfigMap before the Jobs)."""
-    n, namespace = names(plan, run), run.kubernetes.namespace
-    texts = [
-        render(
-            "manifests",
-            "configmap.yaml.j2",
-            names=n,
-            namespace=namespace,
-            labels=labels(plan, run, None),
-            annotations=annotations(run),
-            run_yaml=pod_run_config(plan, run),
-        )
-    ]
+    """The objects of one run, in the order they are applied (ConfigMap before the Jobs): the
+    dicts the API client sends, dumped once as YAML for review."""
+    documents = [_config_map(plan, run)]
     if run.resources.nodes > 1:
-        selector = {RUN_LABEL: run.run_id, ROLE_LABEL: TRAIN}
-        texts.append(
-            render(
-                "manifests",
-                "service.yaml.j2",
-                names=n,
-                namespace=namespace,
-                labels={**labels(plan, run, None), "app.kubernetes.io/component": "rendezvous"},
-                annotations=annotations(run),
-                selector=selector,
-                main_process_port=MAIN_PROCESS_PORT,
-            )
-        )
-    texts.append(_job(plan, run, TRAIN))
+        documents.append(_service(plan, run))
+    documents.append(_job(plan, run, TRAIN))
     if run.inference.enabled:
-        texts.append(_job(plan, run, INFER))
-    return [yaml.load(text, Loader=_Loader) for text in texts]
+        documents.append(_job(plan, run, INFER))
+    return documents
 
 
-# libyaml's parser when PyYAML has it (same data, ~10x faster); the output is always written by
-# the pure-Python emitter so that the bytes never depend on how PyYAML was built.
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
+# The output is always written by the pure-Python emitter so that the bytes never depend on how
+# PyYAML was built.
 class _Dumper(yaml.SafeDumper):
     """Block YAML with multi-line strings (run.yaml) as literal blocks, for review."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True  # a value shared by two containers is written out twice, not as &id001
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str):
@@ -407,16 +479,10 @@ def to_yaml(documents: list[dict[str, Any]]) -> str:
                          width=1000, explicit_start=True)
 
 
-def render_files(plan: Plan, out_dir: Path) -> list[Path]:
-    check_plan(plan)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for run in plan.runs:
-        path = out_dir / f"{run.run_id}.yaml"
-        header = (
-            f"# qlaunch · experiment {plan.experiment.name} · run {run.run_id}\n"
-            f"# `qlaunch submit` applies these objects (server-side apply, field manager qlaunch).\n"
-        )
-        path.write_text(header + to_yaml(run_documents(plan, run)))
-        written.append(path)
-    return written
+def file_text(plan: Plan, run_id: str, documents: list[dict[str, Any]]) -> str:
+    """The reviewable file of one run's objects."""
+    header = (
+        f"# qlaunch · experiment {plan.experiment.name} · run {run_id}\n"
+        f"# `qlaunch submit` applies these objects (server-side apply, field manager qlaunch).\n"
+    )
+    return header + to_yaml(documents)

@@ -13,14 +13,14 @@ the PVC); the status table summarizes them with launcher.progress.summarize.
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import IO, Any
 
 from ..config import RunConfig
 from ..errors import BackendError
 from ..grid import Plan
 from . import k8s_manifests as manifests
-from .base import RunStatus, State, SubmitReport
+from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 from .k8s_client import APPLY_PATCH, FIELD_MANAGER, Kube, KubeApiError
 from .k8s_logs import LogFollower, ProgressReader
 from .k8s_state import completion_index, created, job_state, owned_by
@@ -29,7 +29,33 @@ Obj = dict[str, Any]
 DRY_RUN = "All"
 
 
-class KubernetesBackend:
+@dataclass(frozen=True)
+class _Request:
+    """The Kubernetes side of a Submission: every run's objects and, per run and role, None
+    (keep), "create" or "replace"."""
+
+    plan: Plan
+    namespace: str
+    documents: dict[str, list[Obj]]
+    actions: dict[str, dict[str, str | None]]
+
+    def job_name(self, run_id: str, role: str) -> str:
+        run = next(r for r in self.plan.runs if r.run_id == run_id)
+        return manifests.names(self.plan, run).job(role)
+
+    def replacing(self, run_id: str) -> list[str]:
+        return [self.job_name(run_id, role) for role, action in self.actions[run_id].items() if action == "replace"]
+
+    def selected(self, run_id: str, replaceable: bool) -> list[Obj]:
+        todo, out = self.actions[run_id], []
+        for doc in self.documents[run_id]:
+            role = (doc["metadata"].get("labels") or {}).get(manifests.ROLE_LABEL)
+            if role is None or todo.get(role) == "create" or (replaceable and todo.get(role) == "replace"):
+                out.append(doc)
+        return out
+
+
+class KubernetesBackend(Backend):
     name = "kubernetes"
 
     def __init__(self, kubeconfig: str | None = None, context: str | None = None, *,
@@ -41,11 +67,6 @@ class KubernetesBackend:
         # The last (time, experiment, jobs, pods) lists: progress_events right after status (one
         # table refresh) reuses them instead of listing again.
         self._snapshot: tuple[float, str, list[Obj], list[Obj]] | None = None
-
-    # -- render ------------------------------------------------------------------------------
-
-    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
-        return manifests.render_files(plan, Path(out_dir))
 
     # -- API helpers -------------------------------------------------------------------------
 
@@ -170,17 +191,19 @@ class KubernetesBackend:
 
     # -- submit ------------------------------------------------------------------------------
 
-    def submit(self, plan: Plan, *, force: bool = False, dry_run: bool | str = False) -> SubmitReport:
-        """dry_run=True (or "server"): the API server validates every object, nothing is stored;
-        dry_run="client": local checks and rendering only, no API call."""
+    def prepare(self, plan: Plan, *, force: bool = False, offline: bool = False) -> Submission:
+        """Render and check every object; then (unless offline, `--dry-run client`) check the
+        namespace, PVC and Secret, decide per run and role create / replace / keep from one
+        Job list, and let the API server validate every object (server-side dry run)."""
         manifests.check_plan(plan)
         documents = {run.run_id: manifests.run_documents(plan, run) for run in plan.runs}
+        files = {f"{run_id}.yaml": manifests.file_text(plan, run_id, docs) for run_id, docs in documents.items()}
         namespace = manifests.namespace_of(plan)
-        report = SubmitReport()
-        if dry_run == "client" or not plan.runs:
-            for run in plan.runs:
-                report.submitted[run.run_id] = [d["metadata"]["name"] for d in documents[run.run_id] if d["kind"] == "Job"]
-            return report
+        if offline or not plan.runs:
+            jobs = {run_id: [d["metadata"]["name"] for d in docs if d["kind"] == "Job"]
+                    for run_id, docs in documents.items()}  # fmt: skip
+            return Submission(self.name, files, jobs, {}, "not sent to the API server (client-side dry run)",
+                              request=_Request(plan, namespace, {}, {}))  # fmt: skip
 
         self._preflight(plan)
         existing = self._by_run(plan, self._list(plan, "jobs"))
@@ -188,6 +211,7 @@ class KubernetesBackend:
 
         # What each run needs: None (keep), "create" or "replace" per role.
         actions: dict[str, dict[str, str | None]] = {}
+        skipped: dict[str, str] = {}
         for run in plan.runs:
             train = existing.get((run.run_id, manifests.TRAIN))
             infer = existing.get((run.run_id, manifests.INFER))
@@ -204,60 +228,60 @@ class KubernetesBackend:
                 elif todo[manifests.TRAIN] or not (infer_state.active or infer_state == State.COMPLETED):
                     todo[manifests.INFER] = "replace"  # a new training run gets a new inference
             if not any(todo.values()):
-                report.skipped[run.run_id] = (
+                skipped[run.run_id] = (
                     f"training Job {manifests.names(plan, run).train_job} is {train_state.value} "
                     "(--force replaces it; it resumes from its newest checkpoint)"
                 )
                 continue
             actions[run.run_id] = todo
+        request = _Request(plan, namespace, documents, actions)
 
-        def selected(run_id: str, replaceable: bool) -> list[Obj]:
-            todo = actions[run_id]
-            out = []
-            for doc in documents[run_id]:
-                role = (doc["metadata"].get("labels") or {}).get(manifests.ROLE_LABEL)
-                if role is None:
-                    out.append(doc)
-                elif todo.get(role) == "create" or (replaceable and todo.get(role) == "replace"):
-                    out.append(doc)
-            return out
-
-        # 1. The server validates every object (admission, quotas, schema) before any is stored;
-        #    a Job about to be replaced cannot be dry-run against its old, immutable self.
+        # The server validates every object (admission, quotas, schema) before any is stored; a
+        # Job about to be replaced cannot be dry-run against its old, immutable self, but its
+        # deletion can.
         for run_id in actions:
-            for doc in selected(run_id, replaceable=False):
+            for doc in request.selected(run_id, replaceable=False):
                 self._apply(doc, dry_run=True)
-        if dry_run:
-            for run_id, todo in actions.items():
-                run = next(r for r in plan.runs if r.run_id == run_id)
-                n = manifests.names(plan, run)
-                for role, action in todo.items():
-                    if action == "replace":
-                        self._delete_job(namespace, n.job(role), dry_run=True)
-                report.submitted[run_id] = [n.job(role) for role, action in todo.items() if action]
-            return report
+            for name in request.replacing(run_id):
+                self._delete_job(namespace, name, dry_run=True)
+        jobs = {run_id: [f"{request.job_name(run_id, role)}{' (replace)' if action == 'replace' else ''}"
+                         for role, action in todo.items() if action]
+                for run_id, todo in actions.items()}  # fmt: skip
+        return Submission(self.name, files, jobs, skipped, "validated by the API server (server-side dry run)",
+                          request=request)  # fmt: skip
 
-        # 2. Jobs to replace are deleted and gone (pods included) before their successors exist.
+    def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
+        request: _Request = submission.request
+        report = SubmitReport(skipped=dict(submission.skipped))
+        plan, namespace = request.plan, request.namespace
+        # 1. Jobs to replace are deleted and gone (pods included) before their successors exist.
         replacing = []
-        for run_id, todo in actions.items():
-            run = next(r for r in plan.runs if r.run_id == run_id)
-            for role, action in todo.items():
-                if action == "replace":
-                    name = manifests.names(plan, run).job(role)
-                    self._delete_job(namespace, name)
-                    replacing.append(name)
+        for run_id in request.actions:
+            for name in request.replacing(run_id):
+                self._delete_job(namespace, name)
+                replacing.append(name)
         if replacing:
             grace = max(run.kubernetes.termination_grace_period_seconds for run in plan.runs)
             self._wait_gone(namespace, replacing, grace)
 
-        # 3. Apply: per run the ConfigMap (and Service) first, then its Jobs.
-        for run_id in actions:
-            for doc in selected(run_id, replaceable=True):
+        # 2. Apply: per run the ConfigMap (and Service) first, then its Jobs.
+        for run_id in request.actions:
+            for doc in request.selected(run_id, replaceable=True):
                 self._apply(doc, dry_run=False)
             report.submitted[run_id] = [
-                doc["metadata"]["name"] for doc in selected(run_id, replaceable=True) if doc["kind"] == "Job"
+                doc["metadata"]["name"] for doc in request.selected(run_id, replaceable=True) if doc["kind"] == "Job"
             ]
         return report
+
+    def submit(self, plan: Plan, *, force: bool = False, dry_run: bool | str = False) -> SubmitReport:
+        """dry_run=True (or "server"): the API server validates every object, nothing is stored;
+        dry_run="client": local checks and rendering only, no API call."""
+        submission = self.prepare(plan, force=force, offline=dry_run == "client")
+        if dry_run:
+            return SubmitReport(submitted={r: [j.removesuffix(" (replace)") for j in jobs]
+                                           for r, jobs in submission.jobs.items()},
+                                skipped=dict(submission.skipped))  # fmt: skip
+        return self.apply(submission)
 
     # -- status ------------------------------------------------------------------------------
 

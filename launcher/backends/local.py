@@ -22,10 +22,12 @@ from typing import IO, Callable
 
 from ..config import RunConfig
 from ..grid import Plan
+from ..hub import offline_env
+from ..jobspec import JobSpec, inference_job, job_specs, launcher_environment
 from ..logs import follow_file
 from ..progress import EXIT_PREEMPTED
 from ..storage import RunPaths, read_json, write_json, write_run_config
-from .base import RunStatus, State, SubmitReport
+from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 
 STATE_FILE = "local.json"
 
@@ -51,25 +53,24 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
+def command(spec: JobSpec, extra: tuple[str, ...] = ()) -> list[str]:
+    """A job spec as a process on this machine: run by this qlaunch's own python. Local jobs
+    inherit this shell's environment (environment.variables and .setup are for cluster jobs)."""
+    return spec.placed(python=sys.executable, args=extra).command
+
+
 def train_command(run: RunConfig) -> list[str]:
-    config = str(RunPaths.of(run).config)
-    if run.resources.gpus_per_node > 1:
-        # accelerate launch, one process per GPU, with signals and exit codes passed through.
-        return [sys.executable, "-m", "training.launch", config]
-    return [sys.executable, "-m", "training.sft", config]
+    return command(job_specs(run).train)
 
 
 def infer_command(run: RunConfig, extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "training.infer", str(RunPaths.of(run).config), *(extra or [])]
+    return command(inference_job(run), tuple(extra or ()))
 
 
-def job_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    # The job imports launcher/training from wherever this qlaunch comes from (a checkout too).
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+@dataclass(frozen=True)
+class _Request:
+    plan: Plan
+    force: bool
 
 
 @dataclass
@@ -80,13 +81,15 @@ class _Job:
     log: IO[bytes]
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     name = "local"
+    foreground = True
 
-    # ---- render -----------------------------------------------------------------------------
-    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = []
+    # ---- prepare / apply (runs in the foreground) ------------------------------------------
+    def prepare(self, plan: Plan, *, force: bool = False, offline: bool = False) -> Submission:
+        """One reviewable shell script per run; the phase each run starts with (a completed run
+        only runs its inference; --force trains again from scratch)."""
+        files = {}
         for run in plan.runs:
             lines = [
                 "#!/bin/sh",
@@ -96,47 +99,43 @@ class LocalBackend:
             ]
             if run.inference.enabled:
                 lines.append(shlex.join(infer_command(run)))
-            path = out_dir / f"{run.run_id}.sh"
-            path.write_text("\n".join(lines) + "\n")
-            written.append(path)
-        return written
-
-    # ---- submit (runs in the foreground) --------------------------------------------------------
-    def submit(
-        self,
-        plan: Plan,
-        *,
-        force: bool = False,
-        dry_run: bool = False,
-        max_parallel: int | None = None,
-        on_event: Callable[[str], None] | None = None,
-        on_tick: Callable[[], None] | None = None,
-        run_inference: bool = True,
-    ) -> SubmitReport:
-        report = SubmitReport()
-        say = on_event or (lambda message: None)
-        limit = max_parallel or plan.experiment.local.max_parallel
-        todo: list[tuple[RunConfig, str]] = []
+            files[f"{run.run_id}.sh"] = "\n".join(lines) + "\n"
+        jobs: dict[str, list[str]] = {}
+        skipped: dict[str, str] = {}
         for run in plan.runs:
             paths = RunPaths.of(run)
             state = read_json(_state_path(run)) or {}
             if state.get("state") == "running" and _pid_alive(state.get("pid")):
-                report.skipped[run.run_id] = f"already running (pid {state['pid']})"
-                continue
-            if force and not dry_run:
-                paths.clear_outputs()
-                _state_path(run).unlink(missing_ok=True)
-            if paths.training_completed():
-                if run_inference and run.inference.enabled and not paths.inference_completed():
-                    todo.append((run, "infer"))
+                skipped[run.run_id] = f"already running (pid {state['pid']})"
+            elif paths.training_completed() and not force:
+                if run.inference.enabled and not paths.inference_completed():
+                    jobs[run.run_id] = ["infer"]
                 else:
-                    report.skipped[run.run_id] = "completed"
+                    skipped[run.run_id] = "completed"
+            else:
+                jobs[run.run_id] = ["train", "infer"] if run.inference.enabled else ["train"]
+        return Submission(self.name, files, jobs, skipped, "runs on this machine",
+                          request=_Request(plan, force))  # fmt: skip
+
+    def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
+        request: _Request = submission.request
+        plan, options = request.plan, options or Foreground()
+        report = SubmitReport(skipped=dict(submission.skipped))
+        say = options.on_event or (lambda message: None)
+        on_tick, run_inference = options.on_tick, options.run_inference
+        limit = options.max_parallel or plan.experiment.local.max_parallel
+        todo: list[tuple[RunConfig, str]] = []
+        for run in plan.runs:
+            phases = submission.jobs.get(run.run_id)
+            if not phases:
                 continue
-            todo.append((run, "train"))
-        if dry_run:
-            for run, phase in todo:
-                report.submitted[run.run_id] = [f"{phase} (dry run)"]
-            return report
+            if request.force:
+                RunPaths.of(run).clear_outputs()
+                _state_path(run).unlink(missing_ok=True)
+            if phases[0] == "infer" and not run_inference:
+                report.skipped[run.run_id] = "completed"
+                continue
+            todo.append((run, phases[0]))
         for run, _ in todo:
             write_run_config(run)
             self._set_state(run, "pending")
@@ -196,7 +195,7 @@ class LocalBackend:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=job_environment(),
+            env={**launcher_environment(), **offline_env(run)},  # offline once prefetched
             cwd=paths.root,
             start_new_session=True,
         )

@@ -11,7 +11,6 @@ where accounting exists) and, for jobs Slurm has forgotten, from the run folder.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,14 +20,14 @@ from typing import IO, Iterable
 from ..config import RunConfig
 from ..errors import BackendError
 from ..grid import Plan
+from ..jobspec import launcher_environment
 from ..logs import follow_file
 from ..progress import read_events
 from ..storage import RunPaths, read_json, write_json, write_run_config
-from .base import RunStatus, State, SubmitReport
+from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 from .slurm_jobs import JobInfo, SlurmCommands
 from .slurm_script import INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_run
 
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # How long `submit --force` waits for the jobs it cancelled to let go of the run folder.
 CANCEL_WAIT_SECONDS = 120
 
@@ -40,6 +39,16 @@ class _Action:
     train: bool  # submit the training job
     infer: bool  # submit the inference job
     after: str | None = None  # training job the inference job waits for (None: training is done)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The Slurm side of a Submission: what apply() submits, and the scheduler view it was
+    decided on (--force cancels the active jobs in it)."""
+
+    actions: tuple[_Action, ...]
+    infos: dict[str, JobInfo]
+    force: bool
 
 
 @dataclass(frozen=True)
@@ -67,15 +76,6 @@ def _record_job(run: RunConfig, kind: str, job_id: str, **fields) -> None:
     write_json(RunPaths.of(run).submission, {"backend": "slurm", "jobs": jobs})
 
 
-def sbatch_environment() -> dict[str, str]:
-    """The environment sbatch passes on to the job (its default --export=ALL)."""
-    env = dict(os.environ)
-    # From a source checkout, the job imports launcher/training from it, whichever python it runs.
-    if (_PACKAGE_ROOT / "pyproject.toml").is_file():
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _from_storage(run: RunConfig, job_id: str | None) -> tuple[State, str]:
     """State of a training job Slurm no longer lists (no slurmdbd, older than MinJobAge)."""
     paths = RunPaths.of(run)
@@ -90,24 +90,11 @@ def _from_storage(run: RunConfig, job_id: str | None) -> tuple[State, str]:
     return State.UNKNOWN, f"job {job_id} gone from Slurm{step}; `qlaunch submit` resumes it"
 
 
-class SlurmBackend:
+class SlurmBackend(Backend):
     name = "slurm"
 
     def __init__(self) -> None:
         self.commands = SlurmCommands()
-
-    # ---- render -------------------------------------------------------------------------------
-    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
-        rendered = [render_run(run) for run in plan.runs]  # all or nothing
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = []
-        for scripts in rendered:
-            for kind, text in (("train", scripts.train), ("infer", scripts.infer)):
-                if text is not None:
-                    path = out_dir / f"{scripts.run_id}.{kind}.sbatch"
-                    path.write_text(text)
-                    written.append(path)
-        return written
 
     # ---- state --------------------------------------------------------------------------------
     def _infos(self, runs: Iterable[RunConfig]) -> dict[str, JobInfo]:
@@ -182,13 +169,14 @@ class SlurmBackend:
         seen: set[tuple[str, ...]] = set()
         with tempfile.TemporaryDirectory(prefix="qlaunch-slurm-check-") as tmp:
             for action in actions:
+                scripts = action.scripts
                 candidates = []
                 if action.train:
-                    candidates.append(("training", action.scripts.train))
-                if action.infer and action.scripts.infer is not None:
-                    candidates.append(("inference", action.scripts.infer))
-                for kind, text in candidates:
-                    key = (kind, *_resource_directives(text))
+                    candidates.append(("training", scripts.train, scripts.train_scheduling))
+                if action.infer and scripts.infer is not None:
+                    candidates.append(("inference", scripts.infer, scripts.infer_scheduling))
+                for kind, text, scheduling in candidates:
+                    key = (kind, *scheduling)
                     if key in seen:
                         continue
                     seen.add(key)
@@ -198,23 +186,39 @@ class SlurmBackend:
                         path, env=env, what=f"run {action.run.run_id}'s {kind} job"
                     )
 
-    def submit(self, plan: Plan, *, force: bool = False, dry_run: bool = False) -> SubmitReport:
+    def prepare(self, plan: Plan, *, force: bool = False, offline: bool = False) -> Submission:
+        """Scripts for every run (ConfigError before anything), the jobs each run needs given
+        what squeue/sacct know, and `sbatch --test-only` on each distinct request."""
+        scripts = {run.run_id: render_run(run) for run in plan.runs}
+        files = {}
+        for rendered in scripts.values():
+            for kind, text in (("train", rendered.train), ("infer", rendered.infer)):
+                if text is not None:
+                    files[f"{rendered.run_id}.{kind}.sbatch"] = text
         report = SubmitReport()
-        scripts = {run.run_id: render_run(run) for run in plan.runs}  # ConfigError before anything
-        env = sbatch_environment()
-        infos = self._infos(plan.runs)
+        infos = {} if offline else self._infos(plan.runs)
         actions = self._plan_actions(plan, scripts, infos, force, report)
+        checked = "not checked with Slurm (offline)"
+        if actions and not offline:
+            self._check_with_scheduler(actions, launcher_environment())
+            checked = "accepted by sbatch --test-only"
+        jobs = {}
+        for action in actions:
+            jobs[action.run.run_id] = (["train"] if action.train else []) + (
+                [f"infer after job {action.after}" if action.after else "infer"] if action.infer else []
+            )
+        return Submission(self.name, files, jobs, report.skipped, checked,
+                          request=_Request(tuple(actions), infos, force))  # fmt: skip
+
+    def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
+        request: _Request = submission.request
+        report = SubmitReport(skipped=dict(submission.skipped))
+        actions = list(request.actions)
         if not actions:
             return report
-        self._check_with_scheduler(actions, env)
-        if dry_run:
-            for action in actions:
-                report.submitted[action.run.run_id] = [
-                    f"{kind} (dry run)" for kind, wanted in (("train", action.train), ("infer", action.infer)) if wanted
-                ]
-            return report
-        if force:
-            self._stop_for_resubmit([a.run for a in actions], infos)
+        env = launcher_environment()  # what sbatch passes on to the job (--export=ALL)
+        if request.force:
+            self._stop_for_resubmit([a.run for a in actions], request.infos)
         for action in actions:
             paths = RunPaths.of(action.run)
             write_run_config(action.run)
@@ -309,11 +313,3 @@ class SlurmBackend:
         self.commands.scancel(ids)
         return cancelled
 
-
-def _resource_directives(script: str) -> list[str]:
-    """The #SBATCH lines that decide whether Slurm accepts a job (not its name or log file)."""
-    return [
-        line
-        for line in script.splitlines()
-        if line.startswith("#SBATCH ") and not any(k in line for k in ("--job-name=", "--output="))
-    ]

@@ -1,6 +1,7 @@
-"""Slurm batch scripts for one run: the training job and its inference job.
+"""Slurm batch scripts for one run: the run's job specs (launcher.jobspec) as sbatch files.
 
-Pure: the same run gives the same bytes (no clock, no environment, no cluster). Values that
+The directives are built as data and kept beside the text (`RunScripts.*_scheduling`), so
+nothing reads them back out of a script (TorchX's `SlurmBatchRequest.materialize()`). Pure: the same run gives the same bytes (no clock, no environment, no cluster). Values that
 reach the shell go through the templates' `|q`; values in `#SBATCH` lines go through
 `directive()`, because sbatch reads those lines itself with its own quoting rules (double
 quotes and backslash escapes; single quotes are literal), not through a shell.
@@ -11,18 +12,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import templates
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..hub import offline_env
+from ..jobspec import JobSpec, job_specs
 from ..progress import EXIT_PREEMPTED
-from ..storage import RunPaths
 
 TRAIN_SCRIPT = "train.sbatch"
 INFER_SCRIPT = "infer.sbatch"
-# accelerate's default rendezvous port; only multi-node jobs use it.
-MAIN_PROCESS_PORT = 29500
 
 _SAFE_DIRECTIVE = re.compile(r"[\w@%+=:,./-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -33,6 +32,10 @@ class RunScripts:
     run_id: str
     train: str
     infer: str | None  # None when inference.enabled is false
+    # The directives that decide whether Slurm accepts a job (not its name or log file): what
+    # `sbatch --test-only` is asked about once per distinct set.
+    train_scheduling: tuple[str, ...] = ()
+    infer_scheduling: tuple[str, ...] = ()
 
 
 def directive(text: str) -> str:
@@ -89,8 +92,12 @@ def _common_directives(run: RunConfig, partition: str | None) -> list[str]:
     return directives
 
 
-def _train_directives(run: RunConfig) -> list[str]:
-    res, slurm, paths = run.resources, run.slurm, RunPaths.of(run)
+def _scheduling(directives: list[str]) -> tuple[str, ...]:
+    return tuple(d for d in directives if not d.startswith(("--job-name=", "--output=")))
+
+
+def _train_directives(run: RunConfig, spec: JobSpec) -> list[str]:
+    res, slurm = spec.resources, run.slurm
     directives = [
         f"--job-name={job_name(run)}",
         f"--nodes={res.nodes}",
@@ -104,108 +111,99 @@ def _train_directives(run: RunConfig) -> list[str]:
     directives += _common_directives(run, slurm.partition)
     directives += [
         "--requeue" if slurm.requeue else "--no-requeue",
-        f"--signal=B:USR1@{slurm.signal_seconds}",
+        # To the step's processes (training.launch), not to this script.
+        f"--signal=USR1@{slurm.signal_seconds}",
         "--open-mode=append",
-        f"--output={paths.train_log}",
+        f"--output={spec.log}",
         *slurm.extra_directives,
     ]
-    return [directive(d) for d in directives]
+    return directives
 
 
-def _infer_directives(run: RunConfig) -> list[str]:
-    res, slurm, paths = run.resources, run.slurm, RunPaths.of(run)
+def _infer_directives(run: RunConfig, spec: JobSpec) -> list[str]:
+    res, slurm = spec.resources, run.slurm
     directives = [
         f"--job-name={job_name(run, infer=True)}",
-        "--nodes=1",
+        f"--nodes={res.nodes}",
         "--ntasks-per-node=1",
         f"--cpus-per-task={res.cpus_per_task}",
         f"--mem={res.memory}",
         f"--time={res.time_limit}",
     ]
     if res.gpus_per_node:
-        directives.append(f"--gres=gpu:{res.gpu_type}:1")
+        directives.append(f"--gres=gpu:{res.gpu_type}:{res.gpus_per_node}")
     directives += _common_directives(run, slurm.inference_partition or slurm.partition)
     directives += [
         "--requeue" if slurm.requeue else "--no-requeue",
         # If training fails, the dependency can never be met: cancel instead of pending forever.
         "--kill-on-invalid-dep=yes",
         "--open-mode=append",
-        f"--output={paths.infer_log}",
+        f"--output={spec.log}",
         *slurm.extra_directives,
     ]
-    return [directive(d) for d in directives]
+    return directives
 
 
-def _context(run: RunConfig, gpus: int) -> dict:
+def _context(run: RunConfig, spec: JobSpec) -> dict:
     env = run.environment
-    paths = RunPaths.of(run)
-    binds = sorted({str(Path(run.run_dir).parents[1]), run.experiment_dir})
     token_file = run.model.hf_token_file
     return {
         "experiment": run.name,
         "run_id": run.run_id,
         "overrides": json.dumps(run.overrides, sort_keys=True, ensure_ascii=True),
         "setup": env.setup,
-        "variables": sorted(env.variables.items()),
-        "python": env.python,
+        "variables": spec.env,
+        "hub_env": sorted(offline_env(run).items()),  # prefetched: read the shared cache offline
         "container": env.container,
         "container_runtime": env.container_runtime,
-        "binds": ",".join(binds),
-        "bind_list": binds,
-        "pass_env": _container_env(run),
+        "binds": ",".join(spec.mounts),
+        "bind_list": list(spec.mounts),
+        "pass_env": _container_env(run, spec),
         # The token file's path (never its content) is bound into docker/podman containers; a
         # ~/ path is the job's business (expanding it here would make rendering impure).
         "hf_token_file": token_file if token_file and token_file.startswith("/") else None,
-        "gpus": gpus,
+        "gpus": spec.resources.gpus_per_node,
         "hf_token_env": run.model.hf_token_env,
-        "run_dir": str(paths.root),
-        "run_yaml": str(paths.config),
-        "progress": str(paths.progress),
+        "run_dir": spec.workdir,
+        "command": spec.command,
     }
 
 
 # What a docker/podman container gets from the job's shell (apptainer passes everything): what
 # the job script exports, the token by name, where caches go, and Slurm's own task variables.
-_CONTAINER_ENV = ("PYTHONUNBUFFERED", "QLAUNCH_RUN_YAML", "HF_HOME", "SLURM_JOB_ID", "SLURM_JOB_NODELIST",
-                  "SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_RESTART_COUNT")
+_CONTAINER_ENV = ("PYTHONUNBUFFERED", "HF_HOME", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODEID",
+                  "SLURM_PROCID", "SLURM_LOCALID", "SLURM_RESTART_COUNT")
 
 
-def _container_env(run: RunConfig) -> list[str]:
-    names = [*sorted(run.environment.variables), run.model.hf_token_env, *_CONTAINER_ENV]
+def _container_env(run: RunConfig, spec: JobSpec) -> list[str]:
+    names = [name for name, _ in spec.env] + sorted(offline_env(run))
+    names += [run.model.hf_token_env, *_CONTAINER_ENV]
     return list(dict.fromkeys(names))
-
-
-def _mixed_precision(run: RunConfig) -> str:
-    if not run.resources.gpus_per_node:
-        return "no"  # CPU jobs compute in float32 (autocast on CPU is ~10x slower)
-    return "fp16" if run.train.fp16 else "bf16" if run.train.bf16 else "no"
 
 
 def render_run(run: RunConfig) -> RunScripts:
     """The training script and (when enabled) the inference script of one run."""
     _validate(run)
-    res = run.resources
-    per_node = max(res.gpus_per_node, 1)
+    jobs = job_specs(run)
+    train_directives = _train_directives(run, jobs.train)
     train = templates.render(
         "slurm",
         "train.sbatch.j2",
-        **_context(run, res.gpus_per_node),
-        directives=_train_directives(run),
-        nodes=res.nodes,
-        num_processes=res.nodes * per_node,
-        threads_per_process=max(1, res.cpus_per_task // per_node),
-        mixed_precision=_mixed_precision(run),
-        main_process_port=MAIN_PROCESS_PORT,
+        **_context(run, jobs.train),
+        directives=[directive(d) for d in train_directives],
+        nodes=jobs.train.resources.nodes,
         signal_seconds=run.slurm.signal_seconds,
         requeue=run.slurm.requeue,
         exit_preempted=EXIT_PREEMPTED,
     )
-    infer = None
-    if run.inference.enabled:
+    infer, infer_scheduling = None, ()
+    if jobs.infer is not None:
+        infer_directives = _infer_directives(run, jobs.infer)
         infer = templates.render(
             "slurm",
             "infer.sbatch.j2",
-            **_context(run, min(res.gpus_per_node, 1)),
-            directives=_infer_directives(run),
+            **_context(run, jobs.infer),
+            directives=[directive(d) for d in infer_directives],
         )
-    return RunScripts(run.run_id, train, infer)
+        infer_scheduling = _scheduling(infer_directives)
+    return RunScripts(run.run_id, train, infer, _scheduling(train_directives), infer_scheduling)

@@ -1,0 +1,135 @@
+"""One run's jobs, neutral about where they run (after TorchX's `AppDef`/`Role`).
+
+`job_specs(run)` is built once per run from its `RunConfig`; each backend materialises the
+specs its own way: the local backend as processes, Slurm as sbatch scripts, Kubernetes as Job
+objects. Whatever the backend, the training job's command is
+`python -m training.launch <run.yaml>`: training.launch owns accelerate's flags, the signal
+forwarding and exit code 75, so none of that is written again here or in a backend.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import RunConfig
+from .storage import RunPaths
+
+TRAIN, INFER = "train", "infer"
+# accelerate's default rendezvous port (training.launch's --main-process-port default); only
+# multi-node jobs use it.
+MAIN_PROCESS_PORT = 29500
+# The folder that holds the `launcher` and `training` packages (a checkout or site-packages).
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks the scheduler for."""
+
+    nodes: int
+    gpus_per_node: int
+    gpu_type: str
+    cpus_per_task: int
+    memory: str  # Slurm-style size: 32G, 64000M
+    time_limit: str  # [D-]HH:MM:SS
+    time_limit_seconds: int
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job of a run: what to start, with what, where its output goes."""
+
+    run_id: str
+    role: str  # TRAIN | INFER
+    python: str
+    module: str  # training.launch | training.infer
+    run_yaml: str
+    args: tuple[str, ...]  # after the run.yaml
+    env: tuple[tuple[str, str], ...]  # set by the job (environment.variables), secrets never
+    resources: Resources
+    workdir: str  # the run folder
+    log: str  # appended across restarts
+    mounts: tuple[str, ...]  # folders the job needs at the same path (storage root, experiment)
+
+    @property
+    def command(self) -> list[str]:
+        return [self.python, "-m", self.module, self.run_yaml, *self.args]
+
+    def placed(self, *, python: str | None = None, run_yaml: str | None = None,
+               args: tuple[str, ...] = ()) -> "JobSpec":  # fmt: skip
+        """The same job where the backend puts it: another interpreter (the local backend runs
+        this qlaunch's), run.yaml at another path (a Kubernetes ConfigMap mount), extra
+        arguments (the rendezvous host, which only the backend knows)."""
+        return replace(
+            self, python=python or self.python, run_yaml=run_yaml or self.run_yaml, args=self.args + tuple(args)
+        )
+
+
+@dataclass(frozen=True)
+class RunJobs:
+    train: JobSpec
+    infer: JobSpec | None  # None when inference.enabled is false
+
+
+def _resources(run: RunConfig, role: str) -> Resources:
+    res = run.resources
+    train = role == TRAIN
+    return Resources(
+        nodes=res.nodes if train else 1,
+        # Inference generates on one GPU.
+        gpus_per_node=res.gpus_per_node if train else min(res.gpus_per_node, 1),
+        gpu_type=res.gpu_type,
+        cpus_per_task=res.cpus_per_task,
+        memory=res.memory,
+        time_limit=res.time_limit,
+        time_limit_seconds=res.time_limit_seconds(),
+    )
+
+
+def job_specs(run: RunConfig) -> RunJobs:
+    """The run's training job and (when enabled) its inference job."""
+    paths = RunPaths.of(run)
+    common = dict(
+        run_id=run.run_id,
+        python=run.environment.python,
+        run_yaml=str(paths.config),
+        args=(),
+        env=tuple(sorted(run.environment.variables.items())),
+        workdir=str(paths.root),
+        mounts=_mounts(run),
+    )
+    train = JobSpec(role=TRAIN, module="training.launch", resources=_resources(run, TRAIN),
+                    log=str(paths.train_log), **common)  # fmt: skip
+    return RunJobs(train, inference_job(run) if run.inference.enabled else None)
+
+
+def inference_job(run: RunConfig) -> JobSpec:
+    """The inference job, also when inference.enabled is false (`qlaunch infer --prompt`)."""
+    paths = RunPaths.of(run)
+    return JobSpec(
+        run_id=run.run_id, role=INFER, python=run.environment.python, module="training.infer",
+        run_yaml=str(paths.config), args=(), env=tuple(sorted(run.environment.variables.items())),
+        resources=_resources(run, INFER), workdir=str(paths.root), log=str(paths.infer_log),
+        mounts=_mounts(run),
+    )  # fmt: skip
+
+
+def _mounts(run: RunConfig) -> tuple[str, ...]:
+    # The storage root (two levels above the run folder) and the experiment's own folder
+    # (relative dataset paths resolve there).
+    return tuple(sorted({str(Path(run.run_dir).parents[1]), run.experiment_dir}))
+
+
+def launcher_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a job is started with from this machine (the local backend's processes,
+    what sbatch passes on): the caller's, plus PYTHONPATH when qlaunch runs from a source
+    checkout, so the job imports this `launcher`/`training` whichever python it runs. The one
+    place PYTHONPATH is set. (An installed qlaunch is found without it, and putting
+    site-packages on another interpreter's path would break that interpreter.)"""
+    env = dict(os.environ if base is None else base)
+    if (PACKAGE_ROOT / "pyproject.toml").is_file():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,106 @@
+"""What the `qlaunch` commands do, without the printing (after TorchX's `runner/api.py` beside
+`cli/cmd_run.py`): cli.py parses arguments and shows results; tests call these directly.
+
+    prepare   plan → Submission (files + jobs), the same value for `render` and `--dry-run`
+    submit    pre-flight gate → run index → prepare → apply → exit code
+    watch     status refreshes until every run has ended
+    infer     ad-hoc inference with a trained adapter, on this machine
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import run_index
+from .backends import Backend, State, Submission, SubmitReport, canonical, get_backend
+from .backends.base import Foreground, write_files
+from .config import RunConfig
+from .errors import QlaunchError
+from .grid import Plan
+from .jobspec import inference_job, launcher_environment
+from .storage import RunPaths
+
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+def backend_for(plan: Plan, name: str | None) -> Backend:
+    return get_backend(canonical(name or plan.experiment.backend))
+
+
+def render(plan: Plan, backend: Backend, out_dir: Path) -> tuple[Submission, list[Path]]:
+    """Every file a first submission would write or apply, into out_dir; no scheduler asked."""
+    submission = backend.prepare(plan, offline=True)
+    return submission, write_files(submission, out_dir)
+
+
+def preflight_refusals(plan: Plan) -> tuple[list, list]:
+    """(every estimate, the ones that will not fit their GPU)."""
+    from . import preflight
+
+    estimates = preflight.preflight(plan)
+    return estimates, [e for e in estimates if not e.fits]
+
+
+@dataclass
+class SubmitResult:
+    exit_code: int
+    submission: Submission | None = None  # None when the pre-flight gate refused the plan
+    report: SubmitReport = field(default_factory=SubmitReport)
+    refused: list = field(default_factory=list)  # memory estimates that do not fit
+    failed: list[str] = field(default_factory=list)  # runs that did not complete (foreground)
+    dry_run: bool = False
+
+
+def submit(plan: Plan, backend: Backend, *, force: bool = False, dry_run: bool | str = False,
+           skip_preflight: bool = False, foreground: Foreground | None = None,
+           prepare: Callable[[Plan], Plan] | None = None) -> SubmitResult:  # fmt: skip
+    """Submit a plan (or only prepare it, for a dry run). A backend that runs the jobs here
+    (`foreground`) returns once they have ended, and the result says which runs failed.
+    `prepare` runs once the plan passed the pre-flight gate, before anything is recorded or
+    submitted (the hub prefetch: nothing is downloaded for a grid that would be refused)."""
+    if not backend.foreground and not skip_preflight:
+        _, refused = preflight_refusals(plan)
+        if refused:
+            return SubmitResult(EXIT_FAILED, refused=refused)
+    if prepare is not None:
+        plan = prepare(plan)
+    run_index.record(plan, backend.name)
+    submission = backend.prepare(plan, force=force, offline=dry_run == "client")
+    if dry_run:
+        return SubmitResult(EXIT_OK, submission, SubmitReport(skipped=dict(submission.skipped)), dry_run=True)
+    report = backend.apply(submission, foreground)
+    result = SubmitResult(EXIT_OK, submission, report)
+    if backend.foreground:
+        if report.interrupted:
+            result.exit_code = EXIT_INTERRUPTED
+            return result
+        statuses = backend.status(plan)
+        result.failed = [r for r, s in statuses.items() if s.state != State.COMPLETED or s.infer_state == State.FAILED]
+        result.exit_code = EXIT_FAILED if result.failed else EXIT_OK
+    return result
+
+
+def watch(plan: Plan, backend: Backend, show: Callable[[list], None], interval: float) -> None:
+    """Refresh `show(rows)` every `interval` seconds until no run has anything active."""
+    from .status_view import collect
+
+    while True:
+        rows = collect(plan, backend)
+        show(rows)
+        if all(not r.status.state.active and not r.status.infer_state.active for r in rows):
+            return
+        time.sleep(interval)
+
+
+def infer(plan: Plan, run: RunConfig, extra: list[str]) -> int:
+    """The inference job's entrypoint on this machine, with extra options (`qlaunch infer`)."""
+    import sys
+
+    if not RunPaths.of(run).training_completed():
+        raise QlaunchError(f"run {run.run_id} has no trained adapter yet (qlaunch status {plan.source})")
+    command = inference_job(run).placed(python=sys.executable, args=tuple(extra)).command
+    return subprocess.call(command, env=launcher_environment())
