@@ -24,9 +24,12 @@ setup: $(VENV)/.installed
 quickstart: setup
 	$(VENV)/bin/qlaunch run examples/quickstart.yaml
 
-# Starts the Slurm test cluster: this machine as a node, plus two namespaced nodes for the
-# multi-node tests (installs slurm-wlm and munge with apt if missing).
+# A Docker daemon for the container tests (installs docker.io and debootstrap if missing), then
+# the Slurm test cluster: this machine as a node plus two namespaced nodes for the multi-node
+# tests (installs slurm-wlm and munge if missing). Docker first: it sets iptables' FORWARD policy,
+# and cluster.sh then lets the test nodes' bridge through.
 test: setup
+	bash docker/dockerd.sh up
 	bash slurm/cluster.sh up --nodes 2
 	$(VENV)/bin/pytest
 

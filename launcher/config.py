@@ -180,8 +180,12 @@ class EnvironmentConfig(Section):
     # Non-secret environment variables for the job.
     variables: dict[str, str] = Field(default_factory=dict)
     python: str = "python"
-    # An Apptainer/Singularity image the job runs in (Slurm).
+    # An image the Slurm job runs in: a .sif (or docker://...) for apptainer, an image name for
+    # docker/podman (docker/Dockerfile builds one).
     container: str | None = None
+    # apptainer: apptainer, else singularity, whichever the node has. docker/podman: `run` with
+    # the same binds, host network and the job's variables passed by name.
+    container_runtime: Literal["apptainer", "docker", "podman"] = "apptainer"
 
     @field_validator("variables")
     @classmethod

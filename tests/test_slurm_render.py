@@ -51,6 +51,15 @@ CASES = {
         "environment": {"container": "/shared/images/qlaunch-train.sif", "python": "python3"},
         "slurm": {"signal_seconds": 600},
     },
+    # The job image (docker/Dockerfile) run by Docker on one GPU node; a variable and the token by name.
+    "gpu-docker": {
+        "name": "llama2-docker",
+        "model": {"hf_token_file": "/home/me/.cache/hf_token"},
+        "storage": {"root": "/shared/qlaunch-runs"},
+        "resources": {"gpus_per_node": 2},
+        "environment": {"container": "registry.example.com/ml/qlaunch-train:0.1.0",
+                        "container_runtime": "docker", "variables": {"WANDB_MODE": "offline"}},
+    },
     # CPU only, no requeue, no inference job.
     "cpu-no-requeue": {
         "name": "cpu-smoke",
@@ -165,3 +174,16 @@ def test_bad_values_give_one_clear_error_and_no_files(tmp_path, section, values,
     with pytest.raises(ConfigError, match=message):
         SlurmBackend().render(plan(_experiment(tmp_path, data)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("runtime", ["docker", "podman"])
+def test_docker_and_podman_scripts_are_valid_bash_that_runs_the_image(tmp_path, runtime):
+    data = {**CASES["gpu-docker"], "environment": {**CASES["gpu-docker"]["environment"], "container_runtime": runtime}}
+    written = SlurmBackend().render(plan(_experiment(tmp_path, data)), tmp_path / "out")
+    for path in written:
+        subprocess.run(["bash", "-n", str(path)], check=True)
+        text = path.read_text()
+        assert f"in_container=({runtime} run --rm" in text
+        assert ("--userns=keep-id" in text) == (runtime == "podman")
+        assert ("TINI_KILL_PROCESS_GROUP=1" in text) == (runtime == "docker")
+        assert text.count("--volume /shared/qlaunch-runs:/shared/qlaunch-runs") == 1

@@ -151,6 +151,7 @@ TASK_WAIT_SECONDS = 120
 
 def _context(run: RunConfig, spec: JobSpec) -> dict:
     env = run.environment
+    token_file = run.model.hf_token_file
     return {
         "experiment": run.name,
         "run_id": run.run_id,
@@ -160,12 +161,30 @@ def _context(run: RunConfig, spec: JobSpec) -> dict:
         "hub_env": sorted(offline_env(run).items()),  # prefetched: read the shared cache offline
         "task_wait_seconds": TASK_WAIT_SECONDS,
         "container": env.container,
+        "container_runtime": env.container_runtime,
         "binds": ",".join(spec.mounts),
+        "bind_list": list(spec.mounts),
+        "pass_env": _container_env(run, spec),
+        # The token file's path (never its content) is bound into docker/podman containers; a
+        # ~/ path is the job's business (expanding it here would make rendering impure).
+        "hf_token_file": token_file if token_file and token_file.startswith("/") else None,
         "gpus": spec.resources.gpus_per_node,
         "hf_token_env": run.model.hf_token_env,
         "run_dir": spec.workdir,
         "command": spec.command,
     }
+
+
+# What a docker/podman container gets from the job's shell (apptainer passes everything): what
+# the job script exports, the token by name, where caches go, and Slurm's own task variables.
+_CONTAINER_ENV = ("PYTHONUNBUFFERED", "HF_HOME", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODEID",
+                  "SLURM_PROCID", "SLURM_LOCALID", "SLURM_RESTART_COUNT")
+
+
+def _container_env(run: RunConfig, spec: JobSpec) -> list[str]:
+    names = [name for name, _ in spec.env] + sorted(offline_env(run))
+    names += [run.model.hf_token_env, *_CONTAINER_ENV]
+    return list(dict.fromkeys(names))
 
 
 def render_run(run: RunConfig) -> RunScripts:
