@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .config import IDENTITY_SECTIONS, Experiment, RunConfig
+from .config import IDENTITY_KEYS_ADDED_LATER, IDENTITY_SECTIONS, Experiment, RunConfig
 from .errors import ConfigError
 from .experiment_file import Loader, _key_lines, format_validation_error, load_experiment, load_yaml
 
@@ -50,7 +50,11 @@ class Plan:
 
 
 def run_id_for(resolved: dict[str, Any]) -> str:
-    identity = {section: resolved[section] for section in IDENTITY_SECTIONS}
+    identity = {section: dict(resolved[section]) for section in IDENTITY_SECTIONS}
+    for section, defaults in IDENTITY_KEYS_ADDED_LATER.items():
+        for key, default in defaults.items():
+            if identity[section].get(key, default) == default:
+                identity[section].pop(key, None)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return digest[:10]
 

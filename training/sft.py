@@ -153,6 +153,9 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         task_type="CAUSAL_LM",
     )
     progress = ProgressCallback(write, attempt, latest[0] if latest else None)
+    from .tracking import prepare as prepare_trackers
+
+    trackers = prepare_trackers(run, resumed_from=latest[0] if latest else None, is_main=is_main_process())
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=sft_config,
@@ -160,7 +163,7 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[progress, preemption],
+        callbacks=[progress, preemption, *trackers],
     )
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
     from .levers import configure_trainer

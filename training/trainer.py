@@ -36,11 +36,23 @@ class AtomicCheckpointTrainer(SFTTrainer):
             self.args.output_dir = str(checkpoints)
         # Every rank writes its own RNG state into the folder: all must be done before the rename.
         self.accelerator.wait_for_everyone()
+        final = checkpoints / f"checkpoint-{step}"
+        if self.state.best_model_checkpoint == str(staging / final.name):
+            # transformers recorded the staging path as the best checkpoint: point it (and the
+            # saved trainer state a resume reads) at the published folder instead.
+            self.state.best_model_checkpoint = str(final)
+            if self.args.should_save:
+                self.state.save_to_json(str(staging / final.name / "trainer_state.json"))
         if self.args.should_save:
-            final = checkpoints / f"checkpoint-{step}"
             publish(staging / final.name, final)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(str(checkpoints), save_total_limit=self.args.save_total_limit, use_mtime=False)
+            # The best checkpoint (load_best_model_at_end) is never rotated away.
+            rotate_checkpoints(
+                str(checkpoints),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
             if self.on_checkpoint is not None:
                 self.on_checkpoint(step, final)
         self.accelerator.wait_for_everyone()
