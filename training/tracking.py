@@ -132,11 +132,14 @@ def resuming_tensorboard_callback(log_dir: Path, resumed_from: int | None):
             super().__init__()
             self.logging_dir = str(log_dir)
 
+        purge_step = None if resumed_from is None else resumed_from + 1
+
         def _init_summary_writer(self, args):
             # A resumed attempt logs from resumed_from + 1 again: events at those steps or later
-            # (from an attempt killed after its last checkpoint) are hidden by the reader.
-            purge = None if resumed_from is None else resumed_from + 1
-            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=purge)
+            # (from an attempt killed after its last checkpoint) are hidden by the reader. Only
+            # the first writer purges: one reopened after training (a final evaluate) must not.
+            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self.purge_step)
+            self.purge_step = None
 
     return ResumingTensorBoardCallback()
 
