@@ -21,6 +21,15 @@ class AtomicCheckpointTrainer(SFTTrainer):
 
     on_checkpoint: Callable[[int, Path], None] | None = None
 
+    def log(self, logs, *args, **kwargs) -> None:
+        if "train_runtime" in logs and self.state.global_step < self.state.max_steps:
+            # The summary of an attempt stopped early (preemption). Right after it transformers
+            # loads the best model and, with save_total_limit 1, deletes every other checkpoint:
+            # also the one the next attempt resumes from. That checkpoint's trainer state still
+            # names the best one, so the next attempt knows it.
+            self.state.best_model_checkpoint = None
+        super().log(logs, *args, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         step = self.state.global_step
         checkpoints = Path(self.args.output_dir)
