@@ -71,3 +71,14 @@ def test_new_train_keys_at_their_defaults_keep_existing_run_ids(tmp_path):
     evaluated = [run.run_id for run in plan(path).runs]
     path.write_text("name: ids\ntrain: {eval_strategy: steps}\ndataset: {test_size: 0.1}\n" + grid)
     assert set(evaluated).isdisjoint(run.run_id for run in plan(path).runs)  # a changed eval key is a new run
+
+
+def test_qlaunch_tensorboard_prints_the_command_over_the_grid(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "my exp.yaml"
+    path.write_text("name: tb\nstorage: {root: runs here}\ntracking: {report_to: [tensorboard]}\n")
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "tensorboard", str(path)],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"tensorboard --logdir '{tmp_path / 'runs here' / 'tb' / 'tensorboard'}'"
