@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -82,3 +84,24 @@ def test_qlaunch_tensorboard_prints_the_command_over_the_grid(tmp_path):
     result = subprocess.run([sys.executable, "-m", "launcher.cli", "tensorboard", str(path)],
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == f"tensorboard --logdir '{tmp_path / 'runs here' / 'tb' / 'tensorboard'}'"
+
+
+def test_mlflow_default_file_store_finds_a_grid_runs_run_again(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from training.tracking import prepare
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS", "MLFLOW_RUN_ID", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.setenv(key, "")  # remembered, so whatever prepare() sets is undone after the test
+        monkeypatch.delenv(key)
+    run = run_config(tmp_path, tracking={"report_to": ["mlflow"]}, overrides={"train.learning_rate": 0.0002})
+    prepare(run, resumed_from=None, is_main=True)
+    first = os.environ["MLFLOW_RUN_ID"]
+    prepare(run, resumed_from=4, is_main=True)  # the next attempt
+    assert os.environ["MLFLOW_RUN_ID"] == first
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    assert uri == (tmp_path / "args" / "mlflow").as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    [found] = client.search_runs([client.get_experiment_by_name("args").experiment_id])
+    assert (found.info.run_id, found.info.run_name) == (first, "0123456789-learning_rate=0.0002")

@@ -99,6 +99,10 @@ def _wandb_environment(run: RunConfig) -> None:
 def _mlflow_environment(run: RunConfig, *, is_main: bool) -> None:
     uri = mlflow_uri(run)
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    if uri.startswith("file:"):
+        # MLflow 3 refuses its file store unless asked; it is the one store that needs no
+        # server or database and takes concurrent runs of a grid on shared storage.
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     os.environ["MLFLOW_EXPERIMENT_NAME"] = run.name
     os.environ["MLFLOW_TAGS"] = json.dumps(
         {MLFLOW_RUN_TAG: run.run_id, **{f"tag.{tag}": "true" for tag in run.tracking.tags}}
