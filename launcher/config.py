@@ -198,7 +198,8 @@ class EnvironmentConfig(Section):
                 raise ValueError(
                     f"{key!r} looks like a secret; secrets are never written into job files. "
                     "Use model.hf_token_env / model.hf_token_file (Slurm) or "
-                    "kubernetes.hf_token_secret (Kubernetes)"
+                    "kubernetes.hf_token_secret / kubernetes.secrets (Kubernetes); other secrets "
+                    "(WANDB_API_KEY) come from the job's environment"
                 )
         return value
 
