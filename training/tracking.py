@@ -105,7 +105,7 @@ def _mlflow_environment(run: RunConfig, *, is_main: bool) -> None:
         os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     os.environ["MLFLOW_EXPERIMENT_NAME"] = run.name
     os.environ["MLFLOW_TAGS"] = json.dumps(
-        {MLFLOW_RUN_TAG: run.run_id, **{f"tag.{tag}": "true" for tag in run.tracking.tags}}
+        {MLFLOW_RUN_TAG: run.run_id, **{tag: "true" for tag in run.tracking.tags}}
     )
     if is_main:  # only rank 0 logs (transformers' callback checks it too)
         os.environ["MLFLOW_RUN_ID"] = mlflow_run_for(run, uri)
@@ -117,7 +117,13 @@ def mlflow_run_for(run: RunConfig, uri: str) -> str:
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(run.name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(run.name)
+    if experiment is None:
+        try:
+            client.create_experiment(run.name)
+        except Exception:  # noqa: BLE001 - another run of the grid created it first
+            pass
+        experiment = client.get_experiment_by_name(run.name)
+    experiment_id = experiment.experiment_id
     found = client.search_runs([experiment_id], filter_string=f"tags.`{MLFLOW_RUN_TAG}` = '{run.run_id}'")
     if found:
         return found[0].info.run_id
