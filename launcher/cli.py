@@ -260,7 +260,11 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
         console.print(printable(command), highlight=False, soft_wrap=True)
         return 0
     if shutil.which(command[0]) is None:
-        raise QlaunchError("tensorboard is not installed here: pip install tensorboard (or 'qlaunch[tracking]')")
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise QlaunchError("tensorboard is not installed here: pip install tensorboard (or 'qlaunch[tracking]')")
+        command[:1] = [sys.executable, "-m", "tensorboard.main"]  # installed, but not on PATH
     return subprocess.call(command)
 
 
