@@ -298,6 +298,24 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return runner.infer(p, runs[0], extra)
 
 
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .tracking import printable, tensorboard_command
+
+    command = tensorboard_command(plan(args.experiment), args.port)
+    if not args.start:
+        console.print(printable(command), highlight=False, soft_wrap=True)
+        return 0
+    if shutil.which(command[0]) is None:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise QlaunchError("tensorboard is not installed here: pip install tensorboard (or 'qlaunch[tracking]')")
+        command[:1] = [sys.executable, "-m", "tensorboard.main"]  # installed, but not on PATH
+    return subprocess.call(command)
+
+
 # ---- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -331,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("experiment")
     input_checks_option(command)
     json_option(command)
+
+    command = add("tensorboard", cmd_tensorboard, "Print (or --start) the TensorBoard command over the grid's runs.")
+    command.add_argument("experiment")
+    command.add_argument("--start", action="store_true", help="start TensorBoard instead of printing the command")
+    command.add_argument("--port", type=int, help="TensorBoard's port (default: its own, 6006)")
 
     command = add("render", cmd_render, "Write each run's job script/manifest for review; submit nothing.")
     command.add_argument("experiment")

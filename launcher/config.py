@@ -122,9 +122,20 @@ class TrainConfig(Section):
     save_steps: int = Field(default=100, ge=1)
     save_total_limit: int | None = Field(default=2, ge=1)
     dataloader_num_workers: int = Field(default=0, ge=0)
+    # Evaluation during training on the dataset.test_size split (TrainingArguments names).
+    # load_best_model_at_end keeps the best checkpoint through rotation and makes it the adapter.
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: int | None = Field(default=None, ge=1)  # null: logging_steps (transformers' default)
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str | None = None  # null: eval_loss
     # Any further trl SFTConfig / TrainingArguments keyword, passed through unchanged
     # (checked against SFTConfig when the job starts).
     sft_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("eval_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
 class StorageConfig(Section):
@@ -196,9 +207,31 @@ class EnvironmentConfig(Section):
                 raise ValueError(
                     f"{key!r} looks like a secret; secrets are never written into job files. "
                     "Use model.hf_token_env / model.hf_token_file (Slurm) or "
-                    "kubernetes.hf_token_secret (Kubernetes)"
+                    "kubernetes.hf_token_secret / kubernetes.secrets (Kubernetes); other secrets "
+                    "(WANDB_API_KEY) come from the job's environment"
                 )
         return value
+
+
+class TrackingConfig(Section):
+    """Experiment trackers (training/tracking.py): one tracked run per grid run, across attempts."""
+
+    # Any of tensorboard, wandb, mlflow; each needs its package in the job (qlaunch[tracking]).
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    project: str | None = None  # W&B project; null: the experiment name
+    tags: list[str] = Field(default_factory=list)  # W&B and MLflow tags
+    # null: MLFLOW_TRACKING_URI from the job's environment, else a file store
+    # <storage root>/<experiment>/mlflow.
+    mlflow_uri: str | None = None
+    # null: WANDB_MODE from the job's environment, else online. offline: run folders under
+    # <storage root>/<experiment>/wandb/ for a later `wandb sync`.
+    wandb_mode: Literal["online", "offline"] | None = None
+    wandb_entity: str | None = None  # null: the API key's default entity
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class LocalConfig(Section):
@@ -222,6 +255,14 @@ class SecretRef(Section):
     key: str = "token"
 
 
+class SecretEnv(Section):
+    """An environment variable of the job filled from a Kubernetes Secret (e.g. WANDB_API_KEY)."""
+
+    env: str
+    name: str
+    key: str
+
+
 class Toleration(Section):
     key: str
     operator: Literal["Exists", "Equal"] = "Exists"
@@ -241,6 +282,8 @@ class KubernetesConfig(Section):
     )
     pvc: str = "qlaunch-storage"  # ReadWriteMany claim mounted at storage.root
     hf_token_secret: SecretRef | None = None
+    # Further secrets as environment variables: [{env: WANDB_API_KEY, name: wandb, key: api-key}]
+    secrets: list[SecretEnv] = Field(default_factory=list)
     service_account: str | None = None
     backoff_limit: int = Field(default=3, ge=0)
     ttl_seconds_after_finished: int | None = Field(default=7 * 24 * 3600, ge=0)
@@ -266,6 +309,7 @@ class Experiment(Section):
     local: LocalConfig = Field(default_factory=LocalConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     # Dotted key -> list of values; the runs are their cartesian product.
     grid: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -283,6 +327,13 @@ class Experiment(Section):
     def _precision(self) -> "Experiment":
         if self.train.fp16 and self.train.bf16:
             raise ValueError("train.fp16 and train.bf16 cannot both be true")
+        if self.train.eval_strategy != "no" and not self.dataset.test_size:
+            raise ValueError(
+                f"train.eval_strategy is {self.train.eval_strategy!r} but dataset.test_size is 0: "
+                "set dataset.test_size to hold out examples to evaluate on"
+            )
+        if self.train.load_best_model_at_end and self.train.eval_strategy == "no":
+            raise ValueError("train.load_best_model_at_end needs train.eval_strategy steps or epoch")
         return self
 
 

@@ -18,6 +18,7 @@ from launcher.config import RunConfig
 from launcher.errors import ConfigError
 
 from . import levers
+from .tracking import tracked_run_name
 
 # Set by the job itself: where checkpoints go and how resuming works is not the user's to move.
 RESERVED_SFT_ARGS = {
@@ -26,6 +27,7 @@ RESERVED_SFT_ARGS = {
     "resume_from_checkpoint": "the job resumes from its newest complete checkpoint by itself",
     "completion_only_loss": "use train.completion_only_loss",
     "assistant_only_loss": "answer-only loss is train.completion_only_loss, masked by the rendered prompt",
+    "report_to": "use tracking.report_to (one tracked run per grid run, across attempts)",
 }
 
 # Optimizers that need CUDA (bitsandbytes' paged/8-bit ones) → what to use without it.
@@ -99,7 +101,9 @@ def sft_kwargs(
         "completion_only_loss": completion_only_loss,
         # tokens/s in progress events counts real tokens, not padding.
         "include_num_input_tokens_seen": "non_padding",
-        "report_to": "none",
+        # TensorBoard is written by training.tracking's own callback (it purges replayed steps).
+        "report_to": [name for name in run.tracking.report_to if name != "tensorboard"] or "none",
+        "run_name": tracked_run_name(run),
         # Progress goes to progress events; tqdm's carriage returns bloat logs on shared storage.
         "disable_tqdm": True,
     }
@@ -122,6 +126,13 @@ def sft_kwargs(
         kwargs["max_length"] = t.max_seq_length
     if run.dataset.test_size:
         kwargs["per_device_eval_batch_size"] = t.per_device_train_batch_size
+    if t.eval_strategy != "no":
+        kwargs["eval_strategy"] = t.eval_strategy
+        if t.eval_steps is not None:
+            kwargs["eval_steps"] = t.eval_steps
+        kwargs["load_best_model_at_end"] = t.load_best_model_at_end
+        if t.metric_for_best_model is not None:
+            kwargs["metric_for_best_model"] = t.metric_for_best_model
     return {**kwargs, **checked_sft_args(run)}
 
 

@@ -70,7 +70,8 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "eval_loss" in logs:
-            self.write("eval", state.global_step, eval_loss=_number(logs["eval_loss"]))
+            self.write("eval", state.global_step, total_steps=state.max_steps, eval_loss=_number(logs["eval_loss"]))
+            return
         if "loss" not in logs:
             return  # the end-of-training summary log, eval logs
         now, tokens = time.time(), state.num_input_tokens_seen

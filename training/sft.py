@@ -170,6 +170,9 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         task_type="CAUSAL_LM",
     )
     progress = ProgressCallback(write, attempt, latest[0] if latest else None)
+    from .tracking import prepare as prepare_trackers
+
+    trackers = prepare_trackers(run, resumed_from=latest[0] if latest else None, is_main=is_main_process())
     trainer = AtomicCheckpointTrainer(
         model=model,
         args=sft_config,
@@ -177,7 +180,7 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[progress, preemption],
+        callbacks=[progress, preemption, *trackers],
     )
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
     from .levers import configure_trainer
@@ -220,7 +223,7 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         "adjustments": adjustments.notes,
     }
     if eval_data is not None:
-        metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
+        metrics["eval_loss"] = _final_eval_loss(trainer)
     if cuda:
         metrics["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
         metrics["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -239,6 +242,16 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
             f"{metrics['train_runtime']:.1f}s, adapter in {paths.adapter}"
         )
     return EXIT_OK
+
+
+def _final_eval_loss(trainer) -> float | None:
+    """The eval loss of the adapter that is saved: from the evaluation the trainer already ran at
+    that step (the best one with load_best_model_at_end), else from evaluating now. Evaluating
+    the same step twice would log it twice to the trackers."""
+    state = trainer.state
+    step = state.best_global_step if trainer.args.load_best_model_at_end else state.global_step
+    logged = [h["eval_loss"] for h in state.log_history if "eval_loss" in h and h.get("step") == step]
+    return logged[-1] if logged and step else trainer.evaluate().get("eval_loss")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,15 @@ class AtomicCheckpointTrainer(SFTTrainer):
             self.example_record.take(inputs)  # the keys are not a model input
         return super().training_step(model, inputs, *args, **kwargs)
 
+    def log(self, logs, *args, **kwargs) -> None:
+        if "train_runtime" in logs and self.state.global_step < self.state.max_steps:
+            # The summary of an attempt stopped early (preemption). Right after it transformers
+            # loads the best model and, with save_total_limit 1, deletes every other checkpoint:
+            # also the one the next attempt resumes from. That checkpoint's trainer state still
+            # names the best one, so the next attempt knows it.
+            self.state.best_model_checkpoint = None
+        super().log(logs, *args, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
         step = self.state.global_step
         checkpoints = Path(self.args.output_dir)
@@ -88,11 +97,23 @@ class AtomicCheckpointTrainer(SFTTrainer):
             self.args.output_dir = str(checkpoints)
         # Every rank writes its own RNG state into the folder: all must be done before the rename.
         self.accelerator.wait_for_everyone()
+        final = checkpoints / f"checkpoint-{step}"
+        if self.state.best_model_checkpoint == str(staging / final.name):
+            # transformers recorded the staging path as the best checkpoint: point it (and the
+            # saved trainer state a resume reads) at the published folder instead.
+            self.state.best_model_checkpoint = str(final)
+            if self.args.should_save:
+                self.state.save_to_json(str(staging / final.name / "trainer_state.json"))
         if self.args.should_save:
-            final = checkpoints / f"checkpoint-{step}"
             publish(staging / final.name, final)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(str(checkpoints), save_total_limit=self.args.save_total_limit, use_mtime=False)
+            # The best checkpoint (load_best_model_at_end) is never rotated away.
+            rotate_checkpoints(
+                str(checkpoints),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
             if self.on_checkpoint is not None:
                 self.on_checkpoint(step, final)
         self.accelerator.wait_for_everyone()

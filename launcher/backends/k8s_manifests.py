@@ -208,6 +208,16 @@ def _run_problems(run: RunConfig, where: _Where) -> list[str]:
         if not _ENV_NAME.match(name):
             key = "model.hf_token_env" if name == run.model.hf_token_env else f"environment.variables.{name}"
             problems.append(f"{where(key)}: {name!r} is not a valid environment variable name")
+    for index, extra in enumerate(k8s.secrets):
+        at = f"kubernetes.secrets.{index}"
+        if not _ENV_NAME.match(extra.env):
+            problems.append(f"{where(at + '.env')}: {extra.env!r} is not a valid environment variable name")
+        if not _subdomain_ok(extra.name):
+            problems.append(f"{where(at + '.name')}: {extra.name!r} is not a valid Secret name")
+        if not _SECRET_KEY.match(extra.key):
+            problems.append(f"{where(at + '.key')}: {extra.key!r} is not a valid Secret key")
+        if extra.env in run.environment.variables:
+            problems.append(f"{where('environment.variables')}: {extra.env} comes from {at}; do not set it here too")
     if secret is not None and run.model.hf_token_env in run.environment.variables:
         problems.append(f"{where('environment.variables')}: {run.model.hf_token_env} comes from "
                         "kubernetes.hf_token_secret; do not set it here too")
@@ -262,6 +272,8 @@ def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
             "name": run.model.hf_token_env,
             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
         })
+    for extra in run.kubernetes.secrets:  # e.g. WANDB_API_KEY for tracking.report_to: [wandb]
+        env.append({"name": extra.env, "valueFrom": {"secretKeyRef": {"name": extra.name, "key": extra.key}}})
     return env
 
 
