@@ -546,7 +546,7 @@ def test_slurm_one_bad_grid_point_submits_nothing(tmp_path, capsys, cancel_after
     # Fixed, the same grid reaches the scheduler (held: no CPU used), then is cancelled.
     (tmp_path / "nope.jsonl").write_text(GOOD_DATA)
     cancel_after(plan(exp))
-    assert main(["submit", str(exp), "--skip-preflight"]) == 0, capsys.readouterr().err
+    assert main(["submit", str(exp), "--skip-preflight", "--no-prefetch"]) == 0, capsys.readouterr().err
     assert name in squeue_names()
 
 
