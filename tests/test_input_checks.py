@@ -9,7 +9,6 @@ fails before loading the model with the same message.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -474,17 +473,9 @@ K8S = """\
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    from fake_kube import FakeKube
+    from fake_kube import start_cluster
 
-    server = FakeKube().start()
-    monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setenv("HF_TOKEN", "hf_qlaunchFAKEtoken0123456789abcdefXYZ")
-    server.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml-team"}})
-    server.add({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "qlaunch-storage", "namespace": "ml-team"},
-                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}})  # fmt: skip
-    server.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token", "namespace": "ml-team"},
-                "type": "Opaque", "data": {"token": base64.b64encode(b"hf_qlaunchFAKEtoken").decode()}})  # fmt: skip
+    server = start_cluster(tmp_path, monkeypatch, "ml-team", hf_token="hf_qlaunchFAKEtoken0123456789abcdefXYZ")
     yield server
     server.stop()
 

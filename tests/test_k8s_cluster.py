@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_kube import ApiError, FakeKube
+from fake_kube import ApiError, FakeKube, start_cluster
 
 from launcher.backends.base import State
 from launcher.backends.k8s_manifests import Names
@@ -62,16 +62,7 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> Non
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    server = FakeKube().start()
-    monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setenv("QLAUNCH_HOME", str(tmp_path / "qlaunch-home"))
-    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    server.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-    server.add({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "qlaunch-storage", "namespace": NS},
-                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}})  # fmt: skip
-    server.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token", "namespace": NS},
-                "type": "Opaque", "data": {"token": base64.b64encode(FAKE_TOKEN.encode()).decode()}})  # fmt: skip
+    server = start_cluster(tmp_path, monkeypatch, NS, hf_token=FAKE_TOKEN)
     yield server
     server.stop()
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_kube import FakeKube
+from fake_kube import start_cluster
 from training_support import events, job_env, processes_mentioning, start_job, tail, wait_until
 
 from launcher.backends.k8s_manifests import CONFIG_MOUNT, Names
@@ -75,13 +75,7 @@ def test_usr1_then_term_to_every_process_still_ends_in_exit_75_and_a_complete_ch
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    server = FakeKube().start()
-    monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setenv("QLAUNCH_HOME", str(tmp_path / "qlaunch-home"))
-    server.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})
-    server.add({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "qlaunch-storage", "namespace": "default"},
-                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}})  # fmt: skip
+    server = start_cluster(tmp_path, monkeypatch, "default")
     yield server
     server.stop()
 

@@ -3,13 +3,12 @@ what the pods logged (through the real client, against tests/fake_kube), and say
 
 from __future__ import annotations
 
-import base64
 import json
 import textwrap
 import time
 
 import pytest
-from fake_kube import FakeKube
+from fake_kube import start_cluster
 
 from launcher import report
 from launcher.backends.k8s_manifests import Names
@@ -26,16 +25,7 @@ def progress(event: str, step: int, when: float, **fields) -> str:
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
-    server = FakeKube().start()
-    monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setenv("QLAUNCH_HOME", str(tmp_path / "qlaunch-home"))
-    monkeypatch.setenv("HF_TOKEN", "hf_fake")
-    server.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-    server.add({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "qlaunch-storage", "namespace": NS},
-                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}})  # fmt: skip
-    server.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token", "namespace": NS},
-                "type": "Opaque", "data": {"token": base64.b64encode(b"hf_fake").decode()}})  # fmt: skip
+    server = start_cluster(tmp_path, monkeypatch, NS, hf_token="hf_fake")
     yield server
     server.stop()
 
