@@ -9,6 +9,7 @@ so a new knob (at a default that changes nothing) keeps every existing id.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -52,7 +53,9 @@ class Plan:
         raise ConfigError(f"{ref!r} matches several runs: {', '.join(r.run_id for r in matches)}")
 
 
+@functools.lru_cache(maxsize=1)
 def _defaults() -> dict[str, Any]:
+    """qlaunch's defaults, built once (read only: run_id_for compares against them per run)."""
     return Experiment(name="defaults").model_dump(mode="json")
 
 
