@@ -56,6 +56,11 @@ def profiles() -> dict[str, tuple[str, dict[str, Any]]]:
         "t4+liger": ("t4 + Liger kernels (RMSNorm, RoPE, SwiGLU) = t4-fast.yaml with the default auto",
                      merged(t4, train={"use_liger_kernel": True})),
         "t4-fast": ("examples/profiles/t4-fast.yaml exactly as users get it (use_liger_kernel: auto)", t4_profile()),
+        "t4+sac": ("t4 + trl's selective checkpointing: attention output kept, not recomputed "
+                   "(train.gradient_checkpointing: selective)",
+                   merged(t4, train={"gradient_checkpointing": "selective"})),
+        "t4+liger+sac": ("t4 + Liger + selective checkpointing",
+                         merged(t4, train={"use_liger_kernel": True, "gradient_checkpointing": "selective"})),
         "t4+offload": ("t4 + trl activation offloading (train.activation_offloading)",
                        merged(t4, train={"activation_offloading": True})),
         "t4+expandable": ("t4 + PyTorch expandable segments (train.expandable_segments)",

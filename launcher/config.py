@@ -100,7 +100,10 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(default=0.03, ge=0, le=1)
     lr_scheduler_type: str = "constant"
     group_by_length: bool = True
-    gradient_checkpointing: bool = True
+    # Activation checkpointing: recompute each decoder layer in the backward pass instead of
+    # keeping its activations. "selective" (trl's SAC) keeps the attention output too, so
+    # attention is not recomputed: one more hidden-size tensor per layer and token.
+    gradient_checkpointing: bool | Literal["selective"] = True
     fp16: bool = False
     bf16: bool = False
     max_seq_length: int | None = Field(default=None, ge=8)  # null: trl's default (1024)

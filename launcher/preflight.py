@@ -248,7 +248,8 @@ def checkpointing_mode(run: RunConfig) -> str:
     if not run.train.sft_args.get("gradient_checkpointing", run.train.gradient_checkpointing):
         return "none"
     kwargs = run.train.sft_args.get("gradient_checkpointing_kwargs") or {}
-    return "selective" if kwargs.get("selective") else "full"
+    selective = run.train.gradient_checkpointing == "selective" or kwargs.get("selective")
+    return "selective" if selective else "full"
 
 
 def lora_targets(run: RunConfig, shape: ModelShape) -> list[str]:

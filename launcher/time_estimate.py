@@ -113,9 +113,13 @@ class TimeEstimate:
 def step_seconds(run: RunConfig, shape: ModelShape, spec: GpuSpec, tokens: float, rows: int,
                  row_length: int, packed: bool) -> float:
     """Seconds per micro-batch step of `tokens` (padding included) in `rows` rows."""
-    passes = 3 if checkpointing_mode(run) != "none" else 2
+    mode = checkpointing_mode(run)
+    passes = 3 if mode != "none" else 2
     flops_per_token = 2 * shape.linear_params * passes + 4 * shape.vocab_size * shape.hidden_size
-    attention = rows * shape.num_layers * 4 * row_length**2 * shape.hidden_size * (passes + 1)
+    # Attention: forward, backward (twice the forward's work) and, under full checkpointing,
+    # its recompute; selective checkpointing keeps its output instead.
+    attention_passes = 4 if mode == "full" else 3
+    attention = rows * shape.num_layers * 4 * row_length**2 * shape.hidden_size * attention_passes
     efficiency = MATMUL_EFFICIENCY_LIGER if _liger(run) else MATMUL_EFFICIENCY
     peak = spec.fp16_flops * spec.sustained
     matmul = (tokens * flops_per_token + attention) / (peak * efficiency)
@@ -126,10 +130,10 @@ def step_seconds(run: RunConfig, shape: ModelShape, spec: GpuSpec, tokens: float
     features = sum(sum(layer_shapes[t]) for t in lora_targets(run, shape))
     lora = tokens * shape.num_layers * features * LORA_BYTES_PER_FEATURE / bandwidth
     offload = 0.0
-    mode = _offloading_mode(run)
-    if mode:
+    offloading = _offloading_mode(run)
+    if offloading:
         moved = 2 * shape.num_layers * tokens * 2 * shape.hidden_size  # out and back, fp16
-        offload = (1.0 if mode == "sync" else OFFLOAD_EXPOSED) * moved / spec.host_link
+        offload = (1.0 if offloading == "sync" else OFFLOAD_EXPOSED) * moved / spec.host_link
     return host + dequant + matmul + lora + offload + (0.0 if packed else UNPACKED_SECONDS_PER_STEP)
 
 

@@ -57,3 +57,33 @@ def test_activation_offloading_reaches_sft_config_on_cuda_and_is_said_off_withou
     config = build_sft_config(run, str(tmp_path), cuda=False, adjustments=notes)
     assert config.activation_offloading is False
     assert "no CUDA: activation offloading off (nothing to offload to)" in notes.notes
+
+
+def test_selective_checkpointing_reaches_trl(tmp_path):
+    """`gradient_checkpointing: selective` is trl's SAC: checkpointing on, attention kept."""
+    run = run_config(tmp_path, gradient_checkpointing="selective")
+    config = build_sft_config(run, str(tmp_path), cuda=False, adjustments=Adjustments())
+    assert config.gradient_checkpointing is True
+    assert config.gradient_checkpointing_kwargs == {"use_reentrant": False, "selective": True}
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        run_config(tmp_path, gradient_checkpointing="sometimes")
+
+
+@pytest.mark.slow
+def test_selective_checkpointing_trains_the_same_numbers_as_full(tmp_path, tiny_plan):
+    """A real tiny QLoRA training, full vs selective checkpointing: same losses step by step
+    (it changes what is kept, not the math)."""
+    from launcher.storage import RunPaths
+    from training_support import events, run_job, tail
+
+    losses = {}
+    for mode in (True, "selective"):
+        folder = tmp_path / str(mode)
+        run = tiny_plan(folder, train={"max_steps": 3, "gradient_checkpointing": mode}).runs[0]
+        log = folder / "train.log"
+        assert run_job("training.sft", RunPaths.of(run).config, log=log, cwd=folder) == 0, tail(log)
+        losses[mode] = [event["loss"] for event in events(run, "step")]
+        said = "selective activation checkpointing: attention outputs kept in 2 of 2 checkpointed layers"
+        assert (said in log.read_text()) is (mode == "selective"), tail(log)
+    assert len(losses[True]) == 3
+    assert losses["selective"] == pytest.approx(losses[True], rel=1e-4)

@@ -89,3 +89,20 @@ def test_predicted_training_time_is_within_20_percent_of_the_measured_h200_runs(
         checked.append(r["profile"])
         assert abs(error) <= 0.20, (r["profile"], f"{error:+.1%}")
     assert {"t4", "t4+liger", "t4-lean", "13b:t4", "13b:t4-lean"} <= set(checked)
+
+
+def test_selective_checkpointing_is_estimated_faster_and_larger_than_full(tmp_path):
+    """trl's selective checkpointing skips the attention recompute and keeps its output: preflight
+    says so in both the time and the memory it estimates."""
+    from launcher import preflight
+
+    runs = plan(experiment(tmp_path, f"""
+        model: {{name_or_path: NousResearch/Llama-2-7b-chat-hf}}
+        resources: {{gpu_type: t4}}
+        train: {json.dumps({**T4_FAST, "max_steps": 100})}
+        grid: {{train.gradient_checkpointing: [true, selective]}}
+        """)).runs
+    full, selective = time_estimate.estimate_grid(runs)
+    assert selective.seconds < full.seconds
+    full_mem, selective_mem = (preflight.estimate_run(run).estimated_peak_bytes for run in runs)
+    assert selective_mem > full_mem

@@ -108,12 +108,16 @@ def sft_kwargs(
         "disable_tqdm": True,
     }
     # transformers 5.x renamed gradient_checkpointing (the old name still works, with a warning).
-    kwargs[_pick_field("activation_checkpointing", "gradient_checkpointing")] = t.gradient_checkpointing
+    kwargs[_pick_field("activation_checkpointing", "gradient_checkpointing")] = bool(t.gradient_checkpointing)
     kwargs.update(levers.resolve(t, cuda=cuda, adjustments=adjustments))
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing: the reentrant kind breaks DDP's gradient hooks for LoRA
-        # (parameters "marked ready twice") and needs inputs that require grad.
-        kwargs[_pick_field("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")] = {"use_reentrant": False}
+        # (parameters "marked ready twice") and needs inputs that require grad. `selective` is
+        # trl's key for its selective checkpointing (the attention output is kept).
+        checkpointing = {"use_reentrant": False}
+        if t.gradient_checkpointing == "selective":
+            checkpointing["selective"] = True
+        kwargs[_pick_field("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")] = checkpointing
     if not cuda:
         # Under torchrun without CUDA this makes accelerate a gloo data-parallel job (MULTI_CPU);
         # without it every process believes it is the only one and trains on all the data.

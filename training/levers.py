@@ -8,6 +8,9 @@
                                 pool, no forward stash: least memory, the copies not hidden)
     train.expandable_segments   PyTorch's allocator grows segments in place instead of keeping
                                 one block per size class: less reserved-but-unused memory
+    train.gradient_checkpointing: selective
+                                checkpointed layers keep their attention output (trl's policy
+                                for torch's selective checkpointing): attention is not recomputed
 
 Each decision is logged once (through `Adjustments`), so a log says which path ran.
 """
@@ -70,9 +73,57 @@ def resolve(train, *, cuda: bool, adjustments) -> dict[str, Any]:
     return {"use_liger_kernel": use_liger, "activation_offloading": bool(offload)}
 
 
-def configure_trainer(trainer, train, *, cuda: bool) -> str | None:
-    """After the trainer is built: trl builds its streamed offloading context itself; "sync"
-    replaces it with one that copies on the compute stream. Returns the line to log, if any."""
+# The attention kernels SDPA dispatches to (trl's list): what selective checkpointing keeps.
+_ATTENTION_OPS = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+def keep_attention_when_checkpointing(model, log) -> None:
+    """Selective activation checkpointing that engages. trl 1.16 wraps the model's deprecated
+    `gradient_checkpointing_enable`, but transformers 5.x's Trainer calls
+    `activation_checkpointing_enable` when training starts, so trl's policy never reached the
+    layers and its `selective` key went to the layers' forward as an ignored keyword (measured
+    on an H200: peak memory identical to the byte). Here the method the Trainer calls gets the
+    policy, and the line it logs counts the decoder layers that really use it."""
+    import functools
+
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    attention = {getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS if hasattr(torch.ops.aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in attention else CheckpointPolicy.PREFER_RECOMPUTE
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    enable = model.activation_checkpointing_enable
+
+    def activation_checkpointing_enable(activation_checkpointing_kwargs=None, **kwargs):
+        checkpoint_kwargs = dict(activation_checkpointing_kwargs or {})
+        checkpoint_kwargs.pop("selective", None)  # trl's key; torch's checkpoint would pass it on
+        checkpoint_kwargs.update(use_reentrant=False, context_fn=context_fn)  # SAC is non-reentrant only
+        result = enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+        from transformers.modeling_layers import GradientCheckpointingLayer  # the decoder layers
+
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+        kept = sum(1 for m in layers if (getattr(m, "_gradient_checkpointing_func", None) is not None
+                                         and m._gradient_checkpointing_func.keywords.get("context_fn") is context_fn))
+        log(f"selective activation checkpointing: attention outputs kept in {kept} of {len(layers)} checkpointed layers")
+        return result
+
+    model.activation_checkpointing_enable = activation_checkpointing_enable
+
+
+def configure_trainer(trainer, train, *, cuda: bool, log=print) -> str | None:
+    """After the trainer is built: selective checkpointing hooked where the Trainer enables
+    checkpointing; trl builds its streamed offloading context itself, "sync" replaces it with one
+    that copies on the compute stream. Returns the line to log, if any."""
+    if train.gradient_checkpointing == "selective":
+        keep_attention_when_checkpointing(trainer.model, log)
     if not (cuda and train.activation_offloading == "sync"):
         return None
     from trl.models.activation_offloading import get_act_offloading_ctx_manager

@@ -185,7 +185,7 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
     from .levers import configure_trainer
 
-    offload_line = configure_trainer(trainer, run.train, cuda=cuda)
+    offload_line = configure_trainer(trainer, run.train, cuda=cuda, log=log)
     if offload_line:
         log(offload_line)
     from .packing import use_packed_rows
