@@ -291,3 +291,48 @@ def test_cli_renders_kubernetes_manifests(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.yaml")) == sorted(
         p.name for p in (SNAPSHOTS / "single-node").glob("*.yaml")
     )
+
+
+def _render(tmp_path: Path, text: str) -> dict[str, dict]:
+    """The rendered objects of a one-run experiment, by kind and role (train, infer)."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(text))
+    out = tmp_path / "out"
+    KubernetesBackend().render(plan(path), out)
+    docs = [doc for file in sorted(out.rglob("*.yaml")) for doc in _documents(file)]
+    return {doc["metadata"]["labels"].get("qlaunch.dev/role", doc["kind"]): doc for doc in docs}
+
+
+def test_queue_name_suspends_the_training_job_under_kueue_and_priority_reaches_both_pods(tmp_path):
+    jobs = _render(tmp_path, """\
+        name: queued
+        backend: kubernetes
+        storage: {root: /mnt/q}
+        kubernetes: {queue_name: t4-queue, priority_class: qlaunch-low}
+    """)
+    train, infer = jobs["train"], jobs["infer"]
+    assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "t4-queue"
+    assert train["spec"]["suspend"] is True
+    env = {e["name"]: e.get("value") for e in train["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["QLAUNCH_RELEASE_QUEUE"] == "t4-queue"
+    # The trainer hands the inference Job to the queue later; labelled now, Kueue would admit it early.
+    assert "kueue.x-k8s.io/queue-name" not in infer["metadata"]["labels"]
+    for job in (train, infer):
+        assert job["spec"]["template"]["spec"]["priorityClassName"] == "qlaunch-low"
+
+
+def test_without_a_queue_the_training_job_starts_at_once(tmp_path):
+    train = _render(tmp_path, "name: plain\nbackend: kubernetes\nstorage: {root: /mnt/q}\n")["train"]
+    assert "suspend" not in train["spec"]
+    assert "kueue.x-k8s.io/queue-name" not in train["metadata"]["labels"]
+    assert "priorityClassName" not in train["spec"]["template"]["spec"]
+
+
+def test_bad_queue_and_priority_class_names_are_named_with_file_and_line(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: bad\nstorage: {root: /mnt/q}\nkubernetes:\n  queue_name: 'my queue'\n"
+                    "  priority_class: Low_Priority\n")
+    with pytest.raises(ConfigError) as error:
+        KubernetesBackend().submit(plan(path), dry_run=True)
+    assert f"{path.resolve()}:4: kubernetes.queue_name:" in str(error.value)
+    assert f"{path.resolve()}:5: kubernetes.priority_class:" in str(error.value)

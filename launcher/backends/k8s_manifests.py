@@ -29,6 +29,9 @@ EXPERIMENT_LABEL = f"{LABEL_PREFIX}/experiment"
 RUN_LABEL = f"{LABEL_PREFIX}/run-id"
 ROLE_LABEL = f"{LABEL_PREFIX}/role"
 TRAIN, INFER = "train", "infer"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Tells the trainer to hand the suspended inference Job to this Kueue queue instead of resuming it.
+RELEASE_QUEUE_ENV = "QLAUNCH_RELEASE_QUEUE"
 # Paths other volumes already use inside the pod.
 _RESERVED_MOUNTS = ("/config", "/dev", "/home/qlaunch", "/proc", "/sys")
 
@@ -175,6 +178,12 @@ def _run_problems(run: RunConfig, where: _Where) -> list[str]:
         problems.append(f"{where('kubernetes.image')}: the image must not be empty")
     if k8s.service_account is not None and not _subdomain_ok(k8s.service_account):
         problems.append(f"{where('kubernetes.service_account')}: {k8s.service_account!r} is not a valid name")
+    if k8s.queue_name is not None and not (k8s.queue_name and _label_value_ok(k8s.queue_name)):
+        problems.append(f"{where('kubernetes.queue_name')}: {k8s.queue_name!r} is not a valid Kueue "
+                        "queue name (a label value: at most 63 letters, digits, '-', '_' and '.')")
+    if k8s.priority_class is not None and not _subdomain_ok(k8s.priority_class):
+        problems.append(f"{where('kubernetes.priority_class')}: {k8s.priority_class!r} is not a valid "
+                        "PriorityClass name (lowercase letters, digits, '-' and '.')")
     secret = k8s.hf_token_secret
     if secret is not None:
         if not _subdomain_ok(secret.name):
@@ -338,6 +347,10 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     spec = job_specs(run).train if train else inference_job(run)
     indexed = train and spec.resources.nodes > 1
     role_labels = labels(plan, run, role)
+    job_labels = dict(role_labels)
+    queued = train and k8s.queue_name is not None
+    if queued:
+        job_labels[QUEUE_LABEL] = k8s.queue_name
     container_security = _sorted({
         "runAsNonRoot": True,
         "allowPrivilegeEscalation": False,
@@ -355,6 +368,8 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     # A replacement pod starts only once the old one has fully terminated (and saved its
     # checkpoint): two trainers never write the same run folder.
     job_spec["podReplacementPolicy"] = "Failed"
+    if queued:
+        job_spec["suspend"] = True  # Kueue un-suspends it once the queue admits it against quota
     job_spec["podFailurePolicy"] = {"rules": [
         # Preemption, eviction, node drain or shutdown: not the run's fault. The Job replaces the
         # pod without counting it against backoffLimit; the new pod resumes from its checkpoint.
@@ -372,6 +387,8 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": k8s.termination_grace_period_seconds,
     }
+    if k8s.priority_class:
+        pod["priorityClassName"] = k8s.priority_class
     if k8s.service_account:
         pod["serviceAccountName"] = k8s.service_account
     pod.update(automountServiceAccountToken=False, enableServiceLinks=False)
@@ -403,7 +420,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "image": k8s.image,
         "imagePullPolicy": k8s.image_pull_policy,
         "command": train_command(plan, run) if train else infer_command(run),
-        "env": _sorted(_env(plan, run)),
+        "env": _sorted(_env(plan, run) + ([{"name": RELEASE_QUEUE_ENV, "value": k8s.queue_name}] if queued else [])),
         "resources": _sorted(_resources(run, spec.resources.gpus_per_node)),
         "securityContext": container_security,
         "volumeMounts": [
@@ -426,7 +443,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "spec": pod,
     }
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": _metadata(plan, run, n.job(role), role_labels), "spec": job_spec}  # fmt: skip
+            "metadata": _metadata(plan, run, n.job(role), job_labels), "spec": job_spec}  # fmt: skip
 
 
 def _config_map(plan: Plan, run: RunConfig) -> dict[str, Any]:
