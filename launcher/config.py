@@ -274,9 +274,10 @@ class KubernetesConfig(Section):
     namespace: str = "default"
     image: str = "ghcr.io/qlaunch/qlaunch-train:latest"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    node_selector: dict[str, str] = Field(
-        default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
-    )
+    # Node label whose value is resources.gpu_type on GPU pods: nvidia.com/gpu.product (GPU
+    # feature discovery), cloud.google.com/gke-accelerator (GKE), any other key, or "none".
+    gpu_node_label: str = "nvidia.com/gpu.product"
+    node_selector: dict[str, str] = Field(default_factory=dict)  # merged over the GPU label
     tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists")]
     )

@@ -22,6 +22,7 @@ from ..grid import Plan
 from ..progress import EXIT_PREEMPTED
 from ..storage import RunPaths
 from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
+from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
 
 CONFIG_MOUNT = "/config"
 LABEL_PREFIX = "qlaunch.dev"
@@ -195,6 +196,18 @@ def _run_problems(run: RunConfig, where: _Where) -> list[str]:
     if not _QUANTITY.match(k8s.shm_size):
         problems.append(f"{where('kubernetes.shm_size')}: {k8s.shm_size!r} is not a Kubernetes "
                         "quantity (e.g. 8Gi or 512Mi)")
+    if k8s.gpu_node_label != NO_GPU_LABEL and not _label_key_ok(k8s.gpu_node_label):
+        problems.append(f"{where('kubernetes.gpu_node_label')}: {k8s.gpu_node_label!r} is not a valid "
+                        "node label key (or none)")
+    elif run.resources.gpus_per_node > 0:
+        try:
+            for key, value in gpu_selector(k8s.gpu_node_label, run.resources.gpu_type).items():
+                if not _label_value_ok(value):
+                    problems.append(f"{where('resources.gpu_type')}: {value!r} is not a valid value "
+                                    f"for node label {key} (kubernetes.gpu_node_label)")
+        except UnknownGpuType as error:
+            problems.append(f"{where('resources.gpu_type')}: {error} "
+                            f"(kubernetes.gpu_node_label at {where('kubernetes.gpu_node_label')})")
     for key, value in k8s.node_selector.items():
         if not _label_key_ok(key) or not _label_value_ok(value):
             problems.append(f"{where('kubernetes.node_selector')}: {key}: {value!r} is not a valid "
@@ -394,7 +407,11 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     pod.update(automountServiceAccountToken=False, enableServiceLinks=False)
     if indexed:
         pod["subdomain"] = n.service
-    pod["nodeSelector"] = _sorted(k8s.node_selector)
+    gpu_nodes = (gpu_selector(k8s.gpu_node_label, spec.resources.gpu_type)
+                 if spec.resources.gpus_per_node > 0 else {})
+    node_selector = {**gpu_nodes, **k8s.node_selector}  # the user's entries win
+    if node_selector:
+        pod["nodeSelector"] = _sorted(node_selector)
     pod["tolerations"] = _sorted([t.model_dump(exclude_none=True) for t in k8s.tolerations])
     pod["securityContext"] = {
         "runAsNonRoot": True,
