@@ -34,6 +34,15 @@ def _backend_name(args: argparse.Namespace, p: Plan) -> str:
     return canonical(getattr(args, "backend", None) or p.experiment.backend)
 
 
+def _backend(args: argparse.Namespace, name: str):
+    """The backend by name; Kubernetes talks to --kubeconfig / --context when given."""
+    if canonical(name) == "kubernetes" and (getattr(args, "kubeconfig", None) or getattr(args, "context", None)):
+        from .backends.kubernetes import KubernetesBackend
+
+        return KubernetesBackend(args.kubeconfig, args.context)
+    return get_backend(name)
+
+
 # ---- commands ---------------------------------------------------------------------------------
 def _print_json(document: dict) -> None:
     sys.stdout.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
@@ -69,7 +78,7 @@ def _print_submission(submission: Submission) -> None:
 def cmd_render(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
     refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
-    backend = get_backend(_backend_name(args, p))
+    backend = _backend(args, _backend_name(args, p))
     out = Path(args.output)
     submission, written = runner.render(p, backend, out)
     for path in written:
@@ -117,7 +126,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
     name = _backend_name(args, p)
     refuse_bad_inputs(p, name, args.skip_input_checks, err_console)
-    backend = get_backend(name)
+    backend = _backend(args, name)
     prepare = None if args.no_prefetch or args.dry_run or name == "kubernetes" else _prefetch
     if backend.foreground:
         return _run_here(p, backend, args, prepare)
@@ -215,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     p = plan(args.experiment)
     name = _backend_name(args, p)
-    backend = get_backend(name)
+    backend = _backend(args, name)
     run_index.record(p, name)
     if args.json:
         _print_json(status_document(p, collect(p, backend), name))
@@ -253,7 +262,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     p = plan(args.experiment)
     name = _backend_name(args, p)
     run_index.record(p, name)
-    document = report.build(p, get_backend(name), name)
+    document = report.build(p, _backend(args, name), name)
     document = report.write(document, Path(args.output) if args.output else report.default_output(p, name))
     if args.json:
         _print_json(document.model_dump(mode="json"))
@@ -266,7 +275,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     p, name, runs = run_index.resolve(args.run, args.experiment)
     if len(runs) != 1:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; logs needs one run id")
-    backend = get_backend(args.backend or name)
+    backend = _backend(args, args.backend or name)
     try:
         backend.logs(p, runs[0], follow=args.follow, out=sys.stdout, infer=args.infer)
     except KeyboardInterrupt:
@@ -276,7 +285,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     p, name, runs = run_index.resolve(args.target, args.experiment)
-    backend = get_backend(args.backend or name)
+    backend = _backend(args, args.backend or name)
     cancelled = backend.cancel(p, runs)
     for run_id in cancelled:
         console.print(f"{run_id} cancelled")
@@ -332,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     def backend_option(command):
         command.add_argument("--backend", "-b", choices=["local", "slurm", "kubernetes", "k8s"],
                              help="default: the experiment file's `backend:` (local)")
+        command.add_argument("--kubeconfig", help="kubernetes: kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+        command.add_argument("--context", help="kubernetes: kubeconfig context (default: its current context)")
 
     def input_checks_option(command):
         command.add_argument("--skip-input-checks", action="store_true",

@@ -277,9 +277,10 @@ class KubernetesConfig(Section):
     namespace: str = "default"
     image: str = "ghcr.io/qlaunch/qlaunch-train:latest"
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    node_selector: dict[str, str] = Field(
-        default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
-    )
+    # Node label whose value is resources.gpu_type on GPU pods: nvidia.com/gpu.product (GPU
+    # feature discovery), cloud.google.com/gke-accelerator (GKE), any other key, or "none".
+    gpu_node_label: str = "nvidia.com/gpu.product"
+    node_selector: dict[str, str] = Field(default_factory=dict)  # merged over the GPU label
     tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists")]
     )
@@ -288,6 +289,10 @@ class KubernetesConfig(Section):
     # Further secrets as environment variables: [{env: WANDB_API_KEY, name: wandb, key: api-key}]
     secrets: list[SecretEnv] = Field(default_factory=list)
     service_account: str | None = None
+    # Kueue LocalQueue: the training Job is created suspended with this queue label, and the
+    # trainer later hands the inference Job to the same queue (QLAUNCH_RELEASE_QUEUE).
+    queue_name: str | None = None
+    priority_class: str | None = None  # PriorityClass of both pods (manifests/priority.yaml)
     backoff_limit: int = Field(default=3, ge=0)
     ttl_seconds_after_finished: int | None = Field(default=7 * 24 * 3600, ge=0)
     termination_grace_period_seconds: int = Field(default=300, ge=0)

@@ -436,3 +436,46 @@ def test_cli_submit_status_logs_follow_cancel(fake, experiment):
     result = _cli("cancel", "guanaco", "-e", source)
     assert result.returncode == 0, result.stderr
     assert fake.list("jobs", NS) == [] and fake.list("pods", NS) == []
+
+
+def _two_context_kubeconfig(path: Path, first: FakeKube, second: FakeKube) -> Path:
+    """One kubeconfig holding a context per fake cluster; its current context is the first."""
+    import yaml
+
+    configs = [yaml.safe_load(server.write_kubeconfig(path.with_suffix(f".{name}"), namespace=NS).read_text())
+               for name, server in (("first", first), ("second", second))]  # fmt: skip
+    merged = {"apiVersion": "v1", "kind": "Config", "current-context": "first", "clusters": [], "users": [], "contexts": []}
+    for name, config in zip(("first", "second"), configs):
+        merged["clusters"].append({"name": name, "cluster": config["clusters"][0]["cluster"]})
+        merged["users"].append({"name": name, "user": config["users"][0]["user"]})
+        merged["contexts"].append({"name": name, "context": {"cluster": name, "user": name, "namespace": NS}})
+    path.write_text(json.dumps(merged))
+    return path
+
+
+def test_context_picks_the_cluster_every_command_talks_to(fake, experiment, tmp_path, monkeypatch):
+    (tmp_path / "second").mkdir()
+    second = start_cluster(tmp_path / "second", monkeypatch, NS, hf_token=FAKE_TOKEN)
+    try:
+        config = _two_context_kubeconfig(tmp_path / "two-contexts", fake, second)
+        result = _cli("submit", str(experiment.source), "--skip-preflight", "--kubeconfig", str(config),
+                      "--context", "second")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert {job["metadata"]["name"] for job in second.list("jobs", NS)}  # submitted to the second
+        assert not fake.list("jobs", NS)
+        states = {}
+        for context in ("first", "second"):
+            result = _cli("status", str(experiment.source), "--json", "--kubeconfig", str(config), "--context", context)
+            assert result.returncode == 0, result.stderr
+            states[context] = {run["state"] for run in json.loads(result.stdout)["runs"]}
+        assert states["second"] == {"pending"} and "pending" not in states["first"]
+    finally:
+        second.stop()
+
+
+def test_unknown_context_is_one_clear_error_naming_the_context_and_file(fake, experiment, tmp_path):
+    config = fake.write_kubeconfig(tmp_path / "kubeconfig")
+    result = _cli("status", str(experiment.source), "--kubeconfig", str(config), "--context", "prod-eu")
+    assert result.returncode != 0
+    assert "prod-eu" in result.stderr and str(config) in result.stderr
+    assert "its contexts: fake" in result.stderr and "Traceback" not in result.stderr

@@ -62,7 +62,8 @@ EXPERIMENTS = {
           namespace: research
           image: registry.example.com:5000/team/qlaunch-train:v1.2
           image_pull_policy: Always
-          node_selector: {cloud.google.com/gke-accelerator: nvidia-tesla-t4, pool: spot-t4}
+          gpu_node_label: cloud.google.com/gke-accelerator
+          node_selector: {pool: spot-t4}
           tolerations:
             - {key: nvidia.com/gpu, operator: Exists}
             - {key: cloud.google.com/gke-spot, operator: Equal, value: "true", effect: NoSchedule}
@@ -234,7 +235,7 @@ def test_jobs_survive_preemption_and_run_as_non_root(tmp_path):
         assert any(r["action"] == "Ignore" and r.get("onExitCodes", {}).get("values") == [75] for r in rules)
         pod = job["spec"]["template"]["spec"]
         assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
-        assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "Tesla-T4"}  # GPU feature discovery label
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         for container in pod["containers"] + pod.get("initContainers", []):
             assert container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -291,3 +292,98 @@ def test_cli_renders_kubernetes_manifests(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.yaml")) == sorted(
         p.name for p in (SNAPSHOTS / "single-node").glob("*.yaml")
     )
+
+
+def _render(tmp_path: Path, text: str) -> dict[str, dict]:
+    """The rendered objects of a one-run experiment, by kind and role (train, infer)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(text))
+    out = tmp_path / "out"
+    KubernetesBackend().render(plan(path), out)
+    docs = [doc for file in sorted(out.rglob("*.yaml")) for doc in _documents(file)]
+    return {doc["metadata"]["labels"].get("qlaunch.dev/role", doc["kind"]): doc for doc in docs}
+
+
+def test_queue_name_suspends_the_training_job_under_kueue_and_priority_reaches_both_pods(tmp_path):
+    jobs = _render(tmp_path, """\
+        name: queued
+        backend: kubernetes
+        storage: {root: /mnt/q}
+        kubernetes: {queue_name: t4-queue, priority_class: qlaunch-low}
+    """)
+    train, infer = jobs["train"], jobs["infer"]
+    assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "t4-queue"
+    assert train["spec"]["suspend"] is True
+    env = {e["name"]: e.get("value") for e in train["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["QLAUNCH_RELEASE_QUEUE"] == "t4-queue"
+    # The trainer hands the inference Job to the queue later; labelled now, Kueue would admit it early.
+    assert "kueue.x-k8s.io/queue-name" not in infer["metadata"]["labels"]
+    for job in (train, infer):
+        assert job["spec"]["template"]["spec"]["priorityClassName"] == "qlaunch-low"
+
+
+def test_without_a_queue_the_training_job_starts_at_once(tmp_path):
+    train = _render(tmp_path, "name: plain\nbackend: kubernetes\nstorage: {root: /mnt/q}\n")["train"]
+    assert "suspend" not in train["spec"]
+    assert "kueue.x-k8s.io/queue-name" not in train["metadata"]["labels"]
+    assert "priorityClassName" not in train["spec"]["template"]["spec"]
+
+
+def test_bad_queue_and_priority_class_names_are_named_with_file_and_line(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: bad\nstorage: {root: /mnt/q}\nkubernetes:\n  queue_name: 'my queue'\n"
+                    "  priority_class: Low_Priority\n")
+    with pytest.raises(ConfigError) as error:
+        KubernetesBackend().submit(plan(path), dry_run=True)
+    assert f"{path.resolve()}:4: kubernetes.queue_name:" in str(error.value)
+    assert f"{path.resolve()}:5: kubernetes.priority_class:" in str(error.value)
+
+
+@pytest.mark.parametrize("label, selector", [
+    ("nvidia.com/gpu.product", {"nvidia.com/gpu.product": "Tesla-T4"}),
+    ("cloud.google.com/gke-accelerator", {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}),
+    ("example.com/gpu", {"example.com/gpu": "t4"}),  # a custom key takes gpu_type verbatim
+])
+def test_gpu_type_becomes_the_value_of_the_chosen_node_label(tmp_path, label, selector):
+    jobs = _render(tmp_path, f"""\
+        name: gpus
+        backend: kubernetes
+        storage: {{root: /mnt/q}}
+        resources: {{gpu_type: t4}}
+        kubernetes: {{gpu_node_label: {label}, node_selector: {{pool: spot}}}}
+    """)
+    for role in ("train", "infer"):
+        assert jobs[role]["spec"]["template"]["spec"]["nodeSelector"] == {**selector, "pool": "spot"}
+
+
+def test_gpu_node_label_none_and_cpu_pods_get_no_gpu_selector(tmp_path):
+    none = _render(tmp_path / "none", """\
+        name: nolabel
+        backend: kubernetes
+        storage: {root: /mnt/q}
+        kubernetes: {gpu_node_label: none}
+    """)
+    assert "nodeSelector" not in none["train"]["spec"]["template"]["spec"]
+    cpu = _render(tmp_path / "cpu", """\
+        name: cpu
+        backend: kubernetes
+        storage: {root: /mnt/q}
+        resources: {gpus_per_node: 0}
+        kubernetes: {node_selector: {cloud.google.com/gke-accelerator: mine}}
+    """)
+    # No GPU label is added, and the user's own entry is kept as written.
+    assert cpu["train"]["spec"]["template"]["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "mine"}
+
+
+def test_unknown_gpu_type_under_a_known_label_is_one_clear_error(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: bad\nstorage: {root: /mnt/q}\nresources:\n  gpu_type: mi300\n"
+                    "kubernetes:\n  gpu_node_label: cloud.google.com/gke-accelerator\n")
+    with pytest.raises(ConfigError) as error:
+        KubernetesBackend().submit(plan(path), dry_run=True)
+    message = str(error.value)
+    assert message.count("mi300") == 1
+    assert f"{path.resolve()}:4: resources.gpu_type:" in message
+    assert f"{path.resolve()}:6: kubernetes.gpu_node_label" in message
+    assert "t4" in message and "node_selector" in message

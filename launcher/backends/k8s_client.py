@@ -35,6 +35,23 @@ def kubeconfig_paths(explicit: str | None) -> list[Path]:
     return [Path(part).expanduser() for part in raw.split(os.pathsep) if part]
 
 
+def _refuse_unknown_context(context: str, paths: list[Path]) -> None:
+    """--context that no kubeconfig file defines: say so, and which contexts there are."""
+    import yaml
+
+    known: list[str] = []
+    for path in paths:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return  # the client's own loader reports a broken file
+        known += [c.get("name") for c in data.get("contexts") or [] if isinstance(c, dict) and c.get("name")]
+    if context not in known:
+        files = ", ".join(str(p) for p in paths)
+        raise BackendError(f"context {context!r} is not in the kubeconfig {files} (its contexts: "
+                           f"{', '.join(known) or 'none'}); see `kubectl config get-contexts`")
+
+
 class Kube:
     """A lazily connected API client: rendering and validation never need a cluster."""
 
@@ -55,6 +72,8 @@ class Kube:
         existing = [p for p in paths if p.is_file()]
         try:
             if existing:
+                if self.context:
+                    _refuse_unknown_context(self.context, existing)
                 config.load_kube_config(
                     config_file=os.pathsep.join(str(p) for p in existing),
                     context=self.context,

@@ -22,6 +22,7 @@ from ..grid import Plan
 from ..progress import EXIT_PREEMPTED
 from ..storage import RunPaths
 from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
+from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
 
 CONFIG_MOUNT = "/config"
 LABEL_PREFIX = "qlaunch.dev"
@@ -29,6 +30,9 @@ EXPERIMENT_LABEL = f"{LABEL_PREFIX}/experiment"
 RUN_LABEL = f"{LABEL_PREFIX}/run-id"
 ROLE_LABEL = f"{LABEL_PREFIX}/role"
 TRAIN, INFER = "train", "infer"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Tells the trainer to hand the suspended inference Job to this Kueue queue instead of resuming it.
+RELEASE_QUEUE_ENV = "QLAUNCH_RELEASE_QUEUE"
 # Paths other volumes already use inside the pod.
 _RESERVED_MOUNTS = ("/config", "/dev", "/home/qlaunch", "/proc", "/sys")
 
@@ -175,6 +179,12 @@ def _run_problems(run: RunConfig, where: _Where) -> list[str]:
         problems.append(f"{where('kubernetes.image')}: the image must not be empty")
     if k8s.service_account is not None and not _subdomain_ok(k8s.service_account):
         problems.append(f"{where('kubernetes.service_account')}: {k8s.service_account!r} is not a valid name")
+    if k8s.queue_name is not None and not (k8s.queue_name and _label_value_ok(k8s.queue_name)):
+        problems.append(f"{where('kubernetes.queue_name')}: {k8s.queue_name!r} is not a valid Kueue "
+                        "queue name (a label value: at most 63 letters, digits, '-', '_' and '.')")
+    if k8s.priority_class is not None and not _subdomain_ok(k8s.priority_class):
+        problems.append(f"{where('kubernetes.priority_class')}: {k8s.priority_class!r} is not a valid "
+                        "PriorityClass name (lowercase letters, digits, '-' and '.')")
     secret = k8s.hf_token_secret
     if secret is not None:
         if not _subdomain_ok(secret.name):
@@ -186,6 +196,18 @@ def _run_problems(run: RunConfig, where: _Where) -> list[str]:
     if not _QUANTITY.match(k8s.shm_size):
         problems.append(f"{where('kubernetes.shm_size')}: {k8s.shm_size!r} is not a Kubernetes "
                         "quantity (e.g. 8Gi or 512Mi)")
+    if k8s.gpu_node_label != NO_GPU_LABEL and not _label_key_ok(k8s.gpu_node_label):
+        problems.append(f"{where('kubernetes.gpu_node_label')}: {k8s.gpu_node_label!r} is not a valid "
+                        "node label key (or none)")
+    elif run.resources.gpus_per_node > 0:
+        try:
+            for key, value in gpu_selector(k8s.gpu_node_label, run.resources.gpu_type).items():
+                if not _label_value_ok(value):
+                    problems.append(f"{where('resources.gpu_type')}: {value!r} is not a valid value "
+                                    f"for node label {key} (kubernetes.gpu_node_label)")
+        except UnknownGpuType as error:
+            problems.append(f"{where('resources.gpu_type')}: {error} "
+                            f"(kubernetes.gpu_node_label at {where('kubernetes.gpu_node_label')})")
     for key, value in k8s.node_selector.items():
         if not _label_key_ok(key) or not _label_value_ok(value):
             problems.append(f"{where('kubernetes.node_selector')}: {key}: {value!r} is not a valid "
@@ -338,6 +360,10 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     spec = job_specs(run).train if train else inference_job(run)
     indexed = train and spec.resources.nodes > 1
     role_labels = labels(plan, run, role)
+    job_labels = dict(role_labels)
+    queued = train and k8s.queue_name is not None
+    if queued:
+        job_labels[QUEUE_LABEL] = k8s.queue_name
     container_security = _sorted({
         "runAsNonRoot": True,
         "allowPrivilegeEscalation": False,
@@ -355,6 +381,8 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     # A replacement pod starts only once the old one has fully terminated (and saved its
     # checkpoint): two trainers never write the same run folder.
     job_spec["podReplacementPolicy"] = "Failed"
+    if queued:
+        job_spec["suspend"] = True  # Kueue un-suspends it once the queue admits it against quota
     job_spec["podFailurePolicy"] = {"rules": [
         # Preemption, eviction, node drain or shutdown: not the run's fault. The Job replaces the
         # pod without counting it against backoffLimit; the new pod resumes from its checkpoint.
@@ -372,12 +400,18 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": k8s.termination_grace_period_seconds,
     }
+    if k8s.priority_class:
+        pod["priorityClassName"] = k8s.priority_class
     if k8s.service_account:
         pod["serviceAccountName"] = k8s.service_account
     pod.update(automountServiceAccountToken=False, enableServiceLinks=False)
     if indexed:
         pod["subdomain"] = n.service
-    pod["nodeSelector"] = _sorted(k8s.node_selector)
+    gpu_nodes = (gpu_selector(k8s.gpu_node_label, spec.resources.gpu_type)
+                 if spec.resources.gpus_per_node > 0 else {})
+    node_selector = {**gpu_nodes, **k8s.node_selector}  # the user's entries win
+    if node_selector:
+        pod["nodeSelector"] = _sorted(node_selector)
     pod["tolerations"] = _sorted([t.model_dump(exclude_none=True) for t in k8s.tolerations])
     pod["securityContext"] = {
         "runAsNonRoot": True,
@@ -403,7 +437,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "image": k8s.image,
         "imagePullPolicy": k8s.image_pull_policy,
         "command": train_command(plan, run) if train else infer_command(run),
-        "env": _sorted(_env(plan, run)),
+        "env": _sorted(_env(plan, run) + ([{"name": RELEASE_QUEUE_ENV, "value": k8s.queue_name}] if queued else [])),
         "resources": _sorted(_resources(run, spec.resources.gpus_per_node)),
         "securityContext": container_security,
         "volumeMounts": [
@@ -426,7 +460,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "spec": pod,
     }
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": _metadata(plan, run, n.job(role), role_labels), "spec": job_spec}  # fmt: skip
+            "metadata": _metadata(plan, run, n.job(role), job_labels), "spec": job_spec}  # fmt: skip
 
 
 def _config_map(plan: Plan, run: RunConfig) -> dict[str, Any]:
