@@ -289,8 +289,8 @@ class KubernetesConfig(Section):
     # Further secrets as environment variables: [{env: WANDB_API_KEY, name: wandb, key: api-key}]
     secrets: list[SecretEnv] = Field(default_factory=list)
     service_account: str | None = None
-    # Kueue LocalQueue: the training Job is created suspended with this queue label, and the
-    # trainer later hands the inference Job to the same queue (QLAUNCH_RELEASE_QUEUE).
+    # Kueue LocalQueue: both Jobs are created suspended with this queue label; Kueue starts
+    # each once the queue's quota admits it.
     queue_name: str | None = None
     priority_class: str | None = None  # PriorityClass of both pods (manifests/priority.yaml)
     backoff_limit: int = Field(default=3, ge=0)

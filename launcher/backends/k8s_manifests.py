@@ -32,7 +32,6 @@ ROLE_LABEL = f"{LABEL_PREFIX}/role"
 TRAIN, INFER = "train", "infer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Tells the trainer to hand the suspended inference Job to this Kueue queue instead of resuming it.
-RELEASE_QUEUE_ENV = "QLAUNCH_RELEASE_QUEUE"
 # Paths other volumes already use inside the pod.
 _RESERVED_MOUNTS = ("/config", "/dev", "/home/qlaunch", "/proc", "/sys")
 
@@ -361,7 +360,9 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     indexed = train and spec.resources.nodes > 1
     role_labels = labels(plan, run, role)
     job_labels = dict(role_labels)
-    queued = train and k8s.queue_name is not None
+    # Under Kueue both Jobs queue for quota. (The inference Job still waits for the adapter in an
+    # init container once admitted: making it start only after training is issue #11's next step.)
+    queued = k8s.queue_name is not None
     if queued:
         job_labels[QUEUE_LABEL] = k8s.queue_name
     container_security = _sorted({
@@ -437,7 +438,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "image": k8s.image,
         "imagePullPolicy": k8s.image_pull_policy,
         "command": train_command(plan, run) if train else infer_command(run),
-        "env": _sorted(_env(plan, run) + ([{"name": RELEASE_QUEUE_ENV, "value": k8s.queue_name}] if queued else [])),
+        "env": _sorted(_env(plan, run)),
         "resources": _sorted(_resources(run, spec.resources.gpus_per_node)),
         "securityContext": container_security,
         "volumeMounts": [
