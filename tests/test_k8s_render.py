@@ -326,14 +326,20 @@ def test_without_a_queue_the_training_job_starts_at_once(tmp_path):
     assert "priorityClassName" not in train["spec"]["template"]["spec"]
 
 
-def test_bad_queue_and_priority_class_names_are_named_with_file_and_line(tmp_path):
+def _refused(tmp_path, text: str) -> tuple[Path, str]:
+    """(experiment file, the ConfigError's message) of a dry-run submit of `text`."""
     path = tmp_path / "exp.yaml"
-    path.write_text("name: bad\nstorage: {root: /mnt/q}\nkubernetes:\n  queue_name: 'my queue'\n"
-                    "  priority_class: Low_Priority\n")
+    path.write_text(text)
     with pytest.raises(ConfigError) as error:
         KubernetesBackend().submit(plan(path), dry_run=True)
-    assert f"{path.resolve()}:4: kubernetes.queue_name:" in str(error.value)
-    assert f"{path.resolve()}:5: kubernetes.priority_class:" in str(error.value)
+    return path.resolve(), str(error.value)
+
+
+def test_bad_queue_and_priority_class_names_are_named_with_file_and_line(tmp_path):
+    path, message = _refused(tmp_path, "name: bad\nstorage: {root: /mnt/q}\nkubernetes:\n"
+                                       "  queue_name: 'my queue'\n  priority_class: Low_Priority\n")
+    assert f"{path}:4: kubernetes.queue_name:" in message
+    assert f"{path}:5: kubernetes.priority_class:" in message
 
 
 @pytest.mark.parametrize("label, selector", [
@@ -373,13 +379,9 @@ def test_gpu_node_label_none_and_cpu_pods_get_no_gpu_selector(tmp_path):
 
 
 def test_unknown_gpu_type_under_a_known_label_is_one_clear_error(tmp_path):
-    path = tmp_path / "exp.yaml"
-    path.write_text("name: bad\nstorage: {root: /mnt/q}\nresources:\n  gpu_type: mi300\n"
-                    "kubernetes:\n  gpu_node_label: cloud.google.com/gke-accelerator\n")
-    with pytest.raises(ConfigError) as error:
-        KubernetesBackend().submit(plan(path), dry_run=True)
-    message = str(error.value)
+    path, message = _refused(tmp_path, "name: bad\nstorage: {root: /mnt/q}\nresources:\n  gpu_type: mi300\n"
+                                       "kubernetes:\n  gpu_node_label: cloud.google.com/gke-accelerator\n")
     assert message.count("mi300") == 1
-    assert f"{path.resolve()}:4: resources.gpu_type:" in message
-    assert f"{path.resolve()}:6: kubernetes.gpu_node_label" in message
+    assert f"{path}:4: resources.gpu_type:" in message
+    assert f"{path}:6: kubernetes.gpu_node_label" in message
     assert "t4" in message and "node_selector" in message
