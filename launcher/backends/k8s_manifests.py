@@ -31,7 +31,6 @@ RUN_LABEL = f"{LABEL_PREFIX}/run-id"
 ROLE_LABEL = f"{LABEL_PREFIX}/role"
 TRAIN, INFER = "train", "infer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-# Tells the trainer to hand the suspended inference Job to this Kueue queue instead of resuming it.
 # Paths other volumes already use inside the pod.
 _RESERVED_MOUNTS = ("/config", "/dev", "/home/qlaunch", "/proc", "/sys")
 
