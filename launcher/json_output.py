@@ -58,6 +58,7 @@ class StatusRun(_Shape):
     state: State  # the training job
     detail: str  # scheduler reason, exit code ("" when none)
     infer_state: State  # the inference job
+    infer_detail: str = ""  # e.g. "waiting for training"
     job_ids: list[str]
     step: int
     total_steps: int | None

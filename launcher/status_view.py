@@ -128,7 +128,10 @@ def _cells(plan: Plan, rows: list[Row]) -> dict[str, list]:
         columns["elapsed"].append(_duration(progress.elapsed))
         columns["eta"].append(_duration(progress.eta()) if status.state == State.RUNNING else "–")
         columns["restarts"].append(str(max(progress.restarts, status.restarts or 0)))
-        columns["infer"].append(Text(status.infer_state.value, style=STATE_STYLE[status.infer_state]))
+        infer = Text(status.infer_state.value, style=STATE_STYLE[status.infer_state])
+        if status.infer_detail:
+            infer.append(f" ({status.infer_detail})", style="dim")
+        columns["infer"].append(infer)
     metrics = [row.metric for row in rows]
     named = next((m for m in metrics if m), None)
     if named:  # once inference has run: base → tuned of the headline metric
@@ -201,6 +204,7 @@ def status_document(plan: Plan, rows: list[Row], backend_name: str) -> dict:
                 state=row.status.state.value,
                 detail=row.status.detail,
                 infer_state=row.status.infer_state.value,
+                infer_detail=row.status.infer_detail,
                 job_ids=row.status.job_ids,
                 step=row.progress.step,
                 total_steps=row.progress.total_steps,

@@ -154,7 +154,8 @@ def test_submit_status_follow_logs_across_a_preemption_then_cancel(fake, experim
     assert positions == sorted(positions) and text.count("resumed from checkpoint-12") == 1
     assert k8s.status(p)[run.run_id].state == State.COMPLETED
 
-    # Inference waits in its init container, then runs.
+    # Inference was suspended (no pod) until training completed; status started it.
+    assert fake.get("jobs", NS, n.infer_job)["spec"]["suspend"] is False
     infer_pod = fake.start_pod(NS, n.infer_job)
     status = k8s.status(p)[run.run_id]
     assert status.infer_state == State.PENDING
@@ -301,6 +302,7 @@ def test_force_replaces_a_running_job_and_completed_training_only_reruns_failed_
     train_pod = fake.start_pod(NS, n.train_job)
     fake.run_pod(NS, train_pod)
     fake.finish_pod(NS, train_pod)
+    assert k8s.status(p)[run.run_id].state == State.COMPLETED  # and starts the inference Job
     infer_pod = fake.start_pod(NS, n.infer_job)
     fake.run_pod(NS, infer_pod)
     fake.finish_pod(NS, infer_pod, exit_code=1)
@@ -310,6 +312,8 @@ def test_force_replaces_a_running_job_and_completed_training_only_reruns_failed_
     report = k8s.submit(p)
     assert report.submitted[run.run_id] == [n.infer_job]
     assert fake.get("jobs", NS, n.train_job)["metadata"]["uid"] == train_uid
+    # No trainer will release the new inference Job: training is done, so submit started it.
+    assert fake.get("jobs", NS, n.infer_job)["spec"]["suspend"] is False
 
 
 def test_time_limit_shows_as_timeout(fake, experiment):

@@ -234,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     stop.child = child.pid
     if stop.received is not None:  # arrived while the child was starting
         stop.forward(stop.received)
-    code = child.wait()
-    return exit_code(code, paths, started)
+    code = exit_code(child.wait(), paths, started)
+    if code == 0 and machine_rank(args.machine_rank, env) == 0:
+        # Kubernetes: the final adapter is written, so the run's inference Job may start now.
+        from .handoff import release_after_training
+
+        release_after_training(env)
+    return code
 
 
 def exit_code(child_code: int, paths: RunPaths, started: float) -> int:

@@ -41,6 +41,7 @@ class RunStatus:
     state: State = State.UNKNOWN
     job_ids: list[str] = field(default_factory=list)  # training job(s), newest last
     infer_state: State = State.UNKNOWN
+    infer_detail: str = ""  # e.g. "waiting for training"
     restarts: int | None = None  # when the scheduler counts them (e.g. Slurm Restarts=)
     detail: str = ""  # scheduler reason, exit code, node
 

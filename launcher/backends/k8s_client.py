@@ -18,6 +18,7 @@ from ..errors import BackendError
 
 FIELD_MANAGER = "qlaunch"
 APPLY_PATCH = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
 # (connect, read) seconds for ordinary calls; streams set their own.
 REQUEST_TIMEOUT = (10, 60)
 
@@ -110,6 +111,12 @@ class Kube:
         from kubernetes import client
 
         return client.BatchV1Api(self.api_client)
+
+    @property
+    def rbac(self):
+        from kubernetes import client
+
+        return client.RbacAuthorizationV1Api(self.api_client)
 
     # -- calls -----------------------------------------------------------------------------
 

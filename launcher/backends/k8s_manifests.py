@@ -2,7 +2,9 @@
 
 Each run's job specs (launcher.jobspec) become API objects built directly as dicts (what the API
 client sends, after TorchX's `role_to_pod`), written once as block YAML for review. Per run: a ConfigMap with run.yaml, a headless Service (multi-node only), the training
-Job and, unless inference is disabled, an inference Job that waits for the adapter.
+Job and, unless inference is disabled, an inference Job created suspended (no pod, no GPU) that
+the training pod releases once its final adapter is written, through a ServiceAccount and a Role
+that may patch that one Job and nothing else (the hand-off objects).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from ..errors import ConfigError
 from ..experiment_file import dump_run_config
 from ..grid import Plan
 from ..progress import EXIT_PREEMPTED
-from ..storage import RunPaths
 from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
 from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
 
@@ -31,6 +32,14 @@ RUN_LABEL = f"{LABEL_PREFIX}/run-id"
 ROLE_LABEL = f"{LABEL_PREFIX}/role"
 TRAIN, INFER = "train", "infer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Marks an inference Job that starts only when training releases it (see release_patch).
+STARTS_AFTER_ANNOTATION = f"{LABEL_PREFIX}/starts-after"
+# Where the training container finds the hand-off credentials (a projected volume: the
+# ServiceAccount token, the cluster CA and the namespace), and the env vars that name the Job
+# to release and the patch that releases it (training/handoff.py reads them).
+HANDOFF_MOUNT = "/var/run/secrets/qlaunch/handoff"
+RELEASE_ENV = {"job": "QLAUNCH_RELEASE_JOB", "patch": "QLAUNCH_RELEASE_PATCH",
+               "credentials": "QLAUNCH_RELEASE_CREDENTIALS"}  # fmt: skip
 # Paths other volumes already use inside the pod.
 _RESERVED_MOUNTS = ("/config", "/dev", "/home/qlaunch", "/proc", "/sys")
 
@@ -73,6 +82,11 @@ class Names:
     @property
     def service(self) -> str:
         return self.base
+
+    @property
+    def handoff(self) -> str:
+        """ServiceAccount, Role and RoleBinding of the training pod's hand-off to inference."""
+        return f"{self.base}-handoff"
 
     def job(self, role: str) -> str:
         return self.train_job if role == TRAIN else self.infer_job
@@ -322,16 +336,6 @@ def infer_command(run: RunConfig) -> list[str]:
     return inference_job(run).placed(run_yaml=f"{CONFIG_MOUNT}/run.yaml").command
 
 
-def wait_command(run: RunConfig) -> list[str]:
-    paths = RunPaths.of(run)
-    # Paths travel as arguments ($1, $2), never inside the script text.
-    return [
-        "sh", "-c",
-        'while [ ! -f "$1" ] || [ ! -f "$2" ]; do sleep 15; done; echo "training finished: $1"',
-        "wait-for-adapter", str(paths.adapter / "adapter_config.json"), str(paths.metrics),
-    ]  # fmt: skip
-
-
 def _sorted(value: Any) -> Any:
     """Mappings with their keys sorted, at every depth: the order the reviewed manifests (and
     their snapshots) have always shown for labels, env entries, resources and the like."""
@@ -359,11 +363,12 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     indexed = train and spec.resources.nodes > 1
     role_labels = labels(plan, run, role)
     job_labels = dict(role_labels)
-    # Under Kueue both Jobs queue for quota. (The inference Job still waits for the adapter in an
-    # init container once admitted: making it start only after training is issue #11's next step.)
+    # Under Kueue the training Job queues for quota from the start. The inference Job is held
+    # back without the queue label (Kueue ignores it) until training's hand-off adds the label.
     queued = k8s.queue_name is not None
-    if queued:
+    if queued and train:
         job_labels[QUEUE_LABEL] = k8s.queue_name
+    handoff = hands_off(run)
     container_security = _sorted({
         "runAsNonRoot": True,
         "allowPrivilegeEscalation": False,
@@ -372,17 +377,19 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     storage_root = str(plan.storage_root)
     job_spec: dict[str, Any] = {
         "backoffLimit": k8s.backoff_limit,
-        # The inference Job exists from submission on and waits for training inside the same
-        # deadline clock, so it gets the training time limit twice.
-        "activeDeadlineSeconds": spec.resources.time_limit_seconds * (1 if train else 2),
+        # A suspended Job's deadline clock starts when it is resumed: the inference Job's limit
+        # covers inference alone, not the wait for training.
+        "activeDeadlineSeconds": spec.resources.time_limit_seconds,
     }
     if k8s.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = k8s.ttl_seconds_after_finished
     # A replacement pod starts only once the old one has fully terminated (and saved its
     # checkpoint): two trainers never write the same run folder.
     job_spec["podReplacementPolicy"] = "Failed"
-    if queued:
-        job_spec["suspend"] = True  # Kueue un-suspends it once the queue admits it against quota
+    if queued or not train:
+        # Kueue un-suspends a queued Job once the queue admits it against quota; the inference
+        # Job stays suspended (no pod, no GPU) until training releases it.
+        job_spec["suspend"] = True
     job_spec["podFailurePolicy"] = {"rules": [
         # Preemption, eviction, node drain or shutdown: not the run's fault. The Job replaces the
         # pod without counting it against backoffLimit; the new pod resumes from its checkpoint.
@@ -402,8 +409,12 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     }
     if k8s.priority_class:
         pod["priorityClassName"] = k8s.priority_class
-    if k8s.service_account:
+    if train and handoff:
+        pod["serviceAccountName"] = k8s.service_account or n.handoff
+    elif k8s.service_account:
         pod["serviceAccountName"] = k8s.service_account
+    # No API token in any container by default: only the training container gets one, through
+    # the hand-off volume below, and its Role can patch the run's inference Job and nothing else.
     pod.update(automountServiceAccountToken=False, enableServiceLinks=False)
     if indexed:
         pod["subdomain"] = n.service
@@ -421,23 +432,12 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    if not train:
-        # Inference starts once training has left a complete adapter and its final metrics.
-        pod["initContainers"] = [{
-            "name": "wait-for-adapter",
-            "image": k8s.image,
-            "imagePullPolicy": k8s.image_pull_policy,
-            "command": wait_command(run),
-            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
-            "securityContext": container_security,
-            "volumeMounts": [{"name": "storage", "mountPath": storage_root, "readOnly": True}],
-        }]  # fmt: skip
     pod["containers"] = [{
         "name": role,
         "image": k8s.image,
         "imagePullPolicy": k8s.image_pull_policy,
         "command": train_command(plan, run) if train else infer_command(run),
-        "env": _sorted(_env(plan, run)),
+        "env": _sorted(_env(plan, run) + (_release_env(plan, run) if train and handoff else [])),
         "resources": _sorted(_resources(run, spec.resources.gpus_per_node)),
         "securityContext": container_security,
         "volumeMounts": [
@@ -445,7 +445,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "home", "mountPath": "/home/qlaunch"},
-        ],
+        ] + ([{"name": "handoff", "mountPath": HANDOFF_MOUNT, "readOnly": True}] if train and handoff else []),
     }]  # fmt: skip
     pod["volumes"] = [
         {"name": "storage", "persistentVolumeClaim": {"claimName": k8s.pvc}},
@@ -455,12 +455,86 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         # A writable HOME for caches whatever uid runs the image.
         {"name": "home", "emptyDir": {}},
     ]
+    if train and handoff:
+        pod["volumes"].append(_handoff_volume())
     job_spec["template"] = {
         "metadata": {"labels": _sorted(role_labels), "annotations": _sorted(annotations(run))},
         "spec": pod,
     }
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": _metadata(plan, run, n.job(role), job_labels), "spec": job_spec}  # fmt: skip
+    metadata = _metadata(plan, run, n.job(role), job_labels)
+    if not train:
+        metadata["annotations"] = _sorted({**metadata["annotations"], STARTS_AFTER_ANNOTATION: n.train_job})
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+# ---------------------------------------------------------------------------------------------
+# The hand-off: training releases its inference Job, with no controller to install.
+
+
+def hands_off(run: RunConfig) -> bool:
+    return run.inference.enabled
+
+
+def release_patch(run: RunConfig) -> dict[str, Any]:
+    """The JSON merge patch that starts a run's suspended inference Job: resume it, or under
+    Kueue give it the queue label, so that Kueue admits it against quota and resumes it."""
+    if run.kubernetes.queue_name is not None:
+        return {"metadata": {"labels": {QUEUE_LABEL: run.kubernetes.queue_name}}}
+    return {"spec": {"suspend": False}}
+
+
+def awaiting_release(job: dict[str, Any]) -> bool:
+    """An inference Job training has not released yet (suspended and, under Kueue, unlabelled)."""
+    meta = job.get("metadata") or {}
+    if STARTS_AFTER_ANNOTATION not in (meta.get("annotations") or {}):
+        return False
+    return bool((job.get("spec") or {}).get("suspend")) and QUEUE_LABEL not in (meta.get("labels") or {})
+
+
+def _release_env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
+    patch = json.dumps(release_patch(run), sort_keys=True, separators=(",", ":"))
+    return [
+        {"name": RELEASE_ENV["job"], "value": names(plan, run).infer_job},
+        {"name": RELEASE_ENV["patch"], "value": patch},
+        {"name": RELEASE_ENV["credentials"], "value": HANDOFF_MOUNT},
+    ]
+
+
+def _handoff_volume() -> dict[str, Any]:
+    """What the kubelet's own token automount gives (token, CA, namespace), for one container:
+    a short-lived token the kubelet refreshes, bound to the pod."""
+    return {"name": "handoff", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+    ]}}  # fmt: skip
+
+
+def _handoff_objects(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
+    """A Role that may patch the run's inference Job (resourceNames: that one Job) and nothing
+    else, bound to the training pod's ServiceAccount (the run's own, unless
+    kubernetes.service_account names one)."""
+    n, namespace = names(plan, run), run.kubernetes.namespace
+    object_labels = {**labels(plan, run, None), "app.kubernetes.io/component": "handoff"}
+    account = run.kubernetes.service_account or n.handoff
+    documents: list[dict[str, Any]] = []
+    if run.kubernetes.service_account is None:
+        documents.append({"apiVersion": "v1", "kind": "ServiceAccount",
+                          "metadata": _metadata(plan, run, n.handoff, object_labels),
+                          "automountServiceAccountToken": False})  # fmt: skip
+    documents.append({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": _metadata(plan, run, n.handoff, object_labels),
+        "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": [n.infer_job],
+                   "verbs": ["patch"]}],
+    })  # fmt: skip
+    documents.append({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _metadata(plan, run, n.handoff, object_labels),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.handoff},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+    })  # fmt: skip
+    return documents
 
 
 def _config_map(plan: Plan, run: RunConfig) -> dict[str, Any]:
@@ -497,6 +571,8 @@ def run_documents(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
     documents = [_config_map(plan, run)]
     if run.resources.nodes > 1:
         documents.append(_service(plan, run))
+    if hands_off(run):
+        documents += _handoff_objects(plan, run)
     documents.append(_job(plan, run, TRAIN))
     if run.inference.enabled:
         documents.append(_job(plan, run, INFER))

@@ -82,7 +82,7 @@ def _pending_reason(pod: Obj) -> str:
     status = pod.get("status") or {}
     for init in status.get("initContainerStatuses") or []:
         if (init.get("state") or {}).get("running"):
-            return "waiting for training to finish" if init.get("name") == "wait-for-adapter" else f"init {init.get('name')}"
+            return f"init {init.get('name')}"
     for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
         waiting = (container.get("state") or {}).get("waiting")
         if waiting and waiting.get("reason") not in (None, "PodInitializing"):

@@ -1,5 +1,6 @@
 """The Kubernetes backend: each run is a ConfigMap (run.yaml), a training Job on a T4 node pool
-and an inference Job that waits for the adapter, all on one ReadWriteMany PVC mounted at
+and a suspended inference Job that training starts when it has written the adapter (through
+the run's hand-off ServiceAccount and Role), all on one ReadWriteMany PVC mounted at
 storage.root. Objects are sent with server-side apply (field manager `qlaunch`), so submitting
 again is idempotent.
 
@@ -13,7 +14,7 @@ the PVC); the status table summarizes them with launcher.progress.summarize.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..config import RunConfig
@@ -21,12 +22,21 @@ from ..errors import BackendError
 from ..grid import Plan
 from . import k8s_manifests as manifests
 from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
-from .k8s_client import APPLY_PATCH, FIELD_MANAGER, Kube, KubeApiError
+from .k8s_client import APPLY_PATCH, FIELD_MANAGER, MERGE_PATCH, Kube, KubeApiError
 from .k8s_logs import LogFollower, ProgressReader
 from .k8s_state import completion_index, created, job_state, owned_by
 
 Obj = dict[str, Any]
 DRY_RUN = "All"
+# kind → (Kube attribute, client method) that applies (and deletes, with "patch" → "delete") it
+_APPLY_METHODS = {
+    "ConfigMap": ("core", "patch_namespaced_config_map"),
+    "Service": ("core", "patch_namespaced_service"),
+    "ServiceAccount": ("core", "patch_namespaced_service_account"),
+    "Role": ("rbac", "patch_namespaced_role"),
+    "RoleBinding": ("rbac", "patch_namespaced_role_binding"),
+    "Job": ("batch", "patch_namespaced_job"),
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,9 @@ class _Request:
     namespace: str
     documents: dict[str, list[Obj]]
     actions: dict[str, dict[str, str | None]]
+    # Runs whose training has completed, so nothing will release their inference Job (a
+    # failed hand-off, or an inference Job replaced after training): apply() starts it.
+    releases: list[str] = field(default_factory=list)
 
     def job_name(self, run_id: str, role: str) -> str:
         run = next(r for r in self.plan.runs if r.run_id == run_id)
@@ -64,6 +77,8 @@ class KubernetesBackend(Backend):
         self.poll_seconds = poll_seconds
         self.delete_timeout = delete_timeout
         self._progress = ProgressReader(self.kube)
+        # Run id → why starting its inference Job was refused (shown instead of "waiting").
+        self.release_errors: dict[str, str] = {}
         # The last (time, experiment, jobs, pods) lists: progress_events right after status (one
         # table refresh) reuses them instead of listing again.
         self._snapshot: tuple[float, str, list[Obj], list[Obj]] | None = None
@@ -72,16 +87,26 @@ class KubernetesBackend(Backend):
 
     def _apply(self, doc: Obj, dry_run: bool) -> Obj:
         kind, meta = doc["kind"], doc["metadata"]
-        if kind == "Job":
-            method = self.kube.batch.patch_namespaced_job
-        else:
-            method = getattr(self.kube.core, {"ConfigMap": "patch_namespaced_config_map",
-                                              "Service": "patch_namespaced_service"}[kind])
+        api, name = _APPLY_METHODS[kind]
+        method = getattr(getattr(self.kube, api), name)
         return self.kube.call(
             method, meta["name"], meta["namespace"], doc,
             field_manager=FIELD_MANAGER, force=True, dry_run=DRY_RUN if dry_run else None,
             _content_type=APPLY_PATCH, what=f"applying {kind} {meta['name']}",
         )  # fmt: skip
+
+    def _dry_run(self, doc: Obj) -> None:
+        try:
+            self._apply(doc, dry_run=True)
+        except KubeApiError as exc:
+            if exc.status == 403 and doc["kind"] in ("ServiceAccount", "Role", "RoleBinding"):
+                raise BackendError(
+                    f"{exc}\nEach run gets a ServiceAccount, Role and RoleBinding so that its training pod "
+                    "can start its suspended inference Job (README: Kubernetes, inference). Creating them "
+                    "needs the namespace's admin role (the edit role cannot); ask for it, or set "
+                    "inference.enabled: false"
+                ) from None
+            raise
 
     def _list(self, plan: Plan, kind: str) -> list[Obj]:
         namespace = manifests.namespace_of(plan)
@@ -212,6 +237,7 @@ class KubernetesBackend(Backend):
         # What each run needs: None (keep), "create" or "replace" per role.
         actions: dict[str, dict[str, str | None]] = {}
         skipped: dict[str, str] = {}
+        releases: list[str] = []
         for run in plan.runs:
             train = existing.get((run.run_id, manifests.TRAIN))
             infer = existing.get((run.run_id, manifests.INFER))
@@ -227,6 +253,9 @@ class KubernetesBackend(Backend):
                     todo[manifests.INFER] = "create"
                 elif todo[manifests.TRAIN] or not (infer_state.active or infer_state == State.COMPLETED):
                     todo[manifests.INFER] = "replace"  # a new training run gets a new inference
+            if train_state == State.COMPLETED and not todo[manifests.TRAIN] and run.inference.enabled and (
+                    todo[manifests.INFER] or (infer is not None and manifests.awaiting_release(infer))):
+                releases.append(run.run_id)
             if not any(todo.values()):
                 skipped[run.run_id] = (
                     f"training Job {manifests.names(plan, run).train_job} is {train_state.value} "
@@ -234,14 +263,14 @@ class KubernetesBackend(Backend):
                 )
                 continue
             actions[run.run_id] = todo
-        request = _Request(plan, namespace, documents, actions)
+        request = _Request(plan, namespace, documents, actions, releases)
 
         # The server validates every object (admission, quotas, schema) before any is stored; a
         # Job about to be replaced cannot be dry-run against its old, immutable self, but its
         # deletion can.
         for run_id in actions:
             for doc in request.selected(run_id, replaceable=False):
-                self._apply(doc, dry_run=True)
+                self._dry_run(doc)
             for name in request.replacing(run_id):
                 self._delete_job(namespace, name, dry_run=True)
         jobs = {run_id: [f"{request.job_name(run_id, role)}{' (replace)' if action == 'replace' else ''}"
@@ -271,6 +300,13 @@ class KubernetesBackend(Backend):
             report.submitted[run_id] = [
                 doc["metadata"]["name"] for doc in request.selected(run_id, replaceable=True) if doc["kind"] == "Job"
             ]
+        # 3. Training done, so no trainer will release the inference Job: start it now.
+        for run in plan.runs:
+            if run.run_id in request.releases:
+                name = manifests.names(plan, run).infer_job
+                self._release(run, {"metadata": {"name": name, "namespace": namespace}})
+                if run.run_id in report.skipped and run.run_id not in self.release_errors:
+                    report.skipped[run.run_id] += f"; inference Job {name} started (training had completed)"
         return report
 
     def submit(self, plan: Plan, *, force: bool = False, dry_run: bool | str = False) -> SubmitReport:
@@ -286,6 +322,8 @@ class KubernetesBackend(Backend):
     # -- status ------------------------------------------------------------------------------
 
     def status(self, plan: Plan) -> dict[str, RunStatus]:
+        """Every run's state; an inference Job whose training completed but was not released
+        (the trainer's hand-off failed, or it ran before this qlaunch) is released here."""
         job_list, pods = self._lists(plan)
         jobs = self._by_run(plan, job_list)
         result = {}
@@ -297,10 +335,28 @@ class KubernetesBackend(Backend):
                 status.state, status.detail, status.restarts = job_state(train, pods)
                 status.job_ids = [train["metadata"]["name"]]
             if infer is not None:
-                status.infer_state = job_state(infer, pods)[0]
+                if status.state == State.COMPLETED and manifests.awaiting_release(infer):
+                    infer = self._release(run, infer)
+                status.infer_state, status.infer_detail, _ = job_state(infer, pods)
+                if manifests.awaiting_release(infer) and status.infer_state == State.PENDING:
+                    status.infer_detail = self.release_errors.get(run.run_id, "waiting for training")
                 status.job_ids.append(infer["metadata"]["name"])
             result[run.run_id] = status
         return result
+
+    def _release(self, run: RunConfig, job: Obj) -> Obj:
+        """What the training pod does when it has written its final adapter, done as the
+        submitter. A refusal (no patch permission) leaves the Job as it is: status still works."""
+        meta = job["metadata"]
+        try:
+            released = self.kube.call(
+                self.kube.batch.patch_namespaced_job, meta["name"], meta["namespace"], manifests.release_patch(run),
+                _content_type=MERGE_PATCH, missing_ok=True, what=f"starting inference Job {meta['name']}",
+            )  # fmt: skip
+        except KubeApiError as exc:
+            self.release_errors[run.run_id] = str(exc)
+            return job
+        return released or job
 
     def progress_events(self, plan: Plan) -> dict[str, list[dict]]:
         """Run id → progress events parsed from its pods' logs (training pods oldest first, then
@@ -353,7 +409,12 @@ class KubernetesBackend(Backend):
                 cancelled.append(run.run_id)
             self.kube.call(self.kube.core.delete_namespaced_config_map, n.config, namespace, missing_ok=True,
                            what=f"deleting ConfigMap {n.config}")  # fmt: skip
-            if run.resources.nodes > 1:
-                self.kube.call(self.kube.core.delete_namespaced_service, n.service, namespace, missing_ok=True,
-                               what=f"deleting Service {n.service}")  # fmt: skip
+            leftovers = [("Service", n.service)] if run.resources.nodes > 1 else []
+            if manifests.hands_off(run):
+                leftovers += [(kind, n.handoff) for kind in ("RoleBinding", "Role", "ServiceAccount")
+                              if kind != "ServiceAccount" or run.kubernetes.service_account is None]  # fmt: skip
+            for kind, name in leftovers:
+                api, method = _APPLY_METHODS[kind]
+                self.kube.call(getattr(getattr(self.kube, api), method.replace("patch_", "delete_")), name, namespace,
+                               missing_ok=True, what=f"deleting {kind} {name}")  # fmt: skip
         return cancelled

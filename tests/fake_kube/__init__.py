@@ -5,11 +5,11 @@ import base64
 from .server import ApiError, FakeKube, rfc3339_nano
 
 
-def start_cluster(tmp_path, monkeypatch, namespace: str, hf_token: str | None = None) -> FakeKube:
+def start_cluster(tmp_path, monkeypatch, namespace: str, hf_token: str | None = None, tls: bool = False) -> FakeKube:
     """A started fake server that the real client reaches through $KUBECONFIG, holding what a
     team sets up once per namespace: the namespace, a ReadWriteMany claim and, with `hf_token`,
     the token Secret (the token is also put in the submitting environment). Stop it when done."""
-    server = FakeKube().start()
+    server = FakeKube(tls=tls).start()
     monkeypatch.setenv("KUBECONFIG", str(server.write_kubeconfig(tmp_path / "kubeconfig")))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("QLAUNCH_HOME", str(tmp_path / "qlaunch-home"))

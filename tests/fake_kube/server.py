@@ -22,6 +22,9 @@ import re
 import secrets
 import threading
 import time
+import ssl
+import subprocess
+import tempfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -37,8 +40,13 @@ RESOURCES = {
     "secrets": ("v1", "Secret", True),
     "persistentvolumeclaims": ("v1", "PersistentVolumeClaim", True),
     "jobs": ("batch/v1", "Job", True),
+    "serviceaccounts": ("v1", "ServiceAccount", True),
+    "roles": ("rbac.authorization.k8s.io/v1", "Role", True),
+    "rolebindings": ("rbac.authorization.k8s.io/v1", "RoleBinding", True),
 }
-GROUP = {"jobs": "batch"}
+GROUP = {"jobs": "batch", "roles": "rbac.authorization.k8s.io", "rolebindings": "rbac.authorization.k8s.io"}
+MERGE_PATCH = "application/merge-patch+json"
+VERBS = {"GET": "get", "PATCH": "patch", "DELETE": "delete", "POST": "create", "PUT": "update"}
 SCHEMA_VERSION = "1.37"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -123,8 +131,11 @@ def matches(labels: dict, requirements) -> bool:
 
 
 class FakeKube:
-    def __init__(self, token: str = "qlaunch-test-token", user: str = "qlaunch-tester"):
+    def __init__(self, token: str = "qlaunch-test-token", user: str = "qlaunch-tester", tls: bool = False):
         self.token, self.user = token, user
+        # ServiceAccount tokens the "kubelet" handed to pods: token → (namespace, account). Their
+        # requests are authorized by the namespace's Roles and RoleBindings, like the real RBAC.
+        self.service_account_tokens: dict[str, tuple[str, str]] = {}
         self.cond = threading.Condition()
         self.rv = 0
         self.store: dict[tuple[str, str, str], dict] = {}  # (resource, namespace, name)
@@ -141,13 +152,21 @@ class FakeKube:
         self.closing = False
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
+        # HTTPS as in a pod (https://$KUBERNETES_SERVICE_HOST): a self-signed CA for 127.0.0.1.
+        self.ca_path: Path | None = None
+        if tls:
+            self.ca_path = _self_signed(self.httpd)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return f"{'https' if self.ca_path else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
 
     def start(self) -> "FakeKube":
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -164,7 +183,8 @@ class FakeKube:
     def write_kubeconfig(self, path: Path, namespace: str = "default", token: str | None = None) -> Path:
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "fake", "cluster": {"server": self.url,
+                                                      **({"certificate-authority": str(self.ca_path)} if self.ca_path else {})}}],
             "users": [{"name": self.user, "user": {"token": token or self.token}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": self.user, "namespace": namespace}}],
         }  # fmt: skip
@@ -212,6 +232,13 @@ class FakeKube:
 
     # -- controller (the test plays the Job controller and the kubelet) ---------------------
 
+    def service_account_token(self, namespace: str, account: str) -> str:
+        """The token the kubelet projects into a pod running as `account`."""
+        token = f"sa-{secrets.token_hex(16)}"
+        with self.cond:
+            self.service_account_tokens[token] = (namespace, account)
+        return token
+
     def pods_of(self, namespace: str, job: str) -> list[dict]:
         return sorted(self.list("pods", namespace, f"batch.kubernetes.io/job-name={job}"),
                       key=lambda p: int(p["metadata"]["resourceVersion"]))  # fmt: skip
@@ -219,6 +246,8 @@ class FakeKube:
     def start_pod(self, namespace: str, job_name: str, index: int | None = None, scheduled: bool = True) -> str:
         with self.cond:
             job = self.store[("jobs", namespace, job_name)]
+            if job["spec"].get("suspend"):
+                raise AssertionError(f"Job {job_name} is suspended: the Job controller creates no pod for it")
             template = copy.deepcopy(job["spec"]["template"])
             meta = template.get("metadata") or {}
             indexed = job["spec"].get("completionMode") == "Indexed"
@@ -374,10 +403,15 @@ class FakeKube:
         """Returns (code, payload dict) or ("stream", generator of bytes) for watch/follow."""
         self.requests.append({"method": method, "path": path, "query": query,
                               "headers": dict(headers), "body": body.decode("utf-8", "replace")})  # fmt: skip
-        if headers.get("Authorization") != f"Bearer {self.token}":
-            raise ApiError(401, "Unauthorized", "Unauthorized")
         route = self._route(path)
         resource, namespace, name, sub = route
+        bearer = (headers.get("Authorization") or "").removeprefix("Bearer ")
+        if bearer in self.service_account_tokens:
+            verb = VERBS.get(method, method.lower()) if name is not None or method != "GET" else "list"
+            verb = "watch" if query.get("watch") in ("true", "True", "1") else verb
+            self._authorize(bearer, verb, resource, sub, namespace, name)
+        elif bearer != self.token:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
         if resource == "namespaces" and name in self.forbidden:
             raise ApiError(403, "Forbidden", f'namespaces "{name}" is forbidden: User "{self.user}" cannot get '
                                              'resource "namespaces" in API group "" at the cluster scope')
@@ -403,25 +437,55 @@ class FakeKube:
             if "as=PartialObjectMetadata" in headers.get("Accept", ""):
                 return 200, {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
             return 200, obj
+        if method == "PATCH" and headers.get("Content-Type", "").startswith(MERGE_PATCH):
+            return self._merge_patch(resource, namespace, name, query, body)
         if method == "PATCH":
             return self._apply(resource, namespace, name, query, headers, body)
         if method == "DELETE":
             return self._delete(resource, namespace, name, query, body)
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported by the fake API server")
 
+    def _authorize(self, token: str, verb: str, resource: str, sub: str | None, namespace: str, name: str | None) -> None:
+        """RBAC for a ServiceAccount token: allowed when a RoleBinding of the namespace binds the
+        account to a Role with a rule matching the group, resource, verb and resourceName."""
+        account_ns, account = self.service_account_tokens[token]
+        user = f"system:serviceaccount:{account_ns}:{account}"
+        with self.cond:
+            if ("serviceaccounts", account_ns, account) not in self.store:
+                raise ApiError(401, "Unauthorized", "Unauthorized")  # the token's account was deleted
+            bindings = [b for (r, ns, _), b in self.store.items() if r == "rolebindings" and ns == namespace]
+            roles = {n: o for (r, ns, n), o in self.store.items() if r == "roles" and ns == namespace}
+        shown = resource if sub is None else f"{resource}/{sub}"
+        group = GROUP.get(resource, "")
+        for binding in bindings:
+            bound = any(s.get("kind") == "ServiceAccount" and s.get("name") == account
+                        and s.get("namespace", namespace) == account_ns for s in binding.get("subjects") or [])  # fmt: skip
+            if not bound or binding["roleRef"].get("kind") != "Role":
+                continue
+            for rule in (roles.get(binding["roleRef"]["name"]) or {}).get("rules") or []:
+                if (group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", [])) \
+                        and (shown in rule.get("resources", []) or "*" in rule.get("resources", [])) \
+                        and (verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])) \
+                        and (not rule.get("resourceNames") or name in rule["resourceNames"]):  # fmt: skip
+                    return
+        target = f'{_qualified(resource)} "{name}"' if name else _qualified(resource)
+        raise ApiError(403, "Forbidden", f'{target} is forbidden: User "{user}" cannot {verb} resource "{shown}" '
+                                         f'in API group "{group}" in the namespace "{namespace}"',
+                       {"name": name or "", "kind": resource})  # fmt: skip
+
     def _route(self, path: str) -> tuple[str, str, str | None, str | None]:
         parts = [p for p in path.split("/") if p]
         if parts[:2] == ["api", "v1"]:
-            rest = parts[2:]
-        elif parts[:3] == ["apis", "batch", "v1"]:
-            rest = parts[3:]
+            rest, group = parts[2:], ""
+        elif len(parts) >= 3 and parts[0] == "apis" and parts[2] == "v1":
+            rest, group = parts[3:], parts[1]
         else:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if rest[:1] == ["namespaces"] and len(rest) <= 2:
+        if rest[:1] == ["namespaces"] and len(rest) <= 2 and not group:
             return "namespaces", "", rest[1] if len(rest) == 2 else None, None
         if len(rest) >= 3 and rest[0] == "namespaces" and rest[2] in RESOURCES:
             resource = rest[2]
-            if (resource == "jobs") != (parts[0] == "apis"):
+            if GROUP.get(resource, "") != group:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             return resource, rest[1], rest[3] if len(rest) > 3 else None, rest[4] if len(rest) > 4 else None
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -638,6 +702,32 @@ class FakeKube:
                 self._bump(resource, "MODIFIED", updated)
             return 200, copy.deepcopy(updated if not dry_run else updated)
 
+    def _merge_patch(self, resource: str, namespace: str, name: str | None, query: dict, body: bytes):
+        """PATCH application/merge-patch+json (RFC 7386) of an existing object."""
+        try:
+            patch = json.loads(body)
+        except ValueError:
+            raise ApiError(400, "BadRequest", "the body of the request was in an unknown format") from None
+        key = (resource, namespace, name or "")
+        dry_run = query.get("dryRun") == "All"
+        with self.cond:
+            existing = self.store.get(key)
+            if existing is None:
+                raise not_found(resource, name or "")
+            updated = _merged(copy.deepcopy(existing), patch)
+            if resource == "jobs":
+                for field in ("template", "selector", "completions", "completionMode"):
+                    if updated["spec"].get(field) != existing["spec"].get(field):
+                        raise self._invalid("Job", name, f"spec.{field}", "field is immutable")
+            checked = {k: v for k, v in updated.items() if k != "status"}
+            self._validate(resource, checked)
+            if updated != existing and not dry_run:
+                if updated.get("spec") != existing.get("spec"):
+                    updated["metadata"]["generation"] = existing["metadata"].get("generation", 1) + 1
+                self.store[key] = updated
+                self._bump(resource, "MODIFIED", updated)
+            return 200, copy.deepcopy(updated)
+
     def _job_defaults(self, job: dict) -> None:
         uid = job["metadata"]["uid"]
         spec = job["spec"]
@@ -707,6 +797,33 @@ class FakeKube:
         obj = self.store.pop(key)
         self.managers.pop(key, None)
         self._bump(key[0], "DELETED", obj)
+
+
+def _merged(target, patch):
+    """RFC 7386: objects merge key by key, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    if not isinstance(target, dict):
+        target = {}
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = _merged(target.get(key), value)
+    return target
+
+
+def _self_signed(httpd: ThreadingHTTPServer) -> Path:
+    """Serve HTTPS with a fresh self-signed certificate for 127.0.0.1; returns the CA file."""
+    folder = Path(tempfile.mkdtemp(prefix="fake-kube-tls-"))
+    key, cert = folder / "server.key", folder / "ca.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=fake-kube",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)  # fmt: skip
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    return cert
 
 
 @functools.lru_cache(maxsize=None)
