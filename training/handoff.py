@@ -69,7 +69,10 @@ def release_request(env: dict[str, str]) -> urllib.request.Request:
 def release(env: dict[str, str], attempts: int = ATTEMPTS, retry_seconds: float = RETRY_SECONDS) -> None:
     """Start the inference Job; HandoffError says why not after `attempts` tries."""
     credentials = Path(env[CREDENTIALS_ENV])
-    context = ssl.create_default_context(cafile=str(credentials / "ca.crt"))
+    try:
+        context = ssl.create_default_context(cafile=str(credentials / "ca.crt"))
+    except (OSError, ssl.SSLError) as exc:
+        raise HandoffError(f"cannot read the cluster CA in {credentials}: {exc}") from None
     last = ""
     for attempt in range(1, attempts + 1):
         request = release_request(env)
