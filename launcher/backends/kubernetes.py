@@ -12,8 +12,9 @@ the PVC); the status table summarizes them with launcher.progress.summarize.
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..config import RunConfig
@@ -23,7 +24,9 @@ from . import k8s_manifests as manifests
 from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 from .k8s_client import APPLY_PATCH, FIELD_MANAGER, Kube, KubeApiError
 from .k8s_logs import LogFollower, ProgressReader
+from .k8s_staging import LocalFile, describe_size, plan_uploads, run_files
 from .k8s_state import completion_index, created, job_state, owned_by
+from .k8s_upload import Stager, stage_pod, stage_pod_name
 
 Obj = dict[str, Any]
 DRY_RUN = "All"
@@ -38,6 +41,8 @@ class _Request:
     namespace: str
     documents: dict[str, list[Obj]]
     actions: dict[str, dict[str, str | None]]
+    # Per claim: the local files to stage onto it before any Job (launcher/backends/k8s_upload.py).
+    uploads: dict[str, list[LocalFile]] = field(default_factory=dict)
 
     def job_name(self, run_id: str, role: str) -> str:
         run = next(r for r in self.plan.runs if r.run_id == run_id)
@@ -76,7 +81,8 @@ class KubernetesBackend(Backend):
             method = self.kube.batch.patch_namespaced_job
         else:
             method = getattr(self.kube.core, {"ConfigMap": "patch_namespaced_config_map",
-                                              "Service": "patch_namespaced_service"}[kind])
+                                              "Service": "patch_namespaced_service",
+                                              "Pod": "patch_namespaced_pod"}[kind])
         return self.kube.call(
             method, meta["name"], meta["namespace"], doc,
             field_manager=FIELD_MANAGER, force=True, dry_run=DRY_RUN if dry_run else None,
@@ -202,7 +208,8 @@ class KubernetesBackend(Backend):
         if offline or not plan.runs:
             jobs = {run_id: [d["metadata"]["name"] for d in docs if d["kind"] == "Job"]
                     for run_id, docs in documents.items()}  # fmt: skip
-            return Submission(self.name, files, jobs, {}, "not sent to the API server (client-side dry run)",
+            checked = "not sent to the API server (client-side dry run)" + _staging_note(self._uploads(plan, plan.runs))
+            return Submission(self.name, files, jobs, {}, checked,
                               request=_Request(plan, namespace, {}, {}))  # fmt: skip
 
         self._preflight(plan)
@@ -234,7 +241,8 @@ class KubernetesBackend(Backend):
                 )
                 continue
             actions[run.run_id] = todo
-        request = _Request(plan, namespace, documents, actions)
+        uploads = self._uploads(plan, [run for run in plan.runs if run.run_id in actions])
+        request = _Request(plan, namespace, documents, actions, uploads)
 
         # The server validates every object (admission, quotas, schema) before any is stored; a
         # Job about to be replaced cannot be dry-run against its old, immutable self, but its
@@ -244,16 +252,23 @@ class KubernetesBackend(Backend):
                 self._apply(doc, dry_run=True)
             for name in request.replacing(run_id):
                 self._delete_job(namespace, name, dry_run=True)
+        for pvc in uploads:  # the staging pod too (an admission policy may refuse it)
+            run = next(r for r in plan.runs if r.kubernetes.pvc == pvc)
+            self._apply(stage_pod(plan, run, stage_pod_name()), dry_run=True)
         jobs = {run_id: [f"{request.job_name(run_id, role)}{' (replace)' if action == 'replace' else ''}"
                          for role, action in todo.items() if action]
                 for run_id, todo in actions.items()}  # fmt: skip
-        return Submission(self.name, files, jobs, skipped, "validated by the API server (server-side dry run)",
-                          request=request)  # fmt: skip
+        checked = "validated by the API server (server-side dry run)" + _staging_note(uploads)
+        return Submission(self.name, files, jobs, skipped, checked, request=request)
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
         request: _Request = submission.request
         report = SubmitReport(skipped=dict(submission.skipped))
         plan, namespace = request.plan, request.namespace
+        # 0. Local data files onto the claim: a failure here leaves the cluster as it was.
+        for pvc, files in request.uploads.items():
+            run = next(r for r in plan.runs if r.kubernetes.pvc == pvc)
+            Stager(self.kube, self.poll_seconds).stage(plan, run, files, lambda line: print(line, file=sys.stderr))
         # 1. Jobs to replace are deleted and gone (pods included) before their successors exist.
         replacing = []
         for run_id in request.actions:
@@ -272,6 +287,14 @@ class KubernetesBackend(Backend):
                 doc["metadata"]["name"] for doc in request.selected(run_id, replaceable=True) if doc["kind"] == "Job"
             ]
         return report
+
+    @staticmethod
+    def _uploads(plan: Plan, runs) -> dict[str, list[LocalFile]]:
+        """Per claim, the distinct local files these runs read that go onto it (not in a ConfigMap)."""
+        by_claim: dict[str, list] = {}
+        for run in runs:
+            by_claim.setdefault(run.kubernetes.pvc, []).append(run_files(run, str(plan.storage_root)))
+        return {pvc: found for pvc, listed in by_claim.items() if (found := plan_uploads(listed))}
 
     def submit(self, plan: Plan, *, force: bool = False, dry_run: bool | str = False) -> SubmitReport:
         """dry_run=True (or "server"): the API server validates every object, nothing is stored;
@@ -357,3 +380,11 @@ class KubernetesBackend(Backend):
                 self.kube.call(self.kube.core.delete_namespaced_service, n.service, namespace, missing_ok=True,
                                what=f"deleting Service {n.service}")  # fmt: skip
         return cancelled
+
+
+def _staging_note(uploads: dict[str, list[LocalFile]]) -> str:
+    """What submit stages onto the claims, for the dry-run summary."""
+    notes = [f"{len(files)} local file{'s' if len(files) > 1 else ''} "
+             f"({describe_size(sum(f.size for f in files))}) to stage onto claim {pvc!r}"
+             for pvc, files in uploads.items()]  # fmt: skip
+    return "".join(f"; {note}" for note in notes)
