@@ -216,6 +216,21 @@ def test_a_failed_upload_is_one_clear_error_and_submits_nothing(cluster, experim
     assert not [f for f in claim.rglob("*") if f.is_file()]  # nothing half-written looks complete
 
 
+def test_a_staging_pod_that_cannot_start_or_exec_is_one_clear_error(cluster, experiment):
+    server, kubelet, claim = cluster
+    path, _ = experiment
+    kubelet.pull_error = 'failed to pull image "ghcr.io/qlaunch/qlaunch-train:latest": not found'
+    with pytest.raises(BackendError) as error:
+        backend().submit(plan(path))
+    assert "cannot start (ErrImagePull: failed to pull image" in str(error.value)
+    assert "kubernetes.image" in str(error.value)
+    kubelet.pull_error, kubelet.exec_forbidden = None, True
+    with pytest.raises(BackendError) as error:
+        backend().submit(plan(path))
+    assert "forbidden to exec into staging Pod" in str(error.value) and "pods/exec" in str(error.value)
+    assert not server.list("jobs", NS) and not server.list("pods", NS) and not list(claim.iterdir())
+
+
 def test_an_api_server_speaking_only_v4_exec_gets_the_file_too(cluster, experiment):
     server, kubelet, claim = cluster
     kubelet.protocols = (V4,)  # no way to signal end of input: the script counts the bytes

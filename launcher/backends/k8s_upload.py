@@ -154,8 +154,9 @@ class Stager:
             for container in status.get("containerStatuses") or []:
                 waiting = (container.get("state") or {}).get("waiting") or {}
                 if waiting.get("reason") in _STUCK:
-                    raise BackendError(f"staging Pod {name} cannot start: {waiting['reason']}: "
-                                       f"{waiting.get('message') or ''} (kubernetes.image)".replace(":  (", " ("))  # fmt: skip
+                    detail = f"{waiting['reason']}: {waiting['message']}" if waiting.get("message") else waiting["reason"]
+                    raise BackendError(f"staging Pod {name} cannot start ({detail}); check kubernetes.image "
+                                       "(the staging pod uses the Jobs' image); nothing was submitted")  # fmt: skip
                 if waiting.get("reason"):
                     why = waiting["reason"]
             for condition in status.get("conditions") or []:
@@ -207,7 +208,14 @@ class Stager:
                         command=command, stdin=stdin is not None, stdout=True, stderr=True, tty=False,
                         _preload_content=False, binary=True)  # fmt: skip
         except ApiException as exc:
-            raise self.kube.error(exc, f"opening an exec stream to staging Pod {pod}") from None
+            # A refused WebSocket upgrade comes back as status 0 with the HTTP status in its reason.
+            reason = str(exc.reason or exc).split(" -+-+- ")[0]
+            if "403" in reason:
+                raise BackendError(f"forbidden to exec into staging Pod {pod} in namespace {namespace!r} ({reason}): "
+                                   "staging local data files needs `create` on pods/exec (and on pods); "
+                                   "nothing was submitted") from None  # fmt: skip
+            raise BackendError(f"cannot open an exec stream to staging Pod {pod} at {self.kube.host}: {reason}; "
+                               "nothing was submitted") from None  # fmt: skip
         try:
             for chunk in stdin or ():
                 ws.update(timeout=0)

@@ -38,6 +38,8 @@ class Kubelet:
         self.stdin_bytes = 0  # bytes received on stdin over all execs
         # A test's hook: (argv as run here) → argv to run instead (e.g. a corrupting upload).
         self.rewrite = None
+        self.pull_error: str | None = None  # set: bare pods never start (ErrImagePull with this message)
+        self.exec_forbidden = False  # RBAC without create on pods/exec
         fake.kubelet = self
 
     # -- bare pods -----------------------------------------------------------------------------
@@ -53,6 +55,10 @@ class Kubelet:
                               "state": {"waiting": {"reason": "ContainerCreating"}}} for c in spec["containers"]]}  # fmt: skip
         spec["nodeName"] = "gke-cpu-pool-node-1"
         namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        if self.pull_error is not None:
+            for status in pod["status"]["containerStatuses"]:
+                status["state"] = {"waiting": {"reason": "ErrImagePull", "message": self.pull_error}}
+            return
 
         def start():
             if self.fake.get("pods", namespace, name) is not None:
@@ -73,6 +79,9 @@ class Kubelet:
             if parts[:3] != ["api", "v1", "namespaces"] or len(parts) != 7 or parts[4:7:2] != ["pods", "exec"]:
                 return _refuse(handler, 404, "the server could not find the requested resource")
             namespace, name = parts[3], parts[5]
+            if self.exec_forbidden:
+                return _refuse(handler, 403, f'pods "{name}" is forbidden: User "{self.fake.user}" cannot create '
+                                             f'resource "pods/exec" in API group "" in the namespace "{namespace}"')
             self.fake.requests.append({"method": "GET", "path": url.path, "query": {k: v[-1] for k, v in query.items()},
                                        "headers": dict(handler.headers), "body": ""})  # fmt: skip
             pod = self.fake.get("pods", namespace, name)
