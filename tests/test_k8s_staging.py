@@ -177,6 +177,11 @@ def test_rendered_objects_with_staged_files_and_the_staging_pod_are_valid(experi
     assert staging["spec"]["securityContext"] == job["spec"]["template"]["spec"]["securityContext"]
     assert staging["spec"]["volumes"] == [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "storage"]
     assert "nodeSelector" not in staging["spec"] and staging["spec"]["activeDeadlineSeconds"] > 0
+    # The ConfigMap's copies are where run.yaml says: the Jobs mount the ConfigMap at /config.
+    config = load_yaml(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["run.yaml"])
+    mounts = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "config", "mountPath": "/config", "readOnly": True} in mounts
+    assert config["inference"]["eval_file"].startswith("/config/data-")
 
 
 def test_dry_run_says_what_would_be_staged_and_stages_nothing(cluster, experiment):
@@ -260,3 +265,16 @@ def test_rendering_names_the_staged_paths_without_a_cluster(experiment, tmp_path
     assert len(text) < 100_000  # the 5 MB stay out of the manifest
     config_map = next(d for d in yaml.safe_load_all(text) if d and d["kind"] == "ConfigMap")
     assert any(key.endswith("-eval.jsonl") for key in config_map["data"])
+
+
+def test_a_local_file_is_checked_here_where_it_is(cluster, experiment, capsys):
+    from launcher.cli import main
+
+    server, kubelet, claim = cluster
+    path, _ = experiment
+    eval_file = path.parent / "data" / "eval.jsonl"
+    eval_file.write_text('{"prompt": "Capital of France?", "reference": "Paris"}\n{"prompt": broken\n')
+    assert main(["submit", str(path), "--skip-preflight"]) == 2
+    err = capsys.readouterr().err
+    assert f"inference.eval_file: {eval_file}:2: expected a JSON object" in err  # the local path, not the claim's
+    assert not kubelet.execs and not server.list("jobs", NS) and not server.list("pods", NS)
