@@ -203,9 +203,15 @@ def _claim_read_only(argv: list[str]) -> list[str]:
     return ["sh", "-c", 'cat > /dev/null; echo "mkdir: cannot create directory: Read-only file system" >&2; exit 1']
 
 
+def _no_sha256sum(argv: list[str]) -> list[str]:
+    # An image without coreutils: the script stops at once, without reading what is being sent.
+    return ["sh", "-c", 'echo "sh: 1: sha256sum: not found" >&2; exit 127'] if "qlaunch-stage" in argv else argv
+
+
 @pytest.mark.parametrize("rewrite, expected", [
     (_sha_flipped, "exit code 3): the claim received bytes with sha256"),
     (_claim_read_only, "exit code 1): mkdir: cannot create directory: Read-only file system"),
+    (_no_sha256sum, "exit code 127): sh: 1: sha256sum: not found"),
 ])  # fmt: skip
 def test_a_failed_upload_is_one_clear_error_and_submits_nothing(cluster, experiment, rewrite, expected):
     server, kubelet, claim = cluster

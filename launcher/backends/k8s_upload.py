@@ -216,6 +216,7 @@ class Stager:
                                    "nothing was submitted") from None  # fmt: skip
             raise BackendError(f"cannot open an exec stream to staging Pod {pod} at {self.kube.host}: {reason}; "
                                "nothing was submitted") from None  # fmt: skip
+        broken: Exception | None = None
         try:
             for chunk in stdin or ():
                 ws.update(timeout=0)
@@ -227,16 +228,23 @@ class Stager:
             if stdin is not None and ws.is_open():
                 ws.close_channel(0)  # end of input (v5 only; the script counts bytes anyway)
             ws.run_forever(timeout=timeout)
-        except (WebSocketException, OSError):
-            pass  # the connection went away: what arrived before says why
+        except (WebSocketException, OSError) as exc:
+            broken = exc  # the connection went away: what arrived before may say why
+            try:
+                ws.run_forever(timeout=2)
+            except (WebSocketException, OSError):
+                pass
         finally:
-            still_open = ws.is_open()
+            still_open = ws.is_open() and broken is None
             ws.close()
         out = ws.read_channel(1).decode("utf-8", "replace")
         err = ws.read_channel(2).decode("utf-8", "replace")
+        status = ws.read_channel(3)
         if still_open:
             return _Exec(124, out, err, f"no answer within {timeout:.0f}s")
-        code, message = _exit_status(ws.read_channel(3))
+        if broken is not None and not status:
+            return _Exec(1, out, err, f"the exec stream broke: {broken}")
+        code, message = _exit_status(status)
         return _Exec(code, out, err, message)
 
 

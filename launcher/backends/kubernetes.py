@@ -4,7 +4,8 @@ storage.root. Objects are sent with server-side apply (field manager `qlaunch`),
 again is idempotent.
 
 submit: render and check every object → GET namespace, PVC and token Secret (say which is
-missing) → one list of the experiment's Jobs → server-side dry run of every object → apply.
+missing) → one list of the experiment's Jobs → server-side dry run of every object → stage
+local data files onto the claim (k8s_staging, k8s_upload) → apply.
 status: one Job list and one Pod list per refresh, whatever the grid size.
 progress_events(plan) → {run id: [progress events]} from the pods' logs (the laptop cannot read
 the PVC); the status table summarizes them with launcher.progress.summarize.
