@@ -23,7 +23,7 @@ from ..progress import EXIT_PREEMPTED
 from ..storage import RunPaths
 from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
 from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
-from .k8s_staging import run_files, pod_run
+from .k8s_staging import pod_run, run_files
 
 CONFIG_MOUNT = "/config"
 LABEL_PREFIX = "qlaunch.dev"
