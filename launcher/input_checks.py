@@ -398,9 +398,18 @@ def _line(lines: dict[tuple, int], key: tuple) -> int | None:
 
 def job_view(run: RunConfig, backend: str, storage_root: Path) -> RunConfig:
     """The run as its job will see it: a Kubernetes pod resolves relative paths on the PVC
-    (k8s_manifests.pod_run_config), everything else against the experiment file's folder."""
+    (k8s_manifests.pod_run_config), except the local files `qlaunch submit` stages there
+    (backends/k8s_staging.py): those are checked here, where they are. Everything else resolves
+    against the experiment file's folder."""
     if backend in ("kubernetes", "k8s"):
-        return run.model_copy(update={"experiment_dir": str(storage_root)})
+        from .backends.k8s_staging import local_sources
+
+        sections: dict[str, dict[str, str]] = {}
+        for dotted, path in local_sources(run, str(storage_root)).items():
+            section, key = dotted.split(".")
+            sections.setdefault(section, {})[key] = str(path)
+        update = {section: getattr(run, section).model_copy(update=values) for section, values in sections.items()}
+        return run.model_copy(update={"experiment_dir": str(storage_root), **update})
     return run
 
 

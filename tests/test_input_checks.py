@@ -488,9 +488,9 @@ def test_kubernetes_nothing_reaches_the_cluster_and_paths_resolve_on_the_pvc(tmp
     root = tmp_path / "pvc"
     exp = tmp_path / "guanaco.yaml"
     exp.write_text(textwrap.dedent(K8S.format(root=root)))
-    # A pod resolves relative paths on the claim (storage.root), not next to the experiment file.
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "eval.jsonl").write_text(GOOD_EVAL)
+    # A pod resolves relative paths on the claim (storage.root); a file that is neither next to
+    # the experiment file (submit would stage it: tests/test_k8s_staging.py) nor there is named
+    # as the pod would look for it.
     assert main(["submit", str(exp), "--skip-preflight"]) == 2
     assert reported(capsys.readouterr().err) == [f"{exp}:11: inference.eval_file: no such file {root}/data/eval.jsonl"]
     assert [r for r in fake.requests if r["method"] in ("POST", "PATCH", "PUT")] == []

@@ -24,6 +24,7 @@ from ..grid import Plan
 from ..progress import EXIT_PREEMPTED
 from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
 from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
+from .k8s_staging import pod_run, run_files
 
 CONFIG_MOUNT = "/config"
 LABEL_PREFIX = "qlaunch.dev"
@@ -286,8 +287,9 @@ def annotations(run: RunConfig) -> dict[str, str]:
 
 def pod_run_config(plan: Plan, run: RunConfig) -> str:
     """run.yaml as the pod sees it: relative paths resolve on the PVC (storage.root), since the
-    experiment file's folder on the laptop does not exist inside the cluster."""
-    return dump_run_config(run.model_copy(update={"experiment_dir": str(plan.storage_root)}))
+    experiment file's folder on the laptop does not exist inside the cluster; local data files
+    are named where their staged copies are (launcher/backends/k8s_staging.py)."""
+    return dump_run_config(pod_run(run, str(plan.storage_root)))
 
 
 def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
@@ -538,13 +540,18 @@ def _handoff_objects(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
 
 
 def _config_map(plan: Plan, run: RunConfig) -> dict[str, Any]:
-    """The run's resolved config, mounted read-only at /config in every pod of the run."""
-    return {
+    """The run's resolved config, mounted read-only at /config in every pod of the run, with
+    the run's small local data files (content-addressed keys)."""
+    files = run_files(run, str(plan.storage_root))
+    config_map: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(plan, run, names(plan, run).config, labels(plan, run, None)),
-        "data": {"run.yaml": pod_run_config(plan, run)},
+        "data": {"run.yaml": dump_run_config(pod_run(run, str(plan.storage_root), files)), **files.data},
     }
+    if files.binary_data:
+        config_map["binaryData"] = files.binary_data
+    return config_map
 
 
 def _service(plan: Plan, run: RunConfig) -> dict[str, Any]:

@@ -5,7 +5,8 @@ storage.root. Objects are sent with server-side apply (field manager `qlaunch`),
 again is idempotent.
 
 submit: render and check every object → GET namespace, PVC and token Secret (say which is
-missing) → one list of the experiment's Jobs → server-side dry run of every object → apply.
+missing) → one list of the experiment's Jobs → server-side dry run of every object → stage
+local data files onto the claim (k8s_staging, k8s_upload) → apply.
 status: one Job list and one Pod list per refresh, whatever the grid size.
 progress_events(plan) → {run id: [progress events]} from the pods' logs (the laptop cannot read
 the PVC); the status table summarizes them with launcher.progress.summarize.
@@ -13,6 +14,7 @@ the PVC); the status table summarizes them with launcher.progress.summarize.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -24,7 +26,9 @@ from . import k8s_manifests as manifests
 from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 from .k8s_client import APPLY_PATCH, FIELD_MANAGER, MERGE_PATCH, Kube, KubeApiError
 from .k8s_logs import LogFollower, ProgressReader
+from .k8s_staging import LocalFile, describe_size, plan_uploads, run_files
 from .k8s_state import completion_index, created, job_state, owned_by
+from .k8s_upload import Stager, stage_pod, stage_pod_name
 
 Obj = dict[str, Any]
 DRY_RUN = "All"
@@ -32,6 +36,7 @@ DRY_RUN = "All"
 _APPLY_METHODS = {
     "ConfigMap": ("core", "patch_namespaced_config_map"),
     "Service": ("core", "patch_namespaced_service"),
+    "Pod": ("core", "patch_namespaced_pod"),  # the short-lived staging pod (k8s_upload.py)
     "ServiceAccount": ("core", "patch_namespaced_service_account"),
     "Role": ("rbac", "patch_namespaced_role"),
     "RoleBinding": ("rbac", "patch_namespaced_role_binding"),
@@ -51,6 +56,8 @@ class _Request:
     # Runs whose training has completed, so nothing will release their inference Job (a
     # failed hand-off, or an inference Job replaced after training): apply() starts it.
     releases: list[str] = field(default_factory=list)
+    # Per claim: the local files to stage onto it before any Job (launcher/backends/k8s_upload.py).
+    uploads: dict[str, list[LocalFile]] = field(default_factory=dict)
 
     def job_name(self, run_id: str, role: str) -> str:
         run = next(r for r in self.plan.runs if r.run_id == run_id)
@@ -227,7 +234,8 @@ class KubernetesBackend(Backend):
         if offline or not plan.runs:
             jobs = {run_id: [d["metadata"]["name"] for d in docs if d["kind"] == "Job"]
                     for run_id, docs in documents.items()}  # fmt: skip
-            return Submission(self.name, files, jobs, {}, "not sent to the API server (client-side dry run)",
+            checked = "not sent to the API server (client-side dry run)" + _staging_note(self._uploads(plan, plan.runs))
+            return Submission(self.name, files, jobs, {}, checked,
                               request=_Request(plan, namespace, {}, {}))  # fmt: skip
 
         self._preflight(plan)
@@ -263,7 +271,8 @@ class KubernetesBackend(Backend):
                 )
                 continue
             actions[run.run_id] = todo
-        request = _Request(plan, namespace, documents, actions, releases)
+        uploads = self._uploads(plan, [run for run in plan.runs if run.run_id in actions])
+        request = _Request(plan, namespace, documents, actions, releases, uploads)
 
         # The server validates every object (admission, quotas, schema) before any is stored; a
         # Job about to be replaced cannot be dry-run against its old, immutable self, but its
@@ -273,16 +282,23 @@ class KubernetesBackend(Backend):
                 self._dry_run(doc)
             for name in request.replacing(run_id):
                 self._delete_job(namespace, name, dry_run=True)
+        for pvc in uploads:  # the staging pod too (an admission policy may refuse it)
+            run = next(r for r in plan.runs if r.kubernetes.pvc == pvc)
+            self._apply(stage_pod(plan, run, stage_pod_name()), dry_run=True)
         jobs = {run_id: [f"{request.job_name(run_id, role)}{' (replace)' if action == 'replace' else ''}"
                          for role, action in todo.items() if action]
                 for run_id, todo in actions.items()}  # fmt: skip
-        return Submission(self.name, files, jobs, skipped, "validated by the API server (server-side dry run)",
-                          request=request)  # fmt: skip
+        checked = "validated by the API server (server-side dry run)" + _staging_note(uploads)
+        return Submission(self.name, files, jobs, skipped, checked, request=request)
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
         request: _Request = submission.request
         report = SubmitReport(skipped=dict(submission.skipped))
         plan, namespace = request.plan, request.namespace
+        # 0. Local data files onto the claim: a failure here leaves the cluster as it was.
+        for pvc, files in request.uploads.items():
+            run = next(r for r in plan.runs if r.kubernetes.pvc == pvc)
+            Stager(self.kube, self.poll_seconds).stage(plan, run, files, lambda line: print(line, file=sys.stderr))
         # 1. Jobs to replace are deleted and gone (pods included) before their successors exist.
         replacing = []
         for run_id in request.actions:
@@ -308,6 +324,14 @@ class KubernetesBackend(Backend):
                 if run.run_id in report.skipped and run.run_id not in self.release_errors:
                     report.skipped[run.run_id] += f"; inference Job {name} started (training had completed)"
         return report
+
+    @staticmethod
+    def _uploads(plan: Plan, runs) -> dict[str, list[LocalFile]]:
+        """Per claim, the distinct local files these runs read that go onto it (not in a ConfigMap)."""
+        by_claim: dict[str, list] = {}
+        for run in runs:
+            by_claim.setdefault(run.kubernetes.pvc, []).append(run_files(run, str(plan.storage_root)))
+        return {pvc: found for pvc, listed in by_claim.items() if (found := plan_uploads(listed))}
 
     def submit(self, plan: Plan, *, force: bool = False, dry_run: bool | str = False) -> SubmitReport:
         """dry_run=True (or "server"): the API server validates every object, nothing is stored;
@@ -418,3 +442,11 @@ class KubernetesBackend(Backend):
                 self.kube.call(getattr(getattr(self.kube, api), method.replace("patch_", "delete_")), name, namespace,
                                missing_ok=True, what=f"deleting {kind} {name}")  # fmt: skip
         return cancelled
+
+
+def _staging_note(uploads: dict[str, list[LocalFile]]) -> str:
+    """What submit stages onto the claims, for the dry-run summary."""
+    notes = [f"{len(files)} local file{'s' if len(files) > 1 else ''} "
+             f"({describe_size(sum(f.size for f in files))}) to stage onto claim {pvc!r}"
+             for pvc, files in uploads.items()]  # fmt: skip
+    return "".join(f"; {note}" for note in notes)

@@ -149,6 +149,7 @@ class FakeKube:
         # (an admission webhook or a quota saying no).
         self.admission = None
         self.foreground_delay = 0.0  # seconds a foreground-deleted Job lingers (pods terminating)
+        self.kubelet = None  # exec_stream.Kubelet: runs bare pods and serves pods/exec (opt-in)
         self.closing = False
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
@@ -659,6 +660,8 @@ class FakeKube:
                 self._new_meta(created, namespace if namespaced else None)
                 if resource == "jobs":
                     self._job_defaults(created)
+                if resource == "pods" and self.kubelet is not None and not dry_run:
+                    self.kubelet.admit(created)
                 if not dry_run:
                     self.store[key] = created
                     self.managers[key] = manager
@@ -891,6 +894,9 @@ def _handler(fake: FakeKube):
                 self.close_connection = True
 
         def do_GET(self):
+            if self.headers.get("Upgrade", "").lower() == "websocket" and fake.kubelet is not None:
+                fake.kubelet.serve(self)  # pods/exec (tests/fake_kube/exec_stream.py)
+                return
             self._serve("GET")
 
         def do_PATCH(self):
