@@ -22,7 +22,7 @@ from fake_kube import FakeKube, start_cluster
 from kubernetes import client as kube_client
 
 from launcher.backends.base import State
-from launcher.backends.k8s_manifests import Names
+from launcher.backends.k8s_manifests import Names, run_documents
 from launcher.backends.kubernetes import KubernetesBackend
 from launcher.grid import plan
 from launcher.status_view import build_table, collect
@@ -235,3 +235,28 @@ def test_a_submitter_who_may_not_create_roles_is_told_why_before_anything_is_cre
     assert "forbidden" in str(error.value) and "admin role" in str(error.value)
     assert "inference.enabled: false" in str(error.value)
     assert fake.list("jobs", NS) == [] and fake.list("configmaps", NS) == [] and fake.list("serviceaccounts", NS) == []
+
+
+def test_inference_admitted_before_training_finished_waits_for_the_adapter(tmp_path):
+    """A Kueue that labels every Job (a LocalQueue named "default") admits the suspended
+    inference Job early: the inference entrypoint then waits for training instead of failing."""
+    import threading
+
+    from training.infer import wait_for_training
+
+    p = _experiment(tmp_path)
+    doc = next(d for d in run_documents(p, p.runs[0]) if d["kind"] == "Job" and d["metadata"]["name"].endswith("-infer"))
+    env = {e["name"]: e["value"] for e in _container(doc)["env"] if "value" in e}
+    paths = RunPaths.of(p.runs[0])
+
+    def training_finishes():
+        paths.adapter.mkdir(parents=True)
+        (paths.adapter / "adapter_config.json").write_text("{}")
+        write_json(paths.metrics, {"run_id": p.runs[0].run_id})
+
+    timer = threading.Timer(0.3, training_finishes)
+    timer.start()
+    wait_for_training(paths, env, poll=0.05)
+    timer.join()
+    assert paths.training_completed()
+    wait_for_training(paths, {}, poll=0.05)  # elsewhere (Slurm, local) it never waits

@@ -247,7 +247,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+# Set on the Kubernetes inference container: a cluster whose Kueue labels every Job (a LocalQueue
+# named "default", or manageJobsWithoutQueueName) admits the suspended inference Job before
+# training has released it; it then waits here for training rather than failing.
+WAIT_FOR_TRAINING_ENV = "QLAUNCH_WAIT_FOR_TRAINING"
+WAIT_POLL_SECONDS = 15.0
+
+
+def wait_for_training(paths: RunPaths, env: dict[str, str] | None = None, poll: float = WAIT_POLL_SECONDS) -> None:
+    """Until the adapter and metrics.json exist (the Job's activeDeadlineSeconds bounds it)."""
+    env = os.environ if env is None else env
+    if env.get(WAIT_FOR_TRAINING_ENV) != "1" or paths.training_completed():
+        return
+    log(f"started before training finished (admitted early by the cluster's queue?): waiting for {paths.metrics}")
+    while not paths.training_completed():
+        time.sleep(poll)
+    log("training finished: starting inference")
+
+
 def infer(run: RunConfig, paths: RunPaths, args) -> int:
+    wait_for_training(paths)
     if not (paths.adapter / "adapter_config.json").is_file():
         raise ConfigError(f"run {run.run_id} has no trained adapter yet ({paths.adapter}): train it first")
     items, evals = collect_items(run, args.prompt, args.prompts_file)

@@ -39,6 +39,8 @@ STARTS_AFTER_ANNOTATION = f"{LABEL_PREFIX}/starts-after"
 # ServiceAccount token, the cluster CA and the namespace), and the env vars that name the Job
 # to release and the patch that releases it (training/handoff.py reads them).
 HANDOFF_MOUNT = "/var/run/secrets/qlaunch/handoff"
+# training/infer.py waits for training when a queue admitted the inference Job early.
+INFER_WAITS_ENV = "QLAUNCH_WAIT_FOR_TRAINING"
 RELEASE_ENV = {"job": "QLAUNCH_RELEASE_JOB", "patch": "QLAUNCH_RELEASE_PATCH",
                "credentials": "QLAUNCH_RELEASE_CREDENTIALS"}  # fmt: skip
 # Paths other volumes already use inside the pod.
@@ -439,7 +441,8 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "image": k8s.image,
         "imagePullPolicy": k8s.image_pull_policy,
         "command": train_command(plan, run) if train else infer_command(run),
-        "env": _sorted(_env(plan, run) + (_release_env(plan, run) if train and handoff else [])),
+        "env": _sorted(_env(plan, run) + (_release_env(plan, run) if train and handoff else [])
+                       + ([] if train else [{"name": INFER_WAITS_ENV, "value": "1"}])),
         "resources": _sorted(_resources(run, spec.resources.gpus_per_node)),
         "securityContext": container_security,
         "volumeMounts": [
