@@ -10,6 +10,7 @@
                               need a training pod are skipped
     QLAUNCH_TEST_GPU=1        the cluster has GPU nodes (nvidia.com/gpu): GPU tests run too
     QLAUNCH_TEST_TIMEOUT      seconds one waiting step may take on the real cluster (default 600)
+    QLAUNCH_TEST_POLL         seconds between two looks at it (default 1)
 
 A scenario is written once as verbs of a target. FakeTarget plays the Job controller, the
 kubelet and the trainer through FakeKube's controller methods (exact, instant); RealTarget lets
@@ -56,6 +57,7 @@ class RealSettings:
     image: str | None = None
     gpu: bool = False
     timeout: float = 600.0
+    poll: float = 1.0  # seconds between two looks at the cluster
 
 
 def settings_from_env(env: Mapping[str, str] = os.environ) -> RealSettings | None:
@@ -72,17 +74,19 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> RealSettings | Non
         )
     if not kubeconfig.is_file():
         raise TargetError(f"QLAUNCH_TEST_KUBECONFIG={raw}: no such file")
-    timeout = env.get("QLAUNCH_TEST_TIMEOUT", "").strip()
-    try:
-        seconds = float(timeout) if timeout else 600.0
-    except ValueError:
-        raise TargetError(f"QLAUNCH_TEST_TIMEOUT={timeout!r}: not a number of seconds") from None
+    seconds = {}
+    for key, default in (("QLAUNCH_TEST_TIMEOUT", 600.0), ("QLAUNCH_TEST_POLL", 1.0)):
+        value = env.get(key, "").strip()
+        try:
+            seconds[key] = float(value) if value else default
+        except ValueError:
+            raise TargetError(f"{key}={value!r}: not a number of seconds") from None
     return RealSettings(
         kubeconfig=kubeconfig, namespace=namespace,
         pvc=env.get("QLAUNCH_TEST_PVC", "").strip() or "qlaunch-storage",
         image=env.get("QLAUNCH_TEST_IMAGE", "").strip() or None,
         gpu=env.get("QLAUNCH_TEST_GPU", "").strip() in ("1", "true", "yes"),
-        timeout=seconds,
+        timeout=seconds["QLAUNCH_TEST_TIMEOUT"], poll=seconds["QLAUNCH_TEST_POLL"],
     )  # fmt: skip
 
 
@@ -204,10 +208,10 @@ class RealTarget:
         self._seeded = False
 
     def backend(self) -> KubernetesBackend:
-        return KubernetesBackend(str(self.settings.kubeconfig), poll_seconds=1.0)
+        return KubernetesBackend(str(self.settings.kubeconfig), poll_seconds=self.settings.poll)
 
     def wait(self, predicate, what: str):
-        return wait_until(predicate, self.settings.timeout, what, poll=1.0)
+        return wait_until(predicate, self.settings.timeout, what, poll=self.settings.poll)
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -390,7 +394,7 @@ class RealTarget:
 
     def trainer_steps_on(self, pod: str, after: int) -> str:
         event = self._event(pod, lambda e: e["event"] == "step" and e["step"] > after, f"a later step of pod {pod}")
-        return f'"step": {event["step"]}'
+        return f'"step": {event["step"]}, '  # the next key ("time") follows: no prefix of a longer number
 
     def trainer_stops(self, pod: str) -> None:
         """After preempt(): the trainer saves a checkpoint and exits 75; the pod has ended or is

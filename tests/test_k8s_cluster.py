@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 from fake_kube import ApiError, FakeKube, start_cluster
-from k8s_target import NEEDS_FAKE, NEEDS_GPU, NEEDS_IMAGE, FakeTarget, RealTarget, progress, settings_from_env, wait_until
+from k8s_target import (NEEDS_FAKE, NEEDS_GPU, NEEDS_IMAGE, FakeTarget, RealTarget, progress,
+                        settings_from_env, wait_until)
 
 from launcher.backends.base import State
 from launcher.backends.k8s_manifests import Names
@@ -52,8 +53,7 @@ EXPERIMENT = """\
 """
 
 
-# None: the fake server. A real cluster's settings are incomplete: one error, at collection.
-REAL = settings_from_env()
+REAL = settings_from_env()  # None: the fake server (incomplete settings stop the session: conftest.py)
 
 
 @pytest.fixture
