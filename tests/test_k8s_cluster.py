@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from fake_kube import ApiError, FakeKube, start_cluster
 from k8s_target import (NEEDS_FAKE, NEEDS_GPU, NEEDS_IMAGE, FakeTarget, RealTarget, progress,
-                        settings_from_env, wait_until)
+                        settings_from_env)
 
 from launcher.backends.base import State
 from launcher.backends.k8s_manifests import Names
@@ -35,6 +35,7 @@ from launcher.backends.kubernetes import KubernetesBackend
 from launcher.errors import BackendError
 from launcher.experiment_file import load_yaml
 from launcher.grid import plan
+from launcher.progress import parse_lines
 from launcher.status_view import collect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +199,8 @@ def test_submit_status_follow_logs_across_a_preemption_then_cancel(target, scena
         first_step, later, '"event": "preempted"', f"pod {second}", resumed, '"event": "end"']  # fmt: skip
     positions = [text.index(marker) for marker in order]
     assert positions == sorted(positions) and text.count(resumed) == 1
+    # The replacement resumed from the very checkpoint the preempted pod saved.
+    assert [e["step"] for e in parse_lines(text.splitlines()) if e["event"] == "preempted"] == [resumed_from]
     assert k8s.status(p)[run.run_id].state == State.COMPLETED
 
     # -- Inference, kept to its outcome (how the inference Job starts is changing, issue #11).
