@@ -22,6 +22,7 @@ own progress lines.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import textwrap
@@ -33,9 +34,12 @@ from typing import Any, Callable, Mapping
 from launcher.backends.k8s_client import APPLY_PATCH, Kube
 from launcher.backends.k8s_manifests import EXPERIMENT_LABEL
 from launcher.backends.kubernetes import KubernetesBackend
+from launcher.errors import BackendError
 from launcher.progress import PROGRESS_PREFIX, parse_lines
 
 ROOT = Path(__file__).resolve().parents[1]
+# Container states that no wait resolves: fail at once, naming the image.
+STUCK = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError")
 STORAGE_ROOT = "/mnt/qlaunch"
 # Where RealTarget.seed_data() copies the quickstart's data on the claim.
 DATA_DIR = f"{STORAGE_ROOT}/qlaunch-test-data"
@@ -93,8 +97,6 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> RealSettings | Non
 
 def progress(event: str, step: int, **fields) -> str:
     """A progress line as the trainer prints it (launcher.progress.emit)."""
-    import json
-
     return PROGRESS_PREFIX + json.dumps({"event": event, "time": time.time(), "step": step, **fields}, sort_keys=True)
 
 
@@ -162,7 +164,7 @@ class FakeTarget:
         self.server.log(self.namespace, pod, "{'loss': 1.87, 'epoch': 0.12}")
         return "'loss': 1.87"
 
-    def trainer_stops(self, pod: str) -> int:
+    def trainer_stops(self, pod: str) -> int | None:
         """After preempt(): the checkpoint step it saved; the pod exits 75."""
         self.server.log(self.namespace, pod, progress("checkpoint", 12, path="/mnt/qlaunch/guanaco/x/checkpoints/checkpoint-12"),
                         progress("preempted", 12, signal="SIGTERM"))  # fmt: skip
@@ -253,10 +255,13 @@ class RealTarget:
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": self.namespace},
             "spec": {
                 "restartPolicy": "Never",
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+                # What the job pods run as (the "restricted" Pod Security Standard).
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
                 "containers": [{
                     "name": "seed", "image": self.settings.image, "imagePullPolicy": "IfNotPresent",
                     "command": ["sh", "-c", f"mkdir -p {DATA_DIR} && cp /seed/train.jsonl /seed/eval.jsonl {DATA_DIR}/"],
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
                     "volumeMounts": [{"name": "storage", "mountPath": STORAGE_ROOT}, {"name": "seed", "mountPath": "/seed"}],
                 }],
                 "volumes": [{"name": "storage", "persistentVolumeClaim": {"claimName": self.settings.pvc}},
@@ -266,6 +271,7 @@ class RealTarget:
 
         def phase():
             pod = self.kube.call(core.read_namespaced_pod, name, self.namespace, what="reading the seed pod")
+            self._refuse_stuck(pod)
             return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") and pod["status"]["phase"]
 
         result = self.wait(phase, "the data seed pod")
@@ -345,6 +351,17 @@ class RealTarget:
                                  label_selector=f"batch.kubernetes.io/job-name={job}", what=f"listing pods of {job}")  # fmt: skip
         return listing.get("items") or []
 
+    def _refuse_stuck(self, pod: dict) -> None:
+        status = pod.get("status") or {}
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK:
+                raise TargetError(
+                    f"pod {pod['metadata']['name']}: {waiting['reason']} for image {container.get('image')!r} "
+                    f"({waiting.get('message', '')}); load it into the cluster (kind load docker-image, "
+                    "minikube image load) or push it where the nodes pull from (QLAUNCH_TEST_IMAGE)"
+                )
+
     def _log(self, pod: str) -> list[dict]:
         response = self.kube.open(self.kube.core.read_namespaced_pod_log, pod, self.namespace, missing_ok=True,
                                   what=f"reading the log of {pod}")  # fmt: skip
@@ -359,7 +376,7 @@ class RealTarget:
         def found():
             try:
                 return next((e for e in self._log(pod) if wanted(e)), None)
-            except Exception:  # noqa: BLE001 - the container may not have started yet: ask again
+            except BackendError:  # the container has not started yet: ask again
                 return None
 
         return self.wait(found, what)
@@ -369,6 +386,7 @@ class RealTarget:
     def pod_running(self, job: str, pod: str | None = None) -> str:
         def running():
             for p in self._pods(job):
+                self._refuse_stuck(p)
                 live = not p["metadata"].get("deletionTimestamp") and (p.get("status") or {}).get("phase") == "Running"
                 if live and pod in (None, p["metadata"]["name"]):
                     return p["metadata"]["name"]
@@ -397,7 +415,7 @@ class RealTarget:
         event = self._event(pod, lambda e: e["event"] == "step" and e["step"] > after, f"a later step of pod {pod}")
         return f'"step": {event["step"]}, '  # the next key ("time") follows: no prefix of a longer number
 
-    def trainer_stops(self, pod: str) -> None:
+    def trainer_stops(self, pod: str) -> int | None:
         """After preempt(): the trainer saves a checkpoint and exits 75; the pod has ended or is
         gone (the replacement's start event says from which checkpoint it resumes)."""
         def stopped():

@@ -261,3 +261,28 @@ def test_the_real_mode_scenario_against_a_simulated_cluster(stand_in):
     evictions = [r for r in server.requests if r["method"] == "POST" and r["path"].endswith("/eviction")]
     assert len(evictions) == 1
     assert not [key for key in server.store if key[0] in ("jobs", "pods", "configmaps")]  # all cleaned up
+
+
+class Idle(Controller):
+    """No controller at all: the test makes each pod itself."""
+
+    def step(self):
+        pass
+
+
+@pytest.mark.parametrize("stand_in", [Idle], indirect=True)
+def test_an_image_the_nodes_cannot_pull_fails_at_once_naming_it(stand_in, tmp_path):
+    server, target = stand_in
+    path = tmp_path / "real.yaml"
+    path.write_text(target.experiment_yaml(""))
+    p = plan(path)
+    target.backend().submit(p)
+    job = Names.of(p.experiment.name, p.runs[0].run_id).train_job
+    pod = server.start_pod(NS, job)
+    with server.cond:
+        status = server.store[("pods", NS, pod)]["status"]["containerStatuses"][0]
+        status["state"] = {"waiting": {"reason": "ErrImageNeverPull", "message": "image not present with pull policy of Never"}}
+    with pytest.raises(TargetError) as error:
+        target.pod_running(job)  # not after QLAUNCH_TEST_TIMEOUT: at once
+    assert "ErrImageNeverPull" in str(error.value) and "'qlaunch-train:cpu-test'" in str(error.value)
+    assert "kind load docker-image" in str(error.value)
