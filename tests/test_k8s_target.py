@@ -98,7 +98,7 @@ class Controller(threading.Thread):
                     self.server._bump("pods", "MODIFIED", pod)
 
     def may_start(self, job: dict) -> bool:
-        return not job["metadata"].get("deletionTimestamp")
+        return not job["metadata"].get("deletionTimestamp") and not job["spec"].get("suspend")
 
     def started(self, job: dict, pod: str) -> None:
         self.server.run_pod(NS, pod)
