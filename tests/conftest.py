@@ -120,3 +120,14 @@ def tiny_plan(tiny_experiment):
         return result
 
     return make
+
+
+def pytest_configure(config):
+    """A half-set real-cluster mode (tests/k8s_target.py) stops the session with one error,
+    before any test runs against the wrong place."""
+    from k8s_target import TargetError, settings_from_env
+
+    try:
+        settings_from_env()
+    except TargetError as exc:
+        raise pytest.UsageError(str(exc)) from None

@@ -3,7 +3,11 @@
 cancel, resubmission semantics, and the errors a user meets (no kubeconfig, unreachable API,
 401/403, missing namespace, PVC or Secret, an admission webhook saying no).
 
-The test plays the Job controller and the kubelet through FakeKube's controller methods.
+By default the test plays the Job controller and the kubelet through FakeKube's controller
+methods. With QLAUNCH_TEST_KUBECONFIG and QLAUNCH_TEST_NAMESPACE set (tests/k8s_target.py), the
+scenarios written against a `target` run on that real cluster instead (kind, minikube, a GPU
+cluster; manifests/README.md says how to prepare one); the tests that need the fake server's
+request log or controller methods are skipped there, each with its reason.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 
 import pytest
 from fake_kube import ApiError, FakeKube, start_cluster
+from k8s_target import (NEEDS_FAKE, NEEDS_GPU, NEEDS_IMAGE, FakeTarget, RealTarget, progress,
+                        settings_from_env)
 
 from launcher.backends.base import State
 from launcher.backends.k8s_manifests import Names
@@ -29,7 +35,7 @@ from launcher.backends.kubernetes import KubernetesBackend
 from launcher.errors import BackendError
 from launcher.experiment_file import load_yaml
 from launcher.grid import plan
-from launcher.progress import PROGRESS_PREFIX
+from launcher.progress import parse_lines
 from launcher.status_view import collect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,23 +54,55 @@ EXPERIMENT = """\
 """
 
 
-def progress(event: str, step: int, **fields) -> str:
-    return PROGRESS_PREFIX + json.dumps({"event": event, "time": time.time(), "step": step, **fields}, sort_keys=True)
-
-
-def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+REAL = settings_from_env()  # None: the fake server (incomplete settings stop the session: conftest.py)
 
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
+    if REAL is not None:
+        pytest.skip(NEEDS_FAKE)
     server = start_cluster(tmp_path, monkeypatch, NS, hf_token=FAKE_TOKEN)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def real_cluster():
+    target = RealTarget(REAL)
+    target.check_namespace()
+    return target
+
+
+@pytest.fixture
+def target(request, tmp_path, monkeypatch):
+    """Where the scenario runs: a fresh fake server, or the real cluster (tests/k8s_target.py)."""
+    if REAL is None:
+        server = start_cluster(tmp_path, monkeypatch, NS, hf_token=FAKE_TOKEN)
+        yield FakeTarget(server, NS)
+        server.stop()
+        return
+    monkeypatch.setenv("QLAUNCH_HOME", str(tmp_path / "qlaunch-home"))
+    yield request.getfixturevalue("real_cluster")
+
+
+@pytest.fixture
+def scenario(target, tmp_path):
+    """The experiment a target runs (the fake: EXPERIMENT; a real cluster: a tiny CPU run of the
+    quickstart's model); whatever it left on a real cluster is deleted afterwards."""
+    path = tmp_path / "scenario.yaml"
+    path.write_text(target.experiment_yaml(textwrap.dedent(EXPERIMENT)))
+    p = plan(path)
+    yield p
+    target.cleanup(p.experiment.name)
+
+
+@pytest.fixture
+def training(target):
+    """A scenario whose pods must run: on a real cluster, the test image and the seeded data."""
+    if target.real:
+        if not REAL.image:
+            pytest.skip(NEEDS_IMAGE)
+        target.seed_data()
 
 
 @pytest.fixture
@@ -86,99 +124,109 @@ def job_names(p, run) -> Names:
     return Names.of(p.experiment.name, run.run_id)
 
 
-def test_submit_status_follow_logs_across_a_preemption_then_cancel(fake, experiment):
-    p, k8s = experiment, backend()
+def test_submit_status_follow_logs_across_a_preemption_then_cancel(target, scenario, training):
+    p, k8s, fake = scenario, target.backend(), not target.real
+    experiment = p.experiment.name
     report = k8s.submit(p)
     assert sorted(report.submitted) == sorted(r.run_id for r in p.runs) and not report.skipped
     run, other = p.runs
     n = job_names(p, run)
     assert report.submitted[run.run_id] == [n.train_job, n.infer_job]
-    config = fake.get("configmaps", NS, n.config)
+    config = target.get("configmaps", n.config)
     assert load_yaml(config["data"]["run.yaml"])["run_id"] == run.run_id
-    assert fake.get("jobs", NS, n.train_job)["metadata"]["labels"]["qlaunch.dev/run-id"] == run.run_id
-    assert {s.state for s in k8s.status(p).values()} == {State.PENDING}
+    assert target.get("jobs", n.train_job)["metadata"]["labels"]["qlaunch.dev/run-id"] == run.run_id
+    states = {s.state for s in k8s.status(p).values()}
+    # A real cluster may have started a pod already.
+    assert states == {State.PENDING} if fake else states <= {State.PENDING, State.RUNNING}
 
-    # Submitting again changes nothing while the runs are pending.
-    applied = len(patches(fake))
+    # Submitting again changes nothing while the runs are pending (or running).
+    uids = {job["metadata"]["name"]: job["metadata"]["uid"] for job in target.objects("jobs", experiment)}
+    applied = len(patches(target.server)) if fake else None
     again = k8s.submit(p)
     assert sorted(again.skipped) == sorted(r.run_id for r in p.runs) and not again.submitted
-    assert len(patches(fake)) == applied
+    assert {job["metadata"]["name"]: job["metadata"]["uid"] for job in target.objects("jobs", experiment)} == uids
+    if fake:
+        assert len(patches(target.server)) == applied
 
     # The Job controller starts a pod; the trainer logs progress.
-    first = fake.start_pod(NS, n.train_job)
-    fake.run_pod(NS, first)
-    fake.log(NS, first, "loading NousResearch/Llama-2-7b-chat-hf in 4-bit",
-             progress("start", 0, total_steps=100, attempt=1, resumed_from=None),
-             progress("step", 10, total_steps=100, loss=1.9, learning_rate=2e-4))  # fmt: skip
+    first = target.pod_running(n.train_job)
+    step = target.trainer_starts(first)
     status = k8s.status(p)[run.run_id]
     assert status.state == State.RUNNING and status.job_ids == [n.train_job, n.infer_job]
     rows = {row.run_id: row for row in collect(p, k8s)}  # what `qlaunch status` shows
-    assert (rows[run.run_id].progress.step, rows[run.run_id].progress.loss) == (10, 1.9)
-    assert rows[run.run_id].progress.total_steps == 100 and rows[other.run_id].progress.step == 0
+    shown = rows[run.run_id].progress
+    if fake:
+        assert (step, shown.step, shown.loss, shown.total_steps) == (10, 10, 1.9, 100)
+        assert rows[other.run_id].progress.step == 0
+    else:
+        assert shown.step >= step and shown.total_steps == p.runs[0].train.max_steps and shown.loss is not None
 
     # logs -f, while the pod is preempted and the Job replaces it.
     out = io.StringIO()
     follower = threading.Thread(target=k8s.logs, args=(p, run), kwargs={"follow": True, "out": out}, daemon=True)
     follower.start()
-    wait_until(lambda: '"step": 10' in out.getvalue(), what="the first pod's log")
-    fake.log(NS, first, "{'loss': 1.87, 'epoch': 0.12}")
-    wait_until(lambda: "'loss': 1.87" in out.getvalue(), what="a line appended while following")
+    first_step = f'"step": {step}, '
+    target.wait(lambda: first_step in out.getvalue(), what="the first pod's log")
+    later = target.trainer_steps_on(first, step)
+    target.wait(lambda: later in out.getvalue(), what="a line appended while following")
 
-    fake.evict_pod(NS, first, reason="PreemptionByScheduler", terminate=False)
+    target.preempt(first)
+    if fake:  # a real trainer's save is too quick to catch reliably
+        status = k8s.status(p)[run.run_id]
+        assert status.state == State.REQUEUED and "saving a checkpoint" in status.detail
+    checkpoint = target.trainer_stops(first)
+    second = target.replacement_pod(n.train_job, first, scheduled=False)
+    if fake:  # the replacement waits for a GPU
+        status = k8s.status(p)[run.run_id]
+        assert status.state == State.REQUEUED and "preempted" in status.detail and "Insufficient nvidia.com/gpu" in status.detail
+    target.pod_running(n.train_job, second)
+    resumed_from, reached = target.trainer_resumes(second, checkpoint)
+    resumed = f'"resumed_from": {resumed_from}'
+    target.wait(lambda: resumed in out.getvalue(), what="the replacement pod's log")
     status = k8s.status(p)[run.run_id]
-    assert status.state == State.REQUEUED and "saving a checkpoint" in status.detail
-    fake.log(NS, first, progress("checkpoint", 12, path="/mnt/qlaunch/guanaco/x/checkpoints/checkpoint-12"),
-             progress("preempted", 12, signal="SIGTERM"))  # fmt: skip
-    fake.finish_pod(NS, first, exit_code=75)
-    second = fake.start_pod(NS, n.train_job, scheduled=False)
-    status = k8s.status(p)[run.run_id]
-    assert status.state == State.REQUEUED and "preempted" in status.detail and "Insufficient nvidia.com/gpu" in status.detail
-    fake.run_pod(NS, second)
-    fake.log(NS, second, progress("start", 12, total_steps=100, attempt=2, resumed_from=12), "resumed from checkpoint-12",
-             progress("step", 20, total_steps=100, loss=1.5))  # fmt: skip
-    wait_until(lambda: "resumed from checkpoint-12" in out.getvalue(), what="the replacement pod's log")
-    status = k8s.status(p)[run.run_id]
-    assert (status.state, status.restarts) == (State.RUNNING, 1)
+    # (A real trainer may have finished its last steps by now.)
+    assert status.restarts == 1 and status.state in ((State.RUNNING,) if fake else (State.RUNNING, State.COMPLETED))
     row = {row.run_id: row for row in collect(p, k8s)}[run.run_id]
-    assert (row.progress.step, row.progress.loss, row.progress.restarts) == (20, 1.5, 1)
-    assert row.progress.resumed_from == [12]
+    assert row.progress.restarts == 1 and row.progress.resumed_from == [resumed_from] and row.progress.step >= reached
+    if fake:
+        assert (resumed_from, row.progress.step, row.progress.loss) == (12, 20, 1.5)
 
-    fake.log(NS, second, progress("end", 100, total_steps=100, status="completed"))
-    fake.finish_pod(NS, second)
-    follower.join(timeout=15)
+    target.trainer_finishes(n.train_job, second)
+    follower.join(timeout=15 if fake else REAL.timeout)
     assert not follower.is_alive(), "logs -f did not stop when the Job completed"
     text = out.getvalue()
-    order = ["loading NousResearch", '"step": 10', "'loss': 1.87", '"event": "preempted"',
-             f"pod {second}", "resumed from checkpoint-12", '"event": "end"']  # fmt: skip
+    order = (["loading NousResearch"] if fake else []) + [
+        first_step, later, '"event": "preempted"', f"pod {second}", resumed, '"event": "end"']  # fmt: skip
     positions = [text.index(marker) for marker in order]
-    assert positions == sorted(positions) and text.count("resumed from checkpoint-12") == 1
+    assert positions == sorted(positions) and text.count(resumed) == 1
+    # The replacement resumed from the very checkpoint the preempted pod saved.
+    assert [e["step"] for e in parse_lines(text.splitlines()) if e["event"] == "preempted"] == [resumed_from]
     assert k8s.status(p)[run.run_id].state == State.COMPLETED
 
-    # Inference was suspended (no pod) until training completed; status started it.
-    assert fake.get("jobs", NS, n.infer_job)["spec"]["suspend"] is False
-    infer_pod = fake.start_pod(NS, n.infer_job)
-    status = k8s.status(p)[run.run_id]
-    assert status.infer_state == State.PENDING
-    fake.run_pod(NS, infer_pod)
-    fake.log(NS, infer_pod, progress("infer_end", 100, summary={"prompts": 1}))
-    fake.finish_pod(NS, infer_pod)
+    # -- Inference: suspended (no pod, no GPU) until training finished; then the trainer's
+    # hand-off (a real cluster) or the status call above (the fake's trainer has no token)
+    # started it.
+    if fake:
+        assert target.server.get("jobs", NS, n.infer_job)["spec"]["suspend"] is False
+    target.inference_finishes(n.infer_job)
     assert k8s.status(p)[run.run_id].infer_state == State.COMPLETED
     assert {row.run_id: row for row in collect(p, k8s)}[run.run_id].progress.inference_done
 
     # Cancel: every Job, pod and ConfigMap of the experiment is gone.
-    other_pod = fake.start_pod(NS, job_names(p, other).train_job)
-    fake.run_pod(NS, other_pod)
+    if fake:  # (a real cluster's other run is running or has finished by now)
+        target.pod_running(job_names(p, other).train_job)
     assert sorted(k8s.cancel(p, list(p.runs))) == sorted(r.run_id for r in p.runs)
-    assert fake.list("jobs", NS) == [] and fake.list("pods", NS) == [] and fake.list("configmaps", NS) == []
+    target.wait(lambda: target.gone(experiment), what="the cancelled Jobs, pods and ConfigMaps to go")
     assert {s.state for s in k8s.status(p).values()} == {State.UNKNOWN}
     assert k8s.cancel(p, list(p.runs)) == []
 
-    # The token went nowhere: not in a request, not even in an answer (metadata-only Secret GET).
-    secret_token_forms = (FAKE_TOKEN, base64.b64encode(FAKE_TOKEN.encode()).decode())
-    for request in fake.requests:
-        assert not any(form in request["body"] for form in secret_token_forms)
-    for body in fake.responses:
-        assert not any(form.encode() in body for form in secret_token_forms)
+    if fake:
+        # The token went nowhere: not in a request, not even in an answer (metadata-only Secret GET).
+        secret_token_forms = (FAKE_TOKEN, base64.b64encode(FAKE_TOKEN.encode()).decode())
+        for request in target.server.requests:
+            assert not any(form in request["body"] for form in secret_token_forms)
+        for body in target.server.responses:
+            assert not any(form.encode() in body for form in secret_token_forms)
 
 
 def test_status_costs_two_list_calls_whatever_the_grid_size(fake, tmp_path):
@@ -242,11 +290,14 @@ def test_logs_without_follow_prints_replaced_pods_first(fake, experiment):
     assert k8s.status(p)[run.run_id].restarts == 1
 
 
-def test_dry_run_is_validated_by_the_server_and_stores_nothing(fake, experiment):
-    report = backend().submit(experiment, dry_run=True)
-    assert sorted(report.submitted) == sorted(r.run_id for r in experiment.runs)
-    assert patches(fake) and all(r["query"].get("dryRun") == "All" for r in patches(fake))
-    assert fake.list("jobs", NS) == [] and fake.list("configmaps", NS) == []
+def test_dry_run_is_validated_by_the_server_and_stores_nothing(target, scenario):
+    report = target.backend().submit(scenario, dry_run=True)
+    assert sorted(report.submitted) == sorted(r.run_id for r in scenario.runs)
+    if not target.real:
+        assert patches(target.server) and all(r["query"].get("dryRun") == "All" for r in patches(target.server))
+    assert target.objects("jobs", scenario.experiment.name) == [] and target.objects("configmaps", scenario.experiment.name) == []
+    if not target.real:
+        assert target.server.list("jobs", NS) == [] and target.server.list("configmaps", NS) == []
 
 
 def test_an_object_refused_by_the_server_leaves_nothing_half_submitted(fake, experiment):
@@ -393,10 +444,32 @@ def test_a_read_write_once_claim_is_refused(fake, experiment):
     assert "ReadWriteOnce" in str(error.value) and "ReadWriteMany" in str(error.value)
 
 
-def test_logs_of_a_run_never_submitted(fake, experiment):
+def test_logs_of_a_run_never_submitted(target, scenario):
     with pytest.raises(BackendError) as error:
-        backend().logs(experiment, experiment.runs[0], follow=False, out=io.StringIO())
+        target.backend().logs(scenario, scenario.runs[0], follow=False, out=io.StringIO())
     assert "has no train Job" in str(error.value)
+
+
+def test_a_gpu_run_trains_on_a_gpu_node(target, tmp_path, training):
+    """Only on a real cluster with GPU nodes: one run asking for a GPU is placed where there is
+    one and trains to the end (nothing to prove on the fake server, which has no scheduler)."""
+    if not (target.real and REAL.gpu):
+        pytest.skip(NEEDS_GPU)
+    path = tmp_path / "gpu.yaml"
+    text = target.experiment_yaml("").replace("gpus_per_node: 0", "gpus_per_node: 1")
+    text = text.replace("  lora.r: [4, 8]", "  lora.r: [8]").replace("kubernetes:\n", "kubernetes:\n  gpu_node_label: none\n", 1)
+    path.write_text(text)
+    p = plan(path)
+    k8s, n = target.backend(), job_names(p, p.runs[0])
+    try:
+        k8s.submit(p)
+        pod = target.get("pods", target.pod_running(n.train_job))
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] in ("1", 1)
+        target.trainer_finishes(n.train_job, pod["metadata"]["name"])
+        assert k8s.status(p)[p.runs[0].run_id].state == State.COMPLETED
+    finally:
+        k8s.cancel(p, list(p.runs))
+        target.cleanup(p.experiment.name)
 
 
 # -- the CLI, as a user runs it ---------------------------------------------------------------

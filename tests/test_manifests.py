@@ -17,6 +17,7 @@ EXPECTED = {
                       ("kueue.x-k8s.io/v1beta1", "ClusterQueue"),
                       ("kueue.x-k8s.io/v1beta1", "LocalQueue")],
     "kind-test-cluster.yaml": [("kind.x-k8s.io/v1alpha4", "Cluster")],
+    "kind-test-storage.yaml": [("v1", "Namespace"), ("v1", "PersistentVolume"), ("v1", "PersistentVolumeClaim")],
 }
 
 

@@ -440,6 +440,8 @@ class FakeKube:
             return 200, obj
         if method == "PATCH" and headers.get("Content-Type", "").startswith(MERGE_PATCH):
             return self._merge_patch(resource, namespace, name, query, body)
+        if method == "POST" and sub == "eviction":
+            return self._evict(namespace, name)
         if method == "PATCH":
             return self._apply(resource, namespace, name, query, headers, body)
         if method == "DELETE":
@@ -596,6 +598,14 @@ class FakeKube:
         if follow:
             return "stream", chunks(), "text/plain"
         return 200, b"".join(chunks())
+
+    def _evict(self, namespace: str, name: str):
+        """POST pods/<name>/eviction (the Eviction API, no PodDisruptionBudget in the way): the pod
+        gets DisruptionTarget with reason EvictionByEvictionAPI and SIGTERM, as on a real cluster."""
+        if self.get("pods", namespace, name) is None:
+            raise not_found("pods", name)
+        self.evict_pod(namespace, name, reason="EvictionByEvictionAPI", terminate=False)
+        return 201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
     # -- apply ------------------------------------------------------------------------------
 
