@@ -11,7 +11,6 @@ resumes and writes the adapter.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -25,7 +24,7 @@ from launcher.grid import plan
 from launcher.progress import EXIT_PREEMPTED, read_events
 from launcher.storage import RunPaths
 from training.checkpoints import complete_checkpoints
-from training_support import REPO, tail, wait_until
+from training_support import REPO, mount_config_map, tail, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -51,6 +50,10 @@ def quickstart_on_kubernetes(folder: Path, image: str) -> Path:
     experiment["kubernetes"] = {"image": image, "image_pull_policy": "Never"}
     path = folder / "quickstart-k8s.yaml"
     path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    # Its data files beside it, as in examples/: local files, so submit stages them.
+    for name in ("train.jsonl", "eval.jsonl"):
+        (folder / "data").mkdir(exist_ok=True)
+        (folder / "data" / name).write_bytes((REPO / "examples" / "data" / name).read_bytes())
     return path
 
 
@@ -62,24 +65,29 @@ def test_quickstart_trains_in_the_image_as_the_manifest_starts_it(tmp_path, imag
     docker = docker_or_fail()
     the_plan = plan(quickstart_on_kubernetes(tmp_path, image))
     [run] = the_plan.runs
-    configmap, job, *_ = run_documents(the_plan, run)
+    documents = run_documents(the_plan, run)
+    (configmap,) = [d for d in documents if d["kind"] == "ConfigMap"]
+    job = next(d for d in documents if d["kind"] == "Job")  # training first, then inference
     pod = job["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {CLAIM_MOUNT, "/config"}
 
-    # The claim as a user prepares it: the dataset copied onto it (relative paths in the pod's
-    # run.yaml resolve there), owned by the pod's group as fsGroup would make it.
-    claim, config = tmp_path / "claim", tmp_path / "config"
-    shutil.copytree(REPO / "examples" / "data", claim / "data", ignore=shutil.ignore_patterns("*.py"))
-    config.mkdir()
-    for key, text in configmap["data"].items():
-        (config / key).write_text(text)
+    # The claim, owned by the pod's group as fsGroup would make it; the quickstart's data files
+    # travel in the run's ConfigMap (qlaunch stages small local files there), mounted at /config.
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    config = mount_config_map(configmap, tmp_path / "config", same_path=True)
+    # The hand-off volume with the namespace but no token, and no API server to reach: the
+    # trainer cannot start the inference Job, which must not fail the training pod.
+    handoff = tmp_path / "handoff"
+    handoff.mkdir()
+    (handoff / "namespace").write_text("default")
     subprocess.run(["chown", "-R", f"{POD_UID}:{POD_UID}", str(claim)], check=True)
     run_dir = RunPaths(on_host(claim, run.run_dir))
     log = tmp_path / "pod.log"
 
     def start_pod(name: str) -> subprocess.Popen:
-        args = docker_run_args(pod, container, {"storage": claim, "config": config})
+        args = docker_run_args(pod, container, {"storage": claim, "config": config, "handoff": handoff})
         with open(log, "ab") as out:
             return subprocess.Popen([docker, "run", "--rm", "--name", name, *args], stdout=out, stderr=subprocess.STDOUT)
 
@@ -105,6 +113,7 @@ def test_quickstart_trains_in_the_image_as_the_manifest_starts_it(tmp_path, imag
     # The Job's replacement pod: same spec, resumes from that checkpoint and finishes.
     second = start_pod(f"qlaunch-test-{uuid.uuid4().hex[:8]}")
     assert second.wait(timeout=900) == 0, tail(log)
+    assert "could not start inference Job" in log.read_text() or "cannot read the" in log.read_text(), tail(log)
     starts = [e for e in read_events(run_dir.progress) if e.get("event") == "start"]
     assert [s["resumed_from"] for s in starts] == [None, stopped_at]
     assert steps()[-1] == STEPS

@@ -22,7 +22,7 @@ import pytest
 from launcher.backends.k8s_manifests import CONFIG_MOUNT, run_documents
 from launcher.grid import plan
 from launcher.storage import RunPaths
-from training_support import REPO, tail
+from training_support import REPO, mount_config_map, tail
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +33,7 @@ def _pod_processes(tmp_path, job: dict, config_map: dict):
     head = f"{job['metadata']['name']}-0.{pod['subdomain']}"
     hosts = tmp_path / "hosts"
     hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {head}\n")
-    config = tmp_path / "config"
-    config.mkdir()
-    for key, text in config_map["data"].items():
-        (config / key).write_text(text)
+    config = mount_config_map(config_map, tmp_path / "config", CONFIG_MOUNT)
     home = tmp_path / "home"
     home.mkdir()
     command = [str(config / arg[len(CONFIG_MOUNT) + 1:]) if arg.startswith(CONFIG_MOUNT + "/") else arg
@@ -71,7 +68,7 @@ def test_indexed_job_pods_rendezvous_and_train_together(tmp_path, tiny_experimen
         train={"max_steps": 12, "logging_steps": 1},
         inference={"enabled": False},
     ))  # fmt: skip
-    shutil.copy(tmp_path / "data.jsonl", claim / "data.jsonl")  # relative paths resolve on the claim
+    # The local data.jsonl travels in the run's ConfigMap (qlaunch stages it): nothing to copy.
     (run,) = p.runs
     documents = run_documents(p, run)
     (job,) = [d for d in documents if d["kind"] == "Job" and d["spec"].get("completionMode") == "Indexed"]

@@ -14,7 +14,6 @@ The local backend's Ctrl-C (tests/test_local_backend.py) and Slurm's requeue and
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from fake_kube import start_cluster
-from training_support import events, job_env, processes_mentioning, start_job, tail, wait_until
+from training_support import events, job_env, mount_config_map, processes_mentioning, start_job, tail, wait_until
 
 from launcher.backends.k8s_manifests import CONFIG_MOUNT, Names
 from launcher.backends.kubernetes import KubernetesBackend
@@ -88,15 +87,11 @@ def test_kubernetes_pod_command_checkpoints_on_sigterm_to_pid_1_and_its_replacem
     p = plan(path)
     (run,) = p.runs
     KubernetesBackend(poll_seconds=0.05).submit(p)
-    storage.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tmp_path / "exp" / "data.jsonl", storage / "data.jsonl")  # "copy local data onto the claim"
+    storage.mkdir(parents=True, exist_ok=True)  # (the local data.jsonl travels in the ConfigMap)
 
     # What the API server holds is what the pod runs: the ConfigMap at /config, the command.
     names = Names.of(p.experiment.name, run.run_id)
-    config = tmp_path / "config"
-    config.mkdir()
-    config_map = fake.get("configmaps", "default", names.config)
-    (config / "run.yaml").write_text(config_map["data"]["run.yaml"])
+    config = mount_config_map(fake.get("configmaps", "default", names.config), tmp_path / "config", CONFIG_MOUNT)
     pod = fake.get("jobs", "default", names.train_job)["spec"]["template"]["spec"]
     command = [part.replace(CONFIG_MOUNT, str(config)) for part in pod["containers"][0]["command"]]
     assert command[1:3] == ["-m", "training.launch"]
