@@ -24,9 +24,8 @@ from ..grid import Plan
 from ..progress import EXIT_PREEMPTED
 from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
 from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
-from .k8s_staging import pod_run, run_files
+from .k8s_staging import CONFIG_MOUNT, RunFiles, pod_run, run_files
 
-CONFIG_MOUNT = "/config"
 LABEL_PREFIX = "qlaunch.dev"
 EXPERIMENT_LABEL = f"{LABEL_PREFIX}/experiment"
 RUN_LABEL = f"{LABEL_PREFIX}/run-id"
@@ -287,11 +286,11 @@ def annotations(run: RunConfig) -> dict[str, str]:
     }
 
 
-def pod_run_config(plan: Plan, run: RunConfig) -> str:
+def pod_run_config(plan: Plan, run: RunConfig, files: RunFiles | None = None) -> str:
     """run.yaml as the pod sees it: relative paths resolve on the PVC (storage.root), since the
     experiment file's folder on the laptop does not exist inside the cluster; local data files
     are named where their staged copies are (launcher/backends/k8s_staging.py)."""
-    return dump_run_config(pod_run(run, str(plan.storage_root)))
+    return dump_run_config(pod_run(run, str(plan.storage_root), files))
 
 
 def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
@@ -550,7 +549,7 @@ def _config_map(plan: Plan, run: RunConfig) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(plan, run, names(plan, run).config, labels(plan, run, None)),
-        "data": {"run.yaml": dump_run_config(pod_run(run, str(plan.storage_root), files)), **files.data},
+        "data": {"run.yaml": pod_run_config(plan, run, files), **files.data},
     }
     if files.binary_data:
         config_map["binaryData"] = files.binary_data
