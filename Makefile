@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch; on a GPU machine use the torch build for your CUDA instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup quickstart test test-fast lock clean
+.PHONY: setup quickstart lint test test-fast lock clean
 
 # Exactly the versions CI last passed with (requirements/lock.txt); pyproject.toml keeps the
 # ranges for people who install qlaunch into their own environment.
@@ -28,12 +28,16 @@ quickstart: setup
 # the Slurm test cluster: this machine as a node plus two namespaced nodes for the multi-node
 # tests (installs slurm-wlm and munge if missing). Docker first: it sets iptables' FORWARD policy,
 # and cluster.sh then lets the test nodes' bridge through.
-test: setup
+# Pyflakes (undefined names, unused imports) and import order, in seconds: before any test.
+lint: setup
+	$(VENV)/bin/ruff check launcher training tests bench
+
+test: setup lint
 	bash docker/dockerd.sh up
 	bash slurm/cluster.sh up --nodes 2
 	$(VENV)/bin/pytest
 
-test-fast: setup
+test-fast: setup lint
 	$(VENV)/bin/pytest -m "not slow and not slurm"
 
 # Refresh the lock: the newest versions pyproject's ranges allow, in a fresh venv. Then run

@@ -140,7 +140,7 @@ def matmul_ceiling(shape, tokens: int, checkpointing: bool, repeats: int = 10) -
         forward = timed(lambda: x @ weight.t())
         input_grad = timed(lambda: grad @ weight)
         per_layer += forward * (2 if checkpointing else 1) + input_grad
-        del weight, x, grad
+
     head_weight = torch.randn(shape.vocab_size, shape.hidden_size, device=device, dtype=dtype) * 0.02
     hidden = torch.randn(tokens, shape.hidden_size, device=device, dtype=dtype)
     logits_grad = torch.randn(tokens, shape.vocab_size, device=device, dtype=dtype)

@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from training_support import wait_until
 import yaml
+from training_support import wait_until
 
 from launcher.backends.base import State
 from launcher.backends.slurm import SlurmBackend

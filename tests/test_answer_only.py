@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from training_support import run_job, tail
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
 from launcher.grid import plan
 from launcher.storage import RunPaths
-from training_support import run_job, tail
 
 ROWS = [
     {"instruction": "What comes after 3?", "response": "4 comes after 3."},
@@ -92,10 +92,11 @@ def tiny_model(tiny_model_dir):
 
 def prepared(tmp_path, tiny_model, tokenizer, template: str, packing: bool):
     """The run's dataset as trl's SFTTrainer prepares it, the run, and the trainer."""
+    from trl import SFTTrainer
+
     from training.arguments import Adjustments, build_sft_config
     from training.formatting import build_train_dataset, load_records
     from training.packing import use_packed_rows
-    from trl import SFTTrainer
 
     path = experiment(
         tmp_path,

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from container_support import build_test_image, docker_or_fail, docker_run_args
+from training_support import REPO, mount_config_map, tail, wait_until
+
 from launcher.backends.k8s_manifests import run_documents
 from launcher.grid import plan
 from launcher.progress import EXIT_PREEMPTED, read_events
 from launcher.storage import RunPaths
 from training.checkpoints import complete_checkpoints
-from training_support import REPO, mount_config_map, tail, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

@@ -6,10 +6,10 @@ import json
 import signal
 
 import pytest
+from training_support import events, run_job, start_job, tail, wait_until
 
 from launcher.progress import EXIT_PREEMPTED
 from launcher.storage import RunPaths
-from training_support import events, run_job, start_job, tail, wait_until
 
 pytestmark = pytest.mark.slow
 

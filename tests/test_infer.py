@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from training_support import events, run_job, tail
 
 from launcher.errors import ConfigError
 from launcher.storage import RunPaths
-from training_support import events, run_job, tail
 from training.eval_metrics import get_metric, get_metrics
 
 # --- metrics (fast) -------------------------------------------------------------------------------

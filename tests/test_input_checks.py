@@ -17,12 +17,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from slurm_support import cancel_after, require_cluster, unique_name, write_experiment  # noqa: F401 - fixture
 
 from launcher.cli import main
 from launcher.grid import plan
 from launcher.input_checks import check_plan
 from launcher.storage import RunPaths, write_run_config
-from slurm_support import cancel_after, require_cluster, unique_name, write_experiment  # noqa: F401 - fixture
 
 HEAD = "name: cat\nstorage:\n  root: runs\n"  # lines 1-3 of every case
 ROWS = [{"instruction": f"Say {n}.", "response": f"{n}"} for n in range(3)]

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 from fake_kube import ApiError, FakeKube, start_cluster
-from k8s_target import (NEEDS_FAKE, NEEDS_GPU, NEEDS_IMAGE, FakeTarget, RealTarget, progress,
-                        settings_from_env)
+from k8s_target import NEEDS_FAKE, NEEDS_GPU, NEEDS_IMAGE, FakeTarget, RealTarget, progress, settings_from_env
 
 from launcher.backends.base import State
 from launcher.backends.k8s_manifests import Names

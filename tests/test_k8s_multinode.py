@@ -18,11 +18,11 @@ import subprocess
 import sys
 
 import pytest
+from training_support import REPO, mount_config_map, tail
 
 from launcher.backends.k8s_manifests import CONFIG_MOUNT, run_documents
 from launcher.grid import plan
 from launcher.storage import RunPaths
-from training_support import REPO, mount_config_map, tail
 
 pytestmark = pytest.mark.slow
 

@@ -73,8 +73,9 @@ def test_selective_checkpointing_reaches_trl(tmp_path):
 def test_selective_checkpointing_trains_the_same_numbers_as_full(tmp_path, tiny_plan):
     """A real tiny QLoRA training, full vs selective checkpointing: same losses step by step
     (it changes what is kept, not the math)."""
-    from launcher.storage import RunPaths
     from training_support import events, run_job, tail
+
+    from launcher.storage import RunPaths
 
     losses = {}
     for mode in (True, "selective"):

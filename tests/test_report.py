@@ -12,12 +12,12 @@ import subprocess
 import sys
 
 import pytest
+from training_support import events, start_job, tail, wait_until
 
 from launcher.grid import plan
 from launcher.json_output import PlanDocument, ReportDocument, StatusDocument
 from launcher.progress import EXIT_PREEMPTED
 from launcher.storage import RunPaths, read_json
-from training_support import events, start_job, tail, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -26,11 +26,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from training_support import events, start_job, tail, wait_until
 
 from launcher.progress import EXIT_PREEMPTED
 from launcher.storage import RunPaths
 from training.example_record import ENV, FILE_NAME
-from training_support import events, start_job, tail, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from launcher.backends.base import State
-from launcher.backends.slurm import SlurmBackend
-from launcher.errors import BackendError
-from launcher.storage import RunPaths, write_json
 from slurm_support import (
     cancel_after,  # noqa: F401 - fixture
     plan,
@@ -26,6 +21,11 @@ from slurm_support import (
     unique_name,
     write_experiment,
 )
+
+from launcher.backends.base import State
+from launcher.backends.slurm import SlurmBackend
+from launcher.errors import BackendError
+from launcher.storage import RunPaths, write_json
 
 HELD = {"extra_directives": ["--hold"]}
 LOGGED_COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "scontrol", "sinfo")

@@ -12,12 +12,7 @@ import shutil
 import subprocess
 
 import pytest
-
 from container_support import build_test_image, docker_or_fail
-from launcher.backends.base import State
-from launcher.backends.slurm import SlurmBackend
-from launcher.progress import read_events
-from launcher.storage import RunPaths
 from slurm_support import (
     cancel_after,  # noqa: F401 - fixture
     plan,
@@ -27,6 +22,11 @@ from slurm_support import (
     write_experiment,
 )
 from training_support import REPO
+
+from launcher.backends.base import State
+from launcher.backends.slurm import SlurmBackend
+from launcher.progress import read_events
+from launcher.storage import RunPaths
 
 pytestmark = [pytest.mark.slurm, pytest.mark.container, pytest.mark.slow]
 

@@ -13,11 +13,6 @@ import subprocess
 import threading
 
 import pytest
-
-from launcher.backends.base import State
-from launcher.backends.slurm import SlurmBackend
-from launcher.progress import read_events, summarize
-from launcher.storage import RunPaths
 from slurm_support import (
     PYTHON,
     cancel_after,  # noqa: F401 - fixture
@@ -27,6 +22,11 @@ from slurm_support import (
     unique_name,
     wait_for,
 )
+
+from launcher.backends.base import State
+from launcher.backends.slurm import SlurmBackend
+from launcher.progress import read_events, summarize
+from launcher.storage import RunPaths
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -11,12 +11,12 @@ import json
 import subprocess
 
 import pytest
+from slurm_support import PYTHON, cancel_after, plan, require_cluster, unique_name, wait_for  # noqa: F401
 
 from launcher.backends.base import State
 from launcher.backends.slurm import SlurmBackend
 from launcher.progress import read_events, summarize
 from launcher.storage import RunPaths
-from slurm_support import PYTHON, cancel_after, plan, require_cluster, unique_name, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -19,12 +19,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import yaml
+from training_support import REPO, events, job_env, tail, wait_until
 
 from launcher.progress import EXIT_PREEMPTED
 from launcher.storage import RunPaths
 from training.tracking import tracked_run_name, wandb_run_id
-from training_support import REPO, events, job_env, tail, wait_until
 
 pytestmark = pytest.mark.slow
 

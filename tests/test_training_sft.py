@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from training_support import events, run_job, tail
 
 from launcher.progress import PROGRESS_PREFIX
 from launcher.storage import RunPaths
-from training_support import events, run_job, tail
 
 pytestmark = pytest.mark.slow
 

@@ -32,8 +32,8 @@ from typing import Any, Iterable
 from launcher.config import RunConfig
 from launcher.data_files import LOCAL_FORMATS
 from launcher.errors import ConfigError
-from launcher.input_checks import auto_format, dataset_file, needed_fields
 from launcher.hub import pin_for, snapshot_dir
+from launcher.input_checks import auto_format, dataset_file, needed_fields
 from launcher.loss import answer_only
 
 B_INST, E_INST = "[INST]", "[/INST]"

@@ -43,8 +43,9 @@ def liger_decision(
 def installed_liger_version() -> str | None:
     """liger-kernel's version when it imports (it needs triton), else None."""
     try:
-        import liger_kernel.transformers  # noqa: F401
         from importlib.metadata import version
+
+        import liger_kernel.transformers  # noqa: F401
 
         return version("liger-kernel")
     except Exception:  # noqa: BLE001 - any import failure means the fallback path

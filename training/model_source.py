@@ -21,8 +21,8 @@ from pathlib import Path
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
-from launcher.input_checks import model_location
 from launcher.hub import read_hf_token  # noqa: F401 - the jobs' entrypoints import it from here
+from launcher.input_checks import model_location
 
 from .entrypoint import log
 

@@ -21,8 +21,8 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..experiment_file import dump_run_config
 from ..grid import Plan
-from ..progress import EXIT_PREEMPTED
 from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
+from ..progress import EXIT_PREEMPTED
 from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
 from .k8s_staging import CONFIG_MOUNT, RunFiles, pod_run, run_files
 

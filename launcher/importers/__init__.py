@@ -9,9 +9,9 @@ Pure (no torch, no trl): it runs where the launcher runs.
 
 from __future__ import annotations
 
-from .core import Imported, Mapped
 from .axolotl import from_axolotl
-from .trl_sft import from_sft_args
+from .core import Imported, Mapped
 from .render import render_check, render_experiment
+from .trl_sft import from_sft_args
 
 __all__ = ["Imported", "Mapped", "from_axolotl", "from_sft_args", "render_check", "render_experiment"]

@@ -20,11 +20,11 @@ import functools
 import json
 import re
 import secrets
-import threading
-import time
 import ssl
 import subprocess
 import tempfile
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
