@@ -34,6 +34,8 @@ PROGRESS_PREFIX = "QLAUNCH_PROGRESS "
 # Documented exit code of a job that checkpointed on SIGTERM/SIGUSR1 and stopped (EX_TEMPFAIL):
 # not a failure; starting the run again resumes it.
 EXIT_PREEMPTED = 75
+# The other exit codes of every job entrypoint (training.launch, training.sft, training.infer).
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def make_event(event: str, step: int, **fields: Any) -> dict[str, Any]:

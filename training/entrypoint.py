@@ -7,9 +7,7 @@ import sys
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
 from launcher.experiment_file import load_run_config
-
-# Exit codes of every entrypoint; 75 (launcher.progress.EXIT_PREEMPTED) is "checkpointed, stopped".
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+from launcher.progress import EXIT_CONFIG, EXIT_FAILED, EXIT_OK  # noqa: F401 - the entrypoints' exit codes
 
 
 def load_run_or_report(value: str) -> RunConfig | None:

@@ -13,6 +13,14 @@ and what `accelerate launch` alone gets wrong for preemptible jobs (accelerate 1
   - exit codes: `accelerate launch` turns any non-zero worker exit into 1. Here a preempted run
     exits with EXIT_PREEMPTED (75), read back from the run's progress events.
 
+  - start-up: a worker ignores the stop signals until it has installed its handlers, so the
+    request is also written to a file (training/stop_request.py) before any signal is sent; the
+    worker reads it right after installing them. A request is never lost, whenever it comes.
+  - orphans: accelerate dies with this process (PR_SET_PDEATHSIG) and each worker with its
+    parent (training/worker_guard.py), so a SIGKILL of this process or of its group leaves no
+    worker training. Each worker locks its rank of the run folder; an attempt whose ranks are
+    still locked by live processes of an earlier one refuses to start and names them.
+
 The machine rank comes from --machine-rank, else Slurm's SLURM_NODEID, else the Kubernetes
 Indexed Job's JOB_COMPLETION_INDEX, else 0. Requeueing after exit 75 is the scheduler's (or the
 batch script's) business, not this module's.
@@ -24,23 +32,34 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from launcher.config import RunConfig
-from launcher.jobspec import MAIN_PROCESS_PORT
-from launcher.progress import EXIT_PREEMPTED, read_events
-from launcher.storage import RunPaths
+# Nothing slow above main()'s first line: a stop signal before the handlers are installed would
+# kill the job instead of stopping it, so pydantic and the run model are imported after them.
+from launcher.progress import EXIT_CONFIG, EXIT_FAILED, EXIT_PREEMPTED, read_events
 
-from .entrypoint import EXIT_CONFIG, load_run_or_report
+from .stop_request import STOP_FILE_ENV, write_request
+from .worker_guard import holders
+
+if TYPE_CHECKING:
+    from launcher.config import RunConfig
+    from launcher.storage import RunPaths
+
 
 # Signals that ask the job to stop; the trainer itself handles TERM and USR1.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 TRAINER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 RANK_ENVIRONMENT = ("SLURM_NODEID", "JOB_COMPLETION_INDEX")
+# Processes on this node when --processes is not given: e.g. data-parallel CPU processes on a
+# machine without CUDA, the same multi-process tree as a multi-GPU node (what the tests use).
+PROCESSES_ENV = "QLAUNCH_PROCESSES"
 
 
 def visible_gpus() -> int:
@@ -93,7 +112,9 @@ def accelerate_command(run: RunConfig, run_yaml: Path, *, gpus: int, rank: int,
 
 # torchrun (accelerate's multi-process launcher) would otherwise install handlers for TERM, INT
 # and HUP over the ignored ones and answer a preemption by killing the workers mid-checkpoint.
-TORCHRUN_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT"}
+# torchrun >= 2.9 takes the list from its --signals-to-handle option (default from
+# PET_SIGNALS_TO_HANDLE) and writes it over TORCHELASTIC_SIGNALS_TO_HANDLE: set both.
+TORCHRUN_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGQUIT", "PET_SIGNALS_TO_HANDLE": "SIGQUIT"}
 
 
 def signal_descendants(pid: int, signum: int, skip_group: int | None = None) -> None:
@@ -115,11 +136,28 @@ def signal_descendants(pid: int, signum: int, skip_group: int | None = None) -> 
             pass
 
 
-def _ignore_stop_signals() -> None:
-    # Runs in the child between fork and exec: the launcher (accelerate / torchrun) ignores the
-    # signals; the training workers install their own handlers, so they still get them.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+PR_SET_PDEATHSIG = 1
+# How long an earlier attempt's workers get to die (their parent watch, a scheduler's kill)
+# before a new attempt refuses to start beside them.
+EARLIER_ATTEMPT_GRACE_S = 15.0
+
+
+def _start_launcher_child(parent: int):
+    """Runs in the child between fork and exec. accelerate / torchrun ignore the stop signals
+    (the training workers install their own handlers, so they still get them), and they die
+    with training.launch, however it dies."""
+
+    def prepare() -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            if os.getppid() != parent:  # died before prctl took effect
+                os._exit(128 + int(signal.SIGKILL))
+
+    return prepare
 
 
 class StopForwarder:
@@ -132,6 +170,7 @@ class StopForwarder:
         self.received: int | None = None
         self.forwarded = False
         self._echo: int | None = None  # the signal we sent to our own group (see main)
+        self.request_file: Path | None = None  # read by workers that start after the signal
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
@@ -155,6 +194,11 @@ class StopForwarder:
         self.forwarded = True
         request = signum if signum in TRAINER_SIGNALS else signal.SIGUSR1
         _say(f"got {signal.Signals(signum).name}: asking the workers to checkpoint and stop")
+        if self.request_file is not None:  # first the file, then the signal: see stop_request
+            try:
+                write_request(self.request_file, request)
+            except OSError as exc:
+                _say(f"could not write the stop request file ({exc}): signalling only")
         if self.group == os.getpgrp():
             self._echo = request
         try:
@@ -179,12 +223,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         description="Run training.sft under accelerate launch on this node, passing preemption signals and exit codes through.",
     )
     parser.add_argument("run_config", help="the run's run.yaml (or its run folder)")
-    parser.add_argument("--processes", type=int, default=None,
-                        help="GPUs (processes) on this node; default: resources.gpus_per_node, at most the "
-                             "visible GPUs; 0 or no CUDA: one CPU process")  # fmt: skip
+    processes = os.environ.get(PROCESSES_ENV, "")
+    parser.add_argument("--processes", type=int, default=int(processes) if processes.isdigit() else None,
+                        help=f"GPUs (processes) on this node; default: ${PROCESSES_ENV}, else resources.gpus_per_node, "
+                             "at most the visible GPUs; 0 or no CUDA: one CPU process")  # fmt: skip
     parser.add_argument("--machine-rank", type=int, default=None,
                         help="this node's rank; default: $SLURM_NODEID, $JOB_COMPLETION_INDEX, 0")
     parser.add_argument("--main-process-ip", help="host of rank 0 (multi-node runs)")
+    from launcher.jobspec import MAIN_PROCESS_PORT
+
     parser.add_argument("--main-process-port", type=int, default=MAIN_PROCESS_PORT)
     parser.epilog = "Options after -- go to `accelerate launch` as they are."
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -194,33 +241,55 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return parser.parse_args(argv), []
 
 
+def processes_on_this_node(args: argparse.Namespace, run: RunConfig) -> int:
+    """GPUs this node uses (0: one CPU process)."""
+    if args.processes is not None:
+        return args.processes
+    return min(run.resources.gpus_per_node, visible_gpus()) if run.resources.gpus_per_node else 0
+
+
 def node_command(args: argparse.Namespace, extra: list[str], run: RunConfig, env: dict[str, str]) -> list[str]:
     """The accelerate command for this node, from the options and the run config."""
-    if args.processes is not None:
-        gpus = args.processes
-    else:
-        gpus = min(run.resources.gpus_per_node, visible_gpus()) if run.resources.gpus_per_node else 0
     return accelerate_command(
-        run, Path(args.run_config).resolve(), gpus=gpus, rank=machine_rank(args.machine_rank, env),
+        run, Path(args.run_config).resolve(), gpus=processes_on_this_node(args, run), rank=machine_rank(args.machine_rank, env),
         main_process_ip=args.main_process_ip, main_process_port=args.main_process_port, env=env, extra=extra,
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, accelerate_args = parse_args(argv)
-
     # Handlers first: a signal that comes while the run config loads must not kill us either.
     stop = StopForwarder()
     stop.install()
+    args, accelerate_args = parse_args(argv)
+    from launcher.storage import RunPaths
+
+    from .entrypoint import load_run_or_report
+
     run = load_run_or_report(args.run_config)
     if run is None:
         return EXIT_CONFIG
     paths = RunPaths.of(run)
+    env = dict(os.environ)
+    command = node_command(args, accelerate_args, run, env)
+    busy = earlier_attempt_workers(paths, args, run, env, stop)
+    if busy:
+        _say(f"run {run.run_id} is still being trained by an earlier attempt: {'; '.join(h.describe() for h in busy)}. "
+             "Not starting a second writer of its folder: stop those processes first.")  # fmt: skip
+        return EXIT_FAILED
     if stop.received is not None:
         _say(f"got {signal.Signals(stop.received).name} before training started: stopping")
         return EXIT_PREEMPTED
-    env = dict(os.environ)
-    command = node_command(args, accelerate_args, run, env)
+    request_dir = Path(tempfile.mkdtemp(prefix="qlaunch-stop-"))
+    stop.request_file = request_dir / "request"
+    env[STOP_FILE_ENV] = str(stop.request_file)
+    try:
+        return run_workers(command, env, stop, paths, args)
+    finally:
+        shutil.rmtree(request_dir, ignore_errors=True)
+
+
+def run_workers(command: list[str], env: dict[str, str], stop: StopForwarder, paths: RunPaths,
+                args: argparse.Namespace) -> int:  # fmt: skip
     # One stop request must reach accelerate and every worker. As the leader of its own process
     # group (the local backend's process, a container's PID 1) training.launch keeps them in
     # that group, so that whoever stops the job by group (the local backend's SIGKILL on a second
@@ -229,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     own_group = os.getpgrp() == os.getpid()
     env.update(TORCHRUN_ENV)
     started = time.time()
-    child = subprocess.Popen(command, env=env, preexec_fn=_ignore_stop_signals, start_new_session=not own_group)
+    child = subprocess.Popen(
+        command, env=env, preexec_fn=_start_launcher_child(os.getpid()), start_new_session=not own_group
+    )
+    stop.child = child.pid  # before the group: a signal in between sees no group and waits
     stop.group = os.getpgrp() if own_group else child.pid
-    stop.child = child.pid
     if stop.received is not None:  # arrived while the child was starting
         stop.forward(stop.received)
     code = exit_code(child.wait(), paths, started)
@@ -241,6 +312,19 @@ def main(argv: list[str] | None = None) -> int:
 
         release_after_training(env)
     return code
+
+
+def earlier_attempt_workers(paths: RunPaths, args: argparse.Namespace, run: RunConfig,
+                            env: dict[str, str], stop: StopForwarder) -> list:  # fmt: skip
+    """Live processes that hold this node's ranks of the run (an earlier attempt's workers),
+    after giving them EARLIER_ATTEMPT_GRACE_S to die."""
+    per_node = max(processes_on_this_node(args, run), 1)
+    first = machine_rank(args.machine_rank, env) * per_node
+    ranks = range(first, first + per_node)
+    deadline = time.monotonic() + EARLIER_ATTEMPT_GRACE_S
+    while (busy := holders(paths.root, ranks)) and time.monotonic() < deadline and stop.received is None:
+        time.sleep(0.5)
+    return busy
 
 
 def exit_code(child_code: int, paths: RunPaths, started: float) -> int:

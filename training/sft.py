@@ -29,6 +29,8 @@ from .entrypoint import (
     scrub,
 )
 from .hub_files import apply_offline_env, check_prefetched
+from .stop_request import Preempted, StopRequest
+from .worker_guard import RunFolderBusy, die_with_parent, hold_rank
 
 
 def is_main_process() -> bool:
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_config", help="the run's run.yaml (or its run folder)")
     args = parser.parse_args(argv)
+    # First of all, before anything slow: a stop request from here on is never lost
+    # (training/stop_request.py), and this worker dies with its parent.
+    request = StopRequest().install()
+    die_with_parent()
     run = load_run_or_report(args.run_config)
     if run is None:
         return EXIT_CONFIG
@@ -49,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     if paths.training_completed():
         log(f"run {run.run_id} already completed ({paths.metrics} exists): nothing to train")
         return EXIT_OK
+    try:
+        hold_rank(paths.root, int(os.environ.get("RANK", "0")))
+    except RunFolderBusy as busy:
+        print(f"error: run {run.run_id} is still being trained by an earlier attempt's process "
+              f"({busy}): stop it before starting the run again", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
 
     # The launcher's input checks again, before transformers is even imported: a path checked
     # nowhere else (--skip-input-checks) fails in the job's first seconds. The inference files
@@ -65,15 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         emit(make_event("error", _latest_step(paths), message=str(exc)), paths.progress, None)
         return EXIT_CONFIG
 
-    from .preemption import Preempted, PreemptionCallback
     from .progress_events import EventWriter
 
     write = EventWriter(paths.progress, is_main=is_main_process())
     write.record_lost_attempt()
-    preemption = PreemptionCallback()
-    preemption.install()
     token = None
     try:
+        request.arm()  # a request that came during the checks above stops the job here
+        from .preemption import PreemptionCallback
+
+        preemption = PreemptionCallback(request)
         from .model_source import read_hf_token
 
         token = read_hf_token(run)

@@ -150,7 +150,10 @@ class LocalBackend(Backend):
                 say("stopping: runs save a checkpoint and stop; `qlaunch run` again resumes them "
                     "(Ctrl-C again to kill)")
             for job in running:
-                _signal_group(job.process, sig)
+                if sig == signal.SIGKILL:
+                    _kill_tree(job.process)
+                else:
+                    _signal_group(job.process, sig)
 
         previous = {s: signal.signal(s, on_sigint) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -305,6 +308,23 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the job and every process under it. Its group alone is not enough: torchrun
+    starts each worker of a multi-process run in a session of its own."""
+    import psutil
+
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    _signal_group(process, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _describe(run: RunConfig) -> str:
