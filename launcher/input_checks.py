@@ -431,7 +431,12 @@ def check_plan(plan, backend: str | None = None) -> list[Problem]:
 
     found: dict[Problem, list[str]] = {}
     for run in plan.runs:
-        for finding in check_run(job_view(run, backend, plan.storage_root), read=read):
+        findings = check_run(job_view(run, backend, plan.storage_root), read=read)
+        if backend in ("kubernetes", "k8s"):
+            from .backends.k8s_staging import unmounted_folders
+
+            findings += [Finding(key, message) for key, message in unmounted_folders(run, str(plan.storage_root))]
+        for finding in findings:
             problem = locate(finding, run, grid, lines, source)
             found.setdefault(problem, []).append(run.run_id)
     problems = []
