@@ -24,7 +24,7 @@ from .errors import ConfigError
 from .experiment_file import format_validation_error, load_experiment
 from .input_checks import locate
 from .loss import resolve_for_plan
-from .recipe_checks import did_you_mean, recipe_findings
+from .recipe_checks import did_you_mean, recipe_findings, sft_arg_problem
 
 GRID_FORBIDDEN = {"name", "grid", "backend", "storage"}
 
@@ -112,7 +112,9 @@ def _check_grid_key(key: str, source: str, line: int | None) -> None:
         annotation = fields[part].annotation
         model = annotation if isinstance(annotation, type) else None
         if depth < len(parts) - 1 and model is None:
-            # dict-valued fields such as train.sft_args accept any sub-key
+            # dict-valued fields such as train.sft_args accept any sub-key; sft_args' are trl's
+            if parts[: depth + 1] == ["train", "sft_args"] and (problem := sft_arg_problem(parts[depth + 1])):
+                raise ConfigError(f"{where}: grid.{key}: {problem}")
             return
 
 

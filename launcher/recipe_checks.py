@@ -59,20 +59,22 @@ def _name_finding(key: str, value: Any, kind: str, names: list[str]) -> Finding 
     return Finding(key, f"{value!r} is not {kind} of transformers {library_names()['versions']['transformers']}{hint}")
 
 
-def sft_args_findings(run: RunConfig) -> list[Finding]:
+def sft_arg_problem(key: str) -> str | None:
+    """Why `train.sft_args.<key>` cannot be passed to trl's SFTConfig, or None."""
     names = library_names()
-    fields = set(names["sft_config_fields"])
-    trl = names["versions"]["trl"]
-    findings = []
-    for key in run.train.sft_args:
-        at = f"train.sft_args.{key}"
-        if key in RESERVED_SFT_ARGS:
-            findings.append(Finding(at, f"set by qlaunch ({RESERVED_SFT_ARGS[key]})"))
-        elif key not in fields:
-            # A qlaunch name in the wrong place (max_seq_length, warmup_ratio) before trl's names.
-            hint = f", did you mean train.{key}?" if key in TrainConfig.model_fields else did_you_mean(key, fields)
-            findings.append(Finding(at, f"unknown SFTConfig argument (trl {trl}){hint}"))
-    return findings
+    fields = names["sft_config_fields"]
+    if key in RESERVED_SFT_ARGS:
+        return f"set by qlaunch ({RESERVED_SFT_ARGS[key]})"
+    if key in fields:
+        return None
+    # A qlaunch name in the wrong place (max_seq_length, warmup_ratio) before trl's names.
+    hint = f", did you mean train.{key}?" if key in TrainConfig.model_fields else did_you_mean(key, fields)
+    return f"unknown SFTConfig argument (trl {names['versions']['trl']}){hint}"
+
+
+def sft_args_findings(run: RunConfig) -> list[Finding]:
+    return [Finding(f"train.sft_args.{key}", problem) for key in run.train.sft_args
+            if (problem := sft_arg_problem(key))]  # fmt: skip
 
 
 def recipe_findings(run: RunConfig) -> list[Finding]:

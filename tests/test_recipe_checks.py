@@ -215,3 +215,11 @@ def test_config_literals_are_names_the_libraries_accept():
 def test_the_shipped_examples_pass_the_recipe_checks(capsys):
     for example in sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")):
         assert main(["plan", str(example)]) == 0, (example, capsys.readouterr().err)
+
+
+def test_a_grid_over_an_unknown_sft_arg_is_named_once_at_the_grid_key(tmp_path, capsys):
+    body = "grid:\n  train.sft_args.neftune_noise_alpa: [1, 5]\n"
+    assert refused(tmp_path, capsys, body) == [
+        f"exp.yaml:5: grid.train.sft_args.neftune_noise_alpa: unknown SFTConfig argument (trl {TRL}), "
+        "did you mean 'neftune_noise_alpha'?"
+    ]
