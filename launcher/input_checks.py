@@ -436,6 +436,9 @@ def check_plan(plan, backend: str | None = None) -> list[Problem]:
             from .backends.k8s_staging import unmounted_folders
 
             findings += [Finding(key, message) for key, message in unmounted_folders(run, str(plan.storage_root))]
+            if run.environment.setup:
+                findings.append(Finding("environment.setup", "Slurm's: the pods start from kubernetes.image and do not "
+                                        "run these lines (their run.yaml leaves them out)", level="info"))  # fmt: skip
         for finding in findings:
             problem = locate(finding, run, grid, lines, source)
             found.setdefault(problem, []).append(run.run_id)
