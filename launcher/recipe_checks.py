@@ -96,18 +96,7 @@ def recipe_findings(run: RunConfig) -> list[Finding]:
     if t.max_steps == 0 or t.max_steps < -1:
         findings.append(Finding("train.max_steps", f"{t.max_steps}: use a positive number of steps, or -1 to "
                                 "train train.num_train_epochs epochs"))  # fmt: skip
-    if t.load_best_model_at_end:
-        # qlaunch always saves by steps (checkpoints are what a preempted job resumes from), and
-        # transformers needs evaluations where the checkpoints are.
-        if t.eval_strategy != "steps":
-            findings.append(Finding("train.load_best_model_at_end", f"needs train.eval_strategy: steps (qlaunch "
-                                    f"saves every train.save_steps steps; got {t.eval_strategy!r})"))  # fmt: skip
-        else:
-            every = t.eval_steps or t.logging_steps
-            if t.save_steps % every:
-                source = "train.eval_steps" if t.eval_steps else "train.logging_steps (eval_steps is null)"
-                findings.append(Finding("train.save_steps", f"{t.save_steps} is not a multiple of {source} = "
-                                        f"{every}: load_best_model_at_end needs a checkpoint at every evaluation"))  # fmt: skip
+    findings += _best_model_findings(t)
     warmup = extra.get("warmup_steps")
     if isinstance(warmup, (int, float)) and not isinstance(warmup, bool) and warmup < 0:
         findings.append(Finding("train.sft_args.warmup_steps", f"{warmup}: must be 0 or more"))
@@ -115,3 +104,33 @@ def recipe_findings(run: RunConfig) -> list[Finding]:
         findings.append(Finding("train.sft_args.dataloader_prefetch_factor",
                                 "needs train.dataloader_num_workers above 0 (there are no worker processes to prefetch)"))  # fmt: skip
     return findings
+
+
+def _best_model_findings(t: TrainConfig) -> list[Finding]:
+    """TrainingArguments' rule for load_best_model_at_end: evaluations where the checkpoints are.
+    qlaunch saves by steps (checkpoints are what a preempted job resumes from) unless
+    sft_args.save_strategy says otherwise; sft_args win over the train keys, as in the job."""
+    extra = t.sft_args
+
+    def value(name: str) -> tuple[str, Any]:
+        return (f"train.sft_args.{name}", extra[name]) if name in extra else (f"train.{name}", getattr(t, name))
+
+    if not extra.get("load_best_model_at_end", t.load_best_model_at_end):
+        return []
+    save_strategy = extra.get("save_strategy", "steps")
+    strategy_key, eval_strategy = value("eval_strategy")
+    if save_strategy == "best":
+        return []
+    if eval_strategy != save_strategy:
+        return [Finding(strategy_key, f"{eval_strategy!r}: load_best_model_at_end needs it to be {save_strategy!r} "
+                                      f"(qlaunch saves every train.save_steps steps)")]  # fmt: skip
+    save_key, save_steps = value("save_steps")
+    eval_key, eval_steps = value("eval_steps")
+    if eval_steps is None:
+        eval_key, eval_steps = value("logging_steps")
+        eval_key += " (eval_steps is null)"
+    numbers = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (save_steps, eval_steps))
+    if eval_strategy == "steps" and numbers and save_steps % eval_steps:
+        return [Finding(save_key, f"{save_steps} is not a multiple of {eval_key} = {eval_steps}: "
+                                  "load_best_model_at_end needs a checkpoint at every evaluation")]  # fmt: skip
+    return []

@@ -140,14 +140,20 @@ LIBRARY_ONLY = {
     ),
     "best model with epoch evaluation": (
         "dataset:\n  test_size: 0.1\ntrain:\n  eval_strategy: epoch\n  load_best_model_at_end: true\n",
-        "exp.yaml:8: train.load_best_model_at_end: needs train.eval_strategy: steps (qlaunch saves every "
-        "train.save_steps steps; got 'epoch')",
+        "exp.yaml:7: train.eval_strategy: 'epoch': load_best_model_at_end needs it to be 'steps' (qlaunch saves "
+        "every train.save_steps steps)",
     ),
     "save steps not a multiple of eval steps": (
         "dataset:\n  test_size: 0.1\ntrain:\n  eval_strategy: steps\n  eval_steps: 30\n  save_steps: 100\n"
         "  load_best_model_at_end: true\n",
         "exp.yaml:9: train.save_steps: 100 is not a multiple of train.eval_steps = 30: load_best_model_at_end "
         "needs a checkpoint at every evaluation",
+    ),
+    "save steps from sft_args not a multiple of logging steps": (
+        "dataset:\n  test_size: 0.1\ntrain:\n  eval_strategy: steps\n  logging_steps: 30\n"
+        "  load_best_model_at_end: true\n  sft_args:\n    save_steps: 50\n",
+        "exp.yaml:11: train.sft_args.save_steps: 50 is not a multiple of train.logging_steps (eval_steps is null) = 30: "
+        "load_best_model_at_end needs a checkpoint at every evaluation",
     ),
     "negative warmup steps": (
         "train:\n  sft_args:\n    warmup_steps: -5\n",
@@ -174,6 +180,14 @@ LIBRARY_ONLY = {
 def test_values_only_the_libraries_check_are_refused_at_plan_time(tmp_path, capsys, case):
     body, expected = LIBRARY_ONLY[case]
     assert refused(tmp_path, capsys, body, commands=("check", "plan")) == [expected]
+
+
+def test_best_model_passes_with_matching_steps_or_save_strategy_best(tmp_path, capsys):
+    exp = tmp_path / "exp.yaml"
+    for train in ("  eval_strategy: steps\n  eval_steps: 25\n  save_steps: 100\n",
+                  "  eval_strategy: epoch\n  sft_args: {save_strategy: best}\n"):  # fmt: skip
+        exp.write_text(HEAD + "dataset:\n  test_size: 0.1\ntrain:\n  load_best_model_at_end: true\n" + train)
+        assert main(["plan", str(exp)]) == 0, capsys.readouterr().err
 
 
 def test_a_bad_grid_value_is_named_at_its_own_line(tmp_path, capsys):
@@ -223,3 +237,33 @@ def test_a_grid_over_an_unknown_sft_arg_is_named_once_at_the_grid_key(tmp_path, 
         f"exp.yaml:5: grid.train.sft_args.neftune_noise_alpa: unknown SFTConfig argument (trl {TRL}), "
         "did you mean 'neftune_noise_alpha'?"
     ]
+
+
+# What plan refuses, the job's trl would have refused too (no stricter than the libraries, except
+# max_steps 0, which trains whole epochs without an error).
+JOB_REFUSES = {
+    "sft_args typo": {"sft_args": {"neftune_noise_alpa": 5}},
+    "optimizer typo": {"optim": "adamw_trch"},
+    "scheduler typo": {"lr_scheduler_type": "cosin"},
+    "plateau scheduler without evaluation": {"lr_scheduler_type": "reduce_lr_on_plateau"},
+    "best model with epoch evaluation": {"eval_strategy": "epoch", "load_best_model_at_end": True},
+    "save steps not a multiple": {"eval_strategy": "steps", "eval_steps": 30, "save_steps": 100,
+                                  "load_best_model_at_end": True},
+    "negative warmup steps": {"sft_args": {"warmup_steps": -5}},
+    "prefetch without workers": {"sft_args": {"dataloader_prefetch_factor": 2}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(JOB_REFUSES))
+def test_what_plan_refuses_the_job_would_refuse(tmp_path, case):
+    pytest.importorskip("trl")
+    from launcher.config import RunConfig
+    from launcher.errors import ConfigError
+    from launcher.recipe_checks import recipe_findings
+    from training.arguments import Adjustments, build_sft_config
+
+    run = RunConfig.model_validate({"name": "args", "run_id": "0123456789", "run_dir": str(tmp_path),
+                                    "dataset": {"test_size": 0.1}, "train": JOB_REFUSES[case]})  # fmt: skip
+    assert recipe_findings(run)
+    with pytest.raises(ConfigError):
+        build_sft_config(run, str(tmp_path / "checkpoints"), cuda=False, adjustments=Adjustments())
