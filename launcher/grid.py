@@ -135,14 +135,13 @@ def _check_grid_values(key: str, values: list, source: str, line: int | None) ->
 def _refuse_recipe_problems(runs: list[RunConfig], grid: dict, lines: dict[tuple, int], source: str) -> None:
     """Values only trl/transformers check (launcher/recipe_checks.py), each once, located in the
     file: a grid value's own line where a grid value set the key."""
-    problems: list[str] = []
+    problems: dict[str, int] = {}
     for run in runs:
         for finding in recipe_findings(run):
-            message = str(locate(finding, run, grid, lines, source))
-            if message not in problems:
-                problems.append(message)
+            problem = locate(finding, run, grid, lines, source)
+            problems.setdefault(str(problem), problem.line or 0)
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError("\n".join(sorted(problems, key=problems.__getitem__)))  # in the file's order
 
 
 def plan(path: str | Path) -> Plan:
