@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .config import Experiment, RunConfig
 from .errors import ConfigError
@@ -105,6 +107,40 @@ def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
     return None
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The section model an annotation holds (SecretRef | None, list[Toleration], ...), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        if model := _model_in(argument):
+            return model
+    return None
+
+
+def known_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys a mapping at `loc` (a key path under `root`) may have; [] when it is no section."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list of sections
+        field = model.model_fields.get(part) if model else None
+        model = _model_in(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _validated_model(error: ValidationError) -> type[BaseModel]:
+    from . import config
+
+    model = getattr(config, error.title, None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else Experiment
+
+
+def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:
+    """'unknown key', with the closest known key of the same section when one is close."""
+    match = difflib.get_close_matches(str(loc[-1]), known_keys(root, loc[:-1]), n=1, cutoff=0.6) if loc else []
+    return f"unknown key, did you mean {match[0]!r}?" if match else "unknown key"
+
+
 def format_validation_error(
     error: ValidationError, source: str, lines: dict[tuple, int] | None = None, prefix: tuple = ()
 ) -> str:
@@ -115,8 +151,15 @@ def format_validation_error(
         line = _line_for(lines or {}, loc)
         where = f"{source}:{line}" if line else source
         message = item["msg"].removeprefix("Value error, ")
+        if not loc and lines:
+            # A rule across sections ("train.fp16 and train.bf16 cannot both be true"): at the
+            # first key it names that the file sets.
+            named = re.findall(r"\b([a-z_]+(?:\.[a-z0-9_]+)+)\b", message)
+            loc = next((tuple(k.split(".")) for k in named if tuple(k.split(".")) in lines), loc)
+            if loc:
+                key, where = ".".join(loc), f"{source}:{lines[loc]}"
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = _unknown_key(tuple(item["loc"]), _validated_model(error))
         elif item["type"] == "missing":
             message = "required key is missing"
         messages.append(f"{where}: {key}: {message}")

@@ -22,7 +22,9 @@ from pydantic import ValidationError
 from .config import IDENTITY_SECTIONS, DatasetConfig, Experiment, RunConfig, TrainConfig
 from .errors import ConfigError
 from .experiment_file import format_validation_error, load_experiment
+from .input_checks import locate
 from .loss import resolve_for_plan
+from .recipe_checks import did_you_mean, recipe_findings, sft_arg_problem
 
 GRID_FORBIDDEN = {"name", "grid", "backend", "storage"}
 
@@ -103,14 +105,43 @@ def _check_grid_key(key: str, source: str, line: int | None) -> None:
         if fields is None or part not in fields:
             known = ", ".join(sorted(fields)) if fields else "none (not a section)"
             prefix = ".".join(parts[:depth]) or "top level"
+            hint = did_you_mean(part, fields or ())
             raise ConfigError(
-                f"{where}: grid.{key}: unknown key {part!r} under {prefix} (known: {known})"
+                f"{where}: grid.{key}: unknown key {part!r} under {prefix}{hint} (known: {known})"
             )
         annotation = fields[part].annotation
         model = annotation if isinstance(annotation, type) else None
         if depth < len(parts) - 1 and model is None:
-            # dict-valued fields such as train.sft_args accept any sub-key
+            # dict-valued fields such as train.sft_args accept any sub-key; sft_args' are trl's
+            if parts[: depth + 1] == ["train", "sft_args"] and (problem := sft_arg_problem(parts[depth + 1])):
+                raise ConfigError(f"{where}: grid.{key}: {problem}")
             return
+
+
+def _check_grid_values(key: str, values: list, source: str, line: int | None) -> None:
+    """Values of a key outside the run id (resources, inference, a backend's section) would all
+    be one run: say so, instead of calling them duplicates."""
+    where = f"{source}:{line}" if line else source
+    section = key.split(".")[0]
+    if section in IDENTITY_SECTIONS or len({json.dumps(v, sort_keys=True, default=str) for v in values}) < 2:
+        return
+    raise ConfigError(
+        f"{where}: grid.{key}: {section} is not part of the run id (only {', '.join(IDENTITY_SECTIONS)} are), "
+        f"so these {len(values)} values would all be the same run, in the same folder; to compare them, use "
+        f"one experiment file per value, each with its own name"
+    )
+
+
+def _refuse_recipe_problems(runs: list[RunConfig], grid: dict, lines: dict[tuple, int], source: str) -> None:
+    """Values only trl/transformers check (launcher/recipe_checks.py), each once, located in the
+    file: a grid value's own line where a grid value set the key."""
+    problems: dict[str, int] = {}
+    for run in runs:
+        for finding in recipe_findings(run):
+            problem = locate(finding, run, grid, lines, source)
+            problems.setdefault(str(problem), problem.line or 0)
+    if problems:
+        raise ConfigError("\n".join(sorted(problems, key=problems.__getitem__)))  # in the file's order
 
 
 def plan(path: str | Path) -> Plan:
@@ -123,6 +154,7 @@ def plan(path: str | Path) -> Plan:
         if not values:
             line = lines.get(("grid", key))
             raise ConfigError(f"{source}:{line}: grid.{key}: needs at least one value")
+        _check_grid_values(key, values, str(source), lines.get(("grid", key)))
 
     root = Path(experiment.storage.root).expanduser()
     if not root.is_absolute():
@@ -184,4 +216,5 @@ def plan(path: str | Path) -> Plan:
                 }
             )
         )
+    _refuse_recipe_problems(runs, grid, lines, str(source))
     return Plan(experiment=experiment, source=source, storage_root=root, runs=tuple(runs), key_lines=lines)

@@ -431,8 +431,16 @@ def check_plan(plan, backend: str | None = None) -> list[Problem]:
 
     found: dict[Problem, list[str]] = {}
     for run in plan.runs:
-        for finding in check_run(job_view(run, backend, plan.storage_root), read=read):
-            problem = _locate(finding, run, grid, lines, source)
+        findings = check_run(job_view(run, backend, plan.storage_root), read=read)
+        if backend in ("kubernetes", "k8s"):
+            from .backends.k8s_staging import unmounted_folders
+
+            findings += [Finding(key, message) for key, message in unmounted_folders(run, str(plan.storage_root))]
+            if run.environment.setup:
+                findings.append(Finding("environment.setup", "Slurm's: the pods start from kubernetes.image and do not "
+                                        "run these lines (their run.yaml leaves them out)", level="info"))  # fmt: skip
+        for finding in findings:
+            problem = locate(finding, run, grid, lines, source)
             found.setdefault(problem, []).append(run.run_id)
     problems = []
     for problem, run_ids in found.items():
@@ -442,7 +450,7 @@ def check_plan(plan, backend: str | None = None) -> list[Problem]:
     return problems
 
 
-def _locate(finding: Finding, run: RunConfig, grid: dict, lines: dict[tuple, int], source: str) -> Problem:
+def locate(finding: Finding, run: RunConfig, grid: dict, lines: dict[tuple, int], source: str) -> Problem:
     parts = finding.key.split(".")
     for end in range(len(parts), 0, -1):
         grid_key = ".".join(parts[:end])

@@ -54,7 +54,7 @@ def test_sft_args_pass_through(tmp_path):
 
 def test_unknown_sft_arg_is_one_clear_error(tmp_path):
     run = run_config(tmp_path, sft_args={"not_a_knob": 1})
-    with pytest.raises(ConfigError, match=r"^train\.sft_args\.not_a_knob: not an argument of trl"):
+    with pytest.raises(ConfigError, match=r"^train\.sft_args\.not_a_knob: unknown SFTConfig argument"):
         build_sft_config(run, str(tmp_path), cuda=False, adjustments=Adjustments())
 
 

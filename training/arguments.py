@@ -16,19 +16,10 @@ from typing import Any
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
+from launcher.recipe_checks import RESERVED_SFT_ARGS, did_you_mean  # checked at plan time too
 
 from . import levers
 from .tracking import tracked_run_name
-
-# Set by the job itself: where checkpoints go and how resuming works is not the user's to move.
-RESERVED_SFT_ARGS = {
-    "output_dir": "checkpoints always go to <run dir>/checkpoints",
-    "overwrite_output_dir": "runs resume from their checkpoints",
-    "resume_from_checkpoint": "the job resumes from its newest complete checkpoint by itself",
-    "completion_only_loss": "use train.completion_only_loss",
-    "assistant_only_loss": "answer-only loss is train.completion_only_loss, masked by the rendered prompt",
-    "report_to": "use tracking.report_to (one tracked run per grid run, across attempts)",
-}
 
 # Optimizers that need CUDA (bitsandbytes' paged/8-bit ones) → what to use without it.
 PLAIN_TORCH_OPTIMIZER = "adamw_torch"
@@ -149,8 +140,8 @@ def checked_sft_args(run: RunConfig) -> dict[str, Any]:
             raise ConfigError(f"train.sft_args.{key}: set by qlaunch ({RESERVED_SFT_ARGS[key]})")
         if key not in known:
             raise ConfigError(
-                f"train.sft_args.{key}: not an argument of trl {_trl_version()} SFTConfig / "
-                "TrainingArguments"
+                f"train.sft_args.{key}: unknown SFTConfig argument (trl {_trl_version()})"
+                f"{did_you_mean(key, known)}"
             )
     return dict(run.train.sft_args)
 

@@ -24,7 +24,7 @@ from ..grid import Plan
 from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
 from ..progress import EXIT_PREEMPTED
 from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
-from .k8s_staging import CONFIG_MOUNT, RunFiles, pod_run, run_files
+from .k8s_staging import CONFIG_MOUNT, POD_HOME, RunFiles, pod_run, run_files, unmounted_folders
 
 LABEL_PREFIX = "qlaunch.dev"
 EXPERIMENT_LABEL = f"{LABEL_PREFIX}/experiment"
@@ -173,7 +173,8 @@ def check_plan(plan: Plan) -> None:
                         f"namespace (the grid gives {sorted(namespaces)})")
     seen: set[str] = set()
     for run in plan.runs:
-        for message in _run_problems(run, where):
+        folders = [f"{where(key)}: {message}" for key, message in unmounted_folders(run, str(posix_root))]
+        for message in _run_problems(run, where) + folders:
             if message not in seen:
                 seen.add(message)
                 problems.append(message)
@@ -296,7 +297,7 @@ def pod_run_config(plan: Plan, run: RunConfig, files: RunFiles | None = None) ->
 def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
     variables = {
         "PYTHONUNBUFFERED": "1",
-        "HOME": "/home/qlaunch",
+        "HOME": POD_HOME,
         # Model downloads land once on the shared claim, not once per pod.
         "HF_HOME": str(PurePosixPath(str(plan.storage_root)) / ".cache" / "huggingface"),
         **run.environment.variables,
@@ -448,7 +449,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
             {"name": "storage", "mountPath": storage_root},
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "home", "mountPath": "/home/qlaunch"},
+            {"name": "home", "mountPath": POD_HOME},
         ] + ([{"name": "handoff", "mountPath": HANDOFF_MOUNT, "readOnly": True}] if train and handoff else []),
     }]  # fmt: skip
     pod["volumes"] = [

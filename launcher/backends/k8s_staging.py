@@ -19,13 +19,26 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..config import RunConfig
+from ..config import RunConfig, SlurmConfig
 
 CONFIG_MOUNT = "/config"
+POD_HOME = "/home/qlaunch"  # an emptyDir: a writable HOME whatever uid runs the image
+# Where a pod may write besides the claim at storage.root: its own HOME, shared memory and the
+# image's /tmp (each gone with the pod).
+POD_SCRATCH = (POD_HOME, "/dev/shm", "/tmp")
+# Variables naming a folder the job creates and writes into (caches, temporary files, tracker
+# output). A value outside the claim and the scratch folders fails in the pod: the image's root
+# filesystem belongs to root, the pod runs as kubernetes.run_as_user.
+WRITTEN_FOLDER_VARIABLES = (
+    "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_XET_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_HUB_CACHE",
+    "TRANSFORMERS_CACHE", "TORCH_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+    "TMPDIR", "WANDB_DIR", "MPLCONFIGDIR", "HOME",
+)  # fmt: skip
 # A file this small goes into the ConfigMap; the whole ConfigMap stays far below the API's 1 MiB
 # object limit (etcd's request limit is about 1.5 MiB, and the object carries metadata too).
 CONFIGMAP_FILE_LIMIT = 256 * 1024
@@ -158,17 +171,46 @@ def _configmap_text(content: bytes) -> str:
     return text
 
 
+def unmounted_folders(run: RunConfig, storage_root: str) -> list[tuple[str, str]]:
+    """(dotted key, message) for each environment variable that points a folder the job writes
+    outside what the pod can write: the claim at storage.root and the pod's scratch folders. An
+    experiment written for Slurm (HF_HOME: /shared/hf-cache) would otherwise fail in the pod."""
+    writable = [PurePosixPath(storage_root), *map(PurePosixPath, POD_SCRATCH)]
+    found = []
+    for name in WRITTEN_FOLDER_VARIABLES:
+        value = run.environment.variables.get(name)
+        if not value or not value.startswith("/"):
+            continue
+        path = PurePosixPath(os.path.normpath(value))
+        if any(path == folder or folder in path.parents for folder in writable):
+            continue
+        if name.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_")):
+            fix = (f"leave {name} unset (the pods share {PurePosixPath(storage_root) / '.cache' / 'huggingface'} "
+                   f"on the claim) or point it under {storage_root}")  # fmt: skip
+        else:
+            fix = f"point it under {storage_root} (the claim) or {POD_HOME} (the pod's own)"
+        found.append((
+            f"environment.variables.{name}",
+            f"{value} is on no volume of the Kubernetes pods (the claim {run.kubernetes.pvc!r} is mounted at "
+            f"{storage_root}) and uid {run.kubernetes.run_as_user} cannot create it: {fix}",
+        ))  # fmt: skip
+    return found
+
+
 def pod_run(run: RunConfig, storage_root: str, files: RunFiles | None = None) -> RunConfig:
     """The run as its pods see it: relative paths resolve on the claim, and every local file is
-    named where the pod finds its copy."""
+    named where the pod finds its copy. It runs on Kubernetes whatever the file's `backend`
+    says, and carries nothing of Slurm's: the pods start from kubernetes.image, so
+    environment.setup (module loads, a venv) and environment.container are not theirs."""
     files = files if files is not None else run_files(run, storage_root)
     sections: dict[str, dict[str, str]] = {}
     for dotted, local in files.by_key.items():
         section, key = dotted.split(".")
         sections.setdefault(section, {})[key] = local.pod_path
-    update: dict[str, object] = {"experiment_dir": storage_root}
+    update: dict[str, object] = {"experiment_dir": storage_root, "backend": "kubernetes", "slurm": SlurmConfig()}
     for section, values in sections.items():
         update[section] = getattr(run, section).model_copy(update=values)
+    update["environment"] = run.environment.model_copy(update={"setup": [], "container": None})
     return run.model_copy(update=update)
 
 

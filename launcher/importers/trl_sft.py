@@ -165,7 +165,7 @@ def from_sft_args(argv: list[str]) -> Imported:
         elif key in NOT_MAPPED and NOT_MAPPED[key]:
             out.warn(f"{src(key)[len('sft.py '):]}: not mapped: {NOT_MAPPED[key]}")
         else:
-            out.set(f"train.sft_args.{key}", value, src(key) + " (passed to SFTConfig as is; checked when the job starts)")
+            out.set(f"train.sft_args.{key}", value, src(key) + " (passed to SFTConfig as is; its name is checked when the grid is planned)")
 
     if args.get("use_peft"):
         for key, default in TRL_LORA_DEFAULTS.items():
