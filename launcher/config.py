@@ -154,6 +154,11 @@ class ResourcesConfig(Section):
     cpus_per_task: int = Field(default=8, ge=1)
     memory: str = "32G"
     time_limit: str = "24:00:00"  # [D-]HH:MM:SS
+    # The requeue guard (launcher/requeue.py): a training job that checkpointed and stopped (exit
+    # 75: time limit, preemption) is requeued at most max_requeues times, and no more once
+    # max_requeues_without_progress requeues in a row saved no newer checkpoint.
+    max_requeues: int = Field(default=10, ge=0)
+    max_requeues_without_progress: int = Field(default=2, ge=0)
 
     @field_validator("time_limit")
     @classmethod

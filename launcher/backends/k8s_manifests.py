@@ -23,6 +23,8 @@ from ..experiment_file import dump_run_config
 from ..grid import Plan
 from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
 from ..progress import EXIT_PREEMPTED
+from ..requeue import EXIT_REQUEUES_EXHAUSTED
+from ..requeue import JOB_ENV as REQUEUE_JOB_ENV
 from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
 from .k8s_staging import CONFIG_MOUNT, RunFiles, pod_run, run_files
 
@@ -32,6 +34,8 @@ RUN_LABEL = f"{LABEL_PREFIX}/run-id"
 ROLE_LABEL = f"{LABEL_PREFIX}/role"
 TRAIN, INFER = "train", "infer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Set by the Job controller on every pod it creates (Kubernetes 1.27+).
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 # Marks an inference Job that starts only when training releases it (see release_patch).
 STARTS_AFTER_ANNOTATION = f"{LABEL_PREFIX}/starts-after"
 # Where the training container finds the hand-off credentials (a projected volume: the
@@ -293,7 +297,7 @@ def pod_run_config(plan: Plan, run: RunConfig, files: RunFiles | None = None) ->
     return dump_run_config(pod_run(run, str(plan.storage_root), files))
 
 
-def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
+def _env(plan: Plan, run: RunConfig, role: str) -> list[dict[str, Any]]:
     variables = {
         "PYTHONUNBUFFERED": "1",
         "HOME": "/home/qlaunch",
@@ -302,6 +306,10 @@ def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
         **run.environment.variables,
     }
     env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in variables.items()]
+    if role == TRAIN:
+        # Which Job this pod belongs to: the requeue guard counts the stops of this Job only.
+        env.append({"name": REQUEUE_JOB_ENV, "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.labels['{JOB_UID_LABEL}']"}}})
     secret = run.kubernetes.hf_token_secret
     if secret is not None:
         # The token stays in the cluster: the kubelet resolves the reference at pod start.
@@ -393,13 +401,20 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         # Kueue un-suspends a queued Job once the queue admits it against quota; the inference
         # Job stays suspended (no pod, no GPU) until training releases it.
         job_spec["suspend"] = True
-    job_spec["podFailurePolicy"] = {"rules": [
+    rules: list[dict[str, Any]] = []
+    if train:
+        # The requeue guard (launcher/requeue.py, in training.launch) stopped the run: it was
+        # replaced resources.max_requeues times, or kept stopping without a newer checkpoint.
+        # First, so that it wins over the rules below.
+        rules.append({"action": "FailJob", "onExitCodes": {
+            "containerName": role, "operator": "In", "values": [EXIT_REQUEUES_EXHAUSTED]}})
+    job_spec["podFailurePolicy"] = {"rules": rules + [
         # Preemption, eviction, node drain or shutdown: not the run's fault. The Job replaces the
         # pod without counting it against backoffLimit; the new pod resumes from its checkpoint.
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         # The trainer checkpointed on SIGTERM and exited EXIT_PREEMPTED: same as above (covers a
         # SIGTERM that comes without a DisruptionTarget condition, e.g. `kubectl delete pod`).
-        # activeDeadlineSeconds still bounds the run as a whole.
+        # activeDeadlineSeconds and the requeue guard above bound the run as a whole.
         {"action": "Ignore",
          "onExitCodes": {"containerName": role, "operator": "In", "values": [EXIT_PREEMPTED]}},
     ]}  # fmt: skip
@@ -440,7 +455,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "image": k8s.image,
         "imagePullPolicy": k8s.image_pull_policy,
         "command": train_command(plan, run) if train else infer_command(run),
-        "env": _sorted(_env(plan, run) + (_release_env(plan, run) if train and handoff else [])
+        "env": _sorted(_env(plan, run, role) + (_release_env(plan, run) if train and handoff else [])
                        + ([] if train else [{"name": INFER_WAITS_ENV, "value": "1"}])),
         "resources": _sorted(_resources(run, spec.resources.gpus_per_node)),
         "securityContext": container_security,
