@@ -180,8 +180,33 @@ class ResourcesConfig(Section):
         return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
 
+class InferenceResources(Section):
+    """What the inference job asks for; null: derived from training's request and the model's
+    size (launcher/jobspec.py inference_resources): at most one GPU, 4 CPUs, one hour."""
+
+    gpus_per_node: int | None = Field(default=None, ge=0)  # 0: answer on CPU
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    memory: str | None = None  # like resources.memory
+    time_limit: str | None = None  # like resources.time_limit
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_format(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", value):
+            raise ValueError("expected [D-]HH:MM:SS, e.g. 01:00:00")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_format(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+[KMGT]?", value):
+            raise ValueError("expected a size like 16G or 16000M")
+        return value
+
+
 class InferenceConfig(Section):
     enabled: bool = True  # run the inference job after training
+    resources: InferenceResources = Field(default_factory=InferenceResources)
     prompts: list[str] = Field(default_factory=list)
     prompts_file: str | None = None  # .jsonl with a "prompt" field, or one prompt per line
     # Held-out examples (.jsonl with "prompt" and "reference") scored for base vs fine-tuned.

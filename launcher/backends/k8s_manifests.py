@@ -21,7 +21,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..experiment_file import dump_run_config
 from ..grid import Plan
-from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
+from ..jobspec import MAIN_PROCESS_PORT, Resources, inference_job, job_specs
 from ..progress import EXIT_PREEMPTED
 from ..requeue import EXIT_REQUEUES_EXHAUSTED
 from ..requeue import JOB_ENV as REQUEUE_JOB_ENV
@@ -242,6 +242,8 @@ def _run_problems(run: RunConfig, where: _Where) -> list[str]:
                             "is not a valid taint value")
     if run.resources.time_limit_seconds() <= 0:
         problems.append(f"{where('resources.time_limit')}: must be longer than 0 seconds")
+    if run.inference.enabled and inference_job(run).resources.time_limit_seconds <= 0:
+        problems.append(f"{where('inference.resources.time_limit')}: must be longer than 0 seconds")
     env_names = [run.model.hf_token_env] if secret is not None else []
     env_names += list(run.environment.variables)
     for name in env_names:
@@ -322,13 +324,14 @@ def _env(plan: Plan, run: RunConfig, role: str) -> list[dict[str, Any]]:
     return env
 
 
-def _resources(run: RunConfig, gpus: int) -> dict[str, Any]:
-    memory = kube_memory(run.resources.memory)
+def _resources(res: Resources) -> dict[str, Any]:
+    """One job's request (launcher.jobspec: the inference job's is its own, smaller one)."""
+    memory = kube_memory(res.memory)
     # Memory limit = request: running out shows as OOMKilled on this pod, not as node pressure.
     limits: dict[str, Any] = {"memory": memory}
-    if gpus > 0:
-        limits["nvidia.com/gpu"] = gpus
-    return {"requests": {"cpu": str(run.resources.cpus_per_task), "memory": memory}, "limits": limits}
+    if res.gpus_per_node > 0:
+        limits["nvidia.com/gpu"] = res.gpus_per_node
+    return {"requests": {"cpu": str(res.cpus_per_task), "memory": memory}, "limits": limits}
 
 
 def train_command(plan: Plan, run: RunConfig) -> list[str]:
@@ -457,7 +460,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "command": train_command(plan, run) if train else infer_command(run),
         "env": _sorted(_env(plan, run, role) + (_release_env(plan, run) if train and handoff else [])
                        + ([] if train else [{"name": INFER_WAITS_ENV, "value": "1"}])),
-        "resources": _sorted(_resources(run, spec.resources.gpus_per_node)),
+        "resources": _sorted(_resources(spec.resources)),
         "securityContext": container_security,
         "volumeMounts": [
             {"name": "storage", "mountPath": storage_root},
