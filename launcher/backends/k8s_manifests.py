@@ -334,6 +334,19 @@ def _resources(res: Resources) -> dict[str, Any]:
     return {"requests": {"cpu": str(res.cpus_per_task), "memory": memory}, "limits": limits}
 
 
+# The taint GPU nodes carry (the GPU operator, GKE, EKS and AKS GPU pools) so that only pods
+# that ask for a GPU land there.
+GPU_TAINT_KEYS = ("nvidia.com/gpu",)
+
+
+def pod_tolerations(run: RunConfig, gpus: int) -> list[dict[str, Any]]:
+    """kubernetes.tolerations for a pod with `gpus` GPUs: a pod without GPUs does not tolerate
+    the GPU taint, so it cannot take a GPU node's CPUs and memory from the GPU jobs; the other
+    tolerations (a spot pool's, say) apply to every pod."""
+    return [t.model_dump(exclude_none=True) for t in run.kubernetes.tolerations
+            if gpus > 0 or t.key not in GPU_TAINT_KEYS]  # fmt: skip
+
+
 def train_command(plan: Plan, run: RunConfig) -> list[str]:
     """The run's training job spec as the container's command: `training.launch` runs accelerate
     and the trainer as PID 1's children (accelerate launch alone, as PID 1, dies on the pod's
@@ -444,7 +457,9 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     node_selector = {**gpu_nodes, **k8s.node_selector}  # the user's entries win
     if node_selector:
         pod["nodeSelector"] = _sorted(node_selector)
-    pod["tolerations"] = _sorted([t.model_dump(exclude_none=True) for t in k8s.tolerations])
+    tolerations = pod_tolerations(run, spec.resources.gpus_per_node)
+    if tolerations:
+        pod["tolerations"] = _sorted(tolerations)
     pod["securityContext"] = {
         "runAsNonRoot": True,
         "runAsUser": k8s.run_as_user,
