@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from . import __version__
+
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 
 
@@ -305,8 +307,12 @@ class Toleration(Section):
 
 class KubernetesConfig(Section):
     namespace: str = "default"
-    image: str = "ghcr.io/qlaunch/qlaunch-train:latest"
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    # docker/Dockerfile built at this qlaunch's version (README "The job image": build and push
+    # it, or name your own); a versioned tag, so every pod of a grid runs the same image.
+    image: str = f"ghcr.io/qlaunch/qlaunch-train:{__version__}"
+    # null: IfNotPresent for a pinned image (a version tag or a digest), Always for :latest or
+    # no tag (launcher/backends/k8s_manifests.py pull_policy), as Kubernetes itself defaults.
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     # Node label whose value is resources.gpu_type on GPU pods: nvidia.com/gpu.product (GPU
     # feature discovery), cloud.google.com/gke-accelerator (GKE), any other key, or "none".
     gpu_node_label: str = "nvidia.com/gpu.product"

@@ -69,3 +69,36 @@ def test_gpu_pods_keep_the_gpu_toleration_by_default(tmp_path):
 @pytest.mark.parametrize("gpus", [0, 1])
 def test_every_cpu_or_gpu_pod_is_valid(tmp_path, gpus):
     _pods(_plan(tmp_path, f"resources: {{gpus_per_node: {gpus}}}\n"))
+
+
+# ---- d. a versioned default image, pulled as its tag calls for ------------------------------------
+def test_default_image_is_this_qlaunch_versions_tag_pulled_once_per_node(tmp_path):
+    from launcher import __version__
+
+    for pod in _pods(_plan(tmp_path, "")).values():
+        container = pod["containers"][0]
+        assert container["image"] == f"ghcr.io/qlaunch/qlaunch-train:{__version__}"
+        assert not container["image"].endswith(":latest")
+        assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+@pytest.mark.parametrize("image, policy", [
+    ("ghcr.io/you/qlaunch-train:latest", "Always"),
+    ("ghcr.io/you/qlaunch-train", "Always"),  # no tag means latest
+    ("registry.example.com:5000/qlaunch-train", "Always"),  # a port is not a tag
+    ("registry.example.com:5000/team/qlaunch-train:0.1.0", "IfNotPresent"),
+    ("ghcr.io/you/qlaunch-train@sha256:" + "0" * 64, "IfNotPresent"),
+])  # fmt: skip
+def test_pull_policy_follows_the_tag_unless_set(tmp_path, image, policy):
+    pods = _pods(_plan(tmp_path, f"kubernetes: {{image: '{image}'}}\n"))
+    assert {pod["containers"][0]["imagePullPolicy"] for pod in pods.values()} == {policy}
+    explicit = _pods(_plan(tmp_path, f"kubernetes: {{image: '{image}', image_pull_policy: Never}}\n"))
+    assert {pod["containers"][0]["imagePullPolicy"] for pod in explicit.values()} == {"Never"}
+
+
+def test_staging_pod_pulls_like_the_jobs(tmp_path):
+    from launcher.backends.k8s_upload import stage_pod
+
+    p = _plan(tmp_path, "kubernetes: {image: 'ghcr.io/you/qlaunch-train:latest'}\n")
+    pod = stage_pod(p, p.runs[0], "qlaunch-stage-0")
+    assert pod["spec"]["containers"][0]["imagePullPolicy"] == "Always"

@@ -334,6 +334,21 @@ def _resources(res: Resources) -> dict[str, Any]:
     return {"requests": {"cpu": str(res.cpus_per_task), "memory": memory}, "limits": limits}
 
 
+def pull_policy(run: RunConfig) -> str:
+    """kubernetes.image_pull_policy, or for null the one that fits the tag: a mutable tag
+    (`:latest`, or none, which means latest) is pulled every time, so pods of one grid do not run
+    whatever old copy each node has cached; a version tag or a digest is pulled once per node."""
+    k8s = run.kubernetes
+    if k8s.image_pull_policy is not None:
+        return k8s.image_pull_policy
+    image = k8s.image.strip()
+    if "@" in image:
+        return "IfNotPresent"
+    name = image.rsplit("/", 1)[-1]
+    tag = name.partition(":")[2]
+    return "Always" if tag in ("", "latest") else "IfNotPresent"
+
+
 # The taint GPU nodes carry (the GPU operator, GKE, EKS and AKS GPU pools) so that only pods
 # that ask for a GPU land there.
 GPU_TAINT_KEYS = ("nvidia.com/gpu",)
@@ -471,7 +486,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     pod["containers"] = [{
         "name": role,
         "image": k8s.image,
-        "imagePullPolicy": k8s.image_pull_policy,
+        "imagePullPolicy": pull_policy(run),
         "command": train_command(plan, run) if train else infer_command(run),
         "env": _sorted(_env(plan, run, role) + (_release_env(plan, run) if train and handoff else [])
                        + ([] if train else [{"name": INFER_WAITS_ENV, "value": "1"}])),
