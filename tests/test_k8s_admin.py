@@ -4,6 +4,7 @@ accordingly, and a grid's local data files are in etcd once, not once per run.""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -102,3 +103,52 @@ def test_staging_pod_pulls_like_the_jobs(tmp_path):
     p = _plan(tmp_path, "kubernetes: {image: 'ghcr.io/you/qlaunch-train:latest'}\n")
     pod = stage_pod(p, p.runs[0], "qlaunch-stage-0")
     assert pod["spec"]["containers"][0]["imagePullPolicy"] == "Always"
+
+
+# ---- e. a grid's local data files are in etcd once ------------------------------------------------
+def test_a_grid_shares_one_copy_of_its_data_file_and_cancel_removes_it_last(tmp_path, monkeypatch):
+    from fake_kube import start_cluster
+
+    from launcher.backends.kubernetes import KubernetesBackend
+
+    data = "".join(f'{{"text": "### Human: q{i}? ### Assistant: a{i}"}}\n' for i in range(2000))  # ~80 kB
+    (tmp_path / "train.jsonl").write_text(data)
+    p = _plan(tmp_path, """\
+        kubernetes: {namespace: ml-team}
+        dataset: {path: train.jsonl}
+        grid: {lora.r: [4, 8, 16, 32]}
+    """)
+    # Rendered: every run's file shows the one data ConfigMap its pods mount; the run's own
+    # ConfigMap holds run.yaml alone.
+    config_maps = [d for run in p.runs for d in run_documents(p, run) if d["kind"] == "ConfigMap"]
+    copies = {d["metadata"]["name"]: d for d in config_maps if "run.yaml" not in d.get("data", {})}
+    assert len(copies) == 1 and len([d for d in config_maps if "run.yaml" in d.get("data", {})]) == 4
+    (shared,) = copies.values()
+    assert list(shared["data"].values()) == [data] and shared["immutable"] is True
+    for run in p.runs:
+        for pod in _pods_of(p, run):
+            (volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
+            assert {"configMap": {"name": shared["metadata"]["name"], "items": [
+                {"key": key, "path": key} for key in shared["data"]]}} in volume["projected"]["sources"]
+
+    server = start_cluster(tmp_path, monkeypatch, "ml-team")
+    try:
+        backend = KubernetesBackend(poll_seconds=0.02)
+        backend.submit(p)
+        stored = server.list("configmaps", "ml-team")
+        assert sum(len(json.dumps(c)) for c in stored) < 2 * len(data)  # one copy, not four
+        data_maps = [c["metadata"]["name"] for c in stored if c["metadata"]["name"].startswith("admin-data-")]
+        assert data_maps == [shared["metadata"]["name"]]
+        applies = [r for r in server.requests if r["method"] == "PATCH" and shared["metadata"]["name"] in r["path"]]
+        assert len([r for r in applies if "dryRun" not in r["query"]]) == 1  # applied once for the grid
+        # Cancelling some runs keeps the copy the others mount; cancelling the last removes it.
+        backend.cancel(p, p.runs[:3])
+        assert server.get("configmaps", "ml-team", shared["metadata"]["name"]) is not None
+        backend.cancel(p, p.runs[3:])
+        assert server.get("configmaps", "ml-team", shared["metadata"]["name"]) is None
+    finally:
+        server.stop()
+
+
+def _pods_of(p, run) -> list[dict]:
+    return [d["spec"]["template"]["spec"] for d in run_documents(p, run) if d["kind"] == "Job"]

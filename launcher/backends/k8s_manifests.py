@@ -1,14 +1,16 @@
 """Kubernetes manifests for a plan: pure (same plan, same bytes), checked before any API call.
 
 Each run's job specs (launcher.jobspec) become API objects built directly as dicts (what the API
-client sends, after TorchX's `role_to_pod`), written once as block YAML for review. Per run: a ConfigMap with run.yaml, a headless Service (multi-node only), the training
-Job and, unless inference is disabled, an inference Job created suspended (no pod, no GPU) that
-the training pod releases once its final adapter is written, through a ServiceAccount and a Role
+client sends, after TorchX's `role_to_pod`), written once as block YAML for review. Per run: a
+ConfigMap with run.yaml (and one per small local data file, shared by the grid's runs), a
+headless Service (multi-node only), the training Job and, unless inference is disabled, an
+inference Job created suspended (no pod, no GPU) that the training pod releases once its final adapter is written, through a ServiceAccount and a Role
 that may patch that one Job and nothing else (the hand-off objects).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -63,15 +65,26 @@ class Names:
 
     base: str
 
-    @classmethod
-    def of(cls, experiment: str, run_id: str) -> "Names":
+    @staticmethod
+    def prefix(experiment: str) -> str:
         prefix = re.sub(r"[^a-z0-9-]+", "-", experiment.lower()).strip("-")
         # A Service name must start with a letter (DNS-1035); the experiment name may not.
         if not prefix or not prefix[0].isalpha():
             prefix = "q" + prefix
         # 40 + 1 + 10 run id leaves room for "-infer" and for the pods' "-<index>" hostnames.
-        prefix = prefix[:40].rstrip("-")
-        return cls(f"{prefix}-{run_id}")
+        return prefix[:40].rstrip("-")
+
+    @classmethod
+    def of(cls, experiment: str, run_id: str) -> "Names":
+        return cls(f"{cls.prefix(experiment)}-{run_id}")
+
+    @staticmethod
+    def data(experiment: str, config_key: str) -> str:
+        """The ConfigMap holding one staged local file (launcher/backends/k8s_staging.py), named by
+        its content (the key's sha16), so every run of the grid that reads it shares one copy."""
+        # The key (data-<sha16>-<file name>) holds the content's hash; the name must be a DNS
+        # name, and the same bytes under two file names are two keys, so: a hash of the key.
+        return f"{Names.prefix(experiment)}-data-{hashlib.sha256(config_key.encode()).hexdigest()[:16]}"
 
     @property
     def train_job(self) -> str:
@@ -501,7 +514,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     }]  # fmt: skip
     pod["volumes"] = [
         {"name": "storage", "persistentVolumeClaim": {"claimName": k8s.pvc}},
-        {"name": "config", "configMap": {"name": n.config}},
+        _config_volume(plan, run),
         # PyTorch data loaders and NCCL share memory through /dev/shm (64Mi by default).
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
         # A writable HOME for caches whatever uid runs the image.
@@ -589,19 +602,55 @@ def _handoff_objects(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
     return documents
 
 
-def _config_map(plan: Plan, run: RunConfig) -> dict[str, Any]:
-    """The run's resolved config, mounted read-only at /config in every pod of the run, with
-    the run's small local data files (content-addressed keys)."""
-    files = run_files(run, str(plan.storage_root))
-    config_map: dict[str, Any] = {
+DATA_COMPONENT = "data"
+
+
+def _config_map(plan: Plan, run: RunConfig, files: RunFiles) -> dict[str, Any]:
+    """The run's resolved config, mounted read-only at /config in every pod of the run (with its
+    small local data files beside it, from their own ConfigMaps: _data_config_maps)."""
+    return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(plan, run, names(plan, run).config, labels(plan, run, None)),
-        "data": {"run.yaml": pod_run_config(plan, run, files), **files.data},
+        "data": {"run.yaml": pod_run_config(plan, run, files)},
     }
-    if files.binary_data:
-        config_map["binaryData"] = files.binary_data
-    return config_map
+
+
+def _data_config_maps(plan: Plan, run: RunConfig, files: RunFiles) -> list[dict[str, Any]]:
+    """One ConfigMap per small local file, named by its content: every run of the grid (and
+    every grid of the experiment) that reads the same bytes references the same object, so etcd
+    holds one copy, not one per run. Each run's file shows it; applying it again is a no-op."""
+    documents = []
+    for key in sorted({*files.data, *files.binary_data}):
+        metadata = {
+            "name": Names.data(plan.experiment.name, key),
+            "namespace": run.kubernetes.namespace,
+            "labels": _sorted({
+                "app.kubernetes.io/name": "qlaunch",
+                "app.kubernetes.io/component": DATA_COMPONENT,
+                "app.kubernetes.io/part-of": plan.experiment.name,
+                "app.kubernetes.io/managed-by": "qlaunch",
+                EXPERIMENT_LABEL: plan.experiment.name,
+            }),
+        }
+        field = ("data", files.data) if key in files.data else ("binaryData", files.binary_data)
+        documents.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
+                          "immutable": True, field[0]: {key: field[1][key]}})  # fmt: skip
+    return documents
+
+
+def _config_volume(plan: Plan, run: RunConfig) -> dict[str, Any]:
+    """/config: the run's ConfigMap, and when the run has small local files, each file's own
+    ConfigMap projected beside run.yaml under its content-addressed key."""
+    n = names(plan, run)
+    files = run_files(run, str(plan.storage_root))
+    keys = sorted({*files.data, *files.binary_data})
+    if not keys:
+        return {"name": "config", "configMap": {"name": n.config}}
+    sources = [{"configMap": {"name": n.config}}]
+    sources += [{"configMap": {"name": Names.data(plan.experiment.name, key), "items": [{"key": key, "path": key}]}}
+                for key in keys]  # fmt: skip
+    return {"name": "config", "projected": {"sources": sources}}
 
 
 def _service(plan: Plan, run: RunConfig) -> dict[str, Any]:
@@ -625,7 +674,8 @@ def _service(plan: Plan, run: RunConfig) -> dict[str, Any]:
 def run_documents(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
     """The objects of one run, in the order they are applied (ConfigMap before the Jobs): the
     dicts the API client sends, dumped once as YAML for review."""
-    documents = [_config_map(plan, run)]
+    files = run_files(run, str(plan.storage_root))
+    documents = [*_data_config_maps(plan, run, files), _config_map(plan, run, files)]
     if run.resources.nodes > 1:
         documents.append(_service(plan, run))
     if hands_off(run):
