@@ -152,3 +152,14 @@ def test_a_grid_shares_one_copy_of_its_data_file_and_cancel_removes_it_last(tmp_
 
 def _pods_of(p, run) -> list[dict]:
     return [d["spec"]["template"]["spec"] for d in run_documents(p, run) if d["kind"] == "Job"]
+
+
+def test_the_default_tag_is_the_packaged_version():
+    import tomllib
+
+    from launcher import __version__
+    from launcher.config import KubernetesConfig
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__
+    assert KubernetesConfig().image.endswith(f":{project['version']}")
