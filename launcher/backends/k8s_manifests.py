@@ -4,8 +4,9 @@ Each run's job specs (launcher.jobspec) become API objects built directly as dic
 client sends, after TorchX's `role_to_pod`), written once as block YAML for review. Per run: a
 ConfigMap with run.yaml (and one per small local data file, shared by the grid's runs), a
 headless Service (multi-node only), the training Job and, unless inference is disabled, an
-inference Job created suspended (no pod, no GPU) that the training pod releases once its final adapter is written, through a ServiceAccount and a Role
-that may patch that one Job and nothing else (the hand-off objects).
+inference Job created suspended (no pod, no GPU) that the training pod releases once its final
+adapter is written, through a ServiceAccount and a Role that may patch that one Job and nothing
+else (the hand-off objects).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class Names:
     @staticmethod
     def data(experiment: str, config_key: str) -> str:
         """The ConfigMap holding one staged local file (launcher/backends/k8s_staging.py), named by
-        its content (the key's sha16), so every run of the grid that reads it shares one copy."""
-        # The key (data-<sha16>-<file name>) holds the content's hash; the name must be a DNS
-        # name, and the same bytes under two file names are two keys, so: a hash of the key.
+        its ConfigMap key, which holds the content's sha16: every run of the grid that reads the
+        same bytes shares one copy."""
+        # A hash of the key (data-<sha16>-<file name>): a DNS name, and the same bytes under two
+        # file names are two keys, so two objects (immutable ones must never change content).
         return f"{Names.prefix(experiment)}-data-{hashlib.sha256(config_key.encode()).hexdigest()[:16]}"
 
     @property
