@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -100,7 +101,7 @@ _MIB = {"K": 1 / 1024, "M": 1, "": 1, "G": 1024, "T": 1024 * 1024}
 
 def memory_mib(value: str) -> float:
     """A Slurm-style size (32G, 64000M; a bare number is MiB) in MiB."""
-    number, unit = value[:-1] if value[-1].isalpha() else value, value[-1] if value[-1].isalpha() else ""
+    number, unit = re.fullmatch(r"(\d+)([KMGT]?)", value).groups()
     return int(number) * _MIB[unit]
 
 
