@@ -130,3 +130,34 @@ def test_negative_limits_are_refused(tmp_path, value):
 
     with pytest.raises((ConfigError, ValueError)):
         _plan(tmp_path, "slurm", f"{{max_requeues: {value}}}")
+
+
+def test_a_pod_that_keeps_stopping_exits_76_at_the_cap(tmp_path, monkeypatch):
+    """training.launch's own main, as a Kubernetes pod runs it, with a stand-in for accelerate that
+    saves a checkpoint, records `preempted` and stops: the Job gets 75 (replace the pod) until the
+    guard's limit, then 76 (its podFailurePolicy fails the Job)."""
+    import sys
+
+    from launcher.storage import write_run_config
+    from training import launch
+
+    (run,) = _plan(tmp_path, "kubernetes", "{max_requeues: 2}").runs
+    paths = RunPaths.of(run)
+    run_yaml = write_run_config(run)
+    stand_in = textwrap.dedent(f"""\
+        import json, pathlib, time
+        root = pathlib.Path({str(paths.root)!r})
+        steps = [int(p.name.split("-")[1]) for p in (root / "checkpoints").glob("checkpoint-*")]
+        (root / "checkpoints" / f"checkpoint-{{max(steps, default=0) + 10}}").mkdir(parents=True)
+        with open(root / "progress.jsonl", "a") as f:
+            f.write(json.dumps({{"event": "preempted", "step": 1, "time": time.time() + 1, "signal": "SIGTERM"}}) + "\\n")
+        raise SystemExit(1)  # accelerate turns the worker's 75 into 1
+    """)
+    monkeypatch.setattr(launch, "node_command", lambda *args: [sys.executable, "-c", stand_in])
+    monkeypatch.setenv(requeue.JOB_ENV, "job-uid-1")
+    codes = [launch.main([str(run_yaml)]) for _ in range(3)]
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED, requeue.EXIT_REQUEUES_EXHAUSTED]
+    assert "resources.max_requeues: 2" in requeue.stopped_reason(paths.root, "job-uid-1")
+    # A new Job (qlaunch submit again) has a count of its own.
+    monkeypatch.setenv(requeue.JOB_ENV, "job-uid-2")
+    assert launch.main([str(run_yaml)]) == EXIT_PREEMPTED
