@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from . import __version__
+
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 
 
@@ -154,6 +156,11 @@ class ResourcesConfig(Section):
     cpus_per_task: int = Field(default=8, ge=1)
     memory: str = "32G"
     time_limit: str = "24:00:00"  # [D-]HH:MM:SS
+    # The requeue guard (launcher/requeue.py): a training job that checkpointed and stopped (exit
+    # 75: time limit, preemption) is requeued at most max_requeues times, and no more once
+    # max_requeues_without_progress requeues in a row saved no newer checkpoint.
+    max_requeues: int = Field(default=10, ge=0)
+    max_requeues_without_progress: int = Field(default=2, ge=0)
 
     @field_validator("time_limit")
     @classmethod
@@ -175,8 +182,33 @@ class ResourcesConfig(Section):
         return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
 
+class InferenceResources(Section):
+    """What the inference job asks for; null: derived from training's request and the model's
+    size (launcher/jobspec.py inference_resources): at most one GPU, 4 CPUs, one hour."""
+
+    gpus_per_node: int | None = Field(default=None, ge=0)  # 0: answer on CPU
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    memory: str | None = None  # like resources.memory
+    time_limit: str | None = None  # like resources.time_limit
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_format(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", value):
+            raise ValueError("expected [D-]HH:MM:SS, e.g. 01:00:00")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_format(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+[KMGT]?", value):
+            raise ValueError("expected a size like 16G or 16000M")
+        return value
+
+
 class InferenceConfig(Section):
     enabled: bool = True  # run the inference job after training
+    resources: InferenceResources = Field(default_factory=InferenceResources)
     prompts: list[str] = Field(default_factory=list)
     prompts_file: str | None = None  # .jsonl with a "prompt" field, or one prompt per line
     # Held-out examples (.jsonl with "prompt" and "reference") scored for base vs fine-tuned.
@@ -275,8 +307,12 @@ class Toleration(Section):
 
 class KubernetesConfig(Section):
     namespace: str = "default"
-    image: str = "ghcr.io/qlaunch/qlaunch-train:latest"
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    # docker/Dockerfile built at this qlaunch's version (README "The job image": build and push
+    # it, or name your own); a versioned tag, so every pod of a grid runs the same image.
+    image: str = f"ghcr.io/qlaunch/qlaunch-train:{__version__}"
+    # null: IfNotPresent for a pinned image (a version tag or a digest), Always for :latest or
+    # no tag (launcher/backends/k8s_manifests.py pull_policy), as Kubernetes itself defaults.
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     # Node label whose value is resources.gpu_type on GPU pods: nvidia.com/gpu.product (GPU
     # feature discovery), cloud.google.com/gke-accelerator (GKE), any other key, or "none".
     gpu_node_label: str = "nvidia.com/gpu.product"

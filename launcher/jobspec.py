@@ -9,7 +9,9 @@ forwarding and exit code 75, so none of that is written again here or in a backe
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,18 +76,76 @@ class RunJobs:
 
 
 def _resources(run: RunConfig, role: str) -> Resources:
+    if role == INFER:
+        return inference_resources(run)
     res = run.resources
-    train = role == TRAIN
     return Resources(
-        nodes=res.nodes if train else 1,
-        # Inference generates on one GPU.
-        gpus_per_node=res.gpus_per_node if train else min(res.gpus_per_node, 1),
+        nodes=res.nodes,
+        gpus_per_node=res.gpus_per_node,
         gpu_type=res.gpu_type,
         cpus_per_task=res.cpus_per_task,
         memory=res.memory,
         time_limit=res.time_limit,
         time_limit_seconds=res.time_limit_seconds(),
     )
+
+
+# The inference job answers a few prompts: what it asks for when inference.resources does not say.
+INFER_CPUS = 4
+INFER_TIME_LIMIT = "01:00:00"
+INFER_MEMORY_UNKNOWN_MODEL_MIB = 16 * 1024
+# Host memory on top of the weights: Python, torch, CUDA context, tokenizer, generation buffers.
+INFER_MEMORY_HEADROOM_MIB = 4 * 1024
+_MIB = {"K": 1 / 1024, "M": 1, "": 1, "G": 1024, "T": 1024 * 1024}
+
+
+def memory_mib(value: str) -> float:
+    """A Slurm-style size (32G, 64000M; a bare number is MiB) in MiB."""
+    number, unit = re.fullmatch(r"(\d+)([KMGT]?)", value).groups()
+    return int(number) * _MIB[unit]
+
+
+def inference_memory(run: RunConfig, gpus: int) -> str:
+    """Host memory for the inference job: the base model's weights as they pass through host
+    memory while loading (float16 shards on their way to the GPU; float32 when it answers on
+    CPU), plus headroom; a model qlaunch does not know (launcher.preflight.model_shape) gets 16G.
+    Never more than training asks for."""
+    from .preflight import model_shape  # the known-model table; no torch
+
+    shape = model_shape(run)
+    if shape is None:
+        wanted = INFER_MEMORY_UNKNOWN_MODEL_MIB
+    else:
+        wanted = math.ceil(shape.num_params * (2 if gpus else 4) / 2**20) + INFER_MEMORY_HEADROOM_MIB
+    gib = math.ceil(min(wanted, memory_mib(run.resources.memory)) / 1024)
+    return f"{max(gib, 1)}G"
+
+
+def inference_resources(run: RunConfig) -> Resources:
+    """What the inference job asks for: inference.resources where set, else one node, at most one
+    GPU (it generates on one), at most 4 CPUs, one hour and the memory the model needs to load
+    (inference_memory); each derived value at most what training asks for."""
+    res, own = run.resources, run.inference.resources
+    gpus = own.gpus_per_node if own.gpus_per_node is not None else min(res.gpus_per_node, 1)
+    if own.time_limit is not None:
+        time_limit = own.time_limit
+    else:
+        time_limit = min((INFER_TIME_LIMIT, res.time_limit), key=_seconds)
+    return Resources(
+        nodes=1,
+        gpus_per_node=gpus,
+        gpu_type=res.gpu_type,
+        cpus_per_task=own.cpus_per_task or min(res.cpus_per_task, INFER_CPUS),
+        memory=own.memory or inference_memory(run, gpus),
+        time_limit=time_limit,
+        time_limit_seconds=_seconds(time_limit),
+    )
+
+
+def _seconds(time_limit: str) -> int:
+    days, _, hms = time_limit.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
 
 def job_specs(run: RunConfig) -> RunJobs:

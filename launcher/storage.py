@@ -11,6 +11,7 @@
         inference/          results.jsonl, summary.json
         attempts/<n>/       environment.json: versions, device, CPU flags, host, job id of attempt n
         submission.json     backend, job ids, submission times
+        requeues.log        the requeue guard's stops; requeue-stopped.txt its refusal (launcher/requeue.py)
 """
 
 from __future__ import annotations
@@ -90,11 +91,29 @@ class RunPaths:
             path.unlink(missing_ok=True)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc, 4.7+); else
+    set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write aside and rename, so readers on shared storage never see half a file."""
+    """Write aside and rename, so readers on shared storage never see half a file. The file
+    gets the mode a plain open() would give it (0666 less the umask: group and others read it
+    under the usual 022 or 002); mkstemp's own 0600 would hide reports and results from the
+    team on a shared filesystem."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)

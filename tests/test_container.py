@@ -66,7 +66,7 @@ def test_quickstart_trains_in_the_image_as_the_manifest_starts_it(tmp_path, imag
     the_plan = plan(quickstart_on_kubernetes(tmp_path, image))
     [run] = the_plan.runs
     documents = run_documents(the_plan, run)
-    (configmap,) = [d for d in documents if d["kind"] == "ConfigMap"]
+    configmaps = [d for d in documents if d["kind"] == "ConfigMap"]  # run.yaml's, each data file's
     job = next(d for d in documents if d["kind"] == "Job")  # training first, then inference
     pod = job["spec"]["template"]["spec"]
     [container] = pod["containers"]
@@ -76,7 +76,7 @@ def test_quickstart_trains_in_the_image_as_the_manifest_starts_it(tmp_path, imag
     # travel in the run's ConfigMap (qlaunch stages small local files there), mounted at /config.
     claim = tmp_path / "claim"
     claim.mkdir()
-    config = mount_config_map(configmap, tmp_path / "config", same_path=True)
+    config = mount_config_map(configmaps, tmp_path / "config", same_path=True)
     # The hand-off volume with the namespace but no token, and no API server to reach: the
     # trainer cannot start the inference Job, which must not fail the training pod.
     handoff = tmp_path / "handoff"

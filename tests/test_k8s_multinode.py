@@ -27,13 +27,13 @@ from launcher.storage import RunPaths
 pytestmark = pytest.mark.slow
 
 
-def _pod_processes(tmp_path, job: dict, config_map: dict):
+def _pod_processes(tmp_path, job: dict, config_maps: list[dict]):
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     head = f"{job['metadata']['name']}-0.{pod['subdomain']}"
     hosts = tmp_path / "hosts"
     hosts.write_text(f"127.0.0.1 localhost\n127.0.0.1 {head}\n")
-    config = mount_config_map(config_map, tmp_path / "config", CONFIG_MOUNT)
+    config = mount_config_map(config_maps, tmp_path / "config", CONFIG_MOUNT)
     home = tmp_path / "home"
     home.mkdir()
     command = [str(config / arg[len(CONFIG_MOUNT) + 1:]) if arg.startswith(CONFIG_MOUNT + "/") else arg
@@ -72,10 +72,10 @@ def test_indexed_job_pods_rendezvous_and_train_together(tmp_path, tiny_experimen
     (run,) = p.runs
     documents = run_documents(p, run)
     (job,) = [d for d in documents if d["kind"] == "Job" and d["spec"].get("completionMode") == "Indexed"]
-    (config_map,) = [d for d in documents if d["kind"] == "ConfigMap"]
+    config_maps = [d for d in documents if d["kind"] == "ConfigMap"]  # run.yaml's, the data file's
     assert job["spec"]["completions"] == 2 and any(d["kind"] == "Service" for d in documents)
 
-    processes = _pod_processes(tmp_path, job, config_map)
+    processes = _pod_processes(tmp_path, job, config_maps)
     try:
         codes = [process.wait(timeout=600) for process, _ in processes]
     finally:

@@ -252,7 +252,8 @@ def test_jobs_survive_preemption_and_run_as_non_root(tmp_path):
     # Inference holds no node while training runs: suspended, no init container waiting.
     assert infer["spec"]["suspend"] is True and "initContainers" not in infer["spec"]["template"]["spec"]
     assert infer["metadata"]["annotations"]["qlaunch.dev/starts-after"] == train["metadata"]["name"]
-    assert infer["spec"]["activeDeadlineSeconds"] == train["spec"]["activeDeadlineSeconds"]
+    # Its own deadline (inference.resources.time_limit, one hour by default), not training's.
+    assert (infer["spec"]["activeDeadlineSeconds"], train["spec"]["activeDeadlineSeconds"]) == (3600, 86400)
     assert infer["spec"]["template"]["spec"]["containers"][0]["command"] == [
         "python", "-m", "training.infer", "/config/run.yaml"]  # fmt: skip
 

@@ -90,6 +90,11 @@ def pod_config(server, p, run) -> dict:
     return load_yaml(server.get("configmaps", NS, Names.of(p.experiment.name, run.run_id).config)["data"]["run.yaml"])
 
 
+def data_config_map(server, p, key: str) -> dict:
+    """The ConfigMap a staged small file travels in: one per content, shared by the grid's runs."""
+    return server.get("configmaps", NS, Names.data(p.experiment.name, key))
+
+
 def on_claim(claim: Path, pod_path: str) -> Path:
     return claim / Path(pod_path).relative_to("/mnt/qlaunch")
 
@@ -108,13 +113,15 @@ def test_a_5mb_dataset_is_staged_once_for_a_grid_and_the_pods_read_it_there(clus
     assert on_claim(claim, target).read_bytes() == data
     assert [p.name for p in on_claim(claim, target).parent.iterdir()] == ["train.jsonl"]  # no .part left
     assert len(uploads(kubelet)) == 1 and kubelet.stdin_bytes == len(data)  # one copy for both runs
+    keys = set()
     for run in p.runs:
         config = pod_config(server, p, run)
         assert config["dataset"]["path"] == target
-        key = config["inference"]["eval_file"].removeprefix("/config/")
-        # The small eval file travels in the ConfigMap, mounted at /config.
-        assert server.get("configmaps", NS, Names.of(p.experiment.name, run.run_id).config)["data"][key] == (
-            path.parent / "data" / "eval.jsonl").read_text()  # fmt: skip
+        keys.add(config["inference"]["eval_file"].removeprefix("/config/"))
+        # The small eval file travels in a ConfigMap of its own, projected beside run.yaml at /config.
+        assert set(server.get("configmaps", NS, Names.of(p.experiment.name, run.run_id).config)["data"]) == {"run.yaml"}
+    (key,) = keys
+    assert data_config_map(server, p, key)["data"] == {key: (path.parent / "data" / "eval.jsonl").read_text()}
     assert not server.list("pods", NS)  # the staging pod is gone
     err = capsys.readouterr().err
     assert f"staged onto claim {CLAIM}: {path.parent / 'data' / 'train.jsonl'} (5.0 MB) at {target}" in err
@@ -156,10 +163,11 @@ def test_small_files_travel_in_the_config_map_without_a_pod(cluster, tmp_path):
     config_map = server.get("configmaps", NS, Names.of("small", p.runs[0].run_id).config)
     config = load_yaml(config_map["data"]["run.yaml"])
     dataset_key = config["dataset"]["path"].removeprefix("/config/")
-    assert config_map["data"][dataset_key] == (folder / "train.jsonl").read_text()
+    assert data_config_map(server, p, dataset_key)["data"] == {dataset_key: (folder / "train.jsonl").read_text()}
     prompts_key = config["inference"]["prompts_file"].removeprefix("/config/")
-    assert prompts_key.endswith("-prompts.txt") and prompts_key not in config_map["data"]
-    assert base64.b64decode(config_map["binaryData"][prompts_key]) == (folder / "prompts.txt").read_bytes()
+    prompts = data_config_map(server, p, prompts_key)
+    assert prompts_key.endswith("-prompts.txt") and "data" not in prompts
+    assert base64.b64decode(prompts["binaryData"][prompts_key]) == (folder / "prompts.txt").read_bytes()
 
 
 @pytest.mark.parametrize("version", ("1.30", "1.37"))
@@ -177,11 +185,17 @@ def test_rendered_objects_with_staged_files_and_the_staging_pod_are_valid(experi
     assert staging["spec"]["securityContext"] == job["spec"]["template"]["spec"]["securityContext"]
     assert staging["spec"]["volumes"] == [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "storage"]
     assert "nodeSelector" not in staging["spec"] and staging["spec"]["activeDeadlineSeconds"] > 0
-    # The ConfigMap's copies are where run.yaml says: the Jobs mount the ConfigMap at /config.
-    config = load_yaml(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["run.yaml"])
+    # The copies are where run.yaml says: the Jobs mount the run's ConfigMap and each data
+    # file's ConfigMap as one projected volume at /config.
+    config = load_yaml(next(d for d in docs if d["kind"] == "ConfigMap" and "run.yaml" in d.get("data", {}))
+                       ["data"]["run.yaml"])  # fmt: skip
     mounts = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert {"name": "config", "mountPath": "/config", "readOnly": True} in mounts
-    assert config["inference"]["eval_file"].startswith("/config/data-")
+    key = config["inference"]["eval_file"].removeprefix("/config/")
+    assert key.startswith("data-")
+    (volume,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+    assert {"configMap": {"name": Names.data(p.experiment.name, key), "items": [{"key": key, "path": key}]}} in (
+        volume["projected"]["sources"])  # fmt: skip
 
 
 def test_dry_run_says_what_would_be_staged_and_stages_nothing(cluster, experiment):

@@ -91,7 +91,8 @@ def test_kubernetes_pod_command_checkpoints_on_sigterm_to_pid_1_and_its_replacem
 
     # What the API server holds is what the pod runs: the ConfigMap at /config, the command.
     names = Names.of(p.experiment.name, run.run_id)
-    config = mount_config_map(fake.get("configmaps", "default", names.config), tmp_path / "config", CONFIG_MOUNT)
+    # The run's ConfigMap and its data file's (the namespace holds this experiment alone).
+    config = mount_config_map(fake.list("configmaps", "default"), tmp_path / "config", CONFIG_MOUNT)
     pod = fake.get("jobs", "default", names.train_job)["spec"]["template"]["spec"]
     command = [part.replace(CONFIG_MOUNT, str(config)) for part in pod["containers"][0]["command"]]
     assert command[1:3] == ["-m", "training.launch"]

@@ -83,18 +83,21 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def mount_config_map(config_map: dict, folder: Path, mount_path: str = "/config", *, same_path: bool = False) -> Path:
-    """What the kubelet does with a run's ConfigMap volume: every key a file in `folder` (data as
-    text, binaryData decoded), for a "pod" run on this machine. Unless the folder is mounted at
-    `mount_path` itself (`same_path`, a container), the pod's run.yaml names files under
-    `mount_path` (staged data files): those references are pointed at `folder`."""
+def mount_config_map(config_maps: dict | list[dict], folder: Path, mount_path: str = "/config", *,
+                     same_path: bool = False) -> Path:  # fmt: skip
+    """What the kubelet does with a run's config volume: the run's ConfigMap and the ConfigMaps
+    of its staged data files (one per file, shared by the grid), every key a file in `folder`
+    (data as text, binaryData decoded), for a "pod" run on this machine. Unless the folder is
+    mounted at `mount_path` itself (`same_path`, a container), the pod's run.yaml names files
+    under `mount_path` (staged data files): those references are pointed at `folder`."""
     import base64
 
     folder.mkdir(parents=True, exist_ok=True)
-    for key, text in (config_map.get("data") or {}).items():
-        if not same_path and key == "run.yaml":
-            text = text.replace(f"{mount_path}/", f"{folder}/")
-        (folder / key).write_text(text)
-    for key, encoded in (config_map.get("binaryData") or {}).items():
-        (folder / key).write_bytes(base64.b64decode(encoded))
+    for config_map in [config_maps] if isinstance(config_maps, dict) else config_maps:
+        for key, text in (config_map.get("data") or {}).items():
+            if not same_path and key == "run.yaml":
+                text = text.replace(f"{mount_path}/", f"{folder}/")
+            (folder / key).write_text(text)
+        for key, encoded in (config_map.get("binaryData") or {}).items():
+            (folder / key).write_bytes(base64.b64decode(encoded))
     return folder

@@ -23,9 +23,11 @@ and what `accelerate launch` alone gets wrong for preemptible jobs (accelerate 1
 
 The machine rank comes from --machine-rank, else Slurm's SLURM_NODEID, else the Kubernetes
 Indexed Job's JOB_COMPLETION_INDEX, else 0. Requeueing after exit 75 is the scheduler's (or the
-batch script's) business, not this module's.
+batch script's) business, except in a Kubernetes pod, where nothing else is left to decide: there
+the requeue guard (launcher/requeue.py) turns a 75 past the limits into EXIT_REQUEUES_EXHAUSTED.
 
-Exit codes: those of `training.sft` (0 done, 75 preempted, 2 bad config, 1 failed).
+Exit codes: those of `training.sft` (0 done, 75 preempted, 2 bad config, 1 failed), and 76 (the
+requeue guard stopped a Kubernetes run).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING
 
 # Nothing slow above main()'s first line: a stop signal before the handlers are installed would
 # kill the job instead of stopping it, so pydantic and the run model are imported after them.
+from launcher import requeue
 from launcher.progress import EXIT_CONFIG, EXIT_FAILED, EXIT_PREEMPTED, read_events
 
 from .stop_request import STOP_FILE_ENV, write_request
@@ -283,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     stop.request_file = request_dir / "request"
     env[STOP_FILE_ENV] = str(stop.request_file)
     try:
-        return run_workers(command, env, stop, paths, args)
+        return run_workers(command, env, stop, run, paths, args)
     finally:
         shutil.rmtree(request_dir, ignore_errors=True)
 
 
-def run_workers(command: list[str], env: dict[str, str], stop: StopForwarder, paths: RunPaths,
-                args: argparse.Namespace) -> int:  # fmt: skip
+def run_workers(command: list[str], env: dict[str, str], stop: StopForwarder, run: RunConfig,
+                paths: RunPaths, args: argparse.Namespace) -> int:  # fmt: skip
     # One stop request must reach accelerate and every worker. As the leader of its own process
     # group (the local backend's process, a container's PID 1) training.launch keeps them in
     # that group, so that whoever stops the job by group (the local backend's SIGKILL on a second
@@ -297,6 +300,7 @@ def run_workers(command: list[str], env: dict[str, str], stop: StopForwarder, pa
     # session of their own, and forwarding never signals the caller's group.
     own_group = os.getpgrp() == os.getpid()
     env.update(TORCHRUN_ENV)
+    started_from = requeue.newest_checkpoint(paths.root)
     started = time.time()
     child = subprocess.Popen(
         command, env=env, preexec_fn=_start_launcher_child(os.getpid()), start_new_session=not own_group
@@ -306,6 +310,8 @@ def run_workers(command: list[str], env: dict[str, str], stop: StopForwarder, pa
     if stop.received is not None:  # arrived while the child was starting
         stop.forward(stop.received)
     code = exit_code(child.wait(), paths, started)
+    if code == EXIT_PREEMPTED:
+        code = requeue_guard(run, paths, started_from, machine_rank(args.machine_rank, env), env)
     if code == 0 and machine_rank(args.machine_rank, env) == 0:
         # Kubernetes: the final adapter is written, so the run's inference Job may start now.
         from .handoff import release_after_training
@@ -325,6 +331,26 @@ def earlier_attempt_workers(paths: RunPaths, args: argparse.Namespace, run: RunC
     while (busy := holders(paths.root, ranks)) and time.monotonic() < deadline and stop.received is None:
         time.sleep(0.5)
     return busy
+
+
+def requeue_guard(run: RunConfig, paths: RunPaths, started_from: int | None, rank: int, env: dict[str, str]) -> int:
+    """Exit 75 on Kubernetes, where the pod itself is what decides (launcher/requeue.py): 75 gets
+    the pod replaced, EXIT_REQUEUES_EXHAUSTED fails the Job (its podFailurePolicy). Rank 0
+    decides for all (the other ranks' 75 is ignored while its code fails the Job). Elsewhere
+    (no job identity: Slurm's batch script decides, the local backend never requeues) 75."""
+    job = env.get(requeue.JOB_ENV, "")
+    if not job or rank != 0:
+        return EXIT_PREEMPTED
+    res = run.resources
+    try:
+        reason = requeue.decide(paths.root, job, started_from, res.max_requeues, res.max_requeues_without_progress)
+    except OSError as exc:  # an unwritable run folder must not turn a checkpoint into a failure
+        _say(f"could not record this stop for the requeue guard ({exc}): asking to be restarted")
+        return EXIT_PREEMPTED
+    if reason is None:
+        return EXIT_PREEMPTED
+    _say(f"checkpoint saved; {reason}. `qlaunch submit` resumes the run")
+    return requeue.EXIT_REQUEUES_EXHAUSTED
 
 
 def exit_code(child_code: int, paths: RunPaths, started: float) -> int:

@@ -1,14 +1,17 @@
 """Kubernetes manifests for a plan: pure (same plan, same bytes), checked before any API call.
 
 Each run's job specs (launcher.jobspec) become API objects built directly as dicts (what the API
-client sends, after TorchX's `role_to_pod`), written once as block YAML for review. Per run: a ConfigMap with run.yaml, a headless Service (multi-node only), the training
-Job and, unless inference is disabled, an inference Job created suspended (no pod, no GPU) that
-the training pod releases once its final adapter is written, through a ServiceAccount and a Role
-that may patch that one Job and nothing else (the hand-off objects).
+client sends, after TorchX's `role_to_pod`), written once as block YAML for review. Per run: a
+ConfigMap with run.yaml (and one per small local data file, shared by the grid's runs), a
+headless Service (multi-node only), the training Job and, unless inference is disabled, an
+inference Job created suspended (no pod, no GPU) that the training pod releases once its final
+adapter is written, through a ServiceAccount and a Role that may patch that one Job and nothing
+else (the hand-off objects).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -21,8 +24,10 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..experiment_file import dump_run_config
 from ..grid import Plan
-from ..jobspec import MAIN_PROCESS_PORT, inference_job, job_specs
+from ..jobspec import MAIN_PROCESS_PORT, Resources, inference_job, job_specs
 from ..progress import EXIT_PREEMPTED
+from ..requeue import EXIT_REQUEUES_EXHAUSTED
+from ..requeue import JOB_ENV as REQUEUE_JOB_ENV
 from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
 from .k8s_staging import CONFIG_MOUNT, POD_HOME, RunFiles, pod_run, run_files, unmounted_folders
 
@@ -32,6 +37,8 @@ RUN_LABEL = f"{LABEL_PREFIX}/run-id"
 ROLE_LABEL = f"{LABEL_PREFIX}/role"
 TRAIN, INFER = "train", "infer"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Set by the Job controller on every pod it creates (Kubernetes 1.27+).
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 # Marks an inference Job that starts only when training releases it (see release_patch).
 STARTS_AFTER_ANNOTATION = f"{LABEL_PREFIX}/starts-after"
 # Where the training container finds the hand-off credentials (a projected volume: the
@@ -59,15 +66,27 @@ class Names:
 
     base: str
 
-    @classmethod
-    def of(cls, experiment: str, run_id: str) -> "Names":
+    @staticmethod
+    def prefix(experiment: str) -> str:
         prefix = re.sub(r"[^a-z0-9-]+", "-", experiment.lower()).strip("-")
         # A Service name must start with a letter (DNS-1035); the experiment name may not.
         if not prefix or not prefix[0].isalpha():
             prefix = "q" + prefix
         # 40 + 1 + 10 run id leaves room for "-infer" and for the pods' "-<index>" hostnames.
-        prefix = prefix[:40].rstrip("-")
-        return cls(f"{prefix}-{run_id}")
+        return prefix[:40].rstrip("-")
+
+    @classmethod
+    def of(cls, experiment: str, run_id: str) -> "Names":
+        return cls(f"{cls.prefix(experiment)}-{run_id}")
+
+    @staticmethod
+    def data(experiment: str, config_key: str) -> str:
+        """The ConfigMap holding one staged local file (launcher/backends/k8s_staging.py), named by
+        its ConfigMap key, which holds the content's sha16: every run of the grid that reads the
+        same bytes shares one copy."""
+        # A hash of the key (data-<sha16>-<file name>): a DNS name, and the same bytes under two
+        # file names are two keys, so two objects (immutable ones must never change content).
+        return f"{Names.prefix(experiment)}-data-{hashlib.sha256(config_key.encode()).hexdigest()[:16]}"
 
     @property
     def train_job(self) -> str:
@@ -239,6 +258,8 @@ def _run_problems(run: RunConfig, where: _Where) -> list[str]:
                             "is not a valid taint value")
     if run.resources.time_limit_seconds() <= 0:
         problems.append(f"{where('resources.time_limit')}: must be longer than 0 seconds")
+    if run.inference.enabled and inference_job(run).resources.time_limit_seconds <= 0:
+        problems.append(f"{where('inference.resources.time_limit')}: must be longer than 0 seconds")
     env_names = [run.model.hf_token_env] if secret is not None else []
     env_names += list(run.environment.variables)
     for name in env_names:
@@ -294,7 +315,7 @@ def pod_run_config(plan: Plan, run: RunConfig, files: RunFiles | None = None) ->
     return dump_run_config(pod_run(run, str(plan.storage_root), files))
 
 
-def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
+def _env(plan: Plan, run: RunConfig, role: str) -> list[dict[str, Any]]:
     variables = {
         "PYTHONUNBUFFERED": "1",
         "HOME": POD_HOME,
@@ -303,6 +324,10 @@ def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
         **run.environment.variables,
     }
     env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in variables.items()]
+    if role == TRAIN:
+        # Which Job this pod belongs to: the requeue guard counts the stops of this Job only.
+        env.append({"name": REQUEUE_JOB_ENV, "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.labels['{JOB_UID_LABEL}']"}}})
     secret = run.kubernetes.hf_token_secret
     if secret is not None:
         # The token stays in the cluster: the kubelet resolves the reference at pod start.
@@ -315,13 +340,42 @@ def _env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
     return env
 
 
-def _resources(run: RunConfig, gpus: int) -> dict[str, Any]:
-    memory = kube_memory(run.resources.memory)
+def _resources(res: Resources) -> dict[str, Any]:
+    """One job's request (launcher.jobspec: the inference job's is its own, smaller one)."""
+    memory = kube_memory(res.memory)
     # Memory limit = request: running out shows as OOMKilled on this pod, not as node pressure.
     limits: dict[str, Any] = {"memory": memory}
-    if gpus > 0:
-        limits["nvidia.com/gpu"] = gpus
-    return {"requests": {"cpu": str(run.resources.cpus_per_task), "memory": memory}, "limits": limits}
+    if res.gpus_per_node > 0:
+        limits["nvidia.com/gpu"] = res.gpus_per_node
+    return {"requests": {"cpu": str(res.cpus_per_task), "memory": memory}, "limits": limits}
+
+
+def pull_policy(run: RunConfig) -> str:
+    """kubernetes.image_pull_policy, or for null the one that fits the tag: a mutable tag
+    (`:latest`, or none, which means latest) is pulled every time, so pods of one grid do not run
+    whatever old copy each node has cached; a version tag or a digest is pulled once per node."""
+    k8s = run.kubernetes
+    if k8s.image_pull_policy is not None:
+        return k8s.image_pull_policy
+    image = k8s.image.strip()
+    if "@" in image:
+        return "IfNotPresent"
+    name = image.rsplit("/", 1)[-1]
+    tag = name.partition(":")[2]
+    return "Always" if tag in ("", "latest") else "IfNotPresent"
+
+
+# The taint GPU nodes carry (the GPU operator, GKE, EKS and AKS GPU pools) so that only pods
+# that ask for a GPU land there.
+GPU_TAINT_KEYS = ("nvidia.com/gpu",)
+
+
+def pod_tolerations(run: RunConfig, gpus: int) -> list[dict[str, Any]]:
+    """kubernetes.tolerations for a pod with `gpus` GPUs: a pod without GPUs does not tolerate
+    the GPU taint, so it cannot take a GPU node's CPUs and memory from the GPU jobs; the other
+    tolerations (a spot pool's, say) apply to every pod."""
+    return [t.model_dump(exclude_none=True) for t in run.kubernetes.tolerations
+            if gpus > 0 or t.key not in GPU_TAINT_KEYS]  # fmt: skip
 
 
 def train_command(plan: Plan, run: RunConfig) -> list[str]:
@@ -394,13 +448,20 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         # Kueue un-suspends a queued Job once the queue admits it against quota; the inference
         # Job stays suspended (no pod, no GPU) until training releases it.
         job_spec["suspend"] = True
-    job_spec["podFailurePolicy"] = {"rules": [
+    rules: list[dict[str, Any]] = []
+    if train:
+        # The requeue guard (launcher/requeue.py, in training.launch) stopped the run: it was
+        # replaced resources.max_requeues times, or kept stopping without a newer checkpoint.
+        # First, so that it wins over the rules below.
+        rules.append({"action": "FailJob", "onExitCodes": {
+            "containerName": role, "operator": "In", "values": [EXIT_REQUEUES_EXHAUSTED]}})
+    job_spec["podFailurePolicy"] = {"rules": rules + [
         # Preemption, eviction, node drain or shutdown: not the run's fault. The Job replaces the
         # pod without counting it against backoffLimit; the new pod resumes from its checkpoint.
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         # The trainer checkpointed on SIGTERM and exited EXIT_PREEMPTED: same as above (covers a
         # SIGTERM that comes without a DisruptionTarget condition, e.g. `kubectl delete pod`).
-        # activeDeadlineSeconds still bounds the run as a whole.
+        # activeDeadlineSeconds and the requeue guard above bound the run as a whole.
         {"action": "Ignore",
          "onExitCodes": {"containerName": role, "operator": "In", "values": [EXIT_PREEMPTED]}},
     ]}  # fmt: skip
@@ -427,7 +488,9 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     node_selector = {**gpu_nodes, **k8s.node_selector}  # the user's entries win
     if node_selector:
         pod["nodeSelector"] = _sorted(node_selector)
-    pod["tolerations"] = _sorted([t.model_dump(exclude_none=True) for t in k8s.tolerations])
+    tolerations = pod_tolerations(run, spec.resources.gpus_per_node)
+    if tolerations:
+        pod["tolerations"] = _sorted(tolerations)
     pod["securityContext"] = {
         "runAsNonRoot": True,
         "runAsUser": k8s.run_as_user,
@@ -439,11 +502,11 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     pod["containers"] = [{
         "name": role,
         "image": k8s.image,
-        "imagePullPolicy": k8s.image_pull_policy,
+        "imagePullPolicy": pull_policy(run),
         "command": train_command(plan, run) if train else infer_command(run),
-        "env": _sorted(_env(plan, run) + (_release_env(plan, run) if train and handoff else [])
+        "env": _sorted(_env(plan, run, role) + (_release_env(plan, run) if train and handoff else [])
                        + ([] if train else [{"name": INFER_WAITS_ENV, "value": "1"}])),
-        "resources": _sorted(_resources(run, spec.resources.gpus_per_node)),
+        "resources": _sorted(_resources(spec.resources)),
         "securityContext": container_security,
         "volumeMounts": [
             {"name": "storage", "mountPath": storage_root},
@@ -454,7 +517,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     }]  # fmt: skip
     pod["volumes"] = [
         {"name": "storage", "persistentVolumeClaim": {"claimName": k8s.pvc}},
-        {"name": "config", "configMap": {"name": n.config}},
+        _config_volume(plan, run),
         # PyTorch data loaders and NCCL share memory through /dev/shm (64Mi by default).
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
         # A writable HOME for caches whatever uid runs the image.
@@ -542,19 +605,55 @@ def _handoff_objects(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
     return documents
 
 
-def _config_map(plan: Plan, run: RunConfig) -> dict[str, Any]:
-    """The run's resolved config, mounted read-only at /config in every pod of the run, with
-    the run's small local data files (content-addressed keys)."""
-    files = run_files(run, str(plan.storage_root))
-    config_map: dict[str, Any] = {
+DATA_COMPONENT = "data"
+
+
+def _config_map(plan: Plan, run: RunConfig, files: RunFiles) -> dict[str, Any]:
+    """The run's resolved config, mounted read-only at /config in every pod of the run (with its
+    small local data files beside it, from their own ConfigMaps: _data_config_maps)."""
+    return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(plan, run, names(plan, run).config, labels(plan, run, None)),
-        "data": {"run.yaml": pod_run_config(plan, run, files), **files.data},
+        "data": {"run.yaml": pod_run_config(plan, run, files)},
     }
-    if files.binary_data:
-        config_map["binaryData"] = files.binary_data
-    return config_map
+
+
+def _data_config_maps(plan: Plan, run: RunConfig, files: RunFiles) -> list[dict[str, Any]]:
+    """One ConfigMap per small local file, named by its content: every run of the grid (and
+    every grid of the experiment) that reads the same bytes references the same object, so etcd
+    holds one copy, not one per run. Each run's file shows it; applying it again is a no-op."""
+    documents = []
+    for key in sorted({*files.data, *files.binary_data}):
+        metadata = {
+            "name": Names.data(plan.experiment.name, key),
+            "namespace": run.kubernetes.namespace,
+            "labels": _sorted({
+                "app.kubernetes.io/name": "qlaunch",
+                "app.kubernetes.io/component": DATA_COMPONENT,
+                "app.kubernetes.io/part-of": plan.experiment.name,
+                "app.kubernetes.io/managed-by": "qlaunch",
+                EXPERIMENT_LABEL: plan.experiment.name,
+            }),
+        }
+        field = ("data", files.data) if key in files.data else ("binaryData", files.binary_data)
+        documents.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
+                          "immutable": True, field[0]: {key: field[1][key]}})  # fmt: skip
+    return documents
+
+
+def _config_volume(plan: Plan, run: RunConfig) -> dict[str, Any]:
+    """/config: the run's ConfigMap, and when the run has small local files, each file's own
+    ConfigMap projected beside run.yaml under its content-addressed key."""
+    n = names(plan, run)
+    files = run_files(run, str(plan.storage_root))
+    keys = sorted({*files.data, *files.binary_data})
+    if not keys:
+        return {"name": "config", "configMap": {"name": n.config}}
+    sources = [{"configMap": {"name": n.config}}]
+    sources += [{"configMap": {"name": Names.data(plan.experiment.name, key), "items": [{"key": key, "path": key}]}}
+                for key in keys]  # fmt: skip
+    return {"name": "config", "projected": {"sources": sources}}
 
 
 def _service(plan: Plan, run: RunConfig) -> dict[str, Any]:
@@ -578,7 +677,8 @@ def _service(plan: Plan, run: RunConfig) -> dict[str, Any]:
 def run_documents(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
     """The objects of one run, in the order they are applied (ConfigMap before the Jobs): the
     dicts the API client sends, dumped once as YAML for review."""
-    documents = [_config_map(plan, run)]
+    files = run_files(run, str(plan.storage_root))
+    documents = [*_data_config_maps(plan, run, files), _config_map(plan, run, files)]
     if run.resources.nodes > 1:
         documents.append(_service(plan, run))
     if hands_off(run):

@@ -4,8 +4,9 @@ A dataset, prompts or eval file that lives on the submitting machine (a relative
 absolute one outside storage.root) does not exist inside the cluster. Each such file gets a
 content address (its sha256):
 
-- small files travel in the run's ConfigMap (already mounted read-only at /config) under the
-  key `data-<sha16>-<name>`;
+- small files travel in a ConfigMap per file (launcher/backends/k8s_manifests.py
+  `_data_config_maps`, shared by every run that reads the same bytes) under the key
+  `data-<sha16>-<name>`, projected read-only into /config beside the run's run.yaml;
 - larger ones are staged onto the claim at `<storage.root>/.qlaunch/data/<sha16>/<name>` by
   `qlaunch submit` (launcher/backends/k8s_upload.py) before any Job exists.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..progress import EXIT_PREEMPTED
+from ..requeue import EXIT_REQUEUES_EXHAUSTED
 from .base import State
 
 Obj = dict[str, Any]
@@ -74,6 +75,10 @@ def exit_detail(pod: Obj) -> str:
     return (pod.get("status") or {}).get("reason") or ""
 
 
+def _guarded(pod: Obj) -> bool:
+    return any(t.get("exitCode") == EXIT_REQUEUES_EXHAUSTED for t in _terminated(pod))
+
+
 def _oom(pod: Obj) -> bool:
     return any(t.get("reason") == "OOMKilled" for t in _terminated(pod))
 
@@ -122,6 +127,10 @@ def job_state(job: Obj | None, pods: list[Obj]) -> tuple[State, str, int]:
         if last_failed and _oom(last_failed[-1]):
             return State.OUT_OF_MEMORY, "OOMKilled: raise resources.memory", restarts
         detail = exit_detail(last_failed[-1]) if last_failed else ""
+        if last_failed and _guarded(last_failed[-1]):
+            detail = ("the requeue guard stopped it: resources.max_requeues reached, or "
+                      "resources.max_requeues_without_progress stops in a row without a newer checkpoint "
+                      "(its log says which); `qlaunch submit` resumes it")  # fmt: skip
         return State.FAILED, f"{reason}" + (f", {detail}" if detail else ""), restarts
     if spec.get("suspend"):
         return State.PENDING, "suspended", restarts

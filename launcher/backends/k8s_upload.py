@@ -21,7 +21,7 @@ from ..config import RunConfig
 from ..errors import BackendError
 from ..grid import Plan
 from .k8s_client import APPLY_PATCH, FIELD_MANAGER, Kube
-from .k8s_manifests import EXPERIMENT_LABEL
+from .k8s_manifests import EXPERIMENT_LABEL, pull_policy
 from .k8s_staging import LocalFile, describe_size
 
 CONTAINER = "stage"
@@ -78,7 +78,7 @@ def stage_pod(plan: Plan, run: RunConfig, name: str) -> dict[str, Any]:
     pod["containers"] = [{
         "name": CONTAINER,
         "image": k8s.image,
-        "imagePullPolicy": k8s.image_pull_policy,
+        "imagePullPolicy": pull_policy(run),
         "command": ["sleep", str(POD_SECONDS)],
         "resources": {"limits": {"memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "64Mi"}},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True},

@@ -277,9 +277,11 @@ class KubernetesBackend(Backend):
         # The server validates every object (admission, quotas, schema) before any is stored; a
         # Job about to be replaced cannot be dry-run against its old, immutable self, but its
         # deletion can.
+        checked_docs: set[tuple[str, str]] = set()
         for run_id in actions:
             for doc in request.selected(run_id, replaceable=False):
-                self._dry_run(doc)
+                if _first_time(doc, checked_docs):  # a grid's shared data ConfigMaps once
+                    self._dry_run(doc)
             for name in request.replacing(run_id):
                 self._delete_job(namespace, name, dry_run=True)
         for pvc in uploads:  # the staging pod too (an admission policy may refuse it)
@@ -309,10 +311,13 @@ class KubernetesBackend(Backend):
             grace = max(run.kubernetes.termination_grace_period_seconds for run in plan.runs)
             self._wait_gone(namespace, replacing, grace)
 
-        # 2. Apply: per run the ConfigMap (and Service) first, then its Jobs.
+        # 2. Apply: per run the ConfigMaps (and Service) first, then its Jobs; a data ConfigMap
+        # the grid's runs share, once.
+        applied: set[tuple[str, str]] = set()
         for run_id in request.actions:
             for doc in request.selected(run_id, replaceable=True):
-                self._apply(doc, dry_run=False)
+                if _first_time(doc, applied):
+                    self._apply(doc, dry_run=False)
             report.submitted[run_id] = [
                 doc["metadata"]["name"] for doc in request.selected(run_id, replaceable=True) if doc["kind"] == "Job"
             ]
@@ -441,7 +446,37 @@ class KubernetesBackend(Backend):
                 api, method = _APPLY_METHODS[kind]
                 self.kube.call(getattr(getattr(self.kube, api), method.replace("patch_", "delete_")), name, namespace,
                                missing_ok=True, what=f"deleting {kind} {name}")  # fmt: skip
+        self._delete_unused_data(plan, namespace)
         return cancelled
+
+    def _delete_unused_data(self, plan: Plan, namespace: str) -> None:
+        """The experiment's data ConfigMaps (one per staged file, shared by its runs) that no
+        Job of the experiment still mounts: after the last run that read a file is cancelled."""
+        selector = f"{manifests.experiment_selector(plan)},app.kubernetes.io/component={manifests.DATA_COMPONENT}"
+        listing = self.kube.call(self.kube.core.list_namespaced_config_map, namespace, label_selector=selector,
+                                 what=f"listing data ConfigMaps in namespace {namespace!r}")  # fmt: skip
+        data = [item["metadata"]["name"] for item in listing.get("items") or []]
+        if not data:
+            return
+        used: set[str] = set()
+        for job in self._list(plan, "jobs"):
+            if (job.get("metadata") or {}).get("deletionTimestamp"):
+                continue  # being deleted (foreground): its pods are stopping
+            for volume in ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("volumes") or []:
+                for source in (volume.get("projected") or {}).get("sources") or []:
+                    used.add((source.get("configMap") or {}).get("name"))
+        for name in data:
+            if name not in used:
+                self.kube.call(self.kube.core.delete_namespaced_config_map, name, namespace, missing_ok=True,
+                               what=f"deleting ConfigMap {name}")  # fmt: skip
+
+
+def _first_time(doc: Obj, seen: set[tuple[str, str]]) -> bool:
+    key = (doc["kind"], doc["metadata"]["name"])
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def _staging_note(uploads: dict[str, list[LocalFile]]) -> str:

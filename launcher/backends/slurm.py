@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable
 
+from .. import requeue
 from ..config import RunConfig
 from ..errors import BackendError
 from ..grid import Plan
@@ -123,6 +124,10 @@ class SlurmBackend(Backend):
             status.state, status.detail, status.restarts = train.state, train.detail, train.restarts
         else:
             status.state, status.detail = _from_storage(run, train_id)
+        guarded = requeue.stopped_reason(paths.root, train_id)
+        if guarded and status.state in (State.FAILED, State.UNKNOWN):
+            # The batch script's requeue guard ended it (exit 76), not a crash.
+            status.state, status.detail = State.FAILED, f"{guarded}; `qlaunch submit` resumes it"
         infer = infos.get(infer_id) if infer_id else None
         if infer is not None:
             status.infer_state = infer.state

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .. import templates
+from .. import requeue, templates
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..hub import offline_env
@@ -187,6 +187,24 @@ def _container_env(run: RunConfig, spec: JobSpec) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _requeue_guard(run: RunConfig) -> dict:
+    """The batch script's half of launcher/requeue.py: the limits, and the messages with the
+    shell variables that hold the counts (inside double quotes: no quote, backslash or `$(`)."""
+    res = run.resources
+    cap = requeue.cap_message("$restart", res.max_requeues)
+    stall = requeue.stall_message("$stalled", res.max_requeues_without_progress)
+    assert not re.search(r'["`\\]|\$\(', cap + stall), "the guard's messages go inside double quotes"
+    return {
+        "max_requeues": res.max_requeues,
+        "max_without_progress": res.max_requeues_without_progress,
+        "cap_message": cap,
+        "stall_message": stall,
+        "requeue_log": requeue.LOG_NAME,
+        "stopped_file": requeue.STOPPED_NAME,
+        "exit_exhausted": requeue.EXIT_REQUEUES_EXHAUSTED,
+    }
+
+
 def render_run(run: RunConfig) -> RunScripts:
     """The training script and (when enabled) the inference script of one run."""
     _validate(run)
@@ -201,6 +219,7 @@ def render_run(run: RunConfig) -> RunScripts:
         signal_seconds=run.slurm.signal_seconds,
         requeue=run.slurm.requeue,
         exit_preempted=EXIT_PREEMPTED,
+        **_requeue_guard(run),
     )
     infer, infer_scheduling = None, ()
     if jobs.infer is not None:
