@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from . import run_index, runner
+from . import cli_extras, run_index, runner
 from .backends import Submission, canonical, get_backend
 from .backends.base import Foreground
 from .errors import QlaunchError
@@ -50,7 +50,7 @@ def _print_json(document: dict) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     if args.json:
         from .json_output import plan_document
@@ -77,27 +77,29 @@ def _print_submission(submission: Submission) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     backend = _backend(args, _backend_name(args, p))
     out = Path(args.output)
     submission, written = runner.render(p, backend, out)
     for path in written:
         console.print(str(path))
+    cli_extras.say_user_defaults(p, console)
     _print_submission(submission)
     console.print(f"rendered {len(p.runs)} runs for {backend.name} into {out}; nothing submitted")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     refuse_bad_inputs(p, _backend_name(args, p), False, err_console)
+    cli_extras.say_user_defaults(p, console)
     console.print(f"inputs OK: {len(p.runs)} run{'s' if len(p.runs) != 1 else ''} checked, nothing started")
     return 0
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     estimates, refused = runner.preflight_refusals(p)
     _print_estimates(estimates, refused, show=True, runs=p.runs)
     return 1 if refused else 0
@@ -124,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
     refuse_bad_inputs(p, name, args.skip_input_checks, err_console)
     backend = _backend(args, name)
@@ -223,7 +225,7 @@ def _print_inference_summaries(p: Plan) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status_view import build_table, collect, status_document
 
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
     backend = _backend(args, name)
     run_index.record(p, name)
@@ -251,7 +253,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from . import prefetch
 
-    p = prefetch.prefetch(plan(args.experiment), say=lambda message: console.print(escape(message)), command=True)
+    p = prefetch.prefetch(plan(args.experiment, args.set), say=lambda message: console.print(escape(message)), command=True)
     pinned = {(pin.repo_type, pin.repo_id, pin.revision) for run in p.runs for pin in run.hub_pins}
     console.print(f"{len(pinned)} hub repos pinned for {len(p.runs)} runs; their jobs read them offline")
     return 0
@@ -260,7 +262,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from . import report
 
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
     run_index.record(p, name)
     document = report.build(p, _backend(args, name), name)
@@ -313,7 +315,7 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
 
     from .tracking import printable, tensorboard_command
 
-    command = tensorboard_command(plan(args.experiment), args.port)
+    command = tensorboard_command(plan(args.experiment, args.set), args.port)
     if not args.start:
         console.print(printable(command), highlight=False, soft_wrap=True)
         return 0
@@ -332,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qlaunch",
         description="Grids of QLoRA fine-tuning runs on your machine, Slurm or Kubernetes.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action=cli_extras.VersionAction)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # bare `qlaunch`: the help (main)
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help, description=help)
@@ -441,11 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("-e", "--experiment", help="experiment file")
 
     import_command.add_arguments(add("import", import_command.cmd_import, import_command.HELP))
+    cli_extras.add_completion(add("completion", cli_extras.cmd_completion, cli_extras.COMPLETION_HELP))
+    cli_extras.add_set_options(sub)  # --set KEY=VALUE on every command that reads an experiment file
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
     try:
         return args.func(args)
     except QlaunchError as exc:
