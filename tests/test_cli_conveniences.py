@@ -180,3 +180,16 @@ def test_user_config_leaves_run_ids_alone(home):
 
     ids = [[r["run_id"] for r in json.loads(r.stdout)["runs"]] for r in (before, after)]
     assert ids[0] == ids[1] and len(ids[0]) == 2
+
+
+def test_readme_set_example_runs_as_written(home, tmp_path):
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Changing keys without editing the file", 1)[1]
+    line = re.search(r"```bash\n(qlaunch render .*?)\n```", section).group(1)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    result = qlaunch(*shlex.split(line)[1:], home=home, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rendered 2 runs for kubernetes" in result.stdout
