@@ -36,6 +36,7 @@ from launcher.progress import EXIT_PREEMPTED, read_events
 from launcher.storage import RunPaths
 
 from .entrypoint import EXIT_CONFIG, load_run_or_report
+from .log_noise import quiet_job_logs
 
 # Signals that ask the job to stop; the trainer itself handles TERM and USR1.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
@@ -208,6 +209,7 @@ def node_command(args: argparse.Namespace, extra: list[str], run: RunConfig, env
 
 def main(argv: list[str] | None = None) -> int:
     args, accelerate_args = parse_args(argv)
+    quiet_job_logs()  # its environment (progress bars off in a log) reaches the workers
 
     # Handlers first: a signal that comes while the run config loads must not kill us either.
     stop = StopForwarder()

@@ -29,6 +29,7 @@ from .entrypoint import (
     scrub,
 )
 from .hub_files import apply_offline_env, check_prefetched
+from .log_noise import quiet_job_logs
 
 
 def is_main_process() -> bool:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_config", help="the run's run.yaml (or its run folder)")
     args = parser.parse_args(argv)
+    quiet_job_logs()  # before bitsandbytes, datasets, transformers are imported
     run = load_run_or_report(args.run_config)
     if run is None:
         return EXIT_CONFIG
@@ -183,6 +185,11 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         callbacks=[progress, preemption, *trackers],
     )
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
+    from transformers import PrinterCallback
+
+    # With disable_tqdm the Trainer prints every log dict as well: each step would be in the log
+    # twice (that dict, and the progress event that `qlaunch status` reads). The event is the one.
+    trainer.remove_callback(PrinterCallback)
     from .levers import configure_trainer
 
     offload_line = configure_trainer(trainer, run.train, cuda=cuda, log=log)
