@@ -130,6 +130,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     name = _backend_name(args, p)
     refuse_bad_inputs(p, name, args.skip_input_checks, err_console)
     backend = _backend(args, name)
+    if args.force and not cli_extras.confirm_force(p, name, bool(args.dry_run), args.yes, console, err_console):
+        return 2
     prepare = None if args.no_prefetch or args.dry_run or name == "kubernetes" else _prefetch
     if backend.foreground:
         return _run_here(p, backend, args, prepare)
@@ -379,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("run", cmd_run, "Train every run of the grid on this machine, then run inference.")
     command.add_argument("experiment")
     command.add_argument("--max-parallel", "-j", type=int, help="runs at a time (default: local.max_parallel)")
-    command.add_argument("--force", action="store_true", help="train completed runs again from scratch")
+    command.add_argument("--force", action="store_true", help="train completed runs again from scratch (deletes their adapters: listed, then confirmed)")
     command.add_argument("--no-infer", action="store_true", help="skip the inference jobs")
     command.add_argument("--dry-run", action="store_true", help="show what would run")
     command.set_defaults(skip_preflight=True)
@@ -389,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("submit", cmd_submit, "Submit the grid (training + dependent inference jobs).")
     command.add_argument("experiment")
     backend_option(command)
-    command.add_argument("--force", action="store_true", help="resubmit runs that are pending, running or completed")
+    command.add_argument("--force", action="store_true", help="resubmit runs that are pending, running or completed (local/Slurm: deletes their outputs, listed "
+                         "and confirmed first)")
     command.add_argument("--dry-run", nargs="?", const="server", choices=["server", "client"],
                          help="validate without submitting (Kubernetes: server-side dry run)")
     command.add_argument("--skip-preflight", action="store_true", help="submit runs the memory check refuses")
@@ -446,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     import_command.add_arguments(add("import", import_command.cmd_import, import_command.HELP))
     cli_extras.add_completion(add("completion", cli_extras.cmd_completion, cli_extras.COMPLETION_HELP))
     cli_extras.add_set_options(sub)  # --set KEY=VALUE on every command that reads an experiment file
+    cli_extras.add_yes_options(sub)  # --yes: what --force deletes is listed and confirmed
     return parser
 
 

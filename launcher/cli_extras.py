@@ -68,6 +68,69 @@ def say_user_defaults(p, console) -> None:
         console.print(f"from {user_config_path()}: {', '.join(p.user_defaults)}", soft_wrap=True, markup=False)
 
 
+# ---- --force ------------------------------------------------------------------------------------
+def add_yes_options(sub: argparse._SubParsersAction) -> None:
+    """`--yes` beside every `--force`: what --force deletes is listed and confirmed first."""
+    for command in sub.choices.values():
+        if any("--force" in action.option_strings for action in command._actions):
+            command.add_argument("--yes", "-y", action="store_true",
+                                 help="with --force: delete the runs' outputs without asking")  # fmt: skip
+
+
+def force_deletions(p, backend_name: str) -> dict[str, list[str]]:
+    """Run id → what `--force` deletes of it here (clear_outputs), as `name (what)` strings.
+    Kubernetes keeps the claim's outputs (the runs resume from their newest checkpoint)."""
+    from .backends import canonical
+    from .storage import RunPaths
+
+    if canonical(backend_name) == "kubernetes":
+        return {}
+    found: dict[str, list[str]] = {}
+    for run in p.runs:
+        paths = RunPaths.of(run)
+        items = []
+        if paths.adapter.is_dir():
+            items.append("adapter/ (the trained adapter)")
+        if paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir()):
+            items.append(f"checkpoints/ ({sum(1 for _ in paths.checkpoints.iterdir())})")
+        if paths.inference.is_dir():
+            items.append("inference/ (answers, metrics)")
+        items += [f"{path.name}" for path in (paths.metrics, paths.progress) if path.is_file()]
+        if paths.attempts.is_dir():
+            items.append("attempts/")
+        if items:
+            found[run.run_id] = items
+    return found
+
+
+def confirm_force(p, backend_name: str, dry_run: bool, yes: bool, console, err_console) -> bool:
+    """Say what --force deletes; True to go on. A terminal is asked; elsewhere --yes is needed."""
+    from rich.markup import escape
+
+    doomed = force_deletions(p, backend_name)
+    if not doomed:
+        return True
+    console.print(f"--force deletes the outputs of {len(doomed)} run{'s' if len(doomed) != 1 else ''} "
+                  "(they train again from step 0; run.yaml and the logs stay):")  # fmt: skip
+    folders = {run.run_id: run.run_dir for run in p.runs}
+    for run_id, items in doomed.items():
+        console.print(escape(f"  {folders[run_id]}: {', '.join(items)}"), soft_wrap=True)
+    if dry_run:
+        console.print("(dry run: nothing deleted)")
+        return True
+    if yes:
+        return True
+    if sys.stdin.isatty():
+        answer = console.input(escape("Delete them? [y/N] ")).strip().lower()
+        if answer in ("y", "yes"):
+            return True
+        err_console.print("nothing deleted, nothing started")
+        return False
+    err_console.print("[red]error:[/] nothing deleted, nothing started: --force deletes trained outputs; "
+                      "add --yes to confirm when no terminal can ask", soft_wrap=True)  # fmt: skip
+    return False
+
+
 # ---- completion ---------------------------------------------------------------------------------
 COMPLETION_HELP = "Print a shell completion script: eval \"$(qlaunch completion bash)\" (or zsh)."
 

@@ -193,3 +193,59 @@ def test_readme_set_example_runs_as_written(home, tmp_path):
     result = qlaunch(*shlex.split(line)[1:], home=home, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "rendered 2 runs for kubernetes" in result.stdout
+
+
+# ---- --force says what it deletes ---------------------------------------------------------------
+def forced_experiment(tmp_path: Path) -> tuple[Path, Path]:
+    """An experiment whose one run has a trained adapter on disk (and a model that is gone, so a
+    job started anyway fails in its first second instead of training)."""
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"name": "forced", "model": {"name_or_path": str(tmp_path / "gone-model")},
+                                    "dataset": {"path": "data.jsonl"}, "storage": {"root": str(tmp_path / "runs")},
+                                    "resources": {"gpus_per_node": 0}, "inference": {"enabled": False}}))  # fmt: skip
+    from launcher.grid import plan
+
+    (run,) = plan(path).runs
+    run_dir = Path(run.run_dir)
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    (run_dir / "metrics.json").write_text("{}")
+    return path, run_dir
+
+
+def test_force_lists_what_it_deletes_and_needs_yes_off_a_terminal(home, tmp_path):
+    path, run_dir = forced_experiment(tmp_path)
+    args = ("run", path, "--force", "--skip-input-checks", "--no-prefetch")
+    dry = qlaunch(*args, "--dry-run", home=home)
+    assert dry.returncode == 0, dry.stderr
+    assert "--force deletes the outputs of 1 run" in dry.stdout
+    assert f"{run_dir}: adapter/ (the trained adapter), metrics.json" in dry.stdout
+    assert "(dry run: nothing deleted)" in dry.stdout
+
+    refused = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, env={**os.environ, "QLAUNCH_HOME": str(home)}, timeout=120)
+    assert refused.returncode == 2
+    assert f"{run_dir}: adapter/ (the trained adapter)" in refused.stdout
+    assert "nothing deleted, nothing started" in refused.stderr and "--yes" in refused.stderr
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()  # untouched
+
+    confirmed = qlaunch(*args, "--yes", home=home)
+    assert "--force deletes the outputs of 1 run" in confirmed.stdout
+    assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_force_asks_on_a_terminal(home, tmp_path):
+    import pty
+
+    path, run_dir = forced_experiment(tmp_path)
+    master, slave = pty.openpty()
+    os.write(master, b"n\n")
+    answered_no = subprocess.run([sys.executable, "-m", "launcher.cli", "run", str(path), "--force",
+                                  "--skip-input-checks", "--no-prefetch"], stdin=slave, capture_output=True,
+                                 text=True, env={**os.environ, "QLAUNCH_HOME": str(home)}, timeout=120)  # fmt: skip
+    os.close(slave)
+    os.close(master)
+    assert answered_no.returncode == 2, answered_no.stderr
+    assert "Delete them? [y/N]" in answered_no.stdout and "nothing deleted" in answered_no.stderr
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
