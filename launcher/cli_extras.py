@@ -70,9 +70,9 @@ def say_user_defaults(p, console) -> None:
 
 # ---- --force ------------------------------------------------------------------------------------
 def add_yes_options(sub: argparse._SubParsersAction) -> None:
-    """`--yes` beside every `--force`: what --force deletes is listed and confirmed first."""
-    for command in sub.choices.values():
-        if any("--force" in action.option_strings for action in command._actions):
+    """`--yes` beside the `--force` of `run` and `submit`: what it deletes is listed and confirmed first."""
+    for name, command in sub.choices.items():
+        if name in ("run", "submit"):
             command.add_argument("--yes", "-y", action="store_true",
                                  help="with --force: delete the runs' outputs without asking")  # fmt: skip
 

@@ -13,8 +13,6 @@ import pytest
 
 from launcher.progress import PROGRESS_PREFIX
 
-pytestmark = pytest.mark.slow
-
 
 def qlaunch(*args, home: Path):
     env = {**os.environ, "QLAUNCH_HOME": str(home), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
@@ -29,6 +27,7 @@ def cpu_has_avx512_bf16() -> bool:
         return False
 
 
+@pytest.mark.slow  # trains the tiny model (about a minute on 2 cores)
 def test_train_and_infer_logs_have_no_library_noise(tiny_experiment, tmp_path):
     path = tiny_experiment(tmp_path / "exp")
     home = tmp_path / "home"
@@ -42,7 +41,7 @@ def test_train_and_infer_logs_have_no_library_noise(tiny_experiment, tmp_path):
         assert "pip install kernels" not in log
         assert "\r" not in log, "progress bars in a log file"
         if cpu_has_avx512_bf16():  # where bitsandbytes tries the kernel: said once, in our words
-            assert log.count("nothing to install: qlaunch keeps 4-bit layers") == 1, log[:2000]
+            assert log.count("nothing to install, qlaunch does not use it") == 1, log[:2000]
         assert len(log) < 20_000, f"{len(log)} characters"
     assert train.stdout.startswith("[qlaunch] ")
 
@@ -52,3 +51,34 @@ def test_train_and_infer_logs_have_no_library_noise(tiny_experiment, tmp_path):
     assert [e["step"] for e in steps] == list(range(1, 9))  # logging_steps 1, max_steps 8: once each
     assert all(e["grad_norm"] is not None for e in steps)  # what the trainer's own dict line had
     assert not [line for line in lines if line.startswith("{'loss'") or "'train_runtime'" in line]
+
+
+def test_the_filter_and_the_switches_without_training(monkeypatch):
+    """What the slow test sees in a log, in-process: the warning is dropped and said once in our
+    words; off a terminal the progress-bar switches are on, and a user's own setting wins."""
+    import io
+    import logging
+
+    from training import log_noise
+
+    for name in log_noise.PROGRESS_BAR_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # the user's choice
+    said, records = [], []
+    logger = logging.getLogger(log_noise.BNB_CPU_LOGGER)
+    monkeypatch.setattr(logger, "filters", [])
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        log_noise.quiet_job_logs(stream=io.StringIO(), say=said.append)
+        for _ in range(2):
+            logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+                           "you already `pip install kernels`", "No module named 'kernels'")  # fmt: skip
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert said == [log_noise.KERNELS_NOTE]
+    assert [r.getMessage() for r in records] == ["something else"]
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
+    assert os.environ["TQDM_DISABLE"] == "0"

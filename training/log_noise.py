@@ -23,8 +23,8 @@ from typing import Callable, TextIO
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 KERNELS_WARNING = "Failed to load CPU gemm_4bit_forward"
 KERNELS_NOTE = (
-    "bitsandbytes: its optional AVX512-BF16 CPU kernel (package `kernels`) is not loaded; "
-    "nothing to install: qlaunch keeps 4-bit layers on bitsandbytes' portable CPU path on every CPU"
+    "bitsandbytes: its optional AVX512-BF16 CPU kernel (package `kernels`) is not loaded: nothing to "
+    "install, qlaunch does not use it (4-bit layers run on the GPU, or on bitsandbytes' portable CPU path)"
 )
 PROGRESS_BAR_SWITCHES = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
 
