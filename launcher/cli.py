@@ -255,7 +255,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from . import prefetch
 
-    p = prefetch.prefetch(plan(args.experiment, args.set), say=lambda message: console.print(escape(message)), command=True)
+    p = prefetch.prefetch(plan(args.experiment, args.set), say=lambda message: console.print(escape(message)),
+                          command=True)  # fmt: skip
     pinned = {(pin.repo_type, pin.repo_id, pin.revision) for run in p.runs for pin in run.hub_pins}
     console.print(f"{len(pinned)} hub repos pinned for {len(p.runs)} runs; their jobs read them offline")
     return 0
@@ -381,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("run", cmd_run, "Train every run of the grid on this machine, then run inference.")
     command.add_argument("experiment")
     command.add_argument("--max-parallel", "-j", type=int, help="runs at a time (default: local.max_parallel)")
-    command.add_argument("--force", action="store_true", help="train completed runs again from scratch (deletes their adapters: listed, then confirmed)")
+    command.add_argument("--force", action="store_true",
+                         help="train completed runs again from scratch (deletes their adapters: listed, confirmed)")
     command.add_argument("--no-infer", action="store_true", help="skip the inference jobs")
     command.add_argument("--dry-run", action="store_true", help="show what would run")
     command.set_defaults(skip_preflight=True)
@@ -391,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("submit", cmd_submit, "Submit the grid (training + dependent inference jobs).")
     command.add_argument("experiment")
     backend_option(command)
-    command.add_argument("--force", action="store_true", help="resubmit runs that are pending, running or completed (local/Slurm: deletes their outputs, listed "
-                         "and confirmed first)")
+    command.add_argument("--force", action="store_true", help="resubmit runs that are pending, running or completed "
+                         "(local/Slurm: deletes their outputs, listed and confirmed first)")
     command.add_argument("--dry-run", nargs="?", const="server", choices=["server", "client"],
                          help="validate without submitting (Kubernetes: server-side dry run)")
     command.add_argument("--skip-preflight", action="store_true", help="submit runs the memory check refuses")

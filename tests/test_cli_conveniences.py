@@ -123,7 +123,7 @@ def test_every_experiment_command_takes_set_and_errors_name_the_key(home, tmp_pa
 def test_set_errors_name_the_set_not_the_file(home):
     bad_value = qlaunch("check", QUICKSTART, "--set", "train.max_steps=many", home=home)
     assert bad_value.returncode == 2
-    assert bad_value.stderr.startswith("error: --set train.max_steps=many: train.max_steps: Input should be a valid integer")
+    assert bad_value.stderr.startswith("error: --set train.max_steps=many: train.max_steps: Input should be a valid")
     axis = qlaunch("check", QUICKSTART, "--set", "train.learning_rate=1e-4", home=home)
     assert axis.returncode == 2 and "--set grid.train.learning_rate=[...]" in axis.stderr
     no_value = qlaunch("check", QUICKSTART, "--set", "lora.r", home=home)
