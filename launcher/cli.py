@@ -278,7 +278,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    p, name, runs = run_index.resolve(args.run, args.experiment)
+    p, name, runs = run_index.resolve(args.run, args.experiment, args.set)
     if len(runs) != 1:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; logs needs one run id")
     backend = _backend(args, args.backend or name)
@@ -290,7 +290,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    p, name, runs = run_index.resolve(args.target, args.experiment)
+    p, name, runs = run_index.resolve(args.target, args.experiment, args.set)
     backend = _backend(args, args.backend or name)
     cancelled = backend.cancel(p, runs)
     for run_id in cancelled:
@@ -300,7 +300,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    p, _, runs = run_index.resolve(args.run, args.experiment)
+    p, _, runs = run_index.resolve(args.run, args.experiment, args.set)
     if len(runs) != 1:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; infer needs one run id")
     extra = [part for prompt in args.prompt for part in ("--prompt", prompt)]

@@ -54,9 +54,10 @@ SET_HELP = ("override a key of the experiment file: dotted key, YAML value (repe
 
 
 def add_set_options(sub: argparse._SubParsersAction) -> None:
-    """`--set KEY=VALUE` on every subcommand whose positional argument is an experiment file."""
+    """`--set KEY=VALUE` on every subcommand that reads an experiment file (logs, cancel and infer:
+    the one `-e` names, or the one the run index remembers)."""
     for command in sub.choices.values():
-        if any(action.dest == "experiment" and not action.option_strings for action in command._actions):
+        if any(action.dest == "experiment" for action in command._actions):
             command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
 
 

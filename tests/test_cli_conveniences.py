@@ -249,3 +249,22 @@ def test_force_asks_on_a_terminal(home, tmp_path):
     assert answered_no.returncode == 2, answered_no.stderr
     assert "Delete them? [y/N]" in answered_no.stdout and "nothing deleted" in answered_no.stderr
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_logs_cancel_and_infer_read_the_experiment_with_set_too(home, tmp_path):
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(QUICKSTART.read_text())
+    shutil.copytree(QUICKSTART.parent / "data", tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    import json
+
+    run_id = json.loads(qlaunch("plan", experiment, "--json", home=home).stdout)["runs"][0]["run_id"]
+    log = elsewhere / "quickstart" / run_id / "train.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("trained elsewhere\n")
+    result = qlaunch("logs", run_id, "-e", experiment, "--set", f"storage.root={elsewhere}", home=home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "trained elsewhere\n"
+    for command in (("cancel", run_id, "-e", experiment), ("infer", run_id, "-e", experiment)):
+        bad = qlaunch(*command, "--set", "lora.rr=1", home=home)
+        assert bad.returncode == 2 and "--set lora.rr=1: unknown key 'rr' under lora (did you mean r?)" in bad.stderr
