@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # CPU build of torch; on a GPU machine use the torch build for your CUDA instead.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup quickstart lint test test-fast lock library-names clean
+.PHONY: setup quickstart lint test test-fast lock library-names dist clean
 
 # Exactly the versions CI last passed with (requirements/lock.txt); pyproject.toml keeps the
 # ranges for people who install qlaunch into their own environment.
@@ -56,5 +56,12 @@ lock:
 library-names: setup
 	$(PY) -m training.library_names
 
+# A wheel of qlaunch (launcher, training, the Slurm templates and examples) for machines without
+# the checkout: `pip install dist/qlaunch-<version>-py3-none-any.whl` (README, Install). Needs pip only.
+PYTHON ?= python3
+dist:
+	rm -rf dist
+	$(PYTHON) -m pip wheel --no-deps -q -w dist .
+
 clean:
-	rm -rf $(VENV) examples/qlaunch-runs
+	rm -rf $(VENV) examples/qlaunch-runs dist

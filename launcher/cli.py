@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from . import run_index, runner
+from . import cli_extras, run_index, runner
 from .backends import Submission, canonical, get_backend
 from .backends.base import Foreground
 from .errors import QlaunchError
@@ -50,7 +50,7 @@ def _print_json(document: dict) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     if args.json:
         from .json_output import plan_document
@@ -77,27 +77,29 @@ def _print_submission(submission: Submission) -> None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     refuse_bad_inputs(p, _backend_name(args, p), args.skip_input_checks, err_console)
     backend = _backend(args, _backend_name(args, p))
     out = Path(args.output)
     submission, written = runner.render(p, backend, out)
     for path in written:
         console.print(str(path))
+    cli_extras.say_user_defaults(p, console)
     _print_submission(submission)
     console.print(f"rendered {len(p.runs)} runs for {backend.name} into {out}; nothing submitted")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     refuse_bad_inputs(p, _backend_name(args, p), False, err_console)
+    cli_extras.say_user_defaults(p, console)
     console.print(f"inputs OK: {len(p.runs)} run{'s' if len(p.runs) != 1 else ''} checked, nothing started")
     return 0
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     estimates, refused = runner.preflight_refusals(p)
     _print_estimates(estimates, refused, show=True, runs=p.runs)
     return 1 if refused else 0
@@ -124,10 +126,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
     refuse_bad_inputs(p, name, args.skip_input_checks, err_console)
     backend = _backend(args, name)
+    if args.force and not cli_extras.confirm_force(p, name, bool(args.dry_run), args.yes, console, err_console):
+        return 2
     prepare = None if args.no_prefetch or args.dry_run or name == "kubernetes" else _prefetch
     if backend.foreground:
         return _run_here(p, backend, args, prepare)
@@ -223,7 +227,7 @@ def _print_inference_summaries(p: Plan) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status_view import build_table, collect, status_document
 
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
     backend = _backend(args, name)
     run_index.record(p, name)
@@ -251,7 +255,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from . import prefetch
 
-    p = prefetch.prefetch(plan(args.experiment), say=lambda message: console.print(escape(message)), command=True)
+    p = prefetch.prefetch(plan(args.experiment, args.set), say=lambda message: console.print(escape(message)),
+                          command=True)  # fmt: skip
     pinned = {(pin.repo_type, pin.repo_id, pin.revision) for run in p.runs for pin in run.hub_pins}
     console.print(f"{len(pinned)} hub repos pinned for {len(p.runs)} runs; their jobs read them offline")
     return 0
@@ -260,7 +265,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from . import report
 
-    p = plan(args.experiment)
+    p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
     run_index.record(p, name)
     document = report.build(p, _backend(args, name), name)
@@ -273,7 +278,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    p, name, runs = run_index.resolve(args.run, args.experiment)
+    p, name, runs = run_index.resolve(args.run, args.experiment, args.set)
     if len(runs) != 1:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; logs needs one run id")
     backend = _backend(args, args.backend or name)
@@ -285,7 +290,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    p, name, runs = run_index.resolve(args.target, args.experiment)
+    p, name, runs = run_index.resolve(args.target, args.experiment, args.set)
     backend = _backend(args, args.backend or name)
     cancelled = backend.cancel(p, runs)
     for run_id in cancelled:
@@ -295,7 +300,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    p, _, runs = run_index.resolve(args.run, args.experiment)
+    p, _, runs = run_index.resolve(args.run, args.experiment, args.set)
     if len(runs) != 1:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; infer needs one run id")
     extra = [part for prompt in args.prompt for part in ("--prompt", prompt)]
@@ -313,7 +318,7 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
 
     from .tracking import printable, tensorboard_command
 
-    command = tensorboard_command(plan(args.experiment), args.port)
+    command = tensorboard_command(plan(args.experiment, args.set), args.port)
     if not args.start:
         console.print(printable(command), highlight=False, soft_wrap=True)
         return 0
@@ -332,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qlaunch",
         description="Grids of QLoRA fine-tuning runs on your machine, Slurm or Kubernetes.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action=cli_extras.VersionAction)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")  # bare `qlaunch`: the help (main)
 
     def add(name: str, func, help: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help, description=help)
@@ -376,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("run", cmd_run, "Train every run of the grid on this machine, then run inference.")
     command.add_argument("experiment")
     command.add_argument("--max-parallel", "-j", type=int, help="runs at a time (default: local.max_parallel)")
-    command.add_argument("--force", action="store_true", help="train completed runs again from scratch")
+    command.add_argument("--force", action="store_true",
+                         help="train completed runs again from scratch (deletes their adapters: listed, confirmed)")
     command.add_argument("--no-infer", action="store_true", help="skip the inference jobs")
     command.add_argument("--dry-run", action="store_true", help="show what would run")
     command.set_defaults(skip_preflight=True)
@@ -386,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("submit", cmd_submit, "Submit the grid (training + dependent inference jobs).")
     command.add_argument("experiment")
     backend_option(command)
-    command.add_argument("--force", action="store_true", help="resubmit runs that are pending, running or completed")
+    command.add_argument("--force", action="store_true", help="resubmit runs that are pending, running or completed "
+                         "(local/Slurm: deletes their outputs, listed and confirmed first)")
     command.add_argument("--dry-run", nargs="?", const="server", choices=["server", "client"],
                          help="validate without submitting (Kubernetes: server-side dry run)")
     command.add_argument("--skip-preflight", action="store_true", help="submit runs the memory check refuses")
@@ -441,11 +449,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("-e", "--experiment", help="experiment file")
 
     import_command.add_arguments(add("import", import_command.cmd_import, import_command.HELP))
+    cli_extras.add_completion(add("completion", cli_extras.cmd_completion, cli_extras.COMPLETION_HELP))
+    cli_extras.add_set_options(sub)  # --set KEY=VALUE on every command that reads an experiment file
+    cli_extras.add_yes_options(sub)  # --yes: what --force deletes is listed and confirmed
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
     try:
         return args.func(args)
     except QlaunchError as exc:

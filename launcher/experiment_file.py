@@ -6,7 +6,7 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -142,14 +142,21 @@ def _unknown_key(loc: tuple, root: type[BaseModel]) -> str:
 
 
 def format_validation_error(
-    error: ValidationError, source: str, lines: dict[tuple, int] | None = None, prefix: tuple = ()
+    error: ValidationError,
+    source: str,
+    lines: dict[tuple, int] | None = None,
+    prefix: tuple = (),
+    labels: dict[tuple, str] | None = None,
 ) -> str:
+    """One line per problem: `file:line: dotted.key: message`; `labels` (key path → e.g.
+    `--set train.x=1`) name where a value came from when it was not the file."""
     messages = []
     for item in error.errors():
         loc = prefix + tuple(item["loc"])
         key = ".".join(str(part) for part in loc) or "(top level)"
+        label = next((text for path, text in (labels or {}).items() if loc[: len(path)] == path), None)
         line = _line_for(lines or {}, loc)
-        where = f"{source}:{line}" if line else source
+        where = label or (f"{source}:{line}" if line else source)
         message = item["msg"].removeprefix("Value error, ")
         if not loc and lines:
             # A rule across sections ("train.fp16 and train.bf16 cannot both be true"): at the
@@ -197,10 +204,17 @@ class ExperimentFile(NamedTuple):
     path: Path  # resolved
     data: dict[str, Any]  # the file's mapping as written (grid values not applied)
     lines: dict[tuple, int]  # dotted key path → line, for file:line errors
+    settings: tuple[str, ...] = ()  # the `--set KEY=VALUE`s applied, as typed
+    user_defaults: tuple[str, ...] = ()  # dotted keys taken from the user config file
 
 
-def load_experiment(path: str | Path) -> ExperimentFile:
-    """Read and validate an experiment file (ConfigError naming file, line and key)."""
+def load_experiment(path: str | Path, settings: Sequence[str] = (), user_config: bool = True) -> ExperimentFile:
+    """Read and validate an experiment file (ConfigError naming file, line and key), with the
+    user config's defaults under it and `settings` (`--set KEY=VALUE`) over it
+    (launcher/overrides.py)."""
+    from . import overrides
+
+    parsed = [overrides.parse_set(text) for text in settings]
     path = Path(path)
     try:
         text = path.read_text()
@@ -209,11 +223,16 @@ def load_experiment(path: str | Path) -> ExperimentFile:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     data, lines = parse_yaml(text, str(path))
+    data, taken = overrides.apply_user_config(data, overrides.load_user_config() if user_config else None)
+    data = overrides.apply_sets(data, parsed)
+    for setting in parsed:  # a value from --set has no line in the file
+        lines = {key: line for key, line in lines.items() if key[: len(setting.path)] != setting.path}
+    labels = overrides.set_labels(parsed)
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path), lines)) from None
-    return ExperimentFile(experiment, path.resolve(), data, lines)
+        raise ConfigError(format_validation_error(exc, str(path), lines, labels=labels)) from None
+    return ExperimentFile(experiment, path.resolve(), data, lines, tuple(settings), tuple(taken))
 
 
 def load_run_config(path: str | Path) -> RunConfig:

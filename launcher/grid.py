@@ -15,7 +15,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import ValidationError
 
@@ -37,6 +37,10 @@ class Plan:
     runs: tuple[RunConfig, ...]
     # Dotted key path → line in `source`, for errors found later (e.g. by a backend's checks).
     key_lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)
+    # The `--set KEY=VALUE`s this plan was made with (a command that acts on it again repeats them).
+    settings: tuple[str, ...] = ()
+    # Dotted keys whose values came from the user config file (launcher/overrides.py).
+    user_defaults: tuple[str, ...] = ()
 
     @property
     def varying_keys(self) -> list[str]:
@@ -144,9 +148,11 @@ def _refuse_recipe_problems(runs: list[RunConfig], grid: dict, lines: dict[tuple
         raise ConfigError("\n".join(sorted(problems, key=problems.__getitem__)))  # in the file's order
 
 
-def plan(path: str | Path) -> Plan:
-    """Load, validate and expand an experiment file. Raises ConfigError naming key and line."""
-    experiment, source, raw, lines = load_experiment(path)
+def plan(path: str | Path, settings: Sequence[str] = ()) -> Plan:
+    """Load, validate and expand an experiment file (with the user config's defaults and
+    `settings`, launcher/overrides.py). Raises ConfigError naming key and line."""
+    loaded = load_experiment(path, settings)
+    experiment, source, raw, lines = loaded.experiment, loaded.path, loaded.data, loaded.lines
 
     grid = experiment.grid
     for key, values in grid.items():
@@ -182,9 +188,11 @@ def plan(path: str | Path) -> Plan:
                     Experiment.model_validate(trial)
                 except ValidationError as single:
                     line = lines.get(("grid", key, index))
+                    given = next((f"--set {s}" for s in loaded.settings if s.startswith(f"grid.{key}=")), None)
+                    where = given or f"{source}:{line}"  # an axis from --set has no line in the file
                     detail = format_validation_error(single, str(source), lines).split(": ", 2)[-1]
                     raise ConfigError(
-                        f"{source}:{line}: grid.{key}[{index}] = {value!r}: {detail}"
+                        f"{where}: grid.{key}[{index}] = {value!r}: {detail}"
                     ) from None
             raise ConfigError(format_validation_error(exc, str(source), lines)) from None
         resolved["grid"] = {}
@@ -217,4 +225,5 @@ def plan(path: str | Path) -> Plan:
             )
         )
     _refuse_recipe_problems(runs, grid, lines, str(source))
-    return Plan(experiment=experiment, source=source, storage_root=root, runs=tuple(runs), key_lines=lines)
+    return Plan(experiment=experiment, source=source, storage_root=root, runs=tuple(runs), key_lines=lines,
+                settings=loaded.settings, user_defaults=loaded.user_defaults)  # fmt: skip

@@ -6,7 +6,7 @@ PVC, but it can read pod logs). Events, all with "event", "time" (unix seconds) 
 
     start       total_steps, attempt (1 for the first start), resumed_from (step or null),
                 launched_at (when the process began, before loading the model)
-    step        total_steps, loss, learning_rate, tokens_per_second, epoch
+    step        total_steps, loss, learning_rate, tokens_per_second, epoch, grad_norm
     eval        eval_loss       (an evaluation on the dataset's test split)
     checkpoint  path
     preempted   signal          (a checkpoint was saved, the job exits with EXIT_PREEMPTED)

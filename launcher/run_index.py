@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 from .errors import ConfigError
-from .grid import Plan, plan
+from .grid import Plan
+from .grid import plan as _plan
 from .storage import atomic_write_text
 
 
@@ -41,8 +44,10 @@ def record(p: Plan, backend: str) -> None:
             pass  # a read-only home must not stop a submission; ids still work with -e
 
 
-def resolve(ref: str, experiment_file: str | None = None) -> tuple[Plan, str, list]:
-    """A run id (prefix), an experiment name or an experiment file → (plan, backend, runs)."""
+def resolve(ref: str, experiment_file: str | None = None, settings: Sequence[str] = ()) -> tuple[Plan, str, list]:
+    """A run id (prefix), an experiment name or an experiment file → (plan, backend, runs); the
+    experiment is read with `settings` (`--set KEY=VALUE`) applied."""
+    plan = functools.partial(_plan, settings=settings)
     if experiment_file:
         p = plan(experiment_file)
         return p, _load().get(p.runs[0].run_id, {}).get("backend", p.experiment.backend), p.find(ref)

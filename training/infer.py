@@ -39,6 +39,7 @@ from .entrypoint import (
     scrub,
 )
 from .hub_files import apply_offline_env, check_prefetched
+from .log_noise import quiet_job_logs
 
 BATCH_SIZE = 8
 
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true", help="also write the merged float16 model to <run dir>/merged/")
     parser.add_argument("--no-base", action="store_true", help="skip the base model's answers")
     args = parser.parse_args(argv)
+    quiet_job_logs()  # before bitsandbytes, datasets, transformers are imported
     run = load_run_or_report(args.run)
     if run is None:
         return EXIT_CONFIG

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from launcher.config import RunConfig
     from launcher.storage import RunPaths
 
+from .log_noise import quiet_job_logs
 
 # Signals that ask the job to stop; the trainer itself handles TERM and USR1.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     # Handlers first: a signal that comes while the run config loads must not kill us either.
     stop = StopForwarder()
     stop.install()
+    quiet_job_logs()  # its environment (progress bars off in a log) reaches the workers
     args, accelerate_args = parse_args(argv)
     from launcher.storage import RunPaths
 

@@ -86,6 +86,7 @@ class ProgressCallback(TrainerCallback):
             learning_rate=_number(logs.get("learning_rate")),
             tokens_per_second=None if rate is None else round(rate, 2),
             epoch=None if state.epoch is None else round(state.epoch, 4),
+            grad_norm=_number(logs.get("grad_norm")),
         )
 
     def attempt_tokens_per_second(self, state) -> float | None:

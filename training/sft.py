@@ -29,6 +29,7 @@ from .entrypoint import (
     scrub,
 )
 from .hub_files import apply_offline_env, check_prefetched
+from .log_noise import quiet_job_logs
 from .stop_request import Preempted, StopRequest
 from .worker_guard import RunFolderBusy, die_with_parent, hold_rank
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     # (training/stop_request.py), and this worker dies with its parent.
     request = StopRequest().install()
     die_with_parent()
+    quiet_job_logs()  # before bitsandbytes, datasets, transformers are imported
     run = load_run_or_report(args.run_config)
     if run is None:
         return EXIT_CONFIG
@@ -196,6 +198,11 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         callbacks=[progress, preemption, *trackers],
     )
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
+    from transformers import PrinterCallback
+
+    # With disable_tqdm the Trainer prints every log dict as well: each step would be in the log
+    # twice (that dict, and the progress event that `qlaunch status` reads). The event is the one.
+    trainer.remove_callback(PrinterCallback)
     from .levers import configure_trainer
 
     offload_line = configure_trainer(trainer, run.train, cuda=cuda, log=log)

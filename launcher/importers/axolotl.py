@@ -41,8 +41,6 @@ DIRECT = {
 # Axolotl key → a trl SFTConfig / TrainingArguments keyword (train.sft_args).
 SFT_ARGS = {
     "warmup_steps": "warmup_steps",
-    "eval_strategy": "eval_strategy",
-    "evaluation_strategy": "eval_strategy",
     "eval_batch_size": "per_device_eval_batch_size",
     "eval_sample_packing": "eval_packing",
     "neftune_noise_alpha": "neftune_noise_alpha",
@@ -56,6 +54,17 @@ SFT_ARGS = {
 }
 
 TRACKERS = ("wandb_", "mlflow_", "comet_", "use_tensorboard", "use_wandb", "use_mlflow")
+# Tracker keys with a home in qlaunch's `tracking:` section (the rest are warnings with a reason).
+TRACKER_KEYS = {"wandb_project": "tracking.project", "wandb_entity": "tracking.wandb_entity",
+                "mlflow_tracking_uri": "tracking.mlflow_uri"}  # fmt: skip
+TRACKER_NOT_MAPPED = {
+    "wandb_name": "qlaunch names each tracked run <run id>-<grid values>, the same on every resume",
+    "wandb_run_id": "qlaunch derives the W&B run id from the run id, so every attempt continues one run",
+    "wandb_watch": "not supported (gradients and weights are not logged)",
+    "wandb_log_model": "not supported: the adapter is in <run dir>/adapter",
+    "mlflow_experiment_name": "qlaunch's MLflow experiment is the experiment name",
+    "mlflow_run_name": "qlaunch names each tracked run <run id>-<grid values>",
+}
 
 # Keys with a reason why they are not carried over.
 NOT_MAPPED = {
@@ -80,7 +89,7 @@ NOT_MAPPED = {
     "local_rank": "set by the launcher",
     "debug": "Axolotl-only",
     "early_stopping_patience": "not supported (set train.sft_args and a callback is not possible from YAML)",
-    "evals_per_epoch": "no SFTConfig equivalent: set train.sft_args.eval_strategy/eval_steps",
+    "evals_per_epoch": "no SFTConfig equivalent: set train.eval_strategy: steps and train.eval_steps",
     "saves_per_epoch": "no SFTConfig equivalent: qlaunch saves every train.save_steps",
     "eval_steps": None,  # mapped below
     "lora_model_dir": "starting from an existing adapter is not supported",
@@ -130,7 +139,7 @@ def from_axolotl(path: Path) -> Imported:
     off: list[str] = []
     handled = {"adapter", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs", "lora_target_modules",
                "lora_target_linear", "bf16", "fp16", "fp32", "gradient_checkpointing", "train_on_inputs",
-               "datasets", "seed", "chat_template", "eval_steps"}
+               "datasets", "seed", "chat_template", "eval_steps", "eval_strategy", "evaluation_strategy"}
     for key, value in cfg.items():
         if key in DIRECT:
             if value is not None:
@@ -143,11 +152,6 @@ def from_axolotl(path: Path) -> Imported:
         elif key.startswith(TRACKERS):
             if value in (None, False, ""):
                 off.append(key)
-            else:
-                out.warn(
-                    f"{key}: {yaml_scalar(value)}: not mapped: qlaunch has no tracker settings; progress is in "
-                    "each run's progress.jsonl and `qlaunch status`"
-                )
         elif value in (None, False, "", [], {}):
             off.append(key)
         elif key in NOT_MAPPED:
@@ -171,10 +175,7 @@ def from_axolotl(path: Path) -> Imported:
     if cfg.get("seed") is not None:
         out.set("train.seed", cfg["seed"], src("seed", cfg["seed"]))
         out.set("dataset.seed", cfg["seed"], src("seed", cfg["seed"]) + " (also the eval split's)")
-    eval_steps = cfg.get("eval_steps")
-    if eval_steps:
-        out.set("train.sft_args.eval_strategy", "steps", src("eval_steps", eval_steps))
-        out.set("train.sft_args.eval_steps", eval_steps, src("eval_steps", eval_steps))
+    _trackers(cfg, out, off)
     if cfg.get("chat_template"):
         template = CHAT_TEMPLATES.get(cfg["chat_template"])
         if template:
@@ -186,13 +187,62 @@ def from_axolotl(path: Path) -> Imported:
                 "imported as the tokenizer's own chat template (prompt.template: chat_template)"
             )
     _datasets(cfg.get("datasets"), out)
-    if out.has("dataset.test_size") and out.get("dataset.test_size") and not out.has("train.sft_args.eval_strategy"):
+    _evaluation(cfg, out)
+    if out.has("dataset.test_size") and out.get("dataset.test_size") and not out.has("train.eval_strategy"):
         out.warn("val_set_size: qlaunch evaluates the held-out split once, after training (set "
-                 "train.sft_args.eval_strategy/eval_steps for evaluations during training)")
+                 "train.eval_strategy/train.eval_steps for evaluations during training)")
     if off:
         out.warn(f"off or empty in the source, nothing to carry over: {', '.join(off)}")
     out.note_unset_defaults()
     return out
+
+
+def _evaluation(cfg: dict, out: Imported) -> None:
+    """eval_strategy / eval_steps → train.eval_strategy / train.eval_steps (on dataset.test_size)."""
+    key = "eval_strategy" if cfg.get("eval_strategy") is not None else "evaluation_strategy"
+    strategy, steps = cfg.get(key), cfg.get("eval_steps")
+    if strategy in (None, "", False, "no") and not steps:
+        return
+    source = src(key, strategy) if strategy not in (None, "") else src("eval_steps", steps)
+    if not out.get("dataset.test_size"):
+        out.warn(f"{source[len('axolotl '):]}: not mapped: qlaunch evaluates on the held-out dataset.test_size, "
+                 "and val_set_size is 0 (set both to evaluate during training)")
+        return
+    out.set("train.eval_strategy", strategy if strategy not in (None, "") else "steps", source)
+    if steps:
+        out.set("train.eval_steps", steps, src("eval_steps", steps))
+
+
+def _trackers(cfg: dict, out: Imported, off: list[str]) -> None:
+    """W&B, TensorBoard and MLflow settings → the `tracking:` section."""
+    report = []
+    wandb_mode = cfg.get("wandb_mode")
+    if (cfg.get("use_wandb") or cfg.get("wandb_project")) and wandb_mode != "disabled":
+        report.append(("wandb", "use_wandb" if cfg.get("use_wandb") else "wandb_project"))
+    if cfg.get("use_tensorboard"):
+        report.append(("tensorboard", "use_tensorboard"))
+    if cfg.get("use_mlflow") or cfg.get("mlflow_tracking_uri"):
+        report.append(("mlflow", "use_mlflow" if cfg.get("use_mlflow") else "mlflow_tracking_uri"))
+    if report:
+        out.set("tracking.report_to", [name for name, _ in report],
+                ", ".join(src(key, cfg[key]) for _, key in report))  # fmt: skip
+    for key, target in TRACKER_KEYS.items():
+        if cfg.get(key) not in (None, ""):
+            out.set(target, cfg[key], src(key, cfg[key]))
+    if wandb_mode in ("online", "offline"):
+        out.set("tracking.wandb_mode", wandb_mode, src("wandb_mode", wandb_mode))
+    for key, value in cfg.items():
+        if not key.startswith(TRACKERS) or value in (None, False, ""):
+            continue
+        if str(value).lower() in ("false", "none", "no"):
+            off.append(key)
+        elif key in TRACKER_NOT_MAPPED:
+            out.warn(f"{key}: {yaml_scalar(value)}: not mapped: {TRACKER_NOT_MAPPED[key]}")
+        elif key.startswith("comet_"):
+            out.warn(f"{key}: {yaml_scalar(value)}: not mapped: Comet is not supported "
+                     "(tracking.report_to: tensorboard, wandb, mlflow)")  # fmt: skip
+        elif key not in TRACKER_KEYS and key not in ("use_wandb", "use_tensorboard", "use_mlflow", "wandb_mode"):
+            out.warn(f"{key}: {yaml_scalar(value)}: not mapped: unknown to the importer (see the tracking: section)")
 
 
 def _adapter(cfg: dict, out: Imported) -> None:

@@ -57,7 +57,13 @@ DIRECT = {
     "save_total_limit": "train.save_total_limit",
     "dataloader_num_workers": "train.dataloader_num_workers",
     "completion_only_loss": "train.completion_only_loss",
+    "eval_strategy": "train.eval_strategy",
+    "eval_steps": "train.eval_steps",
+    "load_best_model_at_end": "train.load_best_model_at_end",
+    "metric_for_best_model": "train.metric_for_best_model",
 }
+# --report_to values with a home in `tracking.report_to`.
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 HANDLED = {"use_peft", "load_in_4bit", "load_in_8bit", "dtype", "lora_target_modules", "report_to",
            "assistant_only_loss", "group_by_length", "train_sampling_strategy"}
@@ -79,7 +85,7 @@ NOT_MAPPED = {
     "lora_task_type": "qlaunch trains CAUSAL_LM adapters",
     "push_to_hub": "qlaunch does not push to the hub; the adapter is in <run dir>/adapter",
     "hub_model_id": "qlaunch does not push to the hub",
-    "run_name": "trackers are not mapped",
+    "run_name": "qlaunch names each tracked run <run id>-<grid values>, the same on every resume",
     "logging_dir": "logs go to <run dir>/train.log and progress.jsonl",
     "ignore_bias_buffers": "only for DDP with bias buffers; not needed",
     "per_device_eval_batch_size": None,  # passed through
@@ -198,10 +204,14 @@ def from_sft_args(argv: list[str]) -> Imported:
         out.set("train.completion_only_loss", True, src("assistant_only_loss"))
         out.warn("--assistant_only_loss: imported as train.completion_only_loss: true, masked by the rendered prompt "
                  "(the last answer of a conversation is scored, earlier turns are context)")
-    report = args.get("report_to")
-    if report not in (None, "none", ["none"]):
-        out.warn(f"{src('report_to')[len('sft.py '):]}: not mapped: qlaunch has no tracker settings; progress is in each "
-                 "run's progress.jsonl and `qlaunch status`")
+    _trackers(args, out, src)
+    strategy = args.get("eval_strategy")
+    if strategy not in (None, "no") and not out.has("dataset.test_size"):
+        # sft.py evaluates on the dataset's test split; qlaunch on a held-out part of the training split.
+        out.set("dataset.test_size", 0.05, src("eval_strategy") + " (sft.py's --dataset_test_split is not "
+                "read: qlaunch holds out this fraction of the training split instead)")
+        out.warn("--eval_strategy: evaluated on dataset.test_size: 0.05 of the training split (sft.py used the "
+                 "dataset's test split): set the fraction you want")
     if "dataset_text_field" in args:
         out.set("dataset.format", "text", src("dataset_text_field") + " (a ready text column)")
     out.warn("prompt.template: left at llama2 (Llama 2's chat format); sft.py renders conversational data with "
@@ -209,6 +219,22 @@ def from_sft_args(argv: list[str]) -> Imported:
              "trained as they are either way")
     out.note_unset_defaults()
     return out
+
+
+def _trackers(args: dict, out: Imported, src) -> None:
+    """--report_to → tracking.report_to (tensorboard, wandb, mlflow); others are warnings."""
+    report = args.get("report_to")
+    if report in (None, "none", ["none"]):
+        return
+    names = [report] if isinstance(report, str) else list(report)
+    names = [part.strip() for name in names for part in str(name).split(",") if part.strip()]
+    known = [name for name in names if name in TRACKERS]
+    if known:
+        out.set("tracking.report_to", known, src("report_to"))
+    other = [name for name in names if name not in TRACKERS and name != "none"]
+    if other:
+        out.warn(f"--report_to {','.join(other)}: not mapped: qlaunch's trackers are {', '.join(TRACKERS)} "
+                 "(tracking.report_to)")
 
 
 __all__ = ["from_sft_args", "parse_args"]
