@@ -197,7 +197,9 @@ def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
         console.print(escape(f"{run_id} skipped: {why}"))
     _print_inference_summaries(p)
     if result.exit_code == runner.EXIT_INTERRUPTED:
-        _print_hint("stopped. Resume with: ", hints.command("run", p, "local", args))
+        again = hints.flags(args, "no_infer", "no_prefetch", "skip_input_checks")  # never --force: it restarts
+        again += ["--max-parallel", str(args.max_parallel)] if args.max_parallel else []
+        _print_hint("stopped. Resume with: ", hints.command("run", p, "local", args, extra=again))
     elif result.failed:
         err_console.print(f"[red]{len(result.failed)} runs did not complete:[/] {', '.join(result.failed)}",
                           soft_wrap=True)  # fmt: skip

@@ -20,9 +20,10 @@ from .grid import Plan
 TARGET_OPTIONS = (("kubeconfig", "--kubeconfig"), ("context", "--context"))
 
 
-def target_words(p: Plan, backend: str, args: argparse.Namespace | None = None) -> list[str]:
+def target_words(p: Plan, backend: str, args: argparse.Namespace | None = None, verb: str = "") -> list[str]:
     words = []
-    if canonical(backend) != canonical(p.experiment.backend):
+    # `qlaunch run` is the local backend, whatever the file says, and takes no --backend.
+    if verb != "run" and canonical(backend) != canonical(p.experiment.backend):
         words += ["--backend", canonical(backend)]
     for dest, option in TARGET_OPTIONS:
         value = getattr(args, dest, None)
@@ -36,7 +37,7 @@ def command(verb: str, p: Plan, backend: str, args: argparse.Namespace | None = 
             run: str | None = None, extra: Iterable[str] = ()) -> str:  # fmt: skip
     """`qlaunch <verb> <file|run -e file> <target options> <extra>`, ready to paste into a shell."""
     where = [run, "-e", str(p.source)] if run else [str(p.source)]
-    return shlex.join(["qlaunch", verb, *where, *target_words(p, backend, args), *extra])
+    return shlex.join(["qlaunch", verb, *where, *target_words(p, backend, args, verb), *extra])
 
 
 def flags(args: argparse.Namespace, *names: str) -> list[str]:

@@ -162,6 +162,22 @@ def test_hints_after_a_local_run_on_a_slurm_file_stay_local(tmp_path):
     log = Path(entries[0]["run_dir"], "train.log").read_text()
     assert log and shown.stdout == log
 
+    # Ctrl-C while the job starts: the Resume hint, pasted, is a command `qlaunch run` accepts.
+    process = subprocess.Popen(["qlaunch", "run", str(path), "--no-prefetch"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=qlaunch.env)  # fmt: skip
+    local_state = Path(entries[0]["run_dir"], "local.json")
+    deadline = time.monotonic() + 60
+    while '"running"' not in (local_state.read_text() if local_state.exists() else ""):
+        assert time.monotonic() < deadline and process.poll() is None, "the job never started"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, out + err
+    (resume,) = hints(out)
+    assert shlex.split(resume) == ["qlaunch", "run", str(path), "--no-prefetch"]
+    again = qlaunch.shell(resume)
+    assert again.returncode == 1 and "why: qlaunch logs" in again.stderr, again.stdout + again.stderr
+
 
 # ---- on the test Slurm cluster ------------------------------------------------------------------
 def _require_cluster():
