@@ -321,7 +321,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         extra.append("--merge")
     if args.no_base:
         extra.append("--no-base")
-    return runner.infer(p, runs[0], extra, backend=found.backend)
+    return runner.infer(p, runs[0], extra, submitted=found)
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:

@@ -20,7 +20,9 @@ from .grid import Plan
 TARGET_OPTIONS = (("kubeconfig", "--kubeconfig"), ("context", "--context"))
 
 
-def target_words(p: Plan, backend: str, args: argparse.Namespace | None = None, verb: str = "") -> list[str]:
+def target_words(p: Plan, backend: str, args: object | None = None, verb: str = "") -> list[str]:
+    """`args`: the command's argparse namespace, or anything with the TARGET_OPTIONS attributes
+    (run_index.Resolved: where a run was submitted)."""
     words = []
     # `qlaunch run` is the local backend, whatever the file says, and takes no --backend.
     if verb != "run" and canonical(backend) != canonical(p.experiment.backend):
@@ -33,7 +35,7 @@ def target_words(p: Plan, backend: str, args: argparse.Namespace | None = None, 
     return words
 
 
-def command(verb: str, p: Plan, backend: str, args: argparse.Namespace | None = None, *,
+def command(verb: str, p: Plan, backend: str, args: object | None = None, *,
             run: str | None = None, extra: Iterable[str] = ()) -> str:  # fmt: skip
     """`qlaunch <verb> <file|run -e file> <target options> <extra>`, ready to paste into a shell."""
     where = [run, "-e", str(p.source)] if run else [str(p.source)]

@@ -96,15 +96,15 @@ def watch(plan: Plan, backend: Backend, show: Callable[[list], None], interval: 
         time.sleep(interval)
 
 
-def infer(plan: Plan, run: RunConfig, extra: list[str], backend: str | None = None) -> int:
+def infer(plan: Plan, run: RunConfig, extra: list[str], submitted: run_index.Resolved | None = None) -> int:
     """The inference job's entrypoint on this machine, with extra options (`qlaunch infer`).
-    `backend`: where the run was submitted, for the hint when it has not trained yet."""
+    `submitted`: where the run went (backend, kube context), for the hint when it has not trained yet."""
     import sys
 
     from .hints import command as hint
 
     if not RunPaths.of(run).training_completed():
-        status = hint("status", plan, backend or plan.experiment.backend)
+        status = hint("status", plan, submitted.backend if submitted else plan.experiment.backend, submitted)
         raise QlaunchError(f"run {run.run_id} has no trained adapter yet in {run.run_dir} ({status})")
     command = inference_job(run).placed(python=sys.executable, args=tuple(extra)).command
     return subprocess.call(command, env=launcher_environment())

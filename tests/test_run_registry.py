@@ -244,6 +244,14 @@ def test_hints_submit_and_watch_on_slurm_and_cancel_reaches_the_jobs(tmp_path):
         assert "slurm" in out and out.count("pending") >= 2, out + err
         assert "unknown" not in out  # what the local backend would say of runs it never started
 
+        # `infer` of a run that has not trained says where to look; pasted, that looks at Slurm.
+        run_id = sorted(jobs)[0]
+        infer = qlaunch("infer", run_id, "--prompt", "hi")
+        assert infer.returncode == 2 and "has no trained adapter yet" in infer.stderr, infer.stderr
+        (status,) = re.findall(r"\((qlaunch status .*)\)\s*$", infer.stderr, re.MULTILINE)
+        shown = qlaunch.shell(status)
+        assert shown.returncode == 0 and shown.stdout.count("pending") >= 2, shown.stdout + shown.stderr
+
         # After following the hints: cancel by run id reaches the real Slurm jobs.
         for run_id, ids in jobs.items():
             cancel = qlaunch("cancel", run_id)
