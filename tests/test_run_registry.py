@@ -140,17 +140,37 @@ def test_reading_a_copy_leaves_logs_and_infer_of_the_original(tmp_path, tiny_exp
     assert qlaunch.index() == index_before
 
 
+def failing_run(qlaunch: Qlaunch, folder: Path, name: str, storage: Path, **sections) -> Path:
+    """A one-run experiment whose local job starts, writes its log and fails within seconds: a hub
+    model not in the cache, offline (the launcher does not ask the hub with --no-prefetch)."""
+    qlaunch.env["HF_HUB_OFFLINE"] = "1"
+    return quickstart_copy(folder, name, storage, model={"name_or_path": "qlaunch-test/no-such-model", "gguf_file": None},
+                           grid={"train.learning_rate": [1.0e-3]}, **sections)  # fmt: skip
+
+
+def test_an_index_an_older_qlaunch_re_pointed_finds_the_submitted_run_again(tmp_path):
+    """Version 1 of runs.json held one entry per run id, the last reader's. Once the run is
+    submitted again, its folder (which holds a log) wins over the copy only looked at."""
+    qlaunch = Qlaunch(tmp_path)
+    original = failing_run(qlaunch, tmp_path / "original", "exp.yaml", tmp_path / "runs a")
+    copy = failing_run(qlaunch, tmp_path / "copy", "exp.yaml", tmp_path / "runs b")
+    (run,) = plan(original).runs
+    qlaunch.home.mkdir()
+    (qlaunch.home / "runs.json").write_text(json.dumps(  # what `qlaunch status copy/exp.yaml` wrote
+        {run.run_id: {"experiment": "quickstart", "file": str(copy), "backend": "local"}}))
+    assert qlaunch("run", str(original), "--no-prefetch").returncode == 1
+    logs = qlaunch("logs", run.run_id)
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout == Path(run.run_dir, "train.log").read_text() and str(tmp_path / "runs b") not in logs.stdout
+    assert len(qlaunch.index()["runs"][run.run_id]) == 2  # the old entry is kept, the submitted one wins
+
+
 # ---- finding 2: hints, run verbatim, act where the command acted --------------------------------
 def test_hints_after_a_local_run_on_a_slurm_file_stay_local(tmp_path):
     """`qlaunch run` of a file whose backend is Slurm: the failure hint names the local backend,
     and pasted, shows the local run's log."""
     qlaunch = Qlaunch(tmp_path)
-    # A hub model that is not in the cache, offline: the job fails at once (the launcher does not
-    # ask the hub with --no-prefetch), with a log.
-    qlaunch.env["HF_HUB_OFFLINE"] = "1"
-    path = quickstart_copy(tmp_path / "my exps", "exp.yaml", tmp_path / "runs a", backend="slurm",
-                           model={"name_or_path": "qlaunch-test/no-such-model", "gguf_file": None},
-                           grid={"train.learning_rate": [1.0e-3]})  # fmt: skip
+    path = failing_run(qlaunch, tmp_path / "my exps", "exp.yaml", tmp_path / "runs a", backend="slurm")
     result = qlaunch("run", str(path), "--no-prefetch")
     assert result.returncode == 1, result.stdout + result.stderr
     (why,) = hints(result.stderr)
