@@ -227,12 +227,22 @@ def _print_inference_summaries(p: Plan) -> None:
         )
 
 
+def _note_submitted_elsewhere(args: argparse.Namespace, p: Plan, name: str) -> None:
+    """Looking with the file's backend at runs submitted to another: say where they are (reads
+    the run index, never writes it)."""
+    submitted = None if args.backend else run_index.submitted_to(p)
+    if submitted and canonical(submitted.backend) != name:
+        _print_hint(f"note: these runs were submitted to {canonical(submitted.backend)}, not {name}; their status: ",
+                    hints.command("status", p, submitted.backend, submitted), err_console)  # fmt: skip
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status_view import build_table, collect, status_document
 
     p = plan(args.experiment)
     name = _backend_name(args, p)
     backend = _backend(args, name)
+    _note_submitted_elsewhere(args, p, name)
     if args.json:
         _print_json(status_document(p, collect(p, backend), name))
         return 0
@@ -268,6 +278,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     p = plan(args.experiment)
     name = _backend_name(args, p)
+    _note_submitted_elsewhere(args, p, name)
     document = report.build(p, _backend(args, name), name)
     document = report.write(document, Path(args.output) if args.output else report.default_output(p, name))
     if args.json:

@@ -133,6 +133,12 @@ def _entry_for(p: Plan, runs: list) -> dict | None:
     return max(entries, key=lambda e: e.get("submitted_at", 0), default=None)
 
 
+def submitted_to(p: Plan) -> Resolved | None:
+    """Where this plan's runs (in the folders it puts them) were last submitted, if anywhere."""
+    entry = _entry_for(p, list(p.runs))
+    return _resolved(p, list(p.runs), entry) if entry else None
+
+
 @dataclass
 class _Candidate:
     entry: dict

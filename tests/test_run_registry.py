@@ -264,6 +264,14 @@ def test_hints_submit_and_watch_on_slurm_and_cancel_reaches_the_jobs(tmp_path):
         assert "slurm" in out and out.count("pending") >= 2, out + err
         assert "unknown" not in out  # what the local backend would say of runs it never started
 
+        # The plain `status` (the file's local backend) says where the runs went; pasted, that is Slurm.
+        plain = qlaunch("status", str(path))
+        assert plain.returncode == 0, plain.stderr
+        (elsewhere,) = re.findall(r"submitted to slurm, not local; their status: (qlaunch .*)$", plain.stderr, re.M)
+        shown = qlaunch.shell(elsewhere)
+        assert shown.returncode == 0 and shown.stdout.count("pending") >= 2, shown.stdout + shown.stderr
+        assert "note:" not in shown.stderr
+
         # `infer` of a run that has not trained says where to look; pasted, that looks at Slurm.
         run_id = sorted(jobs)[0]
         infer = qlaunch("infer", run_id, "--prompt", "hi")
