@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from . import cli_extras, run_index, runner
+from . import cli_extras, hints, run_index, runner
 from .backends import Submission, canonical, get_backend
 from .backends.base import Foreground
 from .errors import QlaunchError
@@ -143,18 +143,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return result.exit_code
     if result.dry_run:
         _print_submission(result.submission)
-        console.print(f"validated (dry run), nothing submitted. Submit: qlaunch submit {p.source}")
+        again = hints.flags(args, "force", "skip_preflight", "skip_input_checks", "no_prefetch")
+        _print_hint("validated (dry run), nothing submitted. Submit: ", hints.command("submit", p, name, args, extra=again))
         return result.exit_code
     report = result.report
     for run_id, jobs in report.submitted.items():
         console.print(f"{run_id} submitted: {', '.join(jobs)}")
     for run_id, why in report.skipped.items():
         console.print(escape(f"{run_id} skipped: {why}"))
-    console.print(
-        f"{len(report.submitted)} runs submitted, {len(report.skipped)} skipped. "
-        f"Watch: qlaunch status {p.source} --watch"
-    )
+    _print_hint(f"{len(report.submitted)} runs submitted, {len(report.skipped)} skipped. Watch: ",
+                hints.command("status", p, name, args, extra=["--watch"]))  # fmt: skip
     return result.exit_code
+
+
+def _print_hint(before: str, command: str, out: Console | None = None) -> None:
+    """A command to paste: never wrapped, never read as markup."""
+    (out or console).print(escape(before + command), soft_wrap=True)
 
 
 def _prefetch(p: Plan) -> Plan:
@@ -197,10 +201,13 @@ def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
         console.print(escape(f"{run_id} skipped: {why}"))
     _print_inference_summaries(p)
     if result.exit_code == runner.EXIT_INTERRUPTED:
-        console.print(f"stopped. Resume with: qlaunch run {p.source}")
+        again = hints.flags(args, "no_infer", "no_prefetch", "skip_input_checks")  # never --force: it restarts
+        again += ["--max-parallel", str(args.max_parallel)] if args.max_parallel else []
+        _print_hint("stopped. Resume with: ", hints.command("run", p, "local", args, extra=again))
     elif result.failed:
-        err_console.print(f"[red]{len(result.failed)} runs did not complete:[/] {', '.join(result.failed)} "
-                          f"(qlaunch logs RUN shows why)")
+        err_console.print(f"[red]{len(result.failed)} runs did not complete:[/] {', '.join(result.failed)}",
+                          soft_wrap=True)  # fmt: skip
+        _print_hint("why: ", hints.command("logs", p, backend.name, args, run=result.failed[0]), err_console)
     return result.exit_code
 
 
@@ -224,13 +231,22 @@ def _print_inference_summaries(p: Plan) -> None:
         )
 
 
+def _note_submitted_elsewhere(args: argparse.Namespace, p: Plan, name: str) -> None:
+    """Looking with the file's backend at runs submitted to another: say where they are (reads
+    the run index, never writes it)."""
+    submitted = None if args.backend else run_index.submitted_to(p)
+    if submitted and canonical(submitted.backend) != name:
+        _print_hint(f"note: these runs were submitted to {canonical(submitted.backend)}, not {name}; their status: ",
+                    hints.command("status", p, submitted.backend, submitted), err_console)  # fmt: skip
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status_view import build_table, collect, status_document
 
     p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
     backend = _backend(args, name)
-    run_index.record(p, name)
+    _note_submitted_elsewhere(args, p, name)
     if args.json:
         _print_json(status_document(p, collect(p, backend), name))
         return 0
@@ -267,7 +283,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
-    run_index.record(p, name)
+    _note_submitted_elsewhere(args, p, name)
     document = report.build(p, _backend(args, name), name)
     document = report.write(document, Path(args.output) if args.output else report.default_output(p, name))
     if args.json:
@@ -277,11 +293,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submitted_backend(args: argparse.Namespace, found: run_index.Resolved):
+    """The backend (and cluster) the runs were submitted to, unless --backend/--kubeconfig/--context say."""
+    if not args.backend:
+        args.kubeconfig = args.kubeconfig or found.kubeconfig
+        args.context = args.context or found.context
+    return _backend(args, args.backend or found.backend)
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    p, name, runs = run_index.resolve(args.run, args.experiment, args.set)
+    found = run_index.resolve(args.run, args.experiment, command="logs", settings=args.set)
+    p, runs = found.plan, found.runs
     if len(runs) != 1:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; logs needs one run id")
-    backend = _backend(args, args.backend or name)
+    backend = _submitted_backend(args, found)
     try:
         backend.logs(p, runs[0], follow=args.follow, out=sys.stdout, infer=args.infer)
     except KeyboardInterrupt:
@@ -290,8 +315,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    p, name, runs = run_index.resolve(args.target, args.experiment, args.set)
-    backend = _backend(args, args.backend or name)
+    found = run_index.resolve(args.target, args.experiment, command="cancel", settings=args.set)
+    p, runs = found.plan, found.runs
+    backend = _submitted_backend(args, found)
     cancelled = backend.cancel(p, runs)
     for run_id in cancelled:
         console.print(f"{run_id} cancelled")
@@ -300,7 +326,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    p, _, runs = run_index.resolve(args.run, args.experiment, args.set)
+    found = run_index.resolve(args.run, args.experiment, command="infer", settings=args.set)
+    p, runs = found.plan, found.runs
     if len(runs) != 1:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; infer needs one run id")
     extra = [part for prompt in args.prompt for part in ("--prompt", prompt)]
@@ -310,7 +337,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         extra.append("--merge")
     if args.no_base:
         extra.append("--no-base")
-    return runner.infer(p, runs[0], extra)
+    return runner.infer(p, runs[0], extra, submitted=found)
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:

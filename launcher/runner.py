@@ -2,7 +2,7 @@
 `cli/cmd_run.py`): cli.py parses arguments and shows results; tests call these directly.
 
     prepare   plan → Submission (files + jobs), the same value for `render` and `--dry-run`
-    submit    pre-flight gate → run index → prepare → apply → exit code
+    submit    pre-flight gate → prepare → run index (not for a dry run) → apply → exit code
     watch     status refreshes until every run has ended
     infer     ad-hoc inference with a trained adapter, on this machine
 """
@@ -68,10 +68,10 @@ def submit(plan: Plan, backend: Backend, *, force: bool = False, dry_run: bool |
             return SubmitResult(EXIT_FAILED, refused=refused)
     if prepare is not None:
         plan = prepare(plan)
-    run_index.record(plan, backend.name)
     submission = backend.prepare(plan, force=force, offline=dry_run == "client")
     if dry_run:
         return SubmitResult(EXIT_OK, submission, SubmitReport(skipped=dict(submission.skipped)), dry_run=True)
+    run_index.record(plan, backend)  # only what is really submitted re-points `logs/cancel <run>`
     report = backend.apply(submission, foreground)
     result = SubmitResult(EXIT_OK, submission, report)
     if backend.foreground:
@@ -96,11 +96,15 @@ def watch(plan: Plan, backend: Backend, show: Callable[[list], None], interval: 
         time.sleep(interval)
 
 
-def infer(plan: Plan, run: RunConfig, extra: list[str]) -> int:
-    """The inference job's entrypoint on this machine, with extra options (`qlaunch infer`)."""
+def infer(plan: Plan, run: RunConfig, extra: list[str], submitted: run_index.Resolved | None = None) -> int:
+    """The inference job's entrypoint on this machine, with extra options (`qlaunch infer`).
+    `submitted`: where the run went (backend, kube context), for the hint when it has not trained yet."""
     import sys
 
+    from .hints import command as hint
+
     if not RunPaths.of(run).training_completed():
-        raise QlaunchError(f"run {run.run_id} has no trained adapter yet (qlaunch status {plan.source})")
+        status = hint("status", plan, submitted.backend if submitted else plan.experiment.backend, submitted)
+        raise QlaunchError(f"run {run.run_id} has no trained adapter yet in {run.run_dir} ({status})")
     command = inference_job(run).placed(python=sys.executable, args=tuple(extra)).command
     return subprocess.call(command, env=launcher_environment())

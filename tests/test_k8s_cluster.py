@@ -16,6 +16,8 @@ import base64
 import io
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -545,6 +547,44 @@ def test_context_picks_the_cluster_every_command_talks_to(fake, experiment, tmp_
             assert result.returncode == 0, result.stderr
             states[context] = {run["state"] for run in json.loads(result.stdout)["runs"]}
         assert states["second"] == {"pending"} and "pending" not in states["first"]
+    finally:
+        second.stop()
+
+
+def test_hints_and_cancel_of_a_run_go_to_the_context_it_was_submitted_to(fake, experiment, tmp_path, monkeypatch):
+    """The Watch hint repeats --kubeconfig/--context; `cancel <run>` alone reaches that cluster."""
+    (tmp_path / "second").mkdir()
+    second = start_cluster(tmp_path / "second", monkeypatch, NS, hf_token=FAKE_TOKEN)
+    try:
+        config = _two_context_kubeconfig(tmp_path / "two contexts", fake, second)
+        result = _cli("submit", str(experiment.source), "--skip-preflight", "--kubeconfig", str(config),
+                      "--context", "second")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (watch,) = [line.split("Watch: ", 1)[1] for line in result.stdout.splitlines() if "Watch: " in line]
+        words = shlex.split(watch)
+        assert words[words.index("--kubeconfig") + 1] == str(config) and "--backend" not in words
+        assert words[words.index("--context") + 1] == "second"
+        # The hint, pasted into a shell; stopped with Ctrl-C (the jobs stay pending here).
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "qlaunch").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m launcher.cli "$@"\n')
+        (bin_dir / "qlaunch").chmod(0o755)
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "COLUMNS": "250",
+               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
+        hinted = subprocess.Popen(["bash", "-c", watch], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env, start_new_session=True)  # fmt: skip
+        time.sleep(6)
+        os.killpg(hinted.pid, signal.SIGINT)
+        out, err = hinted.communicate(timeout=60)
+        assert out.count("pending") >= 2, out + err  # the second cluster's jobs; the first has none
+
+        run = experiment.runs[0]
+        result = _cli("cancel", run.run_id)  # no --context: the one it was submitted with
+        assert result.returncode == 0, result.stderr
+        assert f"{run.run_id} cancelled" in result.stdout
+        left = {job["metadata"]["name"] for job in second.list("jobs", NS)}
+        assert job_names(experiment, run).train_job not in left
+        assert job_names(experiment, experiment.runs[1]).train_job in left  # the other run's jobs stay
     finally:
         second.stop()
 

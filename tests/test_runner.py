@@ -1,5 +1,5 @@
 """launcher.runner without a subprocess: render and a dry run are the same Submission, the
-pre-flight gate refuses before anything is asked or written, the run index is recorded."""
+pre-flight gate refuses before anything is asked or written, only a submission is recorded."""
 
 from __future__ import annotations
 
@@ -60,11 +60,14 @@ def test_preflight_gate_refuses_before_anything_is_asked_or_recorded(tmp_path, h
     assert not (home / "runs.json").exists() and not any(home.glob("*"))
 
 
-def test_a_dry_run_records_the_runs_for_later_commands(tmp_path, home):
+def test_a_dry_run_records_nothing_a_submission_records_where_it_went(tmp_path, home):
     p = _plan(tmp_path, K8S)
     runner.submit(p, get_backend("kubernetes"), dry_run="client")
-    resolved, name, runs = run_index.resolve(p.runs[0].run_id[:6], None)
-    assert name == "kubernetes" and [r.run_id for r in runs] == [p.runs[0].run_id]
+    assert not (home / "runs.json").exists()  # a dry run must not re-point `logs/cancel <run>`
+    run_index.record(p, get_backend("kubernetes"))  # what a real submission records
+    found = run_index.resolve(p.runs[0].run_id[:6], None)
+    assert found.backend == "kubernetes" and [r.run_id for r in found.runs] == [p.runs[0].run_id]
+    assert found.plan.source == p.source
 
 
 def test_infer_without_a_trained_adapter_is_one_clear_error(tmp_path, home):

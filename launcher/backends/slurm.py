@@ -88,7 +88,7 @@ def _from_storage(run: RunConfig, job_id: str | None) -> tuple[State, str]:
     if events and events[-1].get("event") == "error":
         return State.FAILED, str(events[-1].get("message", "error"))[:200]
     step = f", stopped at step {events[-1].get('step')}" if events else ""
-    return State.UNKNOWN, f"job {job_id} gone from Slurm{step}; `qlaunch submit` resumes it"
+    return State.UNKNOWN, f"job {job_id} gone from Slurm{step}; `qlaunch submit --backend slurm` resumes it"
 
 
 class SlurmBackend(Backend):
