@@ -17,15 +17,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import json_output as shapes
 from . import ledger as ledgers
+from . import report_stats as stats
 from .backends.base import Backend
 from .config import RunConfig
 from .grid import Plan
 from .json_output import Answer, AttemptRecord, Environment, Metric, ReportDocument, ReportRun
-from .status_view import Row, collect
+from .status_view import Row, collect, format_value
 from .storage import RunPaths, atomic_write_text, read_json
 
 ANSWERS_SHOWN = 4
+METRICS_EXPLAINED = (
+    "Mean score over the held-out examples (inference.eval_file), base model → fine-tuned; in parentheses "
+    "the 95% Wilson interval of the fine-tuned score. Overlapping intervals mean the runs are not told "
+    "apart by these examples; the verdict above compares the top two runs example by example."
+)
 ENVIRONMENT_FILES = ("attempts/*/environment.json", "environment.json")
 
 
@@ -38,7 +45,9 @@ def default_output(plan: Plan, backend_name: str) -> Path:
 # ---- collecting ------------------------------------------------------------------------------
 def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
     rows = collect(plan, backend)
-    runs = [_run(run, row) for run, row in zip(plan.runs, rows)]
+    scores = {run.run_id: stats.read_scores(RunPaths.of(run).inference / "results.jsonl", run.inference.metric)
+              for run in plan.runs}  # fmt: skip
+    runs = [_run(run, row, scores[run.run_id]) for run, row in zip(plan.runs, rows)]
     with_metric = [r for r in runs if r.metric is not None and r.metric.tuned is not None]
     if with_metric:
         ranked_by = f"{with_metric[0].metric.name} (tuned)"
@@ -51,6 +60,7 @@ def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
         best = runs[0] if runs and runs[0].final_loss is not None else None
     for rank, run in enumerate(runs, 1):
         run.rank, run.best = rank, run is best
+    comparison = _comparison(with_metric and runs, scores)
     return ReportDocument(
         experiment=plan.experiment.name,
         backend=backend_name,
@@ -61,14 +71,144 @@ def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
         notes=_notes(plan, backend_name, runs),
         files={},
         runs=runs,
+        verdict=_verdict(runs, comparison, bool(with_metric)),
+        comparison=comparison,
     )
+
+
+# ---- how sure: intervals, the paired comparison, the verdict sentence ----------------------------
+def _intervals(summary: dict, scores: stats.Scores | None) -> list[shapes.MetricInterval]:
+    """Every configured metric: per-example scores where results.jsonl is readable, else the
+    summary's means and n (the inference job's infer_end event: Kubernetes without the claim)."""
+    found: dict[str, shapes.MetricInterval] = {}
+    for name, per_who in (scores.by_metric.items() if scores else ()):
+        fields: dict[str, Any] = {"name": name, "n": max(len(v) for v in per_who.values())}
+        for who, values in per_who.items():
+            mean, low, high = stats.interval(values)
+            fields.update({who: round(mean, 4), f"{who}_low": round(low, 4), f"{who}_high": round(high, 4)})
+        found[name] = shapes.MetricInterval(**fields)
+    for metric in summary.get("metrics") or ([summary["metric"]] if isinstance(summary.get("metric"), dict) else []):
+        if not isinstance(metric, dict) or "name" not in metric or metric["name"] in found or not metric.get("n"):
+            continue
+        fields = {"name": metric["name"], "n": int(metric["n"])}
+        for who in ("base", "tuned"):
+            if isinstance(metric.get(who), (int, float)):
+                low, high = stats.wilson(metric[who] * metric["n"], int(metric["n"]))
+                fields.update({who: metric[who], f"{who}_low": round(low, 4), f"{who}_high": round(high, 4)})
+        found[metric["name"]] = shapes.MetricInterval(**fields)
+    return list(found.values())
+
+
+def _comparison(runs: list[ReportRun] | bool, scores: dict[str, stats.Scores | None]) -> shapes.Comparison | None:
+    """The leader against the runner-up on the ranking metric, paired per example."""
+    if not runs or len(runs) < 2 or runs[1].metric is None or runs[1].metric.tuned is None:
+        return None
+    leader, other = runs[0], runs[1]
+    name = leader.metric.name
+    mine = (scores.get(leader.run_id) or stats.Scores({})).by_metric.get(name, {}).get("tuned")
+    theirs = (scores.get(other.run_id) or stats.Scores({})).by_metric.get(name, {}).get("tuned")
+    result = stats.paired(mine, theirs) if mine and theirs else None
+    if result is None:
+        return None
+    return shapes.Comparison(
+        metric=name, leader=leader.run_id, runner_up=other.run_id, n=result.n,
+        leader_score=round(result.leader_mean, 4), runner_up_score=round(result.other_mean, 4),
+        leader_only=result.leader_only, runner_up_only=result.other_only, p_value=round(result.p_value, 4),
+        within_noise=result.within_noise, statement=_paired_sentence(leader.run_id, other.run_id, name, result),
+    )  # fmt: skip
+
+
+def _paired_sentence(leader: str, other: str, name: str, result: stats.Paired) -> str:
+    differ = result.leader_only + result.other_only
+    split = (f"of the {result.n} held-out examples both answered they score differently on {differ} "
+             f"({result.leader_only} for {leader}, {result.other_only} for {other})")  # fmt: skip
+    if result.within_noise:
+        return (f"No clear winner on {name}: {leader} ({result.leader_mean:.2f}) leads {other} "
+                f"({result.other_mean:.2f}), but {split}; a split at least this uneven happens by chance "
+                f"with p = {result.p_value:.2f} (McNemar's exact test), so the lead is within sampling noise. "
+                f"More held-out examples (inference.eval_file) would tell them apart.")  # fmt: skip
+    return (f"{leader} is best on {name}: {result.leader_mean:.2f} vs {result.other_mean:.2f} for the runner-up "
+            f"{other}; {split}, p = {result.p_value:.3f} (McNemar's exact test).")  # fmt: skip
+
+
+def lead_within_noise(document: ReportDocument) -> bool:
+    """Is the top run's lead not established? The paired test where there is one; else whether
+    the two tuned intervals overlap (a conservative stand-in without per-example scores)."""
+    if document.comparison is not None:
+        return document.comparison.within_noise
+    ranked = [r for r in document.runs if r.metric is not None and r.metric.tuned is not None]
+    if len(ranked) < 2:
+        return False
+    first, second = (_headline_interval(r) for r in ranked[:2])
+    return bool(first and second and first.tuned_low is not None and second.tuned_high is not None
+                and first.tuned_low <= second.tuned_high)  # fmt: skip
+
+
+def _headline_interval(run: ReportRun) -> shapes.MetricInterval | None:
+    return next((i for i in run.intervals if run.metric and i.name == run.metric.name), None)
+
+
+def _verdict(runs: list[ReportRun], comparison: shapes.Comparison | None, by_metric: bool) -> str:
+    if not runs or not any(r.attempts or r.final_loss is not None for r in runs):
+        return ""
+    if not by_metric:
+        return ("No inference metrics yet: runs are ranked by final training loss, which says little "
+                "about the answers (inference.eval_file scores them).")  # fmt: skip
+    scored = [r for r in runs if r.metric is not None and r.metric.tuned is not None]
+    leader = scored[0]
+    name = leader.metric.name
+    if len(scored) < 2:
+        return f"Only {leader.run_id} has {name} scores: nothing to compare it with."
+    other = scored[1]
+    if comparison is not None:
+        parts = [comparison.statement]
+    else:
+        first, second = _headline_interval(leader), _headline_interval(other)
+        parts = [f"{leader.run_id} leads on {name} ({leader.metric.tuned:.2f} vs {other.metric.tuned:.2f} for "
+                 f"{other.run_id}); the per-example answers are not readable here, so there is no paired test."]
+        if first and second and first.tuned_low is not None and second.tuned_high is not None:
+            overlap = first.tuned_low <= second.tuned_high
+            parts.append(f"Their 95% intervals ({_span(first)} and {_span(second)}) "
+                         + ("overlap: the lead may be sampling noise." if overlap else "do not overlap."))
+    parts += _loss_disagrees(leader, other)
+    parts += _other_metrics(scored, leader)
+    return " ".join(parts)
+
+
+def _span(interval: shapes.MetricInterval) -> str:
+    return f"{interval.tuned_low:.2f}–{interval.tuned_high:.2f}"
+
+
+def _loss_disagrees(leader: ReportRun, other: ReportRun) -> list[str]:
+    if leader.eval_loss is not None and other.eval_loss is not None:
+        if leader.eval_loss > other.eval_loss:
+            return [f"{leader.run_id} also has the higher eval loss ({leader.eval_loss:.4f} vs {other.eval_loss:.4f}): "
+                    "the loss and the metric disagree."]  # fmt: skip
+        return []
+    if leader.final_loss is not None and other.final_loss is not None and leader.final_loss > other.final_loss:
+        return [f"{leader.run_id} has the higher final training loss ({leader.final_loss:.4f} vs "
+                f"{other.final_loss:.4f}; no eval loss: dataset.test_size measures one)."]  # fmt: skip
+    return []
+
+
+def _other_metrics(scored: list[ReportRun], leader: ReportRun) -> list[str]:
+    """Other configured metrics on which another run scores higher than the leader."""
+    said = []
+    for entry in leader.metrics[1:]:
+        if entry.tuned is None:
+            continue
+        rival = max(scored, key=lambda r: next((m.tuned or 0.0 for m in r.metrics if m.name == entry.name), 0.0))
+        value = next((m.tuned for m in rival.metrics if m.name == entry.name), None)
+        if rival is not leader and value is not None and value > entry.tuned:
+            said.append(f"On {entry.name} {rival.run_id} scores higher ({value:.2f} vs {entry.tuned:.2f}).")
+    return said
 
 
 def _or_inf(value: float | None) -> float:
     return float("inf") if value is None else value
 
 
-def _run(run: RunConfig, row: Row) -> ReportRun:
+def _run(run: RunConfig, row: Row, scores: stats.Scores | None = None) -> ReportRun:
     paths = RunPaths.of(run)
     events = row.events
     ledger = ledgers.build(events, active=row.status.state.active)
@@ -119,6 +259,7 @@ def _run(run: RunConfig, row: Row) -> ReportRun:
         eval_curve=sorted(evals.items()),
         environment=_environment(paths),
         answers=_answers(paths),
+        intervals=_intervals(summary, scores),
     )
 
 
@@ -213,10 +354,6 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _value(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _gpu_hours(run: ReportRun, hours: float) -> str:
     return f"{hours:.3f}" if run.gpus else "– (CPU)"
 
@@ -224,6 +361,13 @@ def _gpu_hours(run: ReportRun, hours: float) -> str:
 def _gpu_time(run: ReportRun, hours: float, seconds: float) -> str:
     """GPU-hours and wall time (a CPU run: the wall time alone)."""
     return f"{hours:.3f} h ({_duration(seconds)})" if run.gpus else f"{_duration(seconds)} (CPU)"
+
+
+def rank_cell(document: ReportDocument, run: ReportRun) -> str:
+    """"★ best" only for a lead the numbers support; a lead within noise says so."""
+    if not run.best:
+        return str(run.rank)
+    return "1 (within noise)" if lead_within_noise(document) else "★ best"
 
 
 def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
@@ -238,13 +382,13 @@ def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
     rows = []
     for run in document.runs:
         state = run.state + ("" if run.infer_state in ("unknown", "completed") else f" (inference {run.infer_state})")
-        row = ["★ best" if run.best else str(run.rank), run.run_id, *(_value(run.overrides.get(k)) for k in document.varying_keys),
+        row = [rank_cell(document, run), run.run_id, *(format_value(run.overrides.get(k)) for k in document.varying_keys),
                state, f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step),
                _number(run.final_loss), _number(run.best_loss)]  # fmt: skip
         if "eval loss" in header:
             row.append(_number(run.eval_loss))
         if headline:
-            row.append(_metric_cell(run.metric))
+            row.append(_metric_cell(run.metric, _headline_interval(run)))
         row += [
             "–" if run.tokens_per_second is None else f"{run.tokens_per_second:,.0f}",
             _duration(run.wall_seconds),
@@ -257,11 +401,43 @@ def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _metric_cell(metric: Metric | None) -> str:
+def _metric_cell(metric: Metric | shapes.MetricInterval | None, interval: shapes.MetricInterval | None = None) -> str:
+    """base → tuned, and the tuned score's 95% interval where there is one."""
     if metric is None or metric.tuned is None:
         return "–"
     base = "–" if metric.base is None else f"{metric.base:.2f}"
-    return f"{base} → {metric.tuned:.2f}"
+    span = f" ({interval.tuned_low:.2f}–{interval.tuned_high:.2f})" if interval and interval.tuned_low is not None else ""
+    return f"{base} → {metric.tuned:.2f}{span}"
+
+
+def metric_names(document: ReportDocument) -> list[str]:
+    """Every configured metric any run has, headline first."""
+    names: list[str] = []
+    for run in document.runs:
+        for metric in [*run.metrics, *run.intervals]:
+            if metric.name not in names:
+                names.append(metric.name)
+    return names
+
+
+def metrics_table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
+    """Every metric of every run: base → tuned (95% interval of tuned), n. Empty when none."""
+    names = metric_names(document)
+    runs = [run for run in document.runs if run.metrics or run.intervals]
+    if not names or not runs:
+        return [], []
+    header = ["", "run", *document.varying_keys, *(f"{name} base → tuned (95%)" for name in names), "n"]
+    rows = []
+    for run in runs:
+        row = [rank_cell(document, run), run.run_id, *(format_value(run.overrides.get(k)) for k in document.varying_keys)]
+        n = None
+        for name in names:
+            interval = next((i for i in run.intervals if i.name == name), None)
+            metric = next((m for m in run.metrics if m.name == name), None) or interval
+            row.append(_metric_cell(metric, interval))
+            n = n or (interval.n if interval else metric.n if metric else None)
+        rows.append([*row, "–" if n is None else str(n)])
+    return header, rows
 
 
 def markdown(document: ReportDocument) -> str:
@@ -270,17 +446,21 @@ def markdown(document: ReportDocument) -> str:
     def line(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
+    top = "top run" if lead_within_noise(document) else "best run"
     parts = [
         f"# {document.experiment}: {len(document.runs)} runs ({document.backend})",
         "",
-        f"Ranked by {document.ranked_by}; best run: **{document.best_run or '–'}**. "
+        f"Ranked by {document.ranked_by}; {top}: **{document.best_run or '–'}**. "
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(document.generated_at))}.",
         "",
-        line(header),
-        line(["---"] * len(header)),
-        *(line(row) for row in rows),
-        "",
     ]
+    if document.verdict:
+        parts += [f"**Verdict.** {document.verdict}", ""]
+    parts += [line(header), line(["---"] * len(header)), *(line(row) for row in rows), ""]
+    metric_header, metric_rows = metrics_table(document)
+    if metric_rows:
+        parts += ["## Held-out metrics", "", METRICS_EXPLAINED, "",
+                  line(metric_header), line(["---"] * len(metric_header)), *(line(row) for row in metric_rows), ""]  # fmt: skip
     ledger_lines = _ledger_lines(document)
     if ledger_lines:
         parts += ["## Restarts", "", *ledger_lines, ""]
@@ -317,15 +497,21 @@ def html(document: ReportDocument, images: dict[str, Path]) -> str:
     import jinja2
 
     header, rows = table(document)
+    metric_header, metric_rows = metrics_table(document)
     inline = {name: base64.b64encode(Path(path).read_bytes()).decode("ascii") for name, path in images.items()}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
-    short = {key: key.rsplit(".", 1)[-1] for key in document.varying_keys}  # full key in a tooltip
+    short = {key: key for key in document.varying_keys}  # the dotted key: `r` alone says little
     return env.get_template("report.html.j2").render(
         doc=document,
         header=header,
         short=short,
         rows=rows,
+        metric_header=metric_header,
+        metric_rows=metric_rows,
+        metrics_explained=METRICS_EXPLAINED,
+        top="top run" if lead_within_noise(document) else "best run",
+        rank_cell=rank_cell,
         images=inline,
         attempt_text=attempt_text,
         listed=[run for run in document.runs if interrupted(run)],
@@ -374,11 +560,16 @@ def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 def print_summary(console, document: ReportDocument) -> None:
     """What `qlaunch report` says on the terminal: the winner and where the files are."""
+    from rich.markup import escape
+
     best = next((r for r in document.runs if r.best), None)
     if best is not None:
-        values = " ".join(f"{k}={_value(v)}" for k, v in best.overrides.items())
-        what = _metric_cell(best.metric) if best.metric else f"final loss {_number(best.final_loss)}"
-        console.print(f"best run: [bold]{best.run_id}[/] {values} ({document.ranked_by}: {what})")
+        values = " ".join(f"{k}={format_value(v)}" for k, v in best.overrides.items())
+        what = _metric_cell(best.metric, _headline_interval(best)) if best.metric else f"final loss {_number(best.final_loss)}"
+        top = "top run (lead within noise)" if lead_within_noise(document) else "best run"
+        console.print(f"{top}: [bold]{best.run_id}[/] {escape(values)} ({document.ranked_by}: {what})")
+    if document.verdict:
+        console.print(escape(document.verdict))
     lost = sum(r.lost_seconds for r in document.runs)
     redone = sum(r.steps_redone for r in document.runs)
     restarts = sum(r.restarts for r in document.runs)
