@@ -495,13 +495,15 @@ def attempt_text(attempt: AttemptRecord) -> str:
 
 def html(document: ReportDocument, images: dict[str, Path]) -> str:
     import jinja2
+    import markupsafe
 
     header, rows = table(document)
     metric_header, metric_rows = metrics_table(document)
     inline = {name: base64.b64encode(Path(path).read_bytes()).decode("ascii") for name, path in images.items()}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
-    short = {key: key for key in document.varying_keys}  # the dotted key: `r` alone says little
+    # The whole dotted key (`r` alone says little), free to break after a dot in a narrow header.
+    short = {key: markupsafe.Markup(".<wbr>").join(key.split(".")) for key in document.varying_keys}
     return env.get_template("report.html.j2").render(
         doc=document,
         header=header,

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -166,8 +167,8 @@ def _cells(plan: Plan, rows: list[Row]) -> dict[str, list]:
         columns["elapsed"].append(_duration(progress.elapsed))
         columns["eta"].append(_duration(progress.eta()) if status.state == State.RUNNING else "–")
         columns["restarts"].append(str(max(progress.restarts, status.restarts or 0)))
-        if status.detail == NOT_STARTED and status.infer_state == State.UNKNOWN:
-            infer = Text("–")
+        if status.infer_state == State.UNKNOWN and status.state != State.COMPLETED:
+            infer = Text("–")  # no inference job yet: training has not finished
         else:
             infer = Text(status.infer_state.value, style=STATE_STYLE[status.infer_state])
         if status.infer_detail:
@@ -192,20 +193,21 @@ def build_table(plan: Plan, rows: list[Row], backend_name: str, width: int | Non
     keys = set(plan.varying_keys)
     title = f"{plan.experiment.name} · {backend_name} · {len(rows)} runs · {time.strftime('%H:%M:%S')}"
     headers = {name: name for name in columns}
-    table = _table(title, columns, headers, keys)
     hidden: list[str] = []
-    if width is not None and not _fits(table, columns, headers, keys, width):
+    widths = _allocate(columns, headers, keys, width) if width is not None else {}
+    if widths is None:
         headers = {name: _two_lines(name) if name in keys else name for name in columns}
-        table = _table(title, columns, headers, keys)
         droppable = [*_DROP_ORDER]
         droppable += [name for name in columns if name not in droppable and name not in ("run", "state")
                       and name not in keys]  # fmt: skip
         droppable += list(reversed(plan.varying_keys))
-        while droppable and not _fits(table, columns, headers, keys, width):
+        widths = _allocate(columns, headers, keys, width)
+        while widths is None and droppable:
             name = droppable.pop(0)
             if columns.pop(name, None) is not None:
                 hidden.append(name)
-            table = _table(title, columns, headers, keys)
+            widths = _allocate(columns, headers, keys, width)
+    table = _table(title, columns, headers, keys, widths or {})
     captions = []
     if hidden:
         hidden_keys = [name for name in hidden if name in keys]
@@ -224,18 +226,21 @@ def build_table(plan: Plan, rows: list[Row], backend_name: str, width: int | Non
     return table
 
 
-def _table(title: str, columns: dict[str, list], headers: dict[str, str], keys: set[str]) -> Table:
+def _table(title: str, columns: dict[str, list], headers: dict[str, str], keys: set[str],
+           widths: dict[str, int]) -> Table:  # fmt: skip
+    """The rich table; `widths` fixes the wrapping columns (grid keys, state) where they must
+    be narrower than their longest cell."""
     table = Table(title=title, title_justify="left", header_style="bold")
     for name in columns:
         header = headers.get(name, name)
         if name == "run":
-            table.add_column(name, no_wrap=True, min_width=max([len(name), *map(len, columns[name])]))
+            table.add_column(name, no_wrap=True)
         elif name == "state":
             # The state word never shrinks; a long detail after it wraps instead of being cut.
-            table.add_column(name, overflow="fold", min_width=_min_width(name, columns[name], name))
+            table.add_column(name, overflow="fold", width=widths.get(name))
         elif name in keys:
             # A grid value wraps between list items, never inside a word.
-            table.add_column(header, justify="right", overflow="fold", min_width=_min_width(header, columns[name], name))
+            table.add_column(header, justify="right", overflow="fold", width=widths.get(name))
         else:
             table.add_column(header, justify="left" if name == "infer" else "right", no_wrap=True)
     for cells in zip(*columns.values()):
@@ -253,31 +258,36 @@ def _min_width(header: str, cells: list, name: str) -> int:
     for cell in cells:
         text = _plain(cell)
         words += [_state_word(text)] if name == "state" else text.split()
-    return max(map(len, words), default=1)
+    return max(map(cell_len, words), default=1)
+
+
+def _natural_width(header: str, cells: list) -> int:
+    return max(cell_len(line) for text in [header, *map(_plain, cells)] for line in text.split("\n"))
 
 
 def _state_word(cell: str) -> str:
     return NOT_STARTED if cell.startswith(NOT_STARTED) else cell.split(" ", 1)[0]
 
 
-def _fits(table: Table, columns: dict[str, list], headers: dict[str, str], keys: set[str], width: int) -> bool:
-    """Does the table print at this width with every cell whole? rich squeezes a table that is
-    too wide (wrappable columns first, then all of them evenly, down to nothing), so ask it for
-    the widths it would use and compare them with each column's narrowest whole width."""
-    console = Console(width=width, file=io.StringIO(), color_system=None)
-    try:
-        widths = table._calculate_column_widths(console, console.options)  # rich's own layout
-    except AttributeError:  # another rich: judge by the rendered text alone
-        return not _cuts_a_cell(table, width)
-    for index, (name, got) in enumerate(zip(columns, widths)):
-        header = headers.get(name, name)
-        if name in keys or name == "state":
-            need = _min_width(header, columns[name], name)
-        else:
-            need = max(len(line) for text in [header, *map(_plain, columns[name])] for line in text.split("\n"))
-        if got - table._get_padding_width(index) < need:
-            return False
-    return not _cuts_a_cell(table, width)
+def _allocate(columns: dict[str, list], headers: dict[str, str], keys: set[str], width: int) -> dict[str, int] | None:
+    """Widths that print every cell whole within `width` (None: impossible): the columns that
+    may wrap (grid keys, state) give up room, the widest first, down to their longest word; the
+    others keep their full width. Fixed here rather than left to rich, which squeezes an
+    over-wide table evenly, down to nothing."""
+    natural = {name: _natural_width(headers.get(name, name), cells) for name, cells in columns.items()}
+    wrapping = [name for name in columns if name in keys or name == "state"]
+    least = {name: _min_width(headers.get(name, name), columns[name], name) if name in wrapping else natural[name]
+             for name in columns}  # fmt: skip
+    room = width - (len(columns) + 1) - 2 * len(columns)  # borders, and one space either side of a cell
+    if sum(least.values()) > room:
+        return None
+    widths = dict(natural)
+    excess = sum(widths.values()) - room
+    while excess > 0:
+        name = max((n for n in wrapping if widths[n] > least[n]), key=lambda n: widths[n])
+        widths[name] -= 1
+        excess -= 1
+    return {name: widths[name] for name in wrapping if widths[name] < natural[name]}
 
 
 def _cuts_a_cell(table: Table, width: int) -> bool:
