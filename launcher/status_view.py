@@ -266,7 +266,7 @@ def _natural_width(header: str, cells: list) -> int:
 
 
 def _state_word(cell: str) -> str:
-    return NOT_STARTED if cell.startswith(NOT_STARTED) else cell.split(" ", 1)[0]
+    return cell.split(" ", 1)[0]  # "not started" may go over two lines on a narrow terminal
 
 
 def _allocate(columns: dict[str, list], headers: dict[str, str], keys: set[str], width: int) -> dict[str, int] | None:

@@ -101,14 +101,14 @@ def test_status_at_80_columns_keeps_every_grid_key_or_names_what_it_hid(grid24, 
     assert {(r.state, r.detail) for r in never} == {("unknown", "not started")}  # the JSON state is unchanged
 
 
-def test_a_dead_local_run_says_that_run_starts_it_again(tmp_path):
+def test_a_dead_local_run_says_that_run_resumes_it(tmp_path):
     path = rr.experiment(tmp_path / "exp", {"train.learning_rate": [1e-4, 2e-4]})
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer runs: the trainer died without qlaunch noticing
     run = rr.runs(path)[0]
     rr.running(run, step=3, total=10, loss=1.25, pid=gone.pid)
     text = qlaunch("status", str(path), home=tmp_path / "home", COLUMNS="200").stdout
-    assert "failed (process gone; `qlaunch run` starts it again from its last checkpoint)" in " ".join(text.split()), text
+    assert "failed (process gone; `qlaunch run` resumes it)" in " ".join(text.split()), text
 
 
 def read_until(fd: int, count: int, marker: bytes, limit: float = 120.0) -> bytes:

@@ -254,7 +254,7 @@ class LocalBackend(Backend):
             # "process gone": it died with no exit recorded (qlaunch killed, the machine rebooted).
             status.detail = (
                 f"exit {local.get('returncode')}" if "returncode" in local
-                else "process gone; `qlaunch run` starts it again from its last checkpoint"
+                else "process gone; `qlaunch run` resumes it"
             )
         return status
 
