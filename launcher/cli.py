@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--watch", "-w", action="store_true", help="refresh until every run has ended")
     command.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
     command.add_argument("--wide", action="store_true",
-                         help="every column, however wide (a narrow terminal otherwise hides some and says which)")
+                         help="every column, however wide (a narrow terminal otherwise hides some and says which; "
+                              "a live --watch on a terminal always fits it)")
     command.add_argument("--check-hub", action="store_true",
                          help="ask the hub whether the pinned revisions have moved on (changes nothing)")
     json_option(command)

@@ -167,8 +167,8 @@ def _cells(plan: Plan, rows: list[Row]) -> dict[str, list]:
         columns["elapsed"].append(_duration(progress.elapsed))
         columns["eta"].append(_duration(progress.eta()) if status.state == State.RUNNING else "–")
         columns["restarts"].append(str(max(progress.restarts, status.restarts or 0)))
-        if status.infer_state == State.UNKNOWN and status.state != State.COMPLETED:
-            infer = Text("–")  # no inference job yet: training has not finished
+        if status.infer_state == State.UNKNOWN:
+            infer = Text("–")  # no inference job (yet): "unknown" would say nothing more
         else:
             infer = Text(status.infer_state.value, style=STATE_STYLE[status.infer_state])
         if status.infer_detail:
