@@ -144,6 +144,18 @@ def lead_within_noise(document: ReportDocument) -> bool:
                 and first.tuned_low <= second.tuned_high)  # fmt: skip
 
 
+def crowned(document: ReportDocument) -> bool:
+    """Does the top run earn its ★? Only on an inference metric, by a lead the numbers support
+    (a final training loss is one batch's loss: it ranks, it does not crown)."""
+    return document.ranked_by != "final_loss" and not lead_within_noise(document)
+
+
+def top_label(document: ReportDocument) -> str:
+    if crowned(document):
+        return "best run"
+    return "lowest final loss" if document.ranked_by == "final_loss" else "top run (lead within noise)"
+
+
 def _headline_interval(run: ReportRun) -> shapes.MetricInterval | None:
     return next((i for i in run.intervals if run.metric and i.name == run.metric.name), None)
 
@@ -367,7 +379,9 @@ def rank_cell(document: ReportDocument, run: ReportRun) -> str:
     """"★ best" only for a lead the numbers support; a lead within noise says so."""
     if not run.best:
         return str(run.rank)
-    return "1 (within noise)" if lead_within_noise(document) else "★ best"
+    if crowned(document):
+        return "★ best"
+    return "1 (lowest loss)" if document.ranked_by == "final_loss" else "1 (within noise)"
 
 
 def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
@@ -446,7 +460,7 @@ def markdown(document: ReportDocument) -> str:
     def line(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    top = "top run" if lead_within_noise(document) else "best run"
+    top = top_label(document)
     parts = [
         f"# {document.experiment}: {len(document.runs)} runs ({document.backend})",
         "",
@@ -512,7 +526,7 @@ def html(document: ReportDocument, images: dict[str, Path]) -> str:
         metric_header=metric_header,
         metric_rows=metric_rows,
         metrics_explained=METRICS_EXPLAINED,
-        top="top run" if lead_within_noise(document) else "best run",
+        top=top_label(document),
         rank_cell=rank_cell,
         images=inline,
         attempt_text=attempt_text,
@@ -568,7 +582,7 @@ def print_summary(console, document: ReportDocument) -> None:
     if best is not None:
         values = " ".join(f"{k}={format_value(v)}" for k, v in best.overrides.items())
         what = _metric_cell(best.metric, _headline_interval(best)) if best.metric else f"final loss {_number(best.final_loss)}"
-        top = "top run (lead within noise)" if lead_within_noise(document) else "best run"
+        top = top_label(document)
         console.print(f"{top}: [bold]{best.run_id}[/] {escape(values)} ({document.ranked_by}: {what})")
     if document.verdict:
         console.print(escape(document.verdict))

@@ -27,9 +27,9 @@ def label(run: ReportRun, crown: bool = True) -> str:
 
 
 def _crown(document: ReportDocument) -> bool:
-    from .report import lead_within_noise  # the report's own rule, not a second one
+    from .report import crowned  # the report's own rule, not a second one
 
-    return not lead_within_noise(document)
+    return crowned(document)
 
 
 def draw_all(document: ReportDocument, out: Path) -> dict[str, Path]:

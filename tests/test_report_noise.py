@@ -130,3 +130,18 @@ def test_report_and_status_print_on_a_terminal_that_is_not_utf8(tmp_path):
         assert "0.00 -> 0.75" in result.stdout, result.stdout
         result.stdout.encode("ascii")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["comparison"]["within_noise"] is True
+
+
+def test_a_grid_ranked_by_training_loss_crowns_nobody(tmp_path):
+    """Before inference has scored anything the runs are ranked by final training loss, one
+    batch's loss: the top row says so instead of "★ best"."""
+    path = rr.experiment(tmp_path, {"train.learning_rate": [1e-4, 2e-4]})
+    first, second = rr.runs(path)
+    rr.trained(first, [1.3, 1.0, 0.97])
+    rr.trained(second, [1.2, 0.9, 0.86])
+    result = qlaunch("report", str(path), "-o", str(tmp_path / "out"), home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    assert f"lowest final loss: {second.run_id}" in result.stdout and "best run" not in result.stdout
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert f"| 1 (lowest loss) | {second.run_id} |" in markdown and "★" not in markdown
+    assert "No inference metrics yet" in markdown
