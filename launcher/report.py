@@ -120,6 +120,10 @@ def _comparison(runs: list[ReportRun] | bool, scores: dict[str, stats.Scores | N
 
 def _paired_sentence(leader: str, other: str, name: str, result: stats.Paired) -> str:
     differ = result.leader_only + result.other_only
+    if differ == 0:
+        return (f"No clear winner on {name}: {leader} and {other} score the same on every one of the {result.n} "
+                f"held-out examples both answered ({result.leader_mean:.2f}); {leader} is ranked first only for "
+                "its lower final training loss.")  # fmt: skip
     split = (f"of the {result.n} held-out examples both answered they score differently on {differ} "
              f"({result.leader_only} for {leader}, {result.other_only} for {other})")  # fmt: skip
     if result.within_noise:

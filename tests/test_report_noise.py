@@ -145,3 +145,13 @@ def test_a_grid_ranked_by_training_loss_crowns_nobody(tmp_path):
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert f"| 1 (lowest loss) | {second.run_id} |" in markdown and "★" not in markdown
     assert "No inference metrics yet" in markdown
+
+
+def test_runs_that_answer_alike_are_a_tie_said_as_one(tmp_path):
+    path, leader, other = grid(tmp_path, set(range(20)), set(range(20)), leader_eval=0.9, other_eval=0.9)
+    result = qlaunch("report", str(path), "-o", str(tmp_path / "out"), "--json", home=tmp_path / "home")
+    document = ReportDocument.model_validate_json(result.stdout)
+    assert document.comparison.within_noise and document.comparison.p_value == 1.0
+    first, second = (r.run_id for r in document.runs)  # equal scores: the lower final loss ranks first
+    assert document.verdict.startswith(f"No clear winner on json_match: {first} and {second} score the same on "
+                                       "every one of the 40 held-out examples both answered (0.50)")  # fmt: skip
