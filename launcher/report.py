@@ -132,7 +132,11 @@ def _paired_sentence(leader: str, other: str, name: str, result: stats.Paired) -
                 f"with p = {result.p_value:.2f} (McNemar's exact test), so the lead is within sampling noise. "
                 f"More held-out examples (inference.eval_file) would tell them apart.")  # fmt: skip
     return (f"{leader} is best on {name}: {result.leader_mean:.2f} vs {result.other_mean:.2f} for the runner-up "
-            f"{other}; {split}, p = {result.p_value:.3f} (McNemar's exact test).")  # fmt: skip
+            f"{other}; {split}, {_p(result.p_value)} (McNemar's exact test).")  # fmt: skip
+
+
+def _p(value: float) -> str:
+    return "p < 0.001" if value < 0.001 else f"p = {value:.3f}"
 
 
 def lead_within_noise(document: ReportDocument) -> bool:
