@@ -27,7 +27,7 @@ def label(run: ReportRun, crown: bool = True) -> str:
 
 
 def _crown(document: ReportDocument) -> bool:
-    from .report import crowned  # the report's own rule, not a second one
+    from .report_verdict import crowned  # the report's own rule, not a second one
 
     return crowned(document)
 
