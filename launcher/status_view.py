@@ -194,20 +194,37 @@ def build_table(plan: Plan, rows: list[Row], backend_name: str, width: int | Non
     title = f"{plan.experiment.name} · {backend_name} · {len(rows)} runs · {time.strftime('%H:%M:%S')}"
     headers = {name: name for name in columns}
     hidden: list[str] = []
-    widths = _allocate(columns, headers, keys, width) if width is not None else {}
-    if widths is None:
+    if width is None:
+        return _captioned(_table(title, columns, headers, keys, {}), plan, hidden, width)
+
+    def fitted() -> Table | None:
+        widths = _allocate(columns, headers, keys, width)
+        if widths is None:
+            return None
+        table = _table(title, columns, headers, keys, widths)
+        return None if _cuts_a_cell(table, width) else table  # the allocation, checked on the rendering
+
+    table = fitted()
+    if table is None:
         headers = {name: _two_lines(name) if name in keys else name for name in columns}
         droppable = [*_DROP_ORDER]
         droppable += [name for name in columns if name not in droppable and name not in ("run", "state")
                       and name not in keys]  # fmt: skip
         droppable += list(reversed(plan.varying_keys))
-        widths = _allocate(columns, headers, keys, width)
-        while widths is None and droppable:
+        table = fitted()
+        while table is None and droppable:
             name = droppable.pop(0)
             if columns.pop(name, None) is not None:
                 hidden.append(name)
-            widths = _allocate(columns, headers, keys, width)
-    table = _table(title, columns, headers, keys, widths or {})
+            table = fitted()
+    if table is None:  # nothing left to drop: run id and state, wrapped as rich can
+        table = _table(title, columns, headers, keys, {})
+    return _captioned(table, plan, hidden, width)
+
+
+def _captioned(table: Table, plan: Plan, hidden: list[str], width: int | None) -> Table:
+    """Under the table: what a narrow terminal hid, and versions that make runs not comparable."""
+    keys = set(plan.varying_keys)
     captions = []
     if hidden:
         hidden_keys = [name for name in hidden if name in keys]
