@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import run_index, runner
 from .backends import Submission, canonical, get_backend
@@ -25,7 +26,7 @@ from .errors import QlaunchError
 from .grid import Plan, plan
 from .importers import command as import_command
 from .input_checks import refuse_bad_inputs
-from .status_view import output_width, plain_streams
+from .status_view import format_value, output_width, plain_streams
 
 console = Console(highlight=False, width=output_width())  # a pipe gets whole tables
 err_console = Console(stderr=True, highlight=False)
@@ -63,7 +64,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.add_column(key, justify="right")
     table.add_column("folder")
     for run in p.runs:
-        table.add_row(run.run_id, *(str(run.overrides[k]) for k in p.varying_keys), run.run_dir)
+        table.add_row(run.run_id, *(Text(format_value(run.overrides[k])) for k in p.varying_keys), run.run_dir)
     console.print(table)
     from . import time_estimate
 

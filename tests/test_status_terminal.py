@@ -96,6 +96,9 @@ def test_status_at_80_columns_keeps_every_grid_key_or_names_what_it_hid(grid24, 
     piped = qlaunch("status", str(path), home=tmp_path / "home").stdout  # a pipe: the whole table
     assert "hidden" not in piped and all(key in piped for key in GRID) and "[q_proj, k_proj, v_proj, o_proj]" in piped
 
+    planned = qlaunch("plan", str(path), home=tmp_path / "home", COLUMNS="200").stdout  # the plan table too
+    assert "[q_proj, k_proj, v_proj, o_proj]" in planned and "'q_proj'" not in planned
+
     document = StatusDocument.model_validate_json(qlaunch("status", str(path), "--json", home=tmp_path / "home").stdout)
     never = [r for r in document.runs if r.run_id in {run.run_id for run in runs[10:]}]
     assert {(r.state, r.detail) for r in never} == {("unknown", "not started")}  # the JSON state is unchanged
