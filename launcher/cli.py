@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import cli_extras, hints, run_index, runner
 from .backends import Submission, canonical, get_backend
@@ -25,7 +26,7 @@ from .errors import QlaunchError
 from .grid import Plan, plan
 from .importers import command as import_command
 from .input_checks import refuse_bad_inputs
-from .status_view import output_width
+from .status_view import format_value, output_width, plain_streams
 
 console = Console(highlight=False, width=output_width())  # a pipe gets whole tables
 err_console = Console(stderr=True, highlight=False)
@@ -63,7 +64,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         table.add_column(key, justify="right")
     table.add_column("folder")
     for run in p.runs:
-        table.add_row(run.run_id, *(str(run.overrides[k]) for k in p.varying_keys), run.run_dir)
+        table.add_row(run.run_id, *(Text(format_value(run.overrides[k])) for k in p.varying_keys), run.run_dir)
     console.print(table)
     from . import time_estimate
 
@@ -169,12 +170,13 @@ def _prefetch(p: Plan) -> Plan:
 
 def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
     """A backend that runs the jobs in this process: a live table while they run."""
-    from .status_view import build_table, collect
+    from .status_view import ProgressLines, build_table, collect, print_progress
 
     def table():
         return build_table(p, collect(p, backend), backend.name, width=console.width)
 
-    interactive = console.is_terminal
+    interactive = console.is_interactive  # a pipe, a file, TERM=dumb: plain progress lines instead
+    progress_lines = ProgressLines()
     with Live(table(), console=console, refresh_per_second=2, auto_refresh=False,
               transient=False, redirect_stdout=False) as live:  # fmt: skip
         last = [0.0]
@@ -183,6 +185,8 @@ def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
             if interactive and time.monotonic() - last[0] > 1.0:
                 live.update(table(), refresh=True)
                 last[0] = time.monotonic()
+            elif not interactive and progress_lines.due():
+                print_progress(live.console, progress_lines(collect(p, backend)))
 
         def on_event(message: str):
             live.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(message)}")
@@ -241,7 +245,7 @@ def _note_submitted_elsewhere(args: argparse.Namespace, p: Plan, name: str) -> N
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status_view import build_table, collect, status_document
+    from .status_view import PIPE_WIDTH, build_table, collect, print_plain_refresh, status_document
 
     p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
@@ -255,10 +259,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         for line in hub_check_lines(p):
             console.print(escape(line))
+    out = Console(highlight=False, width=PIPE_WIDTH) if args.wide else console  # --wide: every column
+    width = None if args.wide else console.width
     if not args.watch:
-        console.print(build_table(p, collect(p, backend), name, width=console.width))
+        out.print(build_table(p, collect(p, backend), name, width=width))
         return 0
     try:
+        if not console.is_interactive:  # a pipe, a file, TERM=dumb: one whole table per refresh
+            runner.watch(p, backend, lambda rows: print_plain_refresh(out, build_table(p, rows, name, width=width)),
+                         args.interval)  # fmt: skip
+            return 0
         with Live(build_table(p, collect(p, backend), name, width=console.width), console=console,
                   auto_refresh=False) as live:  # fmt: skip
             runner.watch(p, backend, lambda rows: live.update(build_table(p, rows, name, width=console.width),
@@ -443,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     backend_option(command)
     command.add_argument("--watch", "-w", action="store_true", help="refresh until every run has ended")
     command.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    command.add_argument("--wide", action="store_true",
+                         help="every column, however wide (a narrow terminal otherwise hides some and says which; "
+                              "a live --watch on a terminal always fits it)")
     command.add_argument("--check-hub", action="store_true",
                          help="ask the hub whether the pinned revisions have moved on (changes nothing)")
     json_option(command)
@@ -483,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    plain_streams()  # a non-UTF-8 terminal: ASCII arrows, not a UnicodeEncodeError
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -116,6 +116,37 @@ class Environment(_Shape):
     data: dict[str, Any]
 
 
+class MetricInterval(_Shape):
+    """A metric's mean over the held-out examples with its 95% Wilson score interval (from the
+    per-example scores of inference/results.jsonl; launcher.report_stats)."""
+
+    name: str
+    n: int
+    base: float | None = None
+    base_low: float | None = None
+    base_high: float | None = None
+    tuned: float | None = None
+    tuned_low: float | None = None
+    tuned_high: float | None = None
+
+
+class Comparison(_Shape):
+    """The top-ranked run against the runner-up on the ranking metric, paired on the held-out
+    examples both answered: the exact sign test (McNemar's exact test for 0/1 scores)."""
+
+    metric: str
+    leader: str  # run id ranked first
+    runner_up: str  # run id ranked second
+    n: int  # examples both runs answered
+    leader_score: float  # mean over those n
+    runner_up_score: float
+    leader_only: int  # examples the leader scored higher on
+    runner_up_only: int  # examples the runner-up scored higher on
+    p_value: float  # two-sided; the lead is within noise when p >= 0.05
+    within_noise: bool
+    statement: str  # the plain sentence report.md/.html print
+
+
 class ReportRun(_Shape):
     rank: int  # 1 = best by the document's ranked_by
     best: bool
@@ -143,6 +174,7 @@ class ReportRun(_Shape):
     eval_curve: list[tuple[int, float]]  # (step, eval loss)
     environment: list[Environment]
     answers: list[Answer]  # the first few of inference/results.jsonl
+    intervals: list[MetricInterval] = []  # every configured metric, where results.jsonl is readable
 
 
 class ReportDocument(_Shape):
@@ -152,9 +184,11 @@ class ReportDocument(_Shape):
     backend: str
     generated_at: float
     ranked_by: str  # "<metric> (tuned)" or "final_loss"
-    best_run: str | None
+    best_run: str | None  # the top of the ranking (see comparison for whether its lead is real)
     varying_keys: list[str]
     notes: list[str]  # what the report could not read, and why
+    verdict: str = ""  # the plain-language summary: winner, or a lead within noise, and loss
+    comparison: Comparison | None = None  # None: fewer than two runs with per-example scores
     files: dict[str, str]  # report.html, report.md, report.json, PNGs → path
     runs: list[ReportRun]
 

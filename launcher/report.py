@@ -18,14 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from . import ledger as ledgers
+from . import report_stats as stats
 from .backends.base import Backend
 from .config import RunConfig
 from .grid import Plan
-from .json_output import Answer, AttemptRecord, Environment, Metric, ReportDocument, ReportRun
-from .status_view import Row, collect
+from .json_output import Answer, AttemptRecord, Environment, Metric, MetricInterval, ReportDocument, ReportRun
+from .report_verdict import comparison as compare_top_two
+from .report_verdict import crowned, headline_interval, intervals, top_label, verdict
+from .status_view import Row, collect, format_value
 from .storage import RunPaths, atomic_write_text, read_json
 
 ANSWERS_SHOWN = 4
+METRICS_EXPLAINED = (
+    "Mean score over the held-out examples (inference.eval_file), base model → fine-tuned; in parentheses "
+    "the 95% Wilson interval of the fine-tuned score. Overlapping intervals mean the runs are not told "
+    "apart by these examples; the verdict above compares the top two runs example by example."
+)
 ENVIRONMENT_FILES = ("attempts/*/environment.json", "environment.json")
 
 
@@ -38,7 +46,9 @@ def default_output(plan: Plan, backend_name: str) -> Path:
 # ---- collecting ------------------------------------------------------------------------------
 def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
     rows = collect(plan, backend)
-    runs = [_run(run, row) for run, row in zip(plan.runs, rows)]
+    scores = {run.run_id: stats.read_scores(RunPaths.of(run).inference / "results.jsonl", run.inference.metric)
+              for run in plan.runs}  # fmt: skip
+    runs = [_run(run, row, scores[run.run_id]) for run, row in zip(plan.runs, rows)]
     with_metric = [r for r in runs if r.metric is not None and r.metric.tuned is not None]
     if with_metric:
         ranked_by = f"{with_metric[0].metric.name} (tuned)"
@@ -51,6 +61,7 @@ def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
         best = runs[0] if runs and runs[0].final_loss is not None else None
     for rank, run in enumerate(runs, 1):
         run.rank, run.best = rank, run is best
+    comparison = compare_top_two(with_metric and runs, scores)
     return ReportDocument(
         experiment=plan.experiment.name,
         backend=backend_name,
@@ -61,6 +72,8 @@ def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
         notes=_notes(plan, backend_name, runs),
         files={},
         runs=runs,
+        verdict=verdict(runs, comparison, bool(with_metric)),
+        comparison=comparison,
     )
 
 
@@ -68,7 +81,7 @@ def _or_inf(value: float | None) -> float:
     return float("inf") if value is None else value
 
 
-def _run(run: RunConfig, row: Row) -> ReportRun:
+def _run(run: RunConfig, row: Row, scores: stats.Scores | None = None) -> ReportRun:
     paths = RunPaths.of(run)
     events = row.events
     ledger = ledgers.build(events, active=row.status.state.active)
@@ -119,6 +132,7 @@ def _run(run: RunConfig, row: Row) -> ReportRun:
         eval_curve=sorted(evals.items()),
         environment=_environment(paths),
         answers=_answers(paths),
+        intervals=intervals(summary, scores),
     )
 
 
@@ -213,10 +227,6 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _value(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _gpu_hours(run: ReportRun, hours: float) -> str:
     return f"{hours:.3f}" if run.gpus else "– (CPU)"
 
@@ -224,6 +234,15 @@ def _gpu_hours(run: ReportRun, hours: float) -> str:
 def _gpu_time(run: ReportRun, hours: float, seconds: float) -> str:
     """GPU-hours and wall time (a CPU run: the wall time alone)."""
     return f"{hours:.3f} h ({_duration(seconds)})" if run.gpus else f"{_duration(seconds)} (CPU)"
+
+
+def rank_cell(document: ReportDocument, run: ReportRun) -> str:
+    """"★ best" only for a lead the numbers support; a lead within noise says so."""
+    if not run.best:
+        return str(run.rank)
+    if crowned(document):
+        return "★ best"
+    return "1 (lowest loss)" if document.ranked_by == "final_loss" else "1 (within noise)"
 
 
 def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
@@ -238,13 +257,13 @@ def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
     rows = []
     for run in document.runs:
         state = run.state + ("" if run.infer_state in ("unknown", "completed") else f" (inference {run.infer_state})")
-        row = ["★ best" if run.best else str(run.rank), run.run_id, *(_value(run.overrides.get(k)) for k in document.varying_keys),
+        row = [rank_cell(document, run), run.run_id, *(format_value(run.overrides.get(k)) for k in document.varying_keys),
                state, f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step),
                _number(run.final_loss), _number(run.best_loss)]  # fmt: skip
         if "eval loss" in header:
             row.append(_number(run.eval_loss))
         if headline:
-            row.append(_metric_cell(run.metric))
+            row.append(_metric_cell(run.metric, headline_interval(run)))
         row += [
             "–" if run.tokens_per_second is None else f"{run.tokens_per_second:,.0f}",
             _duration(run.wall_seconds),
@@ -257,11 +276,43 @@ def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _metric_cell(metric: Metric | None) -> str:
+def _metric_cell(metric: Metric | MetricInterval | None, interval: MetricInterval | None = None) -> str:
+    """base → tuned, and the tuned score's 95% interval where there is one."""
     if metric is None or metric.tuned is None:
         return "–"
     base = "–" if metric.base is None else f"{metric.base:.2f}"
-    return f"{base} → {metric.tuned:.2f}"
+    span = f" ({interval.tuned_low:.2f}–{interval.tuned_high:.2f})" if interval and interval.tuned_low is not None else ""
+    return f"{base} → {metric.tuned:.2f}{span}"
+
+
+def metric_names(document: ReportDocument) -> list[str]:
+    """Every configured metric any run has, headline first."""
+    names: list[str] = []
+    for run in document.runs:
+        for metric in [*run.metrics, *run.intervals]:
+            if metric.name not in names:
+                names.append(metric.name)
+    return names
+
+
+def metrics_table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
+    """Every metric of every run: base → tuned (95% interval of tuned), n. Empty when none."""
+    names = metric_names(document)
+    runs = [run for run in document.runs if run.metrics or run.intervals]
+    if not names or not runs:
+        return [], []
+    header = ["", "run", *document.varying_keys, *(f"{name} base → tuned (95%)" for name in names), "n"]
+    rows = []
+    for run in runs:
+        row = [rank_cell(document, run), run.run_id, *(format_value(run.overrides.get(k)) for k in document.varying_keys)]
+        n = None
+        for name in names:
+            interval = next((i for i in run.intervals if i.name == name), None)
+            metric = next((m for m in run.metrics if m.name == name), None) or interval
+            row.append(_metric_cell(metric, interval))
+            n = n or (interval.n if interval else metric.n if metric else None)
+        rows.append([*row, "–" if n is None else str(n)])
+    return header, rows
 
 
 def markdown(document: ReportDocument) -> str:
@@ -270,17 +321,21 @@ def markdown(document: ReportDocument) -> str:
     def line(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
+    top = top_label(document)
     parts = [
         f"# {document.experiment}: {len(document.runs)} runs ({document.backend})",
         "",
-        f"Ranked by {document.ranked_by}; best run: **{document.best_run or '–'}**. "
+        f"Ranked by {document.ranked_by}; {top}: **{document.best_run or '–'}**. "
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(document.generated_at))}.",
         "",
-        line(header),
-        line(["---"] * len(header)),
-        *(line(row) for row in rows),
-        "",
     ]
+    if document.verdict:
+        parts += [f"**Verdict.** {document.verdict}", ""]
+    parts += [line(header), line(["---"] * len(header)), *(line(row) for row in rows), ""]
+    metric_header, metric_rows = metrics_table(document)
+    if metric_rows:
+        parts += ["## Held-out metrics", "", METRICS_EXPLAINED, "",
+                  line(metric_header), line(["---"] * len(metric_header)), *(line(row) for row in metric_rows), ""]  # fmt: skip
     ledger_lines = _ledger_lines(document)
     if ledger_lines:
         parts += ["## Restarts", "", *ledger_lines, ""]
@@ -315,17 +370,25 @@ def attempt_text(attempt: AttemptRecord) -> str:
 
 def html(document: ReportDocument, images: dict[str, Path]) -> str:
     import jinja2
+    import markupsafe
 
     header, rows = table(document)
+    metric_header, metric_rows = metrics_table(document)
     inline = {name: base64.b64encode(Path(path).read_bytes()).decode("ascii") for name, path in images.items()}
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
-    short = {key: key.rsplit(".", 1)[-1] for key in document.varying_keys}  # full key in a tooltip
+    # The whole dotted key (`r` alone says little), free to break after a dot in a narrow header.
+    short = {key: markupsafe.Markup(".<wbr>").join(key.split(".")) for key in document.varying_keys}
     return env.get_template("report.html.j2").render(
         doc=document,
         header=header,
         short=short,
         rows=rows,
+        metric_header=metric_header,
+        metric_rows=metric_rows,
+        metrics_explained=METRICS_EXPLAINED,
+        top=top_label(document),
+        rank_cell=rank_cell,
         images=inline,
         attempt_text=attempt_text,
         listed=[run for run in document.runs if interrupted(run)],
@@ -374,11 +437,16 @@ def _flatten(data: dict, prefix: str = "") -> list[tuple[str, str]]:
 
 def print_summary(console, document: ReportDocument) -> None:
     """What `qlaunch report` says on the terminal: the winner and where the files are."""
+    from rich.markup import escape
+
     best = next((r for r in document.runs if r.best), None)
     if best is not None:
-        values = " ".join(f"{k}={_value(v)}" for k, v in best.overrides.items())
-        what = _metric_cell(best.metric) if best.metric else f"final loss {_number(best.final_loss)}"
-        console.print(f"best run: [bold]{best.run_id}[/] {values} ({document.ranked_by}: {what})")
+        values = " ".join(f"{k}={format_value(v)}" for k, v in best.overrides.items())
+        what = _metric_cell(best.metric, headline_interval(best)) if best.metric else f"final loss {_number(best.final_loss)}"
+        top = top_label(document)
+        console.print(f"{top}: [bold]{best.run_id}[/] {escape(values)} ({document.ranked_by}: {what})")
+    if document.verdict:
+        console.print(escape(document.verdict))
     lost = sum(r.lost_seconds for r in document.runs)
     redone = sum(r.steps_redone for r in document.runs)
     restarts = sum(r.restarts for r in document.runs)

@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 from .json_output import ReportDocument, ReportRun
+from .status_view import format_value
 
 LOSS_PNG = "loss.png"
 METRIC_PNG = "metric.png"
@@ -19,10 +20,16 @@ def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def label(run: ReportRun) -> str:
-    values = " ".join(f"{key.rsplit('.', 1)[-1]}={value:g}" if isinstance(value, float)
-                      else f"{key.rsplit('.', 1)[-1]}={value}" for key, value in run.overrides.items())  # fmt: skip
-    return f"{'★ ' if run.best else ''}{run.run_id} {values}".strip()
+def label(run: ReportRun, crown: bool = True) -> str:
+    """Run id and grid values; ★ on the best run only where its lead is established."""
+    values = " ".join(f"{key}={format_value(value)}" for key, value in run.overrides.items())
+    return f"{'★ ' if run.best and crown else ''}{run.run_id} {values}".strip()
+
+
+def _crown(document: ReportDocument) -> bool:
+    from .report_verdict import crowned  # the report's own rule, not a second one
+
+    return crowned(document)
 
 
 def draw_all(document: ReportDocument, out: Path) -> dict[str, Path]:
@@ -42,12 +49,13 @@ def loss_curves(document: ReportDocument, path: Path) -> Path:
     figure = Figure(figsize=(9, 4.8), layout="constrained")
     axes = figure.subplots()
     cycle = [c["color"] for c in _colour_cycle()]
+    crown = _crown(document)
     for index, run in enumerate(document.runs):
         colour = cycle[index % len(cycle)]
         if run.loss_curve:
             steps, losses = zip(*run.loss_curve)
             axes.plot(steps, losses, color=colour, linewidth=2.2 if run.best else 1.4,
-                      marker="o" if len(steps) <= 12 else None, markersize=3, label=label(run))  # fmt: skip
+                      marker="o" if len(steps) <= 12 else None, markersize=3, label=label(run, crown))  # fmt: skip
         if run.eval_curve:
             steps, losses = zip(*run.eval_curve)
             axes.plot(steps, losses, color=colour, linestyle="--", marker="s", markersize=4,
@@ -65,27 +73,42 @@ def loss_curves(document: ReportDocument, path: Path) -> Path:
 
 
 def metric_bars(document: ReportDocument, path: Path) -> Path:
-    """Base vs tuned headline metric per run, best run first."""
+    """Base vs tuned per run, one panel per configured metric, best run at the top; the tuned
+    bar carries its 95% interval (where the report has one): bars whose intervals overlap are
+    not told apart by the held-out examples."""
     from matplotlib.figure import Figure
 
     runs = [run for run in document.runs if run.metric is not None]
-    name = runs[0].metric.name
-    figure = Figure(figsize=(9, 0.5 + 0.9 * max(2, len(runs)) * 0.6 + 1.2), layout="constrained")
-    axes = figure.subplots()
+    names = []
+    for run in runs:
+        names += [m.name for m in run.metrics or [run.metric] if m.name not in names]
+    figure = Figure(figsize=(min(5.2 * len(names), 16), 1.7 + 0.55 * max(2, len(runs))), layout="constrained")
+    panels = figure.subplots(1, len(names), sharey=True, squeeze=False)[0]
     positions = list(range(len(runs)))[::-1]  # best at the top
     height = 0.38
-    base = [run.metric.base or 0.0 for run in runs]
-    tuned = [run.metric.tuned or 0.0 for run in runs]
-    bars_base = axes.barh([p + height / 2 for p in positions], base, height, label="base", color="#9aa5b1")
-    bars_tuned = axes.barh([p - height / 2 for p in positions], tuned, height, label="tuned", color="#2f80ed")
-    for bars in (bars_base, bars_tuned):
-        axes.bar_label(bars, fmt="%.2f", padding=3, fontsize=8)
-    axes.set_yticks(positions, [label(run) for run in runs], fontsize=8)
-    axes.set_xlim(0, max(1.0, max(base + tuned) * 1.15))
-    axes.set_xlabel(f"{name} (n = {runs[0].metric.n or '?'} held-out examples)")
-    axes.set_title(f"{document.experiment}: {name}, base vs fine-tuned")
-    axes.grid(True, axis="x", alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    for index, (axes, name) in enumerate(zip(panels, names)):
+        metrics = [next((m for m in run.metrics or [run.metric] if m.name == name), None) for run in runs]
+        intervals = [next((i for i in run.intervals if i.name == name), None) for run in runs]
+        base = [m.base or 0.0 if m else 0.0 for m in metrics]
+        tuned = [m.tuned or 0.0 if m else 0.0 for m in metrics]
+        low = [t - i.tuned_low if i and i.tuned_low is not None else 0.0 for t, i in zip(tuned, intervals)]
+        high = [i.tuned_high - t if i and i.tuned_high is not None else 0.0 for t, i in zip(tuned, intervals)]
+        bars_base = axes.barh([p + height / 2 for p in positions], base, height, label="base", color="#9aa5b1")
+        bars_tuned = axes.barh([p - height / 2 for p in positions], tuned, height, label="tuned (95% interval)",
+                               color="#2f80ed", xerr=[low, high] if any(low + high) else None,
+                               error_kw={"ecolor": "#1f2933", "capsize": 3, "elinewidth": 1})  # fmt: skip
+        axes.bar_label(bars_base, fmt="%.2f", padding=3, fontsize=8)
+        for position, value, above in zip(positions, tuned, high):  # right of the interval's cap
+            axes.text(value + above + 0.02, position - height / 2, f"{value:.2f}", va="center", fontsize=8)
+        axes.set_xlim(0, 1.25)
+        n = next((m.n for m in metrics if m and m.n), None)
+        axes.set_xlabel(f"{name} (n = {n or '?'} held-out examples)")
+        axes.grid(True, axis="x", alpha=0.3)
+        if index == 0:
+            crown = _crown(document)
+            axes.set_yticks(positions, [label(run, crown) for run in runs], fontsize=8)
+            figure.legend(handles=[bars_base, bars_tuned], loc="outside lower center", ncols=2, fontsize=8)
+    figure.suptitle(f"{document.experiment}: base vs fine-tuned, every metric")
     figure.savefig(path, dpi=110)
     return path
 

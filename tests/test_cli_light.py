@@ -76,7 +76,7 @@ def test_render_local_writes_reviewable_commands_and_starts_nothing(experiment, 
 def test_status_of_a_grid_never_started(experiment, tmp_path):
     result = qlaunch("status", str(experiment), env={"QLAUNCH_HOME": str(tmp_path / "home"), "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("unknown") >= 2
+    assert result.stdout.count("not started") >= 2 and "unknown" not in result.stdout  # #33: say what it means
     assert "cli-demo" in result.stdout
 
 

@@ -92,6 +92,8 @@ def test_report_of_a_grid_never_started_says_so_and_imports_no_training_stack(ex
 
 
 def test_a_narrow_terminal_drops_columns_but_never_cuts_run_id_or_state(experiment):
+    """…and never drops one silently: what a width hides is named under the table, the grid
+    keys are the last to go (#33)."""
     p = plan(experiment)
     states = [State.COMPLETED, State.OUT_OF_MEMORY, State.RUNNING, State.REQUEUED]
     rows = []
@@ -100,14 +102,20 @@ def test_a_narrow_terminal_drops_columns_but_never_cuts_run_id_or_state(experime
         progress.inference_summary = {"metric": {"name": "json_match", "base": 0.1, "tuned": 0.85, "n": 40}}
         detail = "stopped after a checkpoint; `qlaunch run` resumes it" if state == State.REQUEUED else ""
         rows.append(Row(run.run_id, run.overrides, RunStatus(state=state, detail=detail), progress))
-    for width in (200, 60, 36):
+    for width in (200, 80, 60, 36):
         console = Console(width=width, file=io.StringIO(), color_system=None)
         console.print(build_table(p, rows, "local", width=width))
         text = console.file.getvalue()
+        table, _, hidden = text.partition("hidden to fit")
         assert "…" not in text, text
+        assert max(map(len, text.splitlines())) <= width, text
         for run, state in zip(p.runs, states):
-            assert run.run_id in text and state.value in text, text
-        assert ("0.10 → 0.85" in text) == (width >= 60), text  # the headline metric outlasts the rest
+            assert run.run_id in table and state.value in table, text
+        assert ("0.10 → 0.85" in table) != ("json_match" in hidden), text
+        for key in p.varying_keys:  # shown for every run, or named as hidden
+            shown = all(any(run.run_id in line and str(run.overrides[key]) in line for line in table.splitlines())
+                        for run in p.runs)  # fmt: skip
+            assert shown != (key in " ".join(hidden.split())), text
 
 
 def test_readme_documents_every_field_of_every_document():
@@ -116,7 +124,8 @@ def test_readme_documents_every_field_of_every_document():
     from launcher import json_output
 
     for model in (*DOCUMENTS.values(), json_output.StatusRun, json_output.ReportRun, json_output.PlanRun,
-                  json_output.AttemptRecord, json_output.Answer, json_output.Environment, json_output.Metric):  # fmt: skip
+                  json_output.AttemptRecord, json_output.Answer, json_output.Environment, json_output.Metric,
+                  json_output.MetricInterval, json_output.Comparison):  # fmt: skip
         for name in model.model_fields:
             assert re.search(rf"\b{name}\b", section), f"README's Machine-readable output lacks {model.__name__}.{name}"
 

@@ -254,8 +254,10 @@ class LocalBackend(Backend):
         if status.state == State.REQUEUED:
             status.detail = "stopped after a checkpoint; `qlaunch run` resumes it"
         elif status.state == State.FAILED:
+            # "process gone": it died with no exit recorded (qlaunch killed, the machine rebooted).
             status.detail = (
-                f"exit {local.get('returncode')}" if "returncode" in local else "process gone"
+                f"exit {local.get('returncode')}" if "returncode" in local
+                else "process gone; `qlaunch run` resumes it"
             )
         return status
 
