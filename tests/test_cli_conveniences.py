@@ -169,7 +169,7 @@ def test_user_config_cannot_change_what_is_trained_and_its_errors_name_its_lines
     assert result.stderr.startswith(f"error: {config}:1: train: not a user default")
     write_user_config(home, "slurm:\n  partition: gpu\n  acount: proj42\n")
     result = qlaunch("plan", QUICKSTART, home=home)
-    assert result.returncode == 2 and result.stderr.strip() == f"error: {config}:3: slurm.acount: unknown key"
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {config}:3: slurm.acount: unknown key, did you mean 'account'?"
 
 
 def test_user_config_leaves_run_ids_alone(home):
