@@ -21,6 +21,7 @@ from .backends.base import Backend, RunStatus, State
 from .environments import attempt_records, version_mismatches
 from .grid import Plan
 from .progress import Progress, read_events, summarize
+from .search import pruned_text
 from .storage import RunPaths
 
 STATE_STYLE = {
@@ -120,7 +121,9 @@ def _cells(plan: Plan, rows: list[Row]) -> dict[str, list]:
         progress, status = row.progress, row.status
         total = progress.total_steps
         state = Text(status.state.value, style=STATE_STYLE[status.state])
-        if status.detail:
+        if progress.pruned and status.state == State.COMPLETED:
+            state = Text(pruned_text(progress.pruned), style="yellow")
+        elif status.detail:
             state.append(f" ({status.detail})", style="dim")
         columns["state"].append(state)
         columns["step"].append(f"{progress.step}/{total}" if total else (str(progress.step) if progress.step else "–"))
@@ -214,6 +217,7 @@ def status_document(plan: Plan, rows: list[Row], backend_name: str) -> dict:
                 eta_seconds=row.progress.eta() if row.status.state == State.RUNNING else None,
                 restarts=max(row.progress.restarts, row.status.restarts or 0),
                 metric=row.metric,
+                pruned=row.progress.pruned,
             )
             for row in rows
         ],
