@@ -336,6 +336,27 @@ class KubernetesConfig(Section):
     run_as_user: int = 1000
 
 
+class SearchConfig(Section):
+    """How a grid spends its GPU time: every run to the end (`grid`), or asynchronous successive
+    halving (`asha`), decided by each run on shared storage (training/asha.py; README "Stop
+    losing runs early"). Not part of the run id: a run never stopped trains exactly as in a grid."""
+
+    strategy: Literal["grid", "asha"] = "grid"
+    metric: Literal["eval_loss"] = "eval_loss"  # what the trainer computes at a rung
+    mode: Literal["min", "max"] = "min"
+    # The first rung, in optimizer steps or in training tokens (tokens compare runs of different
+    # batch shapes); rung k is first × reduction_factor^k, below the run's own budget.
+    first_rung_steps: int | None = Field(default=None, ge=1)
+    first_rung_tokens: int | None = Field(default=None, ge=1)
+    reduction_factor: int = Field(default=3, ge=2)
+
+    @model_validator(mode="after")
+    def _one_first_rung(self) -> "SearchConfig":
+        if self.strategy == "asha" and (self.first_rung_steps is None) == (self.first_rung_tokens is None):
+            raise ValueError("asha needs exactly one of first_rung_steps or first_rung_tokens")
+        return self
+
+
 class Experiment(Section):
     name: str
     description: str = ""
@@ -354,6 +375,7 @@ class Experiment(Section):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     # Dotted key -> list of values; the runs are their cartesian product.
     grid: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -378,6 +400,18 @@ class Experiment(Section):
             )
         if self.train.load_best_model_at_end and self.train.eval_strategy == "no":
             raise ValueError("train.load_best_model_at_end needs train.eval_strategy steps or epoch")
+        if self.search.strategy == "asha":
+            if not self.dataset.test_size:
+                raise ValueError(
+                    "search.strategy asha compares runs by eval_loss on held-out examples, but "
+                    "dataset.test_size is 0: set dataset.test_size (e.g. 0.1)"
+                )
+            budget = self.train.max_steps
+            if budget > 0 and self.search.first_rung_steps and self.search.first_rung_steps >= budget:
+                raise ValueError(
+                    f"search.first_rung_steps {self.search.first_rung_steps} is not below train.max_steps "
+                    f"{budget}: no run could be stopped early"
+                )
         return self
 
 

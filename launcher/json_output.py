@@ -68,6 +68,8 @@ class StatusRun(_Shape):
     eta_seconds: float | None  # only while running
     restarts: int
     metric: Metric | None  # headline metric, once inference has run
+    # search.strategy asha: the decision that stopped the run (rung, value, rank, competitors...)
+    pruned: dict[str, Any] | None = None
 
 
 class StatusDocument(_Shape):

@@ -10,7 +10,9 @@ PVC, but it can read pod logs). Events, all with "event", "time" (unix seconds) 
     eval        eval_loss       (an evaluation on the dataset's test split)
     checkpoint  path
     preempted   signal          (a checkpoint was saved, the job exits with EXIT_PREEMPTED)
-    end         total_steps, status "completed"
+    pruned      rung, at, unit, value, rank, competitors, keep, metric: asha stopped the run
+                (search.strategy asha; then `end` with status "pruned", exit 0)
+    end         total_steps, status "completed" (or "pruned")
     error       message
     killed      attempt, last_time: written by the next attempt on its start when the previous
                 one has no end event (killed without a save); step = the last step it reached
@@ -96,6 +98,7 @@ class Progress:
     error: str | None = None
     inference_done: bool = False
     inference_summary: dict[str, Any] | None = None
+    pruned: dict[str, Any] | None = None  # the asha decision that stopped the run
     _attempt_first_step: tuple[float, int] | None = None
 
     @property
@@ -144,6 +147,8 @@ def summarize(events: Iterable[dict[str, Any]]) -> Progress:
         elif kind == "preempted":
             progress.preempted = True
             progress.step = int(event.get("step", progress.step))
+        elif kind == "pruned":
+            progress.pruned = {k: v for k, v in event.items() if k not in ("event", "time")}
         elif kind == "end":
             progress.finished = True
             progress.step = int(event.get("step", progress.step))

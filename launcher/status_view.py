@@ -28,6 +28,7 @@ from .backends.base import Backend, RunStatus, State
 from .environments import attempt_records, version_mismatches
 from .grid import Plan
 from .progress import Progress, read_events, summarize
+from .search import pruned_text
 from .storage import RunPaths
 
 STATE_STYLE = {
@@ -157,6 +158,8 @@ def _cells(plan: Plan, rows: list[Row]) -> dict[str, list]:
         total = progress.total_steps
         if status.detail == NOT_STARTED:
             state = Text(NOT_STARTED, style="dim")
+        elif progress.pruned and status.state == State.COMPLETED:
+            state = Text(pruned_text(progress.pruned), style="yellow")
         else:
             state = Text(status.state.value, style=STATE_STYLE[status.state])
             if status.detail:
@@ -342,6 +345,7 @@ def status_document(plan: Plan, rows: list[Row], backend_name: str) -> dict:
                 eta_seconds=row.progress.eta() if row.status.state == State.RUNNING else None,
                 restarts=max(row.progress.restarts, row.status.restarts or 0),
                 metric=row.metric,
+                pruned=row.progress.pruned,
             )
             for row in rows
         ],

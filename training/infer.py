@@ -26,6 +26,7 @@ from typing import Any
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
 from launcher.progress import emit, make_event
+from launcher.search import pruned_decision, pruned_text
 from launcher.storage import RunPaths, atomic_write_text, write_json
 
 from .adapter_check import BaseModelChanged
@@ -269,6 +270,11 @@ def wait_for_training(paths: RunPaths, env: dict[str, str] | None = None, poll: 
 
 def infer(run: RunConfig, paths: RunPaths, args) -> int:
     wait_for_training(paths)
+    pruned = pruned_decision(paths.metrics)
+    if pruned and not (args.prompt or args.prompts_file or args.merge):
+        log(f"run {run.run_id} was stopped early by asha ({pruned_text(pruned)}): not evaluated "
+            f"(qlaunch infer {run.run_id} --prompt ... still answers with its adapter)")  # fmt: skip
+        return EXIT_OK
     if not (paths.adapter / "adapter_config.json").is_file():
         raise ConfigError(f"run {run.run_id} has no trained adapter yet ({paths.adapter}): train it first")
     items, evals = collect_items(run, args.prompt, args.prompts_file)

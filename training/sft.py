@@ -135,6 +135,14 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
             log(f"removed an incomplete checkpoint save: {partial.name}")
     latest = latest_checkpoint(paths.checkpoints)
     attempt = write.previous_attempts() + 1
+    if run.search.strategy == "asha":
+        from .asha import pruned_checkpoint, recorded_prune
+
+        decided = recorded_prune(paths)
+        if decided is not None and pruned_checkpoint(paths, decided):
+            # asha stopped this run, then it was preempted before it could finish: its adapter is
+            # the checkpoint saved at the decision, nothing is trained again.
+            return finish_pruned(run, paths, write, decided) if is_main_process() else EXIT_OK
     if is_main_process():
         from .environment_record import record_attempt
 
@@ -185,6 +193,13 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         task_type="CAUSAL_LM",
     )
     progress = ProgressCallback(write, attempt, latest[0] if latest else None)
+    callbacks = [progress, preemption]
+    asha = None
+    if run.search.strategy == "asha":
+        from .asha import make_callback
+
+        asha = make_callback(run, paths, log, is_main_process())
+        callbacks.append(asha)
     from .tracking import prepare as prepare_trackers
 
     trackers = prepare_trackers(run, resumed_from=latest[0] if latest else None, is_main=is_main_process())
@@ -195,7 +210,7 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[progress, preemption, *trackers],
+        callbacks=[*callbacks, *trackers],
     )
     trainer.on_checkpoint = lambda step, path: write("checkpoint", step, path=str(path))
     from transformers import PrinterCallback
@@ -228,6 +243,10 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         write("preempted", state.global_step, signal=preemption.signal_name)
         return EXIT_PREEMPTED
 
+    pruned = asha.pruned if asha is not None else None
+    if pruned is not None:
+        write("pruned", pruned.step, **{k: v for k, v in pruned.__dict__.items() if k != "step"},
+              metric=run.search.metric)  # fmt: skip
     metrics = {
         "run_id": run.run_id,
         "global_step": state.global_step,
@@ -243,7 +262,11 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         "adjustments": adjustments.notes,
     }
     if eval_data is not None:
-        metrics["eval_loss"] = _final_eval_loss(trainer)
+        metrics["eval_loss"] = pruned.value if pruned is not None else _final_eval_loss(trainer)
+    if pruned is not None:
+        from .asha import pruned_metrics
+
+        metrics.update(pruned_metrics(pruned, run.search.metric))
     if cuda:
         metrics["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
         metrics["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -256,11 +279,24 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         publish(staging, paths.adapter)
         # metrics.json last: its presence (with adapter/) is what "completed" means.
         write_json(paths.metrics, metrics)
-        write("end", state.global_step, total_steps=state.max_steps, status="completed")
+        write("end", state.global_step, total_steps=state.max_steps, status="pruned" if pruned else "completed")
         log(
             f"done: {state.global_step} steps, loss {metrics['train_loss']:.4f}, "
             f"{metrics['train_runtime']:.1f}s, adapter in {paths.adapter}"
         )
+    return EXIT_OK
+
+
+def finish_pruned(run: RunConfig, paths: RunPaths, write, decision) -> int:
+    from .asha import pruned_metrics, publish_pruned_adapter
+
+    publish_pruned_adapter(paths, decision)
+    log(f"asha stopped this run at rung {decision.rung} (step {decision.step}) before it was preempted: "
+        "its adapter is that checkpoint's")  # fmt: skip
+    metrics = {"run_id": run.run_id, "global_step": decision.step, "eval_loss": decision.value,
+               **pruned_metrics(decision, run.search.metric)}  # fmt: skip
+    write_json(paths.metrics, metrics)
+    write("end", decision.step, status="pruned")
     return EXIT_OK
 
 

@@ -26,6 +26,7 @@ from ..hub import offline_env
 from ..jobspec import JobSpec, inference_job, job_specs, launcher_environment
 from ..logs import follow_file
 from ..progress import EXIT_PREEMPTED
+from ..search import pruned_decision, pruned_text
 from ..storage import RunPaths, read_json, write_json, write_run_config
 from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 
@@ -108,7 +109,9 @@ class LocalBackend(Backend):
             if state.get("state") == "running" and _pid_alive(state.get("pid")):
                 skipped[run.run_id] = f"already running (pid {state['pid']})"
             elif paths.training_completed() and not force:
-                if run.inference.enabled and not paths.inference_completed():
+                if pruned_decision(paths.metrics):
+                    skipped[run.run_id] = "stopped early by asha"
+                elif run.inference.enabled and not paths.inference_completed():
                     jobs[run.run_id] = ["infer"]
                 else:
                     skipped[run.run_id] = "completed"
@@ -214,6 +217,10 @@ class LocalBackend(Backend):
             return False
         if code == 0:
             self._set_state(run, "completed", phase=job.phase, returncode=0)
+            pruned = pruned_decision(RunPaths.of(run).metrics) if job.phase == "train" else None
+            if pruned:
+                say(f"{run.run_id} {job.phase} stopped early by asha: {pruned_text(pruned)}; not evaluated")
+                return False
             say(f"{run.run_id} {job.phase} completed")
             return job.phase == "train" and run.inference.enabled
         if code == EXIT_PREEMPTED:

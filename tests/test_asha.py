@@ -1,0 +1,186 @@
+"""Successive halving decided by the runs themselves (search.strategy: asha), for real on CPU.
+
+A 9-run grid of the tiny model (learning rate × LoRA r, three learning rates too small to learn
+anything), trained once as a plain grid and once with asha through `qlaunch run`: the asha grid
+trains at most 40% of the plain grid's tokens, its best run is the plain grid's best, and the
+runs it never stopped end with the plain grid's adapters, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from training_support import events, job_env, tail, wait_until
+
+from launcher.grid import plan
+from launcher.search import read_ledger, run_decisions
+from launcher.storage import RunPaths
+
+STEPS = 27
+GRID = {"train.learning_rate": [1e-7, 3e-3, 3e-2], "lora.r": [2, 4, 8]}
+SECTIONS = {
+    "train": {"max_steps": STEPS, "save_steps": 1000, "logging_steps": 1, "per_device_train_batch_size": 2},
+    "lora": {"dropout": 0.0},
+    "dataset": {"path": "data.jsonl", "test_size": 0.25},
+    "inference": {"enabled": False},
+    "grid": GRID,
+}
+ASHA = {"strategy": "asha", "first_rung_steps": 3, "reduction_factor": 3}
+
+
+def qlaunch(*args: str, home: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
+    env = {**job_env(), "QLAUNCH_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def metrics(run) -> dict:
+    return json.loads(RunPaths.of(run).metrics.read_text())
+
+
+def best(runs) -> str:
+    finished = [r for r in runs if not metrics(r).get("pruned")]
+    return min(finished, key=lambda r: metrics(r)["eval_loss"]).run_id
+
+
+@pytest.fixture(scope="module")
+def grids(tmp_path_factory, tiny_experiment):
+    folder = tmp_path_factory.mktemp("asha")
+    plain = tiny_experiment(folder / "plain", **SECTIONS)
+    asha = tiny_experiment(folder / "asha", **SECTIONS, search=ASHA)
+    for path in (plain, asha):
+        result = qlaunch("run", str(path), home=folder / "home")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return plan(plain), plan(asha), result.stdout, folder / "home"
+
+
+@pytest.mark.slow
+def test_asha_trains_at_most_40_percent_of_the_tokens_and_keeps_the_best_run(grids):
+    plain, asha, output, _ = grids
+    assert [r.run_id for r in plain.runs] == [r.run_id for r in asha.runs]  # search is not in the run id
+    plain_tokens = sum(metrics(r)["train_tokens"] for r in plain.runs)
+    asha_tokens = sum(metrics(r)["train_tokens"] for r in asha.runs)
+    pruned = [r.run_id for r in asha.runs if metrics(r).get("pruned")]
+    print(f"asha: {asha_tokens} of {plain_tokens} tokens ({asha_tokens / plain_tokens:.0%}); pruned {len(pruned)} of 9")
+    assert asha_tokens <= 0.40 * plain_tokens
+    assert best(asha.runs) == best(plain.runs)
+    assert "stopped early by asha: pruned @ rung" in output
+    # Every run recorded its rung-0 result in the shared ledger; decisions are in each run folder.
+    ledger = read_ledger(Path(asha.runs[0].run_dir).parent)
+    assert set(ledger[0]) == {r.run_id for r in asha.runs}
+    for run_id in pruned:
+        run = next(r for r in asha.runs if r.run_id == run_id)
+        decision = metrics(run)["pruned"]
+        assert run_decisions(Path(run.run_dir))[decision["rung"]]["prune"] is True
+        assert events(run, "end")[-1]["status"] == "pruned"
+        assert (RunPaths.of(run).adapter / "adapter_model.safetensors").is_file()  # its rung adapter, kept
+
+
+@pytest.mark.slow
+def test_runs_asha_never_stopped_have_the_plain_grids_adapters_bit_for_bit(grids):
+    from safetensors.torch import load_file
+
+    plain, asha, _, _ = grids
+    survivors = [r for r in asha.runs if not metrics(r).get("pruned")]
+    assert survivors
+    for run in survivors:
+        twin = next(r for r in plain.runs if r.run_id == run.run_id)
+        ours, theirs = load_file(RunPaths.of(run).adapter / "adapter_model.safetensors"), load_file(
+            RunPaths.of(twin).adapter / "adapter_model.safetensors"
+        )
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            assert (ours[name] - theirs[name]).abs().max().item() == 0.0, name
+
+
+@pytest.mark.slow
+def test_status_says_where_each_run_was_stopped(grids):
+    _, asha, _, home = grids
+    path = Path(asha.source)
+    result = qlaunch("status", str(path), "--json", home=home)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    pruned = {r["run_id"]: r["pruned"] for r in document["runs"] if r.get("pruned")}
+    assert pruned and all(p["rank"] > p["keep"] for p in pruned.values())
+    table = qlaunch("status", str(path), home=home)
+    assert "pruned @ rung" in table.stdout
+
+
+@pytest.mark.slow
+def test_a_run_stopped_right_after_its_decision_resumes_with_that_decision(tmp_path, tiny_plan):
+    result = tiny_plan(tmp_path, **{**SECTIONS, "grid": {}}, search=ASHA)
+    run = result.runs[0]
+    paths = RunPaths.of(run)
+    # Three better results already at rung 0: this run ranks 4th of 4 and only the best continues.
+    rung0 = Path(run.run_dir).parent / "asha" / "rung-0"
+    rung0.mkdir(parents=True)
+    for n in range(3):
+        (rung0 / f"other{n}.json").write_text(json.dumps({"value": 0.001 * n}))
+    log = tmp_path / "train.log"
+    job = subprocess.Popen([sys.executable, "-m", "training.launch", str(paths.config)], cwd=tmp_path,
+                           env=job_env(), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    decisions = paths.root / "asha.json"
+    wait_until(lambda: decisions.exists() or job.poll() is not None, 300, "the rung-0 decision", interval=0.005)
+    job.send_signal(signal.SIGTERM)  # right after it recorded the decision
+    first = job.wait(timeout=300)
+    assert first in (0, 75), tail(log)
+    decided = run_decisions(paths.root)
+    assert decided[0]["prune"] is True and decided[0]["rank"] == 4
+    if first == 75:  # preempted before it could finish as pruned: the next attempt does, without training
+        again = subprocess.run([sys.executable, "-m", "training.launch", str(paths.config)], cwd=tmp_path,
+                               env=job_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "before it was preempted" in again.stdout + again.stderr
+    assert run_decisions(paths.root) == decided  # decided once
+    assert metrics(run)["pruned"]["rung"] == 0 and metrics(run)["global_step"] == 3
+    assert max(e["step"] for e in events(run, "step")) == 3  # nothing trained past the rung
+    assert sorted(p.name for p in rung0.iterdir()) == ["other0.json", "other1.json", "other2.json", f"{run.run_id}.json"]
+
+
+def _decide_at_once(args) -> None:
+    run_yaml, barrier, value = args
+    from launcher.experiment_file import load_run_config
+    from training.asha import decide
+
+    barrier.wait()
+    decide(load_run_config(run_yaml), 0, value)
+
+
+def test_two_runs_reaching_a_rung_at_the_same_moment_both_land_in_the_ledger(tmp_path, tiny_plan):
+    runs = tiny_plan(tmp_path, **{**SECTIONS, "grid": {"train.learning_rate": [1e-3, 2e-3]}}, search=ASHA).runs
+    context = multiprocessing.get_context("fork")
+    barrier = context.Manager().Barrier(2)
+    for _ in range(3):
+        folder = Path(runs[0].run_dir).parent / "asha"
+        shutil.rmtree(folder, ignore_errors=True)
+        with context.Pool(2) as pool:
+            pool.map(_decide_at_once, [(str(RunPaths.of(r).config), barrier, 1.0 + i) for i, r in enumerate(runs)])
+        assert read_ledger(folder.parent)[0] == {runs[0].run_id: 1.0, runs[1].run_id: 2.0}
+
+
+@pytest.mark.parametrize(
+    "search, train, expected",
+    [
+        ({"strategy": "asha", "first_rung_steps": 3}, {}, "dataset.test_size"),
+        ({"strategy": "asha", "first_rung_steps": 30}, {"max_steps": 27}, "first_rung_steps 30 is not below"),
+        ({"strategy": "asha", "first_rung_steps": 3, "reduction_factor": 1}, {}, "search.reduction_factor"),
+        ({"strategy": "asha"}, {}, "exactly one of first_rung_steps or first_rung_tokens"),
+        ({"strategy": "asha", "first_rung_steps": 3, "metric": "accuracy"}, {}, "search.metric"),
+    ],
+)
+def test_bad_search_settings_are_one_error_before_anything_starts(tmp_path, tiny_experiment, search, train, expected):
+    dataset = {"test_size": 0.25} if expected != "dataset.test_size" else {}
+    path = tiny_experiment(tmp_path, search=search, train=train, dataset={"path": "data.jsonl", **dataset})
+    result = qlaunch("check", str(path), home=tmp_path / "home", timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error") or ".yaml:" in line]) >= 1
+    assert not (tmp_path / "runs").exists()
+
