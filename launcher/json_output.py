@@ -179,6 +179,32 @@ class ReportRun(_Shape):
     intervals: list[MetricInterval] = []  # every configured metric, where results.jsonl is readable
 
 
+class SearchRung(_Shape):
+    rung: int
+    at: int | None  # the rung's size, in `unit`
+    unit: str | None  # "steps" | "tokens"
+    results: dict[str, float]  # run id → metric recorded at this rung
+    continued: list[str]  # run ids promoted past it
+    stopped: list[str]  # run ids pruned here
+
+
+class SearchSummary(_Shape):
+    """search.strategy asha: the rungs, who went on, and the GPU time it saved."""
+
+    strategy: str
+    metric: str
+    mode: str
+    reduction_factor: int
+    rungs: list[SearchRung]
+    pruned: list[str]
+    trained_steps: int  # over all runs
+    full_steps: int  # what every run to its end would have trained
+    gpu_hours: float  # spent (measured)
+    full_gpu_hours: float  # estimate: each run's measured rate × its full budget
+    saved_gpu_hours: float
+    saved_fraction: float  # 1 - trained_steps / full_steps
+
+
 class ReportDocument(_Shape):
     kind: Literal["qlaunch.report"] = "qlaunch.report"
     version: int = VERSION
@@ -193,6 +219,7 @@ class ReportDocument(_Shape):
     comparison: Comparison | None = None  # None: fewer than two runs with per-example scores
     files: dict[str, str]  # report.html, report.md, report.json, PNGs → path
     runs: list[ReportRun]
+    search: SearchSummary | None = None  # search.strategy asha only
 
 
 def plan_document(plan, backend: str) -> dict:

@@ -25,6 +25,10 @@ from .grid import Plan
 from .json_output import Answer, AttemptRecord, Environment, Metric, MetricInterval, ReportDocument, ReportRun
 from .report_verdict import comparison as compare_top_two
 from .report_verdict import crowned, headline_interval, intervals, top_label, verdict
+from .search import pruned_decision
+from .search_report import headline as search_headline
+from .search_report import rung_lines as search_rung_lines
+from .search_report import summarize as summarize_search
 from .status_view import Row, collect, format_value
 from .storage import RunPaths, atomic_write_text, read_json
 
@@ -57,7 +61,9 @@ def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
         best = runs[0]
     else:
         ranked_by = "final_loss"
-        runs.sort(key=lambda r: _or_inf(r.final_loss))
+        # A run asha stopped early has an early loss: it never ranks above one that finished.
+        pruned = {run.run_id for run in plan.runs if pruned_decision(RunPaths.of(run).metrics)}
+        runs.sort(key=lambda r: (r.run_id in pruned, _or_inf(r.final_loss)))
         best = runs[0] if runs and runs[0].final_loss is not None else None
     for rank, run in enumerate(runs, 1):
         run.rank, run.best = rank, run is best
@@ -74,6 +80,7 @@ def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
         runs=runs,
         verdict=verdict(runs, comparison, bool(with_metric)),
         comparison=comparison,
+        search=summarize_search(plan, runs),
     )
 
 
@@ -336,6 +343,9 @@ def markdown(document: ReportDocument) -> str:
     if metric_rows:
         parts += ["## Held-out metrics", "", METRICS_EXPLAINED, "",
                   line(metric_header), line(["---"] * len(metric_header)), *(line(row) for row in metric_rows), ""]  # fmt: skip
+    if document.search:
+        parts += ["## Successive halving", "", search_headline(document.search), "",
+                  *(f"- {line}" for line in search_rung_lines(document.search)), ""]  # fmt: skip
     ledger_lines = _ledger_lines(document)
     if ledger_lines:
         parts += ["## Restarts", "", *ledger_lines, ""]
@@ -394,6 +404,8 @@ def html(document: ReportDocument, images: dict[str, Path]) -> str:
         listed=[run for run in document.runs if interrupted(run)],
         generated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(document.generated_at)),
         environment_table=environment_table,
+        search_headline=search_headline,
+        rung_lines=search_rung_lines,
     )
 
 
@@ -451,6 +463,8 @@ def print_summary(console, document: ReportDocument) -> None:
     redone = sum(r.steps_redone for r in document.runs)
     restarts = sum(r.restarts for r in document.runs)
     console.print(f"{len(document.runs)} runs, {restarts} restarts, {redone} steps redone, {_duration(lost)} lost to restarts")
+    if document.search:
+        console.print(escape(search_headline(document.search)))
     for note in document.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"report: {document.files.get('report.html')}")

@@ -26,6 +26,16 @@ def rung_results(experiment_folder: Path, rung: int) -> dict[str, float]:
     return results
 
 
+def rung_times(experiment_folder: Path, rung: int) -> dict[str, float]:
+    """run id → when its result at this rung was recorded (ties go to the earlier one)."""
+    times = {}
+    for path in (ledger_dir(experiment_folder) / f"rung-{rung}").glob("*.json"):
+        data = read_json(path) or {}
+        if isinstance(data.get("time"), (int, float)):
+            times[path.stem] = float(data["time"])
+    return times
+
+
 def read_ledger(experiment_folder: Path) -> dict[int, dict[str, float]]:
     """rung → run id → value, every rung recorded so far."""
     rungs = {}

@@ -1,7 +1,7 @@
 """Successive halving decided by the runs themselves (search.strategy: asha), for real on CPU.
 
-A 9-run grid of the tiny model (learning rate × LoRA r, three learning rates too small to learn
-anything), trained once as a plain grid and once with asha through `qlaunch run`: the asha grid
+A 9-run grid of the tiny model (learning rate × LoRA r, three runs with a learning rate too small
+to learn anything, all three first in the grid's own order), trained once as a plain grid and once with asha through `qlaunch run`: the asha grid
 trains at most 40% of the plain grid's tokens, its best run is the plain grid's best, and the
 runs it never stopped end with the plain grid's adapters, bit for bit.
 """
@@ -184,3 +184,18 @@ def test_bad_search_settings_are_one_error_before_anything_starts(tmp_path, tiny
     assert len([line for line in result.stderr.splitlines() if line.startswith("error") or ".yaml:" in line]) >= 1
     assert not (tmp_path / "runs").exists()
 
+
+
+@pytest.mark.slow
+def test_report_shows_each_rung_the_runs_it_stopped_and_the_gpu_time_saved(grids, tmp_path):
+    _, asha, _, home = grids
+    result = qlaunch("report", str(asha.source), "-o", str(tmp_path / "report"), "--json", home=home)
+    assert result.returncode == 0, result.stderr
+    search = json.loads(result.stdout)["search"]
+    assert search["strategy"] == "asha" and search["rungs"][0]["rung"] == 0
+    assert len(search["rungs"][0]["results"]) == 9
+    assert sorted(search["pruned"]) == sorted({rid for rung in search["rungs"] for rid in rung["stopped"]})
+    assert search["trained_steps"] < 0.4 * search["full_steps"] and search["saved_gpu_hours"] >= 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Successive halving" in markdown and "rung 0 (3 steps)" in markdown
+    assert "Successive halving" in (tmp_path / "report" / "report.html").read_text()

@@ -3,9 +3,9 @@
 At each rung (first × η^k steps or tokens, below the run's own budget) the trainer evaluates,
 writes its result to the grid's rung ledger and applies the rule:
 
-    continue iff its value is at least as good as the ⌊n/η⌋-th best of the n results recorded at
-    that rung so far (its own included; the first ⌊n/η⌋ = 0 → the best, so the first run to reach
-    a rung always continues).
+    continue iff it ranks among the best max(⌊n/η⌋, 1) of the n results recorded at that rung so
+    far, its own included (a tie goes to the run that recorded first). The first run to reach a
+    rung always continues.
 
 This is Optuna's SuccessiveHalvingPruner rule. Its known bias: a run that reaches a rung early is
 compared with fewer results and promoted more easily than one that comes late (an early mediocre
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import RunConfig
-from launcher.search import DECISIONS_FILE, run_decisions, rung_results
+from launcher.search import DECISIONS_FILE, run_decisions, rung_results, rung_times
 from launcher.search import ledger_dir as experiment_ledger
 from launcher.storage import RunPaths, write_json
 
@@ -58,20 +58,25 @@ def ledger_dir(run: RunConfig) -> Path:
 
 
 def decide(run: RunConfig, rung: int, value: float) -> tuple[int, int, int, bool]:
-    """(rank, competitors, keep, prune) for `value` at `rung`, after recording it."""
+    """(rank, competitors, keep, prune) for `value` at `rung`, after recording it. A tie goes to
+    the run that recorded first: identical results (two learning rates too small to move the
+    adapter) must not all be promoted."""
     search = run.search
+    experiment_folder = Path(run.run_dir).parent
     folder = ledger_dir(run) / f"rung-{rung}"
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / f"{run.run_id}.json", {"run_id": run.run_id, "value": value, "time": time.time(),
+    now = time.time()
+    write_json(folder / f"{run.run_id}.json", {"run_id": run.run_id, "value": value, "time": now,
                                                 "overrides": run.overrides})  # fmt: skip
-    results = rung_results(Path(run.run_dir).parent, rung)
+    times = rung_times(experiment_folder, rung)
+    results = rung_results(experiment_folder, rung)
     results[run.run_id] = value
     sign = 1.0 if search.mode == "min" else -1.0
-    ordered = sorted(results.values(), key=lambda v: sign * v)
-    keep = max(len(ordered) // search.reduction_factor, 1)
-    threshold = ordered[keep - 1]
-    rank = 1 + sum(1 for other in ordered if sign * other < sign * value)
-    return rank, len(ordered), keep, sign * value > sign * threshold
+    ahead = sum(1 for other, v in results.items() if other != run.run_id and (
+        sign * v < sign * value or (v == value and (times.get(other, now), other) < (now, run.run_id))))  # fmt: skip
+    rank = ahead + 1
+    keep = max(len(results) // search.reduction_factor, 1)
+    return rank, len(results), keep, rank > keep
 
 
 def recorded(paths: RunPaths) -> dict[int, Decision]:

@@ -128,7 +128,7 @@ class LocalBackend(Backend):
         on_tick, run_inference = options.on_tick, options.run_inference
         limit = options.max_parallel or plan.experiment.local.max_parallel
         todo: list[tuple[RunConfig, str]] = []
-        for run in plan.runs:
+        for run in start_order(plan):
             phases = submission.jobs.get(run.run_id)
             if not phases:
                 continue
@@ -317,6 +317,15 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def start_order(plan: Plan) -> list[RunConfig]:
+    """The order runs start in. A grid's own order puts all values of its first key together
+    (every run of a bad learning rate first); asha compares each run with those that reached a
+    rung before it, so an asha grid starts in an order that mixes them: by run id (a hash)."""
+    if plan.experiment.search.strategy == "asha":
+        return sorted(plan.runs, key=lambda run: run.run_id)
+    return list(plan.runs)
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
