@@ -20,6 +20,7 @@ from typing import Any
 from . import ledger as ledgers
 from .backends.base import Backend
 from .config import RunConfig
+from .export_command import exports_of
 from .grid import Plan
 from .json_output import Answer, AttemptRecord, Environment, Metric, ReportDocument, ReportRun
 from .status_view import Row, collect
@@ -119,6 +120,7 @@ def _run(run: RunConfig, row: Row) -> ReportRun:
         eval_curve=sorted(evals.items()),
         environment=_environment(paths),
         answers=_answers(paths),
+        exports=exports_of(run),
     )
 
 
@@ -281,6 +283,10 @@ def markdown(document: ReportDocument) -> str:
         *(line(row) for row in rows),
         "",
     ]
+    exported = [f"- {run.run_id}: {e.kind} → {e.path}" + (f" (hub {e.hub.repo_id} @ {e.hub.revision[:10]})" if e.hub else "")
+                for run in document.runs for e in run.exports]  # fmt: skip
+    if exported:
+        parts += ["## Exports", "", *exported, ""]
     ledger_lines = _ledger_lines(document)
     if ledger_lines:
         parts += ["## Restarts", "", *ledger_lines, ""]
