@@ -171,6 +171,19 @@ def exports_of(run: RunConfig) -> list[dict[str, Any]]:
     return [e for e in exports if isinstance(e, dict)]
 
 
+def run_logged(command: list[str], log: Path) -> int:
+    """The export job on this machine: its output on the terminal and appended to its log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(command, env=launcher_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert process.stdout is not None
+        for line in process.stdout:
+            handle.write(line)
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+        return process.wait()
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.gguf and not args.merge:
         raise QlaunchError("--gguf writes the merged model: add --merge")
@@ -183,7 +196,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     job = export_job(run, str(out), args.merge, args.gguf_type if args.gguf else None)
     print(f"exporting run {run.run_id} ({'merge' + (' + GGUF ' + args.gguf_type if args.gguf else '') if args.merge else 'adapter'})"
           f" to {out}", flush=True)  # fmt: skip
-    code = subprocess.call(job.placed(python=sys.executable).command, env=launcher_environment())
+    code = run_logged(job.placed(python=sys.executable).command, Path(job.log))
     if code != 0:
         error = QlaunchError(f"the export of run {run.run_id} failed (exit {code}, above); nothing was pushed")
         error.exit_code = code

@@ -205,11 +205,6 @@ def test_adapter_only_export_is_the_adapter_a_card_and_export_json(trained, tmp_
 # --- refused before anything is written -----------------------------------------------------------
 
 
-def _nothing_exported(run) -> bool:
-    root = RunPaths.of(run).root
-    return not (root / "export.log").exists() and not any(root.parent.glob(".tmp-*"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("args, token, message", [
     (("--push-to-hub", "alice/x"), None, "--push-to-hub alice/x: no hub token ($HF_TOKEN is empty or unset); nothing was exported"),
@@ -224,7 +219,7 @@ def test_a_push_that_cannot_happen_is_refused_before_the_merge(trained, hub, tmp
                    endpoint=hub.endpoint, token=token)  # fmt: skip
     assert done.returncode == 2
     assert message in " ".join(done.stderr.split()) and done.stderr.count("error:") == 1
-    assert not (tmp_path / "out").exists() and hub.count("POST") == posts
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*")) and hub.count("POST") == posts
     if token:
         assert token not in done.stdout + done.stderr
 
@@ -239,6 +234,8 @@ def test_an_unknown_or_unfinished_run_and_best_without_evaluation_are_one_error(
     assert f"run {first.run_id} has not finished training (state: unknown)" in " ".join(unfinished.stderr.split())
     best = qlaunch(tmp_path, "export", str(p.source), "--best")
     assert best.returncode == 2 and "--best: no run of tiny has been evaluated yet" in " ".join(best.stderr.split())
+    gguf_alone = qlaunch(tmp_path, "export", str(p.source), "--run", first.run_id, "--gguf")
+    assert gguf_alone.returncode == 2 and "--gguf writes the merged model: add --merge" in gguf_alone.stderr
     assert not any(RunPaths.of(run).root.joinpath("export").exists() for run in p.runs)
 
 
