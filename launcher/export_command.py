@@ -213,6 +213,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise QlaunchError(f"--push-to-hub {repo_id}: {str(exc).replace(token, '***')}") from None
         record["hub"] = hub
         write_json(out / "export.json", record)
+        (out / "export.json").chmod(0o644)  # as the job left it: readable by whoever uses the export
         entry["hub"] = hub
         print(f"pushed to {hub['url']} at {hub['revision']} ({'private' if hub['private'] else 'public'})")
     record_export(run, entry)
