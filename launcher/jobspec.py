@@ -18,7 +18,7 @@ from pathlib import Path
 from .config import RunConfig
 from .storage import RunPaths
 
-TRAIN, INFER = "train", "infer"
+TRAIN, INFER, EXPORT = "train", "infer", "export"
 # accelerate's default rendezvous port (training.launch's --main-process-port default); only
 # multi-node jobs use it.
 MAIN_PROCESS_PORT = 29500
@@ -44,9 +44,9 @@ class JobSpec:
     """One job of a run: what to start, with what, where its output goes."""
 
     run_id: str
-    role: str  # TRAIN | INFER
+    role: str  # TRAIN | INFER | EXPORT
     python: str
-    module: str  # training.launch | training.infer
+    module: str  # training.launch | training.infer | training.export
     run_yaml: str
     args: tuple[str, ...]  # after the run.yaml
     env: tuple[tuple[str, str], ...]  # set by the job (environment.variables), secrets never
@@ -172,6 +172,19 @@ def inference_job(run: RunConfig) -> JobSpec:
         run_id=run.run_id, role=INFER, python=run.environment.python, module="training.infer",
         run_yaml=str(paths.config), args=(), env=tuple(sorted(run.environment.variables.items())),
         resources=_resources(run, INFER), workdir=str(paths.root), log=str(paths.infer_log),
+        mounts=_mounts(run),
+    )  # fmt: skip
+
+
+def export_job(run: RunConfig, out: str, merge: bool, gguf_type: str | None) -> JobSpec:
+    """`qlaunch export`'s job: the adapter (or the checked merge, and a GGUF) into `out`. Its log
+    is `<run dir>/export.log`; a merge loads the base on the CPU (host memory, not GPU memory)."""
+    paths = RunPaths.of(run)
+    args = ("--out", out, *(("--merge",) if merge else ()), *(("--gguf", gguf_type) if gguf_type else ()))
+    return JobSpec(
+        run_id=run.run_id, role=EXPORT, python=run.environment.python, module="training.export",
+        run_yaml=str(paths.config), args=args, env=tuple(sorted(run.environment.variables.items())),
+        resources=_resources(run, INFER), workdir=str(paths.root), log=str(paths.root / "export.log"),
         mounts=_mounts(run),
     )  # fmt: skip
 

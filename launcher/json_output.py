@@ -29,6 +29,24 @@ class Metric(_Shape):
     n: int | None = None
 
 
+class HubPush(_Shape):
+    repo_id: str
+    private: bool
+    revision: str  # the pushed commit
+    url: str
+
+
+class Export(_Shape):
+    """One `qlaunch export` of the run (`<run dir>/exports.json`)."""
+
+    path: str  # the export folder
+    kind: Literal["adapter", "merged"] | None
+    at: float  # unix seconds
+    merge_base: str | None = None  # the merge that shipped: dequantized-4bit | float16
+    gguf: str | None = None  # the GGUF file in the folder
+    hub: HubPush | None = None
+
+
 # ---- qlaunch plan --json ---------------------------------------------------------------------
 class PlanRun(_Shape):
     run_id: str
@@ -70,6 +88,7 @@ class StatusRun(_Shape):
     metric: Metric | None  # headline metric, once inference has run
     # search.strategy asha: the decision that stopped the run (rung, value, rank, competitors...)
     pruned: dict[str, Any] | None = None
+    exports: list[Export] = []  # `qlaunch export`s of the run, oldest first
 
 
 class StatusDocument(_Shape):
@@ -177,6 +196,7 @@ class ReportRun(_Shape):
     environment: list[Environment]
     answers: list[Answer]  # the first few of inference/results.jsonl
     intervals: list[MetricInterval] = []  # every configured metric, where results.jsonl is readable
+    exports: list[Export] = []  # `qlaunch export`s of the run, oldest first
 
 
 class SearchRung(_Shape):

@@ -21,6 +21,7 @@ from . import ledger as ledgers
 from . import report_stats as stats
 from .backends.base import Backend
 from .config import RunConfig
+from .export_command import exports_of
 from .grid import Plan
 from .json_output import Answer, AttemptRecord, Environment, Metric, MetricInterval, ReportDocument, ReportRun
 from .report_verdict import comparison as compare_top_two
@@ -140,6 +141,7 @@ def _run(run: RunConfig, row: Row, scores: stats.Scores | None = None) -> Report
         environment=_environment(paths),
         answers=_answers(paths),
         intervals=intervals(summary, scores),
+        exports=exports_of(run),
     )
 
 
@@ -346,6 +348,10 @@ def markdown(document: ReportDocument) -> str:
     if document.search:
         parts += ["## Successive halving", "", search_headline(document.search), "",
                   *(f"- {line}" for line in search_rung_lines(document.search)), ""]  # fmt: skip
+    exported = [f"- {run.run_id}: {e.kind} → {e.path}" + (f" (hub {e.hub.repo_id} @ {e.hub.revision[:10]})" if e.hub else "")
+                for run in document.runs for e in run.exports]  # fmt: skip
+    if exported:
+        parts += ["## Exports", "", *exported, ""]
     ledger_lines = _ledger_lines(document)
     if ledger_lines:
         parts += ["## Restarts", "", *ledger_lines, ""]

@@ -321,8 +321,10 @@ def _cuts_a_cell(table: Table, width: int) -> bool:
 
 def status_document(plan: Plan, rows: list[Row], backend_name: str) -> dict:
     """`qlaunch status --json` (shape: launcher.json_output.StatusDocument, README)."""
+    from .export_command import exports_of
     from .json_output import StatusDocument, StatusRun
 
+    runs = {run.run_id: run for run in plan.runs}
     return StatusDocument(
         experiment=plan.experiment.name,
         backend=backend_name,
@@ -346,6 +348,7 @@ def status_document(plan: Plan, rows: list[Row], backend_name: str) -> dict:
                 restarts=max(row.progress.restarts, row.status.restarts or 0),
                 metric=row.metric,
                 pruned=row.progress.pruned,
+                exports=exports_of(runs[row.run_id]),
             )
             for row in rows
         ],

@@ -9,6 +9,14 @@ make, with the headers the client reads (huggingface_hub/file_download.py, utils
        large ("LFS") files: 302 to a CDN host (`localhost`, not the endpoint's host, so the client
        does not follow it on HEAD and reads X-Linked-Etag / X-Linked-Size from the redirect);
   GET  /cdn/{sha256}                                    → the bytes (Range → 206)
+Uploads, as `create_repo` + `upload_folder` make them (huggingface_hub/hf_api.py, _commit_api.py):
+  GET  /api/whoami-v2                                  → the token's user, orgs and role (`add_user`)
+  POST /api/validate-yaml                              → README.md's YAML front matter checked
+  POST /api/repos/create                               → a new (private) repo; 409 when it exists
+  POST /api/{models|datasets}/{repo}/preupload/{rev}   → every file "regular" (base64 in the commit,
+                                                          so no LFS or Xet storage is needed)
+  POST /api/{models|datasets}/{repo}/commit/{rev}      → the NDJSON commit applied; {commitOid}
+A private repo answers 404 RepoNotFound to anyone but a token of its namespace, as the hub does.
 Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo) the way the
 hub does, so the client raises its own exception types. A gated repo answers 401 without a
 token and 403 with a wrong one. Every request is recorded (`requests`, and `ranges` for resumed downloads) for the tests to
@@ -17,6 +25,7 @@ count; `cut_after` drops the connection half-way through the next large download
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -25,6 +34,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+import yaml
 
 LFS_THRESHOLD = 10_000  # bytes; the hub stores big files in LFS/Xet and redirects to a CDN
 
@@ -36,6 +47,7 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)  # branch/tag → commit
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
     gated_token: str | None = None  # set: the token that opens it
+    private: bool = False
 
 
 class FakeHub:
@@ -46,6 +58,7 @@ class FakeHub:
         self.ranges: list[str] = []  # Range headers of resumed downloads
         # Set: the next download of a larger file sends this many bytes, then the connection drops.
         self.cut_after: int | None = None
+        self.users: dict[str, dict] = {}  # token → {name, orgs, role}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -67,6 +80,14 @@ class FakeHub:
         for data in files.values():
             self.blobs[hashlib.sha256(data).hexdigest()] = data
         return sha
+
+    def add_user(self, token: str, name: str, orgs: tuple[str, ...] = (), role: str = "write") -> None:
+        """A token the upload routes accept: `role` "write" or "read" (a read token pushes nothing)."""
+        self.users[token] = {"name": name, "orgs": list(orgs), "role": role}
+
+    def files(self, repo_type: str, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        repo = self.repos[(repo_type, repo_id)]
+        return repo.commits[repo.refs.get(revision, revision)]
 
     def commit_folder(self, repo_type: str, repo_id: str, folder: Path, **kwargs) -> str:
         files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -161,6 +182,9 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None:
             self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
             return None
+        if repo.private and not self._may_write(repo_id, read=True):
+            self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
+            return None
         if repo.gated_token is not None:
             auth = self.headers.get("Authorization", "")
             if not auth:
@@ -178,6 +202,76 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         return sha
 
+    def _user(self) -> dict | None:
+        auth = self.headers.get("Authorization", "")
+        return self.state.users.get(auth[len("Bearer "):]) if auth.startswith("Bearer ") else None
+
+    def _may_write(self, repo_id: str, read: bool = False) -> bool:
+        user = self._user()
+        if user is None or (user["role"] != "write" and not read):
+            return False
+        return repo_id.split("/")[0] in (user["name"], *user["orgs"])
+
+    # ---- uploads ------------------------------------------------------------------------------
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = urlsplit(self.path).path
+        with self.state._lock:
+            self.state.requests.append(("POST", path))
+        if path == "/api/validate-yaml":  # upload_folder checks a README.md's metadata first
+            content = json.loads(body).get("content", "")
+            front = re.match(r"---\n(.*?)\n---\n", content, re.S)
+            try:
+                ok = front is None or isinstance(yaml.safe_load(front.group(1)), dict)
+            except yaml.YAMLError:
+                ok = False
+            if not ok:
+                return self._send(400, json.dumps({"errors": [{"message": "invalid YAML metadata"}]}).encode())
+            return self._json({"errors": [], "warnings": []})
+        if path == "/api/repos/create":
+            data = json.loads(body)
+            repo_type = data.get("type") or "model"
+            repo_id = f"{data.get('organization') or self._user_name()}/{data['name']}"
+            if not self._may_write(repo_id):
+                return self._error(403, None, f"You don't have the rights to create a {repo_type} under this namespace")
+            url = f"{self.state.endpoint}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+            with self.state._lock:
+                if (repo_type, repo_id) in self.state.repos:
+                    return self._send(409, json.dumps({"error": "You already created this repo", "url": url}).encode())
+                self.state.repos[(repo_type, repo_id)] = Repo(
+                    repo_type, repo_id, private=data.get("visibility", "private" if data.get("private") else "public") == "private"
+                )
+            self.state.commit(repo_type, repo_id, {".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"})
+            return self._json({"url": url, "name": repo_id})
+        upload = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/(preupload|commit)/([^/]+)", path)
+        if not upload:
+            return self._error(404, None, f"no route {path}")
+        repo_type, repo_id = upload.group(1)[:-1], upload.group(2)
+        if (repo_type, repo_id) not in self.state.repos:
+            return self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
+        if not self._may_write(repo_id):
+            return self._error(403, None, f"You don't have the rights to write to {repo_id}")
+        if upload.group(3) == "preupload":
+            return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                         for f in json.loads(body)["files"]]})  # fmt: skip
+        repo = self.state.repos[(repo_type, repo_id)]
+        branch = unquote(upload.group(4))
+        files = dict(repo.commits.get(repo.refs.get(branch, ""), {}))
+        for line in body.splitlines():
+            item = json.loads(line)
+            if item["key"] == "file":
+                files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] == "deletedFile":
+                files.pop(item["value"]["path"], None)
+            elif item["key"] == "lfsFile":
+                return self._error(400, None, "the fake hub stores regular files only")
+        sha = self.state.commit(repo_type, repo_id, files, branch=branch)
+        return self._json({"commitUrl": f"{self.state.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha})
+
+    def _user_name(self) -> str:
+        user = self._user()
+        return user["name"] if user else "anonymous"
+
     # ---- routes -------------------------------------------------------------------------------
     def do_HEAD(self):  # noqa: N802
         self._route()
@@ -190,6 +284,15 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/agent-harnesses":
             # The client's best-effort telemetry registry (utils/_detect_agent.py), not a repo call.
             return self._error(404, None, "no registry here")
+        if path == "/api/whoami-v2":
+            user = self._user()
+            if user is None:
+                return self._error(401, None, "Invalid credentials in Authorization header")
+            return self._json({
+                "type": "user", "name": user["name"],
+                "orgs": [{"name": org, "roleInOrg": "write"} for org in user["orgs"]],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user["role"]}},
+            })  # fmt: skip
         with self.state._lock:
             self.state.requests.append((self.command, path))
         api = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+)(?:/(.*))?)?", path)
@@ -211,7 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
                     for name, data in sorted(files.items()) if name.startswith(prefix)
                 ])  # fmt: skip
             return self._json({
-                "id": repo.repo_id, "_id": sha[:24], "sha": sha, "private": False,
+                "id": repo.repo_id, "_id": sha[:24], "sha": sha, "private": repo.private,
                 "gated": "manual" if repo.gated_token else False, "disabled": False,
                 "lastModified": "2026-11-30T12:00:00.000Z", "tags": [], "downloads": 0, "likes": 0,
                 "siblings": [{"rfilename": name, "size": len(data)} for name, data in sorted(files.items())],

@@ -1,0 +1,221 @@
+"""`qlaunch export EXP --run ID | --best [--merge] [--gguf [--gguf-type f16|q8_0]]
+[--push-to-hub REPO [--private | --public]] [-o DIR]`: the subcommand's arguments and its work.
+
+Everything that can refuse is asked before the export job starts: the run exists and finished
+training (`--best`: the run `qlaunch report` ranks first, which needs an evaluated run), and for
+`--push-to-hub` a token (`model.hf_token_env` / `model.hf_token_file`) that the hub says can
+write to the repo's namespace. Then `python -m training.export` (jobspec.export_job) runs on this
+machine, and the folder it wrote is pushed with huggingface_hub (`create_repo` + `upload_folder`).
+The token is passed to the client only: never printed, logged or written.
+
+What was exported where is recorded in `<run dir>/exports.json` (report and `status --json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .errors import QlaunchError
+from .grid import Plan, plan
+from .jobspec import export_job, launcher_environment
+from .storage import RunPaths, read_json, write_json
+
+HELP = "Export a trained run: its adapter, or the merge checked against it (+ GGUF), optionally to the hub."
+EXPORTS_FILE = "exports.json"
+WRITE_ROLES = ("write", "admin", "contributor")
+
+
+def add_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("experiment", help="experiment file")
+    which = command.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="run id (or a unique prefix)")
+    which.add_argument("--best", action="store_true", help="the run `qlaunch report` ranks first")
+    command.add_argument("--merge", action="store_true",
+                         help="merge the adapter into the base (both merge bases checked; the closer ships)")  # fmt: skip
+    command.add_argument("--gguf", action="store_true", help="also a GGUF file for llama.cpp / Ollama (needs --merge)")
+    command.add_argument("--gguf-type", choices=("f16", "q8_0"), default="f16", help="GGUF weights (default f16)")
+    command.add_argument("--push-to-hub", metavar="REPO", help="push the export to this hub repo (user/name)")
+    visibility = command.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=True,
+                            help="a new hub repo is private (the default)")  # fmt: skip
+    visibility.add_argument("--public", dest="private", action="store_false", help="a new hub repo is public")
+    command.add_argument("-o", "--output", help="export folder (default: <run dir>/export)")
+
+
+# ---- choosing the run --------------------------------------------------------------------------
+def pick_run(p: Plan, run_ref: str | None, best: bool) -> RunConfig:
+    from .runner import backend_for
+
+    backend = backend_for(p, None)
+    if best:
+        from . import report
+
+        document = report.build(p, backend, backend.name)
+        evaluated = [r for r in document.runs if r.metric is not None and r.metric.tuned is not None]
+        if not evaluated:
+            raise QlaunchError(
+                f"--best: no run of {p.experiment.name} has been evaluated yet (an inference summary with a "
+                f"metric, from inference.eval_file); name one with --run"
+            )
+        run = next(r for r in p.runs if r.run_id == document.best_run)
+    else:
+        [run] = p.find(run_ref or "")
+    if not RunPaths.of(run).training_completed():
+        state = backend.status(p).get(run.run_id)
+        raise QlaunchError(
+            f"run {run.run_id} has not finished training (state: {state.state.value if state else 'unknown'}): "
+            f"nothing to export (qlaunch status {p.source})"
+        )
+    return run
+
+
+# ---- memory ------------------------------------------------------------------------------------
+# The merge holds the float16 model and, on a CPU, checks it in float32: ~6 bytes per parameter at
+# the peak (+ a fifth for the tokenizer, activations and allocator slack).
+MERGE_BYTES_PER_PARAMETER = 6 * 1.2
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_merge_memory(run: RunConfig, available: int | None = None) -> None:
+    """Refuse a merge this machine cannot hold (a 7B model wants ~45 GiB: a compute node)."""
+    from .preflight import model_shape
+
+    shape = model_shape(run)
+    available = available_memory() if available is None else available
+    if shape is None or available is None:
+        return
+    need = int((shape.linear_params + shape.other_params) * MERGE_BYTES_PER_PARAMETER)
+    if need > available:
+        raise QlaunchError(
+            f"--merge of run {run.run_id} needs about {need / 2**30:.1f} GiB of host memory (the float16 merge, "
+            f"checked in float32), this machine has {available / 2**30:.1f} GiB available: run the export on a "
+            "compute node (README: After training)"
+        )
+
+
+# ---- the hub -----------------------------------------------------------------------------------
+def push_target(run: RunConfig, repo: str) -> tuple[str, str]:
+    """(full repo id, token), once the hub has said the token may write there; else one error."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import read_hf_token
+
+    token = read_hf_token(run)
+    where = run.model.hf_token_file or f"${run.model.hf_token_env}"
+    if not token:
+        raise QlaunchError(f"--push-to-hub {repo}: no hub token ({where} is empty or unset); nothing was exported")
+    try:
+        who = HfApi().whoami(token=token, cache=False)
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise QlaunchError(f"--push-to-hub {repo}: the hub refused the token from {where} (HTTP {status})") from None
+    repo_id = repo if "/" in repo else f"{who['name']}/{repo}"
+    namespace = repo_id.split("/")[0]
+    access = (who.get("auth") or {}).get("accessToken") or {}
+    if access.get("role") == "fineGrained":
+        scoped = (access.get("fineGrained") or {}).get("scoped") or []
+        allowed = any(s.get("entity", {}).get("name") == namespace and "repo.write" in s.get("permissions", [])
+                      for s in scoped)  # fmt: skip
+    else:
+        orgs = {o.get("name"): o.get("roleInOrg") for o in who.get("orgs") or []}
+        allowed = access.get("role") in WRITE_ROLES and (
+            namespace == who["name"] or orgs.get(namespace) in WRITE_ROLES
+        )
+    if not allowed:
+        raise QlaunchError(
+            f"--push-to-hub {repo_id}: the token from {where} (user {who['name']}, role {access.get('role', '?')}) "
+            f"cannot write to {namespace}/; nothing was exported"
+        )
+    return repo_id, token
+
+
+def push(folder: Path, repo_id: str, token: str, private: bool) -> dict[str, Any]:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
+                             commit_message=f"qlaunch export of {folder.name}")  # fmt: skip
+    # An existing repo keeps its visibility: record what the hub says it is.
+    private = bool(api.model_info(repo_id, revision=info.oid, token=token).private)
+    return {"repo_id": repo_id, "private": private, "revision": info.oid, "url": str(url)}
+
+
+# ---- the command -------------------------------------------------------------------------------
+def record_export(run: RunConfig, entry: dict[str, Any]) -> None:
+    """Append to `<run dir>/exports.json`: what `qlaunch report` and `status --json` show."""
+    path = RunPaths.of(run).root / EXPORTS_FILE
+    exports = (read_json(path) or {}).get("exports", [])
+    exports = [e for e in exports if e.get("path") != entry["path"]] + [entry]
+    write_json(path, {"exports": exports})
+
+
+def exports_of(run: RunConfig) -> list[dict[str, Any]]:
+    exports = (read_json(RunPaths.of(run).root / EXPORTS_FILE) or {}).get("exports", [])
+    return [e for e in exports if isinstance(e, dict)]
+
+
+def run_logged(command: list[str], log: Path) -> int:
+    """The export job on this machine: its output on the terminal and appended to its log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(command, env=launcher_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert process.stdout is not None
+        for line in process.stdout:
+            handle.write(line)
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+        return process.wait()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.gguf and not args.merge:
+        raise QlaunchError("--gguf writes the merged model: add --merge")
+    p = plan(args.experiment)
+    run = pick_run(p, args.run, args.best)
+    if args.merge:
+        check_merge_memory(run)
+    target = push_target(run, args.push_to_hub) if args.push_to_hub else None
+    out = Path(args.output).expanduser().resolve() if args.output else RunPaths.of(run).root / "export"
+    job = export_job(run, str(out), args.merge, args.gguf_type if args.gguf else None)
+    print(f"exporting run {run.run_id} ({'merge' + (' + GGUF ' + args.gguf_type if args.gguf else '') if args.merge else 'adapter'})"
+          f" to {out}", flush=True)  # fmt: skip
+    code = run_logged(job.placed(python=sys.executable).command, Path(job.log))
+    if code != 0:
+        error = QlaunchError(f"the export of run {run.run_id} failed (exit {code}, above); nothing was pushed")
+        error.exit_code = code
+        raise error
+    record = read_json(out / "export.json") or {}
+    entry: dict[str, Any] = {"path": str(out), "kind": record.get("kind"), "at": round(time.time(), 3),
+                             "merge_base": (record.get("merge_check") or {}).get("chosen"),
+                             "gguf": (record.get("gguf") or {}).get("file")}  # fmt: skip
+    if target:
+        repo_id, token = target
+        try:
+            hub = push(out, repo_id, token, args.private)
+        except Exception as exc:  # noqa: BLE001 - one line, the token blanked
+            raise QlaunchError(f"--push-to-hub {repo_id}: {str(exc).replace(token, '***')}") from None
+        record["hub"] = hub
+        write_json(out / "export.json", record)
+        (out / "export.json").chmod(0o644)  # as the job left it: readable by whoever uses the export
+        entry["hub"] = hub
+        print(f"pushed to {hub['url']} at {hub['revision']} ({'private' if hub['private'] else 'public'})")
+    record_export(run, entry)
+    print(f"export of run {run.run_id}: {out}")
+    return 0
