@@ -56,7 +56,7 @@ def headline(summary: SearchSummary) -> str:
 def rung_lines(summary: SearchSummary) -> list[str]:
     lines = []
     for rung in summary.rungs:
-        size = f" ({rung.at:,} {rung.unit})" if rung.at else ""
+        size = f" ({rung.at:,} {rung.unit[:-1] if rung.at == 1 else rung.unit})" if rung.at and rung.unit else ""
         ordered = sorted(rung.results.items(), key=lambda item: item[1] * (1 if summary.mode == "min" else -1))
         values = ", ".join(f"{rid} {value:.4f}{' ✗' if rid in rung.stopped else ''}" for rid, value in ordered)
         lines.append(f"rung {rung.rung}{size}: {len(rung.continued)} went on, {len(rung.stopped)} stopped — {values}")

@@ -49,7 +49,8 @@ class Decision:
 
     def describe(self, metric: str) -> str:
         verdict = "stopped" if self.prune else "continues"
-        return (f"rung {self.rung} ({self.at} {self.unit}): {metric} {self.value:.4f}, rank {self.rank} of "
+        unit = self.unit[:-1] if self.at == 1 else self.unit
+        return (f"rung {self.rung} ({self.at} {unit}): {metric} {self.value:.4f}, rank {self.rank} of "
                 f"{self.competitors} (top {self.keep} continue): {verdict}")  # fmt: skip
 
 

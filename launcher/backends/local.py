@@ -9,6 +9,8 @@ A second Ctrl-C kills them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import signal
@@ -322,10 +324,15 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 def start_order(plan: Plan) -> list[RunConfig]:
     """The order runs start in. A grid's own order puts all values of its first key together
     (every run of a bad learning rate first); asha compares each run with those that reached a
-    rung before it, so an asha grid starts in an order that mixes them: by run id (a hash)."""
-    if plan.experiment.search.strategy == "asha":
-        return sorted(plan.runs, key=lambda run: run.run_id)
-    return list(plan.runs)
+    rung before it, so an asha grid starts in an order that mixes them: by a hash of each run's
+    grid values (the same order on every machine, whatever the paths)."""
+    if plan.experiment.search.strategy != "asha":
+        return list(plan.runs)
+
+    def mixed(run: RunConfig) -> str:
+        return hashlib.sha256(json.dumps(run.overrides, sort_keys=True, default=str).encode()).hexdigest()
+
+    return sorted(plan.runs, key=mixed)
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
