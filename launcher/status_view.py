@@ -277,7 +277,7 @@ def _min_width(header: str, cells: list, name: str) -> int:
     words = header.split()
     for cell in cells:
         text = _plain(cell)
-        words += [_state_word(text)] if name == "state" else text.split()
+        words += _state_words(text) if name == "state" else text.split()
     return max(map(cell_len, words), default=1)
 
 
@@ -285,8 +285,10 @@ def _natural_width(header: str, cells: list) -> int:
     return max(cell_len(line) for text in [header, *map(_plain, cells)] for line in text.split("\n"))
 
 
-def _state_word(cell: str) -> str:
-    return cell.split(" ", 1)[0]  # "not started" may go over two lines on a narrow terminal
+def _state_words(cell: str) -> list[str]:
+    """The state's own words (not its detail in parentheses): "not started" may go over two
+    lines on a narrow terminal, but never breaks inside "started"."""
+    return cell.split(" (", 1)[0].split()
 
 
 def _allocate(columns: dict[str, list], headers: dict[str, str], keys: set[str], width: int) -> dict[str, int] | None:
