@@ -6,6 +6,9 @@
                                 forward pass and come back, on a side stream, in the backward;
                                 "sync": the same copies on the compute stream (no side-stream
                                 pool, no forward stash: least memory, the copies not hidden)
+    train.padding_free          auto (default): without packing, each micro-batch's examples in one
+                                row, position ids restarting per example, no padding computed
+                                (training/packing.py); the same examples and loss per example
     train.expandable_segments   PyTorch's allocator grows segments in place instead of keeping
                                 one block per size class: less reserved-but-unused memory
     train.gradient_checkpointing: selective
@@ -38,6 +41,19 @@ def liger_decision(
     if liger_version is None:
         return False, f"Liger kernels: off ({asked}; liger-kernel is not installed: pip install liger-kernel)"
     return True, f"Liger kernels: on ({asked}; liger-kernel {liger_version}): fused RMSNorm, RoPE, SwiGLU"
+
+
+def padding_free_decision(setting: bool | str, *, packing: bool, batch_size: int) -> tuple[bool, str]:
+    """(flatten each micro-batch into one row, the one log line saying why)."""
+    if packing:
+        return False, "padding-free batches: packed rows already carry no padding (train.packing: true)"
+    if setting is False:
+        return False, "padding-free batches: off (train.padding_free: false): micro-batches padded to their longest example"
+    asked = "train.padding_free: true" if setting is True else "auto"
+    if batch_size < 2 and setting == "auto":
+        return False, f"padding-free batches: off ({asked}; one example per micro-batch: nothing is padded)"
+    return True, (f"padding-free batches: on ({asked}): each micro-batch's examples in one row, "
+                  "each attending only to itself, no padding computed")
 
 
 def installed_liger_version() -> str | None:
