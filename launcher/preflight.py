@@ -37,6 +37,11 @@ MiB = 1024**2
 
 # trl's SFTConfig.max_length default: what a run with max_seq_length: null truncates to.
 TRL_DEFAULT_MAX_LENGTH = 1024
+# train.padding_free: auto flattens a micro-batch only while its row can hold no more than this
+# many tokens (batch × max_length): without a varlen kernel (a T4 has no FlashAttention-2) SDPA
+# gets a block-diagonal mask over the whole row, whose memory and attention work grow with the
+# square of the row (4096 tokens: 48 MiB; 65536: 12 GiB). Larger token budgets: train.packing.
+PADDING_FREE_MAX_ROW = 8192
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,7 @@ class StepShape:
     row_length: int  # longest row attention runs over
     rows: int
     packed: bool  # several examples per row, separated by a block-diagonal mask
+    flattened: bool = False  # unpacked examples concatenated into one row (train.padding_free)
 
 
 def step_shape(run: RunConfig) -> StepShape:
@@ -234,9 +240,13 @@ def step_shape(run: RunConfig) -> StepShape:
     padding_free = bool(extra.get("padding_free", False)) or (
         packing and extra.get("packing_strategy", "bfd") in ("bfd", "bfd_split")
     )
+    if not packing and "padding_free" not in extra:
+        # train.padding_free (auto: on from two examples per micro-batch), training/levers.py
+        setting = train.padding_free
+        padding_free = setting is True or (setting == "auto" and 1 < batch and batch * max_length <= PADDING_FREE_MAX_ROW)
     if padding_free and not packing:
         # trl's padding-free collator concatenates the micro-batch into one row.
-        return StepShape(batch * max_length, batch * max_length, 1, True)
+        return StepShape(batch * max_length, batch * max_length, 1, True, flattened=True)
     if padding_free:
         # The trainer keeps packed rows apart (training/packing.py) unless the model runs
         # FlashAttention-2, whose varlen kernel needs no mask; rows are what a T4 gets.
@@ -369,9 +379,12 @@ def _offloading_mode(run: RunConfig) -> str | None:
 
 
 def _liger(run: RunConfig) -> bool:
-    """Only an explicit `true` counts: `auto` depends on the job's machine, which preflight cannot
-    see, and counting Liger off errs on the side of more memory."""
-    return run.train.sft_args.get("use_liger_kernel", run.train.use_liger_kernel) is True
+    """`true`, and `auto` (the default) on a GPU Triton supports: every known resources.gpu_type
+    (compute capability >= 7.0). `auto` also needs liger-kernel where the job runs (the `fast`
+    extra, which the bench and the profiles' measurements had); a job without it says so in its
+    log and needs the memory of `use_liger_kernel: false`."""
+    value = run.train.sft_args.get("use_liger_kernel", run.train.use_liger_kernel)
+    return value is True or (value == "auto" and normalise_gpu(run.resources.gpu_type) in GPU_MEMORY)
 
 
 def _activation_bytes_per_token(

@@ -18,14 +18,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_decision_follows_setting_packing_and_batch():
-    assert padding_free_decision("auto", packing=False, batch_size=4)[0] is True
-    assert padding_free_decision(True, packing=False, batch_size=1)[0] is True
-    off, line = padding_free_decision("auto", packing=False, batch_size=1)
+    assert padding_free_decision("auto", packing=False, batch_size=4, max_length=1024)[0] is True
+    assert padding_free_decision(True, packing=False, batch_size=1, max_length=1024)[0] is True
+    off, line = padding_free_decision("auto", packing=False, batch_size=1, max_length=1024)
     assert not off and "nothing is padded" in line
-    off, line = padding_free_decision(False, packing=False, batch_size=4)
+    off, line = padding_free_decision(False, packing=False, batch_size=4, max_length=1024)
     assert not off and "train.padding_free: false" in line
-    off, line = padding_free_decision("auto", packing=True, batch_size=12)
+    off, line = padding_free_decision("auto", packing=True, batch_size=12, max_length=1024)
     assert not off and "packed rows" in line
+    # a row that could hold 64k tokens: SDPA's block mask alone would take 12 GiB
+    off, line = padding_free_decision("auto", packing=False, batch_size=64, max_length=1024)
+    assert not off and "train.packing: true" in line
+    assert padding_free_decision(True, packing=False, batch_size=64, max_length=1024)[0] is True
+
+
+def test_preflight_counts_the_flattened_row(tiny_plan, tmp_path):
+    from launcher.preflight import step_shape
+
+    (default,) = tiny_plan(tmp_path / "a", train={"per_device_train_batch_size": 4, "max_seq_length": 1024}).runs
+    assert step_shape(default) == step_shape(default).__class__(4096, 4096, 1, True, flattened=True)
+    (padded,) = tiny_plan(tmp_path / "b", train={"per_device_train_batch_size": 4, "max_seq_length": 1024,
+                                                 "padding_free": False}).runs
+    assert step_shape(padded).rows == 4 and not step_shape(padded).flattened
+    (large,) = tiny_plan(tmp_path / "c", train={"per_device_train_batch_size": 64, "max_seq_length": 1024}).runs
+    assert step_shape(large).rows == 64  # auto stays off: padded rows
 
 
 def flat_and_padded(examples):

@@ -43,8 +43,12 @@ def liger_decision(
     return True, f"Liger kernels: on ({asked}; liger-kernel {liger_version}): fused RMSNorm, RoPE, SwiGLU"
 
 
-def padding_free_decision(setting: bool | str, *, packing: bool, batch_size: int) -> tuple[bool, str]:
-    """(flatten each micro-batch into one row, the one log line saying why)."""
+def padding_free_decision(
+    setting: bool | str, *, packing: bool, batch_size: int, max_length: int | None
+) -> tuple[bool, str]:
+    """(flatten each micro-batch into one row, the one log line saying why). `auto` stops where
+    the row could outgrow PADDING_FREE_MAX_ROW tokens (SDPA's mask grows with its square)."""
+    from launcher.preflight import PADDING_FREE_MAX_ROW
     if packing:
         return False, "padding-free batches: packed rows already carry no padding (train.packing: true)"
     if setting is False:
@@ -52,6 +56,10 @@ def padding_free_decision(setting: bool | str, *, packing: bool, batch_size: int
     asked = "train.padding_free: true" if setting is True else "auto"
     if batch_size < 2 and setting == "auto":
         return False, f"padding-free batches: off ({asked}; one example per micro-batch: nothing is padded)"
+    if setting == "auto" and batch_size * (max_length or 0) > PADDING_FREE_MAX_ROW:
+        return False, (f"padding-free batches: off ({asked}; a row of {batch_size} x {max_length} tokens would "
+                       f"exceed {PADDING_FREE_MAX_ROW}, and SDPA's mask grows with its square: "
+                       "train.packing: true trains such budgets without padding)")
     return True, (f"padding-free batches: on ({asked}): each micro-batch's examples in one row, "
                   "each attending only to itself, no padding computed")
 

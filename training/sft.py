@@ -207,7 +207,8 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     if use_packed_rows(trainer, model):
         log("packing: rows of max_seq_length tokens, each example attending only to itself")
     flatten, line = padding_free_decision(
-        run.train.padding_free, packing=bool(sft_config.packing), batch_size=sft_config.per_device_train_batch_size
+        run.train.padding_free, packing=bool(sft_config.packing), batch_size=sft_config.per_device_train_batch_size,
+        max_length=sft_config.max_length,
     )
     if not getattr(trainer, "padding_free", False):  # sft_args.padding_free: trl's own collator
         if flatten:
