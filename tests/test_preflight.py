@@ -200,7 +200,7 @@ def measured_runs(tmp_path):
         size = "13b" if r["profile"].startswith("13b:") else "7b"
         run = RunConfig.model_validate({
             "name": "bench", "run_id": "0123456789", "run_dir": str(tmp_path),
-            "model": {"name_or_path": f"meta-llama/Llama-2-{size}-hf"}, "train": r["train"],
+            "model": {"name_or_path": f"meta-llama/Llama-2-{size}-hf"}, "train": {"padding_free": False, **r["train"]},
             "lora": {"target_modules": r["lora_target_modules"]}, "resources": {"gpu_type": "t4"},
         })
         yield r, run
