@@ -136,7 +136,13 @@ LAYER_I = 4
 BACKWARD_H = 4  # gradient buffers of the layer being back-propagated
 BACKWARD_I = 3
 HEAD_H = 4  # the fused LM head's gathered hidden states and their gradient
-LORA_DROPOUT_BYTES_PER_INPUT = 3  # dropout output (fp16) + mask (bool) per adapted input feature
+# LoRA keeps its A projection's input for the A gradient, per adapted input feature: the adapters
+# are fp32 (fp16 runs keep them so; peft casts the input to their dtype), so under autocast the
+# input is saved as the fp16 copy the matmul makes (2 bytes), without mixed precision as the fp32
+# one (4); lora.dropout > 0 adds its mask (1 byte). Liger's kernels do not touch these.
+LORA_INPUT_BYTES_HALF = 2
+LORA_INPUT_BYTES_FP32 = 4
+LORA_DROPOUT_MASK_BYTES = 1
 # PyTorch's caching allocator reserves more than it hands out: a fixed part (cuBLAS workspaces,
 # dequantised weight tiles) and a part that grows with the activation blocks it recycles.
 FIXED_OVERHEAD_BYTES = 450 * MiB
@@ -392,11 +398,15 @@ def _activation_bytes_per_token(
 ) -> float:
     h, i, layers = shape.hidden_size, shape.intermediate_size, shape.num_layers
     scale = compute_bytes / 2  # coefficients are for fp16 activations
-    lora_inputs = sum(shape.linear_shapes()[t][0] for t in targets) if run.lora.dropout > 0 else 0
-    saved_layer = (LAYER_H * h + LAYER_I * i) * scale + LORA_DROPOUT_BYTES_PER_INPUT * lora_inputs
+    lora_inputs = sum(shape.linear_shapes()[t][0] for t in targets)
+    half = run.train.fp16 or run.train.bf16 or bool(run.train.sft_args.get("fp16") or run.train.sft_args.get("bf16"))
+    lora_bytes = (LORA_INPUT_BYTES_HALF if half else LORA_INPUT_BYTES_FP32) + (
+        LORA_DROPOUT_MASK_BYTES if run.lora.dropout > 0 else 0)
+    saved_layer = (LAYER_H * h + LAYER_I * i) * scale
     backward_layer = (BACKWARD_H * h + BACKWARD_I * i) * scale
     if _liger(run):
         saved_layer, backward_layer = LIGER_LAYER_FACTOR * saved_layer, LIGER_LAYER_FACTOR * backward_layer
+    saved_layer += lora_bytes * lora_inputs
     head = HEAD_H * h * scale
     mode = checkpointing_mode(run)
     offload = _offloading_mode(run)

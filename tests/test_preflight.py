@@ -153,7 +153,7 @@ def test_table_shows_the_verdict_and_advice(tmp_path):
         tmp_path,
         """
         resources: {gpu_type: t4}
-        grid: {train.per_device_train_batch_size: [4, 64]}
+        grid: {train.per_device_train_batch_size: [4, 48]}
         """,
     )
     console = Console(record=True, width=250)
@@ -162,7 +162,7 @@ def test_table_shows_the_verdict_and_advice(tmp_path):
     for estimate in estimates:
         assert estimate.run_id in text
     assert "yes" in text and "no" in text
-    assert "activation_offloading" in text  # the lean levers make the batch of 64 fit
+    assert "activation_offloading" in text  # the lean levers make the batch of 48 fit
 
 
 def test_a_run_that_does_not_fit_is_told_the_lean_lever_that_makes_it_fit(tmp_path):
