@@ -1,9 +1,10 @@
 """The profiles the throughput bench compares: each is a set of experiment-file values.
 
-`notebook` is the Llama-2 QLoRA Colab recipe users copy, which the experiment model's defaults
-follow (batch 4 padded to the longest example, no packing, gradient checkpointing, LoRA r=64 on
-q/v, 4-bit NF4 with fp16 compute), without Liger (the notebook has none; qlaunch's default is
-`use_liger_kernel: auto`). `t4` is examples/profiles/t4-fast.yaml with Liger off, the baseline the
+`notebook` is the Llama-2 QLoRA Colab recipe users copy (batch 4 padded to the longest example, no
+packing, gradient checkpointing, LoRA r=64 on q/v, 4-bit NF4 with fp16 compute), without Liger
+(the notebook has none) and with padded batches (`padding_free: false`). `notebook+liger` is what
+an experiment file without a profile got before padding-free batches (Liger `auto`, padded);
+`default` is what it gets now: the same recipe with `padding_free: auto` and Liger `auto`. `t4` is examples/profiles/t4-fast.yaml with Liger off, the baseline the
 levers are measured against one at a time; `t4+liger` is t4-fast.yaml as users get it on a GPU
 with liger-kernel installed (auto → on). `t4-lean` is examples/profiles/t4-lean.yaml.
 """
@@ -43,10 +44,25 @@ def profiles() -> dict[str, tuple[str, dict[str, Any]]]:
     """name → (what it changes, recipe sections)."""
     t4 = merged(t4_profile(), train={"use_liger_kernel": False})
     lean = profile_file(LEAN_PROFILE_FILE)
-    notebook: dict[str, Any] = {"train": {"use_liger_kernel": False}}
+    notebook: dict[str, Any] = {"train": {"use_liger_kernel": False, "padding_free": False}}
+    fast_all = merged(t4_profile(), lora={"target_modules": "all-linear"})
+    lean_all = merged(lean, lora={"target_modules": "all-linear"})
     budget = t4["train"]["per_device_train_batch_size"] * t4["train"]["max_seq_length"]
     return {
         "notebook": ("the notebook recipe (the experiment model's defaults)", notebook),
+        "notebook+liger": ("the defaults before padding-free batches: notebook + Liger auto, padded",
+                           merged(notebook, train={"use_liger_kernel": "auto"})),
+        "default-noliger": ("no profile, Liger off: padding-free batches only (same examples and loss per step)",
+                            {"train": {"use_liger_kernel": False}}),
+        "default": ("no profile at all: the defaults (padding_free auto + use_liger_kernel auto)", {}),
+        "t4-fast+all-linear": ("t4-fast.yaml with LoRA on all 7 linear layers", fast_all),
+        "t4-fast+all-linear+dropout0": ("t4-fast + all-linear, lora.dropout 0 (peft skips the dropout)",
+                                        merged(fast_all, lora={"dropout": 0.0})),
+        "t4-fast+all-linear+dq": ("t4-fast + all-linear + double quantisation",
+                                  merged(fast_all, quantization={"bnb_4bit_use_double_quant": True})),
+        "t4-lean+all-linear": ("t4-lean.yaml with LoRA on all 7 linear layers", lean_all),
+        "t4-lean+all-linear+dropout0": ("t4-lean + all-linear, lora.dropout 0",
+                                        merged(lean_all, lora={"dropout": 0.0})),
         "notebook+fp16": ("notebook + fp16 mixed precision (train.fp16)",
                           merged(notebook, train={"fp16": True})),
         "notebook+fp16+packed": ("+ packed rows, per-example attention, same 4×1024 tokens per step",

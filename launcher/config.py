@@ -116,6 +116,11 @@ class TrainConfig(Section):
     # auto: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) when CUDA and liger-kernel are there;
     # they change no math (bench/RESULTS.md). Resolved when the job starts (training/arguments.py).
     use_liger_kernel: bool | Literal["auto"] = "auto"
+    # auto: without packing, each micro-batch's examples are concatenated into one row with
+    # position ids restarting at every example (trl's padding-free collator): no padding is
+    # computed, each example attends only to itself, same examples per step and same loss per
+    # example as padded rows. false: pad each micro-batch to its longest example (the notebook).
+    padding_free: bool | Literal["auto"] = "auto"
     # Memory levers that change no math (examples/profiles/t4-lean.yaml): trl's offloading of
     # checkpointed activations to CPU memory ("sync": copies on the compute stream, no side
     # stream and its memory pool: least memory, slower), and PyTorch's expandable segments.

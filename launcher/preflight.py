@@ -37,6 +37,11 @@ MiB = 1024**2
 
 # trl's SFTConfig.max_length default: what a run with max_seq_length: null truncates to.
 TRL_DEFAULT_MAX_LENGTH = 1024
+# train.padding_free: auto flattens a micro-batch only while its row can hold no more than this
+# many tokens (batch × max_length): without a varlen kernel (a T4 has no FlashAttention-2) SDPA
+# gets a block-diagonal mask over the whole row, whose memory and attention work grow with the
+# square of the row (4096 tokens: 48 MiB; 65536: 12 GiB). Larger token budgets: train.packing.
+PADDING_FREE_MAX_ROW = 8192
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,13 @@ LAYER_I = 4
 BACKWARD_H = 4  # gradient buffers of the layer being back-propagated
 BACKWARD_I = 3
 HEAD_H = 4  # the fused LM head's gathered hidden states and their gradient
-LORA_DROPOUT_BYTES_PER_INPUT = 3  # dropout output (fp16) + mask (bool) per adapted input feature
+# LoRA keeps its A projection's input for the A gradient, per adapted input feature: the adapters
+# are fp32 (fp16 runs keep them so; peft casts the input to their dtype), so under autocast the
+# input is saved as the fp16 copy the matmul makes (2 bytes), without mixed precision as the fp32
+# one (4); lora.dropout > 0 adds its mask (1 byte). Liger's kernels do not touch these.
+LORA_INPUT_BYTES_HALF = 2
+LORA_INPUT_BYTES_FP32 = 4
+LORA_DROPOUT_MASK_BYTES = 1
 # PyTorch's caching allocator reserves more than it hands out: a fixed part (cuBLAS workspaces,
 # dequantised weight tiles) and a part that grows with the activation blocks it recycles.
 FIXED_OVERHEAD_BYTES = 450 * MiB
@@ -223,6 +234,7 @@ class StepShape:
     row_length: int  # longest row attention runs over
     rows: int
     packed: bool  # several examples per row, separated by a block-diagonal mask
+    flattened: bool = False  # unpacked examples concatenated into one row (train.padding_free)
 
 
 def step_shape(run: RunConfig) -> StepShape:
@@ -234,9 +246,13 @@ def step_shape(run: RunConfig) -> StepShape:
     padding_free = bool(extra.get("padding_free", False)) or (
         packing and extra.get("packing_strategy", "bfd") in ("bfd", "bfd_split")
     )
+    if not packing and "padding_free" not in extra:
+        # train.padding_free (auto: on from two examples per micro-batch), training/levers.py
+        setting = train.padding_free
+        padding_free = setting is True or (setting == "auto" and 1 < batch and batch * max_length <= PADDING_FREE_MAX_ROW)
     if padding_free and not packing:
         # trl's padding-free collator concatenates the micro-batch into one row.
-        return StepShape(batch * max_length, batch * max_length, 1, True)
+        return StepShape(batch * max_length, batch * max_length, 1, True, flattened=True)
     if padding_free:
         # The trainer keeps packed rows apart (training/packing.py) unless the model runs
         # FlashAttention-2, whose varlen kernel needs no mask; rows are what a T4 gets.
@@ -369,9 +385,12 @@ def _offloading_mode(run: RunConfig) -> str | None:
 
 
 def _liger(run: RunConfig) -> bool:
-    """Only an explicit `true` counts: `auto` depends on the job's machine, which preflight cannot
-    see, and counting Liger off errs on the side of more memory."""
-    return run.train.sft_args.get("use_liger_kernel", run.train.use_liger_kernel) is True
+    """`true`, and `auto` (the default) on a GPU Triton supports: every known resources.gpu_type
+    (compute capability >= 7.0). `auto` also needs liger-kernel where the job runs (the `fast`
+    extra, which the bench and the profiles' measurements had); a job without it says so in its
+    log and needs the memory of `use_liger_kernel: false`."""
+    value = run.train.sft_args.get("use_liger_kernel", run.train.use_liger_kernel)
+    return value is True or (value == "auto" and normalise_gpu(run.resources.gpu_type) in GPU_MEMORY)
 
 
 def _activation_bytes_per_token(
@@ -379,11 +398,15 @@ def _activation_bytes_per_token(
 ) -> float:
     h, i, layers = shape.hidden_size, shape.intermediate_size, shape.num_layers
     scale = compute_bytes / 2  # coefficients are for fp16 activations
-    lora_inputs = sum(shape.linear_shapes()[t][0] for t in targets) if run.lora.dropout > 0 else 0
-    saved_layer = (LAYER_H * h + LAYER_I * i) * scale + LORA_DROPOUT_BYTES_PER_INPUT * lora_inputs
+    lora_inputs = sum(shape.linear_shapes()[t][0] for t in targets)
+    half = run.train.fp16 or run.train.bf16 or bool(run.train.sft_args.get("fp16") or run.train.sft_args.get("bf16"))
+    lora_bytes = (LORA_INPUT_BYTES_HALF if half else LORA_INPUT_BYTES_FP32) + (
+        LORA_DROPOUT_MASK_BYTES if run.lora.dropout > 0 else 0)
+    saved_layer = (LAYER_H * h + LAYER_I * i) * scale
     backward_layer = (BACKWARD_H * h + BACKWARD_I * i) * scale
     if _liger(run):
         saved_layer, backward_layer = LIGER_LAYER_FACTOR * saved_layer, LIGER_LAYER_FACTOR * backward_layer
+    saved_layer += lora_bytes * lora_inputs
     head = HEAD_H * h * scale
     mode = checkpointing_mode(run)
     offload = _offloading_mode(run)

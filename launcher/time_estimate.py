@@ -18,8 +18,8 @@ unchanged, on an H200 (bench/RESULTS.md). For a GPU without measurements (a T4) 
 efficiencies are applied to its datasheet peak and bandwidth, with its sustained clock under its
 power cap: that is the estimate's basis, not a measurement.
 
-Liger counts only when `use_liger_kernel: true` (`auto` depends on the job's machine, which this
-cannot see: counted off, the slower estimate). Tokens per run: `max_steps` × tokens per step, or the dataset's tokens (a local .jsonl/.json:
+Liger counts when `use_liger_kernel` is `true` or `auto` (preflight's rule: on for every known GPU
+type, where liger-kernel is installed). Tokens per run: `max_steps` × tokens per step, or the dataset's tokens (a local .jsonl/.json:
 characters / 4, the usual English rate of Llama-family tokenizers) × epochs. No torch here.
 """
 
@@ -236,7 +236,7 @@ def estimate_time(run: RunConfig) -> TimeEstimate:
     lengths = example_lengths(run)
     if lengths is not None:
         lengths = [min(n, max_length) for n in lengths]
-    if step.packed:
+    if step.packed and not step.flattened:
         fill = 0.995  # best-fit decreasing leaves a few tokens per row empty
         micro_tokens, real_per_micro = step.tokens, step.tokens * fill
         rows_per_epoch = None if lengths is None else math.ceil(sum(lengths) / (max_length * fill))
@@ -246,7 +246,10 @@ def estimate_time(run: RunConfig) -> TimeEstimate:
         if mean is None:
             real_per_micro = micro_tokens = step.tokens  # worst case: every example max_length long
         else:
-            padding = GROUPED_PADDING if train.group_by_length else _random_padding(lengths, batch)
+            if step.flattened:
+                padding = 1.0  # padding-free: the row is the examples' tokens only
+            else:
+                padding = GROUPED_PADDING if train.group_by_length else _random_padding(lengths, batch)
             real_per_micro = mean * batch
             micro_tokens = min(step.tokens, real_per_micro * padding)
         units_per_epoch = None if lengths is None else len(lengths)
@@ -257,9 +260,13 @@ def estimate_time(run: RunConfig) -> TimeEstimate:
     else:
         estimate.note = _unknown_size_note(run)
         return estimate
-    rows = step.rows if step.packed else batch
-    row_length = step.row_length if step.packed else max(1, round(micro_tokens / max(1, batch)))
-    seconds_per_micro = step_seconds(run, shape, spec, micro_tokens, rows, row_length, step.packed)
+    if step.flattened:  # one row of the micro-batch's examples; its shape still changes every step
+        rows, row_length, packed = 1, max(1, round(micro_tokens)), False
+    else:
+        rows = step.rows if step.packed else batch
+        row_length = step.row_length if step.packed else max(1, round(micro_tokens / max(1, batch)))
+        packed = step.packed
+    seconds_per_micro = step_seconds(run, shape, spec, micro_tokens, rows, row_length, packed)
     seconds_per_step = seconds_per_micro * train.gradient_accumulation_steps
     if gpus > 1:
         seconds_per_step /= DATA_PARALLEL_EFFICIENCY

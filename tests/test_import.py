@@ -250,3 +250,23 @@ def test_sft_py_evaluation_flags_have_homes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: --report_to comet_ml: not mapped: qlaunch's trackers are tensorboard, wandb, mlflow" in err
     assert "warning: --eval_strategy: evaluated on dataset.test_size: 0.05" in err
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_an_all_linear_axolotl_config_gets_the_fast_path(tmp_path, packing):
+    """lora_target_linear: true with Axolotl's Liger plugin: all-linear LoRA, Liger on, and no padding
+    computed: packed rows with sample_packing, one padding-free row per micro-batch without it."""
+    from launcher.preflight import _liger, step_shape
+
+    source = yaml.safe_load((DATA / "axolotl-llama2-qlora.yml").read_text())
+    source.update(sample_packing=packing, sequence_len=2048, plugins=["axolotl.integrations.liger.LigerPlugin"],
+                  liger_rope=True, liger_rms_norm=True, liger_glu_activation=True,
+                  liger_fused_linear_cross_entropy=True)
+    config = tmp_path / "axolotl.yml"
+    config.write_text(yaml.safe_dump(source))
+    path, text = imported(tmp_path, str(config))
+    assert "use_liger_kernel: true  # axolotl liger_rope: true" in text
+    (run,) = plan(path).runs
+    assert run.lora.target_modules == "all-linear" and _liger(run)
+    step = step_shape(run)
+    assert (step.packed, step.flattened, step.rows) == ((True, False, 2) if packing else (True, True, 1))

@@ -79,7 +79,7 @@ def test_predicted_training_time_is_within_20_percent_of_the_measured_h200_runs(
         size = "13b" if r["profile"].startswith("13b:") else "7b"
         run = RunConfig.model_validate({
             "name": "bench", "run_id": "0123456789", "run_dir": str(tmp_path),
-            "model": {"name_or_path": f"llama-2-{size}"}, "train": r["train"],
+            "model": {"name_or_path": f"llama-2-{size}"}, "train": {"padding_free": False, **r["train"]},
             "lora": {"target_modules": r["lora_target_modules"]}, "resources": {"gpu_type": "h200"},
         })
         if not r["train"]["packing"]:

@@ -6,6 +6,9 @@
                                 forward pass and come back, on a side stream, in the backward;
                                 "sync": the same copies on the compute stream (no side-stream
                                 pool, no forward stash: least memory, the copies not hidden)
+    train.padding_free          auto (default): without packing, each micro-batch's examples in one
+                                row, position ids restarting per example, no padding computed
+                                (training/packing.py); the same examples and loss per example
     train.expandable_segments   PyTorch's allocator grows segments in place instead of keeping
                                 one block per size class: less reserved-but-unused memory
     train.gradient_checkpointing: selective
@@ -38,6 +41,27 @@ def liger_decision(
     if liger_version is None:
         return False, f"Liger kernels: off ({asked}; liger-kernel is not installed: pip install liger-kernel)"
     return True, f"Liger kernels: on ({asked}; liger-kernel {liger_version}): fused RMSNorm, RoPE, SwiGLU"
+
+
+def padding_free_decision(
+    setting: bool | str, *, packing: bool, batch_size: int, max_length: int | None
+) -> tuple[bool, str]:
+    """(flatten each micro-batch into one row, the one log line saying why). `auto` stops where
+    the row could outgrow PADDING_FREE_MAX_ROW tokens (SDPA's mask grows with its square)."""
+    from launcher.preflight import PADDING_FREE_MAX_ROW
+    if packing:
+        return False, "padding-free batches: packed rows already carry no padding (train.packing: true)"
+    if setting is False:
+        return False, "padding-free batches: off (train.padding_free: false): micro-batches padded to their longest example"
+    asked = "train.padding_free: true" if setting is True else "auto"
+    if batch_size < 2 and setting == "auto":
+        return False, f"padding-free batches: off ({asked}; one example per micro-batch: nothing is padded)"
+    if setting == "auto" and batch_size * (max_length or 0) > PADDING_FREE_MAX_ROW:
+        return False, (f"padding-free batches: off ({asked}; a row of {batch_size} x {max_length} tokens would "
+                       f"exceed {PADDING_FREE_MAX_ROW}, and SDPA's mask grows with its square: "
+                       "train.packing: true trains such budgets without padding)")
+    return True, (f"padding-free batches: on ({asked}): each micro-batch's examples in one row, "
+                  "each attending only to itself, no padding computed")
 
 
 def installed_liger_version() -> str | None:

@@ -1,4 +1,5 @@
-"""Packed rows with per-example attention, for GPUs without FlashAttention-2 (a T4).
+"""Packed rows with per-example attention, for GPUs without FlashAttention-2 (a T4); padding-free
+micro-batches without packing (`use_padding_free`).
 
 trl's packing (best-fit decreasing) fills rows of `max_length` tokens with whole examples, then its
 padding-free collator concatenates the whole micro-batch into ONE row and relies on a varlen
@@ -68,3 +69,25 @@ def use_packed_rows(trainer, model) -> bool:
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     trainer.data_collator = PackedRowsCollator(tokenizer.pad_token_id)
     return True
+
+
+def use_padding_free(trainer) -> None:
+    """Without packing: trl's padding-free collator instead of its padding one. Each micro-batch's
+    examples (truncated to max_length by trl's dataset preparation, as before) are concatenated
+    into one row with position ids restarting at every example and no attention mask, from which
+    transformers builds the block-diagonal causal mask (SDPA, eager) or the varlen boundaries
+    (FlashAttention). The label of each example's first token is ignored, which is what shifting
+    does to a padded row anyway: the same tokens are predicted from the same context, so each
+    example's loss, and the batch's token-averaged loss, equal the padded batch's. trl itself
+    refuses `padding_free` without packing when max_length is set (it would not truncate); here
+    trl prepares and truncates the dataset as for padded batches, and only the collator changes."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    tokenizer = getattr(trainer, "processing_class", None)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    trainer.data_collator = DataCollatorForLanguageModeling(
+        pad_token_id=tokenizer.pad_token_id,
+        padding_free=True,
+        pad_to_multiple_of=getattr(trainer.args, "pad_to_multiple_of", None),
+    )
+    trainer.padding_free = True

@@ -223,10 +223,19 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     offload_line = configure_trainer(trainer, run.train, cuda=cuda, log=log)
     if offload_line:
         log(offload_line)
-    from .packing import use_packed_rows
+    from .levers import padding_free_decision
+    from .packing import use_packed_rows, use_padding_free
 
     if use_packed_rows(trainer, model):
         log("packing: rows of max_seq_length tokens, each example attending only to itself")
+    flatten, line = padding_free_decision(
+        run.train.padding_free, packing=bool(sft_config.packing), batch_size=sft_config.per_device_train_batch_size,
+        max_length=sft_config.max_length,
+    )
+    if not getattr(trainer, "padding_free", False):  # sft_args.padding_free: trl's own collator
+        if flatten:
+            use_padding_free(trainer)
+        log(line)
     from .example_record import record_path, record_requested
 
     if record_requested():

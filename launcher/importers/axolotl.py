@@ -66,6 +66,10 @@ TRACKER_NOT_MAPPED = {
     "mlflow_run_name": "qlaunch names each tracked run <run id>-<grid values>",
 }
 
+# Axolotl's Liger plugin switches: qlaunch has one (train.use_liger_kernel, auto by default).
+LIGER_KEYS = ("liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_swiglu", "liger_layer_norm",
+              "liger_cross_entropy", "liger_fused_linear_cross_entropy")
+
 # Keys with a reason why they are not carried over.
 NOT_MAPPED = {
     "base_model_config": "qlaunch reads the model config from model.name_or_path",
@@ -75,7 +79,7 @@ NOT_MAPPED = {
     "strict": "Axolotl-only validation switch",
     "dataset_prepared_path": "qlaunch formats the dataset in the job (the datasets cache holds it)",
     "output_dir": "qlaunch writes each run under <storage.root>/<experiment>/<run id>",
-    "pad_to_sequence_len": "qlaunch pads each batch to its longest row (or packs with train.packing)",
+    "pad_to_sequence_len": "qlaunch computes no padding: each micro-batch's examples in one row (train.padding_free: auto) or packed rows (train.packing)",
     "flash_attention": "qlaunch picks the attention kernel itself (SDPA; packed rows keep examples apart without FlashAttention-2)",
     "sdp_attention": "qlaunch uses SDPA already",
     "xformers_attention": "not supported; qlaunch uses SDPA",
@@ -139,7 +143,8 @@ def from_axolotl(path: Path) -> Imported:
     off: list[str] = []
     handled = {"adapter", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs", "lora_target_modules",
                "lora_target_linear", "bf16", "fp16", "fp32", "gradient_checkpointing", "train_on_inputs",
-               "datasets", "seed", "chat_template", "eval_steps", "eval_strategy", "evaluation_strategy"}
+               "datasets", "seed", "chat_template", "eval_steps", "eval_strategy", "evaluation_strategy",
+               "plugins", *LIGER_KEYS}
     for key, value in cfg.items():
         if key in DIRECT:
             if value is not None:
@@ -161,6 +166,7 @@ def from_axolotl(path: Path) -> Imported:
 
     _adapter(cfg, out)
     _lora_targets(cfg, out)
+    _liger(cfg, out)
     _precision(cfg, out)
     if cfg.get("gradient_checkpointing") is not None:
         value = cfg["gradient_checkpointing"]
@@ -278,6 +284,25 @@ def _lora_targets(cfg: dict, out: Imported) -> None:
             out.warn(f"lora_target_modules: {yaml_scalar(modules)}: covered by lora_target_linear (all-linear)")
     elif modules:
         out.set("lora.target_modules", modules if isinstance(modules, list) else [modules], src("lora_target_modules", modules))
+
+
+def _liger(cfg: dict, out: Imported) -> None:
+    """Liger: qlaunch's default (`auto`) already turns RMSNorm/RoPE/SwiGLU on where liger-kernel is
+    installed; an explicit `true` from the source pins it, `false` everywhere turns it off. The loss
+    never builds full logits in qlaunch (trl's chunked LM head), so the cross-entropy switches add
+    nothing. Other plugins are Axolotl's own."""
+    on = [key for key in LIGER_KEYS[:5] if cfg.get(key)]
+    if on:
+        out.set("train.use_liger_kernel", True, src(on[0], True) + (f" (and {', '.join(on[1:])})" if on[1:] else ""))
+    elif any(cfg.get(key) is False for key in LIGER_KEYS[:5]):
+        out.set("train.use_liger_kernel", False, src(next(k for k in LIGER_KEYS[:5] if cfg.get(k) is False), False))
+    for key in LIGER_KEYS[5:]:
+        if cfg.get(key):
+            out.warn(f"{key}: true: not needed: trl's SFTTrainer computes the loss through its chunked LM head "
+                     "(the full logits are never built)")
+    plugins = [p for p in (cfg.get("plugins") or []) if "liger" not in str(p).lower()]
+    if plugins:
+        out.warn(f"plugins: {yaml_scalar(plugins)}: not mapped (Axolotl plugins; Liger is train.use_liger_kernel)")
 
 
 def _precision(cfg: dict, out: Imported) -> None:
