@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from . import run_index, runner
+from . import evaluate_command, run_index, runner
 from .backends import Submission, canonical, get_backend
 from .backends.base import Foreground
 from .errors import QlaunchError
@@ -441,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("-e", "--experiment", help="experiment file")
 
     import_command.add_arguments(add("import", import_command.cmd_import, import_command.HELP))
+    evaluate_command.add_arguments(add("evaluate", evaluate_command.cmd_evaluate, evaluate_command.HELP))
     return parser
 
 

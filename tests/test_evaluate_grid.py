@@ -4,7 +4,11 @@ mixed batches, each run's files as the per-run inference job writes them."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from training_support import events, run_job, tail
@@ -126,3 +130,24 @@ def test_scored_runs_are_skipped_and_a_corrupt_adapter_is_named_not_fatal(grid):
         assert code == 1 and "0 evaluated" in output
     finally:
         weights.write_bytes(saved)
+
+
+@pytest.mark.slow
+def test_qlaunch_evaluate_evaluates_only_what_is_trained_and_not_yet_scored(grid, tmp_path):
+    p, folder = grid
+    first, second, untrained = p.runs
+    if not RunPaths.of(first).inference_completed():
+        assert _evaluate(folder, [first])[0] == 0
+    shutil.rmtree(RunPaths.of(second).inference, ignore_errors=True)  # its results lost: evaluated again
+    env = {**os.environ, "QLAUNCH_HOME": str(tmp_path), "COLUMNS": "200"}
+    command = [sys.executable, "-m", "launcher.cli", "evaluate", str(p.source)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = " ".join(done.stdout.split())
+    assert f"{first.run_id} skipped: already scored on this eval set" in printed
+    assert f"{untrained.run_id} skipped: not trained yet" in printed
+    assert f"1 runs to evaluate in one job: {second.run_id}" in printed
+    assert re.search(rf"{second.run_id}: exact_match base \d\.\d\d → tuned \d\.\d\d on 3 held-out prompts", printed)
+    assert evaluation.already_scored(second)
+    again = subprocess.run([*command, "--runs", second.run_id[:6]], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0 and "nothing to evaluate" in again.stdout
