@@ -41,6 +41,51 @@ def test_grid_evaluation_is_the_default_except_on_kubernetes(tmp_path, tiny_plan
     assert evaluation.to_evaluate([run]) == ([], {run.run_id: "not trained yet"})
 
 
+def test_adapter_by_adapter_when_peft_cannot_mix_adapters_in_a_batch():
+    import contextlib
+
+    import torch
+
+    from training.evaluate_grid import BASE, generate_rows
+
+    class Tokenizer:
+        pad_token_id = eos_token_id = 0
+
+        def __call__(self, texts, **_):
+            return _Batch({"input_ids": torch.ones(len(texts), 2, dtype=torch.long)})
+
+        def batch_decode(self, tokens, **_):
+            return [f"answer {int(row[0])}" for row in tokens]
+
+    class _Batch(dict):
+        def to(self, device):
+            return self
+
+    class Model:
+        active = "none"
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+        def generate(self, input_ids, adapter_names=None, **_):
+            if adapter_names is not None:
+                raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+            return torch.cat([input_ids, torch.full((len(input_ids), 1), len(self.active))], dim=1)
+
+        def set_adapter(self, name):
+            self.active = name
+
+        @contextlib.contextmanager
+        def disable_adapter(self):
+            self.active, before = "", self.active
+            yield
+            self.active = before
+
+    rows = [("q1", BASE), ("q1", "run_a"), ("q1", "run_bb"), ("q2", BASE), ("q2", "run_a"), ("q2", "run_bb")]
+    answers = generate_rows(Model(), Tokenizer(), rows, (4, 0.0), per_batch=6)
+    assert answers == ["answer 0", "answer 5", "answer 6"] * 2  # base, then each adapter, row by row
+
+
 # --- the job (slow) ---------------------------------------------------------------------------------
 
 

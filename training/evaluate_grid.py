@@ -189,21 +189,44 @@ def generate_rows(model, tokenizer, rows: list[tuple[str, str]], settings: tuple
     max_new_tokens, temperature = settings
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     device = next(model.parameters()).device
-    answers: list[str] = []
-    for start in range(0, len(rows), per_batch):
-        chunk = rows[start:start + per_batch]
+
+    def answer(chunk: list[tuple[str, str]], **adapters) -> list[str]:
         batch = tokenizer([text for text, _ in chunk], return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             output = model.generate(
                 **batch,
-                adapter_names=[adapter for _, adapter in chunk],
+                **adapters,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 **sampling,
             )
-        answers += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return answers
+        return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    answers: list[str] = []
+    try:
+        for start in range(0, len(rows), per_batch):
+            chunk = rows[start:start + per_batch]
+            answers += answer(chunk, adapter_names=[adapter for _, adapter in chunk])
+        return answers
+    except (ValueError, TypeError) as exc:
+        if answers or "adapter" not in str(exc):
+            raise
+        # A layer PEFT cannot batch adapters through (DoRA, merged weights): adapter by adapter.
+        log(f"mixed-adapter batches not supported here ({_one_line(exc)}): answering adapter by adapter")
+    by_row: dict[tuple[str, str], str] = {}
+    for who in dict.fromkeys(adapter for _, adapter in rows):
+        mine = [row for row in rows if row[1] == who]
+        for start in range(0, len(mine), BATCH_SIZE):
+            chunk = mine[start:start + BATCH_SIZE]
+            if who == BASE:
+                with model.disable_adapter():
+                    texts = answer(chunk)
+            else:
+                model.set_adapter(who)
+                texts = answer(chunk)
+            by_row.update(zip(chunk, texts))
+    return [by_row[row] for row in rows]
 
 
 def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any]) -> None:
