@@ -41,6 +41,19 @@ def test_grid_evaluation_is_the_default_except_on_kubernetes(tmp_path, tiny_plan
     assert evaluation.to_evaluate([run]) == ([], {run.run_id: "not trained yet"})
 
 
+def test_local_backend_plans_one_evaluation_job_unless_per_run(tmp_path, tiny_plan):
+    from launcher.backends.local import LocalBackend
+
+    grid = LocalBackend().prepare(tiny_plan(tmp_path / "grid", grid={"lora.r": [4, 8]}))
+    assert list(grid.jobs.values()) == [["train", "evaluate"]] * 2
+    assert "-m training.evaluate_grid" in grid.files["evaluate.sh"]
+    assert not any("training.infer" in text for text in grid.files.values())
+    per_run = LocalBackend().prepare(tiny_plan(tmp_path / "per-run", inference={"per_run": True}, grid={"lora.r": [4, 8]}))
+    assert list(per_run.jobs.values()) == [["train", "infer"]] * 2
+    assert "evaluate.sh" not in per_run.files
+    assert all("-m training.infer" in text for text in per_run.files.values())
+
+
 def test_adapter_by_adapter_when_peft_cannot_mix_adapters_in_a_batch():
     import contextlib
 
