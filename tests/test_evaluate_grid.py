@@ -145,7 +145,7 @@ def test_one_base_load_evaluates_every_trained_run_like_per_run_inference(grid):
     assert code == 0, output[-4000:]
     assert output.count("loading base model") == 1
     assert output.count("self-check: with adapters disabled the model is the base model") == 1
-    # The same greedy answers as the run's own inference job (same batches of prompts, same padding).
+    # The same greedy answers as the run's own inference job.
     assert _rows(first) == per_run_rows
     for run in (first, second):
         summary = json.loads((RunPaths.of(run).inference / "summary.json").read_text())

@@ -6,8 +6,9 @@ The runs file lists one run.yaml (or run folder) per line. Runs on the same base
 (peft `load_adapter`) before anything is generated, and the self-check of issue #8 (adapter
 disabled == the bare base) runs once per loaded base. Then every question is asked in
 mixed-adapter batches (`generate(adapter_names=...)`): each prompt in each distinct formatting
-once for the base model (`__base__`) and once for each adapter, the same eight prompts per batch
-as the per-run job, so the padding of every row is the one the per-run job gives it. Each run's
+once for the base model (`__base__`) and once for each adapter, ROWS_PER_BATCH answers per batch
+(whole prompts, at least the per-run job's eight). Left padding is masked, so a row's answer does
+not depend on its batch beyond float rounding (bench/eval_grid.py: all answers equal). Each run's
 `inference/results.jsonl` and `summary.json` are then written exactly as `training.infer` writes
 them, with `eval_set` (launcher.evaluation) and `evaluated_by`.
 
@@ -43,6 +44,10 @@ from .hub_files import apply_offline_env, check_prefetched
 from .infer import BATCH_SIZE, Item, clean_answer, collect_items, print_table, score
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+# Rows (prompt × adapter) per mixed batch: whole prompts, at least BATCH_SIZE of them. Fewer,
+# larger batches are what make the grid fast on a CPU (each step pays a fixed cost per LoRA
+# layer and adapter, whatever the rows); a GPU caps them by its free memory.
+ROWS_PER_BATCH = 192
 
 
 @dataclass
@@ -166,12 +171,13 @@ def generation_key(run: RunConfig) -> tuple:
     return (run.inference.max_new_tokens, run.inference.temperature)
 
 
-def rows_per_batch(model, adapters_per_prompt: int, longest: int, max_new_tokens: int) -> int:
-    """BATCH_SIZE prompts (as the per-run job batches them) × every adapter, fewer on a GPU
-    whose free memory would not hold the key/value cache of that many rows."""
+def rows_per_batch(model, adapters_per_prompt: int, longest: int, max_new_tokens: int,
+                   rows: int = ROWS_PER_BATCH) -> int:  # fmt: skip
+    """Whole prompts (at least BATCH_SIZE, the per-run job's batch) × every adapter, up to
+    `rows`; fewer on a GPU whose free memory would not hold the key/value cache of that many."""
     import torch
 
-    wanted = BATCH_SIZE * adapters_per_prompt
+    wanted = max(BATCH_SIZE, rows // adapters_per_prompt) * adapters_per_prompt
     if not torch.cuda.is_available():
         return wanted
     config = model.config
@@ -229,7 +235,7 @@ def generate_rows(model, tokenizer, rows: list[tuple[str, str]], settings: tuple
     return [by_row[row] for row in rows]
 
 
-def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any]) -> None:
+def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_rows: int = ROWS_PER_BATCH) -> None:
     """One base model, every entry's adapter: answers, scores, files."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -292,7 +298,7 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any]) -> Non
         rows = [(text, who) for text, adapters in texts.items() for who in adapters]
         width = max(len(adapters) for adapters in texts.values())
         longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
-        per_batch = rows_per_batch(model, width, longest, settings[0])
+        per_batch = rows_per_batch(model, width, longest, settings[0], batch_rows)
         log(f"answering {len(texts)} prompts × {width} (base + adapters): {len(rows)} answers, "
             f"{per_batch} per batch, max_new_tokens {settings[0]}")  # fmt: skip
         for (text, who), answer in zip(rows, generate_rows(model, tokenizer, rows, settings, per_batch)):
@@ -356,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate_grid", description=__doc__.splitlines()[0])
     parser.add_argument("runs_file", help="a file listing one run.yaml (or run folder) per line")
     parser.add_argument("--force", action="store_true", help="evaluate runs already scored on their eval set too")
+    parser.add_argument("--rows-per-batch", type=int, default=ROWS_PER_BATCH,
+                        help=f"answers per mixed batch, whole prompts × every adapter (default {ROWS_PER_BATCH}; "
+                        f"at least {BATCH_SIZE} prompts)")  # fmt: skip
     args = parser.parse_args(argv)
     started = time.time()
     try:
@@ -376,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             groups.setdefault(base_key(entry.run), []).append(entry)
     for members in groups.values():
         try:
-            evaluate_group(members, cuda, job)
+            evaluate_group(members, cuda, job, max(1, args.rows_per_batch))
         except BaseModelChanged as exc:
             for entry in members:
                 entry.drop("not evaluated", str(exc))
