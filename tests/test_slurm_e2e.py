@@ -11,6 +11,7 @@ import calendar
 import io
 import json
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -123,6 +124,17 @@ def test_grid_evaluation_starts_after_every_training_job_and_names_the_run_that_
     statuses = backend.status(p)
     assert statuses[trained.run_id].infer_state == State.COMPLETED
     assert statuses[stopped.run_id].state in (State.CANCELLED, State.UNKNOWN)  # UNKNOWN: past MinJobAge
+
+    # `qlaunch evaluate --backend slurm`: a job now, for what is trained and not scored.
+    shutil.rmtree(RunPaths.of(trained).inference)
+    done = subprocess.run([PYTHON, "-m", "launcher.cli", "evaluate", str(p.source), "--backend", "slurm"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{stopped.run_id} skipped: not trained yet" in done.stdout
+    job = re.search(r"grid evaluation job (\d+) submitted", done.stdout).group(1)
+    wait_for(lambda: RunPaths.of(trained).inference_completed() and scheduler_jobs(job).get(job, "COMPLETED") == "COMPLETED",
+             timeout=300, message="qlaunch evaluate's job", interval=3)  # fmt: skip
+    assert (folder / "evaluate.log").read_text().count("loading base model") == 2
 
 
 def test_preempted_run_resumes_from_its_checkpoint(tmp_path, tiny_experiment, cancel_after):
