@@ -90,7 +90,7 @@ def snapshot(run) -> dict:
     return {"metrics": summary["metrics"], "rows": rows}
 
 
-def measure(path: Path, work: Path) -> dict:
+def measure(path: Path, work: Path, rows_per_batch: int | None = None) -> dict:
     from launcher.grid import plan
     from launcher.storage import RunPaths
 
@@ -115,7 +115,8 @@ def measure(path: Path, work: Path) -> dict:
     for run in runs:
         shutil.rmtree(RunPaths.of(run).inference, ignore_errors=True)
     load.append(round(os.getloadavg()[0], 1))
-    grid, text = timed([sys.executable, "-m", "training.evaluate_grid", str(listing)],
+    extra = ["--rows-per-batch", str(rows_per_batch)] if rows_per_batch else []
+    grid, text = timed([sys.executable, "-m", "training.evaluate_grid", str(listing), *extra],
                        logs / "evaluate_grid.log")  # fmt: skip
     grid_loads = text.count("loading base model")
     load.append(round(os.getloadavg()[0], 1))
@@ -143,6 +144,7 @@ def measure(path: Path, work: Path) -> dict:
         "per_run_base_loads": per_run_loads,
         "grid_seconds": round(grid, 1),
         "grid_base_loads": grid_loads,
+        "rows_per_batch": rows_per_batch or "default",
         "speedup": round(per_run / grid, 2),
         "load_average_1min": load,  # before per-run, before grid, after grid
         "results": runs_out,
@@ -171,6 +173,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/qlaunch-eval-grid-bench"))
     parser.add_argument("--phase", choices=["all", "train", "measure"], default="all")
     parser.add_argument("--grids", default="quickstart,grid8")
+    parser.add_argument("--rows-per-batch", type=int, help="the grid job's --rows-per-batch (default: its own)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 shared cores: no spinning OpenMP threads
@@ -180,7 +183,7 @@ def main() -> int:
             train(path, args.work)
     if args.phase == "train":
         return 0
-    results = [measure(path, args.work) for path in paths]
+    results = [measure(path, args.work, args.rows_per_batch) for path in paths]
     (args.work / f"results-{args.grids.replace(',', '-')}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     for r in results:
