@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import cli_extras, export_command, hints, run_index, runner
+from . import cli_extras, evaluate_command, export_command, hints, run_index, runner
 from .backends import Submission, canonical, get_backend
 from .backends.base import Foreground
 from .errors import QlaunchError
@@ -489,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("-e", "--experiment", help="experiment file")
 
     import_command.add_arguments(add("import", import_command.cmd_import, import_command.HELP))
+    evaluate_command.add_arguments(add("evaluate", evaluate_command.cmd_evaluate, evaluate_command.HELP))
     export_command.add_arguments(add("export", export_command.cmd_export, export_command.HELP))
     cli_extras.add_completion(add("completion", cli_extras.cmd_completion, cli_extras.COMPLETION_HELP))
     cli_extras.add_set_options(sub)  # --set KEY=VALUE on every command that reads an experiment file

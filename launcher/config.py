@@ -223,6 +223,9 @@ class InferenceConfig(Section):
     temperature: float = Field(default=0.0, ge=0)  # 0 = greedy
     load_in_4bit: bool = True
     compare_base: bool = True  # also answer with the base model, side by side
+    # true: an inference job per run, as soon as it has trained. Unset: one evaluation job for the
+    # grid (base model loaded once) on local and Slurm, per-run jobs on Kubernetes.
+    per_run: bool | None = None
 
 
 class EnvironmentConfig(Section):

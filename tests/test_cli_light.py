@@ -68,8 +68,9 @@ def test_render_local_writes_reviewable_commands_and_starts_nothing(experiment, 
     result = qlaunch("render", str(experiment), "-o", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     scripts = sorted((tmp_path / "out").glob("*.sh"))
-    assert len(scripts) == 2
+    assert len(scripts) == 3  # a script per run, one evaluation script for the grid
     assert "-m training.launch" in scripts[0].read_text()
+    assert "-m training.evaluate_grid" in (tmp_path / "out" / "evaluate.sh").read_text()
     assert not (tmp_path / "runs").exists()  # nothing ran, nothing written to storage
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from launcher import evaluation
 from launcher.backends import State, get_backend
 from launcher.grid import plan
 from launcher.progress import read_events, summarize
@@ -31,6 +32,10 @@ def test_run_trains_the_grid_then_infers_and_never_retrains(tiny_experiment, tmp
     result = qlaunch("run", str(path), home=home)
     assert result.returncode == 0, result.stdout + result.stderr
     p = plan(path)
+    # One evaluation job for the grid after its training (issue #29), base model loaded once.
+    assert "grid evaluation of 2 runs started" in " ".join(result.stdout.split())
+    assert evaluation.outcomes(p.runs) == {run.run_id: {"outcome": "evaluated"} for run in p.runs}
+    assert (evaluation.folder(p.runs) / evaluation.LOG_FILE).read_text().count("loading base model") == 1
     for run in p.runs:
         paths = RunPaths.of(run)
         assert (paths.adapter / "adapter_config.json").is_file()

@@ -114,6 +114,7 @@ def test_submit_resubmit_cancel_and_force(cluster, tmp_path, cancel_after):
     p = plan(write_experiment(
         tmp_path, unique_name("held"),
         slurm={"extra_directives": ["--hold", f"--comment={comment}"]},
+        inference={"per_run": True},  # an inference job per run (grid evaluation: test_slurm_e2e)
         grid={"train.seed": [1, 2, 3]},
     ))  # fmt: skip
     cancel_after(p)
@@ -167,7 +168,8 @@ def test_submit_resubmit_cancel_and_force(cluster, tmp_path, cancel_after):
 
 @pytest.mark.slurm
 def test_failure_midway_names_what_was_submitted_and_a_rerun_completes(cluster, tmp_path, monkeypatch, cancel_after):
-    p = plan(write_experiment(tmp_path, unique_name("midway"), slurm=HELD, grid={"train.seed": [1, 2, 3]}))
+    p = plan(write_experiment(tmp_path, unique_name("midway"), slurm=HELD, inference={"per_run": True},
+                              grid={"train.seed": [1, 2, 3]}))  # fmt: skip
     cancel_after(p)
     wrappers = tmp_path / "wrappers"
     _wrappers(wrappers, refuse_after=2)  # run 1's training + inference job, then refusals

@@ -7,10 +7,14 @@ CPU jobs of 1 CPU each, so the two runs of the grid share the 2-core node.
 
 from __future__ import annotations
 
+import calendar
 import io
 import json
+import re
+import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 from slurm_support import (
@@ -82,6 +86,55 @@ def test_grid_trains_then_runs_inference(tmp_path, tiny_experiment, cancel_after
         assert not (paths.root / "pwned").exists()
     states = scheduler_jobs(*(job for ids in report.submitted.values() for job in ids))
     assert set(states.values()) == {"COMPLETED"}
+
+
+def test_grid_evaluation_starts_after_every_training_job_and_names_the_run_that_did_not_train(
+        tmp_path, tiny_experiment, cancel_after):  # fmt: skip
+    p = plan(tiny_experiment(tmp_path, **_slurm_sections(unique_name("evalgrid"), grid={"lora.r": [4, 8]})))
+    cancel_after(p)
+    trained, stopped = p.runs
+    backend = SlurmBackend()
+    report = backend.submit(p)
+    (train_ok, evaluate), (train_stopped, same) = report.submitted[trained.run_id], report.submitted[stopped.run_id]
+    assert evaluate == same  # one evaluation job for the grid
+    shown = subprocess.run(["scontrol", "show", "job", evaluate], capture_output=True, text=True).stdout
+    assert f"afterany:{train_ok}" in shown and f"afterany:{train_stopped}" in shown
+    subprocess.run(["scancel", train_stopped], check=True)
+
+    def evaluated():
+        states = scheduler_jobs(evaluate)
+        return states.get(evaluate) in ("COMPLETED", "FAILED") or RunPaths.of(trained).inference_completed() and not states
+
+    wait_for(evaluated, timeout=600, message="the grid evaluation job", interval=5)
+    wait_for(lambda: scheduler_jobs(evaluate).get(evaluate, "COMPLETED") == "COMPLETED", timeout=60,
+             message="the evaluation job to end")  # fmt: skip
+    folder = RunPaths.of(trained).root.parent / "evaluation"
+    log = (folder / "evaluate.log").read_text()
+    assert log.count("loading base model") == 1
+    # It started once the last training job had ended (afterany): after the adapter was written.
+    started = re.search(r"qlaunch: (\S+Z) job", log).group(1)
+    finished = RunPaths.of(trained).metrics.stat().st_mtime
+    assert calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ")) >= int(finished) - 1
+    outcomes = json.loads((folder / "evaluation.json").read_text())["runs"]
+    assert outcomes[trained.run_id] == {"outcome": "evaluated"}
+    assert outcomes[stopped.run_id]["outcome"] == "not evaluated"
+    assert f"not evaluated: {stopped.run_id}: " in log
+    results = [json.loads(line) for line in (RunPaths.of(trained).inference / "results.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in results] == trained.inference.prompts and all(row["tuned"] for row in results)
+    statuses = backend.status(p)
+    assert statuses[trained.run_id].infer_state == State.COMPLETED
+    assert statuses[stopped.run_id].state in (State.CANCELLED, State.UNKNOWN)  # UNKNOWN: past MinJobAge
+
+    # `qlaunch evaluate --backend slurm`: a job now, for what is trained and not scored.
+    shutil.rmtree(RunPaths.of(trained).inference)
+    done = subprocess.run([PYTHON, "-m", "launcher.cli", "evaluate", str(p.source), "--backend", "slurm"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{stopped.run_id} skipped: not trained yet" in done.stdout
+    job = re.search(r"grid evaluation job (\d+) submitted", done.stdout).group(1)
+    wait_for(lambda: RunPaths.of(trained).inference_completed() and scheduler_jobs(job).get(job, "COMPLETED") == "COMPLETED",
+             timeout=300, message="qlaunch evaluate's job", interval=3)  # fmt: skip
+    assert (folder / "evaluate.log").read_text().count("loading base model") == 2
 
 
 def test_preempted_run_resumes_from_its_checkpoint(tmp_path, tiny_experiment, cancel_after):

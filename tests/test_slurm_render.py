@@ -57,6 +57,7 @@ CASES = {
         "model": {"hf_token_file": "/home/me/.cache/hf_token"},
         "storage": {"root": "/shared/qlaunch-runs"},
         "resources": {"gpus_per_node": 2},
+        "inference": {"per_run": True},  # an inference job per run, after its training job
         "environment": {"container": "registry.example.com/ml/qlaunch-train:0.1.0",
                         "container_runtime": "docker", "variables": {"WANDB_MODE": "offline"}},
     },
@@ -100,9 +101,9 @@ def test_render_matches_snapshot(tmp_path, case):
         assert text == expected[name], f"{case}/{name} differs from its snapshot (QLAUNCH_UPDATE_SNAPSHOTS=1 to accept)"
 
 
-def test_one_training_and_one_inference_script_per_run(tmp_path):
+def test_a_training_script_per_run_and_one_evaluation_script_for_the_grid(tmp_path):
     rendered = _render(tmp_path, CASES["gpu-cluster"])
-    assert len(rendered) == 4
+    assert len(rendered) == 3
     for name, text in rendered.items():
         assert text.startswith("#!/bin/bash\n")
         assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, name
@@ -111,9 +112,17 @@ def test_one_training_and_one_inference_script_per_run(tmp_path):
     # To the step's processes: training.launch handles it (no forwarding in the script).
     assert "#SBATCH --signal=USR1@300" in train
     assert "-m training.launch" in train and "accelerate.commands" not in train and "trap" not in train
+    evaluate = rendered["evaluate.sbatch"]
+    assert "#SBATCH --partition=gpu-short" in evaluate and "#SBATCH --gres=gpu:t4:1" in evaluate
+    assert "#SBATCH --job-name=llama2-guanaco-evaluate" in evaluate
+    assert "-m training.evaluate_grid /shared/qlaunch-runs/llama2-guanaco/evaluation/runs.txt" in evaluate
+    assert "#SBATCH --output=/shared/qlaunch-runs/llama2-guanaco/evaluation/evaluate.log" in evaluate
+
+
+def test_per_run_inference_keeps_an_inference_script_per_run(tmp_path):
+    rendered = _render(tmp_path, CASES["gpu-docker"])
     infer = next(text for name, text in rendered.items() if name.endswith(".infer.sbatch"))
-    assert "#SBATCH --partition=gpu-short" in infer
-    assert "-m training.infer" in infer
+    assert "-m training.infer" in infer and "evaluate.sbatch" not in rendered
 
 
 def test_render_is_pure(tmp_path):

@@ -349,6 +349,10 @@ def infer(run: RunConfig, paths: RunPaths, args) -> int:
         log(f"answers written to {paths.inference / results_name}")
         return EXIT_OK
     summary["seconds"] = round(time.time() - started, 2)
+    if everything:  # what `qlaunch evaluate` compares to skip a run already scored (issue #29)
+        from launcher.evaluation import eval_set
+
+        summary["eval_set"] = eval_set(run)
     write_json(paths.inference / "summary.json", summary)
     emit(make_event("infer_end", _trained_steps(paths), summary=summary), paths.progress, sys.stdout)
     return EXIT_OK

@@ -1,6 +1,7 @@
 """The local backend (the default): each grid point is a subprocess on this machine, running the
-same entrypoints with the same storage layout a cluster job would, at most N at a time, each
-followed by its inference job.
+same entrypoints with the same storage layout a cluster job would, at most N at a time; then one
+evaluation job for the grid's trained runs (launcher.evaluation), or with `inference.per_run:
+true` each run's own inference job as soon as it has trained.
 
 Children run in their own session, so a terminal Ctrl-C reaches only qlaunch, which forwards
 SIGTERM: the trainer checkpoints and exits with EXIT_PREEMPTED, and `qlaunch run` resumes later.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
 
+from .. import evaluation
 from ..config import RunConfig
 from ..grid import Plan
 from ..hub import offline_env
@@ -79,9 +81,10 @@ class _Request:
 @dataclass
 class _Job:
     run: RunConfig
-    phase: str  # "train" | "infer"
+    phase: str  # "train" | "infer" | "evaluate"
     process: subprocess.Popen
     log: IO[bytes]
+    runs: tuple[RunConfig, ...] = ()  # evaluate: the runs the grid evaluation job evaluates
 
 
 class LocalBackend(Backend):
@@ -100,9 +103,17 @@ class LocalBackend(Backend):
                 "set -e",
                 shlex.join(train_command(run)),
             ]
-            if run.inference.enabled:
+            if run.inference.enabled and evaluation.per_run(run, self.name):
                 lines.append(shlex.join(infer_command(run)))
             files[f"{run.run_id}.sh"] = "\n".join(lines) + "\n"
+        graded = [run for run in plan.runs if run.inference.enabled and not evaluation.per_run(run, self.name)]
+        if graded:
+            files["evaluate.sh"] = "\n".join([
+                "#!/bin/sh",
+                f"# qlaunch local grid evaluation {plan.experiment.name}: after the grid's training, the runs",
+                f"# that trained (listed in {evaluation.folder(graded) / evaluation.RUNS_FILE}), base model loaded once",
+                shlex.join(evaluation.local_command(graded, evaluation.folder(graded) / evaluation.RUNS_FILE)),
+            ]) + "\n"  # fmt: skip
         jobs: dict[str, list[str]] = {}
         skipped: dict[str, str] = {}
         for run in plan.runs:
@@ -114,13 +125,16 @@ class LocalBackend(Backend):
                 if pruned_decision(paths.metrics):
                     skipped[run.run_id] = "stopped early by asha"
                 elif run.inference.enabled and not paths.inference_completed():
-                    jobs[run.run_id] = ["infer"]
+                    jobs[run.run_id] = [self._inference_phase(run)]
                 else:
                     skipped[run.run_id] = "completed"
             else:
-                jobs[run.run_id] = ["train", "infer"] if run.inference.enabled else ["train"]
+                jobs[run.run_id] = ["train", self._inference_phase(run)] if run.inference.enabled else ["train"]
         return Submission(self.name, files, jobs, skipped, "runs on this machine",
                           request=_Request(plan, force))  # fmt: skip
+
+    def _inference_phase(self, run: RunConfig) -> str:
+        return "infer" if evaluation.per_run(run, self.name) else "evaluate"
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
         request: _Request = submission.request
@@ -130,6 +144,7 @@ class LocalBackend(Backend):
         on_tick, run_inference = options.on_tick, options.run_inference
         limit = options.max_parallel or plan.experiment.local.max_parallel
         todo: list[tuple[RunConfig, str]] = []
+        waiting: list[RunConfig] = []  # trained, for the grid evaluation job once training is done
         for run in start_order(plan):
             phases = submission.jobs.get(run.run_id)
             if not phases:
@@ -137,11 +152,14 @@ class LocalBackend(Backend):
             if request.force:
                 RunPaths.of(run).clear_outputs()
                 _state_path(run).unlink(missing_ok=True)
-            if phases[0] == "infer" and not run_inference:
+            if phases[0] in ("infer", "evaluate") and not run_inference:
                 report.skipped[run.run_id] = "completed"
                 continue
-            todo.append((run, phases[0]))
-        for run, _ in todo:
+            if phases[0] == "evaluate":
+                waiting.append(run)
+            else:
+                todo.append((run, phases[0]))
+        for run in [run for run, _ in todo] + waiting:
             write_run_config(run)
             self._set_state(run, "pending")
 
@@ -162,7 +180,7 @@ class LocalBackend(Backend):
 
         previous = {s: signal.signal(s, on_sigint) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while todo or running:
+            while todo or running or waiting:
                 while todo and len(running) < limit and not stopping["count"]:
                     run, phase = todo.pop(0)
                     if (read_json(_state_path(run)) or {}).get("state") == "cancelled":
@@ -177,13 +195,27 @@ class LocalBackend(Backend):
                         continue
                     running.remove(job)
                     job.log.close()
+                    if job.phase == "evaluate":
+                        self._evaluation_finished(job, code, say)
+                        continue
                     follow_up = self._finished(job, code, say)
                     if follow_up and run_inference and not stopping["count"]:
-                        todo.insert(0, (job.run, "infer"))
+                        if evaluation.per_run(job.run, self.name):
+                            todo.insert(0, (job.run, "infer"))
+                        else:
+                            waiting.append(job.run)
+                if waiting and not todo and not running and not stopping["count"]:
+                    running.append(self._start_evaluation(waiting))
+                    for run in waiting:
+                        report.submitted.setdefault(run.run_id, []).append(str(running[-1].process.pid))
+                    say(f"grid evaluation of {len(waiting)} runs started (pid {running[-1].process.pid}): "
+                        f"base model loaded once; log {evaluation.folder(waiting) / evaluation.LOG_FILE}")
+                    waiting = []
                 if stopping["count"] and not running:
-                    for run, _ in todo:
+                    for run in [run for run, _ in todo] + waiting:
                         self._set_state(run, "stopped", returncode=EXIT_PREEMPTED)
                     todo.clear()
+                    waiting = []
                 if on_tick:
                     on_tick()
                 time.sleep(0.3)
@@ -209,6 +241,41 @@ class LocalBackend(Backend):
         )
         self._set_state(run, "running", phase=phase, pid=process.pid, started=time.time())
         return _Job(run, phase, process, log)
+
+    def _start_evaluation(self, runs: list[RunConfig]) -> _Job:
+        """One process evaluates every run (training.evaluate_grid); each run's state points at it."""
+        place = evaluation.folder(runs)
+        runs_file = evaluation.write_runs_file(runs, place)
+        log = open(place / evaluation.LOG_FILE, "ab")
+        process = subprocess.Popen(
+            evaluation.local_command(runs, runs_file),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**launcher_environment(), **offline_env(runs[0])},
+            cwd=place,
+            start_new_session=True,
+        )
+        for run in runs:
+            self._set_state(run, "running", phase="infer", pid=process.pid, started=time.time(), grid=True)
+        return _Job(runs[0], "evaluate", process, log, tuple(runs))
+
+    def _evaluation_finished(self, job: _Job, code: int, say: Callable[[str], None]) -> None:
+        outcomes = evaluation.outcomes(job.runs)
+        for run in job.runs:
+            if (read_json(_state_path(run)) or {}).get("state") == "cancelled":
+                say(f"{run.run_id} evaluation cancelled")
+                continue
+            outcome = outcomes.get(run.run_id, {})
+            if outcome.get("outcome") in ("evaluated", "skipped") and RunPaths.of(run).inference_completed():
+                self._set_state(run, "completed", phase="infer", returncode=0)
+                say(f"{run.run_id} evaluated")
+            elif code == EXIT_PREEMPTED or code < 0 and not outcome:
+                self._set_state(run, "stopped", phase="infer", returncode=code)
+            else:
+                why = outcome.get("why") or f"the evaluation job exited with {code}"
+                self._set_state(run, "failed", phase="infer", returncode=code or 1, detail=why)
+                say(f"{run.run_id} not evaluated: {why}; see {evaluation.folder(job.runs) / evaluation.LOG_FILE}")
 
     def _finished(self, job: _Job, code: int, say: Callable[[str], None]) -> bool:
         """Record how a job ended; True when the run's inference job should follow."""

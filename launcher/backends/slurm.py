@@ -1,7 +1,8 @@
 """The Slurm backend: qlaunch runs on a login node, storage.root is a shared filesystem.
 
-Each run becomes a training job and an inference job that waits for it
-(`--dependency=afterok`). Jobs are submitted with `sbatch <file>` on the scripts rendered into
+Each run becomes a training job; the grid gets one evaluation job that waits for all of them
+(`--dependency=afterany`, slurm_evaluation), or with `inference.per_run: true` each run an
+inference job that waits for its training job (`--dependency=afterok`). Jobs are submitted with `sbatch <file>` on the scripts rendered into
 the run folder, rather than through submitit's executor (which pickles a Python function and
 writes its own script): what runs on the cluster is then exactly the file a user reviewed with
 `qlaunch render`, and it can be resubmitted by hand. Job ids are kept in
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable
 
-from .. import requeue
+from .. import evaluation, requeue
 from ..config import RunConfig
 from ..errors import BackendError
 from ..grid import Plan
@@ -26,6 +27,7 @@ from ..logs import follow_file
 from ..progress import read_events
 from ..storage import RunPaths, read_json, write_json, write_run_config
 from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
+from .slurm_evaluation import EVALUATE_SCRIPT, render_evaluation
 from .slurm_jobs import JobInfo, SlurmCommands
 from .slurm_script import INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_run
 
@@ -38,8 +40,12 @@ class _Action:
     run: RunConfig
     scripts: RunScripts
     train: bool  # submit the training job
-    infer: bool  # submit the inference job
+    infer: bool  # submit the inference job, or (grid) have the grid evaluation job evaluate the run
     after: str | None = None  # training job the inference job waits for (None: training is done)
+
+    @property
+    def grid(self) -> bool:
+        return self.infer and not evaluation.per_run(self.run, "slurm")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class _Request:
     actions: tuple[_Action, ...]
     infos: dict[str, JobInfo]
     force: bool
+    evaluate: str | None = None  # the grid evaluation script, when a run needs it
 
 
 @dataclass(frozen=True)
@@ -178,7 +185,7 @@ class SlurmBackend(Backend):
                 candidates = []
                 if action.train:
                     candidates.append(("training", scripts.train, scripts.train_scheduling))
-                if action.infer and scripts.infer is not None:
+                if action.infer and scripts.infer is not None and not action.grid:
                     candidates.append(("inference", scripts.infer, scripts.infer_scheduling))
                 for kind, text, scheduling in candidates:
                     key = (kind, *scheduling)
@@ -190,16 +197,27 @@ class SlurmBackend(Backend):
                     self.commands.test_only(
                         path, env=env, what=f"run {action.run.run_id}'s {kind} job"
                     )
+            graded = [action.run for action in actions if action.grid]
+            if graded:
+                text, _ = render_evaluation(graded)
+                path = Path(tmp) / EVALUATE_SCRIPT
+                path.write_text(text)
+                self.commands.test_only(path, env=env, what="the grid evaluation job")
 
     def prepare(self, plan: Plan, *, force: bool = False, offline: bool = False) -> Submission:
         """Scripts for every run (ConfigError before anything), the jobs each run needs given
         what squeue/sacct know, and `sbatch --test-only` on each distinct request."""
         scripts = {run.run_id: render_run(run) for run in plan.runs}
         files = {}
-        for rendered in scripts.values():
-            for kind, text in (("train", rendered.train), ("infer", rendered.infer)):
+        for run in plan.runs:
+            rendered = scripts[run.run_id]
+            infer = rendered.infer if evaluation.per_run(run, self.name) else None
+            for kind, text in (("train", rendered.train), ("infer", infer)):
                 if text is not None:
                     files[f"{rendered.run_id}.{kind}.sbatch"] = text
+        graded = [run for run in plan.runs if run.inference.enabled and not evaluation.per_run(run, self.name)]
+        if graded:
+            files[EVALUATE_SCRIPT] = render_evaluation(graded)[0]
         report = SubmitReport()
         infos = {} if offline else self._infos(plan.runs)
         actions = self._plan_actions(plan, scripts, infos, force, report)
@@ -209,11 +227,15 @@ class SlurmBackend(Backend):
             checked = "accepted by sbatch --test-only"
         jobs = {}
         for action in actions:
-            jobs[action.run.run_id] = (["train"] if action.train else []) + (
-                [f"infer after job {action.after}" if action.after else "infer"] if action.infer else []
-            )
+            if action.grid:
+                evaluate = ["evaluate (one job for the grid, after its training jobs)"]
+            else:
+                evaluate = [f"infer after job {action.after}" if action.after else "infer"] if action.infer else []
+            jobs[action.run.run_id] = (["train"] if action.train else []) + evaluate
+        graded = [action.run for action in actions if action.grid]
+        evaluate_text = render_evaluation(graded)[0] if graded else None
         return Submission(self.name, files, jobs, report.skipped, checked,
-                          request=_Request(tuple(actions), infos, force))  # fmt: skip
+                          request=_Request(tuple(actions), infos, force, evaluate_text))  # fmt: skip
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
         request: _Request = submission.request
@@ -228,7 +250,7 @@ class SlurmBackend(Backend):
             paths = RunPaths.of(action.run)
             write_run_config(action.run)
             (paths.root / TRAIN_SCRIPT).write_text(action.scripts.train)
-            if action.scripts.infer is not None:
+            if action.scripts.infer is not None and not action.grid:
                 (paths.root / INFER_SCRIPT).write_text(action.scripts.infer)
 
         done: list[str] = []
@@ -243,7 +265,33 @@ class SlurmBackend(Backend):
                     "it submits only what is missing."
                 ) from None
             done.append(action.run.run_id)
+        graded = [action for action in actions if action.grid]
+        if graded:
+            self._submit_evaluation(graded, request.evaluate, report, env)
         return report
+
+    def evaluate(self, runs: list[RunConfig], force: bool = False) -> str:
+        """`qlaunch evaluate --backend slurm`: one evaluation job for these trained runs, now."""
+        text, _ = render_evaluation(runs, extra=("--force",) if force else ())
+        actions = [_Action(run, render_run(run), train=False, infer=True) for run in runs]
+        return self._submit_evaluation(actions, text, SubmitReport(), launcher_environment())
+
+    def _submit_evaluation(self, actions: list[_Action], text: str, report: SubmitReport, env: dict[str, str]) -> str:
+        """The grid evaluation job, after every training job of its runs (afterany: it evaluates
+        the runs that trained and names the others)."""
+        runs = [action.run for action in actions]
+        runs_file = evaluation.write_runs_file(runs)
+        script = runs_file.parent / EVALUATE_SCRIPT
+        script.write_text(text)
+        waits = sorted({job for action in actions for job in [
+            _Submissions.of(action.run).latest("train") if action.train else action.after] if job})  # fmt: skip
+        options = [f"--dependency=afterany:{':'.join(waits)}"] if waits else []
+        job_id = self.commands.sbatch(script, options, env=env, what="sbatch of the grid evaluation job")
+        for run in runs:
+            _record_job(run, "infer", job_id, script=str(script), grid=True,
+                        dependency=options[0] if options else None)  # fmt: skip
+            report.submitted.setdefault(run.run_id, []).append(job_id)
+        return job_id
 
     def _submit_one(self, action: _Action, env: dict[str, str]) -> list[str]:
         run, paths = action.run, RunPaths.of(action.run)
@@ -255,7 +303,7 @@ class SlurmBackend(Backend):
             )
             _record_job(run, "train", after, script=TRAIN_SCRIPT)
             job_ids.append(after)
-        if action.infer:
+        if action.infer and not action.grid:
             options = [f"--dependency=afterok:{after}"] if after else []
             infer_id = self.commands.sbatch(
                 paths.root / INFER_SCRIPT, options, env=env, what=f"sbatch of run {run.run_id}'s inference job"
@@ -315,6 +363,15 @@ class SlurmBackend(Backend):
             if active:
                 cancelled.append(run.run_id)
                 ids += active
-        self.commands.scancel(ids)
+        # A grid evaluation job is cancelled with the last of its runs only: it still evaluates
+        # the others (and names the cancelled ones).
+        chosen = {run.run_id for run in runs}
+        for run in plan.runs:
+            record = _Submissions.of(run)
+            shared = record.latest("infer")
+            grid = any(job.get("grid") and str(job["job_id"]) == shared for job in record.jobs)
+            if run.run_id not in chosen and grid and shared in ids:
+                ids = [job_id for job_id in ids if job_id != shared]
+        self.commands.scancel(list(dict.fromkeys(ids)))
         return cancelled
 

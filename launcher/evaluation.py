@@ -1,0 +1,126 @@
+"""The grid evaluation job, from the launcher's side (issue #29): which runs it evaluates, where
+its files go, and the eval-set fingerprint that says whether a run is already scored.
+
+One job (`python -m training.evaluate_grid <runs file>`) loads each distinct base model once and
+answers for every listed run's adapter; it writes each run's `inference/summary.json` and
+`results.jsonl` exactly as the per-run inference job does. The runs file lists one run.yaml per
+line and lives in the experiment's folder of the storage root:
+
+    <storage root>/<experiment>/evaluation/
+        runs.txt            the run.yaml of every run the job evaluates
+        evaluate.log        the job's output
+        evaluation.json     what happened to each run: evaluated, skipped (already scored), or
+                            not evaluated and why
+
+The eval set (`eval_set` in summary.json) is a fingerprint of everything an answer or a score
+depends on besides the adapter: the prompts, the held-out file (prompts + references), the prompt
+template and the generation settings. `qlaunch evaluate` skips a run whose summary carries the
+current fingerprint. Imports nothing of the training stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from .config import RunConfig
+from .jobspec import JobSpec, inference_job
+from .storage import RunPaths, atomic_write_text, read_json
+
+EVALUATE = "evaluate"
+FOLDER = "evaluation"
+RUNS_FILE = "runs.txt"
+LOG_FILE = "evaluate.log"
+OUTCOMES_FILE = "evaluation.json"
+
+
+def per_run(run: RunConfig, backend: str) -> bool:
+    """Whether the run gets its own inference job (`inference.per_run`). Unset: one evaluation
+    job per grid where the backend has it (local, Slurm); Kubernetes keeps its per-run jobs."""
+    chosen = run.inference.per_run
+    return chosen if chosen is not None else backend == "kubernetes"
+
+
+def folder(runs: list[RunConfig] | tuple[RunConfig, ...]) -> Path:
+    """<storage root>/<experiment>/evaluation (every run of a grid shares the parent)."""
+    return Path(runs[0].run_dir).parent / FOLDER
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+def eval_set(run: RunConfig) -> str:
+    """First 16 hex of sha256 over the prompts, the eval file's bytes, the prompt formatting and
+    the generation settings: equal fingerprints give the same questions, asked the same way."""
+    inference = run.inference
+    identity = {
+        "prompts": list(inference.prompts),
+        "prompts_file": _file_digest(run.resolve_path(inference.prompts_file)) if inference.prompts_file else None,
+        "eval_file": _file_digest(run.resolve_path(inference.eval_file)) if inference.eval_file else None,
+        "metric": inference.metric,
+        "max_new_tokens": inference.max_new_tokens,
+        "temperature": inference.temperature,
+        "load_in_4bit": inference.load_in_4bit,
+        "compare_base": inference.compare_base,
+        "prompt": run.prompt.model_dump(mode="json"),
+    }
+    text = json.dumps(identity, sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def already_scored(run: RunConfig) -> bool:
+    summary = read_json(RunPaths.of(run).inference / "summary.json") or {}
+    return summary.get("eval_set") == eval_set(run)
+
+
+def to_evaluate(runs, force: bool = False) -> tuple[list[RunConfig], dict[str, str]]:
+    """(runs with a trained adapter not yet scored on their eval set, run id → why the others
+    are left out)."""
+    chosen, left_out = [], {}
+    for run in runs:
+        paths = RunPaths.of(run)
+        if not run.inference.enabled:
+            left_out[run.run_id] = "inference.enabled is false"
+        elif not paths.training_completed():
+            left_out[run.run_id] = "not trained yet"
+        elif not force and already_scored(run):
+            left_out[run.run_id] = "already scored on this eval set"
+        else:
+            chosen.append(run)
+    return chosen, left_out
+
+
+def write_runs_file(runs, place: Path | None = None) -> Path:
+    place = place or folder(runs)
+    path = place / RUNS_FILE
+    atomic_write_text(path, "".join(str(RunPaths.of(run).config) + "\n" for run in runs))
+    return path
+
+
+def evaluation_job(runs, runs_file: Path, *, python: str | None = None, extra: tuple[str, ...] = ()) -> JobSpec:
+    """The grid's evaluation job: the first run's inference job (its environment, one GPU),
+    started on the runs file instead of one run.yaml."""
+    spec = inference_job(runs[0])
+    place = runs_file.parent
+    return JobSpec(
+        run_id=EVALUATE, role=EVALUATE, python=python or spec.python,
+        module="training.evaluate_grid", run_yaml=str(runs_file), args=tuple(extra), env=spec.env,
+        resources=spec.resources, workdir=str(place), log=str(place / LOG_FILE),
+        mounts=tuple(sorted({m for run in runs for m in inference_job(run).mounts})),
+    )  # fmt: skip
+
+
+def local_command(runs, runs_file: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The job as a process on this machine, run by this qlaunch's own python."""
+    return evaluation_job(runs, runs_file, python=sys.executable, extra=extra).command
+
+
+def outcomes(runs) -> dict[str, dict]:
+    """run id → {outcome, why} from the last evaluation job's evaluation.json."""
+    return (read_json(folder(runs) / OUTCOMES_FILE) or {}).get("runs", {})
