@@ -48,7 +48,7 @@ def quickstart(tmp_path_factory):
 def test_make_quickstart_tunes_both_runs_well_past_the_base_model(quickstart):
     checkout, done = quickstart
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    runs = sorted(p for p in (checkout / "examples/qlaunch-runs/quickstart").iterdir() if p.is_dir() and not p.name.startswith("."))
+    runs = sorted(p for p in (checkout / "examples/qlaunch-runs/quickstart").iterdir() if (p / "run.yaml").is_file())
     assert len(runs) == 2
     for run in runs:
         assert (run / "adapter" / "adapter_config.json").is_file()
@@ -68,7 +68,7 @@ def test_make_quickstart_tunes_both_runs_well_past_the_base_model(quickstart):
 def test_tuned_answers_do_not_depend_on_the_base_model_answering_first(quickstart):
     checkout, done = quickstart
     assert done.returncode == 0
-    run = sorted(p for p in (checkout / "examples/qlaunch-runs/quickstart").iterdir() if p.is_dir() and not p.name.startswith("."))[0]
+    run = sorted(p for p in (checkout / "examples/qlaunch-runs/quickstart").iterdir() if (p / "run.yaml").is_file())[0]
     rows = [json.loads(line) for line in (run / "inference" / "results.jsonl").read_text().splitlines()]
     # The same prompts in the same order (so the same batches), tuned model only.
     prompts = checkout / "prompts.jsonl"
