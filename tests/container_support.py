@@ -64,9 +64,13 @@ def docker_run_args(pod: dict[str, Any], container: dict[str, Any], host_paths: 
     if "memory" in limits:
         args += ["--memory", _docker_size(limits["memory"])]
     for variable in container.get("env", []):
-        if "value" not in variable:
-            raise ValueError(f"env {variable['name']}: only literal values can be replayed here")
-        args += ["--env", f"{variable['name']}={variable['value']}"]
+        value = variable.get("value")
+        field = (variable.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
+        if value is None and field:
+            value = f"container-test-{field}"  # the downward API (the Job's uid): a stand-in value
+        if value is None:
+            raise ValueError(f"env {variable['name']}: only literal and fieldRef values can be replayed here")
+        args += ["--env", f"{variable['name']}={value}"]
     volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
         volume, target = volumes[mount["name"]], mount["mountPath"]

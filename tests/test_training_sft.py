@@ -107,7 +107,14 @@ def test_a_finished_run_is_never_trained_again(trained):
 
 
 def test_unknown_sft_arg_fails_with_exit_2_and_an_error_event(tmp_path, tiny_plan):
-    run = tiny_plan(tmp_path, train={"sft_args": {"not_a_knob": 1}}).runs[0]
+    """The job checks again what plan time refuses (a run.yaml written by another qlaunch version)."""
+    import yaml
+
+    run = tiny_plan(tmp_path).runs[0]
+    config = RunPaths.of(run).config
+    data = yaml.safe_load(config.read_text())
+    data["train"]["sft_args"] = {"not_a_knob": 1}
+    config.write_text(yaml.safe_dump(data))
     log = tmp_path / "train.log"
     assert run_job("training.sft", RunPaths.of(run).config, log=log, cwd=tmp_path) == 2
     assert "train.sft_args.not_a_knob" in log.read_text()
