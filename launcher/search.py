@@ -16,24 +16,23 @@ def ledger_dir(experiment_folder: Path) -> Path:
     return Path(experiment_folder) / LEDGER_DIR
 
 
+def _rung_numbers(experiment_folder: Path, rung: int, field: str) -> dict[str, float]:
+    numbers = {}
+    for path in (ledger_dir(experiment_folder) / f"rung-{rung}").glob("*.json"):
+        value = (read_json(path) or {}).get(field)
+        if isinstance(value, (int, float)):
+            numbers[path.stem] = float(value)
+    return numbers
+
+
 def rung_results(experiment_folder: Path, rung: int) -> dict[str, float]:
     """run id → value recorded at this rung by every run of the grid so far."""
-    results = {}
-    for path in (ledger_dir(experiment_folder) / f"rung-{rung}").glob("*.json"):
-        data = read_json(path) or {}
-        if isinstance(data.get("value"), (int, float)):
-            results[path.stem] = float(data["value"])
-    return results
+    return _rung_numbers(experiment_folder, rung, "value")
 
 
 def rung_times(experiment_folder: Path, rung: int) -> dict[str, float]:
     """run id → when its result at this rung was recorded (ties go to the earlier one)."""
-    times = {}
-    for path in (ledger_dir(experiment_folder) / f"rung-{rung}").glob("*.json"):
-        data = read_json(path) or {}
-        if isinstance(data.get("time"), (int, float)):
-            times[path.stem] = float(data["time"])
-    return times
+    return _rung_numbers(experiment_folder, rung, "time")
 
 
 def read_ledger(experiment_folder: Path) -> dict[int, dict[str, float]]:
