@@ -16,23 +16,19 @@ def ledger_dir(experiment_folder: Path) -> Path:
     return Path(experiment_folder) / LEDGER_DIR
 
 
-def _rung_numbers(experiment_folder: Path, rung: int, field: str) -> dict[str, float]:
-    numbers = {}
+def rung_entries(experiment_folder: Path, rung: int) -> dict[str, dict[str, Any]]:
+    """run id → what it recorded at this rung (value, time, overrides), for every run so far."""
+    entries = {}
     for path in (ledger_dir(experiment_folder) / f"rung-{rung}").glob("*.json"):
-        value = (read_json(path) or {}).get(field)
-        if isinstance(value, (int, float)):
-            numbers[path.stem] = float(value)
-    return numbers
+        data = read_json(path) or {}
+        if isinstance(data.get("value"), (int, float)):
+            entries[path.stem] = data
+    return entries
 
 
 def rung_results(experiment_folder: Path, rung: int) -> dict[str, float]:
     """run id → value recorded at this rung by every run of the grid so far."""
-    return _rung_numbers(experiment_folder, rung, "value")
-
-
-def rung_times(experiment_folder: Path, rung: int) -> dict[str, float]:
-    """run id → when its result at this rung was recorded (ties go to the earlier one)."""
-    return _rung_numbers(experiment_folder, rung, "time")
+    return {run_id: float(entry["value"]) for run_id, entry in rung_entries(experiment_folder, rung).items()}
 
 
 def read_ledger(experiment_folder: Path) -> dict[int, dict[str, float]]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import RunConfig
-from launcher.search import DECISIONS_FILE, run_decisions, rung_results, rung_times
+from launcher.search import DECISIONS_FILE, run_decisions, rung_entries
 from launcher.search import ledger_dir as experiment_ledger
 from launcher.storage import RunPaths, write_json
 
@@ -69,8 +69,9 @@ def decide(run: RunConfig, rung: int, value: float) -> tuple[int, int, int, bool
     now = time.time()
     write_json(folder / f"{run.run_id}.json", {"run_id": run.run_id, "value": value, "time": now,
                                                 "overrides": run.overrides})  # fmt: skip
-    times = rung_times(experiment_folder, rung)
-    results = rung_results(experiment_folder, rung)
+    entries = rung_entries(experiment_folder, rung)  # one read of the ledger: values and times
+    results = {run_id: float(entry["value"]) for run_id, entry in entries.items()}
+    times = {run_id: entry["time"] for run_id, entry in entries.items() if isinstance(entry.get("time"), (int, float))}
     results[run.run_id] = value
     sign = 1.0 if search.mode == "min" else -1.0
     ahead = sum(1 for other, v in results.items() if other != run.run_id and (
