@@ -254,8 +254,10 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
 
     pruned = asha.pruned if asha is not None else None
     if pruned is not None:
-        write("pruned", pruned.step, **{k: v for k, v in pruned.__dict__.items() if k != "step"},
-              metric=run.search.metric)  # fmt: skip
+        from .asha import pruned_metrics
+
+        stopped = pruned_metrics(pruned, run.search.metric)  # the event and metrics.json say the same
+        write("pruned", pruned.step, **{k: v for k, v in stopped["pruned"].items() if k != "step"})
     metrics = {
         "run_id": run.run_id,
         "global_step": state.global_step,
@@ -273,9 +275,7 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     if eval_data is not None:
         metrics["eval_loss"] = pruned.value if pruned is not None else _final_eval_loss(trainer)
     if pruned is not None:
-        from .asha import pruned_metrics
-
-        metrics.update(pruned_metrics(pruned, run.search.metric))
+        metrics.update(stopped)
     if cuda:
         metrics["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
         metrics["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved()
