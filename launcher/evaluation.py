@@ -43,6 +43,12 @@ def per_run(run: RunConfig, backend: str) -> bool:
     return chosen if chosen is not None else backend == "kubernetes"
 
 
+def infer_log(run: RunConfig, backend: str) -> Path:
+    """What `qlaunch logs RUN --infer` shows: the run's own inference log, or the grid evaluation
+    job's log where that job evaluates the run (every run's answers and scores, in order)."""
+    return RunPaths.of(run).infer_log if per_run(run, backend) else folder([run]) / LOG_FILE
+
+
 def folder(runs: list[RunConfig] | tuple[RunConfig, ...]) -> Path:
     """<storage root>/<experiment>/evaluation (every run of a grid shares the parent)."""
     return Path(runs[0].run_dir).parent / FOLDER

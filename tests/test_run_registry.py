@@ -250,7 +250,9 @@ def test_hints_submit_and_watch_on_slurm_and_cancel_reaches_the_jobs(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         jobs = _job_ids(result.stdout)
         submitted += [j for ids in jobs.values() for j in ids]
-        assert len(jobs) == 2 and len(submitted) == 4, result.stdout  # training + inference per run
+        # Training per run, and one grid evaluation job both runs name.
+        assert len(jobs) == 2 and len(submitted) == 4 and len(set(submitted)) == 3, result.stdout
+        (evaluation,) = {j for j in submitted if submitted.count(j) == 2}
         assert set(_slurm_states(submitted).values()) == {"PENDING"}
         (watch,) = hints(result.stdout)
         assert "--backend slurm" in watch and watch.endswith("--watch")
@@ -280,15 +282,19 @@ def test_hints_submit_and_watch_on_slurm_and_cancel_reaches_the_jobs(tmp_path):
         shown = qlaunch.shell(status)
         assert shown.returncode == 0 and shown.stdout.count("pending") >= 2, shown.stdout + shown.stderr
 
-        # After following the hints: cancel by run id reaches the real Slurm jobs.
-        for run_id, ids in jobs.items():
+        # After following the hints: cancel by run id reaches the real Slurm jobs. The grid's
+        # evaluation job stays while another run may still train; it goes with the last run.
+        from slurm_support import wait_for
+
+        for number, (run_id, ids) in enumerate(jobs.items()):
             cancel = qlaunch("cancel", run_id)
             assert cancel.returncode == 0, cancel.stderr
             assert f"{run_id} cancelled" in cancel.stdout
-            from slurm_support import wait_for
-
-            wait_for(lambda: set(_slurm_states(ids).values()) <= {"CANCELLED"}, 30, f"jobs {ids} cancelled")
-        assert set(_slurm_states(submitted).values()) == {"CANCELLED"}
+            own = [j for j in ids if j != evaluation]
+            wait_for(lambda: set(_slurm_states(own).values()) <= {"CANCELLED"}, 30, f"jobs {own} cancelled")
+            if number == 0:
+                assert _slurm_states([evaluation])[evaluation] == "PENDING"
+        wait_for(lambda: set(_slurm_states(submitted).values()) == {"CANCELLED"}, 30, "the evaluation job cancelled")
     finally:
         _scancel(submitted)
 
@@ -323,7 +329,10 @@ def test_a_run_submitted_from_two_files_is_one_error_naming_both(tmp_path):
         assert cancel.returncode == 0 and f"{run_id} cancelled" in cancel.stdout, cancel.stdout + cancel.stderr
         from slurm_support import wait_for
 
-        wait_for(lambda: set(_slurm_states(submitted[second][run_id]).values()) == {"CANCELLED"}, 30, "copy cancelled")
+        # The run's training job goes; the copy's grid evaluation job waits for its other run.
+        (training, evaluation) = submitted[second][run_id]
+        wait_for(lambda: _slurm_states([training])[training] == "CANCELLED", 30, "copy cancelled")
+        assert _slurm_states([evaluation])[evaluation] == "PENDING"
         assert set(_slurm_states(submitted[first][run_id]).values()) == {"PENDING"}
     finally:
         _scancel([j for s in submitted.values() for ids in s.values() for j in ids])

@@ -42,6 +42,7 @@ from .adapter_check import BaseModelChanged
 from .entrypoint import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, log
 from .hub_files import apply_offline_env, check_prefetched
 from .infer import BATCH_SIZE, Item, clean_answer, collect_items, print_table, score
+from .log_noise import quiet_job_logs
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 # Rows (prompt × adapter) per mixed batch: whole prompts, at least BATCH_SIZE of them. Fewer,
@@ -366,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"answers per mixed batch, whole prompts × every adapter (default {ROWS_PER_BATCH}; "
                         f"at least {BATCH_SIZE} prompts)")  # fmt: skip
     args = parser.parse_args(argv)
+    quiet_job_logs()  # before bitsandbytes and transformers are imported
     started = time.time()
     try:
         entries = [Entry(listed) for listed in read_listing(Path(args.runs_file))]

@@ -339,7 +339,7 @@ class LocalBackend(Backend):
 
     def logs(self, plan: Plan, run: RunConfig, *, follow: bool, out: IO[str], infer: bool = False) -> None:
         paths = RunPaths.of(run)
-        path = paths.infer_log if infer else paths.train_log
+        path = evaluation.infer_log(run, "local") if infer else paths.train_log
 
         def active() -> bool:
             return self._status(run).state in (State.RUNNING, State.PENDING) or (

@@ -353,7 +353,7 @@ class SlurmBackend(Backend):
                 checked["at"] = time.monotonic()
             return checked["active"]
 
-        follow_file(paths.infer_log if infer else paths.train_log, out, follow=follow, active=active)
+        follow_file(evaluation.infer_log(run, "slurm") if infer else paths.train_log, out, follow=follow, active=active)
 
     def cancel(self, plan: Plan, runs: list[RunConfig]) -> list[str]:
         infos = self._infos(runs)
@@ -365,12 +365,16 @@ class SlurmBackend(Backend):
                 ids += active
         # A grid evaluation job is cancelled with the last of its runs only: it still evaluates
         # the others (and names the cancelled ones).
+        # "Last" means: no other run it waits on still has a queued or running training job.
         chosen = {run.run_id for run in runs}
-        for run in plan.runs:
+        others = [run for run in plan.runs if run.run_id not in chosen]
+        others_infos = self._infos(others) if others else {}
+        for run in others:
             record = _Submissions.of(run)
-            shared = record.latest("infer")
+            shared, train = record.latest("infer"), record.latest("train")
             grid = any(job.get("grid") and str(job["job_id"]) == shared for job in record.jobs)
-            if run.run_id not in chosen and grid and shared in ids:
+            training = train in others_infos and others_infos[train].state.active
+            if grid and training and shared in ids:
                 ids = [job_id for job_id in ids if job_id != shared]
         self.commands.scancel(list(dict.fromkeys(ids)))
         return cancelled
