@@ -42,7 +42,7 @@ test-fast: setup lint
 
 # Refresh the lock: the newest versions pyproject's ranges allow, in a fresh venv. Then run
 # `make library-names` and `make test` (it rebuilds .venv from the new lock) and commit
-# requirements/lock.txt (and launcher/library_names.json) if it passes.
+# requirements/lock.txt (and launcher/job/library_names.json) if it passes.
 lock:
 	rm -rf .venv-lock && python3 -m venv .venv-lock
 	.venv-lock/bin/pip install -q "$(TORCH)"
@@ -52,7 +52,7 @@ lock:
 
 # The names `qlaunch plan` checks the recipe against without importing the training stack
 # (trl SFTConfig's fields, transformers' optimizers and schedulers, ...), from the installed
-# libraries into launcher/library_names.json. tests/test_recipe_checks.py fails while it is stale.
+# libraries into launcher/job/library_names.json. tests/test_recipe_checks.py fails while it is stale.
 library-names: setup
 	$(PY) -m training.library_names
 

@@ -82,7 +82,7 @@ def timed(command: list[str], log: Path) -> tuple[float, str]:
 
 
 def snapshot(run) -> dict:
-    from launcher.storage import RunPaths
+    from launcher.job.storage import RunPaths
 
     paths = RunPaths.of(run)
     summary = json.loads((paths.inference / "summary.json").read_text())
@@ -92,7 +92,7 @@ def snapshot(run) -> dict:
 
 def measure(path: Path, work: Path, rows_per_batch: int | None = None) -> dict:
     from launcher.grid import plan
-    from launcher.storage import RunPaths
+    from launcher.job.storage import RunPaths
 
     runs = plan(path).runs
     for run in runs:

@@ -15,7 +15,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from launcher.experiment_file import load_yaml
+from launcher.job.experiment_file import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 T4_PROFILE_FILE = ROOT / "examples" / "profiles" / "t4-fast.yaml"

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from launcher import preflight
     from launcher.grid import plan
-    from launcher.storage import RunPaths, write_run_config
+    from launcher.job.storage import RunPaths, write_run_config
 
     work = Path(args.work).resolve()
     out_dir = work / "out"

@@ -49,8 +49,8 @@ import yaml  # noqa: E402
 
 from launcher import preflight  # noqa: E402
 from launcher.grid import plan  # noqa: E402
-from launcher.progress import read_events  # noqa: E402
-from launcher.storage import RunPaths, read_json, write_run_config  # noqa: E402
+from launcher.job.progress import read_events  # noqa: E402
+from launcher.job.storage import RunPaths, read_json, write_run_config  # noqa: E402
 
 # Dense fp16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_FP16 = [

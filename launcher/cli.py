@@ -22,10 +22,10 @@ from rich.text import Text
 from . import cli_extras, evaluate_command, export_command, hints, run_index, runner
 from .backends import Submission, canonical, get_backend
 from .backends.base import Foreground
-from .errors import QlaunchError
 from .grid import Plan, plan
 from .importers import command as import_command
 from .input_checks import refuse_bad_inputs
+from .job.errors import QlaunchError
 from .status_view import format_value, output_width, plain_streams
 
 console = Console(highlight=False, width=output_width())  # a pipe gets whole tables
@@ -39,7 +39,7 @@ def _backend_name(args: argparse.Namespace, p: Plan) -> str:
 def _backend(args: argparse.Namespace, name: str):
     """The backend by name; Kubernetes talks to --kubeconfig / --context when given."""
     if canonical(name) == "kubernetes" and (getattr(args, "kubeconfig", None) or getattr(args, "context", None)):
-        from .backends.kubernetes import KubernetesBackend
+        from .backends.kubernetes.backend import KubernetesBackend
 
         return KubernetesBackend(args.kubeconfig, args.context)
     return get_backend(name)
@@ -216,7 +216,7 @@ def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
 
 
 def _print_inference_summaries(p: Plan) -> None:
-    from .storage import RunPaths, read_json
+    from .job.storage import RunPaths, read_json
 
     for run in p.runs:
         summary = read_json(RunPaths.of(run).inference / "summary.json") or {}

@@ -64,7 +64,7 @@ def add_set_options(sub: argparse._SubParsersAction) -> None:
 def say_user_defaults(p, console) -> None:
     """One line naming the keys the user config file filled in (the experiment file did not set them)."""
     if p.user_defaults:
-        from .overrides import user_config_path
+        from .job.overrides import user_config_path
 
         console.print(f"from {user_config_path()}: {', '.join(p.user_defaults)}", soft_wrap=True, markup=False)
 
@@ -82,7 +82,7 @@ def force_deletions(p, backend_name: str) -> dict[str, list[str]]:
     """Run id → what `--force` deletes of it here (clear_outputs), as `name (what)` strings.
     Kubernetes keeps the claim's outputs (the runs resume from their newest checkpoint)."""
     from .backends import canonical
-    from .storage import RunPaths
+    from .job.storage import RunPaths
 
     if canonical(backend_name) == "kubernetes":
         return {}

@@ -13,10 +13,10 @@ from rich.markup import escape
 
 from . import evaluation
 from .backends import canonical
-from .errors import QlaunchError
 from .grid import plan
+from .job.errors import QlaunchError
+from .job.storage import RunPaths, read_json
 from .jobspec import launcher_environment
-from .storage import RunPaths, read_json
 
 HELP = ("Evaluate the grid's trained runs in one job (base model loaded once, every adapter); "
         "runs already scored on the same prompts, references and settings are skipped.")  # fmt: skip
@@ -48,7 +48,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     extra = ("--force",) if args.force else ()
     if name == "slurm":
-        from .backends.slurm import SlurmBackend
+        from .backends.slurm.backend import SlurmBackend
 
         job_id = SlurmBackend().evaluate(chosen, force=args.force)
         console.print(f"grid evaluation job {job_id} submitted; log: {evaluation.folder(chosen) / evaluation.LOG_FILE}")

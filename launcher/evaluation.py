@@ -25,9 +25,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import RunConfig
+from .job.config import RunConfig
+from .job.storage import RunPaths, atomic_write_text, read_json
 from .jobspec import JobSpec, inference_job
-from .storage import RunPaths, atomic_write_text, read_json
 
 EVALUATE = "evaluate"
 FOLDER = "evaluation"

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
-from .errors import QlaunchError
 from .grid import Plan, plan
+from .job.config import RunConfig
+from .job.errors import QlaunchError
+from .job.storage import RunPaths, read_json, write_json
 from .jobspec import export_job, launcher_environment
-from .storage import RunPaths, read_json, write_json
 
 HELP = "Export a trained run: its adapter, or the merge checked against it (+ GGUF), optionally to the hub."
 EXPORTS_FILE = "exports.json"
@@ -114,7 +114,7 @@ def push_target(run: RunConfig, repo: str) -> tuple[str, str]:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from .hub import read_hf_token
+    from .job.hub import read_hf_token
 
     token = read_hf_token(run)
     where = run.model.hf_token_file or f"${run.model.hf_token_env}"

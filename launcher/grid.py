@@ -19,12 +19,12 @@ from typing import Any, Sequence
 
 from pydantic import ValidationError
 
-from .config import IDENTITY_SECTIONS, DatasetConfig, Experiment, RunConfig, TrainConfig
-from .errors import ConfigError
-from .experiment_file import format_validation_error, load_experiment
 from .input_checks import locate
-from .loss import resolve_for_plan
-from .recipe_checks import did_you_mean, recipe_findings, sft_arg_problem
+from .job.config import IDENTITY_SECTIONS, DatasetConfig, Experiment, RunConfig, TrainConfig
+from .job.errors import ConfigError
+from .job.experiment_file import format_validation_error, load_experiment
+from .job.loss import resolve_for_plan
+from .job.recipe_checks import did_you_mean, recipe_findings, sft_arg_problem
 
 GRID_FORBIDDEN = {"name", "grid", "backend", "storage"}
 
@@ -39,7 +39,7 @@ class Plan:
     key_lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)
     # The `--set KEY=VALUE`s this plan was made with (a command that acts on it again repeats them).
     settings: tuple[str, ...] = ()
-    # Dotted keys whose values came from the user config file (launcher/overrides.py).
+    # Dotted keys whose values came from the user config file (launcher/job/overrides.py).
     user_defaults: tuple[str, ...] = ()
 
     @property
@@ -137,7 +137,7 @@ def _check_grid_values(key: str, values: list, source: str, line: int | None) ->
 
 
 def _refuse_recipe_problems(runs: list[RunConfig], grid: dict, lines: dict[tuple, int], source: str) -> None:
-    """Values only trl/transformers check (launcher/recipe_checks.py), each once, located in the
+    """Values only trl/transformers check (launcher/job/recipe_checks.py), each once, located in the
     file: a grid value's own line where a grid value set the key."""
     problems: dict[str, int] = {}
     for run in runs:
@@ -150,7 +150,7 @@ def _refuse_recipe_problems(runs: list[RunConfig], grid: dict, lines: dict[tuple
 
 def plan(path: str | Path, settings: Sequence[str] = ()) -> Plan:
     """Load, validate and expand an experiment file (with the user config's defaults and
-    `settings`, launcher/overrides.py). Raises ConfigError naming key and line."""
+    `settings`, launcher/job/overrides.py). Raises ConfigError naming key and line."""
     loaded = load_experiment(path, settings)
     experiment, source, raw, lines = loaded.experiment, loaded.path, loaded.data, loaded.lines
 

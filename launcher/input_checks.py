@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config import DatasetConfig, RunConfig
-from .data_files import LOCAL_FORMATS, Rows, read_rows
-from .errors import ConfigError
+from .job.config import DatasetConfig, RunConfig
+from .job.data_files import LOCAL_FORMATS, Rows, read_rows
+from .job.errors import ConfigError
 
 PACKAGE_SCHEME = "package:"
 # A value starting like this is a path on this machine, never a hub id.
@@ -362,7 +362,7 @@ def inference_findings(run: RunConfig) -> list[Finding]:
         if problem:
             findings.append(Finding("inference.eval_file", problem, str(path)))
         try:
-            from training.eval_metrics import get_metrics  # light: json and re only
+            from launcher.job.metrics import get_metrics  # light: json and re only
 
             get_metrics(settings.metric)
         except ConfigError as exc:
@@ -398,11 +398,11 @@ def _line(lines: dict[tuple, int], key: tuple) -> int | None:
 
 def job_view(run: RunConfig, backend: str, storage_root: Path) -> RunConfig:
     """The run as its job will see it: a Kubernetes pod resolves relative paths on the PVC
-    (k8s_manifests.pod_run_config), except the local files `qlaunch submit` stages there
-    (backends/k8s_staging.py): those are checked here, where they are. Everything else resolves
+    (manifests.pod_run_config), except the local files `qlaunch submit` stages there
+    (backends/kubernetes/staging.py): those are checked here, where they are. Everything else resolves
     against the experiment file's folder."""
     if backend in ("kubernetes", "k8s"):
-        from .backends.k8s_staging import local_sources
+        from .backends.kubernetes.staging import local_sources
 
         sections: dict[str, dict[str, str]] = {}
         for dotted, path in local_sources(run, str(storage_root)).items():
@@ -416,7 +416,7 @@ def job_view(run: RunConfig, backend: str, storage_root: Path) -> RunConfig:
 def check_plan(plan, backend: str | None = None) -> list[Problem]:
     """Every problem of every run of the grid (errors and info lines), each once, located in the
     experiment file: a grid value's own line where a grid value set the key."""
-    from .experiment_file import parse_yaml
+    from .job.experiment_file import parse_yaml
 
     source = str(plan.source)
     _, lines = parse_yaml(plan.source.read_text(), source)
@@ -433,7 +433,7 @@ def check_plan(plan, backend: str | None = None) -> list[Problem]:
     for run in plan.runs:
         findings = check_run(job_view(run, backend, plan.storage_root), read=read)
         if backend in ("kubernetes", "k8s"):
-            from .backends.k8s_staging import unmounted_folders
+            from .backends.kubernetes.staging import unmounted_folders
 
             findings += [Finding(key, message) for key, message in unmounted_folders(run, str(plan.storage_root))]
             if run.environment.setup:
@@ -485,7 +485,7 @@ def refuse_bad_inputs(plan, backend: str | None, skip: bool, console) -> list[Pr
 
 def check_job(run: RunConfig, config_path: str | Path, parts: Iterable[str]) -> list[Problem]:
     """The errors a job meets before loading the model, located in its run.yaml."""
-    from .experiment_file import parse_yaml
+    from .job.experiment_file import parse_yaml
 
     path = Path(config_path)
     if path.is_dir():

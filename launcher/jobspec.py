@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import RunConfig
-from .storage import RunPaths
+from .job.config import RunConfig
+from .job.storage import RunPaths
 
 TRAIN, INFER, EXPORT = "train", "infer", "export"
 # accelerate's default rendezvous port (training.launch's --main-process-port default); only

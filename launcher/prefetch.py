@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import HubPin, RunConfig
-from .errors import QlaunchError
 from .grid import Plan
-from .hub import (
+from .job.config import HubPin, RunConfig
+from .job.errors import QlaunchError
+from .job.hub import (
     DEFAULT_REVISION,
     HubRef,
     hub_cache_dir,

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 
 from rich.table import Table
 
-from .config import RunConfig
+from .job.config import RunConfig
 
 GiB = 1024**3
 MiB = 1024**2

@@ -17,21 +17,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ledger as ledgers
 from . import report_stats as stats
 from .backends.base import Backend
-from .config import RunConfig
 from .export_command import exports_of
 from .grid import Plan
+from .job import ledger as ledgers
+from .job.config import RunConfig
+from .job.search import pruned_decision
+from .job.storage import RunPaths, atomic_write_text, read_json
 from .json_output import Answer, AttemptRecord, Environment, Metric, MetricInterval, ReportDocument, ReportRun
 from .report_verdict import comparison as compare_top_two
 from .report_verdict import crowned, headline_interval, intervals, top_label, verdict
-from .search import pruned_decision
 from .search_report import headline as search_headline
 from .search_report import rung_lines as search_rung_lines
 from .search_report import summarize as summarize_search
 from .status_view import Row, collect, format_value
-from .storage import RunPaths, atomic_write_text, read_json
 
 ANSWERS_SHOWN = 4
 METRICS_EXPLAINED = (

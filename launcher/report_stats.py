@@ -96,7 +96,7 @@ def read_scores(results: Path, metric_spec: str | None) -> Scores | None:
 
 def _metric_functions(spec: str | None) -> list[tuple[str, Callable[[str, str], float] | None]]:
     try:
-        from training.eval_metrics import get_metrics  # light: json and re only
+        from launcher.job.metrics import get_metrics  # light: json and re only
     except ImportError:  # a launcher without the job side: the headline's stored scores only
         return [((spec or "exact_match").split(",")[0].strip(), None)]
     try:

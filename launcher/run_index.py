@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from .errors import ConfigError
 from .grid import Plan
 from .grid import plan as _plan
-from .storage import atomic_write_text
+from .job.errors import ConfigError
+from .job.storage import atomic_write_text
 
 VERSION = 2
 # What a submission leaves in a run folder on storage this machine sees (local, Slurm).

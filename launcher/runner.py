@@ -18,11 +18,11 @@ from typing import Callable
 from . import run_index
 from .backends import Backend, State, Submission, SubmitReport, canonical, get_backend
 from .backends.base import Foreground, write_files
-from .config import RunConfig
-from .errors import QlaunchError
 from .grid import Plan
+from .job.config import RunConfig
+from .job.errors import QlaunchError
+from .job.storage import RunPaths
 from .jobspec import inference_job, launcher_environment
-from .storage import RunPaths
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .grid import Plan
+from .job.search import read_ledger, run_decisions
 from .json_output import ReportRun, SearchRung, SearchSummary
-from .search import read_ledger, run_decisions
 
 
 def summarize(plan: Plan, runs: list[ReportRun]) -> SearchSummary | None:

@@ -7,7 +7,7 @@ them on. Each tip is offered only when the run would still fit its GPU with it.
 
 from __future__ import annotations
 
-from .config import RunConfig
+from .job.config import RunConfig
 from .preflight import GiB, _with_train, estimate_run, step_shape
 
 # examples/profiles/t4-fast.yaml's budget: 12 packed rows of 1024 tokens.

@@ -25,11 +25,11 @@ from rich.table import Table
 from rich.text import Text
 
 from .backends.base import Backend, RunStatus, State
-from .environments import attempt_records, version_mismatches
 from .grid import Plan
-from .progress import Progress, read_events, summarize
-from .search import pruned_text
-from .storage import RunPaths
+from .job.environments import attempt_records, version_mismatches
+from .job.progress import Progress, read_events, summarize
+from .job.search import pruned_text
+from .job.storage import RunPaths
 
 STATE_STYLE = {
     State.UNKNOWN: "dim",

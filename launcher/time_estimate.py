@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 from rich.table import Table
 
-from .config import HubPin, RunConfig
+from .job.config import HubPin, RunConfig
 from .preflight import (
     TRL_DEFAULT_MAX_LENGTH,
     ModelShape,
@@ -175,8 +175,8 @@ def prefetched_rows(run: RunConfig) -> list | None:
     The split's data files (names containing the split, else every data file) are read with
     launcher.data_files: JSONL/JSON/CSV in full, Parquet through pyarrow where installed (a
     sample of rows, repeated up to the file's row count from its metadata)."""
-    from . import hub
-    from .data_files import LOCAL_FORMATS, read_rows
+    from .job import hub
+    from .job.data_files import LOCAL_FORMATS, read_rows
 
     refs = [ref for ref in hub.hub_refs(run) if ref.key == "dataset.path"]
     if not refs:
@@ -280,7 +280,7 @@ def estimate_time(run: RunConfig) -> TimeEstimate:
 
 
 def _unknown_size_note(run: RunConfig) -> str:
-    from .hub import is_hub_dataset
+    from .job.hub import is_hub_dataset
 
     if is_hub_dataset(run.dataset.path, run):
         return (f"dataset size unknown ({run.dataset.path} is on the hub and not prefetched yet): "

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from launcher.grid import Plan, plan
-from launcher.storage import write_run_config
+from launcher.job.storage import write_run_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from launcher.backends.k8s_client import APPLY_PATCH, Kube
-from launcher.backends.k8s_manifests import EXPERIMENT_LABEL
-from launcher.backends.kubernetes import KubernetesBackend
-from launcher.errors import BackendError
-from launcher.progress import PROGRESS_PREFIX, parse_lines
+from launcher.backends.kubernetes.backend import KubernetesBackend
+from launcher.backends.kubernetes.client import APPLY_PATCH, Kube
+from launcher.backends.kubernetes.manifests import EXPERIMENT_LABEL
+from launcher.job.errors import BackendError
+from launcher.job.progress import PROGRESS_PREFIX, parse_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 # Container states that no wait resolves: fail at once, naming the image.

@@ -10,9 +10,9 @@ import os
 import textwrap
 from pathlib import Path
 
-from launcher.config import RunConfig
 from launcher.grid import plan
-from launcher.storage import RunPaths, write_json, write_run_config
+from launcher.job.config import RunConfig
+from launcher.job.storage import RunPaths, write_json, write_run_config
 
 REFERENCE = '{"city": "Paris", "country": "France"}'
 RIGHT = REFERENCE
@@ -83,7 +83,7 @@ def running(run: RunConfig, step: int, total: int, loss: float, pid: int | None 
 def inferred(run: RunConfig, tuned: list[str], base: list[str] | None = None, metrics=None):
     """The inference job's files for held-out answers: `tuned[i]` answers example i (all share
     REFERENCE, prompts differ). The summary's means are computed with the job's own metrics."""
-    from training.eval_metrics import get_metrics
+    from launcher.job.metrics import get_metrics
     from training.infer import Item, score
 
     base = base or [PROSE] * len(tuned)

@@ -19,7 +19,7 @@ import yaml
 from training_support import wait_until
 
 from launcher.backends.base import State
-from launcher.backends.slurm import SlurmBackend
+from launcher.backends.slurm.backend import SlurmBackend
 from launcher.grid import Plan, plan
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from training_support import run_job, tail
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
 from launcher.grid import plan
-from launcher.storage import RunPaths
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
+from launcher.job.storage import RunPaths
 
 ROWS = [
     {"instruction": "What comes after 3?", "response": "4 comes after 3."},

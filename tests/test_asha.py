@@ -20,8 +20,8 @@ import pytest
 from training_support import events, job_env, tail, wait_until
 
 from launcher.grid import plan
-from launcher.search import read_ledger, run_decisions
-from launcher.storage import RunPaths
+from launcher.job.search import read_ledger, run_decisions
+from launcher.job.storage import RunPaths
 
 STEPS = 27
 # Learning rates whose ranking holds at every rung on this model (measured: eval loss at steps
@@ -148,7 +148,7 @@ def test_a_run_stopped_right_after_its_decision_resumes_with_that_decision(tmp_p
 
 def _decide_at_once(args) -> None:
     run_yaml, barrier, value = args
-    from launcher.experiment_file import load_run_config
+    from launcher.job.experiment_file import load_run_config
     from training.asha import decide
 
     barrier.wait()

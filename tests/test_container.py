@@ -20,10 +20,10 @@ import yaml
 from container_support import build_test_image, docker_or_fail, docker_run_args
 from training_support import REPO, mount_config_map, tail, wait_until
 
-from launcher.backends.k8s_manifests import run_documents
+from launcher.backends.kubernetes.manifests import run_documents
 from launcher.grid import plan
-from launcher.progress import EXIT_PREEMPTED, read_events
-from launcher.storage import RunPaths
+from launcher.job.progress import EXIT_PREEMPTED, read_events
+from launcher.job.storage import RunPaths
 from training.checkpoints import complete_checkpoints
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]

@@ -54,7 +54,7 @@ def test_apptainer_definition_runs_what_the_docker_image_and_the_jobs_expect():
     """docker/qlaunch-train.def builds from the image Kubernetes runs by default, puts the image's
     venv first on PATH (the sbatch script calls environment.python, `python`), and checks the
     same imports the Dockerfile's build does."""
-    from launcher.config import EnvironmentConfig, KubernetesConfig
+    from launcher.job.config import EnvironmentConfig, KubernetesConfig
 
     header, sections = _def_sections((REPO / "docker" / "qlaunch-train.def").read_text())
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()

@@ -7,11 +7,11 @@ from pathlib import Path
 from rich.console import Console
 
 from launcher.backends.base import RunStatus
-from launcher.environments import environment_file, version_mismatches
 from launcher.grid import plan
-from launcher.progress import summarize
+from launcher.job.environments import environment_file, version_mismatches
+from launcher.job.progress import summarize
+from launcher.job.storage import write_json
 from launcher.status_view import Row, build_table
-from launcher.storage import write_json
 
 
 def _record(transformers: str) -> dict:

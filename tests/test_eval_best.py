@@ -8,8 +8,8 @@ import signal
 import pytest
 from training_support import events, run_job, start_job, tail, wait_until
 
-from launcher.progress import EXIT_PREEMPTED
-from launcher.storage import RunPaths
+from launcher.job.progress import EXIT_PREEMPTED
+from launcher.job.storage import RunPaths
 
 pytestmark = pytest.mark.slow
 

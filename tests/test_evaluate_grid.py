@@ -14,7 +14,7 @@ import pytest
 from training_support import events, run_job, tail
 
 from launcher import evaluation
-from launcher.storage import RunPaths
+from launcher.job.storage import RunPaths
 
 # --- the launcher's side (fast) -------------------------------------------------------------------
 

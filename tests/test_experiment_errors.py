@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from launcher.errors import ConfigError
 from launcher.grid import plan
+from launcher.job.errors import ConfigError
 
 GOOD = """\
 name: demo

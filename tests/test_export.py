@@ -17,7 +17,7 @@ import pytest
 from training_support import REPO, run_job, tail
 
 from launcher.grid import plan
-from launcher.storage import RunPaths, write_json
+from launcher.job.storage import RunPaths, write_json
 from tests.fake_hub import FakeHub
 
 TOKEN = "hf_exportSecretToken0123456789"
@@ -268,8 +268,8 @@ def test_a_merge_neither_base_matches_is_refused_with_the_numbers():
 
 
 def test_a_merge_that_does_not_fit_this_machine_is_refused(tmp_path, tiny_plan):
-    from launcher.errors import QlaunchError
     from launcher.export_command import check_merge_memory
+    from launcher.job.errors import QlaunchError
 
     run = tiny_plan(tmp_path, model={"name_or_path": "NousResearch/Llama-2-7b-chat-hf"}).runs[0]
     with pytest.raises(QlaunchError, match=r"needs about 4\d\.\d GiB of host memory .* 16\.0 GiB available"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.storage import atomic_write_text, write_json
+from launcher.job.storage import atomic_write_text, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

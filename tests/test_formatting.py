@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
 from training.formatting import (
     Turn,
     build_text_dataset,

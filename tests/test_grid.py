@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import textwrap
 
-from launcher.experiment_file import dump_run_config, load_run_config
 from launcher.grid import plan
-from launcher.storage import write_run_config
+from launcher.job.experiment_file import dump_run_config, load_run_config
+from launcher.job.storage import write_run_config
 
 EXPERIMENT = textwrap.dedent("""\
     name: grid-demo

@@ -214,7 +214,7 @@ def test_a_source_value_qlaunch_rejects_names_the_key_and_writes_nothing(tmp_pat
 
 
 def test_sharegpt_from_value_rows_are_read_as_messages(tmp_path):
-    from launcher.config import RunConfig
+    from launcher.job.config import RunConfig
     from training.formatting import format_row
 
     run = RunConfig.model_validate({"name": "s", "run_id": "0123456789", "run_dir": str(tmp_path),

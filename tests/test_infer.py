@@ -7,9 +7,9 @@ import json
 import pytest
 from training_support import events, run_job, tail
 
-from launcher.errors import ConfigError
-from launcher.storage import RunPaths
-from training.eval_metrics import get_metric, get_metrics
+from launcher.job.errors import ConfigError
+from launcher.job.metrics import get_metric, get_metrics
+from launcher.job.storage import RunPaths
 
 # --- metrics (fast) -------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
-from launcher.backends.k8s_manifests import run_documents
-from launcher.backends.slurm_script import render_run
+from launcher.backends.kubernetes.manifests import run_documents
+from launcher.backends.slurm.script import render_run
 from launcher.grid import plan
 from launcher.jobspec import inference_job
 
@@ -87,7 +87,7 @@ def test_kubernetes_inference_job_has_its_own_request_and_deadline(tmp_path):
 
 
 def test_bad_inference_resources_are_refused(tmp_path):
-    from launcher.errors import ConfigError
+    from launcher.job.errors import ConfigError
 
     with pytest.raises(ConfigError, match="inference.resources.time_limit"):
         _run(tmp_path, inference="{resources: {time_limit: '1h'}}")

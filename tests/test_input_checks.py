@@ -22,7 +22,7 @@ from slurm_support import cancel_after, require_cluster, unique_name, write_expe
 from launcher.cli import main
 from launcher.grid import plan
 from launcher.input_checks import check_plan
-from launcher.storage import RunPaths, write_run_config
+from launcher.job.storage import RunPaths, write_run_config
 
 HEAD = "name: cat\nstorage:\n  root: runs\n"  # lines 1-3 of every case
 ROWS = [{"instruction": f"Say {n}.", "response": f"{n}"} for n in range(3)]
@@ -44,7 +44,7 @@ def package_dir(name: str) -> str:
 
 
 def metrics_known() -> str:
-    from training.eval_metrics import METRICS
+    from launcher.job.metrics import METRICS
 
     return ", ".join([*METRICS, "regex:<pattern>"])
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.progress import PROGRESS_PREFIX
+from launcher.job.progress import PROGRESS_PREFIX
 
 
 def qlaunch(*args, home: Path):

@@ -20,8 +20,8 @@ from rich.console import Console
 
 from launcher.backends.base import RunStatus, State
 from launcher.grid import plan
+from launcher.job.progress import Progress
 from launcher.json_output import DOCUMENTS, PlanDocument, ReportDocument, StatusDocument
-from launcher.progress import Progress
 from launcher.status_view import Row, build_table
 
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "json"

@@ -11,7 +11,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
-from launcher.backends.k8s_manifests import run_documents
+from launcher.backends.kubernetes.manifests import run_documents
 from launcher.grid import plan
 
 SCHEMA_VERSIONS = ("1.30", "1.37")
@@ -98,7 +98,7 @@ def test_pull_policy_follows_the_tag_unless_set(tmp_path, image, policy):
 
 
 def test_staging_pod_pulls_like_the_jobs(tmp_path):
-    from launcher.backends.k8s_upload import stage_pod
+    from launcher.backends.kubernetes.upload import stage_pod
 
     p = _plan(tmp_path, "kubernetes: {image: 'ghcr.io/you/qlaunch-train:latest'}\n")
     pod = stage_pod(p, p.runs[0], "qlaunch-stage-0")
@@ -109,7 +109,7 @@ def test_staging_pod_pulls_like_the_jobs(tmp_path):
 def test_a_grid_shares_one_copy_of_its_data_file_and_cancel_removes_it_last(tmp_path, monkeypatch):
     from fake_kube import start_cluster
 
-    from launcher.backends.kubernetes import KubernetesBackend
+    from launcher.backends.kubernetes.backend import KubernetesBackend
 
     data = "".join(f'{{"text": "### Human: q{i}? ### Assistant: a{i}"}}\n' for i in range(2000))  # ~80 kB
     (tmp_path / "train.jsonl").write_text(data)
@@ -158,7 +158,7 @@ def test_the_default_tag_is_the_packaged_version():
     import tomllib
 
     from launcher import __version__
-    from launcher.config import KubernetesConfig
+    from launcher.job.config import KubernetesConfig
 
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert project["version"] == __version__

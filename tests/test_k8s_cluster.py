@@ -31,12 +31,12 @@ from fake_kube import ApiError, FakeKube, start_cluster
 from k8s_target import NEEDS_FAKE, NEEDS_GPU, NEEDS_IMAGE, FakeTarget, RealTarget, progress, settings_from_env
 
 from launcher.backends.base import State
-from launcher.backends.k8s_manifests import Names
-from launcher.backends.kubernetes import KubernetesBackend
-from launcher.errors import BackendError
-from launcher.experiment_file import load_yaml
+from launcher.backends.kubernetes.backend import KubernetesBackend
+from launcher.backends.kubernetes.manifests import Names
 from launcher.grid import plan
-from launcher.progress import parse_lines
+from launcher.job.errors import BackendError
+from launcher.job.experiment_file import load_yaml
+from launcher.job.progress import parse_lines
 from launcher.status_view import collect
 
 ROOT = Path(__file__).resolve().parents[1]

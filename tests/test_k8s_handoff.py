@@ -22,11 +22,11 @@ from fake_kube import FakeKube, start_cluster
 from kubernetes import client as kube_client
 
 from launcher.backends.base import State
-from launcher.backends.k8s_manifests import Names, run_documents
-from launcher.backends.kubernetes import KubernetesBackend
+from launcher.backends.kubernetes.backend import KubernetesBackend
+from launcher.backends.kubernetes.manifests import Names, run_documents
 from launcher.grid import plan
+from launcher.job.storage import RunPaths, write_json
 from launcher.status_view import build_table, collect
-from launcher.storage import RunPaths, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "ml-team"
@@ -222,7 +222,7 @@ def _table(p, k8s) -> str:
 def test_a_submitter_who_may_not_create_roles_is_told_why_before_anything_is_created(fake, tmp_path):
     from fake_kube import ApiError
 
-    from launcher.errors import BackendError
+    from launcher.job.errors import BackendError
 
     def edit_role_only(resource, obj, dry_run):  # what the namespace's "edit" ClusterRole gives
         if resource in ("roles", "rolebindings"):

@@ -20,9 +20,9 @@ import sys
 import pytest
 from training_support import REPO, mount_config_map, tail
 
-from launcher.backends.k8s_manifests import CONFIG_MOUNT, run_documents
+from launcher.backends.kubernetes.manifests import CONFIG_MOUNT, run_documents
 from launcher.grid import plan
-from launcher.storage import RunPaths
+from launcher.job.storage import RunPaths
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from launcher.backends.k8s_manifests import pod_run_config
-from launcher.backends.kubernetes import KubernetesBackend
-from launcher.errors import ConfigError
-from launcher.experiment_file import load_yaml
+from launcher.backends.kubernetes.backend import KubernetesBackend
+from launcher.backends.kubernetes.manifests import pod_run_config
 from launcher.grid import plan
+from launcher.job.errors import ConfigError
+from launcher.job.experiment_file import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "k8s"

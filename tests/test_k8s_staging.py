@@ -23,12 +23,12 @@ import yaml
 from fake_kube import start_cluster
 from fake_kube.exec_stream import V4, Kubelet
 
-from launcher.backends.k8s_manifests import Names, run_documents
-from launcher.backends.k8s_upload import stage_pod
-from launcher.backends.kubernetes import KubernetesBackend
-from launcher.errors import BackendError
-from launcher.experiment_file import load_yaml
+from launcher.backends.kubernetes.backend import KubernetesBackend
+from launcher.backends.kubernetes.manifests import Names, run_documents
+from launcher.backends.kubernetes.upload import stage_pod
 from launcher.grid import plan
+from launcher.job.errors import BackendError
+from launcher.job.experiment_file import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "ml-team"

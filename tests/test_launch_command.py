@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.backends.k8s_manifests import train_command as k8s_command
+from launcher.backends.kubernetes.manifests import train_command as k8s_command
 from launcher.backends.local import train_command as local_command
-from launcher.backends.slurm_script import render_run
+from launcher.backends.slurm.script import render_run
 from launcher.grid import plan
 from training import launch
 

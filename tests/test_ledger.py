@@ -3,7 +3,7 @@ SIGTERM; these cover the kills and failures a test cannot cheaply cause for real
 
 from __future__ import annotations
 
-from launcher.ledger import build, lost_attempt
+from launcher.job.ledger import build, lost_attempt
 
 
 def start(t, step=0, resumed=None, launched=None, attempt=1):

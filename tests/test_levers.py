@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import RunConfig
+from launcher.job.config import RunConfig
 from training.arguments import Adjustments, build_sft_config, sft_kwargs
 from training.levers import liger_decision
 
@@ -75,7 +75,7 @@ def test_selective_checkpointing_trains_the_same_numbers_as_full(tmp_path, tiny_
     (it changes what is kept, not the math)."""
     from training_support import events, run_job, tail
 
-    from launcher.storage import RunPaths
+    from launcher.job.storage import RunPaths
 
     losses = {}
     for mode in (True, "selective"):

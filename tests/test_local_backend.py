@@ -14,8 +14,8 @@ import pytest
 from launcher import evaluation
 from launcher.backends import State, get_backend
 from launcher.grid import plan
-from launcher.progress import read_events, summarize
-from launcher.storage import RunPaths
+from launcher.job.progress import read_events, summarize
+from launcher.job.storage import RunPaths
 
 pytestmark = pytest.mark.slow
 

@@ -103,7 +103,7 @@ def test_packed_run_trains_through_the_entrypoint(tmp_path, tiny_plan):
     import subprocess
     import sys
 
-    from launcher.storage import RunPaths, read_json
+    from launcher.job.storage import RunPaths, read_json
 
     (run,) = tiny_plan(tmp_path, train={"packing": True, "max_steps": 3, "max_seq_length": 128,
                                         "group_by_length": False}).runs

@@ -110,8 +110,8 @@ def test_flat_row_loss_and_logits_equal_the_padded_batch(tiny_model):
 
 
 def train(tmp_path: Path, tiny_plan, padding_free) -> tuple[list[list[int]], list[float], str]:
-    from launcher.progress import read_events
-    from launcher.storage import RunPaths
+    from launcher.job.progress import read_events
+    from launcher.job.storage import RunPaths
 
     (run,) = tiny_plan(tmp_path, train={"max_steps": 4, "padding_free": padding_free, "group_by_length": True,
                                         "per_device_train_batch_size": 3}).runs

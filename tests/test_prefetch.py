@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from launcher.grid import plan
-from launcher.hub import pinned_run, pins_path, read_pins
-from launcher.progress import read_events
-from launcher.storage import RunPaths, write_run_config
+from launcher.job.hub import pinned_run, pins_path, read_pins
+from launcher.job.progress import read_events
+from launcher.job.storage import RunPaths, write_run_config
 from tests.fake_hub import FakeHub
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ def test_network_cut_job_trains_offline_on_the_pinned_revision(hub, tmp_path, ti
 
 
 def test_slurm_script_of_a_prefetched_run_runs_offline_from_the_shared_cache(tmp_path):
-    from launcher.backends.slurm_script import render_run
+    from launcher.backends.slurm.script import render_run
 
     experiment = write_experiment(tmp_path, backend="slurm", grid={})
     (run,) = plan(experiment).runs
@@ -270,7 +270,7 @@ def test_slurm_script_of_a_prefetched_run_runs_offline_from_the_shared_cache(tmp
 
 
 def test_only_the_weights_a_job_loads_are_downloaded(tmp_path):
-    from launcher.hub import hub_refs
+    from launcher.job.hub import hub_refs
     from launcher.prefetch import PrefetchError, select_files
 
     siblings = [(name, 1) for name in ("config.json", "tokenizer.model", "model-00001.safetensors",

@@ -196,7 +196,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "2026-12-0
 
 def measured_runs(tmp_path):
     """(profile, RunConfig as the bench ran it, measured peak reserved) from the committed H200 run."""
-    from launcher.config import RunConfig
+    from launcher.job.config import RunConfig
 
     for r in json.loads(RESULTS.read_text())["results"]:
         size = "13b" if r["profile"].startswith("13b:") else "7b"
@@ -259,8 +259,8 @@ def test_every_profile_is_estimated_within_5_percent_memory_and_10_percent_time(
     """Liger `auto` counted, all-linear LoRA, lean + all-linear, 13B: the shipped profiles as the
     measured runs used them (memory for a T4, whose peak is the same bytes; time for the H100)."""
     from launcher import time_estimate
-    from launcher.config import RunConfig
-    from launcher.experiment_file import load_yaml
+    from launcher.job.config import RunConfig
+    from launcher.job.experiment_file import load_yaml
 
     changes, measured_gib, tokens_per_second = ISSUE_31_H100[name]
     profile = ROOT / "examples" / "profiles" / ("t4-lean.yaml" if changes.get("lean") else "t4-fast.yaml")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from launcher.progress import PROGRESS_PREFIX, emit, parse_lines, read_events, summarize
+from launcher.job.progress import PROGRESS_PREFIX, emit, parse_lines, read_events, summarize
 
 
 def test_restarts_and_resume_steps_come_from_start_events(tmp_path):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from launcher.config import Experiment
-from launcher.experiment_file import load_yaml
+from launcher.job.config import Experiment
+from launcher.job.experiment_file import load_yaml
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.backends.kubernetes import KubernetesBackend
+from launcher.backends.kubernetes.backend import KubernetesBackend
 from launcher.grid import plan
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from launcher.config import QuantizationConfig
+from launcher.job.config import QuantizationConfig
 
 # The versions the shipped names come from are the installed ones (the staleness test below).
 TRL, TRANSFORMERS = version("trl"), version("transformers")
@@ -204,16 +204,16 @@ def test_a_bad_grid_value_is_named_at_its_own_line(tmp_path, capsys):
 def test_the_shipped_library_names_are_those_of_the_installed_libraries():
     """Fails after an upgrade of trl/transformers until `make library-names` is run."""
     pytest.importorskip("trl")
-    from launcher.recipe_checks import NAMES_FILE
+    from launcher.job.recipe_checks import NAMES_FILE
     from training.library_names import collect, render
 
     assert NAMES_FILE.read_text() == render(collect()), (
-        "launcher/library_names.json is stale: run `make library-names` and commit it"
+        "launcher/job/library_names.json is stale: run `make library-names` and commit it"
     )
 
 
 def test_config_literals_are_names_the_libraries_accept():
-    from launcher.recipe_checks import library_names
+    from launcher.job.recipe_checks import library_names
 
     names = library_names()
     fields = QuantizationConfig.model_fields
@@ -221,7 +221,7 @@ def test_config_literals_are_names_the_libraries_accept():
     assert set(typing.get_args(fields["bnb_4bit_compute_dtype"].annotation)) <= set(names["compute_dtypes"])
     defaults = QuantizationConfig()
     assert defaults.bnb_4bit_quant_type in names["bnb_4bit_quant_types"]
-    from launcher.config import TrainConfig
+    from launcher.job.config import TrainConfig
 
     assert TrainConfig().optim in names["optimizers"] and TrainConfig().lr_scheduler_type in names["lr_scheduler_types"]
 
@@ -257,9 +257,9 @@ JOB_REFUSES = {
 @pytest.mark.parametrize("case", list(JOB_REFUSES))
 def test_what_plan_refuses_the_job_would_refuse(tmp_path, case):
     pytest.importorskip("trl")
-    from launcher.config import RunConfig
-    from launcher.errors import ConfigError
-    from launcher.recipe_checks import recipe_findings
+    from launcher.job.config import RunConfig
+    from launcher.job.errors import ConfigError
+    from launcher.job.recipe_checks import recipe_findings
     from training.arguments import Adjustments, build_sft_config
 
     run = RunConfig.model_validate({"name": "args", "run_id": "0123456789", "run_dir": str(tmp_path),

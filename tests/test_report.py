@@ -15,9 +15,9 @@ import pytest
 from training_support import events, start_job, tail, wait_until
 
 from launcher.grid import plan
+from launcher.job.progress import EXIT_PREEMPTED
+from launcher.job.storage import RunPaths, read_json
 from launcher.json_output import PlanDocument, ReportDocument, StatusDocument
-from launcher.progress import EXIT_PREEMPTED
-from launcher.storage import RunPaths, read_json
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def grid(tmp_path_factory, tiny_experiment):
     p = plan(path)
     home = folder / "home"
     assert qlaunch("plan", str(path), home=home).returncode == 0
-    from launcher.storage import write_run_config
+    from launcher.job.storage import write_run_config
 
     preempted, killed = p.runs
     for run in p.runs:

@@ -11,10 +11,10 @@ import pytest
 from fake_kube import start_cluster
 
 from launcher import report
-from launcher.backends.k8s_manifests import Names
-from launcher.backends.kubernetes import KubernetesBackend
+from launcher.backends.kubernetes.backend import KubernetesBackend
+from launcher.backends.kubernetes.manifests import Names
 from launcher.grid import plan
-from launcher.progress import PROGRESS_PREFIX
+from launcher.job.progress import PROGRESS_PREFIX
 
 NS = "ml-team"
 

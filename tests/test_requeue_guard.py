@@ -1,4 +1,4 @@
-"""The requeue guard (launcher/requeue.py) without a cluster: the decision, the Slurm batch script
+"""The requeue guard (launcher/job/requeue.py) without a cluster: the decision, the Slurm batch script
 that carries it, the Kubernetes Job and pod side that honours it, and what status says.
 tests/test_slurm_requeue.py runs the batch script's guard on the real test cluster."""
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from launcher import requeue
 from launcher.backends.base import State
-from launcher.backends.k8s_manifests import run_documents
-from launcher.backends.k8s_state import job_state
-from launcher.backends.slurm_script import render_run
+from launcher.backends.kubernetes.manifests import run_documents
+from launcher.backends.kubernetes.state import job_state
+from launcher.backends.slurm.script import render_run
 from launcher.grid import plan
-from launcher.progress import EXIT_PREEMPTED
-from launcher.storage import RunPaths
+from launcher.job import requeue
+from launcher.job.progress import EXIT_PREEMPTED
+from launcher.job.storage import RunPaths
 from training.launch import requeue_guard
 
 
@@ -33,7 +33,7 @@ def _plan(tmp_path: Path, backend: str, resources: str = "{}"):
 
 
 def test_defaults_cap_requeues_and_stalls():
-    from launcher.config import ResourcesConfig
+    from launcher.job.config import ResourcesConfig
 
     res = ResourcesConfig()
     assert (res.max_requeues, res.max_requeues_without_progress) == (10, 2)
@@ -126,7 +126,7 @@ def test_kubernetes_status_says_the_guard_stopped_the_run():
 
 @pytest.mark.parametrize("value", [-1])
 def test_negative_limits_are_refused(tmp_path, value):
-    from launcher.errors import ConfigError
+    from launcher.job.errors import ConfigError
 
     with pytest.raises((ConfigError, ValueError)):
         _plan(tmp_path, "slurm", f"{{max_requeues: {value}}}")
@@ -138,7 +138,7 @@ def test_a_pod_that_keeps_stopping_exits_76_at_the_cap(tmp_path, monkeypatch):
     guard's limit, then 76 (its podFailurePolicy fails the Job)."""
     import sys
 
-    from launcher.storage import write_run_config
+    from launcher.job.storage import write_run_config
     from training import launch
 
     (run,) = _plan(tmp_path, "kubernetes", "{max_requeues: 2}").runs

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 from training_support import events, start_job, tail, wait_until
 
-from launcher.progress import EXIT_PREEMPTED
-from launcher.storage import RunPaths
+from launcher.job.progress import EXIT_PREEMPTED
+from launcher.job.storage import RunPaths
 from training.example_record import ENV, FILE_NAME
 
 pytestmark = pytest.mark.slow

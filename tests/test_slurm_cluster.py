@@ -23,9 +23,9 @@ from slurm_support import (
 )
 
 from launcher.backends.base import State
-from launcher.backends.slurm import SlurmBackend
-from launcher.errors import BackendError
-from launcher.storage import RunPaths, write_json
+from launcher.backends.slurm.backend import SlurmBackend
+from launcher.job.errors import BackendError
+from launcher.job.storage import RunPaths, write_json
 
 HELD = {"extra_directives": ["--hold"]}
 LOGGED_COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "scontrol", "sinfo")

@@ -24,9 +24,9 @@ from slurm_support import (
 from training_support import REPO
 
 from launcher.backends.base import State
-from launcher.backends.slurm import SlurmBackend
-from launcher.progress import read_events
-from launcher.storage import RunPaths
+from launcher.backends.slurm.backend import SlurmBackend
+from launcher.job.progress import read_events
+from launcher.job.storage import RunPaths
 
 pytestmark = [pytest.mark.slurm, pytest.mark.container, pytest.mark.slow]
 

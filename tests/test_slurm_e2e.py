@@ -28,9 +28,9 @@ from slurm_support import (
 )
 
 from launcher.backends.base import State
-from launcher.backends.slurm import SlurmBackend
-from launcher.progress import read_events, summarize
-from launcher.storage import RunPaths
+from launcher.backends.slurm.backend import SlurmBackend
+from launcher.job.progress import read_events, summarize
+from launcher.job.storage import RunPaths
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

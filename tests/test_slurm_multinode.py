@@ -14,9 +14,9 @@ import pytest
 from slurm_support import PYTHON, cancel_after, plan, require_cluster, unique_name, wait_for  # noqa: F401
 
 from launcher.backends.base import State
-from launcher.backends.slurm import SlurmBackend
-from launcher.progress import read_events, summarize
-from launcher.storage import RunPaths
+from launcher.backends.slurm.backend import SlurmBackend
+from launcher.job.progress import read_events, summarize
+from launcher.job.storage import RunPaths
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.backends.slurm import SlurmBackend
-from launcher.errors import ConfigError
+from launcher.backends.slurm.backend import SlurmBackend
 from launcher.grid import plan
+from launcher.job.errors import ConfigError
 
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "slurm"
 UPDATE = os.environ.get("QLAUNCH_UPDATE_SNAPSHOTS") == "1"

@@ -1,7 +1,7 @@
 """The requeue guard on the real test cluster (slurm/cluster.sh up): a training job that keeps
 exiting 75 ("checkpointed, requeue me") is requeued by its batch script only up to
 resources.max_requeues, and not after resources.max_requeues_without_progress requeues in a row
-without a newer checkpoint (launcher/requeue.py).
+without a newer checkpoint (launcher/job/requeue.py).
 
 The job's command is a stand-in trainer (environment.python is a shell script): it exits 75 at
 once, saving a new checkpoint folder first when told to, so each attempt takes a second and the
@@ -26,9 +26,9 @@ from slurm_support import (
 )
 
 from launcher.backends.base import State
-from launcher.backends.slurm import SlurmBackend
-from launcher.requeue import EXIT_REQUEUES_EXHAUSTED, LOG_NAME
-from launcher.storage import RunPaths
+from launcher.backends.slurm.backend import SlurmBackend
+from launcher.job.requeue import EXIT_REQUEUES_EXHAUSTED, LOG_NAME
+from launcher.job.storage import RunPaths
 
 pytestmark = [pytest.mark.slurm]
 

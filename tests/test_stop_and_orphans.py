@@ -25,8 +25,8 @@ import pytest
 from training_support import events, job_env, processes_mentioning, tail, wait_until
 
 from launcher.grid import plan
-from launcher.progress import EXIT_PREEMPTED, read_events, summarize
-from launcher.storage import RunPaths
+from launcher.job.progress import EXIT_PREEMPTED, read_events, summarize
+from launcher.job.storage import RunPaths
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import pytest
 from rich.console import Console
 
 from launcher import time_estimate
-from launcher.config import RunConfig
 from launcher.grid import plan
+from launcher.job.config import RunConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "2026-12-02-h200-lean.json"
 T4_FAST = {"fp16": True, "packing": True, "max_seq_length": 1024, "per_device_train_batch_size": 12,

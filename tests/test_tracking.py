@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from training_support import REPO, events, job_env, tail, wait_until
 
-from launcher.progress import EXIT_PREEMPTED
-from launcher.storage import RunPaths
+from launcher.job.progress import EXIT_PREEMPTED
+from launcher.job.storage import RunPaths
 from training.tracking import tracked_run_name, wandb_run_id
 
 pytestmark = pytest.mark.slow

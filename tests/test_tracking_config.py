@@ -7,9 +7,9 @@ import os
 import pytest
 import yaml
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
 from launcher.grid import plan
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
 from training.arguments import Adjustments, build_sft_config
 from training.tracking import tracked_run_name, wandb_run_id
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
 from training.arguments import Adjustments, build_sft_config, sft_kwargs
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from training_support import events, run_job, tail
 
-from launcher.progress import PROGRESS_PREFIX
-from launcher.storage import RunPaths
+from launcher.job.progress import PROGRESS_PREFIX
+from launcher.job.storage import RunPaths
 
 pytestmark = pytest.mark.slow
 

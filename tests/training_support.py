@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.config import RunConfig
-from launcher.progress import read_events
-from launcher.storage import RunPaths
+from launcher.job.config import RunConfig
+from launcher.job.progress import read_events
+from launcher.job.storage import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 

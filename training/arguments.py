@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
-from launcher.recipe_checks import RESERVED_SFT_ARGS, did_you_mean  # checked at plan time too
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
+from launcher.job.recipe_checks import RESERVED_SFT_ARGS, did_you_mean  # checked at plan time too
 
 from . import levers
 from .tracking import tracked_run_name

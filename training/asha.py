@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import RunConfig
-from launcher.search import DECISIONS_FILE, run_decisions, rung_entries
-from launcher.search import ledger_dir as experiment_ledger
-from launcher.storage import RunPaths, write_json
+from launcher.job.config import RunConfig
+from launcher.job.search import DECISIONS_FILE, run_decisions, rung_entries
+from launcher.job.search import ledger_dir as experiment_ledger
+from launcher.job.storage import RunPaths, write_json
 
 # What a checkpoint holds besides the adapter and its tokenizer.
 TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")

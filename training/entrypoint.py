@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
-from launcher.experiment_file import load_run_config
-from launcher.progress import EXIT_CONFIG, EXIT_FAILED, EXIT_OK  # noqa: F401 - the entrypoints' exit codes
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
+from launcher.job.experiment_file import load_run_config
+from launcher.job.progress import EXIT_CONFIG, EXIT_FAILED, EXIT_OK  # noqa: F401 - the entrypoints' exit codes
 
 
 def load_run_or_report(value: str) -> RunConfig | None:

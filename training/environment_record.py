@@ -2,7 +2,7 @@
 
 A grid is only comparable if its runs trained under the same libraries (and a CPU run's answers
 once depended on the CPU's flags, issue #8), so every training attempt writes this before it
-trains, and `qlaunch status` compares the records of a grid (launcher/environments.py).
+trains, and `qlaunch status` compares the records of a grid (launcher/job/environments.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from launcher.environments import LIBRARIES, environment_file
-from launcher.storage import RunPaths, write_json
+from launcher.job.environments import LIBRARIES, environment_file
+from launcher.job.storage import RunPaths, write_json
 
 # The flags that change which kernels bitsandbytes and torch pick on a CPU.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")

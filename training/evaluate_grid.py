@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from launcher import evaluation
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
-from launcher.experiment_file import load_run_config
-from launcher.progress import emit, make_event, read_events
-from launcher.storage import RunPaths, atomic_write_text, write_json
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
+from launcher.job.experiment_file import load_run_config
+from launcher.job.progress import emit, make_event, read_events
+from launcher.job.storage import RunPaths, atomic_write_text, write_json
 
 from .adapter_check import BaseModelChanged
 from .entrypoint import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, log
@@ -146,7 +146,7 @@ def prepare(entry: Entry, force: bool) -> None:
         return entry.drop("not evaluated", problems[0])
     try:
         entry.items, entry.evals = collect_items(run, [], None)
-        from .eval_metrics import get_metrics
+        from launcher.job.metrics import get_metrics
 
         entry.metrics = get_metrics(run.inference.metric) if entry.evals else []
         check_prefetched(run)

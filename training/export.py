@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from launcher import __version__
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
-from launcher.storage import RunPaths, atomic_write_text, read_json, write_json
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
+from launcher.job.storage import RunPaths, atomic_write_text, read_json, write_json
 
 from .entrypoint import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, input_errors, load_run_or_report, log, scrub
 from .hub_files import apply_offline_env, check_prefetched
@@ -211,7 +211,8 @@ def _build(run: RunConfig, paths: RunPaths, staging: Path, merge: bool, gguf_typ
 
     import torch
 
-    from .eval_metrics import get_metrics
+    from launcher.job.metrics import get_metrics
+
     from .infer import collect_items
     from .model_source import resolve_model
 
@@ -292,7 +293,7 @@ def gguf_check(run: RunConfig, staging: Path, gguf_type: str, tokenizer, prompts
 
 def model_card(run: RunConfig, paths: RunPaths, record: dict[str, Any]) -> str:
     merged_kind = record["kind"] == "merged"
-    from launcher.hub import is_hub_model
+    from launcher.job.hub import is_hub_model
 
     lines = [
         "---",

@@ -1,7 +1,7 @@
 """Dataset → trl's dataset shapes in the run's prompt template.
 
 Whole-text loss gives one `text` column; answer-only loss (`train.completion_only_loss`, see
-launcher/loss.py) gives `prompt` + `completion` columns, both rendered in the template, so trl's
+launcher/job/loss.py) gives `prompt` + `completion` columns, both rendered in the template, so trl's
 SFTTrainer tokenises prompt+completion and leaves the prompt's tokens out of the loss itself.
 The prompt is rendered by the same function inference uses, so it is exactly what the model is
 asked later. No tokenizer chat template has to mark assistant turns (trl's `assistant_only_loss`
@@ -29,12 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from launcher.config import RunConfig
-from launcher.data_files import LOCAL_FORMATS
-from launcher.errors import ConfigError
-from launcher.hub import pin_for, snapshot_dir
 from launcher.input_checks import auto_format, dataset_file, needed_fields
-from launcher.loss import answer_only
+from launcher.job.config import RunConfig
+from launcher.job.data_files import LOCAL_FORMATS
+from launcher.job.errors import ConfigError
+from launcher.job.hub import pin_for, snapshot_dir
+from launcher.job.loss import answer_only
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"

@@ -2,7 +2,7 @@
 rank 0 starts the run's suspended inference Job with one JSON merge patch, so that no GPU waits
 for training and no controller has to be installed.
 
-The manifests (launcher/backends/k8s_manifests.py) give the training container what it needs:
+The manifests (launcher/backends/kubernetes/manifests.py) give the training container what it needs:
 QLAUNCH_RELEASE_JOB (the Job), QLAUNCH_RELEASE_PATCH (resume it, or under Kueue give it the
 queue label) and QLAUNCH_RELEASE_CREDENTIALS (a projected volume with a ServiceAccount token,
 the cluster CA and the namespace), and a Role that lets that token patch that one Job and

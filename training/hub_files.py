@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
-from launcher.hub import hub_cache_dir, missing_files, offline_env
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
+from launcher.job.hub import hub_cache_dir, missing_files, offline_env
 
 from .entrypoint import log
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
-from launcher.progress import emit, make_event
-from launcher.search import pruned_decision, pruned_text
-from launcher.storage import RunPaths, atomic_write_text, write_json
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
+from launcher.job.progress import emit, make_event
+from launcher.job.search import pruned_decision, pruned_text
+from launcher.job.storage import RunPaths, atomic_write_text, write_json
 
 from .adapter_check import BaseModelChanged
 from .entrypoint import (
@@ -279,7 +279,7 @@ def infer(run: RunConfig, paths: RunPaths, args) -> int:
         raise ConfigError(f"run {run.run_id} has no trained adapter yet ({paths.adapter}): train it first")
     items, evals = collect_items(run, args.prompt, args.prompts_file)
     adhoc = bool(args.prompt or args.prompts_file)
-    from .eval_metrics import get_metrics
+    from launcher.job.metrics import get_metrics
 
     metrics = get_metrics(run.inference.metric) if evals else []
     if not items and not evals and not args.merge:
@@ -398,7 +398,7 @@ def merge(run: RunConfig, source, paths: RunPaths) -> Path:
 
 
 def _trained_steps(paths: RunPaths) -> int:
-    from launcher.storage import read_json
+    from launcher.job.storage import read_json
 
     return int((read_json(paths.metrics) or {}).get("global_step", 0))
 

@@ -24,7 +24,7 @@ and what `accelerate launch` alone gets wrong for preemptible jobs (accelerate 1
 The machine rank comes from --machine-rank, else Slurm's SLURM_NODEID, else the Kubernetes
 Indexed Job's JOB_COMPLETION_INDEX, else 0. Requeueing after exit 75 is the scheduler's (or the
 batch script's) business, except in a Kubernetes pod, where nothing else is left to decide: there
-the requeue guard (launcher/requeue.py) turns a 75 past the limits into EXIT_REQUEUES_EXHAUSTED.
+the requeue guard (launcher/job/requeue.py) turns a 75 past the limits into EXIT_REQUEUES_EXHAUSTED.
 
 Exit codes: those of `training.sft` (0 done, 75 preempted, 2 bad config, 1 failed), and 76 (the
 requeue guard stopped a Kubernetes run).
@@ -45,15 +45,15 @@ from typing import TYPE_CHECKING
 
 # Nothing slow above main()'s first line: a stop signal before the handlers are installed would
 # kill the job instead of stopping it, so pydantic and the run model are imported after them.
-from launcher import requeue
-from launcher.progress import EXIT_CONFIG, EXIT_FAILED, EXIT_PREEMPTED, read_events
+from launcher.job import requeue
+from launcher.job.progress import EXIT_CONFIG, EXIT_FAILED, EXIT_PREEMPTED, read_events
 
 from .stop_request import STOP_FILE_ENV, write_request
 from .worker_guard import holders
 
 if TYPE_CHECKING:
-    from launcher.config import RunConfig
-    from launcher.storage import RunPaths
+    from launcher.job.config import RunConfig
+    from launcher.job.storage import RunPaths
 
 from .log_noise import quiet_job_logs
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()
     quiet_job_logs()  # its environment (progress bars off in a log) reaches the workers
     args, accelerate_args = parse_args(argv)
-    from launcher.storage import RunPaths
+    from launcher.job.storage import RunPaths
 
     from .entrypoint import load_run_or_report
 
@@ -336,7 +336,7 @@ def earlier_attempt_workers(paths: RunPaths, args: argparse.Namespace, run: RunC
 
 
 def requeue_guard(run: RunConfig, paths: RunPaths, started_from: int | None, rank: int, env: dict[str, str]) -> int:
-    """Exit 75 on Kubernetes, where the pod itself is what decides (launcher/requeue.py): 75 gets
+    """Exit 75 on Kubernetes, where the pod itself is what decides (launcher/job/requeue.py): 75 gets
     the pod replaced, EXIT_REQUEUES_EXHAUSTED fails the Job (its podFailurePolicy). Rank 0
     decides for all (the other ranks' 75 is ignored while its code fails the Job). Elsewhere
     (no job identity: Slurm's batch script decides, the local backend never requeues) 75."""

@@ -2,10 +2,10 @@
 
 `launcher/` never imports trl or transformers (it runs on login nodes), yet `qlaunch plan`
 refuses a `train.sft_args` key trl's `SFTConfig` does not have, an `optim` transformers does not
-know, and the like (launcher/recipe_checks.py). It reads them from `launcher/library_names.json`,
+know, and the like (launcher/job/recipe_checks.py). It reads them from `launcher/job/library_names.json`,
 which this module writes from the installed libraries:
 
-    python -m training.library_names            # rewrite launcher/library_names.json
+    python -m training.library_names            # rewrite launcher/job/library_names.json
     python -m training.library_names --check    # exit 1 if the shipped file is stale
 
 (`make library-names`). tests/test_recipe_checks.py fails when the shipped file differs from

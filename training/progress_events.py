@@ -9,8 +9,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from launcher.ledger import lost_attempt
-from launcher.progress import emit, make_event, read_events
+from launcher.job.ledger import lost_attempt
+from launcher.job.progress import emit, make_event, read_events
 
 
 class EventWriter:

@@ -14,10 +14,10 @@ import shutil
 import sys
 import traceback
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
-from launcher.progress import EXIT_PREEMPTED, emit, make_event
-from launcher.storage import RunPaths, write_json
+from launcher.job.config import RunConfig
+from launcher.job.errors import ConfigError
+from launcher.job.progress import EXIT_PREEMPTED, emit, make_event
+from launcher.job.storage import RunPaths, write_json
 
 from .entrypoint import (
     EXIT_CONFIG,

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from launcher.config import RunConfig
+from launcher.job.config import RunConfig
 from launcher.tracking import tensorboard_root
 
 # The tag an MLflow run of a grid run carries: how a resumed attempt finds its run again.

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import ConfigError
+from ..job.errors import ConfigError
 from .base import Backend, RunStatus, State, Submission, SubmitReport
 
 ALIASES = {"k8s": "kubernetes", "kube": "kubernetes"}
 _MODULES = {
     "local": ("launcher.backends.local", "LocalBackend"),
-    "slurm": ("launcher.backends.slurm", "SlurmBackend"),
-    "kubernetes": ("launcher.backends.kubernetes", "KubernetesBackend"),
+    "slurm": ("launcher.backends.slurm.backend", "SlurmBackend"),
+    "kubernetes": ("launcher.backends.kubernetes.backend", "KubernetesBackend"),
 }
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Protocol
 
-from ..config import RunConfig
 from ..grid import Plan
+from ..job.config import RunConfig
 
 
 class State(str, enum.Enum):

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import IO, Callable
 
 from .. import evaluation
-from ..config import RunConfig
 from ..grid import Plan
-from ..hub import offline_env
+from ..job.config import RunConfig
+from ..job.hub import offline_env
+from ..job.progress import EXIT_PREEMPTED
+from ..job.search import pruned_decision, pruned_text
+from ..job.storage import RunPaths, read_json, write_json, write_run_config
 from ..jobspec import JobSpec, inference_job, job_specs, launcher_environment
 from ..logs import follow_file
-from ..progress import EXIT_PREEMPTED
-from ..search import pruned_decision, pruned_text
-from ..storage import RunPaths, read_json, write_json, write_run_config
 from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 
 STATE_FILE = "local.json"

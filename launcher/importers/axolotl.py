@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..job.errors import ConfigError
 from .core import Imported, experiment_name, yaml_scalar
 
 # Axolotl key → qlaunch key, carried over as is.

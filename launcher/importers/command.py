@@ -8,10 +8,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..config import Experiment
-from ..errors import ConfigError
-from ..experiment_file import load_yaml
-from ..storage import atomic_write_text
+from ..job.config import Experiment
+from ..job.errors import ConfigError
+from ..job.experiment_file import load_yaml
+from ..job.storage import atomic_write_text
 from .axolotl import from_axolotl
 from .core import Imported
 from .render import render_check, render_experiment

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import NAME_PATTERN
+from ..job.config import NAME_PATTERN
 
 # Keys whose qlaunch default (the Llama-2 QLoRA notebook's) is worth a word when a source leaves
 # them unset: other tools' defaults differ, so the imported run may not train as the source did.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from ..errors import ConfigError
+from ..job.errors import ConfigError
 from .core import Imported, experiment_name
 
 ALIASES = {

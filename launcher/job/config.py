@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from . import __version__
+from .. import __version__
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 
@@ -161,7 +161,7 @@ class ResourcesConfig(Section):
     cpus_per_task: int = Field(default=8, ge=1)
     memory: str = "32G"
     time_limit: str = "24:00:00"  # [D-]HH:MM:SS
-    # The requeue guard (launcher/requeue.py): a training job that checkpointed and stopped (exit
+    # The requeue guard (launcher/job/requeue.py): a training job that checkpointed and stopped (exit
     # 75: time limit, preemption) is requeued at most max_requeues times, and no more once
     # max_requeues_without_progress requeues in a row saved no newer checkpoint.
     max_requeues: int = Field(default=10, ge=0)
@@ -319,7 +319,7 @@ class KubernetesConfig(Section):
     # it, or name your own); a versioned tag, so every pod of a grid runs the same image.
     image: str = f"ghcr.io/qlaunch/qlaunch-train:{__version__}"
     # null: IfNotPresent for a pinned image (a version tag or a digest), Always for :latest or
-    # no tag (launcher/backends/k8s_manifests.py pull_policy), as Kubernetes itself defaults.
+    # no tag (launcher/backends/kubernetes/manifests.py pull_policy), as Kubernetes itself defaults.
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     # Node label whose value is resources.gpu_type on GPU pods: nvidia.com/gpu.product (GPU
     # feature discovery), cloud.google.com/gke-accelerator (GKE), any other key, or "none".

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import urllib3
 
-from ..errors import BackendError
+from ...job.errors import BackendError
 
 FIELD_MANAGER = "qlaunch"
 APPLY_PATCH = "application/apply-patch+yaml"

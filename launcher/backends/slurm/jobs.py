@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..errors import BackendError
-from .base import State
+from ...job.errors import BackendError
+from ..base import State
 
 NOT_FOUND_HINT = (
     "qlaunch's Slurm backend runs where the Slurm commands are, e.g. a cluster's login node "

@@ -1,6 +1,6 @@
 """Recipe values only the training libraries check, checked when the grid is planned.
 
-Pydantic (launcher/config.py) checks types and simple ranges. What is left would pass every
+Pydantic (launcher/job/config.py) checks types and simple ranges. What is left would pass every
 check here and fail inside the queued job, after the wait for a GPU: a `train.sft_args` key trl's
 `SFTConfig` does not have, an `optim` or `lr_scheduler_type` transformers does not know,
 combinations transformers' `TrainingArguments` refuses (load_best_model_at_end with save steps
@@ -9,7 +9,7 @@ refuses them, one `file:line: key: message` line each. (bf16 on a T4 is the pref
 CPU run turns bf16 off, so only a submission to GPUs refuses it.)
 
 The libraries cannot be imported here (login nodes), so their names are data:
-`launcher/library_names.json`, written from the installed libraries by
+`launcher/job/library_names.json`, written from the installed libraries by
 `python -m training.library_names` (`make library-names`; a test fails when it is stale). The
 job checks `sft_args` again against the trl it has (training/arguments.py).
 """
@@ -22,8 +22,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..input_checks import Finding
 from .config import RunConfig, TrainConfig
-from .input_checks import Finding
 
 NAMES_FILE = Path(__file__).with_name("library_names.json")
 

@@ -11,7 +11,7 @@
         inference/          results.jsonl, summary.json
         attempts/<n>/       environment.json: versions, device, CPU flags, host, job id of attempt n
         submission.json     backend, job ids, submission times
-        requeues.log        the requeue guard's stops; requeue-stopped.txt its refusal (launcher/requeue.py)
+        requeues.log        the requeue guard's stops; requeue-stopped.txt its refusal (launcher/job/requeue.py)
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from typing import IO, Any, Callable
 
 import urllib3
 
-from ..progress import PROGRESS_PREFIX, parse_lines
-from .k8s_client import Kube, KubeApiError
-from .k8s_state import created, is_terminal
+from ...job.progress import PROGRESS_PREFIX, parse_lines
+from .client import Kube, KubeApiError
+from .state import created, is_terminal
 
 Obj = dict[str, Any]
 # Seconds of overlap between incremental reads (request latency; duplicates are dropped).
@@ -228,7 +228,7 @@ class LogFollower:
 
 
 def _rank_zero(pod: Obj) -> bool:
-    from .k8s_state import completion_index
+    from .state import completion_index
 
     index = completion_index(pod)
     return index in (None, "0")

@@ -4,11 +4,11 @@ A dataset, prompts or eval file that lives on the submitting machine (a relative
 absolute one outside storage.root) does not exist inside the cluster. Each such file gets a
 content address (its sha256):
 
-- small files travel in a ConfigMap per file (launcher/backends/k8s_manifests.py
+- small files travel in a ConfigMap per file (launcher/backends/kubernetes/manifests.py
   `_data_config_maps`, shared by every run that reads the same bytes) under the key
   `data-<sha16>-<name>`, projected read-only into /config beside the run's run.yaml;
 - larger ones are staged onto the claim at `<storage.root>/.qlaunch/data/<sha16>/<name>` by
-  `qlaunch submit` (launcher/backends/k8s_upload.py) before any Job exists.
+  `qlaunch submit` (launcher/backends/kubernetes/upload.py) before any Job exists.
 
 The pod's run.yaml names those paths. They depend only on the bytes, so rendering stays pure
 (`qlaunch render` shows them without a cluster), a grid shares one copy, and a changed file is a
@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..config import RunConfig, SlurmConfig
+from ...job.config import RunConfig, SlurmConfig
 
 CONFIG_MOUNT = "/config"
 POD_HOME = "/home/qlaunch"  # an emptyDir: a writable HOME whatever uid runs the image

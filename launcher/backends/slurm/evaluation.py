@@ -2,7 +2,7 @@
 `--dependency=afterany:<the grid's training jobs>` so that it starts once all of them have ended,
 whatever their end; the job evaluates the runs that trained and names the others.
 
-Rendered like a run's inference script (slurm_script: the same environment block, container and
+Rendered like a run's inference script (slurm script: the same environment block, container and
 directives, on `slurm.inference_partition`), from the first evaluated run's settings.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import evaluation, templates
-from ..config import RunConfig
-from .slurm_script import _context, _infer_directives, _scheduling, _validate, directive
+from ... import evaluation, templates
+from ...job.config import RunConfig
+from .script import _context, _infer_directives, _scheduling, _validate, directive
 
 EVALUATE_SCRIPT = "evaluate.sbatch"
 

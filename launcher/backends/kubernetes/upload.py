@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from ..config import RunConfig
-from ..errors import BackendError
-from ..grid import Plan
-from .k8s_client import APPLY_PATCH, FIELD_MANAGER, Kube
-from .k8s_manifests import EXPERIMENT_LABEL, pull_policy
-from .k8s_staging import LocalFile, describe_size
+from ...grid import Plan
+from ...job.config import RunConfig
+from ...job.errors import BackendError
+from .client import APPLY_PATCH, FIELD_MANAGER, Kube
+from .manifests import EXPERIMENT_LABEL, pull_policy
+from .staging import LocalFile, describe_size
 
 CONTAINER = "stage"
 POD_SECONDS = 3600  # how long a staging pod may live, whatever happens to the launcher
@@ -66,7 +66,7 @@ def stage_pod(plan: Plan, run: RunConfig, name: str) -> dict[str, Any]:
         pod["serviceAccountName"] = k8s.service_account
     if k8s.tolerations:  # a cluster whose every node is tainted still runs it
         pod["tolerations"] = [t.model_dump(exclude_none=True) for t in k8s.tolerations]
-    # Same as the Jobs' (k8s_manifests._job): files on the claim belong to the user training reads them as.
+    # Same as the Jobs' (manifests._job): files on the claim belong to the user training reads them as.
     pod["securityContext"] = {
         "fsGroup": k8s.run_as_user,
         "fsGroupChangePolicy": "OnRootMismatch",

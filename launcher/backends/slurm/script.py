@@ -13,12 +13,13 @@ import json
 import re
 from dataclasses import dataclass
 
-from .. import requeue, templates
-from ..config import RunConfig
-from ..errors import ConfigError
-from ..hub import offline_env
-from ..jobspec import JobSpec, job_specs
-from ..progress import EXIT_PREEMPTED
+from ... import templates
+from ...job import requeue
+from ...job.config import RunConfig
+from ...job.errors import ConfigError
+from ...job.hub import offline_env
+from ...job.progress import EXIT_PREEMPTED
+from ...jobspec import JobSpec, job_specs
 
 TRAIN_SCRIPT = "train.sbatch"
 INFER_SCRIPT = "infer.sbatch"
@@ -188,7 +189,7 @@ def _container_env(run: RunConfig, spec: JobSpec) -> list[str]:
 
 
 def _requeue_guard(run: RunConfig) -> dict:
-    """The batch script's half of launcher/requeue.py: the limits, and the messages with the
+    """The batch script's half of launcher/job/requeue.py: the limits, and the messages with the
     shell variables that hold the counts (inside double quotes: no quote, backslash or `$(`)."""
     res = run.resources
     cap = requeue.cap_message("$restart", res.max_requeues)

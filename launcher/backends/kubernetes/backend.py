@@ -6,7 +6,7 @@ again is idempotent.
 
 submit: render and check every object → GET namespace, PVC and token Secret (say which is
 missing) → one list of the experiment's Jobs → server-side dry run of every object → stage
-local data files onto the claim (k8s_staging, k8s_upload) → apply.
+local data files onto the claim (staging, upload) → apply.
 status: one Job list and one Pod list per refresh, whatever the grid size.
 progress_events(plan) → {run id: [progress events]} from the pods' logs (the laptop cannot read
 the PVC); the status table summarizes them with launcher.progress.summarize.
@@ -19,16 +19,16 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ..config import RunConfig
-from ..errors import BackendError
-from ..grid import Plan
-from . import k8s_manifests as manifests
-from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
-from .k8s_client import APPLY_PATCH, FIELD_MANAGER, MERGE_PATCH, Kube, KubeApiError
-from .k8s_logs import LogFollower, ProgressReader
-from .k8s_staging import LocalFile, describe_size, plan_uploads, run_files
-from .k8s_state import completion_index, created, job_state, owned_by
-from .k8s_upload import Stager, stage_pod, stage_pod_name
+from ...grid import Plan
+from ...job.config import RunConfig
+from ...job.errors import BackendError
+from ..base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
+from . import manifests
+from .client import APPLY_PATCH, FIELD_MANAGER, MERGE_PATCH, Kube, KubeApiError
+from .logs import LogFollower, ProgressReader
+from .staging import LocalFile, describe_size, plan_uploads, run_files
+from .state import completion_index, created, job_state, owned_by
+from .upload import Stager, stage_pod, stage_pod_name
 
 Obj = dict[str, Any]
 DRY_RUN = "All"
@@ -36,7 +36,7 @@ DRY_RUN = "All"
 _APPLY_METHODS = {
     "ConfigMap": ("core", "patch_namespaced_config_map"),
     "Service": ("core", "patch_namespaced_service"),
-    "Pod": ("core", "patch_namespaced_pod"),  # the short-lived staging pod (k8s_upload.py)
+    "Pod": ("core", "patch_namespaced_pod"),  # the short-lived staging pod (upload.py)
     "ServiceAccount": ("core", "patch_namespaced_service_account"),
     "Role": ("rbac", "patch_namespaced_role"),
     "RoleBinding": ("rbac", "patch_namespaced_role_binding"),
@@ -56,7 +56,7 @@ class _Request:
     # Runs whose training has completed, so nothing will release their inference Job (a
     # failed hand-off, or an inference Job replaced after training): apply() starts it.
     releases: list[str] = field(default_factory=list)
-    # Per claim: the local files to stage onto it before any Job (launcher/backends/k8s_upload.py).
+    # Per claim: the local files to stage onto it before any Job (launcher/backends/kubernetes/upload.py).
     uploads: dict[str, list[LocalFile]] = field(default_factory=dict)
 
     def job_name(self, run_id: str, role: str) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..progress import EXIT_PREEMPTED
-from ..requeue import EXIT_REQUEUES_EXHAUSTED
-from .base import State
+from ...job.progress import EXIT_PREEMPTED
+from ...job.requeue import EXIT_REQUEUES_EXHAUSTED
+from ..base import State
 
 Obj = dict[str, Any]
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"

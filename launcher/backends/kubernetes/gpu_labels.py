@@ -8,7 +8,7 @@ verbatim; `none` selects no GPU label at all (the nvidia.com/gpu resource alone 
 
 from __future__ import annotations
 
-from ..preflight import normalise_gpu
+from ...preflight import normalise_gpu
 
 GFD_LABEL = "nvidia.com/gpu.product"
 GKE_LABEL = "cloud.google.com/gke-accelerator"

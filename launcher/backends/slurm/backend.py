@@ -1,7 +1,7 @@
 """The Slurm backend: qlaunch runs on a login node, storage.root is a shared filesystem.
 
 Each run becomes a training job; the grid gets one evaluation job that waits for all of them
-(`--dependency=afterany`, slurm_evaluation), or with `inference.per_run: true` each run an
+(`--dependency=afterany`, slurm evaluation), or with `inference.per_run: true` each run an
 inference job that waits for its training job (`--dependency=afterok`). Jobs are submitted with `sbatch <file>` on the scripts rendered into
 the run folder, rather than through submitit's executor (which pickles a Python function and
 writes its own script): what runs on the cluster is then exactly the file a user reviewed with
@@ -18,18 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable
 
-from .. import evaluation, requeue
-from ..config import RunConfig
-from ..errors import BackendError
-from ..grid import Plan
-from ..jobspec import launcher_environment
-from ..logs import follow_file
-from ..progress import read_events
-from ..storage import RunPaths, read_json, write_json, write_run_config
-from .base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
-from .slurm_evaluation import EVALUATE_SCRIPT, render_evaluation
-from .slurm_jobs import JobInfo, SlurmCommands
-from .slurm_script import INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_run
+from ... import evaluation
+from ...grid import Plan
+from ...job import requeue
+from ...job.config import RunConfig
+from ...job.errors import BackendError
+from ...job.progress import read_events
+from ...job.storage import RunPaths, read_json, write_json, write_run_config
+from ...jobspec import launcher_environment
+from ...logs import follow_file
+from ..base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
+from .evaluation import EVALUATE_SCRIPT, render_evaluation
+from .jobs import JobInfo, SlurmCommands
+from .script import INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_run
 
 # How long `submit --force` waits for the jobs it cancelled to let go of the run folder.
 CANCEL_WAIT_SECONDS = 120

@@ -20,16 +20,16 @@ from typing import Any
 
 import yaml
 
-from ..config import RunConfig
-from ..errors import ConfigError
-from ..experiment_file import dump_run_config
-from ..grid import Plan
-from ..jobspec import MAIN_PROCESS_PORT, Resources, inference_job, job_specs
-from ..progress import EXIT_PREEMPTED
-from ..requeue import EXIT_REQUEUES_EXHAUSTED
-from ..requeue import JOB_ENV as REQUEUE_JOB_ENV
-from .k8s_gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
-from .k8s_staging import CONFIG_MOUNT, POD_HOME, RunFiles, pod_run, run_files, unmounted_folders
+from ...grid import Plan
+from ...job.config import RunConfig
+from ...job.errors import ConfigError
+from ...job.experiment_file import dump_run_config
+from ...job.progress import EXIT_PREEMPTED
+from ...job.requeue import EXIT_REQUEUES_EXHAUSTED
+from ...job.requeue import JOB_ENV as REQUEUE_JOB_ENV
+from ...jobspec import MAIN_PROCESS_PORT, Resources, inference_job, job_specs
+from .gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
+from .staging import CONFIG_MOUNT, POD_HOME, RunFiles, pod_run, run_files, unmounted_folders
 
 LABEL_PREFIX = "qlaunch.dev"
 EXPERIMENT_LABEL = f"{LABEL_PREFIX}/experiment"
@@ -81,7 +81,7 @@ class Names:
 
     @staticmethod
     def data(experiment: str, config_key: str) -> str:
-        """The ConfigMap holding one staged local file (launcher/backends/k8s_staging.py), named by
+        """The ConfigMap holding one staged local file (launcher/backends/kubernetes/staging.py), named by
         its ConfigMap key, which holds the content's sha16: every run of the grid that reads the
         same bytes shares one copy."""
         # A hash of the key (data-<sha16>-<file name>): a DNS name, and the same bytes under two
@@ -311,7 +311,7 @@ def annotations(run: RunConfig) -> dict[str, str]:
 def pod_run_config(plan: Plan, run: RunConfig, files: RunFiles | None = None) -> str:
     """run.yaml as the pod sees it: relative paths resolve on the PVC (storage.root), since the
     experiment file's folder on the laptop does not exist inside the cluster; local data files
-    are named where their staged copies are (launcher/backends/k8s_staging.py)."""
+    are named where their staged copies are (launcher/backends/kubernetes/staging.py)."""
     return dump_run_config(pod_run(run, str(plan.storage_root), files))
 
 
@@ -450,7 +450,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         job_spec["suspend"] = True
     rules: list[dict[str, Any]] = []
     if train:
-        # The requeue guard (launcher/requeue.py, in training.launch) stopped the run: it was
+        # The requeue guard (launcher/job/requeue.py, in training.launch) stopped the run: it was
         # replaced resources.max_requeues times, or kept stopping without a newer checkpoint.
         # First, so that it wins over the rules below.
         rules.append({"action": "FailJob", "onExitCodes": {

@@ -211,7 +211,7 @@ class ExperimentFile(NamedTuple):
 def load_experiment(path: str | Path, settings: Sequence[str] = (), user_config: bool = True) -> ExperimentFile:
     """Read and validate an experiment file (ConfigError naming file, line and key), with the
     user config's defaults under it and `settings` (`--set KEY=VALUE`) over it
-    (launcher/overrides.py)."""
+    (launcher/job/overrides.py)."""
     from . import overrides
 
     parsed = [overrides.parse_set(text) for text in settings]
