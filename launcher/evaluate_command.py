@@ -14,6 +14,7 @@ from rich.markup import escape
 from . import evaluation
 from .backends import canonical
 from .grid import plan
+from .job import grid_evaluation
 from .job.errors import QlaunchError
 from .job.storage import RunPaths, read_json
 from .jobspec import launcher_environment
@@ -51,7 +52,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .backends.slurm.backend import SlurmBackend
 
         job_id = SlurmBackend().evaluate(chosen, force=args.force)
-        console.print(f"grid evaluation job {job_id} submitted; log: {evaluation.folder(chosen) / evaluation.LOG_FILE}")
+        console.print(f"grid evaluation job {job_id} submitted; log: {grid_evaluation.folder(chosen) / grid_evaluation.LOG_FILE}")
         return 0
     if name != "local":
         raise QlaunchError(f"qlaunch evaluate runs on this machine or on Slurm, not on {name} yet: "

@@ -20,20 +20,15 @@ current fingerprint. Imports nothing of the training stack.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 
 from .job.config import RunConfig
+from .job.grid_evaluation import LOG_FILE, OUTCOMES_FILE, RUNS_FILE, already_scored, folder
 from .job.storage import RunPaths, atomic_write_text, read_json
 from .jobspec import JobSpec, inference_job
 
 EVALUATE = "evaluate"
-FOLDER = "evaluation"
-RUNS_FILE = "runs.txt"
-LOG_FILE = "evaluate.log"
-OUTCOMES_FILE = "evaluation.json"
 
 
 def per_run(run: RunConfig, backend: str) -> bool:
@@ -47,42 +42,6 @@ def infer_log(run: RunConfig, backend: str) -> Path:
     """What `qlaunch logs RUN --infer` shows: the run's own inference log, or the grid evaluation
     job's log where that job evaluates the run (every run's answers and scores, in order)."""
     return RunPaths.of(run).infer_log if per_run(run, backend) else folder([run]) / LOG_FILE
-
-
-def folder(runs: list[RunConfig] | tuple[RunConfig, ...]) -> Path:
-    """<storage root>/<experiment>/evaluation (every run of a grid shares the parent)."""
-    return Path(runs[0].run_dir).parent / FOLDER
-
-
-def _file_digest(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return "unreadable"
-
-
-def eval_set(run: RunConfig) -> str:
-    """First 16 hex of sha256 over the prompts, the eval file's bytes, the prompt formatting and
-    the generation settings: equal fingerprints give the same questions, asked the same way."""
-    inference = run.inference
-    identity = {
-        "prompts": list(inference.prompts),
-        "prompts_file": _file_digest(run.resolve_path(inference.prompts_file)) if inference.prompts_file else None,
-        "eval_file": _file_digest(run.resolve_path(inference.eval_file)) if inference.eval_file else None,
-        "metric": inference.metric,
-        "max_new_tokens": inference.max_new_tokens,
-        "temperature": inference.temperature,
-        "load_in_4bit": inference.load_in_4bit,
-        "compare_base": inference.compare_base,
-        "prompt": run.prompt.model_dump(mode="json"),
-    }
-    text = json.dumps(identity, sort_keys=True, ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def already_scored(run: RunConfig) -> bool:
-    summary = read_json(RunPaths.of(run).inference / "summary.json") or {}
-    return summary.get("eval_set") == eval_set(run)
 
 
 def to_evaluate(runs, force: bool = False) -> tuple[list[RunConfig], dict[str, str]]:

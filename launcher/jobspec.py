@@ -19,9 +19,6 @@ from .job.config import RunConfig
 from .job.storage import RunPaths
 
 TRAIN, INFER, EXPORT = "train", "infer", "export"
-# accelerate's default rendezvous port (training.launch's --main-process-port default); only
-# multi-node jobs use it.
-MAIN_PROCESS_PORT = 29500
 # The folder that holds the `launcher` and `training` packages (a checkout or site-packages).
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 

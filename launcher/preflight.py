@@ -30,18 +30,13 @@ from typing import Any, Iterable
 
 from rich.table import Table
 
-from .job.config import RunConfig
+from .job.config import PADDING_FREE_MAX_ROW, RunConfig
 
 GiB = 1024**3
 MiB = 1024**2
 
 # trl's SFTConfig.max_length default: what a run with max_seq_length: null truncates to.
 TRL_DEFAULT_MAX_LENGTH = 1024
-# train.padding_free: auto flattens a micro-batch only while its row can hold no more than this
-# many tokens (batch × max_length): without a varlen kernel (a T4 has no FlashAttention-2) SDPA
-# gets a block-diagonal mask over the whole row, whose memory and attention work grow with the
-# square of the row (4096 tokens: 48 MiB; 65536: 12 GiB). Larger token budgets: train.packing.
-PADDING_FREE_MAX_ROW = 8192
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,11 @@ import shlex
 from pathlib import Path
 
 from .grid import Plan
+from .job.storage import tensorboard_root
 
 
 def experiment_folder(plan: Plan) -> Path:
     return plan.storage_root / plan.experiment.name
-
-
-def tensorboard_root(experiment_dir: Path) -> Path:
-    """`<storage root>/<experiment>/tensorboard/<run id>-<grid values>/`: one folder per run."""
-    return Path(experiment_dir) / "tensorboard"
 
 
 def tensorboard_command(plan: Plan, port: int | None = None) -> list[str]:

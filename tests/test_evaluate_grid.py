@@ -14,6 +14,7 @@ import pytest
 from training_support import events, run_job, tail
 
 from launcher import evaluation
+from launcher.job import grid_evaluation
 from launcher.job.storage import RunPaths
 
 # --- the launcher's side (fast) -------------------------------------------------------------------
@@ -25,11 +26,11 @@ def test_the_eval_set_fingerprint_follows_questions_and_settings_not_training(tm
     run = tiny_plan(tmp_path / "a", inference={"eval_file": str(eval_file)}).runs[0]
     other_training = tiny_plan(tmp_path / "b", train={"learning_rate": 0.5}, inference={"eval_file": str(eval_file)}).runs[0]
     longer = tiny_plan(tmp_path / "c", inference={"eval_file": str(eval_file), "max_new_tokens": 9}).runs[0]
-    before = evaluation.eval_set(run)
-    assert before == evaluation.eval_set(other_training)  # training is not the eval set
-    assert before != evaluation.eval_set(longer)
+    before = grid_evaluation.eval_set(run)
+    assert before == grid_evaluation.eval_set(other_training)  # training is not the eval set
+    assert before != grid_evaluation.eval_set(longer)
     eval_file.write_text(json.dumps({"prompt": "Is 1 a number?", "reference": "KO"}) + "\n")
-    assert evaluation.eval_set(run) != before  # a new reference
+    assert grid_evaluation.eval_set(run) != before  # a new reference
 
 
 def test_grid_evaluation_is_the_default_except_on_kubernetes(tmp_path, tiny_plan):
@@ -149,7 +150,7 @@ def test_one_base_load_evaluates_every_trained_run_like_per_run_inference(grid):
     assert _rows(first) == per_run_rows
     for run in (first, second):
         summary = json.loads((RunPaths.of(run).inference / "summary.json").read_text())
-        assert summary["eval_set"] == evaluation.eval_set(run)
+        assert summary["eval_set"] == grid_evaluation.eval_set(run)
         assert summary["evaluated_by"]["runs"] == 2 and summary["evaluated_by"]["base_loads"] == 1
         assert [m["name"] for m in summary["metrics"]] == ["exact_match", "contains"]
         assert events(run, "infer_end")[-1]["summary"] == summary
@@ -206,6 +207,6 @@ def test_qlaunch_evaluate_evaluates_only_what_is_trained_and_not_yet_scored(grid
     assert f"{untrained.run_id} skipped: not trained yet" in printed
     assert f"1 runs to evaluate in one job: {second.run_id}" in printed
     assert re.search(rf"{second.run_id}: exact_match base \d\.\d\d → tuned \d\.\d\d on 3 held-out prompts", printed)
-    assert evaluation.already_scored(second)
+    assert grid_evaluation.already_scored(second)
     again = subprocess.run([*command, "--runs", second.run_id[:6]], capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0 and "nothing to evaluate" in again.stdout

@@ -14,6 +14,7 @@ import pytest
 from launcher import evaluation
 from launcher.backends import State, get_backend
 from launcher.grid import plan
+from launcher.job import grid_evaluation
 from launcher.job.progress import read_events, summarize
 from launcher.job.storage import RunPaths
 
@@ -35,7 +36,7 @@ def test_run_trains_the_grid_then_infers_and_never_retrains(tiny_experiment, tmp
     # One evaluation job for the grid after its training (issue #29), base model loaded once.
     assert "grid evaluation of 2 runs started" in " ".join(result.stdout.split())
     assert evaluation.outcomes(p.runs) == {run.run_id: {"outcome": "evaluated"} for run in p.runs}
-    assert (evaluation.folder(p.runs) / evaluation.LOG_FILE).read_text().count("loading base model") == 1
+    assert (grid_evaluation.folder(p.runs) / grid_evaluation.LOG_FILE).read_text().count("loading base model") == 1
     for run in p.runs:
         paths = RunPaths.of(run)
         assert (paths.adapter / "adapter_config.json").is_file()

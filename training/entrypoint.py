@@ -23,7 +23,7 @@ def load_run_or_report(value: str) -> RunConfig | None:
 def input_errors(run: RunConfig, config_path: str, parts: tuple[str, ...]) -> list[str]:
     """The launcher's input checks, run again by the job before it loads the model (a path
     checked nowhere else, after `--skip-input-checks`): each error printed as one line."""
-    from launcher.input_checks import check_job
+    from launcher.job.run_checks import check_job
 
     errors = [str(problem) for problem in check_job(run, config_path, parts)]
     for error in errors:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import evaluation
+from launcher.job import grid_evaluation
 from launcher.job.config import RunConfig
 from launcher.job.errors import ConfigError
 from launcher.job.experiment_file import load_run_config
@@ -138,7 +138,7 @@ def prepare(entry: Entry, force: bool) -> None:
     problem = training_problem(paths)
     if problem:
         return entry.drop("not evaluated", problem)
-    if not force and evaluation.already_scored(run):
+    if not force and grid_evaluation.already_scored(run):
         return entry.drop("skipped", "already scored on this eval set")
     apply_offline_env(run)
     problems = input_errors(run, str(paths.config), ("model", "inference"))
@@ -335,7 +335,7 @@ def write_run(entry: Entry, answers: dict, text_of, facts: dict[str, Any]) -> No
         "eval_examples": len(entry.evals),
         "load_in_4bit": run.inference.load_in_4bit,
         "max_new_tokens": run.inference.max_new_tokens,
-        "eval_set": evaluation.eval_set(run),
+        "eval_set": grid_evaluation.eval_set(run),
         **facts,
     }
     if entry.evals:
@@ -353,7 +353,7 @@ def write_run(entry: Entry, answers: dict, text_of, facts: dict[str, Any]) -> No
         base = f"base {metric['base']:.2f} → " if "base" in metric else ""
         log(f"run {run.run_id} metric {metric['name']}: {base}tuned {metric['tuned']:.2f} ({metric['n']} held-out examples)")
     with open(paths.infer_log, "a") as handle:  # `qlaunch logs --infer` of the run points here
-        handle.write(f"[qlaunch] evaluated by the grid evaluation job; its log: {paths.root.parent / evaluation.FOLDER / evaluation.LOG_FILE}\n")
+        handle.write(f"[qlaunch] evaluated by the grid evaluation job; its log: {paths.root.parent / grid_evaluation.FOLDER / grid_evaluation.LOG_FILE}\n")
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     known = [e.run for e in entries if e.run is not None]
     if known:
-        write_json(evaluation.folder(known) / evaluation.OUTCOMES_FILE, record)
+        write_json(grid_evaluation.folder(known) / grid_evaluation.OUTCOMES_FILE, record)
     counts = {name: sum(e.outcome == name for e in entries) for name in ("evaluated", "skipped", "not evaluated")}
     log(f"grid evaluation: {counts['evaluated']} evaluated, {counts['skipped']} already scored, "
         f"{counts['not evaluated']} not evaluated; base model loaded {job['base_loads']}× in {record['seconds']:.0f} s")  # fmt: skip

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import __version__
+from launcher.job import __version__
 from launcher.job.config import RunConfig
 from launcher.job.errors import ConfigError
 from launcher.job.storage import RunPaths, atomic_write_text, read_json, write_json

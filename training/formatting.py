@@ -29,12 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from launcher.input_checks import auto_format, dataset_file, needed_fields
 from launcher.job.config import RunConfig
 from launcher.job.data_files import LOCAL_FORMATS
 from launcher.job.errors import ConfigError
 from launcher.job.hub import pin_for, snapshot_dir
 from launcher.job.loss import answer_only
+from launcher.job.run_checks import auto_format, dataset_file, needed_fields
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"

@@ -23,7 +23,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-JOB_ENV, PATCH_ENV, CREDENTIALS_ENV = "QLAUNCH_RELEASE_JOB", "QLAUNCH_RELEASE_PATCH", "QLAUNCH_RELEASE_CREDENTIALS"
+from launcher.job.protocol import RELEASE_CREDENTIALS_ENV, RELEASE_JOB_ENV, RELEASE_PATCH_ENV
+
+JOB_ENV, PATCH_ENV, CREDENTIALS_ENV = RELEASE_JOB_ENV, RELEASE_PATCH_ENV, RELEASE_CREDENTIALS_ENV
 ATTEMPTS = 4  # a moment of API-server unavailability (or the Job not created yet) is retried
 RETRY_SECONDS = 5.0
 

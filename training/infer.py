@@ -26,6 +26,7 @@ from typing import Any
 from launcher.job.config import RunConfig
 from launcher.job.errors import ConfigError
 from launcher.job.progress import emit, make_event
+from launcher.job.protocol import WAIT_FOR_TRAINING_ENV
 from launcher.job.search import pruned_decision, pruned_text
 from launcher.job.storage import RunPaths, atomic_write_text, write_json
 
@@ -253,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
 # Set on the Kubernetes inference container: a cluster whose Kueue labels every Job (a LocalQueue
 # named "default", or manageJobsWithoutQueueName) admits the suspended inference Job before
 # training has released it; it then waits here for training rather than failing.
-WAIT_FOR_TRAINING_ENV = "QLAUNCH_WAIT_FOR_TRAINING"
 WAIT_POLL_SECONDS = 15.0
 
 
@@ -350,7 +350,7 @@ def infer(run: RunConfig, paths: RunPaths, args) -> int:
         return EXIT_OK
     summary["seconds"] = round(time.time() - started, 2)
     if everything:  # what `qlaunch evaluate` compares to skip a run already scored (issue #29)
-        from launcher.evaluation import eval_set
+        from launcher.job.grid_evaluation import eval_set
 
         summary["eval_set"] = eval_set(run)
     write_json(paths.inference / "summary.json", summary)

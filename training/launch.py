@@ -234,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--machine-rank", type=int, default=None,
                         help="this node's rank; default: $SLURM_NODEID, $JOB_COMPLETION_INDEX, 0")
     parser.add_argument("--main-process-ip", help="host of rank 0 (multi-node runs)")
-    from launcher.jobspec import MAIN_PROCESS_PORT
+    from launcher.job.protocol import MAIN_PROCESS_PORT
 
     parser.add_argument("--main-process-port", type=int, default=MAIN_PROCESS_PORT)
     parser.epilog = "Options after -- go to `accelerate launch` as they are."

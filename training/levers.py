@@ -48,7 +48,7 @@ def padding_free_decision(
 ) -> tuple[bool, str]:
     """(flatten each micro-batch into one row, the one log line saying why). `auto` stops where
     the row could outgrow PADDING_FREE_MAX_ROW tokens (SDPA's mask grows with its square)."""
-    from launcher.preflight import PADDING_FREE_MAX_ROW
+    from launcher.job.config import PADDING_FREE_MAX_ROW
     if packing:
         return False, "padding-free batches: packed rows already carry no padding (train.packing: true)"
     if setting is False:

@@ -19,10 +19,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.input_checks import model_location
 from launcher.job.config import RunConfig
 from launcher.job.errors import ConfigError
 from launcher.job.hub import read_hf_token  # noqa: F401 - the jobs' entrypoints import it from here
+from launcher.job.run_checks import model_location
 
 from .entrypoint import log
 

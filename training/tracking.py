@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.job.config import RunConfig
-from launcher.tracking import tensorboard_root
+from launcher.job.storage import tensorboard_root
 
 # The tag an MLflow run of a grid run carries: how a resumed attempt finds its run again.
 MLFLOW_RUN_TAG = "qlaunch.run_id"

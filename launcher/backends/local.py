@@ -25,6 +25,7 @@ from typing import IO, Callable
 
 from .. import evaluation
 from ..grid import Plan
+from ..job import grid_evaluation
 from ..job.config import RunConfig
 from ..job.hub import offline_env
 from ..job.progress import EXIT_PREEMPTED
@@ -111,8 +112,8 @@ class LocalBackend(Backend):
             files["evaluate.sh"] = "\n".join([
                 "#!/bin/sh",
                 f"# qlaunch local grid evaluation {plan.experiment.name}: after the grid's training, the runs",
-                f"# that trained (listed in {evaluation.folder(graded) / evaluation.RUNS_FILE}), base model loaded once",
-                shlex.join(evaluation.local_command(graded, evaluation.folder(graded) / evaluation.RUNS_FILE)),
+                f"# that trained (listed in {grid_evaluation.folder(graded) / grid_evaluation.RUNS_FILE}), base model loaded once",
+                shlex.join(evaluation.local_command(graded, grid_evaluation.folder(graded) / grid_evaluation.RUNS_FILE)),
             ]) + "\n"  # fmt: skip
         jobs: dict[str, list[str]] = {}
         skipped: dict[str, str] = {}
@@ -209,7 +210,7 @@ class LocalBackend(Backend):
                     for run in waiting:
                         report.submitted.setdefault(run.run_id, []).append(str(running[-1].process.pid))
                     say(f"grid evaluation of {len(waiting)} runs started (pid {running[-1].process.pid}): "
-                        f"base model loaded once; log {evaluation.folder(waiting) / evaluation.LOG_FILE}")
+                        f"base model loaded once; log {grid_evaluation.folder(waiting) / grid_evaluation.LOG_FILE}")
                     waiting = []
                 if stopping["count"] and not running:
                     for run in [run for run, _ in todo] + waiting:
@@ -244,9 +245,9 @@ class LocalBackend(Backend):
 
     def _start_evaluation(self, runs: list[RunConfig]) -> _Job:
         """One process evaluates every run (training.evaluate_grid); each run's state points at it."""
-        place = evaluation.folder(runs)
+        place = grid_evaluation.folder(runs)
         runs_file = evaluation.write_runs_file(runs, place)
-        log = open(place / evaluation.LOG_FILE, "ab")
+        log = open(place / grid_evaluation.LOG_FILE, "ab")
         process = subprocess.Popen(
             evaluation.local_command(runs, runs_file),
             stdin=subprocess.DEVNULL,
@@ -275,7 +276,7 @@ class LocalBackend(Backend):
             else:
                 why = outcome.get("why") or f"the evaluation job exited with {code}"
                 self._set_state(run, "failed", phase="infer", returncode=code or 1, detail=why)
-                say(f"{run.run_id} not evaluated: {why}; see {evaluation.folder(job.runs) / evaluation.LOG_FILE}")
+                say(f"{run.run_id} not evaluated: {why}; see {grid_evaluation.folder(job.runs) / grid_evaluation.LOG_FILE}")
 
     def _finished(self, job: _Job, code: int, say: Callable[[str], None]) -> bool:
         """Record how a job ended; True when the run's inference job should follow."""

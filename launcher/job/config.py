@@ -20,6 +20,13 @@ from .. import __version__
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 
 
+# train.padding_free: auto flattens a micro-batch only while its row can hold no more than this
+# many tokens (batch × max_length): without a varlen kernel (a T4 has no FlashAttention-2) SDPA
+# gets a block-diagonal mask over the whole row, whose memory and attention work grow with the
+# square of the row (4096 tokens: 48 MiB; 65536: 12 GiB). Larger token budgets: train.packing.
+# Read by preflight (its estimate) and by the job (training/levers.py), which must agree.
+PADDING_FREE_MAX_ROW = 8192
+
 class Section(BaseModel):
     """Every section rejects unknown keys: a typo must not silently fall back to a default."""
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from ..input_checks import auto_format
 from .config import DatasetConfig, TrainConfig
 from .data_files import LOCAL_FORMATS, read_rows
 from .errors import ConfigError
+from .run_checks import auto_format
 
 ANSWER_ONLY_FORMATS = ("instruction", "messages")
 

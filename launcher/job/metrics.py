@@ -20,7 +20,7 @@ import json
 import re
 from typing import Callable
 
-from launcher.job.errors import ConfigError
+from .errors import ConfigError
 
 DEFAULT_METRIC = "exact_match"
 

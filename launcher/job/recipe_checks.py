@@ -22,8 +22,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..input_checks import Finding
 from .config import RunConfig, TrainConfig
+from .run_checks import Finding
 
 NAMES_FILE = Path(__file__).with_name("library_names.json")
 

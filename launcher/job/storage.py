@@ -139,3 +139,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def tensorboard_root(experiment_dir: Path) -> Path:
+    """`<storage root>/<experiment>/tensorboard/<run id>-<grid values>/`: one folder per run
+    (written by the job's tracker, read by `qlaunch tensorboard`)."""
+    return Path(experiment_dir) / "tensorboard"

@@ -25,9 +25,16 @@ from ...job.config import RunConfig
 from ...job.errors import ConfigError
 from ...job.experiment_file import dump_run_config
 from ...job.progress import EXIT_PREEMPTED
+from ...job.protocol import (
+    MAIN_PROCESS_PORT,
+    RELEASE_CREDENTIALS_ENV,
+    RELEASE_JOB_ENV,
+    RELEASE_PATCH_ENV,
+    WAIT_FOR_TRAINING_ENV,
+)
 from ...job.requeue import EXIT_REQUEUES_EXHAUSTED
 from ...job.requeue import JOB_ENV as REQUEUE_JOB_ENV
-from ...jobspec import MAIN_PROCESS_PORT, Resources, inference_job, job_specs
+from ...jobspec import Resources, inference_job, job_specs
 from .gpu_labels import NO_GPU_LABEL, UnknownGpuType, gpu_selector
 from .staging import CONFIG_MOUNT, POD_HOME, RunFiles, pod_run, run_files, unmounted_folders
 
@@ -46,9 +53,8 @@ STARTS_AFTER_ANNOTATION = f"{LABEL_PREFIX}/starts-after"
 # to release and the patch that releases it (training/handoff.py reads them).
 HANDOFF_MOUNT = "/var/run/secrets/qlaunch/handoff"
 # training/infer.py waits for training when a queue admitted the inference Job early.
-INFER_WAITS_ENV = "QLAUNCH_WAIT_FOR_TRAINING"
-RELEASE_ENV = {"job": "QLAUNCH_RELEASE_JOB", "patch": "QLAUNCH_RELEASE_PATCH",
-               "credentials": "QLAUNCH_RELEASE_CREDENTIALS"}  # fmt: skip
+INFER_WAITS_ENV = WAIT_FOR_TRAINING_ENV
+RELEASE_ENV = {"job": RELEASE_JOB_ENV, "patch": RELEASE_PATCH_ENV, "credentials": RELEASE_CREDENTIALS_ENV}
 # Paths other volumes already use inside the pod.
 _RESERVED_MOUNTS = ("/config", "/dev", "/home/qlaunch", "/proc", "/sys")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ... import evaluation, templates
+from ...job import grid_evaluation
 from ...job.config import RunConfig
 from .script import _context, _infer_directives, _scheduling, _validate, directive
 
@@ -26,7 +27,7 @@ def render_evaluation(runs: list[RunConfig], runs_file: Path | None = None,
     """(script text, the directives sbatch --test-only is asked about)."""
     for run in runs:
         _validate(run)
-    runs_file = runs_file or evaluation.folder(runs) / evaluation.RUNS_FILE
+    runs_file = runs_file or grid_evaluation.folder(runs) / grid_evaluation.RUNS_FILE
     spec = evaluation.evaluation_job(runs, runs_file, extra=extra)
     first = runs[0]
     directives = [f"--job-name={job_name(runs)}" if d.startswith("--job-name=") else d
