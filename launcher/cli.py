@@ -21,6 +21,7 @@ from rich.text import Text
 
 from . import cli_extras, evaluate_command, export_command, hints, run_index, runner
 from .backends import Submission, canonical, get_backend
+from .backends import names as backend_names
 from .backends.base import Foreground
 from .grid import Plan, plan
 from .importers import command as import_command
@@ -38,11 +39,7 @@ def _backend_name(args: argparse.Namespace, p: Plan) -> str:
 
 def _backend(args: argparse.Namespace, name: str):
     """The backend by name; Kubernetes talks to --kubeconfig / --context when given."""
-    if canonical(name) == "kubernetes" and (getattr(args, "kubeconfig", None) or getattr(args, "context", None)):
-        from .backends.kubernetes.backend import KubernetesBackend
-
-        return KubernetesBackend(args.kubeconfig, args.context)
-    return get_backend(name)
+    return get_backend(name, kubeconfig=getattr(args, "kubeconfig", None), context=getattr(args, "context", None))
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -133,7 +130,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     backend = _backend(args, name)
     if args.force and not cli_extras.confirm_force(p, name, bool(args.dry_run), args.yes, console, err_console):
         return 2
-    prepare = None if args.no_prefetch or args.dry_run or name == "kubernetes" else _prefetch
+    prepare = None if args.no_prefetch or args.dry_run or not backend.shares_storage else _prefetch
     if backend.foreground:
         return _run_here(p, backend, args, prepare)
     result = runner.submit(p, backend, force=args.force, dry_run=args.dry_run or False,
@@ -252,7 +249,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     backend = _backend(args, name)
     _note_submitted_elsewhere(args, p, name)
     if args.json:
-        _print_json(status_document(p, collect(p, backend), name))
+        _print_json(status_document(p, collect(p, backend, reconcile=True), name))
         return 0
     if args.check_hub:
         from .prefetch import hub_check_lines
@@ -262,14 +259,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     out = Console(highlight=False, width=PIPE_WIDTH) if args.wide else console  # --wide: every column
     width = None if args.wide else console.width
     if not args.watch:
-        out.print(build_table(p, collect(p, backend), name, width=width))
+        out.print(build_table(p, collect(p, backend, reconcile=True), name, width=width))
         return 0
     try:
         if not console.is_interactive:  # a pipe, a file, TERM=dumb: one whole table per refresh
             runner.watch(p, backend, lambda rows: print_plain_refresh(out, build_table(p, rows, name, width=width)),
                          args.interval)  # fmt: skip
             return 0
-        with Live(build_table(p, collect(p, backend), name, width=console.width), console=console,
+        with Live(build_table(p, collect(p, backend, reconcile=True), name, width=console.width), console=console,
                   auto_refresh=False) as live:  # fmt: skip
             runner.watch(p, backend, lambda rows: live.update(build_table(p, rows, name, width=console.width),
                                                               refresh=True), args.interval)  # fmt: skip
@@ -383,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     def backend_option(command):
-        command.add_argument("--backend", "-b", choices=["local", "slurm", "kubernetes", "k8s"],
+        command.add_argument("--backend", "-b", choices=backend_names(),
                              help="default: the experiment file's `backend:` (local)")
         command.add_argument("--kubeconfig", help="kubernetes: kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
         command.add_argument("--context", help="kubernetes: kubeconfig context (default: its current context)")

@@ -81,10 +81,10 @@ def add_yes_options(sub: argparse._SubParsersAction) -> None:
 def force_deletions(p, backend_name: str) -> dict[str, list[str]]:
     """Run id → what `--force` deletes of it here (clear_outputs), as `name (what)` strings.
     Kubernetes keeps the claim's outputs (the runs resume from their newest checkpoint)."""
-    from .backends import canonical
+    from .backends import backend_class
     from .job.storage import RunPaths
 
-    if canonical(backend_name) == "kubernetes":
+    if not backend_class(backend_name).shares_storage:
         return {}
     found: dict[str, list[str]] = {}
     for run in p.runs:

@@ -35,7 +35,9 @@ def per_run(run: RunConfig, backend: str) -> bool:
     """Whether the run gets its own inference job (`inference.per_run`). Unset: one evaluation
     job per grid where the backend has it (local, Slurm); Kubernetes keeps its per-run jobs."""
     chosen = run.inference.per_run
-    return chosen if chosen is not None else backend == "kubernetes"
+    from .backends import backend_class  # the backends import this module
+
+    return chosen if chosen is not None else not backend_class(backend).grid_evaluation
 
 
 def infer_log(run: RunConfig, backend: str) -> Path:

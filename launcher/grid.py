@@ -148,11 +148,25 @@ def _refuse_recipe_problems(runs: list[RunConfig], grid: dict, lines: dict[tuple
         raise ConfigError("\n".join(sorted(problems, key=problems.__getitem__)))  # in the file's order
 
 
+def _canonical_backend(experiment: Experiment, raw: dict, where: str) -> tuple[Experiment, dict]:
+    """`backend:` checked against the backends' registry; an alias becomes its name."""
+    from .backends import canonical  # the backends import this module
+
+    try:
+        name = canonical(experiment.backend)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: backend: {exc}") from None
+    if name == experiment.backend:
+        return experiment, raw
+    return experiment.model_copy(update={"backend": name}), {**raw, "backend": name}
+
+
 def plan(path: str | Path, settings: Sequence[str] = ()) -> Plan:
     """Load, validate and expand an experiment file (with the user config's defaults and
     `settings`, launcher/job/overrides.py). Raises ConfigError naming key and line."""
     loaded = load_experiment(path, settings)
     experiment, source, raw, lines = loaded.experiment, loaded.path, loaded.data, loaded.lines
+    experiment, raw = _canonical_backend(experiment, raw, f"{source}:{lines.get(('backend',), '')}".rstrip(":"))
 
     grid = experiment.grid
     for key, values in grid.items():

@@ -14,30 +14,13 @@ from .job.data_files import Rows, read_rows
 from .job.run_checks import Finding, InputError, Problem, _line, check_run
 
 
-def job_view(run: RunConfig, backend: str, storage_root: Path) -> RunConfig:
-    """The run as its job will see it: a Kubernetes pod resolves relative paths on the PVC
-    (manifests.pod_run_config), except the local files `qlaunch submit` stages there
-    (backends/kubernetes/staging.py): those are checked here, where they are. Everything else resolves
-    against the experiment file's folder."""
-    if backend in ("kubernetes", "k8s"):
-        from .backends.kubernetes.staging import local_sources
-
-        sections: dict[str, dict[str, str]] = {}
-        for dotted, path in local_sources(run, str(storage_root)).items():
-            section, key = dotted.split(".")
-            sections.setdefault(section, {})[key] = str(path)
-        update = {section: getattr(run, section).model_copy(update=values) for section, values in sections.items()}
-        return run.model_copy(update={"experiment_dir": str(storage_root), **update})
-    return run
-
-
 def check_plan(plan, backend: str | None = None) -> list[Problem]:
     """Every problem of every run of the grid (errors and info lines), each once, located in the
     experiment file: a grid value's own line where a grid value set the key."""
-    from .job.experiment_file import parse_yaml
+    from .backends import backend_class  # the backends import the plan, which imports this
 
     source = str(plan.source)
-    _, lines = parse_yaml(plan.source.read_text(), source)
+    lines = plan.key_lines
     backend = backend or plan.experiment.backend
     grid = plan.experiment.grid
     cache: dict[Path, Rows] = {}
@@ -48,15 +31,10 @@ def check_plan(plan, backend: str | None = None) -> list[Problem]:
         return cache[path]
 
     found: dict[Problem, list[str]] = {}
+    kind = backend_class(backend)
     for run in plan.runs:
-        findings = check_run(job_view(run, backend, plan.storage_root), read=read)
-        if backend in ("kubernetes", "k8s"):
-            from .backends.kubernetes.staging import unmounted_folders
-
-            findings += [Finding(key, message) for key, message in unmounted_folders(run, str(plan.storage_root))]
-            if run.environment.setup:
-                findings.append(Finding("environment.setup", "Slurm's: the pods start from kubernetes.image and do not "
-                                        "run these lines (their run.yaml leaves them out)", level="info"))  # fmt: skip
+        findings = check_run(kind.job_view(run, plan.storage_root), read=read)
+        findings += kind.input_findings(run, plan.storage_root)
         for finding in findings:
             problem = locate(finding, run, grid, lines, source)
             found.setdefault(problem, []).append(run.run_id)

@@ -162,7 +162,8 @@ def _fetch(ref: HubRef, run: RunConfig, record: dict | None, cache: Path) -> Fet
 
 def prefetch(p: Plan, say: Callable[[str], None] = lambda message: None, command: bool = False) -> Plan:
     """Pin and download every hub repo of the grid; the plan with each run pinned."""
-    if command and p.experiment.backend == "kubernetes":
+    from .backends import backend_class  # the backends import the plan module, which imports this
+    if command and not backend_class(p.experiment.backend).shares_storage:
         raise PrefetchError("prefetch: a Kubernetes experiment's cache is on its claim, which this machine "
                             "does not mount; its pods download from the hub themselves")
     path = pins_path(p.storage_root, p.experiment.name)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report_stats as stats
+from .backends import backend_class
 from .backends.base import Backend
 from .export_command import exports_of
 from .grid import Plan
@@ -43,8 +44,8 @@ ENVIRONMENT_FILES = ("attempts/*/environment.json", "environment.json")
 
 
 def default_output(plan: Plan, backend_name: str) -> Path:
-    if backend_name == "kubernetes":
-        return Path.cwd() / f"{plan.experiment.name}-report"  # the claim is not mounted here
+    if not backend_class(backend_name).shares_storage:
+        return Path.cwd() / f"{plan.experiment.name}-report"  # the runs' storage is not mounted here
     return plan.storage_root / plan.experiment.name / "report"
 
 
@@ -180,7 +181,7 @@ def _answers(paths: RunPaths) -> list[Answer]:
 
 def _notes(plan: Plan, backend_name: str, runs: list[ReportRun]) -> list[str]:
     notes = []
-    if backend_name == "kubernetes":
+    if not backend_class(backend_name).shares_storage:
         readable = any(Path(run.run_dir).is_dir() for run in plan.runs)
         notes.append(
             "Kubernetes: progress, the recovery ledger and inference metrics come from the pods' logs "

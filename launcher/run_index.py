@@ -79,6 +79,15 @@ def _locked():
         yield
 
 
+def _shares_storage(backend_name: str | None) -> bool:
+    from .backends import backend_class  # the backends import the plan, which imports this
+
+    try:
+        return backend_class(backend_name or "local").shares_storage
+    except ConfigError:  # a backend this version does not know: assume it does
+        return True
+
+
 def _kube_target(backend: Any) -> dict[str, str]:
     kube = getattr(backend, "kube", None)
     target = {}
@@ -152,8 +161,8 @@ class _Candidate:
         return self.entry.get("run_dir") or "?"
 
     def left_traces(self) -> bool:
-        if self.entry.get("backend") == "kubernetes":
-            return True  # its storage is on the cluster: this machine cannot tell
+        if not _shares_storage(self.entry.get("backend")):
+            return True  # its storage is elsewhere (a cluster's claim): this machine cannot tell
         return any((Path(self.run_dir) / name).exists() for name in _TRACES)
 
 

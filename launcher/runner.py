@@ -72,6 +72,7 @@ def submit(plan: Plan, backend: Backend, *, force: bool = False, dry_run: bool |
     if dry_run:
         return SubmitResult(EXIT_OK, submission, SubmitReport(skipped=dict(submission.skipped)), dry_run=True)
     run_index.record(plan, backend)  # only what is really submitted re-points `logs/cancel <run>`
+    backend.reconcile(plan)
     report = backend.apply(submission, foreground)
     result = SubmitResult(EXIT_OK, submission, report)
     if backend.foreground:
@@ -89,7 +90,7 @@ def watch(plan: Plan, backend: Backend, show: Callable[[list], None], interval: 
     from .status_view import collect
 
     while True:
-        rows = collect(plan, backend)
+        rows = collect(plan, backend, reconcile=True)
         show(rows)
         if all(not r.status.state.active and not r.status.infer_state.active for r in rows):
             return

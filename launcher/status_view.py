@@ -79,8 +79,11 @@ def run_events(plan: Plan, backend: Backend) -> dict[str, list[dict]]:
     return {run.run_id: read_events(RunPaths.of(run).progress) for run in plan.runs}
 
 
-def collect(plan: Plan, backend: Backend) -> list[Row]:
-    """One refresh: the backend's status call (constant scheduler calls) + progress events."""
+def collect(plan: Plan, backend: Backend, reconcile: bool = False) -> list[Row]:
+    """One refresh: the backend's status call (constant scheduler calls) + progress events;
+    with `reconcile`, the backend's writes first (Kubernetes: a finished run's inference)."""
+    if reconcile:
+        backend.reconcile(plan)
     statuses = backend.status(plan)
     events = run_events(plan, backend)
     rows = [

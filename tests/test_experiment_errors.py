@@ -31,7 +31,7 @@ CASES = {
         "name: demo\nenvironment:\n  variables:\n    HF_TOKEN: hf_abc\n",
         ":3: environment.variables: 'HF_TOKEN' looks like a secret",
     ),
-    "unknown backend": ("name: demo\nbackend: lsf\n", ":2: backend: Input should be 'local', 'slurm' or 'kubernetes'"),
+    "unknown backend": ("name: demo\nbackend: lsf\n", ":2: backend: unknown backend 'lsf' (choose from local, slurm, kubernetes"),
     "not yaml": ("name: demo\ntrain: [1, 2\n", ": not valid YAML"),
     "empty file": ("", ": the file is empty"),
     "a list, not a mapping": ("- name: demo\n", ":1: expected a mapping of sections"),

@@ -203,9 +203,10 @@ def test_submit_status_follow_logs_across_a_preemption_then_cancel(target, scena
     # The replacement resumed from the very checkpoint the preempted pod saved.
     assert [e["step"] for e in parse_lines(text.splitlines()) if e["event"] == "preempted"] == [resumed_from]
     assert k8s.status(p)[run.run_id].state == State.COMPLETED
+    k8s.reconcile(p)  # what `qlaunch status` does before reading
 
     # -- Inference: suspended (no pod, no GPU) until training finished; then the trainer's
-    # hand-off (a real cluster) or the status call above (the fake's trainer has no token)
+    # hand-off (a real cluster) or the reconcile above (the fake's trainer has no token)
     # started it.
     if fake:
         assert target.server.get("jobs", NS, n.infer_job)["spec"]["suspend"] is False
@@ -354,7 +355,8 @@ def test_force_replaces_a_running_job_and_completed_training_only_reruns_failed_
     train_pod = fake.start_pod(NS, n.train_job)
     fake.run_pod(NS, train_pod)
     fake.finish_pod(NS, train_pod)
-    assert k8s.status(p)[run.run_id].state == State.COMPLETED  # and starts the inference Job
+    assert k8s.status(p)[run.run_id].state == State.COMPLETED
+    k8s.reconcile(p)  # `qlaunch status`: starts the inference Job
     infer_pod = fake.start_pod(NS, n.infer_job)
     fake.run_pod(NS, infer_pod)
     fake.finish_pod(NS, infer_pod, exit_code=1)

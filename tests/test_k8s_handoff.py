@@ -173,21 +173,30 @@ def test_under_kueue_the_handoff_gives_inference_its_queue_label(fake, tmp_path)
     assert infer["spec"]["suspend"] is True
 
 
-def test_status_starts_inference_when_training_completed_without_the_handoff(fake, tmp_path):
+def test_status_only_reads_and_reconcile_starts_inference_of_runs_finished_without_the_handoff(fake, tmp_path):
     p, k8s = _experiment(tmp_path), _backend()
     k8s.submit(p)
     names = [Names.of(p.experiment.name, run.run_id) for run in p.runs]
     for n in names:  # both trainers finished, neither could reach the API
         fake.finish_pod(NS, fake.start_pod(NS, n.train_job))
 
-    status = k8s.status(p)  # `qlaunch status` (and status --watch on every refresh)
-    for run, n in zip(p.runs, names):
-        assert status[run.run_id].state == State.COMPLETED
-        assert status[run.run_id].infer_detail != "waiting for training"
+    # Reading (what `report`, `logs` and `export` do through status) sends no write at all.
+    before = len(fake.requests)
+    k8s.status(p)
+    collect(p, k8s)
+    assert [r["method"] for r in fake.requests[before:] if r["method"] != "GET"] == []
+    assert all(fake.get("jobs", NS, n.infer_job)["spec"]["suspend"] is True for n in names)
+
+    # `qlaunch status` (and status --watch on every refresh, and submit) reconcile first: exactly
+    # the release the old status did, once.
+    rows = collect(p, k8s, reconcile=True)
+    for row, n in zip(rows, names):
+        assert row.status.state == State.COMPLETED
+        assert row.status.infer_detail != "waiting for training"
         assert fake.get("jobs", NS, n.infer_job)["spec"]["suspend"] is False
     merges = [r for r in fake.requests if "merge-patch" in r["headers"].get("Content-Type", "")]
-    assert len(merges) == 2
-    k8s.status(p)
+    assert len(merges) == 2 and {r["method"] for r in fake.requests[before:] if r["method"] != "GET"} == {"PATCH"}
+    assert k8s.reconcile(p) == []
     assert len([r for r in fake.requests if "merge-patch" in r["headers"].get("Content-Type", "")]) == 2  # once
 
 

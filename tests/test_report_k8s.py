@@ -66,7 +66,7 @@ def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missi
              progress("step", 100, t + 3300, total_steps=100, loss=1.2, tokens_per_second=1100.0),
              progress("end", 100, t + 3310, total_steps=100, status="completed"))  # fmt: skip
     fake.finish_pod(NS, second)
-    k8s.status(p)  # training completed: starts the suspended inference Job
+    k8s.reconcile(p)  # `qlaunch status`: training completed, so it starts the suspended inference Job
     infer_pod = fake.start_pod(NS, names.infer_job)
     fake.run_pod(NS, infer_pod)
     metric = {"name": "json_match", "base": 0.05, "tuned": 0.8, "n": 40}

@@ -9,10 +9,11 @@ whatever the grid size. What only some backends can do is declared here with a d
 
 from __future__ import annotations
 
+import abc
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Protocol
+from typing import IO, Any, Callable
 
 from ..grid import Plan
 from ..job.config import RunConfig
@@ -81,18 +82,52 @@ class Foreground:
     on_tick: Callable[[], None] | None = None
 
 
-class Backend(Protocol):
-    """Subclassed by each backend, which inherits the defaults below."""
+class Backend(abc.ABC):
+    """Subclassed by each backend: the abstract methods are what a backend must do (a class
+    missing one cannot be instantiated); the abilities below are declared with defaults, so the
+    rest of the launcher asks the backend instead of testing its name."""
 
     name: str
     # Runs the jobs in this process (the local backend): `apply` returns once they have ended,
     # and the runner shows them live; otherwise it returns once they are queued.
     foreground: bool = False
+    # This machine reads and writes the jobs' storage root (a shared file system, or this very
+    # machine): progress and metrics are read from files, the hub cache is filled here
+    # (prefetch), `--force` clears outputs here, the report is written next to the runs.
+    # False (Kubernetes: a claim this machine does not mount): progress comes from the jobs'
+    # logs, the jobs download themselves, the report goes to the current folder.
+    shares_storage: bool = True
+    # One evaluation job per grid by default (`inference.per_run` unset); False: one inference
+    # job per run.
+    grid_evaluation: bool = True
 
+    @classmethod
+    def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> "Backend":
+        """The backend, talking to `kubeconfig`/`context` where it has an API (ignored otherwise)."""
+        return cls()
+
+    @classmethod
+    def job_view(cls, run: RunConfig, storage_root: Path) -> RunConfig:
+        """The run as its job will see it (its relative paths), for the input checks."""
+        return run
+
+    @classmethod
+    def input_findings(cls, run: RunConfig, storage_root: Path) -> list:
+        """Problems of a run's inputs that only this backend has (a list of run_checks.Finding)."""
+        return []
+
+    def reconcile(self, plan: Plan) -> list[str]:
+        """Writes that bring the scheduler in line with what the runs did (Kubernetes: start the
+        inference Job of a finished training whose own hand-off did not); returns what it did.
+        `status` only reads; `status --watch`, `submit` and the status command call this."""
+        return []
+
+    @abc.abstractmethod
     def prepare(self, plan: Plan, *, force: bool = False, offline: bool = False) -> Submission:
         """Render every file and decide every job; with the scheduler's state and its checks
         unless `offline` (no scheduler is contacted: what a first submission would do)."""
 
+    @abc.abstractmethod
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
         """Carry out a prepared submission."""
 
@@ -114,12 +149,15 @@ class Backend(Protocol):
         (Kubernetes reads them from pod logs); None: read each run's progress.jsonl."""
         return None
 
+    @abc.abstractmethod
     def status(self, plan: Plan) -> dict[str, RunStatus]:
         """Run id → status, with a constant number of scheduler calls."""
 
+    @abc.abstractmethod
     def logs(self, plan: Plan, run: RunConfig, *, follow: bool, out: IO[str], infer: bool = False) -> None:
         """Print a run's log; with follow, keep going across requeues/replacement pods."""
 
+    @abc.abstractmethod
     def cancel(self, plan: Plan, runs: list[RunConfig]) -> list[str]:
         """Cancel the runs' jobs; returns the run ids that had something to cancel."""
 

@@ -375,7 +375,9 @@ class SearchConfig(Section):
 class Experiment(Section):
     name: str
     description: str = ""
-    backend: Literal["local", "slurm", "kubernetes"] = "local"
+    # A name from launcher/backends' registry (aliases included), checked and made canonical
+    # when the launcher builds the plan (grid.py): the job does not depend on the list.
+    backend: str = "local"
     model: ModelConfig = Field(default_factory=ModelConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)

@@ -17,16 +17,18 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from ...grid import Plan
 from ...job.config import RunConfig
 from ...job.errors import BackendError
+from ...job.run_checks import Finding
 from ..base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 from . import manifests
 from .client import APPLY_PATCH, FIELD_MANAGER, MERGE_PATCH, Kube, KubeApiError
 from .logs import LogFollower, ProgressReader
-from .staging import LocalFile, describe_size, plan_uploads, run_files
+from .staging import LocalFile, describe_size, local_sources, plan_uploads, run_files, unmounted_folders
 from .state import completion_index, created, job_state, owned_by
 from .upload import Stager, stage_pod, stage_pod_name
 
@@ -77,6 +79,31 @@ class _Request:
 
 class KubernetesBackend(Backend):
     name = "kubernetes"
+    shares_storage = False  # the jobs' storage is a claim this machine does not mount
+    grid_evaluation = False  # one inference Job per run, released by its training (handoff)
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> "KubernetesBackend":
+        return cls(kubeconfig, context)
+
+    @classmethod
+    def job_view(cls, run: RunConfig, storage_root: Path) -> RunConfig:
+        """A pod resolves relative paths on the claim (manifests.pod_run_config), except the local
+        files `qlaunch submit` stages there (staging.py): those are checked where they are."""
+        sections: dict[str, dict[str, str]] = {}
+        for dotted, path in local_sources(run, str(storage_root)).items():
+            section, key = dotted.split(".")
+            sections.setdefault(section, {})[key] = str(path)
+        update = {section: getattr(run, section).model_copy(update=values) for section, values in sections.items()}
+        return run.model_copy(update={"experiment_dir": str(storage_root), **update})
+
+    @classmethod
+    def input_findings(cls, run: RunConfig, storage_root: Path) -> list[Finding]:
+        findings = [Finding(key, message) for key, message in unmounted_folders(run, str(storage_root))]
+        if run.environment.setup:
+            findings.append(Finding("environment.setup", "Slurm's: the pods start from kubernetes.image and do not "
+                                    "run these lines (their run.yaml leaves them out)", level="info"))  # fmt: skip
+        return findings
 
     def __init__(self, kubeconfig: str | None = None, context: str | None = None, *,
                  poll_seconds: float = 2.0, delete_timeout: float | None = None):  # fmt: skip
@@ -350,9 +377,23 @@ class KubernetesBackend(Backend):
 
     # -- status ------------------------------------------------------------------------------
 
+    def reconcile(self, plan: Plan) -> list[str]:
+        """Starts each inference Job whose training completed but that was not released (the
+        trainer's hand-off failed, or it ran before this qlaunch), as the submitter; returns
+        their names. A refusal (no patch permission) is kept for `status` to show."""
+        job_list, pods = self._lists(plan)
+        jobs = self._by_run(plan, job_list)
+        released = []
+        for run in plan.runs:
+            train, infer = jobs.get((run.run_id, manifests.TRAIN)), jobs.get((run.run_id, manifests.INFER))
+            if train is None or infer is None or not manifests.awaiting_release(infer):
+                continue
+            if job_state(train, pods)[0] == State.COMPLETED and self._release(run, infer) is not infer:
+                released.append(infer["metadata"]["name"])
+        return released
+
     def status(self, plan: Plan) -> dict[str, RunStatus]:
-        """Every run's state; an inference Job whose training completed but was not released
-        (the trainer's hand-off failed, or it ran before this qlaunch) is released here."""
+        """Every run's state, read only (`reconcile` does the writes)."""
         job_list, pods = self._lists(plan)
         jobs = self._by_run(plan, job_list)
         result = {}
@@ -364,8 +405,6 @@ class KubernetesBackend(Backend):
                 status.state, status.detail, status.restarts = job_state(train, pods)
                 status.job_ids = [train["metadata"]["name"]]
             if infer is not None:
-                if status.state == State.COMPLETED and manifests.awaiting_release(infer):
-                    infer = self._release(run, infer)
                 status.infer_state, status.infer_detail, _ = job_state(infer, pods)
                 if manifests.awaiting_release(infer) and status.infer_state == State.PENDING:
                     status.infer_detail = self.release_errors.get(run.run_id, "waiting for training")
