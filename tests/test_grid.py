@@ -74,6 +74,16 @@ def test_run_config_alone_restarts_the_job(tmp_path):
     assert dump_run_config(loaded) == path.read_text()  # same run → same bytes
 
 
+def test_a_run_id_that_reads_as_a_number_survives_its_run_config(tmp_path):
+    # `0e52766174` (digits, one e, digits) is a float to the YAML 1.2 loader; written unquoted,
+    # the run crashed at start ("run_id: Input should be a valid string"): ~0.7% of hex ids.
+    run = plan(write(tmp_path)).runs[0].model_copy(update={"run_id": "0e52766174"})
+    path = write_run_config(run)
+    loaded = load_run_config(path)
+    assert loaded.run_id == "0e52766174"
+    assert dump_run_config(loaded) == path.read_text()
+
+
 def test_find_by_prefix_and_by_experiment(tmp_path):
     p = plan(write(tmp_path))
     run = p.runs[3]

@@ -19,18 +19,24 @@ class Loader(yaml.SafeLoader):
     """SafeLoader that reads `2e-4` as a float (YAML 1.2), as users writing learning rates expect."""
 
 
-Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+class Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string `Loader` would read back as a number: a run id such as
+    `0e52766174` is a float to `Loader`, and SafeDumper alone writes it unquoted."""
+
+
+for _cls in (Loader, Dumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
 
 
 class DuplicateKeyError(yaml.constructor.ConstructorError):
@@ -253,4 +259,4 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 def dump_run_config(run: RunConfig) -> str:
     """Deterministic YAML of a run config (same run → same bytes)."""
-    return yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=1000)
+    return yaml.dump(run.model_dump(mode="json"), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000)
