@@ -1,21 +1,9 @@
-"""The grid evaluation job, from the launcher's side (issue #29): which runs it evaluates, where
-its files go, and the eval-set fingerprint that says whether a run is already scored.
-
-One job (`python -m training.evaluate_grid <runs file>`) loads each distinct base model once and
-answers for every listed run's adapter; it writes each run's `inference/summary.json` and
-`results.jsonl` exactly as the per-run inference job does. The runs file lists one run.yaml per
-line and lives in the experiment's folder of the storage root:
-
-    <storage root>/<experiment>/evaluation/
-        runs.txt            the run.yaml of every run the job evaluates
-        evaluate.log        the job's output
-        evaluation.json     what happened to each run: evaluated, skipped (already scored), or
-                            not evaluated and why
-
-The eval set (`eval_set` in summary.json) is a fingerprint of everything an answer or a score
-depends on besides the adapter: the prompts, the held-out file (prompts + references), the prompt
-template and the generation settings. `qlaunch evaluate` skips a run whose summary carries the
-current fingerprint. Imports nothing of the training stack.
+"""The grid evaluation job, from the launcher's side (issue #29): which runs it evaluates, its job
+spec and where its runs file goes. One job (`python -m training.evaluate_grid <runs file>`) loads
+each distinct base model once and answers for every listed run's adapter; it writes each run's
+`inference/summary.json` and `results.jsonl` exactly as the per-run inference job does. The files
+it shares with the job, and the eval-set fingerprint: launcher/job/grid_evaluation.py. Imports
+nothing of the training stack.
 """
 
 from __future__ import annotations

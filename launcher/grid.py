@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from .input_checks import locate
 from .job.config import IDENTITY_SECTIONS, DatasetConfig, Experiment, RunConfig, TrainConfig
 from .job.errors import ConfigError
-from .job.experiment_file import format_validation_error, load_experiment
+from .job.experiment_file import format_validation_error, load_experiment, locate_key
 from .job.loss import resolve_for_plan
 from .job.recipe_checks import did_you_mean, recipe_findings, sft_arg_problem
 
@@ -41,6 +41,11 @@ class Plan:
     settings: tuple[str, ...] = ()
     # Dotted keys whose values came from the user config file (launcher/job/overrides.py).
     user_defaults: tuple[str, ...] = ()
+
+    def where(self, dotted: str, run: RunConfig | None = None) -> str:
+        """`file:line: key` for an error about a dotted key (of `run`: the grid value that set it)."""
+        key, line = locate_key(self.key_lines, dotted, self.experiment.grid, run.overrides if run else None)
+        return f"{self.source}:{line}: {key}" if line else f"{self.source}: {key}"
 
     @property
     def varying_keys(self) -> list[str]:

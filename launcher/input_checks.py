@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .job.config import RunConfig
 from .job.data_files import Rows, read_rows
-from .job.run_checks import Finding, InputError, Problem, _line, check_run
+from .job.experiment_file import locate_key
+from .job.run_checks import Finding, InputError, Problem, check_run
 
 
 def check_plan(plan, backend: str | None = None) -> list[Problem]:
@@ -47,16 +48,8 @@ def check_plan(plan, backend: str | None = None) -> list[Problem]:
 
 
 def locate(finding: Finding, run: RunConfig, grid: dict, lines: dict[tuple, int], source: str) -> Problem:
-    parts = finding.key.split(".")
-    for end in range(len(parts), 0, -1):
-        grid_key = ".".join(parts[:end])
-        if grid_key in grid:
-            value = run.overrides.get(grid_key)
-            index = next((i for i, v in enumerate(grid[grid_key]) if v == value), None)
-            if index is not None:
-                line = lines.get(("grid", grid_key, index)) or lines.get(("grid", grid_key))
-                return Problem(source, line, f"grid.{grid_key}[{index}]", finding.message, finding.path, finding.level)
-    return Problem(source, _line(lines, tuple(parts)), finding.key, finding.message, finding.path, finding.level)
+    key, line = locate_key(lines, finding.key, grid, run.overrides)
+    return Problem(source, line, key, finding.message, finding.path, finding.level)
 
 
 # --- the two callers -------------------------------------------------------------------------------

@@ -104,13 +104,35 @@ def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
     return lines
 
 
-def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
+def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
     # The deepest prefix of the location that exists in the file (a missing key has no line
     # of its own, its parent does).
     for end in range(len(loc), 0, -1):
         if loc[:end] in lines:
             return lines[loc[:end]]
     return None
+
+
+def locate_key(lines: dict[tuple, int], dotted: str, grid: dict | None = None,
+               overrides: dict | None = None) -> tuple[str, int | None]:  # fmt: skip
+    """(the key as an error names it, its line in the experiment file): the grid value's own
+    line (`grid.<key>[i]`) where the grid set the key for a run with these `overrides`; else the
+    key's line (or its deepest parent's); else, for a key only the grid names, the grid's line.
+    The one locator behind every `file:line: key` (grid.Plan.where)."""
+    parts = dotted.split(".")
+    grid = grid or {}
+    if overrides is not None:
+        for end in range(len(parts), 0, -1):
+            grid_key = ".".join(parts[:end])
+            if grid_key in grid:
+                value = overrides.get(grid_key)
+                index = next((i for i, v in enumerate(grid[grid_key]) if v == value), None)
+                if index is not None:
+                    return f"grid.{grid_key}[{index}]", lines.get(("grid", grid_key, index)) or lines.get(("grid", grid_key))
+    line = line_of(lines, tuple(parts))
+    if line is None and ("grid", dotted) in lines:
+        return f"grid.{dotted}", lines[("grid", dotted)]
+    return dotted, line
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
@@ -161,7 +183,7 @@ def format_validation_error(
         loc = prefix + tuple(item["loc"])
         key = ".".join(str(part) for part in loc) or "(top level)"
         label = next((text for path, text in (labels or {}).items() if loc[: len(path)] == path), None)
-        line = _line_for(lines or {}, loc)
+        line = line_of(lines or {}, loc)
         where = label or (f"{source}:{line}" if line else source)
         message = item["msg"].removeprefix("Value error, ")
         if not loc and lines:

@@ -387,19 +387,9 @@ def check_run(run: RunConfig, parts: Iterable[str] = ("model", "dataset", "infer
     return findings
 
 
-# --- locating findings in the experiment file -----------------------------------------------------
-
-
-def _line(lines: dict[tuple, int], key: tuple) -> int | None:
-    for end in range(len(key), 0, -1):
-        if key[:end] in lines:
-            return lines[key[:end]]
-    return None
-
-
 def check_job(run: RunConfig, config_path: str | Path, parts: Iterable[str]) -> list[Problem]:
     """The errors a job meets before loading the model, located in its run.yaml."""
-    from .experiment_file import parse_yaml
+    from .experiment_file import line_of, parse_yaml
 
     path = Path(config_path)
     if path.is_dir():
@@ -409,7 +399,7 @@ def check_job(run: RunConfig, config_path: str | Path, parts: Iterable[str]) -> 
     except (OSError, ConfigError):
         lines = {}
     return [
-        Problem(str(path), _line(lines, tuple(f.key.split("."))), f.key, f.message, f.path)
+        Problem(str(path), line_of(lines, tuple(f.key.split("."))), f.key, f.message, f.path)
         for f in check_run(run, parts)
         if f.level == "error"
     ]

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -135,25 +135,6 @@ def experiment_selector(plan: Plan) -> str:
 # Checks: everything the API server would refuse, found before the first call.
 
 
-class _Where:
-    """file:line for a dotted key of the experiment file (or of its grid)."""
-
-    def __init__(self, plan: Plan):
-        self.source = plan.source
-        self.lines = plan.key_lines
-
-    def __call__(self, dotted: str) -> str:
-        parts = tuple(dotted.split("."))
-        for end in range(len(parts), 0, -1):
-            line = self.lines.get(parts[:end])
-            if line:
-                return f"{self.source}:{line}: {dotted}"
-        grid_line = self.lines.get(("grid", dotted))
-        if grid_line:
-            return f"{self.source}:{grid_line}: grid.{dotted}"
-        return f"{self.source}: {dotted}"
-
-
 def _label_value_ok(value: str) -> bool:
     return value == "" or (len(value) <= 63 and bool(_LABEL_NAME.match(value)))
 
@@ -177,7 +158,7 @@ def kube_memory(value: str) -> str:
 
 def check_plan(plan: Plan) -> None:
     """Raise ConfigError (file:line: key: message) for anything the cluster would refuse."""
-    where = _Where(plan)
+    where = plan.where
     problems: list[str] = []
     root = plan.experiment.storage.root
     posix_root = PurePosixPath(root)
@@ -207,7 +188,7 @@ def check_plan(plan: Plan) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def _run_problems(run: RunConfig, where: _Where) -> list[str]:
+def _run_problems(run: RunConfig, where: Callable[[str], str]) -> list[str]:
     k8s, problems = run.kubernetes, []
     if not (len(k8s.namespace) <= 63 and _DNS_LABEL.match(k8s.namespace)):
         problems.append(f"{where('kubernetes.namespace')}: {k8s.namespace!r} is not a valid namespace "
