@@ -24,7 +24,6 @@ from .export_command import exports_of
 from .grid import Plan
 from .job import ledger as ledgers
 from .job.config import RunConfig
-from .job.search import pruned_decision
 from .job.storage import RunPaths, atomic_write_text, read_json
 from .json_output import Answer, AttemptRecord, Environment, Metric, MetricInterval, ReportDocument, ReportRun
 from .report_verdict import comparison as compare_top_two
@@ -64,7 +63,8 @@ def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
     else:
         ranked_by = "final_loss"
         # A run asha stopped early has an early loss: it never ranks above one that finished.
-        pruned = {run.run_id for run in plan.runs if pruned_decision(RunPaths.of(run).metrics)}
+        # (From its `pruned` progress event: what every backend can read, the claim's files or not.)
+        pruned = {row.run_id for row in rows if row.progress.pruned}
         runs.sort(key=lambda r: (r.run_id in pruned, _or_inf(r.final_loss)))
         best = runs[0] if runs and runs[0].final_loss is not None else None
     for rank, run in enumerate(runs, 1):

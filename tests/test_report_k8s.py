@@ -94,3 +94,50 @@ def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missi
     assert "pods' logs" in notes and "not mounted on this machine" in notes and "results.jsonl" in notes
     assert (out / "report.html").is_file() and (out / "loss.png").is_file() and (out / "metric.png").is_file()
     assert "not mounted on this machine" in (out / "report.md").read_text()
+
+
+def test_a_pruned_job_completes_and_status_and_report_say_where_asha_stopped_it(fake, tmp_path):
+    """Issue #30 on Kubernetes: a run that asha stops exits 0, so its Job completes (and frees its
+    GPU); the laptop, which cannot read the claim, learns from the pod's log that it was pruned."""
+    from launcher.backends.base import State
+    from launcher.status_view import build_table, collect
+
+    path = tmp_path / "asha.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: asha
+        backend: kubernetes
+        storage: {root: /mnt/qlaunch-not-here}
+        dataset: {test_size: 0.1}
+        kubernetes: {namespace: ml-team, hf_token_secret: {name: hf-token}}
+        search: {strategy: asha, first_rung_steps: 10, reduction_factor: 3}
+        grid:
+          train.learning_rate: [0.0002, 0.00000001]
+    """))
+    p = plan(path)
+    k8s = KubernetesBackend(poll_seconds=0.05)
+    k8s.submit(p)
+    kept, stopped = p.runs
+    t = time.time() - 600
+    pod = fake.start_pod(NS, Names.of(p.experiment.name, stopped.run_id).train_job)
+    fake.run_pod(NS, pod)
+    decision = {"rung": 0, "at": 10, "unit": "steps", "value": 2.3011, "rank": 2, "competitors": 2, "keep": 1,
+                "prune": True, "metric": "eval_loss"}  # fmt: skip
+    fake.log(NS, pod, progress("start", 0, t, total_steps=100, attempt=1, resumed_from=None, launched_at=t - 30),
+             progress("step", 10, t + 60, total_steps=100, loss=2.4, tokens_per_second=900.0),
+             progress("pruned", 10, t + 70, **decision),
+             progress("end", 10, t + 75, total_steps=100, status="pruned"))  # fmt: skip
+    fake.finish_pod(NS, pod)  # exit 0
+
+    k8s.reconcile(p)
+    assert k8s.status(p)[stopped.run_id].state == State.COMPLETED
+    rows = {row.run_id: row for row in collect(p, k8s)}
+    assert rows[stopped.run_id].progress.pruned["rung"] == 0
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(build_table(p, list(rows.values()), "kubernetes", width=200))
+    assert "pruned @ rung 0 (eval_loss 2.3011, rank 2/2)" in console.export_text()
+    assert not rows[kept.run_id].progress.pruned
+    # The report, built from the pods' logs too, never crowns the stopped run for its early loss.
+    document = report.build(p, k8s, "kubernetes")
+    assert document.runs[-1].run_id == stopped.run_id and document.best_run != stopped.run_id
