@@ -197,6 +197,8 @@ class ReportRun(_Shape):
     answers: list[Answer]  # the first few of inference/results.jsonl
     intervals: list[MetricInterval] = []  # every configured metric, where results.jsonl is readable
     exports: list[Export] = []  # `qlaunch export`s of the run, oldest first
+    # search.strategy asha: the decision that stopped the run (as in status --json)
+    pruned: dict[str, Any] | None = None
 
 
 class SearchRung(_Shape):

@@ -24,6 +24,7 @@ from .export_command import exports_of
 from .grid import Plan
 from .job import ledger as ledgers
 from .job.config import RunConfig
+from .job.search import pruned_text
 from .job.storage import RunPaths, atomic_write_text, read_json
 from .json_output import Answer, AttemptRecord, Environment, Metric, MetricInterval, ReportDocument, ReportRun
 from .report_verdict import comparison as compare_top_two
@@ -121,6 +122,7 @@ def _run(run: RunConfig, row: Row, scores: stats.Scores | None = None) -> Report
         overrides=run.overrides,
         state=row.status.state.value,
         infer_state=row.status.infer_state.value,
+        pruned=progress.pruned,
         step=progress.step,
         total_steps=progress.total_steps,
         final_loss=loss_curve[-1][1] if loss_curve else None,
@@ -267,6 +269,8 @@ def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
     rows = []
     for run in document.runs:
         state = run.state + ("" if run.infer_state in ("unknown", "completed") else f" (inference {run.infer_state})")
+        if run.pruned and run.state == "completed":
+            state = pruned_text(run.pruned)
         row = [rank_cell(document, run), run.run_id, *(format_value(run.overrides.get(k)) for k in document.varying_keys),
                state, f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step),
                _number(run.final_loss), _number(run.best_loss)]  # fmt: skip

@@ -200,4 +200,5 @@ def test_report_shows_each_rung_the_runs_it_stopped_and_the_gpu_time_saved(grids
     assert search["trained_steps"] < 0.4 * search["full_steps"] and search["saved_gpu_hours"] >= 0
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "## Successive halving" in markdown and "rung 0 (1 step)" in markdown
+    assert markdown.count("pruned @ rung") == len(search["pruned"])  # the runs table says where each stopped
     assert "Successive halving" in (tmp_path / "report" / "report.html").read_text()
