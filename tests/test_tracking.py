@@ -234,3 +234,39 @@ def test_no_secret_in_any_rendered_file_or_log(tracked_grid, mlflow_server, tmp_
                 data = path.read_bytes()
                 leaked += [f"{path}: {name}" for name, value in SECRETS.items() if value.encode() in data]
     assert not leaked
+
+
+def test_a_run_asha_stops_is_closed_as_pruned_in_every_tracker(tmp_path, tiny_plan, mlflow_server):
+    """Issue #30: the tracked run of a pruned run says so (state, rung), not just "finished"."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plan = tiny_plan(
+        tmp_path,
+        dataset={"path": "data.jsonl", "test_size": 0.25},
+        train={"max_steps": 9, "save_steps": 1000, "logging_steps": 1},
+        search={"strategy": "asha", "first_rung_steps": 1, "reduction_factor": 3},
+        tracking={"report_to": ["tensorboard", "wandb", "mlflow"], "wandb_mode": "offline"},
+    )
+    run = plan.runs[0]
+    rung0 = Path(run.run_dir).parent / "asha" / "rung-0"
+    rung0.mkdir(parents=True)
+    for n in range(3):  # three better results: this run ranks 4th and is stopped at rung 0
+        (rung0 / f"other{n}.json").write_text(json.dumps({"value": 0.001 * n}))
+    paths = RunPaths.of(run)
+    result = subprocess.run([sys.executable, "-m", "training.sft", str(paths.config)], cwd=tmp_path,
+                            env=_tracked_env(mlflow_server), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert events(run, "end")[-1]["status"] == "pruned"
+
+    reader = EventAccumulator(str(_experiment_dir(plan) / "tensorboard" / tracked_run_name(run)))
+    reader.Reload()
+    assert [(e.step, e.value) for e in reader.Scalars("qlaunch/pruned_rung")] == [(1, 0.0)]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (found,) = client.search_runs([client.get_experiment_by_name(plan.experiment.name).experiment_id])
+    assert found.data.tags["qlaunch.state"] == "pruned"
+    assert found.data.tags["qlaunch.pruned"].startswith("pruned @ rung 0 (eval_loss ")
+    (folder,) = (_experiment_dir(plan) / "wandb").glob("offline-run-*")
+    summary = {item.key: json.loads(item.value_json) for record in wandb_records(next(folder.glob("run-*.wandb")))
+               if record.WhichOneof("record_type") == "summary" for item in record.summary.update}  # fmt: skip
+    assert summary.get("qlaunch/state") == "pruned" and summary.get("qlaunch/pruned_rung") == 0

@@ -289,6 +289,10 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         # metrics.json last: its presence (with adapter/) is what "completed" means.
         write_json(paths.metrics, metrics)
         write("end", state.global_step, total_steps=state.max_steps, status="pruned" if pruned else "completed")
+        if pruned is not None and run.tracking.report_to:
+            from .tracking import record_pruned
+
+            record_pruned(run, stopped["pruned"], state.global_step)
         log(
             f"done: {state.global_step} steps, loss {metrics['train_loss']:.4f}, "
             f"{metrics['train_runtime']:.1f}s, adapter in {paths.adapter}"

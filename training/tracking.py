@@ -154,6 +154,37 @@ def resuming_tensorboard_callback(log_dir: Path, resumed_from: int | None):
     return ResumingTensorBoardCallback()
 
 
+def record_pruned(run: RunConfig, pruned: dict[str, Any], step: int) -> None:
+    """Close the run's tracked run as asha stopped it: its state and rung where each tracker
+    keeps such things (TensorBoard: scalar + text; MLflow: tags + metric; W&B: the summary), so
+    a dashboard of the grid tells a stopped run from one that finished. Rank 0 only, after
+    training (the trainer's own callbacks have written their last step)."""
+    from launcher.job.search import pruned_text
+
+    wanted, text = run.tracking.report_to, pruned_text(pruned)
+    if "tensorboard" in wanted:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(tensorboard_dir(run)))
+        writer.add_scalar("qlaunch/pruned_rung", pruned.get("rung", 0), step)
+        writer.add_text("qlaunch/state", text, step)
+        writer.close()
+    if "mlflow" in wanted:
+        from mlflow.tracking import MlflowClient
+
+        uri = mlflow_uri(run)
+        client, mlflow_run = MlflowClient(tracking_uri=uri), mlflow_run_for(run, uri)  # found by its tag
+        client.set_tag(mlflow_run, "qlaunch.state", "pruned")
+        client.set_tag(mlflow_run, "qlaunch.pruned", text)
+        client.log_metric(mlflow_run, "qlaunch_pruned_rung", float(pruned.get("rung", 0)), step=step)
+    if "wandb" in wanted:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.summary.update({"qlaunch/state": "pruned", "qlaunch/pruned": text,
+                                      "qlaunch/pruned_rung": pruned.get("rung", 0)})  # fmt: skip
+
+
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
