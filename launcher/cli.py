@@ -291,7 +291,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     p = plan(args.experiment, args.set)
     name = _backend_name(args, p)
     _note_submitted_elsewhere(args, p, name)
-    document = report.build(p, _backend(args, name), name)
+    found = None
+    if args.audit:
+        from .audit import audit
+
+        if not _backend(args, name).shares_storage:
+            raise QlaunchError("--audit trains the stopped runs on this machine from their checkpoints, which "
+                               f"the {name} backend's storage does not let it read")  # fmt: skip
+        found = audit(p, lambda line: err_console.print(escape(line), highlight=False, soft_wrap=True))
+    document = report.build(p, _backend(args, name), name, audit=found)
     document = report.write(document, Path(args.output) if args.output else report.default_output(p, name))
     if args.json:
         _print_json(document.model_dump(mode="json"))
@@ -463,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     backend_option(command)
     command.add_argument("-o", "--output", help="folder (default: <storage root>/<experiment>/report; "
                          "Kubernetes: ./<experiment>-report)")  # fmt: skip
+    command.add_argument("--audit", action="store_true",
+                         help="search.strategy asha: finish the runs it stopped (copies beside the grid, trained "
+                         "here from their rung checkpoints) and say whether the winner would have changed")  # fmt: skip
     json_option(command)
 
     command = add("logs", cmd_logs, "Print a run's log (-f follows it across restarts).")

@@ -210,6 +210,19 @@ class SearchRung(_Shape):
     stopped: list[str]  # run ids pruned here
 
 
+class SearchAudit(_Shape):
+    """`report --audit`: the stopped runs finished to their budget; would the winner change?"""
+
+    metric: str
+    mode: str
+    winner: str  # by the metric, among the runs the search let finish
+    winner_value: float
+    plain_winner: str  # among every run, the stopped ones finished
+    plain_winner_value: float
+    finished: dict[str, float]  # stopped run id → its metric, finished
+    regret: float  # how much better the plain grid's winner is (0: the same winner)
+
+
 class SearchSummary(_Shape):
     """search.strategy asha: the rungs, who went on, and the GPU time it saved."""
 
@@ -225,6 +238,7 @@ class SearchSummary(_Shape):
     full_gpu_hours: float  # estimate: each run's measured rate × its full budget
     saved_gpu_hours: float
     saved_fraction: float  # 1 - trained_steps / full_steps
+    audit: SearchAudit | None = None  # `report --audit`
 
 
 class ReportDocument(_Shape):

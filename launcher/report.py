@@ -26,7 +26,17 @@ from .job import ledger as ledgers
 from .job.config import RunConfig
 from .job.search import pruned_text
 from .job.storage import RunPaths, atomic_write_text, read_json
-from .json_output import Answer, AttemptRecord, Environment, Metric, MetricInterval, ReportDocument, ReportRun
+from .json_output import (
+    Answer,
+    AttemptRecord,
+    Environment,
+    Metric,
+    MetricInterval,
+    ReportDocument,
+    ReportRun,
+    SearchAudit,
+    SearchSummary,
+)
 from .report_verdict import comparison as compare_top_two
 from .report_verdict import crowned, headline_interval, intervals, top_label, verdict
 from .search_report import headline as search_headline
@@ -50,7 +60,7 @@ def default_output(plan: Plan, backend_name: str) -> Path:
 
 
 # ---- collecting ------------------------------------------------------------------------------
-def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
+def build(plan: Plan, backend: Backend, backend_name: str, audit: SearchAudit | None = None) -> ReportDocument:
     rows = collect(plan, backend)
     scores = {run.run_id: stats.read_scores(RunPaths.of(run).inference / "results.jsonl", run.inference.metric)
               for run in plan.runs}  # fmt: skip
@@ -83,8 +93,12 @@ def build(plan: Plan, backend: Backend, backend_name: str) -> ReportDocument:
         runs=runs,
         verdict=verdict(runs, comparison, bool(with_metric)),
         comparison=comparison,
-        search=summarize_search(plan, runs),
+        search=_with_audit(summarize_search(plan, runs), audit),
     )
+
+
+def _with_audit(search: SearchSummary | None, audit: SearchAudit | None) -> SearchSummary | None:
+    return search.model_copy(update={"audit": audit}) if search is not None and audit is not None else search
 
 
 def _or_inf(value: float | None) -> float:

@@ -47,6 +47,14 @@ def summarize(plan: Plan, runs: list[ReportRun]) -> SearchSummary | None:
 
 
 def headline(summary: SearchSummary) -> str:
+    if summary.audit is not None:
+        from .audit import audit_line
+
+        return _headline(summary) + " " + audit_line(summary.audit)
+    return _headline(summary)
+
+
+def _headline(summary: SearchSummary) -> str:
     return (f"Successive halving (asha, η = {summary.reduction_factor}, {summary.metric} {summary.mode}): "
             f"{len(summary.pruned)} runs stopped early; {summary.trained_steps:,} of {summary.full_steps:,} steps "
             f"trained ({summary.saved_fraction:.0%} saved), {summary.gpu_hours:.2f} GPU-hours spent of "

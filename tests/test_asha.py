@@ -202,3 +202,20 @@ def test_report_shows_each_rung_the_runs_it_stopped_and_the_gpu_time_saved(grids
     assert "## Successive halving" in markdown and "rung 0 (1 step)" in markdown
     assert markdown.count("pruned @ rung") == len(search["pruned"])  # the runs table says where each stopped
     assert "Successive halving" in (tmp_path / "report" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_audit_finishes_the_stopped_runs_as_the_plain_grid_and_says_the_winner_stands(grids, tmp_path):
+    plain, asha, _, home = grids
+    pruned = [r for r in asha.runs if metrics(r).get("pruned")]
+    result = qlaunch("report", str(asha.source), "--audit", "-o", str(tmp_path / "report"), "--json", home=home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    audit = json.loads(result.stdout)["search"]["audit"]
+    # Each stopped run, finished from its rung checkpoint, ends where the plain grid's run ended.
+    assert audit["finished"] == {r.run_id: metrics(next(t for t in plain.runs if t.run_id == r.run_id))["eval_loss"]
+                                 for r in pruned}  # fmt: skip
+    assert audit["winner"] == audit["plain_winner"] == best(plain.runs) and audit["regret"] == 0
+    assert "no pruning regret" in (tmp_path / "report" / "report.md").read_text()
+    assert all(metrics(r).get("pruned") for r in pruned)  # the grid's own runs are left as they were
+    again = qlaunch("report", str(plain.source), "--audit", home=home)
+    assert again.returncode == 2 and "--audit needs search.strategy: asha" in again.stderr
