@@ -33,10 +33,9 @@ def test_the_eval_set_fingerprint_follows_questions_and_settings_not_training(tm
     assert grid_evaluation.eval_set(run) != before  # a new reference
 
 
-def test_grid_evaluation_is_the_default_except_on_kubernetes(tmp_path, tiny_plan):
+def test_grid_evaluation_is_the_default_on_every_backend(tmp_path, tiny_plan):
     run = tiny_plan(tmp_path).runs[0]
-    assert not evaluation.per_run(run, "local") and not evaluation.per_run(run, "slurm")
-    assert evaluation.per_run(run, "kubernetes")
+    assert not any(evaluation.per_run(run, name) for name in ("local", "slurm", "kubernetes"))
     chosen = tiny_plan(tmp_path / "b", inference={"per_run": True}).runs[0]
     assert evaluation.per_run(chosen, "local")
     assert evaluation.to_evaluate([run]) == ([], {run.run_id: "not trained yet"})
