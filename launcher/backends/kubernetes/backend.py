@@ -1,6 +1,8 @@
-"""The Kubernetes backend: each run is a ConfigMap (run.yaml), a training Job on a T4 node pool
-and a suspended inference Job that training starts when it has written the adapter (through
-the run's hand-off ServiceAccount and Role), all on one ReadWriteMany PVC mounted at
+"""The Kubernetes backend: each run is a ConfigMap (run.yaml) and a training Job on a T4 node
+pool; the grid gets one evaluation Job (manifests.evaluation_documents), held until every
+training Job has ended and then released by reconcile(). With `inference.per_run: true` each run
+gets instead a suspended inference Job that training starts when it has written the adapter
+(through the run's hand-off ServiceAccount and Role). All on one ReadWriteMany PVC mounted at
 storage.root. Objects are sent with server-side apply (field manager `qlaunch`), so submitting
 again is idempotent.
 

@@ -3,8 +3,9 @@
 Each run's job specs (launcher.jobspec) become API objects built directly as dicts (what the API
 client sends, after TorchX's `role_to_pod`), written once as block YAML for review. Per run: a
 ConfigMap with run.yaml (and one per small local data file, shared by the grid's runs), a
-headless Service (multi-node only), the training Job and, unless inference is disabled, an
-inference Job created suspended (no pod, no GPU) that the training pod releases once its final
+headless Service (multi-node only) and the training Job; per grid one evaluation Job, held
+until every training Job has ended (evaluation_documents); or, with `inference.per_run: true`,
+per run an inference Job created suspended (no pod, no GPU) that the training pod releases once its final
 adapter is written, through a ServiceAccount and a Role that may patch that one Job and nothing
 else (the hand-off objects).
 """
