@@ -166,3 +166,29 @@ def test_submit_again_does_not_duplicate_it_and_cancel_of_the_experiment_removes
     k8s.cancel(p, p.runs[1:])
     assert fake.get("jobs", NS, EVALUATE) is None and fake.get("configmaps", NS, EVALUATE) is None
     assert fake.list("jobs", NS) == []
+
+
+def test_logs_infer_and_progress_of_a_run_come_from_the_shared_job(fake, tmp_path):
+    import io
+
+    from launcher.job.progress import PROGRESS_PREFIX
+
+    p, k8s = _experiment(tmp_path, runs=2), _backend()
+    k8s.submit(p)
+    for run in p.runs:
+        _finish(fake, p, run)
+    k8s.reconcile(p)
+    pod = fake.start_pod(NS, EVALUATE)
+    fake.run_pod(NS, pod)
+    first, second = p.runs
+    events = [PROGRESS_PREFIX + json.dumps({"event": "infer_end", "time": 1.0, "step": 5,
+                                            "summary": {"run_id": run.run_id, "prompts": 1}}) for run in p.runs]  # fmt: skip
+    fake.log(NS, pod, f"run {first.run_id}: evaluated", events[0], events[1])
+    fake.finish_pod(NS, pod)
+    out = io.StringIO()
+    k8s.logs(p, second, follow=False, out=out, infer=True)
+    assert f"run {first.run_id}: evaluated" in out.getvalue()  # the grid job's log, every run in it
+    k8s.status(p)  # a table refresh: status, then the progress it shows
+    progress = k8s.progress_events(p)
+    assert [e["summary"]["run_id"] for e in progress[first.run_id] if e["event"] == "infer_end"] == [first.run_id]
+    assert [e["summary"]["run_id"] for e in progress[second.run_id] if e["event"] == "infer_end"] == [second.run_id]
