@@ -422,3 +422,17 @@ def test_unknown_gpu_type_under_a_known_label_is_one_clear_error(tmp_path):
     assert f"{path}:4: resources.gpu_type:" in message
     assert f"{path}:6: kubernetes.gpu_node_label" in message
     assert "t4" in message and "node_selector" in message
+
+
+def test_a_grid_too_large_for_the_evaluation_config_map_is_refused_with_file_and_line(tmp_path, monkeypatch):
+    from launcher.backends.kubernetes import manifests
+
+    monkeypatch.setattr(manifests, "EVALUATION_CONFIG_LIMIT", 8 * 1024)  # two run.yaml files fit, not three
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: big\nbackend: kubernetes\nstorage: {root: /mnt/q}\ngrid:\n  lora.r: [4, 8, 16]\n")
+    with pytest.raises(ConfigError) as error:
+        KubernetesBackend().render(plan(path), tmp_path / "out")
+    assert f"{path.resolve()}:4: grid: the grid evaluation Job's ConfigMap would hold" in str(error.value)
+    assert "inference.per_run: true" in str(error.value)
+    path.write_text(path.read_text() + "inference: {per_run: true}\n")
+    assert len(KubernetesBackend().render(plan(path), tmp_path / "out")) == 3

@@ -716,6 +716,9 @@ def evaluation_labels(plan: Plan) -> dict[str, str]:
     }
 
 
+# The evaluation ConfigMap's data (each run's run.yaml and the runs file): below the API's 1 MiB
+# object limit with room for its metadata.
+EVALUATION_CONFIG_LIMIT = 900 * 1024
 EVALUATION_RUNS_FILE = f"{CONFIG_MOUNT}/{RUNS_FILE}"
 
 
@@ -727,6 +730,12 @@ def evaluation_documents(plan: Plan, runs: list[RunConfig]) -> list[dict[str, An
     files = {run.run_id: run_files(run, str(plan.storage_root)) for run in runs}
     data = {f"{run.run_id}.yaml": pod_run_config(plan, run, files[run.run_id]) for run in runs}
     data[RUNS_FILE] = "".join(f"{CONFIG_MOUNT}/{run.run_id}.yaml\n" for run in runs)
+    size = sum(len(text.encode()) for text in data.values())
+    if size > EVALUATION_CONFIG_LIMIT:
+        raise ConfigError(
+            f"{plan.where('grid')}: the grid evaluation Job's ConfigMap would hold "
+            f"{size // 1024} KiB of run.yaml files ({len(runs)} runs; the API stores at most about 1 MiB "
+            "per object): set inference.per_run: true (one inference Job per run), or split the grid")
     meta_annotations = {EVALUATES_ANNOTATION: ",".join(run.run_id for run in runs)}
     config_map = {
         "apiVersion": "v1", "kind": "ConfigMap",
