@@ -21,7 +21,7 @@ EVALUATE = "evaluate"
 
 def per_run(run: RunConfig, backend: str) -> bool:
     """Whether the run gets its own inference job (`inference.per_run`). Unset: one evaluation
-    job per grid where the backend has it (local, Slurm); Kubernetes keeps its per-run jobs."""
+    job per grid where the backend has it (local, Slurm, Kubernetes: `Backend.grid_evaluation`)."""
     chosen = run.inference.per_run
     from .backends import backend_class  # the backends import this module
 

@@ -513,6 +513,62 @@ def _lean_advice(run: RunConfig, shape: ModelShape, capacity: int, over: str) ->
 # Public API
 
 
+# The grid evaluation job (issue #29): answers per generate call when inference.batch_size is auto
+# (the per-run job's batch; the job itself grows it while the GPU's free memory allows).
+EVALUATION_AUTO_ROWS = 8
+
+
+def estimate_evaluation(runs: list[RunConfig]) -> RunEstimate | None:
+    """The grid evaluation job's GPU memory: the base model once (4-bit unless
+    inference.load_in_4bit is false), every run's adapter (fp32, as peft attaches them), and the
+    key/value cache and logits of one batch of answers (inference.batch_size rows, or 8 for auto)
+    at the worst-case prompt (max_seq_length, else trl's 1024) plus max_new_tokens. None: no run
+    of the grid is evaluated by that job."""
+    if not runs:
+        return None
+    first = runs[0]
+    label = f"evaluation ({len(runs)} runs)"
+    resources = _inference_resources(first)
+    if resources.gpus_per_node == 0:
+        return RunEstimate(label, "none", 0, 0, fits=True, checked=False,
+                           advice="inference.resources.gpus_per_node: 0: answers on CPU, nothing to check")  # fmt: skip
+    capacity, shape = gpu_capacity(resources.gpu_type), model_shape(first)
+    if shape is None or capacity is None:
+        return RunEstimate(label, resources.gpu_type, 0, capacity or 0, fits=True, checked=False,
+                           advice="model or GPU not in the tables: evaluation memory not checked")  # fmt: skip
+    compute = 2
+    linear = shape.linear_params * ((0.5 + 4 / 64) if first.inference.load_in_4bit else compute)
+    weights = int(linear + shape.other_params * compute)
+    layers = shape.linear_shapes()
+    adapters = sum(shape.num_layers * sum(run.lora.r * sum(layers[t]) for t in lora_targets(run, shape)) * 4
+                   for run in runs)  # fmt: skip
+    rows = min(run.inference.rows(EVALUATION_AUTO_ROWS) for run in runs)
+    length = max((run.train.max_seq_length or TRL_DEFAULT_MAX_LENGTH) + run.inference.max_new_tokens for run in runs)
+    cache = rows * length * 2 * shape.num_layers * shape.kv_dim * compute
+    logits = rows * shape.vocab_size * 4
+    breakdown = {"weights": weights, "lora": adapters, "activations": cache + logits,
+                 "overhead": FIXED_OVERHEAD_BYTES}  # fmt: skip
+    peak = sum(breakdown.values())
+    fits = peak <= capacity
+    advice = ""
+    if not fits:
+        fixed = weights + adapters + FIXED_OVERHEAD_BYTES
+        per_row = (length * 2 * shape.num_layers * shape.kv_dim * compute + shape.vocab_size * 4)
+        room = (capacity - fixed) // per_row if capacity > fixed else 0
+        advice = (f"the grid evaluation job needs {_gib(peak)} on {resources.gpu_type} ({_gib(capacity)}): "
+                  + (f"set inference.batch_size: {room} or less" if room >= 1 else
+                     "its base model and adapters alone do not fit: evaluate fewer runs per job "
+                     "(inference.per_run: true) or use a larger GPU"))  # fmt: skip
+    return RunEstimate(label, resources.gpu_type, peak, capacity, fits=fits, breakdown=breakdown, advice=advice,
+                       tokens_per_step=rows * length)  # fmt: skip
+
+
+def _inference_resources(run: RunConfig):
+    from .jobspec import inference_resources
+
+    return inference_resources(run)
+
+
 def preflight(plan: Any) -> list[RunEstimate]:
     """One estimate per run of a `launcher.grid.Plan` (or any iterable of RunConfig)."""
     runs: Iterable[RunConfig] = getattr(plan, "runs", plan)

@@ -38,10 +38,15 @@ def render(plan: Plan, backend: Backend, out_dir: Path) -> tuple[Submission, lis
 
 
 def preflight_refusals(plan: Plan) -> tuple[list, list]:
-    """(every estimate, the ones that will not fit their GPU)."""
-    from . import preflight
+    """(every estimate, the ones that will not fit their GPU): each run's training and, where
+    the grid is evaluated in one job, that job."""
+    from . import evaluation, preflight
 
     estimates = preflight.preflight(plan)
+    graded = [run for run in plan.runs if run.inference.enabled and not evaluation.per_run(run, run.backend)]
+    grid = preflight.estimate_evaluation(graded)
+    if grid is not None:
+        estimates.append(grid)
     return estimates, [e for e in estimates if not e.fits]
 
 

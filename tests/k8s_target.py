@@ -318,6 +318,7 @@ class RealTarget:
             inference:
               prompts: ["Write one sentence about the sea."]
               max_new_tokens: 8
+              per_run: true
             resources:
               gpus_per_node: 0
               cpus_per_task: 1

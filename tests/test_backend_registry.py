@@ -58,7 +58,7 @@ def test_every_name_and_alias_comes_from_the_registry(tmp_path, capsys):
 
 def test_abilities_not_names_decide():
     assert backends.backend_class("slurm").shares_storage and backends.backend_class("local").grid_evaluation
-    assert not backends.backend_class("k8s").shares_storage and not backends.backend_class("kube").grid_evaluation
+    assert not backends.backend_class("k8s").shares_storage and backends.backend_class("kube").grid_evaluation
 
 
 TOY = '''

@@ -33,10 +33,9 @@ def test_the_eval_set_fingerprint_follows_questions_and_settings_not_training(tm
     assert grid_evaluation.eval_set(run) != before  # a new reference
 
 
-def test_grid_evaluation_is_the_default_except_on_kubernetes(tmp_path, tiny_plan):
+def test_grid_evaluation_is_the_default_on_every_backend(tmp_path, tiny_plan):
     run = tiny_plan(tmp_path).runs[0]
-    assert not evaluation.per_run(run, "local") and not evaluation.per_run(run, "slurm")
-    assert evaluation.per_run(run, "kubernetes")
+    assert not any(evaluation.per_run(run, name) for name in ("local", "slurm", "kubernetes"))
     chosen = tiny_plan(tmp_path / "b", inference={"per_run": True}).runs[0]
     assert evaluation.per_run(chosen, "local")
     assert evaluation.to_evaluate([run]) == ([], {run.run_id: "not trained yet"})
@@ -98,6 +97,46 @@ def test_adapter_by_adapter_when_peft_cannot_mix_adapters_in_a_batch():
     rows = [("q1", BASE), ("q1", "run_a"), ("q1", "run_bb"), ("q2", BASE), ("q2", "run_a"), ("q2", "run_bb")]
     answers = generate_rows(Model(), Tokenizer(), rows, (4, 0.0), per_batch=6)
     assert answers == ["answer 0", "answer 5", "answer 6"] * 2  # base, then each adapter, row by row
+
+
+def test_inference_batch_size_sets_the_answers_per_generate_call(tmp_path, tiny_plan):
+    import torch
+
+    from training.evaluate_grid import BASE, answers_per_call, generate_rows
+
+    class Tokenizer:
+        pad_token_id = eos_token_id = 0
+
+        def __call__(self, texts, **_):
+            return _Batch({"input_ids": torch.ones(len(texts), 2, dtype=torch.long)})
+
+        def batch_decode(self, tokens, **_):
+            return ["answer"] * len(tokens)
+
+    class _Batch(dict):
+        def to(self, device):
+            return self
+
+    class Model:
+        config = None
+        calls: list[int] = []
+
+        def parameters(self):
+            return iter([torch.zeros(1)])
+
+        def generate(self, input_ids, adapter_names=None, **_):
+            self.calls.append(len(input_ids))
+            return torch.cat([input_ids, torch.zeros(len(input_ids), 1, dtype=torch.long)], dim=1)
+
+    rows = [(f"q{i}", who) for i in range(10) for who in (BASE, "run_a")]  # 20 answers
+    fixed = tiny_plan(tmp_path / "fixed", inference={"batch_size": 6}).runs
+    model = Model()
+    generate_rows(model, Tokenizer(), rows, (4, 0.0), answers_per_call(fixed, model, 2, 8, 4))
+    assert model.calls == [6, 6, 6, 2]
+    auto = tiny_plan(tmp_path / "auto").runs  # auto: today's choice (whole prompts, up to 192 rows)
+    assert auto[0].inference.batch_size == "auto"
+    if not torch.cuda.is_available():  # on a GPU, auto also caps by its free memory
+        assert answers_per_call(auto, model, 2, 8, 4) == 192
 
 
 # --- the job (slow) ---------------------------------------------------------------------------------

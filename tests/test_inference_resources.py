@@ -9,7 +9,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
-from launcher.backends.kubernetes.manifests import run_documents
+from launcher.backends.kubernetes.manifests import evaluation_documents, run_documents
 from launcher.backends.slurm.script import render_run
 from launcher.grid import plan
 from launcher.jobspec import inference_job
@@ -75,8 +75,9 @@ def test_memory_follows_the_model_size(tmp_path, model, memory):
 
 def test_kubernetes_inference_job_has_its_own_request_and_deadline(tmp_path):
     p, run = _run(tmp_path, backend="kubernetes")
-    jobs = {d["metadata"]["name"].endswith("-infer"): d for d in run_documents(p, run) if d["kind"] == "Job"}
-    train, infer = jobs[False], jobs[True]
+    # The grid's evaluation Job is its runs' inference (issue #29).
+    train = next(d for d in run_documents(p, run) if d["kind"] == "Job")
+    infer = next(d for d in evaluation_documents(p, p.runs) if d["kind"] == "Job")
     resources = infer["spec"]["template"]["spec"]["containers"][0]["resources"]
     assert resources == {"limits": {"memory": "17Gi", "nvidia.com/gpu": 1}, "requests": {"cpu": "4", "memory": "17Gi"}}
     assert infer["spec"]["activeDeadlineSeconds"] == 3600

@@ -11,7 +11,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
-from launcher.backends.kubernetes.manifests import run_documents
+from launcher.backends.kubernetes.manifests import evaluation_documents, run_documents
 from launcher.grid import plan
 
 SCHEMA_VERSIONS = ("1.30", "1.37")
@@ -29,12 +29,14 @@ def _plan(tmp_path: Path, body: str):
 
 
 def _pods(p) -> dict[str, dict]:
-    """role → pod spec of every Job of the plan's first run."""
-    jobs = [d for d in run_documents(p, p.runs[0]) if d["kind"] == "Job"]
+    """role → pod spec of every Job of the plan's first run ("infer": the grid evaluation Job's)."""
+    jobs = [d for d in run_documents(p, p.runs[0]) + evaluation_documents(p, p.runs) if d["kind"] == "Job"]
     for job in jobs:
         for version in SCHEMA_VERSIONS:
             kubernetes_validate.validate(job, version, strict=True)
-    return {job["metadata"]["labels"]["qlaunch.dev/role"]: job["spec"]["template"]["spec"] for job in jobs}
+    roles = {"evaluate": "infer"}
+    return {roles.get(role := job["metadata"]["labels"]["qlaunch.dev/role"], role): job["spec"]["template"]["spec"]
+            for job in jobs}  # fmt: skip
 
 
 # ---- c. only GPU pods tolerate the GPU taint ------------------------------------------------------

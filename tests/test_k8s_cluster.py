@@ -50,6 +50,7 @@ EXPERIMENT = """\
     kubernetes:
       namespace: ml-team
       hf_token_secret: {name: hf-token}
+    inference: {per_run: true}  # one inference Job per run (the grid evaluation: test_k8s_evaluation.py)
     grid:
       lora.r: [16, 64]
 """

@@ -51,7 +51,7 @@ def test_the_t4_example_renders_for_kubernetes_with_the_cache_on_the_claim(tmp_p
     assert main(["render", str(T4_EXAMPLE), "--backend", "kubernetes", "-o", str(out)]) == 0, capsys.readouterr().err
     docs = rendered(out)
     jobs = [doc for doc in docs if doc["kind"] == "Job"]
-    assert len(jobs) == 8  # 4 runs × (train, infer)
+    assert len(jobs) == 5  # 4 runs' training, the grid evaluation
     for job in jobs:
         pod = job["spec"]["template"]["spec"]
         (container,) = pod["containers"]
@@ -59,8 +59,11 @@ def test_the_t4_example_renders_for_kubernetes_with_the_cache_on_the_claim(tmp_p
         claim_mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "storage")
         assert claim_mount == "/shared/qlaunch-runs"
         assert PurePosixPath(claim_mount) in PurePosixPath(env["HF_HOME"]).parents, env["HF_HOME"]
-    for config_map in (doc for doc in docs if doc["kind"] == "ConfigMap"):
-        run = yaml.safe_load(config_map["data"]["run.yaml"])
+    run_yamls = [text for doc in docs if doc["kind"] == "ConfigMap" for key, text in doc["data"].items()
+                 if key.endswith(".yaml")]  # each run's, and the grid evaluation's copy of each  # fmt: skip
+    assert len(run_yamls) == 8
+    for text in run_yamls:
+        run = yaml.safe_load(text)
         assert run["backend"] == "kubernetes"
         assert run["environment"]["setup"] == [] and run["environment"]["container"] is None
         assert run["slurm"]["partition"] is None and run["slurm"]["account"] is None

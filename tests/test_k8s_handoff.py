@@ -46,6 +46,7 @@ def _experiment(tmp_path: Path, extra: str = "") -> object:
         backend: kubernetes
         storage: {{root: {tmp_path / "claim"}}}
         kubernetes: {{namespace: {NS}{extra}}}
+        inference: {{per_run: true}}  # one inference Job per run, released by its trainer
         grid:
           lora.r: [8, 16]
     """))

@@ -150,7 +150,7 @@ def test_schema_validation_catches_a_misspelled_field(tmp_path):
 
 def test_quotes_newlines_and_colons_reach_the_pod_unchanged(tmp_path):
     p = _plan(tmp_path, "odd-values")
-    (path,) = KubernetesBackend().render(p, tmp_path / "out")
+    (path,) = [f for f in KubernetesBackend().render(p, tmp_path / "out") if f.name != "evaluate.yaml"]
     docs = {(d["kind"], d["metadata"]["name"]): d for d in _documents(path)}
     config = next(d for (kind, _), d in docs.items() if kind == "ConfigMap")
     assert config["data"]["run.yaml"] == pod_run_config(p, p.runs[0])
@@ -202,10 +202,11 @@ def test_object_names_are_valid_unique_dns_labels(tmp_path):
                 assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name)
             if doc["kind"] == "Job" and doc["spec"].get("completionMode") == "Indexed":
                 assert len(f"{name}-{doc['spec']['completions'] - 1}") <= 63  # pod hostnames
-    # ConfigMap, Service, the hand-off's ServiceAccount, Role and RoleBinding, 2 Jobs per run
-    assert len(names) == len(set(names)) == 3 * 7
+    # ConfigMap, Service and training Job per run; the grid evaluation's ConfigMap and Job
+    assert len(names) == len(set(names)) == 3 * 3 + 2
     for run in p.runs:
-        assert sum(run.run_id in name for _, name in names) == 7
+        assert sum(run.run_id in name for _, name in names) == 3
+    assert ("Job", "q7b-odd-values-experiment-with-a-long-na-evaluate") in names
 
 
 def test_multi_node_is_an_indexed_job_behind_a_headless_service(tmp_path):
@@ -231,8 +232,9 @@ def test_multi_node_is_an_indexed_job_behind_a_headless_service(tmp_path):
 
 
 def test_jobs_survive_preemption_and_run_as_non_root(tmp_path):
-    (path,) = KubernetesBackend().render(_plan(tmp_path, "odd-values"), tmp_path / "out")
-    jobs = [d for d in _documents(path) if d["kind"] == "Job"]
+    written = KubernetesBackend().render(_plan(tmp_path, "odd-values"), tmp_path / "out")
+    jobs = [d for path in sorted(written, key=lambda f: f.name == "evaluate.yaml")
+            for d in _documents(path) if d["kind"] == "Job"]  # fmt: skip
     assert len(jobs) == 2
     for job in jobs:
         rules = job["spec"]["podFailurePolicy"]["rules"]
@@ -248,14 +250,14 @@ def test_jobs_survive_preemption_and_run_as_non_root(tmp_path):
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
         assert volumes["storage"]["persistentVolumeClaim"] == {"claimName": "qlaunch-storage"}
-    train, infer = jobs
-    # Inference holds no node while training runs: suspended, no init container waiting.
-    assert infer["spec"]["suspend"] is True and "initContainers" not in infer["spec"]["template"]["spec"]
-    assert infer["metadata"]["annotations"]["qlaunch.dev/starts-after"] == train["metadata"]["name"]
+    train, evaluate = jobs
+    # The grid evaluation holds no node while training runs: suspended, no init container waiting.
+    assert evaluate["spec"]["suspend"] is True and "initContainers" not in evaluate["spec"]["template"]["spec"]
+    assert evaluate["metadata"]["annotations"]["qlaunch.dev/starts-after"] == "training"
     # Its own deadline (inference.resources.time_limit, one hour by default), not training's.
-    assert (infer["spec"]["activeDeadlineSeconds"], train["spec"]["activeDeadlineSeconds"]) == (3600, 86400)
-    assert infer["spec"]["template"]["spec"]["containers"][0]["command"] == [
-        "python", "-m", "training.infer", "/config/run.yaml"]  # fmt: skip
+    assert (evaluate["spec"]["activeDeadlineSeconds"], train["spec"]["activeDeadlineSeconds"]) == (3600, 86400)
+    assert evaluate["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "python", "-m", "training.evaluate_grid", "/config/runs.txt"]  # fmt: skip
 
 
 def test_relative_storage_root_is_refused_with_file_and_line(tmp_path):
@@ -316,6 +318,7 @@ def test_queue_name_suspends_the_training_job_under_kueue_and_priority_reaches_b
         name: queued
         backend: kubernetes
         storage: {root: /mnt/q}
+        inference: {per_run: true}
         kubernetes: {queue_name: t4-queue, priority_class: qlaunch-low}
     """)
     train, infer = jobs["train"], jobs["infer"]
@@ -329,6 +332,28 @@ def test_queue_name_suspends_the_training_job_under_kueue_and_priority_reaches_b
     for job in (train, infer):
         assert job["spec"]["suspend"] is True
         assert job["spec"]["template"]["spec"]["priorityClassName"] == "qlaunch-low"
+
+
+def test_under_kueue_the_grid_evaluation_is_held_by_an_admission_gate_and_no_trainer_gets_a_token(tmp_path):
+    jobs = _render(tmp_path, """\
+        name: queued
+        backend: kubernetes
+        storage: {root: /mnt/q}
+        kubernetes: {queue_name: t4-queue, priority_class: qlaunch-low}
+        grid: {lora.r: [8]}
+    """)
+    train, evaluate = jobs["train"], jobs["evaluate"]
+    # Kueue 0.19 admits no Job its admission-gated-by annotation names a gate for; qlaunch
+    # removes its value once every training Job has ended, and Kueue resumes the Job.
+    assert evaluate["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "t4-queue"
+    assert evaluate["metadata"]["annotations"]["kueue.x-k8s.io/admission-gated-by"] == "qlaunch.dev/training"
+    assert evaluate["spec"]["suspend"] is True
+    assert evaluate["spec"]["template"]["spec"]["priorityClassName"] == "qlaunch-low"
+    # No trainer releases it, so none gets an API token or a hand-off Role.
+    pod = train["spec"]["template"]["spec"]
+    assert "serviceAccountName" not in pod and all(v["name"] != "handoff" for v in pod["volumes"])
+    assert not any(e["name"].startswith("QLAUNCH_RELEASE") for e in pod["containers"][0]["env"])
+    assert "Role" not in jobs and "ServiceAccount" not in jobs
 
 
 def test_without_a_queue_the_training_job_starts_at_once(tmp_path):
@@ -367,7 +392,7 @@ def test_gpu_type_becomes_the_value_of_the_chosen_node_label(tmp_path, label, se
         resources: {{gpu_type: t4}}
         kubernetes: {{gpu_node_label: {label}, node_selector: {{pool: spot}}}}
     """)
-    for role in ("train", "infer"):
+    for role in ("train", "evaluate"):
         assert jobs[role]["spec"]["template"]["spec"]["nodeSelector"] == {**selector, "pool": "spot"}
 
 
@@ -397,3 +422,17 @@ def test_unknown_gpu_type_under_a_known_label_is_one_clear_error(tmp_path):
     assert f"{path}:4: resources.gpu_type:" in message
     assert f"{path}:6: kubernetes.gpu_node_label" in message
     assert "t4" in message and "node_selector" in message
+
+
+def test_a_grid_too_large_for_the_evaluation_config_map_is_refused_with_file_and_line(tmp_path, monkeypatch):
+    from launcher.backends.kubernetes import manifests
+
+    monkeypatch.setattr(manifests, "EVALUATION_CONFIG_LIMIT", 8 * 1024)  # two run.yaml files fit, not three
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: big\nbackend: kubernetes\nstorage: {root: /mnt/q}\ngrid:\n  lora.r: [4, 8, 16]\n")
+    with pytest.raises(ConfigError) as error:
+        KubernetesBackend().render(plan(path), tmp_path / "out")
+    assert f"{path.resolve()}:4: grid: the grid evaluation Job's ConfigMap would hold" in str(error.value)
+    assert "inference.per_run: true" in str(error.value)
+    path.write_text(path.read_text() + "inference: {per_run: true}\n")
+    assert len(KubernetesBackend().render(plan(path), tmp_path / "out")) == 3

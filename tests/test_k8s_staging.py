@@ -272,7 +272,7 @@ def test_cli_submit_stages_the_file_and_shows_it(cluster, experiment):
                             capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "staged onto claim qlaunch-storage" in result.stderr and "train.jsonl" in result.stderr
-    assert len(uploads(kubelet)) == 1 and len(server.list("jobs", NS)) == 4
+    assert len(uploads(kubelet)) == 1 and len(server.list("jobs", NS)) == 3  # 2 trainings, 1 grid evaluation
     staged = [f for f in claim.rglob("*") if f.is_file()]
     assert [f.read_bytes() == data for f in staged] == [True]
 

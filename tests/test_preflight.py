@@ -276,3 +276,25 @@ def test_every_profile_is_estimated_within_5_percent_memory_and_10_percent_time(
     h100 = run.model_copy(update={"resources": run.resources.model_copy(update={"gpu_type": "h100"})})
     seconds_per_step = time_estimate.estimate_time(h100).seconds_per_step
     assert abs(seconds_per_step / (12234 / tokens_per_second) - 1) <= 0.10, (name, seconds_per_step)
+
+
+def test_the_grid_evaluation_job_is_estimated_and_a_batch_that_cannot_fit_is_refused_with_the_knob(tmp_path):
+    from launcher.runner import preflight_refusals
+
+    grid = "resources: {gpu_type: t4}\ngrid: {lora.r: [16, 64, 128]}\n"
+    estimates, refused = preflight_refusals(plan(write_experiment(tmp_path, grid)))
+    evaluation = estimates[-1]
+    assert evaluation.run_id == "evaluation (3 runs)" and len(estimates) == 4 and refused == []
+    # One 4-bit base, three fp32 adapters beside it, one batch of answers.
+    assert evaluation.checked and evaluation.fits and 3.5 * GiB < evaluation.breakdown["weights"] < 4.5 * GiB
+    assert evaluation.breakdown["lora"] > 0 and evaluation.estimated_peak_bytes < evaluation.capacity_bytes
+
+    big = write_experiment(tmp_path, grid + "inference: {batch_size: 64}\n", name="big.yaml")
+    _, refused = preflight_refusals(plan(big))
+    (too_big,) = refused
+    assert too_big.run_id == "evaluation (3 runs)" and "set inference.batch_size: " in too_big.advice
+    room = int(too_big.advice.rsplit("inference.batch_size: ", 1)[1].split()[0])
+    fixed = write_experiment(tmp_path, grid + f"inference: {{batch_size: {room}}}\n", name="fixed.yaml")
+    assert preflight_refusals(plan(fixed))[1] == []  # the advice fits
+    per_run = write_experiment(tmp_path, grid + "inference: {batch_size: 64, per_run: true}\n", name="per-run.yaml")
+    assert all(e.run_id != "evaluation (3 runs)" for e in preflight_refusals(plan(per_run))[0])

@@ -24,7 +24,7 @@ def _training_pod(tmp_path: Path, snippet: str) -> dict:
     tmp_path.mkdir()
     path = tmp_path / "exp.yaml"
     path.write_text("name: platform\n" + snippet)
-    (rendered,) = KubernetesBackend().render(plan(path), tmp_path / "out")
+    (rendered,) = [f for f in KubernetesBackend().render(plan(path), tmp_path / "out") if f.name != "evaluate.yaml"]
     jobs = [d for d in yaml.safe_load_all(rendered.read_text()) if d and d["kind"] == "Job"]
     return jobs[0]["spec"]["template"]["spec"]
 

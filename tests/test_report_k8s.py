@@ -66,11 +66,15 @@ def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missi
              progress("step", 100, t + 3300, total_steps=100, loss=1.2, tokens_per_second=1100.0),
              progress("end", 100, t + 3310, total_steps=100, status="completed"))  # fmt: skip
     fake.finish_pod(NS, second)
-    k8s.reconcile(p)  # `qlaunch status`: training completed, so it starts the suspended inference Job
-    infer_pod = fake.start_pod(NS, names.infer_job)
+    fake.fail_job(NS, Names.of(p.experiment.name, other.run_id).train_job)  # the other run's training failed
+    # `qlaunch status`: every training Job has ended, so it starts the grid evaluation Job, whose
+    # log carries each evaluated run's inference events.
+    assert k8s.reconcile(p) == ["guanaco-evaluate"]
+    infer_pod = fake.start_pod(NS, "guanaco-evaluate")
     fake.run_pod(NS, infer_pod)
     metric = {"name": "json_match", "base": 0.05, "tuned": 0.8, "n": 40}
-    fake.log(NS, infer_pod, progress("infer_end", 100, t + 3500, summary={"metric": metric, "metrics": [metric]}))
+    fake.log(NS, infer_pod, progress("infer_end", 100, t + 3500,
+                                     summary={"run_id": run.run_id, "metric": metric, "metrics": [metric]}))  # fmt: skip
     fake.finish_pod(NS, infer_pod)
 
     monkeypatch.chdir(tmp_path)
@@ -90,6 +94,10 @@ def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missi
     assert best.loss_curve == [(20, 1.9), (40, 1.6), (100, 1.2)] and best.final_loss == 1.2
     assert best.tokens_per_second == 1100.0
     assert document.runs[1].run_id == other.run_id and document.runs[1].attempts == []
+    # Each run's inference state comes from the shared Job: the failed run was not evaluated.
+    assert (best.infer_state, document.runs[1].infer_state) == ("completed", "cancelled")
+    assert document.runs[1].metric is None
+    assert k8s.status(p)[other.run_id].infer_detail == "not evaluated: training failed"
     notes = " ".join(document.notes)
     assert "pods' logs" in notes and "not mounted on this machine" in notes and "results.jsonl" in notes
     assert (out / "report.html").is_file() and (out / "loss.png").is_file() and (out / "metric.png").is_file()

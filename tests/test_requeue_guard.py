@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.backends.base import State
-from launcher.backends.kubernetes.manifests import run_documents
+from launcher.backends.kubernetes.manifests import evaluation_documents, run_documents
 from launcher.backends.kubernetes.state import job_state
 from launcher.backends.slurm.script import render_run
 from launcher.grid import plan
@@ -84,8 +84,9 @@ def test_slurm_without_requeue_renders_no_guard(tmp_path):
 
 def test_kubernetes_job_fails_on_the_guards_exit_code_and_tells_the_pod_its_job(tmp_path):
     p = _plan(tmp_path, "kubernetes", "{max_requeues: 4}")
-    jobs = {d["metadata"]["name"].endswith("-infer"): d for d in run_documents(p, p.runs[0]) if d["kind"] == "Job"}
-    train, infer = jobs[False], jobs[True]
+    # The grid's evaluation Job is its runs' inference (issue #29).
+    train = next(d for d in run_documents(p, p.runs[0]) if d["kind"] == "Job")
+    infer = next(d for d in evaluation_documents(p, p.runs) if d["kind"] == "Job")
     rules = train["spec"]["podFailurePolicy"]["rules"]
     # The guard's code fails the Job before exit 75's "replace the pod" rule is looked at.
     assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In",

@@ -189,6 +189,13 @@ def rows_per_batch(model, adapters_per_prompt: int, longest: int, max_new_tokens
     return max(1, min(wanted, int(free * 0.6 // max(per_row, 1))))
 
 
+def answers_per_call(runs: list[RunConfig], model, adapters_per_prompt: int, longest: int, max_new_tokens: int,
+                     rows: int = ROWS_PER_BATCH) -> int:  # fmt: skip
+    """inference.batch_size where these runs set it (the smallest asked), else auto: by memory."""
+    chosen = sorted({run.inference.batch_size for run in runs} - {"auto"})
+    return int(chosen[0]) if chosen else rows_per_batch(model, adapters_per_prompt, longest, max_new_tokens, rows)
+
+
 def generate_rows(model, tokenizer, rows: list[tuple[str, str]], settings: tuple, per_batch: int) -> list[str]:
     """Answers for (text, adapter) rows, `per_batch` rows per mixed-adapter generate call."""
     import torch
@@ -299,7 +306,8 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_
         rows = [(text, who) for text, adapters in texts.items() for who in adapters]
         width = max(len(adapters) for adapters in texts.values())
         longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
-        per_batch = rows_per_batch(model, width, longest, settings[0], batch_rows)
+        runs = [e.run for e in attached if generation_key(e.run) == settings]
+        per_batch = answers_per_call(runs, model, width, longest, settings[0], batch_rows)
         log(f"answering {len(texts)} prompts × {width} (base + adapters): {len(rows)} answers, "
             f"{per_batch} per batch, max_new_tokens {settings[0]}")  # fmt: skip
         for (text, who), answer in zip(rows, generate_rows(model, tokenizer, rows, settings, per_batch)):

@@ -147,8 +147,9 @@ def generate(run: RunConfig, model, tokenizer, prompts: list[str]) -> list[str]:
     sampling = {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {"do_sample": False}
     answers: list[str] = []
     device = next(model.parameters()).device
-    for start in range(0, len(texts), BATCH_SIZE):
-        batch = tokenizer(texts[start:start + BATCH_SIZE], return_tensors="pt", padding=True).to(device)
+    size = settings.rows(BATCH_SIZE)  # inference.batch_size
+    for start in range(0, len(texts), size):
+        batch = tokenizer(texts[start:start + size], return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             output = model.generate(
                 **batch,

@@ -231,8 +231,22 @@ class InferenceConfig(Section):
     load_in_4bit: bool = True
     compare_base: bool = True  # also answer with the base model, side by side
     # true: an inference job per run, as soon as it has trained. Unset: one evaluation job for the
-    # grid (base model loaded once) on local and Slurm, per-run jobs on Kubernetes.
+    # grid (base model loaded once) on every backend.
     per_run: bool | None = None
+    # Answers per generate call: auto (the per-run job: 8; the grid job: whole prompts × every
+    # adapter up to 192 rows, fewer where the GPU's free memory would not hold them), or a number.
+    batch_size: Literal["auto"] | int = "auto"
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be auto (chosen by memory) or a whole number of answers per batch, at least 1; got {value!r}")
+
+    def rows(self, auto: int) -> int:
+        """Answers per generate call: the number set, or `auto`'s."""
+        return auto if self.batch_size == "auto" else int(self.batch_size)
 
 
 class EnvironmentConfig(Section):

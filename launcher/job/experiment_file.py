@@ -280,5 +280,9 @@ def load_run_config(path: str | Path) -> RunConfig:
 
 
 def dump_run_config(run: RunConfig) -> str:
-    """Deterministic YAML of a run config (same run → same bytes)."""
-    return yaml.dump(run.model_dump(mode="json"), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000)
+    """Deterministic YAML of a run config (same run → same bytes). inference.batch_size at its
+    default (auto) is left out: a run.yaml rendered before the knob existed keeps its bytes."""
+    data = run.model_dump(mode="json")
+    if data.get("inference", {}).get("batch_size") == "auto":
+        del data["inference"]["batch_size"]
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000)

@@ -1,6 +1,8 @@
-"""The Kubernetes backend: each run is a ConfigMap (run.yaml), a training Job on a T4 node pool
-and a suspended inference Job that training starts when it has written the adapter (through
-the run's hand-off ServiceAccount and Role), all on one ReadWriteMany PVC mounted at
+"""The Kubernetes backend: each run is a ConfigMap (run.yaml) and a training Job on a T4 node
+pool; the grid gets one evaluation Job (manifests.evaluation_documents), held until every
+training Job has ended and then released by reconcile(). With `inference.per_run: true` each run
+gets instead a suspended inference Job that training starts when it has written the adapter
+(through the run's hand-off ServiceAccount and Role). All on one ReadWriteMany PVC mounted at
 storage.root. Objects are sent with server-side apply (field manager `qlaunch`), so submitting
 again is idempotent.
 
@@ -60,6 +62,11 @@ class _Request:
     releases: list[str] = field(default_factory=list)
     # Per claim: the local files to stage onto it before any Job (launcher/backends/kubernetes/upload.py).
     uploads: dict[str, list[LocalFile]] = field(default_factory=dict)
+    # The grid evaluation Job's objects (ConfigMap, Job), what to do with it (None: keep, "create"
+    # or "replace") and whether to release it once applied (every training Job had ended).
+    evaluation: list[Obj] = field(default_factory=list)
+    evaluation_action: str | None = None
+    evaluation_release: bool = False
 
     def job_name(self, run_id: str, role: str) -> str:
         run = next(r for r in self.plan.runs if r.run_id == run_id)
@@ -80,7 +87,10 @@ class _Request:
 class KubernetesBackend(Backend):
     name = "kubernetes"
     shares_storage = False  # the jobs' storage is a claim this machine does not mount
-    grid_evaluation = False  # one inference Job per run, released by its training (handoff)
+    # One evaluation Job per grid, held until every training Job of the grid has ended and then
+    # released by reconcile() (status, status --watch, submit); `inference.per_run: true` keeps
+    # one inference Job per run, released by its own trainer (training/handoff.py).
+    grid_evaluation = True
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> "KubernetesBackend":
@@ -257,16 +267,26 @@ class KubernetesBackend(Backend):
         manifests.check_plan(plan)
         documents = {run.run_id: manifests.run_documents(plan, run) for run in plan.runs}
         files = {f"{run_id}.yaml": manifests.file_text(plan, run_id, docs) for run_id, docs in documents.items()}
+        graded = manifests.evaluated_runs(plan)
+        evaluation_docs = manifests.evaluation_documents(plan, graded) if graded else []
+        evaluation_name = manifests.evaluation_name(plan)
+        if evaluation_docs:
+            files[f"{manifests.EVALUATE}.yaml"] = manifests.file_text(
+                plan, "", evaluation_docs, what=f"grid evaluation of {len(graded)} runs")
+        shared = f"{evaluation_name} (grid evaluation, after every training Job)"
         namespace = manifests.namespace_of(plan)
         if offline or not plan.runs:
             jobs = {run_id: [d["metadata"]["name"] for d in docs if d["kind"] == "Job"]
                     for run_id, docs in documents.items()}  # fmt: skip
+            for run in graded:
+                jobs[run.run_id].append(shared)
             checked = "not sent to the API server (client-side dry run)" + _staging_note(self._uploads(plan, plan.runs))
             return Submission(self.name, files, jobs, {}, checked,
                               request=_Request(plan, namespace, {}, {}))  # fmt: skip
 
         self._preflight(plan)
-        existing = self._by_run(plan, self._list(plan, "jobs"))
+        job_list = self._list(plan, "jobs")
+        existing = self._by_run(plan, job_list)
         pods = self._list(plan, "pods")
 
         # What each run needs: None (keep), "create" or "replace" per role.
@@ -282,13 +302,13 @@ class KubernetesBackend(Backend):
                 todo[manifests.TRAIN] = "create"
             elif force or not (train_state.active or train_state == State.COMPLETED):
                 todo[manifests.TRAIN] = "replace"
-            if run.inference.enabled:
+            if manifests.hands_off(run):
                 infer_state = job_state(infer, [p for p in pods if infer and owned_by(p, infer)])[0]
                 if infer is None:
                     todo[manifests.INFER] = "create"
                 elif todo[manifests.TRAIN] or not (infer_state.active or infer_state == State.COMPLETED):
                     todo[manifests.INFER] = "replace"  # a new training run gets a new inference
-            if train_state == State.COMPLETED and not todo[manifests.TRAIN] and run.inference.enabled and (
+            if train_state == State.COMPLETED and not todo[manifests.TRAIN] and manifests.hands_off(run) and (
                     todo[manifests.INFER] or (infer is not None and manifests.awaiting_release(infer))):
                 releases.append(run.run_id)
             if not any(todo.values()):
@@ -299,7 +319,12 @@ class KubernetesBackend(Backend):
                 continue
             actions[run.run_id] = todo
         uploads = self._uploads(plan, [run for run in plan.runs if run.run_id in actions])
-        request = _Request(plan, namespace, documents, actions, releases, uploads)
+        action, release = self._evaluation_action(plan, graded, job_list, pods, actions, existing, force)
+        for run in graded:
+            if action and run.run_id in skipped:
+                skipped[run.run_id] += f"; grid evaluation Job {evaluation_name} {action}d"
+        request = _Request(plan, namespace, documents, actions, releases, uploads,
+                           evaluation_docs, action, release)  # fmt: skip
 
         # The server validates every object (admission, quotas, schema) before any is stored; a
         # Job about to be replaced cannot be dry-run against its old, immutable self, but its
@@ -311,14 +336,70 @@ class KubernetesBackend(Backend):
                     self._dry_run(doc)
             for name in request.replacing(run_id):
                 self._delete_job(namespace, name, dry_run=True)
+        if action:
+            for doc in evaluation_docs:
+                if doc["kind"] != "Job" or action == "create":
+                    self._dry_run(doc)
+            if action == "replace":
+                self._delete_job(namespace, evaluation_name, dry_run=True)
         for pvc in uploads:  # the staging pod too (an admission policy may refuse it)
             run = next(r for r in plan.runs if r.kubernetes.pvc == pvc)
             self._apply(stage_pod(plan, run, stage_pod_name()), dry_run=True)
         jobs = {run_id: [f"{request.job_name(run_id, role)}{' (replace)' if action == 'replace' else ''}"
                          for role, action in todo.items() if action]
                 for run_id, todo in actions.items()}  # fmt: skip
+        if action:
+            for run in graded:
+                if run.run_id in jobs:
+                    jobs[run.run_id].append(shared + (" (replace)" if action == "replace" else ""))
         checked = "validated by the API server (server-side dry run)" + _staging_note(uploads)
         return Submission(self.name, files, jobs, skipped, checked, request=request)
+
+    def _evaluation_action(self, plan: Plan, graded: list[RunConfig], job_list: list[Obj], pods: list[Obj],
+                           actions: dict[str, dict[str, str | None]], existing: dict[tuple[str, str], Obj],
+                           force: bool) -> tuple[str | None, bool]:  # fmt: skip
+        """(None: keep, "create" or "replace" the grid evaluation Job; release it once applied).
+        Kept while it evaluates the same runs and none of their training is submitted again
+        (`submit` twice never makes a second one); a held one stays held while any trains."""
+        if not graded:
+            return None, False
+        current = self._evaluation_job(job_list)
+        trained_again = any((actions.get(run.run_id) or {}).get(manifests.TRAIN) for run in graded)
+        same_runs = current is not None and manifests.evaluated_ids(current) == [run.run_id for run in graded]
+        if current is None:
+            action = "create"
+        elif not same_runs or (trained_again and not manifests.evaluation_held(current)):
+            action = "replace"
+        else:
+            action = None
+        trains = [existing.get((run.run_id, manifests.TRAIN)) for run in graded]
+        ended = not trained_again and all(
+            train is None or not job_state(train, [p for p in pods if owned_by(p, train)])[0].active for train in trains)
+        held = action is not None or (current is not None and manifests.evaluation_held(current))
+        return action, held and ended and any(train is not None for train in trains)
+
+    @staticmethod
+    def _evaluation_job(job_list: list[Obj]) -> Obj | None:
+        """The experiment's grid evaluation Job (of two, the newer: one being replaced)."""
+        found = [job for job in job_list
+                 if ((job.get("metadata") or {}).get("labels") or {}).get(manifests.ROLE_LABEL) == manifests.EVALUATE]
+        return sorted(found, key=created)[-1] if found else None
+
+    def _release_evaluation(self, plan: Plan, job: Obj) -> bool:
+        """Start the held grid evaluation Job, as the submitter: under Kueue remove qlaunch's
+        admission gate (Kueue owns spec.suspend), else resume it. A refusal is kept for status."""
+        meta = job["metadata"]
+        try:
+            self.kube.call(
+                self.kube.batch.patch_namespaced_job, meta["name"], meta["namespace"],
+                manifests.evaluation_release_patch(job), _content_type=MERGE_PATCH, missing_ok=True,
+                what=f"starting grid evaluation Job {meta['name']}",
+            )  # fmt: skip
+        except KubeApiError as exc:
+            self.release_errors[manifests.EVALUATE] = str(exc)
+            return False
+        self.release_errors.pop(manifests.EVALUATE, None)
+        return True
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
         request: _Request = submission.request
@@ -334,6 +415,10 @@ class KubernetesBackend(Backend):
             for name in request.replacing(run_id):
                 self._delete_job(namespace, name)
                 replacing.append(name)
+        if request.evaluation_action == "replace":
+            name = manifests.evaluation_name(plan)
+            self._delete_job(namespace, name)
+            replacing.append(name)
         if replacing:
             grace = max(run.kubernetes.termination_grace_period_seconds for run in plan.runs)
             self._wait_gone(namespace, replacing, grace)
@@ -348,6 +433,22 @@ class KubernetesBackend(Backend):
             report.submitted[run_id] = [
                 doc["metadata"]["name"] for doc in request.selected(run_id, replaceable=True) if doc["kind"] == "Job"
             ]
+        # 2b. The grid evaluation Job, held (after its ConfigMap), once the runs' Jobs exist.
+        if request.evaluation_action:
+            for doc in request.evaluation:
+                self._apply(doc, dry_run=False)
+            name = manifests.evaluation_name(plan)
+            for run in manifests.evaluated_runs(plan):
+                if run.run_id in report.submitted:
+                    report.submitted[run.run_id].append(name)
+        if request.evaluation_release:
+            # Every training Job had ended: nothing else will. Read again first: `qlaunch submit`
+            # reconciles between prepare and apply, and the release happens once.
+            name = manifests.evaluation_name(plan)
+            current = self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
+                                     what=f"reading Job {name}")  # fmt: skip
+            if current is not None and manifests.evaluation_held(current):
+                self._release_evaluation(plan, current)
         # 3. Training done, so no trainer will release the inference Job: start it now.
         for run in plan.runs:
             if run.run_id in request.releases:
@@ -390,12 +491,31 @@ class KubernetesBackend(Backend):
                 continue
             if job_state(train, pods)[0] == State.COMPLETED and self._release(run, infer) is not infer:
                 released.append(infer["metadata"]["name"])
+        evaluation = self._evaluation_job(job_list)
+        if evaluation is not None and manifests.evaluation_held(evaluation) and self._training_ended(plan, evaluation, jobs, pods):
+            if self._release_evaluation(plan, evaluation):
+                released.append(evaluation["metadata"]["name"])
         return released
+
+    @staticmethod
+    def _still_training(plan: Plan, evaluation: Obj, jobs: dict[tuple[str, str], Obj], pods: list[Obj]) -> list[str]:
+        """The runs the grid evaluation Job evaluates whose training Job has not ended."""
+        ids = {run.run_id for run in plan.runs}
+        return [run_id for run_id in manifests.evaluated_ids(evaluation) if run_id in ids
+                and (train := jobs.get((run_id, manifests.TRAIN))) is not None and job_state(train, pods)[0].active]
+
+    def _training_ended(self, plan: Plan, evaluation: Obj, jobs: dict[tuple[str, str], Obj], pods: list[Obj]) -> bool:
+        """Every training Job of the evaluated runs has ended (completed, failed, or gone): the
+        last one to end releases the evaluation, once, whatever its own end."""
+        ids = set(manifests.evaluated_ids(evaluation))
+        return any(key[0] in ids and key[1] == manifests.TRAIN for key in jobs) and not self._still_training(
+            plan, evaluation, jobs, pods)
 
     def status(self, plan: Plan) -> dict[str, RunStatus]:
         """Every run's state, read only (`reconcile` does the writes)."""
         job_list, pods = self._lists(plan)
         jobs = self._by_run(plan, job_list)
+        evaluation = self._evaluation_job(job_list)
         result = {}
         for run in plan.runs:
             status = RunStatus()
@@ -409,8 +529,28 @@ class KubernetesBackend(Backend):
                 if manifests.awaiting_release(infer) and status.infer_state == State.PENDING:
                     status.infer_detail = self.release_errors.get(run.run_id, "waiting for training")
                 status.job_ids.append(infer["metadata"]["name"])
+            if evaluation is not None and run.run_id in manifests.evaluated_ids(evaluation):
+                self._evaluation_status(plan, run, status, evaluation, jobs, pods)
             result[run.run_id] = status
         return result
+
+    def _evaluation_status(self, plan: Plan, run: RunConfig, status: RunStatus, evaluation: Obj,
+                           jobs: dict[tuple[str, str], Obj], pods: list[Obj]) -> None:  # fmt: skip
+        """A run's inference, as the shared grid evaluation Job tells it."""
+        status.job_ids.append(evaluation["metadata"]["name"])
+        if status.state != State.UNKNOWN and not status.state.active and status.state != State.COMPLETED:
+            status.infer_state, status.infer_detail = State.CANCELLED, f"not evaluated: training {status.state.value}"
+            return
+        state, detail, _ = job_state(evaluation, pods)
+        if manifests.evaluation_held(evaluation) and state == State.PENDING:
+            still = self._still_training(plan, evaluation, jobs, pods)
+            waiting = (f"grid evaluation waits for {len(still)} training Job{'s' if len(still) != 1 else ''}"
+                       if still else "grid evaluation: every training ended; `qlaunch status` starts it")
+            status.infer_state = State.PENDING
+            status.infer_detail = self.release_errors.get(manifests.EVALUATE, waiting)
+            return
+        status.infer_state = state
+        status.infer_detail = "grid evaluation" + (f": {detail}" if detail else "")
 
     def _release(self, run: RunConfig, job: Obj) -> Obj:
         """What the training pod does when it has written its final adapter, done as the
@@ -441,7 +581,16 @@ class KubernetesBackend(Backend):
                 if job is not None:
                     ordered += [p for p in pods if owned_by(p, job) and completion_index(p) in (None, "0")]
             run_pods[run.run_id] = ordered
-        return self._progress.events(manifests.namespace_of(plan), run_pods)
+        evaluation = self._evaluation_job(job_list)
+        if evaluation is not None:
+            run_pods[_EVALUATION_KEY] = [p for p in pods if owned_by(p, evaluation)]
+        events = self._progress.events(manifests.namespace_of(plan), run_pods)
+        # The grid evaluation's log holds every run's inference events: each goes to its run.
+        for event in events.pop(_EVALUATION_KEY, []):
+            run_id = (event.get("summary") or {}).get("run_id") or event.get("run_id")
+            if run_id in events:
+                events[run_id].append(event)
+        return events
 
     # -- logs --------------------------------------------------------------------------------
 
@@ -449,6 +598,10 @@ class KubernetesBackend(Backend):
         namespace = manifests.namespace_of(plan)
         role = manifests.INFER if infer else manifests.TRAIN
         name = manifests.names(plan, run).job(role)
+        selector = f"{manifests.RUN_LABEL}={run.run_id},{manifests.ROLE_LABEL}={role}"
+        if infer and not manifests.hands_off(run):  # the grid evaluation Job answers for it
+            role, name = manifests.EVALUATE, manifests.evaluation_name(plan)
+            selector = f"{manifests.experiment_selector(plan)},{manifests.ROLE_LABEL}={role}"
         job = self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
                              what=f"reading Job {name}")  # fmt: skip
         if job is None:
@@ -460,7 +613,6 @@ class KubernetesBackend(Backend):
                                      what=f"reading Job {name}")  # fmt: skip
             return current is None or job_state(current, [])[0] not in (State.PENDING, State.RUNNING, State.REQUEUED)
 
-        selector = f"{manifests.RUN_LABEL}={run.run_id},{manifests.ROLE_LABEL}={role}"
         LogFollower(self.kube, namespace, selector, out, finished).run(follow)
 
     # -- cancel ------------------------------------------------------------------------------
@@ -485,6 +637,15 @@ class KubernetesBackend(Backend):
                 api, method = _APPLY_METHODS[kind]
                 self.kube.call(getattr(getattr(self.kube, api), method.replace("patch_", "delete_")), name, namespace,
                                missing_ok=True, what=f"deleting {kind} {name}")  # fmt: skip
+        # The grid evaluation Job goes with the last of its runs: while another run still has its
+        # training Job, it evaluates that one (and names the cancelled ones).
+        chosen = {run.run_id for run in runs}
+        graded = manifests.evaluated_runs(plan)
+        if graded and not any((run.run_id, manifests.TRAIN) in jobs for run in graded if run.run_id not in chosen):
+            name = manifests.evaluation_name(plan)
+            self._delete_job(namespace, name)
+            self.kube.call(self.kube.core.delete_namespaced_config_map, name, namespace, missing_ok=True,
+                           what=f"deleting ConfigMap {name}")  # fmt: skip
         self._delete_unused_data(plan, namespace)
         return cancelled
 
@@ -508,6 +669,9 @@ class KubernetesBackend(Backend):
             if name not in used:
                 self.kube.call(self.kube.core.delete_namespaced_config_map, name, namespace, missing_ok=True,
                                what=f"deleting ConfigMap {name}")  # fmt: skip
+
+
+_EVALUATION_KEY = "\0evaluate"  # never a run id
 
 
 def _first_time(doc: Obj, seen: set[tuple[str, str]]) -> bool:

@@ -3,8 +3,9 @@
 Each run's job specs (launcher.jobspec) become API objects built directly as dicts (what the API
 client sends, after TorchX's `role_to_pod`), written once as block YAML for review. Per run: a
 ConfigMap with run.yaml (and one per small local data file, shared by the grid's runs), a
-headless Service (multi-node only), the training Job and, unless inference is disabled, an
-inference Job created suspended (no pod, no GPU) that the training pod releases once its final
+headless Service (multi-node only) and the training Job; per grid one evaluation Job, held
+until every training Job has ended (evaluation_documents); or, with `inference.per_run: true`,
+per run an inference Job created suspended (no pod, no GPU) that the training pod releases once its final
 adapter is written, through a ServiceAccount and a Role that may patch that one Job and nothing
 else (the hand-off objects).
 """
@@ -20,10 +21,13 @@ from typing import Any, Callable
 
 import yaml
 
+from ... import evaluation
+from ...evaluation import per_run
 from ...grid import Plan
 from ...job.config import RunConfig
 from ...job.errors import ConfigError
 from ...job.experiment_file import dump_run_config
+from ...job.grid_evaluation import RUNS_FILE
 from ...job.progress import EXIT_PREEMPTED
 from ...job.protocol import (
     MAIN_PROCESS_PORT,
@@ -43,7 +47,14 @@ EXPERIMENT_LABEL = f"{LABEL_PREFIX}/experiment"
 RUN_LABEL = f"{LABEL_PREFIX}/run-id"
 ROLE_LABEL = f"{LABEL_PREFIX}/role"
 TRAIN, INFER = "train", "infer"
+# The grid evaluation Job (one per grid, issue #29): its role label, and the run ids it evaluates.
+EVALUATE = "evaluate"
+EVALUATES_ANNOTATION = f"{LABEL_PREFIX}/evaluates"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue (0.19: beta, on by default) admits no Job whose annotation lists a gate; each
+# controller removes its own value. qlaunch's: the grid's training Jobs have not all ended.
+ADMISSION_GATE_ANNOTATION = "kueue.x-k8s.io/admission-gated-by"
+TRAINING_GATE = f"{LABEL_PREFIX}/training"
 # Set by the Job controller on every pod it creates (Kubernetes 1.27+).
 JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 # Marks an inference Job that starts only when training releases it (see release_patch).
@@ -527,7 +538,9 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
 
 
 def hands_off(run: RunConfig) -> bool:
-    return run.inference.enabled
+    """The run has its own inference Job that its trainer releases (`inference.per_run`); a run
+    the grid evaluation Job evaluates hands off nothing: that Job is released by `reconcile`."""
+    return run.inference.enabled and per_run(run, "kubernetes")
 
 
 def release_patch(run: RunConfig) -> dict[str, Any]:
@@ -671,9 +684,123 @@ def run_documents(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
     if hands_off(run):
         documents += _handoff_objects(plan, run)
     documents.append(_job(plan, run, TRAIN))
-    if run.inference.enabled:
+    if hands_off(run):
         documents.append(_job(plan, run, INFER))
     return documents
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid evaluation Job (issue #29): one Job for the grid's runs, held until every one of
+# their training Jobs has ended; `reconcile` (status, status --watch, submit) releases it.
+
+
+def evaluated_runs(plan: Plan) -> list[RunConfig]:
+    """The runs the grid evaluation Job evaluates: inference on, no inference Job of their own."""
+    return [run for run in plan.runs if run.inference.enabled and not per_run(run, "kubernetes")]
+
+
+def evaluation_name(plan: Plan) -> str:
+    """The grid evaluation Job's name (and its ConfigMap's): one per experiment."""
+    return f"{Names.prefix(plan.experiment.name)}-{EVALUATE}"
+
+
+def evaluation_labels(plan: Plan) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "qlaunch",
+        "app.kubernetes.io/instance": evaluation_name(plan),
+        "app.kubernetes.io/component": EVALUATE,
+        "app.kubernetes.io/part-of": plan.experiment.name,
+        "app.kubernetes.io/managed-by": "qlaunch",
+        EXPERIMENT_LABEL: plan.experiment.name,
+        ROLE_LABEL: EVALUATE,
+    }
+
+
+# The evaluation ConfigMap's data (each run's run.yaml and the runs file): below the API's 1 MiB
+# object limit with room for its metadata.
+EVALUATION_CONFIG_LIMIT = 900 * 1024
+EVALUATION_RUNS_FILE = f"{CONFIG_MOUNT}/{RUNS_FILE}"
+
+
+def evaluation_documents(plan: Plan, runs: list[RunConfig]) -> list[dict[str, Any]]:
+    """The grid evaluation's ConfigMap (the runs file and each run's run.yaml as its pods see
+    it: the laptop cannot write the runs file onto the claim) and its Job, created held."""
+    first, name = runs[0], evaluation_name(plan)
+    k8s = first.kubernetes
+    files = {run.run_id: run_files(run, str(plan.storage_root)) for run in runs}
+    data = {f"{run.run_id}.yaml": pod_run_config(plan, run, files[run.run_id]) for run in runs}
+    data[RUNS_FILE] = "".join(f"{CONFIG_MOUNT}/{run.run_id}.yaml\n" for run in runs)
+    size = sum(len(text.encode()) for text in data.values())
+    if size > EVALUATION_CONFIG_LIMIT:
+        raise ConfigError(
+            f"{plan.where('grid')}: the grid evaluation Job's ConfigMap would hold "
+            f"{size // 1024} KiB of run.yaml files ({len(runs)} runs; the API stores at most about 1 MiB "
+            "per object): set inference.per_run: true (one inference Job per run), or split the grid")
+    meta_annotations = {EVALUATES_ANNOTATION: ",".join(run.run_id for run in runs)}
+    config_map = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": k8s.namespace,
+                     "labels": _sorted({k: v for k, v in evaluation_labels(plan).items() if k != ROLE_LABEL}),
+                     "annotations": meta_annotations},
+        "data": _sorted(data),
+    }  # fmt: skip
+    job = _job(plan, first, INFER)
+    spec = evaluation.evaluation_job(runs, PurePosixPath(EVALUATION_RUNS_FILE))
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    container["name"] = EVALUATE
+    container["command"] = spec.command
+    container["env"] = _sorted(_env(plan, first, EVALUATE))
+    container["resources"] = _sorted(_resources(spec.resources))
+    keys = sorted({key for f in files.values() for key in (*f.data, *f.binary_data)})
+    sources = [{"configMap": {"name": name}}]
+    sources += [{"configMap": {"name": Names.data(plan.experiment.name, key), "items": [{"key": key, "path": key}]}}
+                for key in keys]  # fmt: skip
+    pod["volumes"] = [{"name": "config", "projected": {"sources": sources}} if v["name"] == "config" else v
+                      for v in pod["volumes"]]  # fmt: skip
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    for rule in rules:
+        if "onExitCodes" in rule:
+            rule["onExitCodes"]["containerName"] = EVALUATE
+    job["spec"]["activeDeadlineSeconds"] = spec.resources.time_limit_seconds
+    template_labels = {**evaluation_labels(plan)}
+    job["spec"]["template"]["metadata"] = {"labels": _sorted(template_labels),
+                                           "annotations": _sorted(meta_annotations)}  # fmt: skip
+    job_labels = dict(template_labels)
+    job_annotations = {**meta_annotations, STARTS_AFTER_ANNOTATION: "training"}
+    job["spec"]["suspend"] = True  # without Kueue: qlaunch resumes it; under Kueue: Kueue does
+    if k8s.queue_name is not None:
+        job_labels[QUEUE_LABEL] = k8s.queue_name
+        job_annotations[ADMISSION_GATE_ANNOTATION] = TRAINING_GATE
+    job["metadata"] = {"name": name, "namespace": k8s.namespace, "labels": _sorted(job_labels),
+                       "annotations": _sorted(job_annotations)}  # fmt: skip
+    return [config_map, job]
+
+
+def evaluation_release_patch(job: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch that releases the held grid evaluation Job: under Kueue, qlaunch's value
+    leaves the admission gate annotation (the annotation goes with the last value) and Kueue,
+    which owns spec.suspend, admits and resumes the Job; without Kueue, resume it."""
+    meta = job.get("metadata") or {}
+    if (meta.get("labels") or {}).get(QUEUE_LABEL) is not None or ADMISSION_GATE_ANNOTATION in (meta.get("annotations") or {}):
+        gates = [g.strip() for g in (meta.get("annotations") or {}).get(ADMISSION_GATE_ANNOTATION, "").split(",")]
+        left = [g for g in gates if g and g != TRAINING_GATE]
+        return {"metadata": {"annotations": {ADMISSION_GATE_ANNOTATION: ",".join(left) or None}}}
+    return {"spec": {"suspend": False}}
+
+
+def evaluation_held(job: dict[str, Any]) -> bool:
+    """A grid evaluation Job qlaunch has not released yet."""
+    meta = job.get("metadata") or {}
+    gates = (meta.get("annotations") or {}).get(ADMISSION_GATE_ANNOTATION)
+    if (meta.get("labels") or {}).get(QUEUE_LABEL) is not None:
+        return TRAINING_GATE in [g.strip() for g in (gates or "").split(",")]
+    return STARTS_AFTER_ANNOTATION in (meta.get("annotations") or {}) and bool((job.get("spec") or {}).get("suspend"))
+
+
+def evaluated_ids(job: dict[str, Any]) -> list[str]:
+    annotation = ((job.get("metadata") or {}).get("annotations") or {}).get(EVALUATES_ANNOTATION, "")
+    return [run_id for run_id in annotation.split(",") if run_id]
 
 
 # The output is always written by the pure-Python emitter so that the bytes never depend on how
@@ -698,10 +825,10 @@ def to_yaml(documents: list[dict[str, Any]]) -> str:
                          width=1000, explicit_start=True)
 
 
-def file_text(plan: Plan, run_id: str, documents: list[dict[str, Any]]) -> str:
-    """The reviewable file of one run's objects."""
+def file_text(plan: Plan, run_id: str, documents: list[dict[str, Any]], what: str | None = None) -> str:
+    """The reviewable file of one run's objects (or, with `what`, of the grid's)."""
     header = (
-        f"# qlaunch · experiment {plan.experiment.name} · run {run_id}\n"
+        f"# qlaunch · experiment {plan.experiment.name} · {what or f'run {run_id}'}\n"
         f"# `qlaunch submit` applies these objects (server-side apply, field manager qlaunch).\n"
     )
     return header + to_yaml(documents)
