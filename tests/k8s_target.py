@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 
 from launcher.backends.kubernetes.backend import KubernetesBackend
 from launcher.backends.kubernetes.client import APPLY_PATCH, Kube
-from launcher.backends.kubernetes.manifests import EXPERIMENT_LABEL
+from launcher.backends.kubernetes.naming import EXPERIMENT_LABEL
 from launcher.job.errors import BackendError
 from launcher.job.progress import PROGRESS_PREFIX, parse_lines
 

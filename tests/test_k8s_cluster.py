@@ -32,7 +32,7 @@ from k8s_target import NEEDS_FAKE, NEEDS_GPU, NEEDS_IMAGE, FakeTarget, RealTarge
 
 from launcher.backends.base import State
 from launcher.backends.kubernetes.backend import KubernetesBackend
-from launcher.backends.kubernetes.manifests import Names
+from launcher.backends.kubernetes.naming import Names
 from launcher.grid import plan
 from launcher.job.errors import BackendError
 from launcher.job.experiment_file import load_yaml

@@ -19,7 +19,7 @@ from fake_kube import start_cluster
 
 from launcher.backends.base import State
 from launcher.backends.kubernetes.backend import KubernetesBackend
-from launcher.backends.kubernetes.manifests import Names
+from launcher.backends.kubernetes.naming import Names
 from launcher.grid import plan
 from launcher.status_view import collect
 

@@ -23,7 +23,8 @@ from kubernetes import client as kube_client
 
 from launcher.backends.base import State
 from launcher.backends.kubernetes.backend import KubernetesBackend
-from launcher.backends.kubernetes.manifests import Names, run_documents
+from launcher.backends.kubernetes.manifests import run_documents
+from launcher.backends.kubernetes.naming import Names
 from launcher.grid import plan
 from launcher.job.storage import RunPaths, write_json
 from launcher.status_view import build_table, collect

@@ -24,7 +24,8 @@ from fake_kube import start_cluster
 from fake_kube.exec_stream import V4, Kubelet
 
 from launcher.backends.kubernetes.backend import KubernetesBackend
-from launcher.backends.kubernetes.manifests import Names, run_documents
+from launcher.backends.kubernetes.manifests import run_documents
+from launcher.backends.kubernetes.naming import Names
 from launcher.backends.kubernetes.upload import stage_pod
 from launcher.grid import plan
 from launcher.job.errors import BackendError

@@ -18,7 +18,7 @@ from fake_kube import FakeKube, start_cluster
 from k8s_target import DATA_DIR, RealSettings, RealTarget, TargetError, progress, settings_from_env
 
 from launcher.backends.base import State
-from launcher.backends.kubernetes.manifests import Names
+from launcher.backends.kubernetes.naming import Names
 from launcher.grid import plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,8 @@ from fake_kube import start_cluster
 from training_support import events, job_env, mount_config_map, processes_mentioning, start_job, tail, wait_until
 
 from launcher.backends.kubernetes.backend import KubernetesBackend
-from launcher.backends.kubernetes.manifests import CONFIG_MOUNT, Names
+from launcher.backends.kubernetes.manifests import CONFIG_MOUNT
+from launcher.backends.kubernetes.naming import Names
 from launcher.grid import plan
 from launcher.job.progress import EXIT_PREEMPTED
 from launcher.job.storage import RunPaths

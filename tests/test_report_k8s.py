@@ -12,7 +12,7 @@ from fake_kube import start_cluster
 
 from launcher import report
 from launcher.backends.kubernetes.backend import KubernetesBackend
-from launcher.backends.kubernetes.manifests import Names
+from launcher.backends.kubernetes.naming import Names
 from launcher.grid import plan
 from launcher.job.progress import PROGRESS_PREFIX
 

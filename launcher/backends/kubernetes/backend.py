@@ -27,7 +27,7 @@ from ...job.config import RunConfig
 from ...job.errors import BackendError
 from ...job.run_checks import Finding
 from ..base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
-from . import manifests
+from . import checks, manifests, naming
 from .client import APPLY_PATCH, FIELD_MANAGER, MERGE_PATCH, Kube, KubeApiError
 from .logs import LogFollower, ProgressReader
 from .staging import LocalFile, describe_size, local_sources, plan_uploads, run_files, unmounted_folders
@@ -70,7 +70,7 @@ class _Request:
 
     def job_name(self, run_id: str, role: str) -> str:
         run = next(r for r in self.plan.runs if r.run_id == run_id)
-        return manifests.names(self.plan, run).job(role)
+        return naming.names(self.plan, run).job(role)
 
     def replacing(self, run_id: str) -> list[str]:
         return [self.job_name(run_id, role) for role, action in self.actions[run_id].items() if action == "replace"]
@@ -78,7 +78,7 @@ class _Request:
     def selected(self, run_id: str, replaceable: bool) -> list[Obj]:
         todo, out = self.actions[run_id], []
         for doc in self.documents[run_id]:
-            role = (doc["metadata"].get("labels") or {}).get(manifests.ROLE_LABEL)
+            role = (doc["metadata"].get("labels") or {}).get(naming.ROLE_LABEL)
             if role is None or todo.get(role) == "create" or (replaceable and todo.get(role) == "replace"):
                 out.append(doc)
         return out
@@ -153,16 +153,16 @@ class KubernetesBackend(Backend):
             raise
 
     def _list(self, plan: Plan, kind: str) -> list[Obj]:
-        namespace = manifests.namespace_of(plan)
+        namespace = naming.namespace_of(plan)
         method = self.kube.batch.list_namespaced_job if kind == "jobs" else self.kube.core.list_namespaced_pod
-        listing = self.kube.call(method, namespace, label_selector=manifests.experiment_selector(plan),
+        listing = self.kube.call(method, namespace, label_selector=naming.experiment_selector(plan),
                                  what=f"listing {kind} in namespace {namespace!r}")  # fmt: skip
         return listing.get("items") or []
 
     def _lists(self, plan: Plan, reuse: bool = False) -> tuple[list[Obj], list[Obj]]:
         """The experiment's Jobs and Pods. status() keeps them for one following
         progress_events() (one table refresh = one list of each kind)."""
-        key = f"{manifests.namespace_of(plan)}/{plan.experiment.name}"
+        key = f"{naming.namespace_of(plan)}/{plan.experiment.name}"
         snap, self._snapshot = self._snapshot, None
         if reuse and snap and snap[1] == key and time.monotonic() - snap[0] <= 5.0:
             return snap[2], snap[3]
@@ -178,14 +178,14 @@ class KubernetesBackend(Backend):
         result: dict[tuple[str, str], Obj] = {}
         for obj in sorted(objects, key=created):
             labels = obj["metadata"].get("labels") or {}
-            run_id, role = labels.get(manifests.RUN_LABEL), labels.get(manifests.ROLE_LABEL)
+            run_id, role = labels.get(naming.RUN_LABEL), labels.get(naming.ROLE_LABEL)
             if run_id in ids and role:
                 result[(run_id, role)] = obj
         return result
 
     def _preflight(self, plan: Plan) -> None:
         """The namespace, the claim and the token Secret must exist before anything is created."""
-        namespace = manifests.namespace_of(plan)
+        namespace = naming.namespace_of(plan)
         core = self.kube.core
         try:
             found = self.kube.call(core.read_namespace, namespace, missing_ok=True,
@@ -264,17 +264,17 @@ class KubernetesBackend(Backend):
         """Render and check every object; then (unless offline, `--dry-run client`) check the
         namespace, PVC and Secret, decide per run and role create / replace / keep from one
         Job list, and let the API server validate every object (server-side dry run)."""
-        manifests.check_plan(plan)
+        checks.check_plan(plan)
         documents = {run.run_id: manifests.run_documents(plan, run) for run in plan.runs}
         files = {f"{run_id}.yaml": manifests.file_text(plan, run_id, docs) for run_id, docs in documents.items()}
         graded = manifests.evaluated_runs(plan)
         evaluation_docs = manifests.evaluation_documents(plan, graded) if graded else []
         evaluation_name = manifests.evaluation_name(plan)
         if evaluation_docs:
-            files[f"{manifests.EVALUATE}.yaml"] = manifests.file_text(
+            files[f"{naming.EVALUATE}.yaml"] = manifests.file_text(
                 plan, "", evaluation_docs, what=f"grid evaluation of {len(graded)} runs")
         shared = f"{evaluation_name} (grid evaluation, after every training Job)"
-        namespace = manifests.namespace_of(plan)
+        namespace = naming.namespace_of(plan)
         if offline or not plan.runs:
             jobs = {run_id: [d["metadata"]["name"] for d in docs if d["kind"] == "Job"]
                     for run_id, docs in documents.items()}  # fmt: skip
@@ -294,26 +294,26 @@ class KubernetesBackend(Backend):
         skipped: dict[str, str] = {}
         releases: list[str] = []
         for run in plan.runs:
-            train = existing.get((run.run_id, manifests.TRAIN))
-            infer = existing.get((run.run_id, manifests.INFER))
+            train = existing.get((run.run_id, naming.TRAIN))
+            infer = existing.get((run.run_id, naming.INFER))
             train_state = job_state(train, [p for p in pods if train and owned_by(p, train)])[0]
-            todo: dict[str, str | None] = {manifests.TRAIN: None, manifests.INFER: None}
+            todo: dict[str, str | None] = {naming.TRAIN: None, naming.INFER: None}
             if train is None:
-                todo[manifests.TRAIN] = "create"
+                todo[naming.TRAIN] = "create"
             elif force or not (train_state.active or train_state == State.COMPLETED):
-                todo[manifests.TRAIN] = "replace"
+                todo[naming.TRAIN] = "replace"
             if manifests.hands_off(run):
                 infer_state = job_state(infer, [p for p in pods if infer and owned_by(p, infer)])[0]
                 if infer is None:
-                    todo[manifests.INFER] = "create"
-                elif todo[manifests.TRAIN] or not (infer_state.active or infer_state == State.COMPLETED):
-                    todo[manifests.INFER] = "replace"  # a new training run gets a new inference
-            if train_state == State.COMPLETED and not todo[manifests.TRAIN] and manifests.hands_off(run) and (
-                    todo[manifests.INFER] or (infer is not None and manifests.awaiting_release(infer))):
+                    todo[naming.INFER] = "create"
+                elif todo[naming.TRAIN] or not (infer_state.active or infer_state == State.COMPLETED):
+                    todo[naming.INFER] = "replace"  # a new training run gets a new inference
+            if train_state == State.COMPLETED and not todo[naming.TRAIN] and manifests.hands_off(run) and (
+                    todo[naming.INFER] or (infer is not None and manifests.awaiting_release(infer))):
                 releases.append(run.run_id)
             if not any(todo.values()):
                 skipped[run.run_id] = (
-                    f"training Job {manifests.names(plan, run).train_job} is {train_state.value} "
+                    f"training Job {naming.names(plan, run).train_job} is {train_state.value} "
                     "(--force replaces it; it resumes from its newest checkpoint)"
                 )
                 continue
@@ -364,7 +364,7 @@ class KubernetesBackend(Backend):
         if not graded:
             return None, False
         current = self._evaluation_job(job_list)
-        trained_again = any((actions.get(run.run_id) or {}).get(manifests.TRAIN) for run in graded)
+        trained_again = any((actions.get(run.run_id) or {}).get(naming.TRAIN) for run in graded)
         same_runs = current is not None and manifests.evaluated_ids(current) == [run.run_id for run in graded]
         if current is None:
             action = "create"
@@ -372,7 +372,7 @@ class KubernetesBackend(Backend):
             action = "replace"
         else:
             action = None
-        trains = [existing.get((run.run_id, manifests.TRAIN)) for run in graded]
+        trains = [existing.get((run.run_id, naming.TRAIN)) for run in graded]
         ended = not trained_again and all(
             train is None or not job_state(train, [p for p in pods if owned_by(p, train)])[0].active for train in trains)
         held = action is not None or (current is not None and manifests.evaluation_held(current))
@@ -382,7 +382,7 @@ class KubernetesBackend(Backend):
     def _evaluation_job(job_list: list[Obj]) -> Obj | None:
         """The experiment's grid evaluation Job (of two, the newer: one being replaced)."""
         found = [job for job in job_list
-                 if ((job.get("metadata") or {}).get("labels") or {}).get(manifests.ROLE_LABEL) == manifests.EVALUATE]
+                 if ((job.get("metadata") or {}).get("labels") or {}).get(naming.ROLE_LABEL) == naming.EVALUATE]
         return sorted(found, key=created)[-1] if found else None
 
     def _release_evaluation(self, plan: Plan, job: Obj) -> bool:
@@ -396,9 +396,9 @@ class KubernetesBackend(Backend):
                 what=f"starting grid evaluation Job {meta['name']}",
             )  # fmt: skip
         except KubeApiError as exc:
-            self.release_errors[manifests.EVALUATE] = str(exc)
+            self.release_errors[naming.EVALUATE] = str(exc)
             return False
-        self.release_errors.pop(manifests.EVALUATE, None)
+        self.release_errors.pop(naming.EVALUATE, None)
         return True
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
@@ -452,7 +452,7 @@ class KubernetesBackend(Backend):
         # 3. Training done, so no trainer will release the inference Job: start it now.
         for run in plan.runs:
             if run.run_id in request.releases:
-                name = manifests.names(plan, run).infer_job
+                name = naming.names(plan, run).infer_job
                 self._release(run, {"metadata": {"name": name, "namespace": namespace}})
                 if run.run_id in report.skipped and run.run_id not in self.release_errors:
                     report.skipped[run.run_id] += f"; inference Job {name} started (training had completed)"
@@ -486,7 +486,7 @@ class KubernetesBackend(Backend):
         jobs = self._by_run(plan, job_list)
         released = []
         for run in plan.runs:
-            train, infer = jobs.get((run.run_id, manifests.TRAIN)), jobs.get((run.run_id, manifests.INFER))
+            train, infer = jobs.get((run.run_id, naming.TRAIN)), jobs.get((run.run_id, naming.INFER))
             if train is None or infer is None or not manifests.awaiting_release(infer):
                 continue
             if job_state(train, pods)[0] == State.COMPLETED and self._release(run, infer) is not infer:
@@ -502,13 +502,13 @@ class KubernetesBackend(Backend):
         """The runs the grid evaluation Job evaluates whose training Job has not ended."""
         ids = {run.run_id for run in plan.runs}
         return [run_id for run_id in manifests.evaluated_ids(evaluation) if run_id in ids
-                and (train := jobs.get((run_id, manifests.TRAIN))) is not None and job_state(train, pods)[0].active]
+                and (train := jobs.get((run_id, naming.TRAIN))) is not None and job_state(train, pods)[0].active]
 
     def _training_ended(self, plan: Plan, evaluation: Obj, jobs: dict[tuple[str, str], Obj], pods: list[Obj]) -> bool:
         """Every training Job of the evaluated runs has ended (completed, failed, or gone): the
         last one to end releases the evaluation, once, whatever its own end."""
         ids = set(manifests.evaluated_ids(evaluation))
-        return any(key[0] in ids and key[1] == manifests.TRAIN for key in jobs) and not self._still_training(
+        return any(key[0] in ids and key[1] == naming.TRAIN for key in jobs) and not self._still_training(
             plan, evaluation, jobs, pods)
 
     def status(self, plan: Plan) -> dict[str, RunStatus]:
@@ -519,8 +519,8 @@ class KubernetesBackend(Backend):
         result = {}
         for run in plan.runs:
             status = RunStatus()
-            train = jobs.get((run.run_id, manifests.TRAIN))
-            infer = jobs.get((run.run_id, manifests.INFER))
+            train = jobs.get((run.run_id, naming.TRAIN))
+            infer = jobs.get((run.run_id, naming.INFER))
             if train is not None:
                 status.state, status.detail, status.restarts = job_state(train, pods)
                 status.job_ids = [train["metadata"]["name"]]
@@ -547,7 +547,7 @@ class KubernetesBackend(Backend):
             waiting = (f"grid evaluation waits for {len(still)} training Job{'s' if len(still) != 1 else ''}"
                        if still else "grid evaluation: every training ended; `qlaunch status` starts it")
             status.infer_state = State.PENDING
-            status.infer_detail = self.release_errors.get(manifests.EVALUATE, waiting)
+            status.infer_detail = self.release_errors.get(naming.EVALUATE, waiting)
             return
         status.infer_state = state
         status.infer_detail = "grid evaluation" + (f": {detail}" if detail else "")
@@ -576,7 +576,7 @@ class KubernetesBackend(Backend):
         run_pods: dict[str, list[Obj]] = {}
         for run in plan.runs:
             ordered = []
-            for role in (manifests.TRAIN, manifests.INFER):
+            for role in (naming.TRAIN, naming.INFER):
                 job = jobs.get((run.run_id, role))
                 if job is not None:
                     ordered += [p for p in pods if owned_by(p, job) and completion_index(p) in (None, "0")]
@@ -584,7 +584,7 @@ class KubernetesBackend(Backend):
         evaluation = self._evaluation_job(job_list)
         if evaluation is not None:
             run_pods[_EVALUATION_KEY] = [p for p in pods if owned_by(p, evaluation)]
-        events = self._progress.events(manifests.namespace_of(plan), run_pods)
+        events = self._progress.events(naming.namespace_of(plan), run_pods)
         # The grid evaluation's log holds every run's inference events: each goes to its run.
         for event in events.pop(_EVALUATION_KEY, []):
             run_id = (event.get("summary") or {}).get("run_id") or event.get("run_id")
@@ -595,13 +595,13 @@ class KubernetesBackend(Backend):
     # -- logs --------------------------------------------------------------------------------
 
     def logs(self, plan: Plan, run: RunConfig, *, follow: bool, out: IO[str], infer: bool = False) -> None:
-        namespace = manifests.namespace_of(plan)
-        role = manifests.INFER if infer else manifests.TRAIN
-        name = manifests.names(plan, run).job(role)
-        selector = f"{manifests.RUN_LABEL}={run.run_id},{manifests.ROLE_LABEL}={role}"
+        namespace = naming.namespace_of(plan)
+        role = naming.INFER if infer else naming.TRAIN
+        name = naming.names(plan, run).job(role)
+        selector = f"{naming.RUN_LABEL}={run.run_id},{naming.ROLE_LABEL}={role}"
         if infer and not manifests.hands_off(run):  # the grid evaluation Job answers for it
-            role, name = manifests.EVALUATE, manifests.evaluation_name(plan)
-            selector = f"{manifests.experiment_selector(plan)},{manifests.ROLE_LABEL}={role}"
+            role, name = naming.EVALUATE, manifests.evaluation_name(plan)
+            selector = f"{naming.experiment_selector(plan)},{naming.ROLE_LABEL}={role}"
         job = self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
                              what=f"reading Job {name}")  # fmt: skip
         if job is None:
@@ -618,12 +618,12 @@ class KubernetesBackend(Backend):
     # -- cancel ------------------------------------------------------------------------------
 
     def cancel(self, plan: Plan, runs: list[RunConfig]) -> list[str]:
-        namespace = manifests.namespace_of(plan)
+        namespace = naming.namespace_of(plan)
         jobs = self._by_run(plan, self._list(plan, "jobs"))
         cancelled = []
         for run in runs:
-            n = manifests.names(plan, run)
-            found = [jobs[(run.run_id, role)] for role in (manifests.TRAIN, manifests.INFER) if (run.run_id, role) in jobs]
+            n = naming.names(plan, run)
+            found = [jobs[(run.run_id, role)] for role in (naming.TRAIN, naming.INFER) if (run.run_id, role) in jobs]
             deleted = [self._delete_job(namespace, job["metadata"]["name"]) for job in found]
             if any(deleted):
                 cancelled.append(run.run_id)
@@ -641,7 +641,7 @@ class KubernetesBackend(Backend):
         # training Job, it evaluates that one (and names the cancelled ones).
         chosen = {run.run_id for run in runs}
         graded = manifests.evaluated_runs(plan)
-        if graded and not any((run.run_id, manifests.TRAIN) in jobs for run in graded if run.run_id not in chosen):
+        if graded and not any((run.run_id, naming.TRAIN) in jobs for run in graded if run.run_id not in chosen):
             name = manifests.evaluation_name(plan)
             self._delete_job(namespace, name)
             self.kube.call(self.kube.core.delete_namespaced_config_map, name, namespace, missing_ok=True,
@@ -652,7 +652,7 @@ class KubernetesBackend(Backend):
     def _delete_unused_data(self, plan: Plan, namespace: str) -> None:
         """The experiment's data ConfigMaps (one per staged file, shared by its runs) that no
         Job of the experiment still mounts: after the last run that read a file is cancelled."""
-        selector = f"{manifests.experiment_selector(plan)},app.kubernetes.io/component={manifests.DATA_COMPONENT}"
+        selector = f"{naming.experiment_selector(plan)},app.kubernetes.io/component={manifests.DATA_COMPONENT}"
         listing = self.kube.call(self.kube.core.list_namespaced_config_map, namespace, label_selector=selector,
                                  what=f"listing data ConfigMaps in namespace {namespace!r}")  # fmt: skip
         data = [item["metadata"]["name"] for item in listing.get("items") or []]

@@ -21,7 +21,8 @@ from ...grid import Plan
 from ...job.config import RunConfig
 from ...job.errors import BackendError
 from .client import APPLY_PATCH, FIELD_MANAGER, Kube
-from .manifests import EXPERIMENT_LABEL, pull_policy
+from .manifests import pull_policy
+from .naming import EXPERIMENT_LABEL
 from .staging import LocalFile, describe_size
 
 CONTAINER = "stage"
