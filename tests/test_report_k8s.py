@@ -23,6 +23,15 @@ def progress(event: str, step: int, when: float, **fields) -> str:
     return PROGRESS_PREFIX + json.dumps({"event": event, "time": when, "step": step, **fields}, sort_keys=True)
 
 
+def submitted(path, text: str):
+    """The experiment file written, planned and submitted to the fake cluster: (plan, backend)."""
+    path.write_text(textwrap.dedent(text))
+    p = plan(path)
+    k8s = KubernetesBackend(poll_seconds=0.05)
+    k8s.submit(p)
+    return p, k8s
+
+
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     server = start_cluster(tmp_path, monkeypatch, NS, hf_token="hf_fake")
@@ -31,8 +40,7 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missing(fake, tmp_path, monkeypatch):
-    path = tmp_path / "guanaco.yaml"
-    path.write_text(textwrap.dedent("""\
+    p, k8s = submitted(tmp_path / "guanaco.yaml", """\
         name: guanaco
         backend: kubernetes
         storage:
@@ -43,10 +51,7 @@ def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missi
           hf_token_secret: {name: hf-token}
         grid:
           lora.r: [16, 64]
-    """))
-    p = plan(path)
-    k8s = KubernetesBackend(poll_seconds=0.05)
-    k8s.submit(p)
+    """)
     run, other = p.runs
     names = Names.of(p.experiment.name, run.run_id)
     t = time.time() - 7200
@@ -110,8 +115,7 @@ def test_a_pruned_job_completes_and_status_and_report_say_where_asha_stopped_it(
     from launcher.backends.base import State
     from launcher.status_view import build_table, collect
 
-    path = tmp_path / "asha.yaml"
-    path.write_text(textwrap.dedent("""\
+    p, k8s = submitted(tmp_path / "asha.yaml", """\
         name: asha
         backend: kubernetes
         storage: {root: /mnt/qlaunch-not-here}
@@ -120,10 +124,7 @@ def test_a_pruned_job_completes_and_status_and_report_say_where_asha_stopped_it(
         search: {strategy: asha, first_rung_steps: 10, reduction_factor: 3}
         grid:
           train.learning_rate: [0.0002, 0.00000001]
-    """))
-    p = plan(path)
-    k8s = KubernetesBackend(poll_seconds=0.05)
-    k8s.submit(p)
+    """)
     kept, stopped = p.runs
     t = time.time() - 600
     pod = fake.start_pod(NS, Names.of(p.experiment.name, stopped.run_id).train_job)
