@@ -150,9 +150,9 @@ def test_the_push_is_private_has_every_file_and_answers_the_same_from_the_hub(ex
     script = (
         "import sys, json, torch\n"
         "from transformers import AutoModelForCausalLM\n"
-        "from launcher.experiment_file import load_run_config\n"
+        "from launcher.job.experiment_file import load_run_config\n"
         "from training.export import _tokenizer\nfrom training.infer import generate\n"
-        "from launcher.storage import RunPaths\n"
+        "from launcher.job.storage import RunPaths\n"
         "run = load_run_config(sys.argv[1])\n"
         "model = AutoModelForCausalLM.from_pretrained('alice/tiny-merged', revision=sys.argv[2], dtype=torch.float32)\n"
         "print(json.dumps(generate(run, model, _tokenizer(RunPaths.of(run)), sys.argv[3:])))\n"
