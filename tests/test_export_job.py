@@ -160,6 +160,31 @@ def test_a_slurm_export_job_writes_what_a_local_export_writes(trained):
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_a_slurm_merge_job_ships_the_same_checked_merge_as_a_local_one(trained, tmp_path):
+    p, run, folder = trained
+    started = time.monotonic()
+    here, there = tmp_path / "merged-here", tmp_path / "merged-there"
+    done = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--merge", "--memory", "4G", "-o", str(there))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    job = re.search(r"export job (\d+) of run", done.stdout).group(1)
+    local = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--merge", "--backend", "local", "-o", str(here))
+    assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
+    wait_for(lambda: scheduler_jobs(job).get(job) in ("COMPLETED", "FAILED"), timeout=600, message="the merge job",
+             interval=3)  # fmt: skip
+    log = (RunPaths.of(run).root / "export.log").read_text()
+    assert scheduler_jobs(job)[job] == "COMPLETED", log[-3000:]
+    print(f"merge here and as a Slurm job (1 CPU, 4G) in {time.monotonic() - started:.1f} s")
+    script = (RunPaths.of(run).root / "export.sbatch").read_text()
+    assert "#SBATCH --mem=4G" in script and "--merge" in script
+    assert sorted(f.name for f in there.iterdir()) == sorted(f.name for f in here.iterdir())
+    assert (there / "model.safetensors").read_bytes() == (here / "model.safetensors").read_bytes()
+    record, local_record = (json.loads((d / "export.json").read_text()) for d in (there, here))
+    assert record["merge_check"]["chosen"] == local_record["merge_check"]["chosen"] == "dequantized-4bit"
+    assert record["merge_check"]["candidates"] == local_record["merge_check"]["candidates"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_the_job_pushes_with_the_token_from_its_environment_and_writes_it_nowhere(trained, tmp_path):
     p, run, folder = trained
     hub = FakeHub().start()
