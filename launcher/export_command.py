@@ -1,14 +1,17 @@
 """`qlaunch export EXP --run ID | --best [--merge] [--gguf [--gguf-type f16|q8_0]]
-[--push-to-hub REPO [--private | --public]] [-o DIR]`: the subcommand's arguments and its work.
+[--push-to-hub REPO [--private | --public]] [-o DIR] [--backend B] [--memory SIZE] [--dry-run]`:
+the subcommand's arguments and its work.
 
 Everything that can refuse is asked before the export job starts: the run exists and finished
 training (`--best`: the run `qlaunch report` ranks first, which needs an evaluated run), and for
 `--push-to-hub` a token (`model.hf_token_env` / `model.hf_token_file`) that the hub says can
-write to the repo's namespace. Then `python -m training.export` (jobspec.export_job) runs on this
-machine, and the folder it wrote is pushed with huggingface_hub (`create_repo` + `upload_folder`).
-The token is passed to the client only: never printed, logged or written.
-
-What was exported where is recorded in `<run dir>/exports.json` (report and `status --json`).
+write to the repo's namespace; for a merge, the host memory where it runs. Then the export job
+(jobspec.export_job: `python -m training.export`) runs as a job of the experiment's backend
+(`--backend`): on this machine, now (local), or submitted (Slurm: `Backend.submit_export`, which
+asks the scheduler before it queues anything). Its last step (`finish`: here, or `python -m
+launcher.export_command --finish` in the job) pushes the folder with huggingface_hub
+(`create_repo` + `upload_folder`) and records the export in `<run dir>/exports.json` (report and
+`status --json`). The token is passed to the client only: never printed, logged or written.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def pick_run(p: Plan, run_ref: str | None, best: bool, backend=None) -> RunConfi
         state = backend.status(p).get(run.run_id)
         raise QlaunchError(
             f"run {run.run_id} has not finished training (state: {state.state.value if state else 'unknown'}): "
-            f"nothing to export (qlaunch status {p.source})"
+            f"nothing to export (qlaunch status {p.source} --backend {backend.name})"
         )
     return run
 
@@ -246,7 +249,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             return 0
         print(f"export job {submitted.job_id} of run {run.run_id} ({_what(args)}) submitted to {backend.name}: "
               f"it writes {out} and records it in exports.json when it ends; script {submitted.path}")  # fmt: skip
-        print(f"follow it: qlaunch logs {run.run_id} --export -f {hint}; "
+        print(f"follow it: qlaunch logs {run.run_id} --export -f -e {p.source} {hint}; "
               f"then: qlaunch status {p.source} {hint}")  # fmt: skip
         return 0
     if args.dry_run:
