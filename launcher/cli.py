@@ -323,7 +323,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise QlaunchError(f"{args.run!r} names {len(runs)} runs; logs needs one run id")
     backend = _submitted_backend(args, found)
     try:
-        backend.logs(p, runs[0], follow=args.follow, out=sys.stdout, infer=args.infer)
+        if args.export:
+            backend.export_logs(runs[0], follow=args.follow, out=sys.stdout)
+        else:
+            backend.logs(p, runs[0], follow=args.follow, out=sys.stdout, infer=args.infer)
     except KeyboardInterrupt:
         pass
     return 0
@@ -479,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("logs", cmd_logs, "Print a run's log (-f follows it across restarts).")
     command.add_argument("run", help="run id (or a unique prefix)")
     command.add_argument("-f", "--follow", action="store_true")
-    command.add_argument("--infer", action="store_true", help="the inference job's log")
+    which_log = command.add_mutually_exclusive_group()
+    which_log.add_argument("--infer", action="store_true", help="the inference job's log")
+    which_log.add_argument("--export", action="store_true", help="the export job's log (qlaunch export)")
     command.add_argument("-e", "--experiment", help="experiment file (default: where the run was submitted from)")
     backend_option(command)
 

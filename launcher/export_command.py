@@ -1,30 +1,36 @@
 """`qlaunch export EXP --run ID | --best [--merge] [--gguf [--gguf-type f16|q8_0]]
-[--push-to-hub REPO [--private | --public]] [-o DIR]`: the subcommand's arguments and its work.
+[--push-to-hub REPO [--private | --public]] [-o DIR] [--backend B] [--memory SIZE] [--dry-run]`:
+the subcommand's arguments and its work.
 
 Everything that can refuse is asked before the export job starts: the run exists and finished
 training (`--best`: the run `qlaunch report` ranks first, which needs an evaluated run), and for
 `--push-to-hub` a token (`model.hf_token_env` / `model.hf_token_file`) that the hub says can
-write to the repo's namespace. Then `python -m training.export` (jobspec.export_job) runs on this
-machine, and the folder it wrote is pushed with huggingface_hub (`create_repo` + `upload_folder`).
-The token is passed to the client only: never printed, logged or written.
-
-What was exported where is recorded in `<run dir>/exports.json` (report and `status --json`).
+write to the repo's namespace; for a merge, the host memory where it runs. Then the export job
+(jobspec.export_job: `python -m training.export`) runs as a job of the experiment's backend
+(`--backend`): on this machine, now (local), or submitted (Slurm: `Backend.submit_export`, which
+asks the scheduler before it queues anything). Its last step (`finish`: here, or `python -m
+launcher.export_command --finish` in the job) pushes the folder with huggingface_hub
+(`create_repo` + `upload_folder`) and records the export in `<run dir>/exports.json` (report and
+`status --json`). The token is passed to the client only: never printed, logged or written.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from .backends import names as backend_names
 from .grid import Plan, plan
 from .job.config import RunConfig
 from .job.errors import QlaunchError
 from .job.storage import RunPaths, read_json, write_json
-from .jobspec import export_job, launcher_environment
+from .jobspec import export_finish_command, export_job, launcher_environment, memory_mib, merge_memory_bytes
 
 HELP = "Export a trained run: its adapter, or the merge checked against it (+ GGUF), optionally to the hub."
 EXPORTS_FILE = "exports.json"
@@ -46,13 +52,19 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
                             help="a new hub repo is private (the default)")  # fmt: skip
     visibility.add_argument("--public", dest="private", action="store_false", help="a new hub repo is public")
     command.add_argument("-o", "--output", help="export folder (default: <run dir>/export)")
+    command.add_argument("--backend", "-b", choices=backend_names(),
+                         help="where the export job runs (default: the experiment's backend; local: here, now)")
+    command.add_argument("--memory", metavar="SIZE",
+                         help="host memory the export job asks for, e.g. 48G (default: what the merge needs)")
+    command.add_argument("--dry-run", action="store_true",
+                         help="check everything and print the job script; submit and write nothing")
 
 
 # ---- choosing the run --------------------------------------------------------------------------
-def pick_run(p: Plan, run_ref: str | None, best: bool) -> RunConfig:
+def pick_run(p: Plan, run_ref: str | None, best: bool, backend=None) -> RunConfig:
     from .runner import backend_for
 
-    backend = backend_for(p, None)
+    backend = backend or backend_for(p, None)
     if best:
         from . import report
 
@@ -70,17 +82,12 @@ def pick_run(p: Plan, run_ref: str | None, best: bool) -> RunConfig:
         state = backend.status(p).get(run.run_id)
         raise QlaunchError(
             f"run {run.run_id} has not finished training (state: {state.state.value if state else 'unknown'}): "
-            f"nothing to export (qlaunch status {p.source})"
+            f"nothing to export (qlaunch status {p.source} --backend {backend.name})"
         )
     return run
 
 
 # ---- memory ------------------------------------------------------------------------------------
-# The merge holds the float16 model and, on a CPU, checks it in float32: ~6 bytes per parameter at
-# the peak (+ a fifth for the tokenizer, activations and allocator slack).
-MERGE_BYTES_PER_PARAMETER = 6 * 1.2
-
-
 def available_memory() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -91,21 +98,21 @@ def available_memory() -> int | None:
     return None
 
 
-def check_merge_memory(run: RunConfig, available: int | None = None) -> None:
-    """Refuse a merge this machine cannot hold (a 7B model wants ~45 GiB: a compute node)."""
-    from .preflight import model_shape
-
-    shape = model_shape(run)
+def check_merge_memory(run: RunConfig, available: int | None = None, job_memory: str | None = None) -> None:
+    """Refuse a merge that this machine (or, `job_memory`, its job's `--memory`) cannot hold (a 7B model wants ~45 GiB)."""
+    need = merge_memory_bytes(run)
+    if job_memory is not None:
+        available = int(memory_mib(job_memory) * 2**20)
     available = available_memory() if available is None else available
-    if shape is None or available is None:
+    if need is None or available is None or need <= available:
         return
-    need = int((shape.linear_params + shape.other_params) * MERGE_BYTES_PER_PARAMETER)
-    if need > available:
-        raise QlaunchError(
-            f"--merge of run {run.run_id} needs about {need / 2**30:.1f} GiB of host memory (the float16 merge, "
-            f"checked in float32), this machine has {available / 2**30:.1f} GiB available: run the export on a "
-            "compute node (README: After training)"
-        )
+    head = (f"--merge of run {run.run_id} needs about {need / 2**30:.1f} GiB of host memory (the float16 merge, "
+            "checked in float32), ")  # fmt: skip
+    if job_memory is not None:
+        raise QlaunchError(head + f"the export job would ask for {job_memory} (--memory): ask for at least "
+                           f"{math.ceil(need / 2**30)}G, or leave --memory out (the job then asks for what the merge needs)")  # fmt: skip
+    raise QlaunchError(head + f"this machine has {available / 2**30:.1f} GiB available: run the export on a compute "
+                       "node (--backend slurm; README: After training)")  # fmt: skip
 
 
 # ---- the hub -----------------------------------------------------------------------------------
@@ -184,23 +191,9 @@ def run_logged(command: list[str], log: Path) -> int:
         return process.wait()
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    if args.gguf and not args.merge:
-        raise QlaunchError("--gguf writes the merged model: add --merge")
-    p = plan(args.experiment)
-    run = pick_run(p, args.run, args.best)
-    if args.merge:
-        check_merge_memory(run)
-    target = push_target(run, args.push_to_hub) if args.push_to_hub else None
-    out = Path(args.output).expanduser().resolve() if args.output else RunPaths.of(run).root / "export"
-    job = export_job(run, str(out), args.merge, args.gguf_type if args.gguf else None)
-    print(f"exporting run {run.run_id} ({'merge' + (' + GGUF ' + args.gguf_type if args.gguf else '') if args.merge else 'adapter'})"
-          f" to {out}", flush=True)  # fmt: skip
-    code = run_logged(job.placed(python=sys.executable).command, Path(job.log))
-    if code != 0:
-        error = QlaunchError(f"the export of run {run.run_id} failed (exit {code}, above); nothing was pushed")
-        error.exit_code = code
-        raise error
+def finish(run: RunConfig, out: Path, target: tuple[str, str] | None, private: bool) -> dict[str, Any]:
+    """After training.export: push the folder (when asked) and record the export in exports.json.
+    Here for a local export; in the job (`python -m launcher.export_command --finish`) otherwise."""
     record = read_json(out / "export.json") or {}
     entry: dict[str, Any] = {"path": str(out), "kind": record.get("kind"), "at": round(time.time(), 3),
                              "merge_base": (record.get("merge_check") or {}).get("chosen"),
@@ -208,14 +201,101 @@ def cmd_export(args: argparse.Namespace) -> int:
     if target:
         repo_id, token = target
         try:
-            hub = push(out, repo_id, token, args.private)
+            hub = push(out, repo_id, token, private)
         except Exception as exc:  # noqa: BLE001 - one line, the token blanked
             raise QlaunchError(f"--push-to-hub {repo_id}: {str(exc).replace(token, '***')}") from None
         record["hub"] = hub
         write_json(out / "export.json", record)
         (out / "export.json").chmod(0o644)  # as the job left it: readable by whoever uses the export
         entry["hub"] = hub
-        print(f"pushed to {hub['url']} at {hub['revision']} ({'private' if hub['private'] else 'public'})")
+        print(f"pushed to {hub['url']} at {hub['revision']} ({'private' if hub['private'] else 'public'})", flush=True)
     record_export(run, entry)
-    print(f"export of run {run.run_id}: {out}")
+    print(f"export of run {run.run_id}: {out}", flush=True)
+    return entry
+
+
+def _what(args: argparse.Namespace) -> str:
+    return ("merge" + (" + GGUF " + args.gguf_type if args.gguf else "")) if args.merge else "adapter"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .runner import backend_for
+
+    if args.gguf and not args.merge:
+        raise QlaunchError("--gguf writes the merged model: add --merge")
+    if args.memory is not None and not re.fullmatch(r"\d+[KMGT]?", args.memory):
+        raise QlaunchError(f"--memory {args.memory}: a size such as 48G or 64000M")
+    p = plan(args.experiment)
+    backend = backend_for(p, args.backend)
+    backend.check_export()
+    run = pick_run(p, args.run, args.best, backend)
+    here = backend.foreground  # the local backend: the job runs on this machine, now
+    if args.merge:
+        if here:
+            check_merge_memory(run)
+        elif args.memory:
+            check_merge_memory(run, job_memory=args.memory)
+    target = push_target(run, args.push_to_hub) if args.push_to_hub else None
+    out = Path(args.output).expanduser().resolve() if args.output else RunPaths.of(run).root / "export"
+    job = export_job(run, str(out), args.merge, args.gguf_type if args.gguf else None, args.memory)
+    hint = f"--backend {backend.name}"
+    if not here:
+        finish_step = export_finish_command(job, target[0] if target else None, args.private)
+        submitted = backend.submit_export(run, job, finish_step, dry_run=args.dry_run)
+        if args.dry_run:
+            print(submitted.script, end="")
+            print(f"# dry run: the {backend.name} export job of run {run.run_id} ({_what(args)}) above was not submitted"
+                  f"{'; ' + submitted.checked if submitted.checked else ''}", file=sys.stderr)  # fmt: skip
+            return 0
+        print(f"export job {submitted.job_id} of run {run.run_id} ({_what(args)}) submitted to {backend.name}: "
+              f"it writes {out} and records it in exports.json when it ends; script {submitted.path}")  # fmt: skip
+        print(f"follow it: qlaunch logs {run.run_id} --export -f -e {p.source} {hint}; "
+              f"then: qlaunch status {p.source} {hint}")  # fmt: skip
+        return 0
+    if args.dry_run:
+        print(f"dry run: would export run {run.run_id} ({_what(args)}) here to {out}: "
+              + " ".join(job.placed(python=sys.executable).command))  # fmt: skip
+        return 0
+    print(f"exporting run {run.run_id} ({_what(args)}) to {out}", flush=True)
+    code = run_logged(job.placed(python=sys.executable).command, Path(job.log))
+    if code != 0:
+        error = QlaunchError(f"the export of run {run.run_id} failed (exit {code}, above); nothing was pushed")
+        error.exit_code = code
+        raise error
+    finish(run, out, target, args.private)
     return 0
+
+
+# ---- the export job's last step -------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """`python -m launcher.export_command --finish RUN_YAML --out DIR [--push-to-hub REPO] [--public]`:
+    run by the export job once training.export has written DIR. The token comes from the job's
+    environment or model.hf_token_file, as for every job; nothing here prints it."""
+    from .job.experiment_file import load_run_config
+
+    parser = argparse.ArgumentParser(prog="python -m launcher.export_command")
+    parser.add_argument("--finish", metavar="RUN_YAML", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--push-to-hub", metavar="REPO")
+    parser.add_argument("--public", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        run = load_run_config(args.finish)
+        target = None
+        if args.push_to_hub:
+            from .job.hub import read_hf_token
+
+            token = read_hf_token(run)
+            if not token:
+                raise QlaunchError(f"--push-to-hub {args.push_to_hub}: the job has no hub token "
+                                   f"(model.hf_token_file, or ${run.model.hf_token_env} passed on by the scheduler)")  # fmt: skip
+            target = (args.push_to_hub, token)
+        finish(run, Path(args.out), target, not args.public)
+    except QlaunchError as exc:
+        print(f"qlaunch export: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -173,7 +173,43 @@ def inference_job(run: RunConfig) -> JobSpec:
     )  # fmt: skip
 
 
-def export_job(run: RunConfig, out: str, merge: bool, gguf_type: str | None) -> JobSpec:
+# The merge holds the float16 model and, on a CPU, checks it in float32: ~6 bytes per parameter at
+# the peak (+ a fifth for the tokenizer, activations and allocator slack).
+MERGE_BYTES_PER_PARAMETER = 6 * 1.2
+# An adapter-only export copies files: Python + the training imports, whatever the model.
+EXPORT_ADAPTER_MEMORY = "2G"
+EXPORT_ADAPTER_TIME_LIMIT = "00:30:00"
+EXPORT_LOG = "export.log"
+
+
+def merge_memory_bytes(run: RunConfig) -> int | None:
+    """Host memory `qlaunch export --merge` needs at its peak; None for a model qlaunch does not know."""
+    from .preflight import model_shape  # the known-model table; no torch
+
+    shape = model_shape(run)
+    if shape is None:
+        return None
+    return int((shape.linear_params + shape.other_params) * MERGE_BYTES_PER_PARAMETER)
+
+
+def export_resources(run: RunConfig, merge: bool, memory: str | None = None) -> Resources:
+    """What the export job asks for: one node; a merge the host memory it needs (merge_memory_bytes,
+    16G for a model qlaunch does not know), at most one GPU (the unmerged 4-bit model is checked
+    there) and training's time limit; an adapter-only export 1 CPU, 2G, half an hour. `memory`
+    (`qlaunch export --memory`) replaces the derived size."""
+    res = run.resources
+    if merge:
+        need = merge_memory_bytes(run)
+        wanted = f"{math.ceil(need / 2**30)}G" if need else f"{INFER_MEMORY_UNKNOWN_MODEL_MIB // 1024}G"
+        gpus, cpus, time_limit = min(res.gpus_per_node, 1), min(res.cpus_per_task, INFER_CPUS), res.time_limit
+    else:
+        wanted, gpus, cpus = EXPORT_ADAPTER_MEMORY, 0, 1
+        time_limit = min((EXPORT_ADAPTER_TIME_LIMIT, res.time_limit), key=_seconds)
+    return Resources(nodes=1, gpus_per_node=gpus, gpu_type=res.gpu_type, cpus_per_task=cpus,
+                     memory=memory or wanted, time_limit=time_limit, time_limit_seconds=_seconds(time_limit))  # fmt: skip
+
+
+def export_job(run: RunConfig, out: str, merge: bool, gguf_type: str | None, memory: str | None = None) -> JobSpec:
     """`qlaunch export`'s job: the adapter (or the checked merge, and a GGUF) into `out`. Its log
     is `<run dir>/export.log`; a merge loads the base on the CPU (host memory, not GPU memory)."""
     paths = RunPaths.of(run)
@@ -181,9 +217,17 @@ def export_job(run: RunConfig, out: str, merge: bool, gguf_type: str | None) -> 
     return JobSpec(
         run_id=run.run_id, role=EXPORT, python=run.environment.python, module="training.export",
         run_yaml=str(paths.config), args=args, env=tuple(sorted(run.environment.variables.items())),
-        resources=_resources(run, INFER), workdir=str(paths.root), log=str(paths.root / "export.log"),
+        resources=export_resources(run, merge, memory), workdir=str(paths.root), log=str(paths.root / EXPORT_LOG),
         mounts=_mounts(run),
     )  # fmt: skip
+
+
+def export_finish_command(spec: JobSpec, repo_id: str | None, private: bool) -> list[str]:
+    """The export job's second step, after training.export: the push (when asked; the token read
+    from model.hf_token_env / hf_token_file by the job) and `<run dir>/exports.json`."""
+    out = spec.args[spec.args.index("--out") + 1]
+    push = ("--push-to-hub", repo_id, *(() if private else ("--public",))) if repo_id else ()
+    return [spec.python, "-m", "launcher.export_command", "--finish", spec.run_yaml, "--out", out, *push]
 
 
 def _mounts(run: RunConfig) -> tuple[str, ...]:

@@ -150,9 +150,9 @@ def test_the_push_is_private_has_every_file_and_answers_the_same_from_the_hub(ex
     script = (
         "import sys, json, torch\n"
         "from transformers import AutoModelForCausalLM\n"
-        "from launcher.experiment_file import load_run_config\n"
+        "from launcher.job.experiment_file import load_run_config\n"
         "from training.export import _tokenizer\nfrom training.infer import generate\n"
-        "from launcher.storage import RunPaths\n"
+        "from launcher.job.storage import RunPaths\n"
         "run = load_run_config(sys.argv[1])\n"
         "model = AutoModelForCausalLM.from_pretrained('alice/tiny-merged', revision=sys.argv[2], dtype=torch.float32)\n"
         "print(json.dumps(generate(run, model, _tokenizer(RunPaths.of(run)), sys.argv[3:])))\n"
@@ -275,3 +275,51 @@ def test_a_merge_that_does_not_fit_this_machine_is_refused(tmp_path, tiny_plan):
     with pytest.raises(QlaunchError, match=r"needs about 4\d\.\d GiB of host memory .* 16\.0 GiB available"):
         check_merge_memory(run, available=16 * 2**30)
     check_merge_memory(run, available=64 * 2**30)
+
+
+# --- the quickstart model -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_quickstart_models_best_run_exports_a_merge_and_gguf_that_answer_like_it(tmp_path):
+    """examples/quickstart.yaml's first grid point (SmolLM2-135M-Instruct, NF4, r=16 on all linear
+    layers), on 8 of its 40 held-out examples (+ its 2 free prompts) to fit a test: trained and
+    evaluated by `qlaunch run`, then `qlaunch export --best --merge --gguf` here."""
+    import shutil
+    import time
+
+    import yaml
+
+    examples = REPO / "examples"
+    (tmp_path / "data").mkdir()
+    shutil.copy(examples / "data" / "train.jsonl", tmp_path / "data" / "train.jsonl")
+    evals = (examples / "data" / "eval.jsonl").read_text().splitlines(keepends=True)[:8]
+    (tmp_path / "data" / "eval.jsonl").write_text("".join(evals))
+    data = yaml.safe_load((examples / "quickstart.yaml").read_text())
+    data.pop("grid")  # one run: the first grid point, learning rate 1e-3
+    data["storage"] = {"root": str(tmp_path / "runs")}
+    source = tmp_path / "quickstart.yaml"
+    source.write_text(yaml.safe_dump(data, sort_keys=False))
+    started = time.monotonic()
+    ran = qlaunch(tmp_path, "run", str(source))
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    trained_at = time.monotonic()
+    done = qlaunch(tmp_path, "export", str(source), "--best", "--merge", "--gguf")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(f"quickstart: trained + evaluated in {trained_at - started:.0f} s, exported in {time.monotonic() - trained_at:.0f} s")
+    [run] = plan(source).runs
+    out = RunPaths.of(run).root / "export"
+    record = json.loads((out / "export.json").read_text())
+    check = record["merge_check"]
+    print("merge check:", json.dumps(check["candidates"]), "gguf:", json.dumps(record["gguf"]))
+    assert check["prompts"] == 10 and check["eval_examples"] == 8 and check["metric_name"] == "json_match"
+    # Both merge bases measured and recorded; the one the adapter trained on ships, and answers as
+    # the unmerged model (4-bit base + adapter) does on every prompt, with the same metric.
+    assert set(check["candidates"]) == {"dequantized-4bit", "float16"} and check["chosen"] == "dequantized-4bit"
+    chosen, float16 = check["candidates"]["dequantized-4bit"], check["candidates"]["float16"]
+    assert chosen["answer_agreement"] == 1.0 and chosen["metric"] == check["unmerged_metric"]
+    assert chosen["mean_logit_diff"] < float16["mean_logit_diff"]
+    # The f16 GGUF, loaded back by transformers, is the merged model: identical logits and answers.
+    gguf = record["gguf"]
+    assert (out / gguf["file"]).is_file() and gguf["type"] == "f16" and gguf["tokenizer_ids_equal"]
+    assert gguf["answer_agreement"] == 1.0 and gguf["max_logit_diff"] == 0.0

@@ -13,10 +13,14 @@ import abc
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Callable
 
 from ..grid import Plan
 from ..job.config import RunConfig
+from ..job.errors import QlaunchError
+
+if TYPE_CHECKING:
+    from ..jobspec import JobSpec
 
 
 class State(str, enum.Enum):
@@ -70,6 +74,16 @@ class Submission:
         lines += [f"{run_id} skipped: {why}" for run_id, why in self.skipped.items()]
         lines.append(f"{self.backend}: {len(self.jobs)} runs to submit, {len(self.skipped)} skipped; {self.checked}")
         return lines
+
+
+@dataclass
+class ExportSubmission:
+    """`qlaunch export` as a job: its script or manifest, where it was written, its id (None: dry run)."""
+
+    script: str
+    path: Path | None = None
+    job_id: str | None = None
+    checked: str = ""  # how the scheduler validated it
 
 
 @dataclass
@@ -156,6 +170,34 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def logs(self, plan: Plan, run: RunConfig, *, follow: bool, out: IO[str], infer: bool = False) -> None:
         """Print a run's log; with follow, keep going across requeues/replacement pods."""
+
+    def check_export(self) -> None:
+        """Refuse `qlaunch export` on this backend before anything is read (one error), if it cannot run it."""
+
+    def submit_export(self, run: RunConfig, job: "JobSpec", finish: list[str], *, dry_run: bool) -> ExportSubmission:
+        """`qlaunch export` as a job of this backend: `job` (training.export) then `finish` (the push
+        and exports.json), with the job's resources; refusals (the scheduler's) before it is queued.
+        A backend that runs its jobs here (`foreground`) is never asked: the export runs in place."""
+        raise QlaunchError(
+            f"qlaunch export does not run as a {self.name} job yet: run it with --backend local on a machine "
+            "that mounts the storage root"
+        )
+
+    def export_active(self, run: RunConfig) -> bool:
+        """Whether the run's export job may still write to its log (`qlaunch logs RUN --export -f`)."""
+        return False
+
+    def export_logs(self, run: RunConfig, *, follow: bool, out: IO[str]) -> None:
+        """Print the log of the run's export (`<run dir>/export.log`); with follow, while its job runs."""
+        from ..jobspec import EXPORT_LOG
+        from ..logs import follow_file
+
+        if not self.shares_storage:
+            raise QlaunchError(f"the export log is in the run folder, which {self.name} jobs keep on their own storage")
+        log = Path(run.run_dir) / EXPORT_LOG
+        if not log.exists() and not self.export_active(run):
+            raise QlaunchError(f"run {run.run_id} has no export log ({log}): nothing exported yet (qlaunch export)")
+        follow_file(log, out, follow=follow, active=lambda: self.export_active(run))
 
     @abc.abstractmethod
     def cancel(self, plan: Plan, runs: list[RunConfig]) -> list[str]:

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from ...grid import Plan
 from ...job.config import RunConfig
-from ...job.errors import BackendError
+from ...job.errors import BackendError, QlaunchError
 from ...job.run_checks import Finding
 from ..base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
 from . import checks, manifests, naming
@@ -91,6 +91,13 @@ class KubernetesBackend(Backend):
     # released by reconcile() (status, status --watch, submit); `inference.per_run: true` keeps
     # one inference Job per run, released by its own trainer (training/handoff.py).
     grid_evaluation = True
+
+    def check_export(self) -> None:
+        """Not a Job yet: the export reads and writes the run folder, which is on the claim."""
+        raise QlaunchError(
+            "qlaunch export does not run as a Kubernetes Job yet: run it with --backend local on a machine that "
+            "mounts the storage claim at the experiment's storage.root (the run folders must be readable there)"
+        )
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> "KubernetesBackend":

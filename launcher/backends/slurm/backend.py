@@ -25,12 +25,12 @@ from ...job.config import RunConfig
 from ...job.errors import BackendError
 from ...job.progress import read_events
 from ...job.storage import RunPaths, read_json, write_json, write_run_config
-from ...jobspec import launcher_environment
+from ...jobspec import JobSpec, launcher_environment
 from ...logs import follow_file
-from ..base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
+from ..base import Backend, ExportSubmission, Foreground, RunStatus, State, Submission, SubmitReport
 from .evaluation import EVALUATE_SCRIPT, render_evaluation
 from .jobs import JobInfo, SlurmCommands
-from .script import INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_run
+from .script import EXPORT_SCRIPT, INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_export, render_run
 
 # How long `submit --force` waits for the jobs it cancelled to let go of the run folder.
 CANCEL_WAIT_SECONDS = 120
@@ -276,6 +276,43 @@ class SlurmBackend(Backend):
         text, _ = render_evaluation(runs, extra=("--force",) if force else ())
         actions = [_Action(run, render_run(run), train=False, infer=True) for run in runs]
         return self._submit_evaluation(actions, text, SubmitReport(), launcher_environment())
+
+    # ---- qlaunch export ------------------------------------------------------------------------
+    def submit_export(self, run: RunConfig, job: JobSpec, finish: list[str], *, dry_run: bool) -> ExportSubmission:
+        """`qlaunch export --backend slurm`: `<run dir>/export.sbatch`, asked of slurmctld with
+        `sbatch --test-only` (the memory the merge needs on a node of the partition) before it is
+        submitted; dry_run: the script and the scheduler's answer, nothing written or queued."""
+        text, _ = render_export(run, job, finish)
+        env = launcher_environment()
+        with tempfile.TemporaryDirectory(prefix="qlaunch-slurm-check-") as tmp:
+            check = Path(tmp) / EXPORT_SCRIPT
+            check.write_text(text)
+            res = job.resources
+            asks = (f"--mem={res.memory} (" + ("what the merge needs, or --memory" if "--merge" in job.args else "an adapter export")
+                    + f"), --cpus-per-task={res.cpus_per_task}" + (f", {res.gpus_per_node} GPU" if res.gpus_per_node else ""))
+            try:
+                self.commands.test_only(check, env=env, what=f"the export job of run {run.run_id}")
+            except BackendError as exc:
+                raise BackendError(f"{exc}; it asks for {asks}: nothing was submitted") from None
+        checked = f"sbatch --test-only accepted it (--mem={job.resources.memory})"
+        if dry_run:
+            return ExportSubmission(text, checked=checked)
+        latest = _Submissions.of(run).latest("export")
+        if latest and self.export_active(run):
+            raise BackendError(f"run {run.run_id} has an export job still queued or running ({latest}): "
+                               f"wait for it, or scancel {latest}")  # fmt: skip
+        script = RunPaths.of(run).root / EXPORT_SCRIPT
+        script.write_text(text)
+        job_id = self.commands.sbatch(script, env=env, what=f"sbatch of the export job of run {run.run_id}")
+        _record_job(run, "export", job_id, script=str(script))
+        return ExportSubmission(text, path=script, job_id=job_id, checked=checked)
+
+    def export_active(self, run: RunConfig) -> bool:
+        job_id = _Submissions.of(run).latest("export")
+        if job_id is None:
+            return False
+        info = self.commands.squeue_jobs([job_id]).get(job_id)
+        return info is not None and info.state.active
 
     def _submit_evaluation(self, actions: list[_Action], text: str, report: SubmitReport, env: dict[str, str]) -> str:
         """The grid evaluation job, after every training job of its runs (afterany: it evaluates

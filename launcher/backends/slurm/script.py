@@ -233,3 +233,52 @@ def render_run(run: RunConfig) -> RunScripts:
         )
         infer_scheduling = _scheduling(infer_directives)
     return RunScripts(run.run_id, train, infer, _scheduling(train_directives), infer_scheduling)
+
+
+EXPORT_SCRIPT = "export.sbatch"
+
+
+def _export_directives(run: RunConfig, spec: JobSpec) -> list[str]:
+    res, slurm = spec.resources, run.slurm
+    directives = [
+        f"--job-name={job_name(run)}-export",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={res.cpus_per_task}",
+        f"--mem={res.memory}",
+        f"--time={res.time_limit}",
+    ]
+    if res.gpus_per_node:
+        directives.append(f"--gres=gpu:{res.gpu_type}:{res.gpus_per_node}")
+    directives += _common_directives(run, slurm.inference_partition or slurm.partition)
+    directives += [
+        # A requeued export starts again from nothing (it writes beside its folder, renamed at the end).
+        "--requeue" if slurm.requeue else "--no-requeue",
+        "--open-mode=append",
+        f"--output={spec.log}",
+        *slurm.extra_directives,
+    ]
+    return directives
+
+
+def render_export(run: RunConfig, spec: JobSpec, finish: list[str]) -> tuple[str, tuple[str, ...]]:
+    """`qlaunch export --backend slurm`: (script text, the directives sbatch --test-only is asked
+    about). Like the inference script (same environment block, container, partition), with the
+    export job's own resources (launcher.jobspec.export_resources) and two steps: training.export,
+    then the push and exports.json (`finish`)."""
+    _validate(run)
+    out = spec.args[spec.args.index("--out") + 1]
+    _check_path(out, "--output")
+    directives = _export_directives(run, spec)
+    push = "--push-to-hub" in finish
+    text = templates.render(
+        "slurm",
+        "export.sbatch.j2",
+        **_context(run, spec),
+        directives=[directive(d) for d in directives],
+        out=out,
+        finish=finish,
+        push=push,
+        offline_names=[name for name in sorted(offline_env(run)) if push and name.endswith("_OFFLINE")],
+    )
+    return text, _scheduling(directives)
