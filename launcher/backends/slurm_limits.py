@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import getpass
 import os
+import subprocess
 from dataclasses import dataclass
 
+from ..errors import BackendError
 from .slurm_arrays import DEFAULT_MAX_ARRAY_SIZE
 from .slurm_jobs import SlurmCommands
 
@@ -46,9 +48,18 @@ class Limits:
         return len(costs)
 
 
+def _answer(commands: SlurmCommands, args: list[str]) -> subprocess.CompletedProcess | None:
+    """The command's result, or None where it is missing or does not answer (sbatch then says
+    so itself, in its own words)."""
+    try:
+        return commands.run(args, check=False)
+    except BackendError:
+        return None
+
+
 def _config(commands: SlurmCommands) -> dict[str, str]:
-    result = commands.run(["scontrol", "show", "config"], check=False)
-    if result.returncode != 0:
+    result = _answer(commands, ["scontrol", "show", "config"])
+    if result is None or result.returncode != 0:
         return {}
     pairs = (line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     return {key.strip(): value.strip() for key, value in pairs}
@@ -61,11 +72,10 @@ def _number(value: str | None) -> int | None:
 
 def _sacctmgr_limits(commands: SlurmCommands, user: str, qos: str | None) -> tuple[list[tuple[int, str]], str | None]:
     """([(limit, what)], None) where slurmdbd answers; ([], why not) elsewhere."""
-    try:
-        assoc = commands.run(["sacctmgr", "--noheader", "--parsable2", "show", "assoc", f"user={user}",
-                              "format=MaxSubmit,QOS,DefaultQOS"], check=False)  # fmt: skip
-    except Exception as exc:  # noqa: BLE001 - sacctmgr missing or hanging: say so, carry on
-        return [], str(exc)
+    assoc = _answer(commands, ["sacctmgr", "--noheader", "--parsable2", "show", "assoc", f"user={user}",
+                               "format=MaxSubmit,QOS,DefaultQOS"])  # fmt: skip
+    if assoc is None:
+        return [], "sacctmgr is not on PATH or did not answer"
     if assoc.returncode != 0:
         said = (assoc.stderr or assoc.stdout).strip().splitlines()
         return [], said[0] if said else f"sacctmgr exit status {assoc.returncode}"
@@ -79,9 +89,9 @@ def _sacctmgr_limits(commands: SlurmCommands, user: str, qos: str | None) -> tup
                 limits.append((value, f"your association's MaxSubmitJobs={value}"))
             if not qos:
                 qos_names.add(fields[2] or "normal")
-    qos_rows = commands.run(["sacctmgr", "--noheader", "--parsable2", "show", "qos",
-                             "format=Name,MaxSubmitJobsPerUser"], check=False)  # fmt: skip
-    if qos_rows.returncode == 0:
+    qos_rows = _answer(commands, ["sacctmgr", "--noheader", "--parsable2", "show", "qos",
+                                  "format=Name,MaxSubmitJobsPerUser"])  # fmt: skip
+    if qos_rows is not None and qos_rows.returncode == 0:
         for line in qos_rows.stdout.splitlines():
             name, _, value = line.partition("|")
             number = _number(value)
@@ -100,13 +110,14 @@ def read(commands: SlurmCommands, qos: str | None = None) -> Limits:
         notes.append(f"MaxArraySize could not be read (scontrol show config); arrays are cut at Slurm's default {DEFAULT_MAX_ARRAY_SIZE}")
         max_array = DEFAULT_MAX_ARRAY_SIZE
     user = os.environ.get("USER") or getpass.getuser()
-    jobs = commands.run(["squeue", "--noheader", "--array", "--states=all", "--format=%u|%T"], check=False)
-    rows = [line.split("|", 1) for line in jobs.stdout.splitlines() if "|" in line] if jobs.returncode == 0 else []
+    jobs = _answer(commands, ["squeue", "--noheader", "--array", "--states=all", "--format=%u|%T"])
+    answered = jobs is not None and jobs.returncode == 0
+    rows = [line.split("|", 1) for line in jobs.stdout.splitlines() if "|" in line] if answered else []
     held = len(rows)
     mine = sum(1 for owner, state in rows if owner.strip() == user and state.strip() in _QUEUED_STATES)
     candidates: list[tuple[int, str]] = []
     max_jobs = _number(config.get("MaxJobCount"))
-    if max_jobs is not None and jobs.returncode == 0:
+    if max_jobs is not None and answered:
         # slurmctld refuses a job once its records reach MaxJobCount; keep one record spare.
         candidates.append((max(0, max_jobs - held - 1), f"MaxJobCount={max_jobs}, {held} jobs held by slurmctld"))
     user_limits, why_not = _sacctmgr_limits(commands, user, qos)
