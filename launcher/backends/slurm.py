@@ -287,7 +287,7 @@ class SlurmBackend(Backend):
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
         request: _Request = submission.request
-        report = SubmitReport(skipped=dict(submission.skipped))
+        report = SubmitReport(skipped=dict(submission.skipped), notes=list(submission.notes))
         actions = list(request.actions)
         if not actions:
             return report
@@ -301,7 +301,6 @@ class SlurmBackend(Backend):
             if action.scripts.infer is not None and not action.grid:
                 (paths.root / INFER_SCRIPT).write_text(action.scripts.infer)
 
-        report.notes = list(submission.notes)
         done: list[str] = []
         try:
             singles = slurm_arrays.submit_actions(self.commands, request.chunks, actions, env, _record_job,
