@@ -5,6 +5,7 @@
 # call, and `qlaunch status` end to end) and resubmit (nothing missing: 0 sbatch calls).
 #
 #   bash bench/scale_slurm.sh [RUNS ...]        # default: 200 1000
+#   QLAUNCH_SRC=/path/to/other/checkout bash bench/scale_slurm.sh 1000   # the same, another qlaunch
 #
 # The jobs are held (`--hold` through slurm.extra_directives) rather than queued behind a blocker
 # job that takes the node: the test cluster is shared, and a held job is as pending to sbatch,
@@ -14,6 +15,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$here/.venv/bin/python}
+src=${QLAUNCH_SRC:-$here}
 [ $# -gt 0 ] || set -- 200 1000
 work=$(mktemp -d /tmp/qlaunch-scale-slurm.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -29,7 +31,7 @@ export PATH="$work/bin:$PATH"
 echo "MaxArraySize: $(scontrol show config | awk '$1 == "MaxArraySize" { print $3 }')"
 
 for runs in "$@"; do
-    PYTHONPATH=$here "$PYTHON" - "$runs" "$work" <<'EOF'
+    PYTHONPATH=$src "$PYTHON" - "$runs" "$work" <<'EOF'
 import subprocess
 import sys
 import time
@@ -72,7 +74,7 @@ report = timed("submit", lambda: backend.submit(p))
 assert len(report.submitted) == runs, report.notes
 statuses = timed("status (backend)", lambda: backend.status(p))
 assert len(statuses) == runs
-cli = [sys.executable, "-m", "launcher.cli", "status", str(source), "--backend", "slurm"]
+cli = [sys.executable, "-m", "launcher.cli", "status", str(source), "--backend", "slurm"]  # PYTHONPATH: $src
 timed("status (qlaunch status)", lambda: subprocess.run(cli, capture_output=True, check=True))
 again = timed("resubmit (nothing missing)", lambda: backend.submit(p))
 assert again.submitted == {}
