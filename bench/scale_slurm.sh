@@ -31,7 +31,7 @@ export PATH="$work/bin:$PATH"
 echo "MaxArraySize: $(scontrol show config | awk '$1 == "MaxArraySize" { print $3 }')"
 
 for runs in "$@"; do
-    PYTHONPATH=$src "$PYTHON" - "$runs" "$work" <<'EOF'
+    (cd "$work" && PYTHONPATH=$src "$PYTHON" - "$runs" "$work") <<'EOF'
 import subprocess
 import sys
 import time
