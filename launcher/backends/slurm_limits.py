@@ -3,7 +3,7 @@
 - `MaxArraySize` (`scontrol show config`): array indices stay below it; slurm_arrays cuts each
   group of runs into chunks of at most that many.
 - `MaxJobCount`: the job records slurmctld keeps at once (finished ones too, for MinJobAge);
-  every array task counts.
+  a new array's tasks are counted one each, against the records held now.
 - Where slurmdbd answers: the user's association `MaxSubmitJobs` and the QOS's
   `MaxSubmitJobsPerUser` (`sacctmgr show assoc` / `show qos`): the pending and running jobs
   (array tasks included) one user may have.
@@ -110,11 +110,13 @@ def read(commands: SlurmCommands, qos: str | None = None) -> Limits:
         notes.append(f"MaxArraySize could not be read (scontrol show config); arrays are cut at Slurm's default {DEFAULT_MAX_ARRAY_SIZE}")
         max_array = DEFAULT_MAX_ARRAY_SIZE
     user = os.environ.get("USER") or getpass.getuser()
-    jobs = _answer(commands, ["squeue", "--noheader", "--array", "--states=all", "--format=%u|%T"])
+    # One line per array task; %A is the task's own job record, or its array's while the task
+    # is pending and not yet split off (one record for all of them).
+    jobs = _answer(commands, ["squeue", "--noheader", "--array", "--states=all", "--format=%A|%u|%T"])
     answered = jobs is not None and jobs.returncode == 0
-    rows = [line.split("|", 1) for line in jobs.stdout.splitlines() if "|" in line] if answered else []
-    held = len(rows)
-    mine = sum(1 for owner, state in rows if owner.strip() == user and state.strip() in _QUEUED_STATES)
+    rows = [line.split("|", 2) for line in jobs.stdout.splitlines() if line.count("|") == 2] if answered else []
+    held = len({record for record, _, _ in rows})
+    mine = sum(1 for _, owner, state in rows if owner.strip() == user and state.strip() in _QUEUED_STATES)
     candidates: list[tuple[int, str]] = []
     max_jobs = _number(config.get("MaxJobCount"))
     if max_jobs is not None and answered:
