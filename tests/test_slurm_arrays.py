@@ -211,29 +211,45 @@ def test_a_grid_over_the_users_limit_queues_what_fits_and_a_later_submit_the_res
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    p = plan(write_experiment(tmp_path, name, slurm=HELD, inference={"enabled": False},
-                              environment={"python": str(bin_dir / "fake-python")},
+    p = plan(write_experiment(tmp_path, name, slurm=HELD, environment={"python": str(bin_dir / "fake-python")},
                               grid={"train.seed": [1, 2, 3, 4, 5, 6]}))  # fmt: skip
     cancel_after(p)
     backend = SlurmBackend()
 
+    def release_and_complete(run_ids):  # runs end (released, they complete at once): room frees
+        for run_id in run_ids:
+            subprocess.run(["scontrol", "release", _submission_ids(p, run_id)[0]], check=True)
+        wait_for(lambda: all(backend.status(p)[run_id].state == State.COMPLETED for run_id in run_ids),
+                 timeout=120, message="the released runs to complete")  # fmt: skip
+
     first = backend.submit(p)
     queued = [run.run_id for run in p.runs[:4]]
-    assert list(first.submitted) == queued  # in plan order, as far as the room goes
+    # In plan order, as far as the room goes; training only: the grid's one evaluation job
+    # goes out with the last runs.
+    assert first.submitted == {run_id: [_submission_ids(p, run_id)[0]] for run_id in queued}
     assert {first.skipped[run.run_id] for run in p.runs[4:]} == {WAITING}
     (note,) = first.notes
     assert note.startswith("4 of 6 runs queued; 2 wait for room (your association's MaxSubmitJobs=")
-    assert "`qlaunch submit` again" in note
+    assert "`qlaunch submit` again" in note and "evaluation job goes out with the last of them" in note
 
     second = backend.submit(p)  # no room freed: nothing new, nothing twice
     assert second.submitted == {} and second.notes[0].startswith("0 of 2 runs queued; 2 wait for room")
 
-    # Two runs end (released, they complete at once): room for the last two.
-    for job_id in (first.submitted[run_id][0] for run_id in queued[:2]):
-        subprocess.run(["scontrol", "release", job_id], check=True)
-    wait_for(lambda: all(backend.status(p)[run_id].state == State.COMPLETED for run_id in queued[:2]),
-             timeout=120, message="the two released runs to complete")  # fmt: skip
+    release_and_complete(queued[:2])
     third = backend.submit(p)
-    assert sorted(third.submitted) == sorted(run.run_id for run in p.runs[4:]) and third.notes == []
-    tasks = {job for jobs in [*first.submitted.values(), *third.submitted.values()] for job in jobs}
-    assert len(tasks) == 6  # every run once
+    assert sorted(third.submitted) == sorted(run.run_id for run in p.runs[4:])
+    assert third.notes == [f"the grid's evaluation job waits for room ({third.notes[0].split('(', 1)[1]}"]
+
+    release_and_complete(queued[2:3])
+    fourth = backend.submit(p)
+    evaluation = {jobs[0] for jobs in fourth.submitted.values()}
+    assert len(fourth.submitted) == 6 and len(evaluation) == 1 and fourth.notes == []
+    arrays = {_submission_ids(p, run.run_id)[0].split("_")[0] for run in p.runs}
+    assert len(arrays) == 2  # every run once: the first four in one array, the last two in another
+    shown = _scontrol(evaluation.pop())["Dependency"]
+    assert all(f"afterany:{array}_*" in shown for array in arrays)
+
+
+def _submission_ids(p, run_id: str) -> list[str]:
+    run = next(run for run in p.runs if run.run_id == run_id)
+    return [job["job_id"] for job in json.loads(RunPaths.of(run).submission.read_text())["jobs"]]

@@ -270,20 +270,34 @@ class SlurmBackend(Backend):
     @staticmethod
     def _fit(actions: list[_Action], limits: slurm_limits.Limits, report: SubmitReport) -> list[str]:
         """Keep the runs (in plan order) whose jobs fit the room the cluster's limits leave; the
-        others wait (WAITING), for a later submit. Returns the one line that says so."""
+        others wait (WAITING), for a later submit. The grid's evaluation job goes out only with
+        the last of its runs (one job for the whole grid, after all its training arrays).
+        Returns the one line that says what waits."""
         costs = [int(a.train) + int(a.infer and not a.grid) for a in actions]
-        if any(a.grid for a in actions):
-            costs[0] += 1  # the grid evaluation job
         fits = limits.fit(costs)
-        if fits == len(actions):
-            return []
-        waiting = actions[fits:]
+        left = actions[fits:]
         del actions[fits:]
-        for action in waiting:
+        graded = any(a.grid for a in (*actions, *left))
+        deferred = graded and (bool(left) or limits.fit([*costs, 1]) <= len(costs))
+        if deferred:
+            for action in actions:
+                if action.grid:
+                    action.infer = False
+            left += [a for a in actions if not a.train and not a.infer]  # only the evaluation: it waits
+            actions[:] = [a for a in actions if a.train or a.infer]
+        for action in left:
             report.skipped[action.run.run_id] = WAITING
-        total = fits + len(waiting)
-        return [f"{fits:,} of {total:,} runs queued; {len(waiting):,} wait for room ({limits.why}): run "
-                "`qlaunch submit` again once jobs have ended (it queues only what is missing)"]
+        waiting = [a for a in left if a.train or (a.infer and not a.grid)]
+        evaluation_waits = "; the grid's evaluation job goes out with the last of them" if deferred else ""
+        if waiting:
+            queued = sum(1 for a in actions if a.train or a.infer)
+            return [f"{queued:,} of {queued + len(waiting):,} runs queued; {len(waiting):,} wait for room "
+                    f"({limits.why}): run `qlaunch submit` again once jobs have ended (it queues only what is "
+                    f"missing{evaluation_waits})"]  # fmt: skip
+        if deferred:
+            return [f"the grid's evaluation job waits for room ({limits.why}): run `qlaunch submit` again once "
+                    "jobs have ended"]  # fmt: skip
+        return []
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
         request: _Request = submission.request
