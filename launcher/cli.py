@@ -22,7 +22,7 @@ from rich.text import Text
 from . import cli_extras, evaluate_command, export_command, hints, run_index, runner
 from .backends import Submission, canonical, get_backend
 from .backends import names as backend_names
-from .backends.base import Foreground
+from .backends.base import WAITING, Foreground
 from .grid import Plan, plan
 from .importers import command as import_command
 from .input_checks import refuse_bad_inputs
@@ -148,7 +148,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for run_id, jobs in report.submitted.items():
         console.print(f"{run_id} submitted: {', '.join(jobs)}")
     for run_id, why in report.skipped.items():
-        console.print(escape(f"{run_id} skipped: {why}"))
+        if why != WAITING:  # said once, in a note
+            console.print(escape(f"{run_id} skipped: {why}"))
+    for note in report.notes:
+        console.print(escape(note), soft_wrap=True)
     _print_hint(f"{len(report.submitted)} runs submitted, {len(report.skipped)} skipped. Watch: ",
                 hints.command("status", p, name, args, extra=["--watch"]))  # fmt: skip
     return result.exit_code
@@ -343,6 +346,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_throttle(args: argparse.Namespace) -> int:
+    """`qlaunch throttle EXP K`: how many tasks of each of the grid's Slurm arrays run at once."""
+    p = plan(args.experiment, args.set)
+    if _backend_name(args, p) != "slurm":
+        raise QlaunchError("throttle changes Slurm job arrays: use it with --backend slurm")
+    if args.limit < 0:
+        raise QlaunchError(f"throttle: {args.limit} is not a number of tasks (0: no throttle)")
+    arrays = _backend(args, "slurm").throttle(p, args.limit)
+    if not arrays:
+        console.print("no array of this experiment has tasks queued or running: nothing to change")
+        return 0
+    limit = f"at most {args.limit} tasks at once" if args.limit else "no throttle"
+    console.print(f"arrays {', '.join(arrays)}: {limit} (slurm.array_parallelism sets it for the next submit)")
+    return 0
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     found = run_index.resolve(args.run, args.experiment, command="infer", settings=args.set)
     p, runs = found.plan, found.runs
@@ -491,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("cancel", cmd_cancel, "Cancel a run, or every run of an experiment.")
     command.add_argument("target", help="run id, experiment name or experiment file")
     command.add_argument("-e", "--experiment", help="experiment file")
+    backend_option(command)
+
+    command = add("throttle", cmd_throttle, "Slurm: change how many tasks of the grid's arrays run at once.")
+    command.add_argument("experiment")
+    command.add_argument("limit", type=int, help="tasks per array at once (0: no throttle)")
     backend_option(command)
 
     command = add("infer", cmd_infer, "Generate with a trained adapter (base model + adapter from storage).")

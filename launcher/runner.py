@@ -75,7 +75,8 @@ def submit(plan: Plan, backend: Backend, *, force: bool = False, dry_run: bool |
         plan = prepare(plan)
     submission = backend.prepare(plan, force=force, offline=dry_run == "client")
     if dry_run:
-        return SubmitResult(EXIT_OK, submission, SubmitReport(skipped=dict(submission.skipped)), dry_run=True)
+        return SubmitResult(EXIT_OK, submission, SubmitReport(skipped=dict(submission.skipped), notes=list(submission.notes)),
+                            dry_run=True)
     run_index.record(plan, backend)  # only what is really submitted re-points `logs/cancel <run>`
     backend.reconcile(plan)
     report = backend.apply(submission, foreground)

@@ -144,6 +144,8 @@ SlurmctldParameters=preempt_send_user_signal
 KillWait=30
 # Finished jobs stay visible to squeue for an hour (there is no slurmdbd/sacct here).
 MinJobAge=3600
+# Array indices 0-99 (Slurm's default is 1001): qlaunch's tests see a grid cut into several arrays.
+MaxArraySize=100
 NodeName=$host NodeAddr=127.0.0.1 ${hw}Gres=gpu:t4:$GPU_COUNT State=UNKNOWN
 PartitionName=normal Nodes=$host Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME MaxTime=INFINITE State=UP
 PartitionName=high Nodes=$host PriorityTier=100 PreemptMode=OFF MaxTime=INFINITE State=UP

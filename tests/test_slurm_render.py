@@ -85,17 +85,23 @@ def _render(tmp_path: Path, data: dict, out: str = "out") -> dict[str, str]:
     return {p.name: p.read_text().replace(str(tmp_path), "<experiment dir>") for p in written}
 
 
+def _run_script(rendered: dict[str, str]) -> str:
+    """The one run's own training script (not the array that runs it)."""
+    (text,) = [text for name, text in rendered.items() if name.endswith(".train.sbatch") and "-" not in name]
+    return text
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_render_matches_snapshot(tmp_path, case):
     rendered = _render(tmp_path, CASES[case])
     folder = SNAPSHOTS / case
     if UPDATE:
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.sbatch"):
+        for old in [*folder.glob("*.sbatch"), *folder.glob("*.tasks")]:
             old.unlink()
         for name, text in rendered.items():
             (folder / name).write_text(text)
-    expected = {p.name: p.read_text() for p in sorted(folder.glob("*.sbatch"))}
+    expected = {p.name: p.read_text() for p in sorted([*folder.glob("*.sbatch"), *folder.glob("*.tasks")])}
     assert sorted(rendered) == sorted(expected), "a different set of scripts (QLAUNCH_UPDATE_SNAPSHOTS=1 to accept)"
     for name, text in rendered.items():
         assert text == expected[name], f"{case}/{name} differs from its snapshot (QLAUNCH_UPDATE_SNAPSHOTS=1 to accept)"
@@ -103,11 +109,13 @@ def test_render_matches_snapshot(tmp_path, case):
 
 def test_a_training_script_per_run_and_one_evaluation_script_for_the_grid(tmp_path):
     rendered = _render(tmp_path, CASES["gpu-cluster"])
-    assert len(rendered) == 3
+    # Two runs' scripts, the grid's evaluation script, and the training array over both runs.
+    assert len(rendered) == 5
     for name, text in rendered.items():
-        assert text.startswith("#!/bin/bash\n")
-        assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, name
-    train = next(text for name, text in rendered.items() if name.endswith(".train.sbatch"))
+        if name.endswith(".sbatch"):
+            assert text.startswith("#!/bin/bash\n")
+            assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, name
+    train = next(text for name, text in rendered.items() if name.endswith(".train.sbatch") and "-" not in name)
     assert "#SBATCH --gres=gpu:t4:1" in train
     # To the step's processes: training.launch handles it (no forwarding in the script).
     assert "#SBATCH --signal=USR1@300" in train
@@ -132,8 +140,7 @@ def test_render_is_pure(tmp_path):
 
 
 def test_no_gres_line_without_gpus(tmp_path):
-    rendered = _render(tmp_path, CASES["cpu-no-requeue"])
-    (text,) = rendered.values()
+    text = _run_script(_render(tmp_path, CASES["cpu-no-requeue"]))
     assert "--gres" not in text
     assert "#SBATCH --no-requeue" in text
     assert "scontrol requeue" not in text
@@ -159,7 +166,7 @@ def test_values_reach_the_shell_literally(tmp_path):
     """Variables are exported quoted: `$(...)`, quotes and spaces arrive as typed."""
     nasty = "a b $(touch pwned) `id` 'single' \"double\" $HOME ;"
     data = {**CASES["cpu-no-requeue"], "environment": {"variables": {"NASTY": nasty}}}
-    (text,) = _render(tmp_path, data).values()
+    text = _run_script(_render(tmp_path, data))
     exports = "\n".join(line for line in text.splitlines() if line.startswith("export NASTY="))
     result = subprocess.run(
         ["bash", "-c", exports + '\nprintf %s "$NASTY"'], cwd=tmp_path, capture_output=True, text=True
@@ -190,9 +197,83 @@ def test_docker_and_podman_scripts_are_valid_bash_that_runs_the_image(tmp_path, 
     data = {**CASES["gpu-docker"], "environment": {**CASES["gpu-docker"]["environment"], "container_runtime": runtime}}
     written = SlurmBackend().render(plan(_experiment(tmp_path, data)), tmp_path / "out")
     for path in written:
+        if "-" in path.name:  # the array script and task list: no container of their own
+            continue
         subprocess.run(["bash", "-n", str(path)], check=True)
         text = path.read_text()
         assert f"in_container=({runtime} run --rm" in text
         assert ("--userns=keep-id" in text) == (runtime == "podman")
         assert ("TINI_KILL_PROCESS_GROUP=1" in text) == (runtime == "docker")
         assert text.count("--volume /shared/qlaunch-runs:/shared/qlaunch-runs") == 1
+
+
+# ---- arrays (issue #28) --------------------------------------------------------------------------
+def _arrays(rendered: dict[str, str]) -> dict[str, str]:
+    return {name: text for name, text in rendered.items() if "-" in name}
+
+
+def test_a_grid_is_one_array_whose_tasks_run_each_runs_own_script(tmp_path):
+    data = {**CASES["cpu-no-requeue"], "slurm": {"array_parallelism": 2}, "grid": {"train.seed": [1, 2, 3]}}
+    p = plan(_experiment(tmp_path, data))
+    rendered = _render(tmp_path, data)
+    arrays = _arrays(rendered)
+    (tasks_name,) = [name for name in arrays if name.endswith(".tasks")]
+    (array_name,) = [name for name in arrays if name.endswith(".train.sbatch")]
+    # Task N is the N-th run of the grid, by id and run folder.
+    lines = [line.split("\t") for line in arrays[tasks_name].splitlines() if not line.startswith("#")]
+    assert lines == [[str(i), run.run_id, run.run_dir] for i, run in enumerate(p.runs)]
+    array = arrays[array_name]
+    assert "#SBATCH --array=0-2%2" in array  # slurm.array_parallelism: 2 runs at once
+    assert "#SBATCH --job-name=cpu-smoke-train" in array
+    # The run's own directives (the same for every run of the array), its log through a link.
+    run_directives = [line for line in _run_script({n: t for n, t in rendered.items() if p.runs[0].run_id in n})
+                      .splitlines() if line.startswith("#SBATCH") and "--job-name" not in line and "--output" not in line]
+    assert all(line in array for line in run_directives)
+    assert f"#SBATCH --output=/shared/qlaunch-runs/cpu-smoke/arrays/{tasks_name[:-6]}.train.logs/%a.log" in array
+
+    # The task resolves its run from $SLURM_ARRAY_TASK_ID and runs that run's train.sbatch.
+    storage = tmp_path / "storage"
+    for i, run in enumerate(p.runs):
+        (storage / run.run_id).mkdir(parents=True)
+        (storage / run.run_id / "train.sbatch").write_text(f"echo ran {run.run_id}\n")
+    tasks = tmp_path / "tasks"
+    tasks.write_text(arrays[tasks_name].replace("/shared/qlaunch-runs/cpu-smoke", str(storage)))
+    script = array.replace(f"/shared/qlaunch-runs/cpu-smoke/arrays/{tasks_name}", str(tasks))
+    for i, run in enumerate(p.runs):
+        out = subprocess.run(["bash", "-c", script], env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)},
+                             capture_output=True, text=True)  # fmt: skip
+        assert out.stdout == f"ran {run.run_id}\n", out.stderr
+    missing = subprocess.run(["bash", "-c", script], env={**os.environ, "SLURM_ARRAY_TASK_ID": "7"},
+                             capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 1 and "array task 7 is not in" in missing.stderr
+
+
+def test_runs_with_different_directives_form_separate_arrays(tmp_path):
+    from dataclasses import replace
+
+    from launcher.backends.slurm.arrays import layout
+    from launcher.backends.slurm.script import render_run
+
+    p = plan(_experiment(tmp_path, {**CASES["cpu-no-requeue"], "grid": {"train.seed": [1, 2, 3, 4]}}))
+    scripts = {run.run_id: render_run(run) for run in p.runs}
+    # As if the last two runs asked for more memory (a per-run resource estimate, another site).
+    for run in p.runs[2:]:
+        rendered = scripts[run.run_id]
+        scripts[run.run_id] = replace(rendered, train_scheduling=tuple(
+            "--mem=8G" if d.startswith("--mem=") else d for d in rendered.train_scheduling))
+    chunks = layout(p.runs, scripts, 1001, lambda run: False)
+    assert [[run.run_id for run in chunk.runs] for chunk in chunks] == [
+        [run.run_id for run in p.runs[:2]], [run.run_id for run in p.runs[2:]]]  # fmt: skip
+    assert "#SBATCH --mem=4G" in chunks[0].train and "#SBATCH --mem=8G" in chunks[1].train
+    assert all("#SBATCH --array=0-1\n" in chunk.train for chunk in chunks)  # no throttle by default
+    # MaxArraySize=3 caps the index: 4 alike runs are two arrays, tasks 0-2 and 0.
+    alike = layout(p.runs, {run.run_id: render_run(run) for run in p.runs}, 3, lambda run: False)
+    assert [len(chunk.runs) for chunk in alike] == [3, 1]
+    assert "#SBATCH --array=0-2\n" in alike[0].train and "#SBATCH --array=0\n" in alike[1].train
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "four", True])
+def test_array_parallelism_must_be_a_positive_integer(tmp_path, value):
+    data = {**CASES["cpu-no-requeue"], "slurm": {"array_parallelism": value}}
+    with pytest.raises(ConfigError, match=r"experiment.yaml:\d+: slurm.array_parallelism"):
+        plan(_experiment(tmp_path, data))

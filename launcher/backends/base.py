@@ -56,6 +56,12 @@ class SubmitReport:
     submitted: dict[str, list[str]] = field(default_factory=dict)  # run id → job ids
     skipped: dict[str, str] = field(default_factory=dict)  # run id → why (already running …)
     interrupted: bool = False  # the local backend was stopped with Ctrl-C
+    notes: list[str] = field(default_factory=list)  # one line each, e.g. runs waiting for queue room
+
+
+# A run left out because the cluster's queue limits leave no room for it now (`notes` says how
+# many, once); the next submit queues it.
+WAITING = "waits for room in the queue"
 
 
 @dataclass
@@ -68,10 +74,12 @@ class Submission:
     skipped: dict[str, str] = field(default_factory=dict)  # run id → why nothing is submitted
     checked: str = "not checked with the scheduler"  # how the scheduler validated it
     request: Any = field(default=None, repr=False, compare=False)  # the backend's own, for apply
+    notes: list[str] = field(default_factory=list)  # one line each, e.g. runs waiting for queue room
 
     def describe(self) -> list[str]:
         lines = [f"{run_id}: {', '.join(jobs)}" for run_id, jobs in self.jobs.items()]
-        lines += [f"{run_id} skipped: {why}" for run_id, why in self.skipped.items()]
+        lines += [f"{run_id} skipped: {why}" for run_id, why in self.skipped.items() if why != WAITING]
+        lines += self.notes
         lines.append(f"{self.backend}: {len(self.jobs)} runs to submit, {len(self.skipped)} skipped; {self.checked}")
         return lines
 
@@ -155,7 +163,7 @@ class Backend(abc.ABC):
         submission = self.prepare(plan, force=force, offline=dry_run == "client")
         if dry_run:
             return SubmitReport(submitted={r: [f"{j} (dry run)" for j in jobs] for r, jobs in submission.jobs.items()},
-                                skipped=dict(submission.skipped))  # fmt: skip
+                                skipped=dict(submission.skipped), notes=list(submission.notes))  # fmt: skip
         return self.apply(submission)
 
     def progress_events(self, plan: Plan) -> dict[str, list[dict]] | None:

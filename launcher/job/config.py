@@ -312,6 +312,9 @@ class SlurmConfig(Section):
     requeue: bool = True
     extra_directives: list[str] = Field(default_factory=list)  # e.g. ["--exclusive"]
     inference_partition: str | None = None
+    # Array tasks of one array running at once (the `%K` of `--array`); null: no throttle.
+    # `qlaunch throttle EXP K` changes it on the arrays already queued.
+    array_parallelism: int | None = Field(default=None, ge=1, strict=True)
 
 
 class SecretRef(Section):

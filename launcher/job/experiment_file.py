@@ -279,10 +279,16 @@ def load_run_config(path: str | Path) -> RunConfig:
         raise ConfigError(format_validation_error(exc, str(path), lines)) from None
 
 
+# Keys added after the job image was first published, left out of run.yaml at their defaults:
+# a run that does not use one keeps the bytes it had, and a job image older than the key (which
+# refuses keys it does not know) still reads the run.yaml. (section, key) → default.
+NEWER_KEYS_AT_DEFAULT = {("inference", "batch_size"): "auto", ("slurm", "array_parallelism"): None}
+
+
 def dump_run_config(run: RunConfig) -> str:
-    """Deterministic YAML of a run config (same run → same bytes). inference.batch_size at its
-    default (auto) is left out: a run.yaml rendered before the knob existed keeps its bytes."""
+    """Deterministic YAML of a run config (same run → same bytes), NEWER_KEYS_AT_DEFAULT left out."""
     data = run.model_dump(mode="json")
-    if data.get("inference", {}).get("batch_size") == "auto":
-        del data["inference"]["batch_size"]
+    for (section, key), default in NEWER_KEYS_AT_DEFAULT.items():
+        if key in data.get(section, {}) and data[section][key] == default:
+            del data[section][key]
     return yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1000)

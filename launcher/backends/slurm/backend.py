@@ -27,7 +27,9 @@ from ...job.progress import read_events
 from ...job.storage import RunPaths, read_json, write_json, write_run_config
 from ...jobspec import JobSpec, launcher_environment
 from ...logs import follow_file
-from ..base import Backend, ExportSubmission, Foreground, RunStatus, State, Submission, SubmitReport
+from ..base import WAITING, Backend, ExportSubmission, Foreground, RunStatus, State, Submission, SubmitReport
+from . import arrays as slurm_arrays
+from . import limits as slurm_limits
 from .evaluation import EVALUATE_SCRIPT, render_evaluation
 from .jobs import JobInfo, SlurmCommands
 from .script import EXPORT_SCRIPT, INFER_SCRIPT, TRAIN_SCRIPT, RunScripts, render_export, render_run
@@ -58,6 +60,7 @@ class _Request:
     infos: dict[str, JobInfo]
     force: bool
     evaluate: str | None = None  # the grid evaluation script, when a run needs it
+    chunks: tuple[slurm_arrays.Chunk, ...] = ()  # every run's array chunk (slurm_arrays.layout)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,22 @@ class _Submissions:
     def latest(self, kind: str) -> str | None:
         ids = self.ids(kind)
         return ids[-1] if ids else None
+
+    def cancelled(self, kind: str) -> bool:
+        """Whether `qlaunch cancel` cancelled the newest job of this kind (a pending array task
+        that is cancelled is gone from squeue at once)."""
+        jobs = [job for job in self.jobs if job.get("kind") == kind]
+        return bool(jobs and jobs[-1].get("cancelled_at"))
+
+
+def _mark_cancelled(run: RunConfig, job_ids: set[str]) -> None:
+    record = read_json(RunPaths.of(run).submission) or {}
+    jobs = record.get("jobs", [])
+    for job in jobs:
+        if str(job.get("job_id")) in job_ids or str(job.get("job_id")).split("_")[0] in job_ids:
+            job.setdefault("cancelled_at", round(time.time(), 3))
+    if jobs:
+        write_json(RunPaths.of(run).submission, {**record, "jobs": jobs})
 
 
 def _record_job(run: RunConfig, kind: str, job_id: str, **fields) -> None:
@@ -132,6 +151,8 @@ class SlurmBackend(Backend):
             status.state, status.detail, status.restarts = train.state, train.detail, train.restarts
         else:
             status.state, status.detail = _from_storage(run, train_id)
+            if status.state == State.UNKNOWN and record.cancelled("train"):
+                status.state, status.detail = State.CANCELLED, "cancelled (qlaunch cancel)"
         guarded = requeue.stopped_reason(paths.root, train_id)
         if guarded and status.state in (State.FAILED, State.UNKNOWN):
             # The batch script's requeue guard ended it (exit 76), not a crash.
@@ -142,7 +163,7 @@ class SlurmBackend(Backend):
         elif paths.inference_completed():
             status.infer_state = State.COMPLETED
         elif infer_id is not None:
-            status.infer_state = State.UNKNOWN
+            status.infer_state = State.CANCELLED if record.cancelled("infer") else State.UNKNOWN
         return status
 
     # ---- submit -------------------------------------------------------------------------------
@@ -219,9 +240,16 @@ class SlurmBackend(Backend):
         graded = [run for run in plan.runs if run.inference.enabled and not evaluation.per_run(run, self.name)]
         if graded:
             files[EVALUATE_SCRIPT] = render_evaluation(graded)[0]
+        # Offline (render): cut by Slurm's default MaxArraySize, asking no cluster.
+        limits = slurm_limits.Limits() if offline else slurm_limits.read(self.commands, plan.runs[0].slurm.qos)
+        chunks = slurm_arrays.layout(plan.runs, scripts, limits.max_array_size,
+                                     lambda run: evaluation.per_run(run, self.name))  # fmt: skip
+        for chunk in chunks:
+            files.update(chunk.files())
         report = SubmitReport()
         infos = {} if offline else self._infos(plan.runs)
         actions = self._plan_actions(plan, scripts, infos, force, report)
+        notes = self._fit(actions, limits, report)
         checked = "not checked with Slurm (offline)"
         if actions and not offline:
             self._check_with_scheduler(actions, launcher_environment())
@@ -235,12 +263,47 @@ class SlurmBackend(Backend):
             jobs[action.run.run_id] = (["train"] if action.train else []) + evaluate
         graded = [action.run for action in actions if action.grid]
         evaluate_text = render_evaluation(graded)[0] if graded else None
+        if limits.notes:
+            checked += "; " + "; ".join(limits.notes)
         return Submission(self.name, files, jobs, report.skipped, checked,
-                          request=_Request(tuple(actions), infos, force, evaluate_text))  # fmt: skip
+                          request=_Request(tuple(actions), infos, force, evaluate_text, tuple(chunks)),
+                          notes=notes)  # fmt: skip
+
+    @staticmethod
+    def _fit(actions: list[_Action], limits: slurm_limits.Limits, report: SubmitReport) -> list[str]:
+        """Keep the runs (in plan order) whose jobs fit the room the cluster's limits leave; the
+        others wait (WAITING), for a later submit. The grid's evaluation job goes out only with
+        the last of its runs (one job for the whole grid, after all its training arrays).
+        Returns the one line that says what waits."""
+        costs = [int(a.train) + int(a.infer and not a.grid) for a in actions]
+        fits = limits.fit(costs)
+        left = actions[fits:]
+        del actions[fits:]
+        graded = any(a.grid for a in (*actions, *left))
+        deferred = graded and (bool(left) or limits.fit([*costs, 1]) <= len(costs))
+        if deferred:
+            for action in actions:
+                if action.grid:
+                    action.infer = False
+            left += [a for a in actions if not a.train and not a.infer]  # only the evaluation: it waits
+            actions[:] = [a for a in actions if a.train or a.infer]
+        for action in left:
+            report.skipped[action.run.run_id] = WAITING
+        waiting = [a for a in left if a.train or (a.infer and not a.grid)]
+        evaluation_waits = "; the grid's evaluation job goes out with the last of them" if deferred else ""
+        if waiting:
+            queued = sum(1 for a in actions if a.train or a.infer)
+            return [f"{queued:,} of {queued + len(waiting):,} runs queued; {len(waiting):,} wait for room "
+                    f"({limits.why}): run `qlaunch submit` again once jobs have ended (it queues only what is "
+                    f"missing{evaluation_waits})"]  # fmt: skip
+        if deferred:
+            return [f"the grid's evaluation job waits for room ({limits.why}): run `qlaunch submit` again once "
+                    "jobs have ended"]  # fmt: skip
+        return []
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
         request: _Request = submission.request
-        report = SubmitReport(skipped=dict(submission.skipped))
+        report = SubmitReport(skipped=dict(submission.skipped), notes=list(submission.notes))
         actions = list(request.actions)
         if not actions:
             return report
@@ -255,21 +318,32 @@ class SlurmBackend(Backend):
                 (paths.root / INFER_SCRIPT).write_text(action.scripts.infer)
 
         done: list[str] = []
-        for action in actions:
+        try:
+            singles = slurm_arrays.submit_actions(self.commands, request.chunks, actions, env, _record_job,
+                                                  report.submitted, done)  # fmt: skip
+        except BackendError as exc:
+            self._midway(exc, actions, report, done)
+        for action in singles:
             try:
                 report.submitted[action.run.run_id] = self._submit_one(action, env)
             except BackendError as exc:
-                remaining = [a.run.run_id for a in actions if a.run.run_id not in report.submitted]
-                raise BackendError(
-                    f"{exc}\nsubmitted before this failure: {', '.join(done) or 'none'}; "
-                    f"not submitted: {', '.join(remaining)}. Fix the cause and run submit again: "
-                    "it submits only what is missing."
-                ) from None
+                self._midway(exc, actions, report, done)
             done.append(action.run.run_id)
         graded = [action for action in actions if action.grid]
         if graded:
             self._submit_evaluation(graded, request.evaluate, report, env)
         return report
+
+    @staticmethod
+    def _midway(exc: BackendError, actions: list[_Action], report: SubmitReport, done: list[str]) -> None:
+        remaining = [a.run.run_id for a in actions if a.run.run_id not in done and a.run.run_id not in report.submitted]
+        partly = [f"{run_id} ({', '.join(jobs)})" for run_id, jobs in report.submitted.items() if run_id not in done]
+        raise BackendError(
+            f"{exc}\nsubmitted before this failure: {', '.join(done) or 'none'}; "
+            + (f"partly submitted: {', '.join(partly)}; " if partly else "") +
+            f"not submitted: {', '.join(remaining)}. Fix the cause and run submit again: "
+            "it submits only what is missing."
+        ) from None
 
     def evaluate(self, runs: list[RunConfig], force: bool = False) -> str:
         """`qlaunch evaluate --backend slurm`: one evaluation job for these trained runs, now."""
@@ -321,7 +395,7 @@ class SlurmBackend(Backend):
         runs_file = evaluation.write_runs_file(runs)
         script = runs_file.parent / EVALUATE_SCRIPT
         script.write_text(text)
-        waits = sorted({job for action in actions for job in [
+        waits = sorted({job.split("_")[0] for action in actions for job in [  # an array: all its tasks
             _Submissions.of(action.run).latest("train") if action.train else action.after] if job})  # fmt: skip
         options = [f"--dependency=afterany:{':'.join(waits)}"] if waits else []
         job_id = self.commands.sbatch(script, options, env=env, what="sbatch of the grid evaluation job")
@@ -414,6 +488,19 @@ class SlurmBackend(Backend):
             training = train in others_infos and others_infos[train].state.active
             if grid and training and shared in ids:
                 ids = [job_id for job_id in ids if job_id != shared]
-        self.commands.scancel(list(dict.fromkeys(ids)))
+        ids = slurm_arrays.collapse(list(dict.fromkeys(ids)), {**infos, **others_infos})
+        self.commands.scancel(ids)
+        for run in runs:
+            if run.run_id in cancelled:
+                _mark_cancelled(run, set(ids))
         return cancelled
+
+    def throttle(self, plan: Plan, limit: int) -> list[str]:
+        """`qlaunch throttle`: ArrayTaskThrottle=limit on the plan's arrays that still have
+        tasks queued or running; returns their ids."""
+        infos = self._infos(plan.runs)
+        arrays = sorted({parsed[0] for job_id, info in infos.items()
+                         if info.state.active and (parsed := slurm_arrays.task_id(job_id))}, key=int)  # fmt: skip
+        slurm_arrays.throttle(self.commands, arrays, limit)
+        return arrays
 

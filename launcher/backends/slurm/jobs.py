@@ -25,7 +25,7 @@ NOT_FOUND_HINT = (
 
 # squeue -O field → the column name submitit's parser keys on.
 _SQUEUE_FIELDS = (
-    ("JobID", "JobID"),
+    ("JobArrayID", "JobID"),  # `123_4` for an array task (JobID is the task's own number), else the id
     ("State", "State"),
     ("RestartCnt", "Restarts"),
     ("Reason", "Reason"),
@@ -178,8 +178,10 @@ class SlurmCommands:
         if not job_ids:
             return {}
         fields = ",".join(f"{name}:|" for name, _ in _SQUEUE_FIELDS)
+        # Array tasks (`123_4`) are asked for by their array (`123`), and listed one per line (--array).
+        jobs = ",".join(dict.fromkeys(job_id.split("_")[0] for job_id in job_ids))
         result = self.run(
-            ["squeue", "--noheader", "--states=all", f"--jobs={','.join(job_ids)}", f"--Format={fields}"],
+            ["squeue", "--noheader", "--array", "--states=all", f"--jobs={jobs}", f"--Format={fields}"],
             check=False,
         )
         if result.returncode != 0:
@@ -189,7 +191,8 @@ class SlurmCommands:
             raise BackendError(f"squeue failed: {result.stderr.strip() or result.returncode}")
         rows = [line.rstrip().rstrip("|") for line in result.stdout.splitlines()]
         parsed = _parse("\n".join(rows), [column for _, column in _SQUEUE_FIELDS])
-        return {job_id: _job_info(job_id, fields) for job_id, fields in parsed.items() if job_id in job_ids}
+        wanted = set(job_ids)
+        return {job_id: _job_info(job_id, fields) for job_id, fields in parsed.items() if job_id in wanted}
 
     def accounting_enabled(self) -> bool:
         if self._accounting is None:
