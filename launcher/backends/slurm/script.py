@@ -97,11 +97,14 @@ def _scheduling(directives: list[str]) -> tuple[str, ...]:
     return tuple(d for d in directives if not d.startswith(("--job-name=", "--output=")))
 
 
-def _train_directives(run: RunConfig, spec: JobSpec) -> list[str]:
+def _job_directives(run: RunConfig, spec: JobSpec, name: str, partition: str | None, *own: str,
+                    nodes: int | None = None) -> list[str]:  # fmt: skip
+    """The directives every qlaunch job has (name, size, partition, account…), `own` before the
+    log options, the user's extra directives last (they win)."""
     res, slurm = spec.resources, run.slurm
     directives = [
-        f"--job-name={job_name(run)}",
-        f"--nodes={res.nodes}",
+        f"--job-name={name}",
+        f"--nodes={res.nodes if nodes is None else nodes}",
         "--ntasks-per-node=1",
         f"--cpus-per-task={res.cpus_per_task}",
         f"--mem={res.memory}",
@@ -109,40 +112,26 @@ def _train_directives(run: RunConfig, spec: JobSpec) -> list[str]:
     ]
     if res.gpus_per_node:
         directives.append(f"--gres=gpu:{res.gpu_type}:{res.gpus_per_node}")
-    directives += _common_directives(run, slurm.partition)
+    directives += _common_directives(run, partition)
     directives += [
         "--requeue" if slurm.requeue else "--no-requeue",
-        # To the step's processes (training.launch), not to this script.
-        f"--signal=USR1@{slurm.signal_seconds}",
+        *own,
         "--open-mode=append",
         f"--output={spec.log}",
         *slurm.extra_directives,
     ]
     return directives
+
+
+def _train_directives(run: RunConfig, spec: JobSpec) -> list[str]:
+    # USR1 to the step's processes (training.launch), not to this script.
+    return _job_directives(run, spec, job_name(run), run.slurm.partition, f"--signal=USR1@{run.slurm.signal_seconds}")
 
 
 def _infer_directives(run: RunConfig, spec: JobSpec) -> list[str]:
-    res, slurm = spec.resources, run.slurm
-    directives = [
-        f"--job-name={job_name(run, infer=True)}",
-        f"--nodes={res.nodes}",
-        "--ntasks-per-node=1",
-        f"--cpus-per-task={res.cpus_per_task}",
-        f"--mem={res.memory}",
-        f"--time={res.time_limit}",
-    ]
-    if res.gpus_per_node:
-        directives.append(f"--gres=gpu:{res.gpu_type}:{res.gpus_per_node}")
-    directives += _common_directives(run, slurm.inference_partition or slurm.partition)
-    directives += [
-        "--requeue" if slurm.requeue else "--no-requeue",
-        # If training fails, the dependency can never be met: cancel instead of pending forever.
-        "--kill-on-invalid-dep=yes",
-        "--open-mode=append",
-        f"--output={spec.log}",
-        *slurm.extra_directives,
-    ]
-    return directives
+    # If training fails, the dependency can never be met: cancel instead of pending forever.
+    return _job_directives(run, spec, job_name(run, infer=True), run.slurm.inference_partition or run.slurm.partition,
+                           "--kill-on-invalid-dep=yes")  # fmt: skip
 
 
 # Multi-node steps: how long the other nodes may take to end after the first one did (all stop
@@ -239,26 +228,9 @@ EXPORT_SCRIPT = "export.sbatch"
 
 
 def _export_directives(run: RunConfig, spec: JobSpec) -> list[str]:
-    res, slurm = spec.resources, run.slurm
-    directives = [
-        f"--job-name={job_name(run)}-export",
-        "--nodes=1",
-        "--ntasks-per-node=1",
-        f"--cpus-per-task={res.cpus_per_task}",
-        f"--mem={res.memory}",
-        f"--time={res.time_limit}",
-    ]
-    if res.gpus_per_node:
-        directives.append(f"--gres=gpu:{res.gpu_type}:{res.gpus_per_node}")
-    directives += _common_directives(run, slurm.inference_partition or slurm.partition)
-    directives += [
-        # A requeued export starts again from nothing (it writes beside its folder, renamed at the end).
-        "--requeue" if slurm.requeue else "--no-requeue",
-        "--open-mode=append",
-        f"--output={spec.log}",
-        *slurm.extra_directives,
-    ]
-    return directives
+    # A requeued export starts again from nothing (it writes beside its folder, renamed at the end).
+    return _job_directives(run, spec, f"{job_name(run)}-export", run.slurm.inference_partition or run.slurm.partition,
+                           nodes=1)  # fmt: skip
 
 
 def render_export(run: RunConfig, spec: JobSpec, finish: list[str]) -> tuple[str, tuple[str, ...]]:
