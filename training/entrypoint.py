@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import traceback
+from typing import Callable
 
 from launcher.job.config import RunConfig
 from launcher.job.errors import ConfigError
@@ -38,3 +40,26 @@ def log(message: str) -> None:
 def scrub(text: str, secret: str | None) -> str:
     """Text for a log or an error event with the HF token blanked out."""
     return text.replace(secret, "***") if secret else text
+
+
+def run_with_token(run: RunConfig, work: Callable[[], int], refusals: tuple[type[Exception], ...] = ()) -> int:
+    """A job's work with the hub token read and the prefetched files checked first; every error
+    one clear line (`refusals`: errors that say themselves, exit EXIT_FAILED), a crash its
+    traceback; the token blanked out of either."""
+    from .hub_files import check_prefetched
+    from .model_source import read_hf_token
+
+    token = None
+    try:
+        token = read_hf_token(run)
+        check_prefetched(run)
+        return work()
+    except ConfigError as exc:
+        print(f"error: {scrub(str(exc), token)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except refusals as exc:
+        print(f"error: {scrub(str(exc), token)}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception:  # noqa: BLE001 - a crash: its traceback, for the log
+        print(scrub(traceback.format_exc(), token), file=sys.stderr)
+        return EXIT_FAILED

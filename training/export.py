@@ -34,7 +34,6 @@ import json
 import shutil
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,8 @@ from launcher.job.config import RunConfig
 from launcher.job.errors import ConfigError
 from launcher.job.storage import RunPaths, atomic_write_text, read_json, write_json
 
-from .entrypoint import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, input_errors, load_run_or_report, log, scrub
-from .hub_files import apply_offline_env, check_prefetched
+from .entrypoint import EXIT_CONFIG, EXIT_OK, input_errors, load_run_or_report, log, run_with_token
+from .hub_files import apply_offline_env
 
 ANSWER_AGREEMENT = 0.9
 METRIC_TOLERANCE = 0.02
@@ -364,25 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_env(run)
     if input_errors(run, args.run, ("model", "inference") if args.merge else ("model",)):
         return EXIT_CONFIG
-    token = None
-    try:
-        from .model_source import read_hf_token
-
-        token = read_hf_token(run)
-        check_prefetched(run)
+    def work() -> int:
         out = Path(args.out).expanduser().resolve()
         record = export(run, RunPaths.of(run), out, args.merge, args.gguf)
         log(f"exported {record['kind']} of run {run.run_id} to {out}")
         return EXIT_OK
-    except ConfigError as exc:
-        print(f"error: {scrub(str(exc), token)}", file=sys.stderr)
-        return EXIT_CONFIG
-    except MergeRefused as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception:  # noqa: BLE001
-        print(scrub(traceback.format_exc(), token), file=sys.stderr)
-        return EXIT_FAILED
+
+    return run_with_token(run, work, refusals=(MergeRefused,))
 
 
 if __name__ == "__main__":

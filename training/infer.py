@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,13 @@ from launcher.job.storage import RunPaths, atomic_write_text, write_json
 from .adapter_check import BaseModelChanged
 from .entrypoint import (
     EXIT_CONFIG,
-    EXIT_FAILED,
     EXIT_OK,
     input_errors,
     load_run_or_report,
     log,
-    scrub,
+    run_with_token,
 )
-from .hub_files import apply_offline_env, check_prefetched
+from .hub_files import apply_offline_env
 from .log_noise import quiet_job_logs
 
 BATCH_SIZE = 8
@@ -234,22 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ad-hoc prompts (--prompt / --prompts-file) do not read the experiment's inference files.
     if input_errors(run, args.run, ("model",) if args.prompt or args.prompts_file else ("model", "inference")):
         return EXIT_CONFIG
-    token = None
-    try:
-        from .model_source import read_hf_token
-
-        token = read_hf_token(run)
-        check_prefetched(run)
-        return infer(run, paths, args)
-    except ConfigError as exc:
-        print(f"error: {scrub(str(exc), token)}", file=sys.stderr)
-        return EXIT_CONFIG
-    except BaseModelChanged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception:  # noqa: BLE001
-        print(scrub(traceback.format_exc(), token), file=sys.stderr)
-        return EXIT_FAILED
+    return run_with_token(run, lambda: infer(run, paths, args), refusals=(BaseModelChanged,))
 
 
 # Set on the Kubernetes inference container: a cluster whose Kueue labels every Job (a LocalQueue
