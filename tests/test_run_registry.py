@@ -218,7 +218,7 @@ def _held(folder: Path, name: str, storage: Path) -> Path:
 
 def _job_ids(output: str) -> dict[str, list[str]]:
     """run id → job ids, from `<run> submitted: <id>, <id>` lines."""
-    found = re.findall(r"^(\w{10}) submitted: ([\d, ]+)$", output, re.MULTILINE)
+    found = re.findall(r"^(\w{10}) submitted: ([\d_, ]+)$", output, re.MULTILINE)
     return {run: [j.strip() for j in jobs.split(",")] for run, jobs in found}
 
 
@@ -294,7 +294,7 @@ def test_hints_submit_and_watch_on_slurm_and_cancel_reaches_the_jobs(tmp_path):
             wait_for(lambda: set(_slurm_states(own).values()) <= {"CANCELLED"}, 30, f"jobs {own} cancelled")
             if number == 0:
                 assert _slurm_states([evaluation])[evaluation] == "PENDING"
-        wait_for(lambda: set(_slurm_states(submitted).values()) == {"CANCELLED"}, 30, "the evaluation job cancelled")
+        wait_for(lambda: set(_slurm_states(submitted).values()) <= {"CANCELLED"}, 30, "the evaluation job cancelled")
     finally:
         _scancel(submitted)
 
@@ -331,7 +331,8 @@ def test_a_run_submitted_from_two_files_is_one_error_naming_both(tmp_path):
 
         # The run's training job goes; the copy's grid evaluation job waits for its other run.
         (training, evaluation) = submitted[second][run_id]
-        wait_for(lambda: _slurm_states([training])[training] == "CANCELLED", 30, "copy cancelled")
+        # (a cancelled pending array task leaves squeue at once: gone counts as cancelled)
+        wait_for(lambda: _slurm_states([training]).get(training, "CANCELLED") == "CANCELLED", 30, "copy cancelled")
         assert _slurm_states([evaluation])[evaluation] == "PENDING"
         assert set(_slurm_states(submitted[first][run_id]).values()) == {"PENDING"}
     finally:
