@@ -64,8 +64,12 @@ def environment() -> dict[str, str]:
 def train(path: Path, work: Path) -> None:
     log = work / f"{path.stem}.train.log"
     with open(log, "w") as out:
-        code = subprocess.call([sys.executable, "-m", "launcher.cli", "run", str(path), "--no-infer"],
-                               stdout=out, stderr=subprocess.STDOUT, env={**environment(), "QLAUNCH_HOME": str(work / "home")})  # fmt: skip
+        code = subprocess.call(
+            [sys.executable, "-m", "launcher.cli", "run", str(path), "--no-infer"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**environment(), "QLAUNCH_HOME": str(work / "home")},
+        )
     if code != 0:
         raise SystemExit(f"training {path.stem} failed: see {log}")
 
@@ -104,8 +108,9 @@ def measure(path: Path, work: Path, rows_per_batch: int | None = None) -> dict:
     load = [round(os.getloadavg()[0], 1)]  # the 2 cores are shared: how busy they were
     for run in runs:
         shutil.rmtree(RunPaths.of(run).inference, ignore_errors=True)
-        seconds, text = timed([sys.executable, "-m", "training.infer", str(RunPaths.of(run).config)],
-                              logs / f"{run.run_id}.infer.log")  # fmt: skip
+        seconds, text = timed(
+            [sys.executable, "-m", "training.infer", str(RunPaths.of(run).config)], logs / f"{run.run_id}.infer.log"
+        )
         per_run += seconds
         per_run_loads += text.count("loading base model")
         before[run.run_id] = snapshot(run)
@@ -116,8 +121,9 @@ def measure(path: Path, work: Path, rows_per_batch: int | None = None) -> dict:
         shutil.rmtree(RunPaths.of(run).inference, ignore_errors=True)
     load.append(round(os.getloadavg()[0], 1))
     extra = ["--rows-per-batch", str(rows_per_batch)] if rows_per_batch else []
-    grid, text = timed([sys.executable, "-m", "training.evaluate_grid", str(listing), *extra],
-                       logs / "evaluate_grid.log")  # fmt: skip
+    grid, text = timed(
+        [sys.executable, "-m", "training.evaluate_grid", str(listing), *extra], logs / "evaluate_grid.log"
+    )
     grid_loads = text.count("loading base model")
     load.append(round(os.getloadavg()[0], 1))
 
@@ -127,16 +133,20 @@ def measure(path: Path, work: Path, rows_per_batch: int | None = None) -> dict:
         old, new = before[run.run_id], after
         differing = [
             {"prompt": a["prompt"][:60], "who": who, "per_run": a.get(who), "grid": b.get(who)}
-            for a, b in zip(old["rows"], new["rows"]) for who in ("base", "tuned") if a.get(who) != b.get(who)
-        ]  # fmt: skip
-        runs_out.append({
-            "run_id": run.run_id,
-            "overrides": run.overrides,
-            "metrics_per_run": {m["name"]: [m.get("base"), m["tuned"]] for m in old["metrics"]},
-            "metrics_grid": {m["name"]: [m.get("base"), m["tuned"]] for m in new["metrics"]},
-            "answers": len(old["rows"]) * 2,
-            "answers_differing": differing,
-        })  # fmt: skip
+            for a, b in zip(old["rows"], new["rows"])
+            for who in ("base", "tuned")
+            if a.get(who) != b.get(who)
+        ]
+        runs_out.append(
+            {
+                "run_id": run.run_id,
+                "overrides": run.overrides,
+                "metrics_per_run": {m["name"]: [m.get("base"), m["tuned"]] for m in old["metrics"]},
+                "metrics_grid": {m["name"]: [m.get("base"), m["tuned"]] for m in new["metrics"]},
+                "answers": len(old["rows"]) * 2,
+                "answers_differing": differing,
+            }
+        )
     return {
         "grid": path.stem,
         "runs": len(runs),
@@ -189,7 +199,9 @@ def main() -> int:
     for r in results:
         for x in r["results"]:
             for d in x["answers_differing"]:
-                print(f"{r['grid']} {x['run_id']} {d['who']}: {d['prompt']!r}: per-run {d['per_run']!r} grid {d['grid']!r}")
+                print(
+                    f"{r['grid']} {x['run_id']} {d['who']}: {d['prompt']!r}: per-run {d['per_run']!r} grid {d['grid']!r}"
+                )
     return 0
 
 

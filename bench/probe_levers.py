@@ -124,10 +124,16 @@ def run_variant(base, variant, examples, pad_id, steps, device):
 
     targets = (
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        if variant.get("all_linear") else ["q_proj", "v_proj"]
+        if variant.get("all_linear")
+        else ["q_proj", "v_proj"]
     )
-    config = LoraConfig(r=variant.get("r", 64), lora_alpha=16, lora_dropout=variant.get("dropout", 0.1),
-                        target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=variant.get("r", 64),
+        lora_alpha=16,
+        lora_dropout=variant.get("dropout", 0.1),
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     if variant["checkpointing"]:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -195,7 +201,9 @@ def check_packed_logits(base, examples, device) -> dict:
     with torch.no_grad(), torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
         alone = [base(input_ids=torch.tensor([s], device=device), use_cache=False).logits[0].float() for s in picks]
         batch, _ = collate_rows([picks], device)
-        packed = base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0].float()
+        packed = (
+            base(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0].float()
+        )
         leaky = base(input_ids=batch["input_ids"], use_cache=False).logits[0].float()  # no position ids: one causal row
     ref = torch.cat(alone)
     diff = (packed[: len(ref)] - ref).norm() / ref.norm()
@@ -212,8 +220,9 @@ def time_attention(device) -> list[dict]:
 
     rows = []
     for length, pieces in ((4096, 11), (8192, 22)):
-        q, k, v = (torch.randn(1, 32, length, 128, device=device, dtype=torch.float16, requires_grad=True)
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(1, 32, length, 128, device=device, dtype=torch.float16, requires_grad=True) for _ in range(3)
+        )
         bounds = sorted(random.Random(0).sample(range(1, length), pieces - 1))
         seg = torch.zeros(length, dtype=torch.long, device=device)
         for b in bounds:
@@ -230,18 +239,43 @@ def time_attention(device) -> list[dict]:
                     out.sum().backward()
                 torch.cuda.synchronize()
             ms = (time.perf_counter() - start) / 4 * 1000
-            rows.append({"length": length, "mask": label, "ms_fwd_bwd_per_layer": ms,
-                         "ms_per_step_32_layers_ckpt": ms * 32 * 1.33})
+            rows.append(
+                {
+                    "length": length,
+                    "mask": label,
+                    "ms_fwd_bwd_per_layer": ms,
+                    "ms_per_step_32_layers_ckpt": ms * 32 * 1.33,
+                }
+            )
     return rows
 
 
 VARIANTS = [
-    {"name": "notebook bs4 pad<=1024 ckpt q,v", "packing": False, "batch": 4, "max_length": 1024, "checkpointing": True},
+    {
+        "name": "notebook bs4 pad<=1024 ckpt q,v",
+        "packing": False,
+        "batch": 4,
+        "max_length": 1024,
+        "checkpointing": True,
+    },
     {"name": "packed 4096 ckpt q,v", "packing": True, "row_tokens": 4096, "checkpointing": True},
     {"name": "packed 8192 ckpt q,v", "packing": True, "row_tokens": 8192, "checkpointing": True},
     {"name": "packed 4x2048 rows ckpt q,v", "packing": True, "row_tokens": 2048, "rows": 4, "checkpointing": True},
-    {"name": "packed 8192 ckpt q,v dropout0", "packing": True, "row_tokens": 8192, "checkpointing": True, "dropout": 0.0},
-    {"name": "packed 8192 ckpt all-linear r16", "packing": True, "row_tokens": 8192, "checkpointing": True, "all_linear": True, "r": 16},
+    {
+        "name": "packed 8192 ckpt q,v dropout0",
+        "packing": True,
+        "row_tokens": 8192,
+        "checkpointing": True,
+        "dropout": 0.0,
+    },
+    {
+        "name": "packed 8192 ckpt all-linear r16",
+        "packing": True,
+        "row_tokens": 8192,
+        "checkpointing": True,
+        "all_linear": True,
+        "r": 16,
+    },
     {"name": "packed 12288 ckpt q,v", "packing": True, "row_tokens": 12288, "checkpointing": True},
     {"name": "packed 2048 no-ckpt q,v", "packing": True, "row_tokens": 2048, "checkpointing": False},
 ]
@@ -269,15 +303,24 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     examples = load_examples(tokenizer, data)
     t0 = time.time()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_compute_dtype=torch.float16 if device == "cuda" else torch.float32)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float16 if device == "cuda" else torch.float32,
+    )
     base = AutoModelForCausalLM.from_pretrained(
-        str(folder), quantization_config=quant, dtype=torch.float16 if device == "cuda" else torch.float32,
-        device_map={"": 0} if device == "cuda" else None, attn_implementation="sdpa",
+        str(folder),
+        quantization_config=quant,
+        dtype=torch.float16 if device == "cuda" else torch.float32,
+        device_map={"": 0} if device == "cuda" else None,
+        attn_implementation="sdpa",
     )
     add_fused_lm_head(base)
-    print(f"loaded in {time.time() - t0:.0f}s; allocated "
-          f"{torch.cuda.memory_allocated() / 2**30 if device == 'cuda' else 0:.2f} GiB", flush=True)
+    print(
+        f"loaded in {time.time() - t0:.0f}s; allocated "
+        f"{torch.cuda.memory_allocated() / 2**30 if device == 'cuda' else 0:.2f} GiB",
+        flush=True,
+    )
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "variants": []}
     report["packing_check"] = check_packed_logits(base, examples, device)
     print(json.dumps(report["packing_check"]), flush=True)
@@ -306,9 +349,11 @@ def main() -> None:
         if "error" in r:
             print(f"{r['name']:36} {r['error']}")
             continue
-        print(f"{r['name']:36} {r['tokens_per_s']:8.0f} {r['s_per_step']:7.3f} {r['tokens_per_step']:8.0f} "
-              f"{r.get('peak_alloc_gib', 0):6.2f} {r.get('peak_reserved_gib', 0):6.2f} "
-              f"{r['loss_first']:.3f}->{r['loss_last']:.3f}")
+        print(
+            f"{r['name']:36} {r['tokens_per_s']:8.0f} {r['s_per_step']:7.3f} {r['tokens_per_step']:8.0f} "
+            f"{r.get('peak_alloc_gib', 0):6.2f} {r.get('peak_reserved_gib', 0):6.2f} "
+            f"{r['loss_first']:.3f}->{r['loss_last']:.3f}"
+        )
 
 
 if __name__ == "__main__":

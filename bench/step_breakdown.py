@@ -38,7 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 KINDS = [
     ("dequantise 4-bit", r"kDequantize|dequantize|kQuantize"),
     ("attention", r"fmha|flash|attention|attn"),
-    ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|sm\d+_|ampere_|volta_|turing_|Kernel2|splitK|aten::(mm|addmm|bmm|matmul)$"),
+    (
+        "matmul",
+        r"gemm|nvjet|xmma|cutlass|cublas|sm\d+_|ampere_|volta_|turing_|Kernel2|splitK|aten::(mm|addmm|bmm|matmul)$",
+    ),
     ("optimizer", r"adam|optimizer|kPreconditionOptimizer|kOptimizer"),
     ("Triton / Liger", r"triton|liger|_rms_norm|_rope|swiglu|_geglu|chunked"),
     ("copies", r"Memcpy|Memset|copy_kernel|CatArrayBatched"),
@@ -106,11 +109,18 @@ def write_breakdown(prof, wall: float, steps: int, cuda: bool, out: str) -> None
         totals[kind_of(event.key)] += micros / 1e6 / steps
         kernels[event.key] += micros / 1e6 / steps
     top = sorted(kernels.items(), key=lambda item: -item[1])[:25]
-    Path(out).write_text(json.dumps({
-        "wall_seconds_per_step": wall / steps, "steps_profiled": steps, "device": "cuda" if cuda else "cpu",
-        "seconds_per_step_by_kind": dict(sorted(totals.items(), key=lambda item: -item[1])),
-        "top_kernels": [{"name": name[:160], "seconds_per_step": seconds} for name, seconds in top],
-    }, indent=1))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "wall_seconds_per_step": wall / steps,
+                "steps_profiled": steps,
+                "device": "cuda" if cuda else "cpu",
+                "seconds_per_step_by_kind": dict(sorted(totals.items(), key=lambda item: -item[1])),
+                "top_kernels": [{"name": name[:160], "seconds_per_step": seconds} for name, seconds in top],
+            },
+            indent=1,
+        )
+    )
 
 
 def matmul_ceiling(shape, tokens: int, checkpointing: bool, repeats: int = 10) -> dict:
@@ -146,8 +156,13 @@ def matmul_ceiling(shape, tokens: int, checkpointing: bool, repeats: int = 10) -
     logits_grad = torch.randn(tokens, shape.vocab_size, device=device, dtype=dtype)
     head = timed(lambda: hidden @ head_weight.t()) + timed(lambda: logits_grad @ head_weight)
     seconds = per_layer * shape.num_layers + head
-    return {"seconds_per_step": seconds, "tokens_per_step": tokens, "tokens_per_second": tokens / seconds,
-            "checkpointing": checkpointing, "device": device}
+    return {
+        "seconds_per_step": seconds,
+        "tokens_per_step": tokens,
+        "tokens_per_second": tokens / seconds,
+        "checkpointing": checkpointing,
+        "device": device,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="t4+liger")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps trained (default 12)")
     parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled, the last ones")
-    parser.add_argument("--notebook-tokens-per-second", type=float,
-                        help="the notebook's measured tokens/s on this GPU (for the ceiling ratio)")
+    parser.add_argument(
+        "--notebook-tokens-per-second",
+        type=float,
+        help="the notebook's measured tokens/s on this GPU (for the ceiling ratio)",
+    )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--work", default="/tmp/qlaunch-bench")
     parser.add_argument("--timeout", type=float, default=400)
@@ -181,16 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     size = "tiny" if args.tiny else size
     model_dir = work / f"llama2-{size}"
     if not (model_dir / "config.json").is_file():
-        subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic.py"), str(model_dir),
-                        "--shape", size], check=True)
+        subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "synthetic.py"), str(model_dir), "--shape", size], check=True
+        )
     config = json.loads((model_dir / "config.json").read_text())
     data = work / "data.jsonl"
     if not data.is_file():
         lengths = {"median": 60, "longest": 512} if args.tiny else {}
         synthetic.write_dataset(data, 3000, config["vocab_size"], **lengths)
     _, recipe = bench_profiles.profiles()[profile]
-    experiment = train_throughput.experiment_for(f"breakdown-{args.profile.replace(':', '-')}", recipe,
-                                                 model_dir, data, work, args.steps, "t4", args.tiny)
+    experiment = train_throughput.experiment_for(
+        f"breakdown-{args.profile.replace(':', '-')}", recipe, model_dir, data, work, args.steps, "t4", args.tiny
+    )
     (run,) = plan(experiment).runs
     paths = RunPaths.of(run)
     import shutil
@@ -204,9 +224,22 @@ def main(argv: list[str] | None = None) -> int:
     log = work / "logs" / f"{experiment.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
-        code = subprocess.run([sys.executable, __file__, "--child", str(paths.config), str(first),
-                               str(args.profile_steps), str(kernel_file)],
-                              cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+        code = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(paths.config),
+                str(first),
+                str(args.profile_steps),
+                str(kernel_file),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=args.timeout,
+        ).returncode
     if code != 0 or not kernel_file.is_file():
         print(log.read_text()[-3000:])
         return 1
@@ -216,11 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     checkpointing = preflight.checkpointing_mode(run) != "none"
     ceiling = matmul_ceiling(shape, tokens, checkpointing)
     no_recompute = matmul_ceiling(shape, tokens, False)
-    result = {"profile": args.profile, "run_id": run.run_id, "tokens_per_step_budget": tokens,
-              "kernels": kernels, "matmul_ceiling": ceiling, "matmul_ceiling_without_recompute": no_recompute}
+    result = {
+        "profile": args.profile,
+        "run_id": run.run_id,
+        "tokens_per_step_budget": tokens,
+        "kernels": kernels,
+        "matmul_ceiling": ceiling,
+        "matmul_ceiling_without_recompute": no_recompute,
+    }
     if args.notebook_tokens_per_second:
         result["ceiling_x_notebook"] = ceiling["tokens_per_second"] / args.notebook_tokens_per_second
-        result["ceiling_without_recompute_x_notebook"] = no_recompute["tokens_per_second"] / args.notebook_tokens_per_second
+        result["ceiling_without_recompute_x_notebook"] = (
+            no_recompute["tokens_per_second"] / args.notebook_tokens_per_second
+        )
     (out_dir / f"breakdown-{slug}.json").write_text(json.dumps(result, indent=1))
 
     wall = kernels["wall_seconds_per_step"]
@@ -231,13 +272,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind:<26} {seconds:8.3f} s  {100 * seconds / wall:5.1f}%")
     for kernel in kernels["top_kernels"][:8]:
         print(f"    {kernel['seconds_per_step']:7.3f} s  {kernel['name'][:110]}")
-    print(f"  {'device idle (host-bound)':<26} {max(0.0, wall - busy):8.3f} s  {100 * max(0.0, wall - busy) / wall:5.1f}%")
-    print(f"matmul ceiling ({'with' if checkpointing else 'without'} recompute): {ceiling['seconds_per_step']:.3f} s "
-          f"per {tokens:,} tokens = {ceiling['tokens_per_second']:,.0f} tokens/s; without recompute "
-          f"{no_recompute['tokens_per_second']:,.0f} tokens/s")
+    print(
+        f"  {'device idle (host-bound)':<26} {max(0.0, wall - busy):8.3f} s  {100 * max(0.0, wall - busy) / wall:5.1f}%"
+    )
+    print(
+        f"matmul ceiling ({'with' if checkpointing else 'without'} recompute): {ceiling['seconds_per_step']:.3f} s "
+        f"per {tokens:,} tokens = {ceiling['tokens_per_second']:,.0f} tokens/s; without recompute "
+        f"{no_recompute['tokens_per_second']:,.0f} tokens/s"
+    )
     if args.notebook_tokens_per_second:
-        print(f"ceiling × notebook: {result['ceiling_x_notebook']:.2f}× (without recompute "
-              f"{result['ceiling_without_recompute_x_notebook']:.2f}×)")
+        print(
+            f"ceiling × notebook: {result['ceiling_x_notebook']:.2f}× (without recompute "
+            f"{result['ceiling_without_recompute_x_notebook']:.2f}×)"
+        )
     return 0
 
 

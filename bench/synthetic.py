@@ -72,14 +72,18 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         model_max_length=4096,
     )
     fast.save_pretrained(str(folder))
 
 
-def write_model_folder(folder: Path, tiny: bool = False, weights: bool = True, seed: int = 0,
-                       shape: str | None = None) -> Path:
+def write_model_folder(
+    folder: Path, tiny: bool = False, weights: bool = True, seed: int = 0, shape: str | None = None
+) -> Path:
     """config.json + tokenizer (+ random fp16 safetensors shards when `weights`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

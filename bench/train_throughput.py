@@ -80,10 +80,16 @@ def peak_flops(device: str) -> float | None:
     return None
 
 
-def experiment_for(name: str, recipe: dict, model_dir: Path, data: Path, work: Path, steps: int,
-                   gpu_type: str, tiny: bool = False) -> Path:
-    train = {**recipe.get("train", {}), "max_steps": steps, "logging_steps": 1,
-             "save_steps": 1_000_000, "save_total_limit": 1}
+def experiment_for(
+    name: str, recipe: dict, model_dir: Path, data: Path, work: Path, steps: int, gpu_type: str, tiny: bool = False
+) -> Path:
+    train = {
+        **recipe.get("train", {}),
+        "max_steps": steps,
+        "logging_steps": 1,
+        "save_steps": 1_000_000,
+        "save_total_limit": 1,
+    }
     if tiny:  # a CPU step over 12k tokens takes a minute: shrink the token budgets, keep the levers
         train["max_seq_length"] = min(train.get("max_seq_length") or 1024, 256)
         train["per_device_train_batch_size"] = min(train.get("per_device_train_batch_size", 4), 4)
@@ -118,8 +124,12 @@ def run_profile(name: str, experiment: Path, work: Path, timeout: float) -> dict
     with open(log, "w") as handle:
         try:
             code = subprocess.run(
-                [sys.executable, "-m", "training.sft", str(paths.config)], cwd=ROOT, env=env,
-                stdout=handle, stderr=subprocess.STDOUT, timeout=timeout,
+                [sys.executable, "-m", "training.sft", str(paths.config)],
+                cwd=ROOT,
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
             ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -177,8 +187,19 @@ def gib(value) -> str:
 
 
 def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["profile", "tokens/s", "× notebook", "s/step", "tokens/step", "peak alloc GiB",
-              "peak reserved GiB", "preflight GiB (err)", "MFU", "loss@1", "loss@N (last 5)"]
+    header = [
+        "profile",
+        "tokens/s",
+        "× notebook",
+        "s/step",
+        "tokens/step",
+        "peak alloc GiB",
+        "peak reserved GiB",
+        "preflight GiB (err)",
+        "MFU",
+        "loss@1",
+        "loss@N (last 5)",
+    ]
     base = next((r.get("tokens_per_second") for r in results if r["profile"] == "notebook"), None)
     rows = []
     for r in results:
@@ -187,19 +208,21 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
         n_params = r.get("n_params") or 0
         reserved = r.get("peak_reserved_bytes")
         err = f" ({100 * (r['preflight_bytes'] / reserved - 1):+.0f}%)" if reserved else ""
-        rows.append([
-            r["profile"] + ("" if r.get("exit") == 0 else f" [exit {r.get('exit')}]"),
-            "-" if tps is None else f"{tps:,.0f}",
-            "-" if not (tps and base) else f"{tps / base:.2f}×",
-            "-" if "seconds_per_step" not in r else f"{r['seconds_per_step']:.3f}",
-            "-" if "tokens_per_step" not in r else f"{r['tokens_per_step']:,.0f}",
-            gib(r.get("peak_allocated_bytes")),
-            gib(reserved),
-            gib(r["preflight_bytes"]) + err,
-            "-" if not (tps and flops) else f"{100 * 4 * n_params * tps / flops:.1f}%",
-            "-" if "loss_first" not in r else f"{r['loss_first']:.3f}",
-            "-" if "loss_last5" not in r else f"{r['loss_last5']:.3f} ±{r['loss_last5_sd']:.3f}",
-        ])
+        rows.append(
+            [
+                r["profile"] + ("" if r.get("exit") == 0 else f" [exit {r.get('exit')}]"),
+                "-" if tps is None else f"{tps:,.0f}",
+                "-" if not (tps and base) else f"{tps / base:.2f}×",
+                "-" if "seconds_per_step" not in r else f"{r['seconds_per_step']:.3f}",
+                "-" if "tokens_per_step" not in r else f"{r['tokens_per_step']:,.0f}",
+                gib(r.get("peak_allocated_bytes")),
+                gib(reserved),
+                gib(r["preflight_bytes"]) + err,
+                "-" if not (tps and flops) else f"{100 * 4 * n_params * tps / flops:.1f}%",
+                "-" if "loss_first" not in r else f"{r['loss_first']:.3f}",
+                "-" if "loss_last5" not in r else f"{r['loss_last5']:.3f} ±{r['loss_last5_sd']:.3f}",
+            ]
+        )
     return header, rows
 
 
@@ -223,9 +246,11 @@ def print_table(header: list[str], rows: list[list[str]], title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profiles", default=DEFAULT_PROFILES,
-                        help=f"comma-separated, from: {', '.join(bench_profiles.profiles())} "
-                        f"(default {DEFAULT_PROFILES})")
+    parser.add_argument(
+        "--profiles",
+        default=DEFAULT_PROFILES,
+        help=f"comma-separated, from: {', '.join(bench_profiles.profiles())} (default {DEFAULT_PROFILES})",
+    )
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per profile (default 40)")
     parser.add_argument("--tiny", action="store_true", help="toy model shapes (CPU debugging)")
     parser.add_argument("--examples", type=int, default=3000, help="dataset size (default 3000)")
@@ -233,16 +258,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/qlaunch-bench", help="model, data and run folders")
     parser.add_argument("--out", help="where results.json / results.md go (default: <work>/out)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per profile")
-    parser.add_argument("--deadline", type=float, default=0,
-                        help="seconds after which no further profile starts (0: none)")
-    parser.add_argument("--warmup-steps", type=int, default=6,
-                        help="steps of a discarded first run that fills the Triton/CUDA caches (default 6)")
+    parser.add_argument(
+        "--deadline", type=float, default=0, help="seconds after which no further profile starts (0: none)"
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=6,
+        help="steps of a discarded first run that fills the Triton/CUDA caches (default 6)",
+    )
     args = parser.parse_args(argv)
 
     available = bench_profiles.profiles()
     chosen = [name.strip() for name in args.profiles.split(",") if name.strip()]
-    unknown = [name for name in chosen if split_profile(name)[1] not in available
-               or split_profile(name)[0] not in synthetic.SHAPES]
+    unknown = [
+        name
+        for name in chosen
+        if split_profile(name)[1] not in available or split_profile(name)[0] not in synthetic.SHAPES
+    ]
     if unknown:
         parser.error(f"unknown profile(s) {unknown}; known: {', '.join(available)}")
     work = Path(args.work).resolve()
@@ -252,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results_file = work / "results.json"  # survives between invocations with the same --work
     previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    done = {r["profile"]: r for r in previous.get("results", []) if r.get("exit") == 0
-            and r.get("steps") == args.steps}
+    done = {r["profile"]: r for r in previous.get("results", []) if r.get("exit") == 0 and r.get("steps") == args.steps}
     results = [done[name] for name in chosen if name in done]
     if results:
         print(f"already measured in {work}: {', '.join(r['profile'] for r in results)}", flush=True)
@@ -265,25 +297,30 @@ def main(argv: list[str] | None = None) -> int:
             continue
         size, profile = split_profile(name)
         if args.deadline and time.time() - started > args.deadline:
-            print(f"--- {name}: not started (past --deadline {args.deadline:.0f}s); run again to continue",
-                  flush=True)
+            print(f"--- {name}: not started (past --deadline {args.deadline:.0f}s); run again to continue", flush=True)
             continue
         size = "tiny" if args.tiny else size
         model_dir = work / f"llama2-{size}"
         if size not in shapes:
             # Its own process: the parent never holds a CUDA context while the profiles run.
-            subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic.py"), str(model_dir),
-                            "--shape", size], check=True)
+            subprocess.run(
+                [sys.executable, str(Path(__file__).parent / "synthetic.py"), str(model_dir), "--shape", size],
+                check=True,
+            )
             config = json.loads((model_dir / "config.json").read_text())
             shapes[size] = preflight.shape_from_config(config)
             if data is None:
                 lengths = {"median": 60, "longest": 512} if args.tiny else {}
                 data = synthetic.write_dataset(work / "data.jsonl", args.examples, config["vocab_size"], **lengths)
-            print(f"{size} model and data ready at {time.time() - started:.0f}s: "
-                  f"{shapes[size].num_params / 1e9:.2f}B parameters, {args.examples} examples", flush=True)
+            print(
+                f"{size} model and data ready at {time.time() - started:.0f}s: "
+                f"{shapes[size].num_params / 1e9:.2f}B parameters, {args.examples} examples",
+                flush=True,
+            )
             if args.deadline and time.time() - started > args.deadline:
-                print(f"--- {name}: not started (past --deadline {args.deadline:.0f}s); run again to continue",
-                      flush=True)
+                print(
+                    f"--- {name}: not started (past --deadline {args.deadline:.0f}s); run again to continue", flush=True
+                )
                 continue
         if args.warmup_steps and not warmed:
             # The first training process on a fresh machine compiles Triton kernels (trl's chunked
@@ -291,36 +328,53 @@ def main(argv: list[str] | None = None) -> int:
             # notebook measured 1.5x slower that way). A short discarded run pays it for everyone.
             warmed = True
             what, recipe = available[profile]
-            experiment = experiment_for("warmup", recipe, model_dir, data, work, args.warmup_steps,
-                                        args.gpu_type, args.tiny)
+            experiment = experiment_for(
+                "warmup", recipe, model_dir, data, work, args.warmup_steps, args.gpu_type, args.tiny
+            )
             print(f"--- warm-up ({name}, {args.warmup_steps} steps, discarded)", flush=True)
             warm = run_profile("warmup", experiment, work, args.timeout)
             if warm.get("exit") != 0:
                 print(warm.get("log_tail", ""), flush=True)
         what, recipe = available[profile]
-        experiment = experiment_for(name.replace(":", "-"), recipe, model_dir, data, work, args.steps,
-                                    args.gpu_type, args.tiny)
+        experiment = experiment_for(
+            name.replace(":", "-"), recipe, model_dir, data, work, args.steps, args.gpu_type, args.tiny
+        )
         print(f"--- {name}: {what} (at {time.time() - started:.0f}s)", flush=True)
         result = run_profile(name, experiment, work, args.timeout)
         result["what"] = what
         result["n_params"] = shapes[size].num_params
         result["shape"] = size
         results.append(result)
-        print(json.dumps({k: v for k, v in result.items()
-                          if k not in ("losses", "train", "log_tail", "step_times", "step_tokens_per_second")}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    k: v
+                    for k, v in result.items()
+                    if k not in ("losses", "train", "log_tail", "step_times", "step_tokens_per_second")
+                }
+            ),
+            flush=True,
+        )
         if "log_tail" in result:
             print(result["log_tail"], flush=True)
-        record = {"date": _dt.date.today().isoformat(), "command": " ".join(sys.argv), "steps": args.steps,
-                  "tiny": args.tiny, "gpu_type": args.gpu_type, "results": results}
+        record = {
+            "date": _dt.date.today().isoformat(),
+            "command": " ".join(sys.argv),
+            "steps": args.steps,
+            "tiny": args.tiny,
+            "gpu_type": args.gpu_type,
+            "results": results,
+        }
         for target in (results_file, out / "results.json"):
             target.write_text(json.dumps(record, indent=1))
     results.sort(key=lambda r: chosen.index(r["profile"]))
 
     device = next((r["device"] for r in results if r.get("device")), "cpu")
     header, rows = table_rows(results)
-    title = (f"Llama-2 shapes, {args.steps} steps per profile, on {device} "
-             f"({_dt.date.today().isoformat()}); preflight targets a {args.gpu_type}")
+    title = (
+        f"Llama-2 shapes, {args.steps} steps per profile, on {device} "
+        f"({_dt.date.today().isoformat()}); preflight targets a {args.gpu_type}"
+    )
     (out / "results.md").write_text(f"{title}\n\n{markdown(header, rows)}\n")
     print_table(header, rows, title)
     return 0 if all(r.get("exit") == 0 for r in results) and len(results) == len(chosen) else 1

@@ -32,10 +32,12 @@ FOLDER = "audit"
 
 def audit_copy(run: RunConfig) -> RunConfig:
     """The run as a plain grid trains it, in the audit folder."""
-    return run.model_copy(update={
-        "run_dir": str(Path(run.run_dir).parent / FOLDER / run.run_id),
-        "search": run.search.model_copy(update={"strategy": "grid"}),
-    })  # fmt: skip
+    return run.model_copy(
+        update={
+            "run_dir": str(Path(run.run_dir).parent / FOLDER / run.run_id),
+            "search": run.search.model_copy(update={"strategy": "grid"}),
+        }
+    )
 
 
 def finish(run: RunConfig, decision: dict, say: Callable[[str], None]) -> RunConfig:
@@ -46,16 +48,26 @@ def finish(run: RunConfig, decision: dict, say: Callable[[str], None]) -> RunCon
         return copy
     rung_checkpoint = original.checkpoints / f"checkpoint-{decision.get('step')}"
     if not rung_checkpoint.is_dir():
-        raise QlaunchError(f"run {run.run_id}: its rung checkpoint {rung_checkpoint} is gone; the audit "
-                           "cannot finish it as the plain grid would have")  # fmt: skip
+        raise QlaunchError(
+            f"run {run.run_id}: its rung checkpoint {rung_checkpoint} is gone; the audit "
+            "cannot finish it as the plain grid would have"
+        )
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     shutil.copytree(rung_checkpoint, paths.checkpoints / rung_checkpoint.name, dirs_exist_ok=True)
     write_run_config(copy)
-    say(f"{run.run_id}: finishing from step {decision.get('step')} (stopped at rung {decision.get('rung')}); "
-        f"log {paths.train_log}")  # fmt: skip
+    say(
+        f"{run.run_id}: finishing from step {decision.get('step')} (stopped at rung {decision.get('rung')}); "
+        f"log {paths.train_log}"
+    )
     with open(paths.train_log, "ab") as log:
-        code = subprocess.call(train_command(copy), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                               env={**launcher_environment(), **offline_env(copy)}, cwd=paths.root)  # fmt: skip
+        code = subprocess.call(
+            train_command(copy),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**launcher_environment(), **offline_env(copy)},
+            cwd=paths.root,
+        )
     if code != 0 or not paths.training_completed():
         raise QlaunchError(f"run {run.run_id}: the audit's training of it failed (exit {code}); see {paths.train_log}")
     return copy
@@ -65,8 +77,10 @@ def audit(plan: Plan, say: Callable[[str], None] = lambda line: None) -> SearchA
     """Finish every stopped run; the winner by the search metric with and without stopping."""
     search = plan.experiment.search
     if search.strategy != "asha":
-        raise QlaunchError(f"{plan.where('search.strategy')}: --audit needs search.strategy: asha "
-                           f"(this grid is {search.strategy!r}: no run was stopped early)")  # fmt: skip
+        raise QlaunchError(
+            f"{plan.where('search.strategy')}: --audit needs search.strategy: asha "
+            f"(this grid is {search.strategy!r}: no run was stopped early)"
+        )
     sign = 1 if search.mode == "min" else -1
     values: dict[str, float] = {}
     finished: dict[str, float] = {}
@@ -86,19 +100,32 @@ def audit(plan: Plan, say: Callable[[str], None] = lambda line: None) -> SearchA
     everything = {**values, **finished}
     plain_winner = min(everything, key=lambda rid: sign * everything[rid])
     return SearchAudit(
-        metric=search.metric, mode=search.mode, winner=winner, winner_value=values[winner], plain_winner=plain_winner,
-        plain_winner_value=everything[plain_winner], finished=finished,
+        metric=search.metric,
+        mode=search.mode,
+        winner=winner,
+        winner_value=values[winner],
+        plain_winner=plain_winner,
+        plain_winner_value=everything[plain_winner],
+        finished=finished,
         regret=round(sign * (values[winner] - everything[plain_winner]), 6),
-    )  # fmt: skip
+    )
 
 
 def audit_line(found: SearchAudit) -> str:
     if found.plain_winner == found.winner:
         sign = 1 if found.mode == "min" else -1
         best_stopped = min(found.finished.items(), key=lambda item: sign * item[1], default=None)
-        tail = f"; the best stopped run, finished, reaches {best_stopped[1]:.4f} ({best_stopped[0]})" if best_stopped else ""
-        return (f"Audit: {len(found.finished)} stopped runs finished to their budget; the winner stays "
-                f"{found.winner} ({found.metric} {found.winner_value:.4f}){tail}: no pruning regret.")  # fmt: skip
-    return (f"Audit: {len(found.finished)} stopped runs finished to their budget; the plain grid would have "
-            f"crowned {found.plain_winner} ({found.metric} {found.plain_winner_value:.4f}) over {found.winner} "
-            f"({found.winner_value:.4f}): pruning regret {found.regret:.4f}.")  # fmt: skip
+        tail = (
+            f"; the best stopped run, finished, reaches {best_stopped[1]:.4f} ({best_stopped[0]})"
+            if best_stopped
+            else ""
+        )
+        return (
+            f"Audit: {len(found.finished)} stopped runs finished to their budget; the winner stays "
+            f"{found.winner} ({found.metric} {found.winner_value:.4f}){tail}: no pruning regret."
+        )
+    return (
+        f"Audit: {len(found.finished)} stopped runs finished to their budget; the plain grid would have "
+        f"crowned {found.plain_winner} ({found.metric} {found.plain_winner_value:.4f}) over {found.winner} "
+        f"({found.winner_value:.4f}): pruning regret {found.regret:.4f}."
+    )

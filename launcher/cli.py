@@ -133,8 +133,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     prepare = None if args.no_prefetch or args.dry_run or not backend.shares_storage else _prefetch
     if backend.foreground:
         return _run_here(p, backend, args, prepare)
-    result = runner.submit(p, backend, force=args.force, dry_run=args.dry_run or False,
-                           skip_preflight=args.skip_preflight, prepare=prepare)  # fmt: skip
+    result = runner.submit(
+        p, backend, force=args.force, dry_run=args.dry_run or False, skip_preflight=args.skip_preflight, prepare=prepare
+    )
     if result.submission is None:
         _print_estimates([], result.refused, show=False)
         err_console.print("nothing submitted (use --skip-preflight to submit anyway)")
@@ -142,7 +143,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if result.dry_run:
         _print_submission(result.submission)
         again = hints.flags(args, "force", "skip_preflight", "skip_input_checks", "no_prefetch")
-        _print_hint("validated (dry run), nothing submitted. Submit: ", hints.command("submit", p, name, args, extra=again))
+        _print_hint(
+            "validated (dry run), nothing submitted. Submit: ", hints.command("submit", p, name, args, extra=again)
+        )
         return result.exit_code
     report = result.report
     for run_id, jobs in report.submitted.items():
@@ -152,8 +155,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             console.print(escape(f"{run_id} skipped: {why}"))
     for note in report.notes:
         console.print(escape(note), soft_wrap=True)
-    _print_hint(f"{len(report.submitted)} runs submitted, {len(report.skipped)} skipped. Watch: ",
-                hints.command("status", p, name, args, extra=["--watch"]))  # fmt: skip
+    _print_hint(
+        f"{len(report.submitted)} runs submitted, {len(report.skipped)} skipped. Watch: ",
+        hints.command("status", p, name, args, extra=["--watch"]),
+    )
     return result.exit_code
 
 
@@ -177,8 +182,9 @@ def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
 
     interactive = console.is_interactive  # a pipe, a file, TERM=dumb: plain progress lines instead
     progress_lines = ProgressLines()
-    with Live(table(), console=console, refresh_per_second=2, auto_refresh=False,
-              transient=False, redirect_stdout=False) as live:  # fmt: skip
+    with Live(
+        table(), console=console, refresh_per_second=2, auto_refresh=False, transient=False, redirect_stdout=False
+    ) as live:
         last = [0.0]
 
         def on_tick():
@@ -191,10 +197,12 @@ def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
         def on_event(message: str):
             live.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(message)}")
 
-        options = Foreground(max_parallel=args.max_parallel, run_inference=not args.no_infer,
-                             on_event=on_event, on_tick=on_tick)  # fmt: skip
-        result = runner.submit(p, backend, force=args.force, dry_run=bool(args.dry_run), foreground=options,
-                               prepare=prepare)  # fmt: skip
+        options = Foreground(
+            max_parallel=args.max_parallel, run_inference=not args.no_infer, on_event=on_event, on_tick=on_tick
+        )
+        result = runner.submit(
+            p, backend, force=args.force, dry_run=bool(args.dry_run), foreground=options, prepare=prepare
+        )
         live.update(table(), refresh=True)
     if not interactive:
         console.line()  # a non-terminal Live leaves its last line open
@@ -209,8 +217,9 @@ def _run_here(p: Plan, backend, args: argparse.Namespace, prepare=None) -> int:
         again += ["--max-parallel", str(args.max_parallel)] if args.max_parallel else []
         _print_hint("stopped. Resume with: ", hints.command("run", p, "local", args, extra=again))
     elif result.failed:
-        err_console.print(f"[red]{len(result.failed)} runs did not complete:[/] {', '.join(result.failed)}",
-                          soft_wrap=True)  # fmt: skip
+        err_console.print(
+            f"[red]{len(result.failed)} runs did not complete:[/] {', '.join(result.failed)}", soft_wrap=True
+        )
         _print_hint("why: ", hints.command("logs", p, backend.name, args, run=result.failed[0]), err_console)
     return result.exit_code
 
@@ -240,8 +249,11 @@ def _note_submitted_elsewhere(args: argparse.Namespace, p: Plan, name: str) -> N
     the run index, never writes it)."""
     submitted = None if args.backend else run_index.submitted_to(p)
     if submitted and canonical(submitted.backend) != name:
-        _print_hint(f"note: these runs were submitted to {canonical(submitted.backend)}, not {name}; their status: ",
-                    hints.command("status", p, submitted.backend, submitted), err_console)  # fmt: skip
+        _print_hint(
+            f"note: these runs were submitted to {canonical(submitted.backend)}, not {name}; their status: ",
+            hints.command("status", p, submitted.backend, submitted),
+            err_console,
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -266,13 +278,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     try:
         if not console.is_interactive:  # a pipe, a file, TERM=dumb: one whole table per refresh
-            runner.watch(p, backend, lambda rows: print_plain_refresh(out, build_table(p, rows, name, width=width)),
-                         args.interval)  # fmt: skip
+            runner.watch(
+                p,
+                backend,
+                lambda rows: print_plain_refresh(out, build_table(p, rows, name, width=width)),
+                args.interval,
+            )
             return 0
-        with Live(build_table(p, collect(p, backend, reconcile=True), name, width=console.width), console=console,
-                  auto_refresh=False) as live:  # fmt: skip
-            runner.watch(p, backend, lambda rows: live.update(build_table(p, rows, name, width=console.width),
-                                                              refresh=True), args.interval)  # fmt: skip
+        with Live(
+            build_table(p, collect(p, backend, reconcile=True), name, width=console.width),
+            console=console,
+            auto_refresh=False,
+        ) as live:
+            runner.watch(
+                p,
+                backend,
+                lambda rows: live.update(build_table(p, rows, name, width=console.width), refresh=True),
+                args.interval,
+            )
     except KeyboardInterrupt:
         pass
     return 0
@@ -281,8 +304,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from . import prefetch
 
-    p = prefetch.prefetch(plan(args.experiment, args.set), say=lambda message: console.print(escape(message)),
-                          command=True)  # fmt: skip
+    p = prefetch.prefetch(
+        plan(args.experiment, args.set), say=lambda message: console.print(escape(message)), command=True
+    )
     pinned = {(pin.repo_type, pin.repo_id, pin.revision) for run in p.runs for pin in run.hub_pins}
     console.print(f"{len(pinned)} hub repos pinned for {len(p.runs)} runs; their jobs read them offline")
     return 0
@@ -299,8 +323,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .audit import audit
 
         if not _backend(args, name).shares_storage:
-            raise QlaunchError("--audit trains the stopped runs on this machine from their checkpoints, which "
-                               f"the {name} backend's storage does not let it read")  # fmt: skip
+            raise QlaunchError(
+                "--audit trains the stopped runs on this machine from their checkpoints, which "
+                f"the {name} backend's storage does not let it read"
+            )
         found = audit(p, lambda line: err_console.print(escape(line), highlight=False, soft_wrap=True))
     document = report.build(p, _backend(args, name), name, audit=found)
     document = report.write(document, Path(args.output) if args.output else report.default_output(p, name))
@@ -410,22 +436,29 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     def backend_option(command):
-        command.add_argument("--backend", "-b", choices=backend_names(),
-                             help="default: the experiment file's `backend:` (local)")
+        command.add_argument(
+            "--backend", "-b", choices=backend_names(), help="default: the experiment file's `backend:` (local)"
+        )
         command.add_argument("--kubeconfig", help="kubernetes: kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
         command.add_argument("--context", help="kubernetes: kubeconfig context (default: its current context)")
 
     def input_checks_option(command):
-        command.add_argument("--skip-input-checks", action="store_true",
-                             help="do not check local paths here (only the cluster sees them); the job still checks")
+        command.add_argument(
+            "--skip-input-checks",
+            action="store_true",
+            help="do not check local paths here (only the cluster sees them); the job still checks",
+        )
 
     command = add("check", cmd_check, "Check the inputs every run names (files, fields, keys); start nothing.")
     command.add_argument("experiment")
     backend_option(command)
 
     def json_option(command):
-        command.add_argument("--json", action="store_true",
-                             help="print one JSON document instead (shape: README, Machine-readable output)")
+        command.add_argument(
+            "--json",
+            action="store_true",
+            help="print one JSON document instead (shape: README, Machine-readable output)",
+        )
 
     command = add("plan", cmd_plan, "List the runs an experiment file expands to.")
     command.add_argument("experiment")
@@ -446,8 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("run", cmd_run, "Train every run of the grid on this machine, then run inference.")
     command.add_argument("experiment")
     command.add_argument("--max-parallel", "-j", type=int, help="runs at a time (default: local.max_parallel)")
-    command.add_argument("--force", action="store_true",
-                         help="train completed runs again from scratch (deletes their adapters: listed, confirmed)")
+    command.add_argument(
+        "--force",
+        action="store_true",
+        help="train completed runs again from scratch (deletes their adapters: listed, confirmed)",
+    )
     command.add_argument("--no-infer", action="store_true", help="skip the inference jobs")
     command.add_argument("--dry-run", action="store_true", help="show what would run")
     command.set_defaults(skip_preflight=True)
@@ -457,19 +493,34 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("submit", cmd_submit, "Submit the grid (training + dependent inference jobs).")
     command.add_argument("experiment")
     backend_option(command)
-    command.add_argument("--force", action="store_true", help="resubmit runs that are pending, running or completed "
-                         "(local/Slurm: deletes their outputs, listed and confirmed first)")
-    command.add_argument("--dry-run", nargs="?", const="server", choices=["server", "client"],
-                         help="validate without submitting (Kubernetes: server-side dry run)")
+    command.add_argument(
+        "--force",
+        action="store_true",
+        help="resubmit runs that are pending, running or completed "
+        "(local/Slurm: deletes their outputs, listed and confirmed first)",
+    )
+    command.add_argument(
+        "--dry-run",
+        nargs="?",
+        const="server",
+        choices=["server", "client"],
+        help="validate without submitting (Kubernetes: server-side dry run)",
+    )
     command.add_argument("--skip-preflight", action="store_true", help="submit runs the memory check refuses")
     command.add_argument("--max-parallel", "-j", type=int, help="local backend: runs at a time")
     command.add_argument("--no-infer", action="store_true", help="local backend: skip inference")
     input_checks_option(command)
-    command.add_argument("--no-prefetch", action="store_true",
-                         help="skip pinning/downloading hub repos first (jobs then reach the hub themselves)")
+    command.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="skip pinning/downloading hub repos first (jobs then reach the hub themselves)",
+    )
 
-    command = add("prefetch", cmd_prefetch,
-                  "Pin the grid's hub models/datasets to commits and download them once into the shared cache.")
+    command = add(
+        "prefetch",
+        cmd_prefetch,
+        "Pin the grid's hub models/datasets to commits and download them once into the shared cache.",
+    )
     command.add_argument("experiment")
 
     command = add("preflight", cmd_preflight, "Estimate each run's peak GPU memory on its target GPU.")
@@ -480,22 +531,35 @@ def build_parser() -> argparse.ArgumentParser:
     backend_option(command)
     command.add_argument("--watch", "-w", action="store_true", help="refresh until every run has ended")
     command.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
-    command.add_argument("--wide", action="store_true",
-                         help="every column, however wide (a narrow terminal otherwise hides some and says which; "
-                              "a live --watch on a terminal always fits it)")
-    command.add_argument("--check-hub", action="store_true",
-                         help="ask the hub whether the pinned revisions have moved on (changes nothing)")
+    command.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column, however wide (a narrow terminal otherwise hides some and says which; "
+        "a live --watch on a terminal always fits it)",
+    )
+    command.add_argument(
+        "--check-hub",
+        action="store_true",
+        help="ask the hub whether the pinned revisions have moved on (changes nothing)",
+    )
     json_option(command)
 
-    command = add("report", cmd_report, "Compare the runs: report.html (table, loss curves, base vs tuned, "
-                  "restarts), report.md, report.json.")  # fmt: skip
+    command = add(
+        "report",
+        cmd_report,
+        "Compare the runs: report.html (table, loss curves, base vs tuned, restarts), report.md, report.json.",
+    )
     command.add_argument("experiment")
     backend_option(command)
-    command.add_argument("-o", "--output", help="folder (default: <storage root>/<experiment>/report; "
-                         "Kubernetes: ./<experiment>-report)")  # fmt: skip
-    command.add_argument("--audit", action="store_true",
-                         help="search.strategy asha: finish the runs it stopped (copies beside the grid, trained "
-                         "here from their rung checkpoints) and say whether the winner would have changed")  # fmt: skip
+    command.add_argument(
+        "-o", "--output", help="folder (default: <storage root>/<experiment>/report; Kubernetes: ./<experiment>-report)"
+    )
+    command.add_argument(
+        "--audit",
+        action="store_true",
+        help="search.strategy asha: finish the runs it stopped (copies beside the grid, trained "
+        "here from their rung checkpoints) and say whether the winner would have changed",
+    )
     json_option(command)
 
     command = add("logs", cmd_logs, "Print a run's log (-f follows it across restarts).")

@@ -33,24 +33,34 @@ class VersionAction(argparse.Action):
     """`qlaunch --version`: version, where the code is loaded from, and any package-name clash."""
 
     def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0,
-                         help=help or "print qlaunch's version and where it is installed")  # fmt: skip
+        super().__init__(
+            option_strings,
+            dest=dest,
+            default=default,
+            nargs=0,
+            help=help or "print qlaunch's version and where it is installed",
+        )
 
     def __call__(self, parser, namespace, values, option_string=None):
         here = Path(__file__).resolve().parent
         print(f"qlaunch {__version__} ({here}, Python {sys.version.split()[0]})")
         code = 0
         for name, dists in clashing_distributions().items():
-            print(f"warning: the installed distribution(s) {', '.join(dists)} also provide the top-level "
-                  f"package {name!r}, which qlaunch installs: one overwrites or shadows the other. "
-                  "Install qlaunch into a virtual environment of its own.", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: the installed distribution(s) {', '.join(dists)} also provide the top-level "
+                f"package {name!r}, which qlaunch installs: one overwrites or shadows the other. "
+                "Install qlaunch into a virtual environment of its own.",
+                file=sys.stderr,
+            )
             code = 1
         parser.exit(code)
 
 
 # ---- --set --------------------------------------------------------------------------------------
-SET_HELP = ("override a key of the experiment file: dotted key, YAML value (repeatable; wins over the "
-            "file and the user config), e.g. --set storage.root=/mnt/qlaunch --set grid.lora.r=[8,16]")  # fmt: skip
+SET_HELP = (
+    "override a key of the experiment file: dotted key, YAML value (repeatable; wins over the "
+    "file and the user config), e.g. --set storage.root=/mnt/qlaunch --set grid.lora.r=[8,16]"
+)
 
 
 def add_set_options(sub: argparse._SubParsersAction) -> None:
@@ -74,8 +84,9 @@ def add_yes_options(sub: argparse._SubParsersAction) -> None:
     """`--yes` beside the `--force` of `run` and `submit`: what it deletes is listed and confirmed first."""
     for name, command in sub.choices.items():
         if name in ("run", "submit"):
-            command.add_argument("--yes", "-y", action="store_true",
-                                 help="with --force: delete the runs' outputs without asking")  # fmt: skip
+            command.add_argument(
+                "--yes", "-y", action="store_true", help="with --force: delete the runs' outputs without asking"
+            )
 
 
 def force_deletions(p, backend_name: str) -> dict[str, list[str]]:
@@ -111,8 +122,10 @@ def confirm_force(p, backend_name: str, dry_run: bool, yes: bool, console, err_c
     doomed = force_deletions(p, backend_name)
     if not doomed:
         return True
-    console.print(f"--force deletes the outputs of {len(doomed)} run{'s' if len(doomed) != 1 else ''} "
-                  "(they train again from step 0; run.yaml and the logs stay):")  # fmt: skip
+    console.print(
+        f"--force deletes the outputs of {len(doomed)} run{'s' if len(doomed) != 1 else ''} "
+        "(they train again from step 0; run.yaml and the logs stay):"
+    )
     folders = {run.run_id: run.run_dir for run in p.runs}
     for run_id, items in doomed.items():
         console.print(escape(f"  {folders[run_id]}: {', '.join(items)}"), soft_wrap=True)
@@ -127,13 +140,16 @@ def confirm_force(p, backend_name: str, dry_run: bool, yes: bool, console, err_c
             return True
         err_console.print("nothing deleted, nothing started")
         return False
-    err_console.print("[red]error:[/] nothing deleted, nothing started: --force deletes trained outputs; "
-                      "add --yes to confirm when no terminal can ask", soft_wrap=True)  # fmt: skip
+    err_console.print(
+        "[red]error:[/] nothing deleted, nothing started: --force deletes trained outputs; "
+        "add --yes to confirm when no terminal can ask",
+        soft_wrap=True,
+    )
     return False
 
 
 # ---- completion ---------------------------------------------------------------------------------
-COMPLETION_HELP = "Print a shell completion script: eval \"$(qlaunch completion bash)\" (or zsh)."
+COMPLETION_HELP = 'Print a shell completion script: eval "$(qlaunch completion bash)" (or zsh).'
 
 
 def add_completion(command: argparse.ArgumentParser) -> None:

@@ -19,16 +19,22 @@ from .job.errors import QlaunchError
 from .job.storage import RunPaths, read_json
 from .jobspec import launcher_environment
 
-HELP = ("Evaluate the grid's trained runs in one job (base model loaded once, every adapter); "
-        "runs already scored on the same prompts, references and settings are skipped.")  # fmt: skip
+HELP = (
+    "Evaluate the grid's trained runs in one job (base model loaded once, every adapter); "
+    "runs already scored on the same prompts, references and settings are skipped."
+)
 
 
 def add_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("experiment")
     command.add_argument("--runs", nargs="+", metavar="RUN", help="run ids (or unique prefixes); default: every run")
     command.add_argument("--force", action="store_true", help="evaluate runs already scored on this eval set too")
-    command.add_argument("--backend", "-b", choices=["local", "slurm"],
-                         help="local: in this process's machine, now; slurm: one job (default: the experiment's)")
+    command.add_argument(
+        "--backend",
+        "-b",
+        choices=["local", "slurm"],
+        help="local: in this process's machine, now; slurm: one job (default: the experiment's)",
+    )
     command.add_argument("--dry-run", action="store_true", help="say which runs would be evaluated; start nothing")
 
 
@@ -52,14 +58,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .backends.slurm.backend import SlurmBackend
 
         job_id = SlurmBackend().evaluate(chosen, force=args.force)
-        console.print(f"grid evaluation job {job_id} submitted; log: {grid_evaluation.folder(chosen) / grid_evaluation.LOG_FILE}")
+        console.print(
+            f"grid evaluation job {job_id} submitted; log: {grid_evaluation.folder(chosen) / grid_evaluation.LOG_FILE}"
+        )
         return 0
     if name != "local":
-        raise QlaunchError(f"qlaunch evaluate runs on this machine or on Slurm, not on {name} yet: "
-                           "use --backend local where the storage root is mounted")  # fmt: skip
+        raise QlaunchError(
+            f"qlaunch evaluate runs on this machine or on Slurm, not on {name} yet: "
+            "use --backend local where the storage root is mounted"
+        )
     runs_file = evaluation.write_runs_file(chosen)
-    code = subprocess.call(evaluation.local_command(chosen, runs_file, extra), env=launcher_environment(),
-                           cwd=runs_file.parent)  # fmt: skip
+    code = subprocess.call(
+        evaluation.local_command(chosen, runs_file, extra), env=launcher_environment(), cwd=runs_file.parent
+    )
     outcomes = evaluation.outcomes(chosen)
     for run in chosen:
         outcome = outcomes.get(run.run_id, {})
@@ -70,8 +81,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metric = summary.get("metric") or {}
         if "tuned" in metric:
             base = f"base {metric['base']:.2f} → " if "base" in metric else ""
-            console.print(escape(f"{run.run_id}: {metric.get('name')} {base}tuned {metric['tuned']:.2f} "
-                                 f"on {metric.get('n')} held-out prompts"))  # fmt: skip
+            console.print(
+                escape(
+                    f"{run.run_id}: {metric.get('name')} {base}tuned {metric['tuned']:.2f} "
+                    f"on {metric.get('n')} held-out prompts"
+                )
+            )
         else:
             console.print(f"{run.run_id}: evaluated")
     return code

@@ -64,11 +64,18 @@ def evaluation_job(runs, runs_file: Path, *, python: str | None = None, extra: t
     spec = inference_job(runs[0])
     place = runs_file.parent
     return JobSpec(
-        run_id=EVALUATE, role=EVALUATE, python=python or spec.python,
-        module="training.evaluate_grid", run_yaml=str(runs_file), args=tuple(extra), env=spec.env,
-        resources=spec.resources, workdir=str(place), log=str(place / LOG_FILE),
+        run_id=EVALUATE,
+        role=EVALUATE,
+        python=python or spec.python,
+        module="training.evaluate_grid",
+        run_yaml=str(runs_file),
+        args=tuple(extra),
+        env=spec.env,
+        resources=spec.resources,
+        workdir=str(place),
+        log=str(place / LOG_FILE),
         mounts=tuple(sorted({m for run in runs for m in inference_job(run).mounts})),
-    )  # fmt: skip
+    )
 
 
 def local_command(runs, runs_file: Path, extra: tuple[str, ...] = ()) -> list[str]:

@@ -42,22 +42,32 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     which = command.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="run id (or a unique prefix)")
     which.add_argument("--best", action="store_true", help="the run `qlaunch report` ranks first")
-    command.add_argument("--merge", action="store_true",
-                         help="merge the adapter into the base (both merge bases checked; the closer ships)")  # fmt: skip
+    command.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the adapter into the base (both merge bases checked; the closer ships)",
+    )
     command.add_argument("--gguf", action="store_true", help="also a GGUF file for llama.cpp / Ollama (needs --merge)")
     command.add_argument("--gguf-type", choices=("f16", "q8_0"), default="f16", help="GGUF weights (default f16)")
     command.add_argument("--push-to-hub", metavar="REPO", help="push the export to this hub repo (user/name)")
     visibility = command.add_mutually_exclusive_group()
-    visibility.add_argument("--private", dest="private", action="store_true", default=True,
-                            help="a new hub repo is private (the default)")  # fmt: skip
+    visibility.add_argument(
+        "--private", dest="private", action="store_true", default=True, help="a new hub repo is private (the default)"
+    )
     visibility.add_argument("--public", dest="private", action="store_false", help="a new hub repo is public")
     command.add_argument("-o", "--output", help="export folder (default: <run dir>/export)")
-    command.add_argument("--backend", "-b", choices=backend_names(),
-                         help="where the export job runs (default: the experiment's backend; local: here, now)")
-    command.add_argument("--memory", metavar="SIZE",
-                         help="host memory the export job asks for, e.g. 48G (default: what the merge needs)")
-    command.add_argument("--dry-run", action="store_true",
-                         help="check everything and print the job script; submit and write nothing")
+    command.add_argument(
+        "--backend",
+        "-b",
+        choices=backend_names(),
+        help="where the export job runs (default: the experiment's backend; local: here, now)",
+    )
+    command.add_argument(
+        "--memory", metavar="SIZE", help="host memory the export job asks for, e.g. 48G (default: what the merge needs)"
+    )
+    command.add_argument(
+        "--dry-run", action="store_true", help="check everything and print the job script; submit and write nothing"
+    )
 
 
 # ---- choosing the run --------------------------------------------------------------------------
@@ -106,13 +116,19 @@ def check_merge_memory(run: RunConfig, available: int | None = None, job_memory:
     available = available_memory() if available is None else available
     if need is None or available is None or need <= available:
         return
-    head = (f"--merge of run {run.run_id} needs about {need / 2**30:.1f} GiB of host memory (the float16 merge, "
-            "checked in float32), ")  # fmt: skip
+    head = (
+        f"--merge of run {run.run_id} needs about {need / 2**30:.1f} GiB of host memory (the float16 merge, "
+        "checked in float32), "
+    )
     if job_memory is not None:
-        raise QlaunchError(head + f"the export job would ask for {job_memory} (--memory): ask for at least "
-                           f"{math.ceil(need / 2**30)}G, or leave --memory out (the job then asks for what the merge needs)")  # fmt: skip
-    raise QlaunchError(head + f"this machine has {available / 2**30:.1f} GiB available: run the export on a compute "
-                       "node (--backend slurm; README: After training)")  # fmt: skip
+        raise QlaunchError(
+            head + f"the export job would ask for {job_memory} (--memory): ask for at least "
+            f"{math.ceil(need / 2**30)}G, or leave --memory out (the job then asks for what the merge needs)"
+        )
+    raise QlaunchError(
+        head + f"this machine has {available / 2**30:.1f} GiB available: run the export on a compute "
+        "node (--backend slurm; README: After training)"
+    )
 
 
 # ---- the hub -----------------------------------------------------------------------------------
@@ -137,13 +153,12 @@ def push_target(run: RunConfig, repo: str) -> tuple[str, str]:
     access = (who.get("auth") or {}).get("accessToken") or {}
     if access.get("role") == "fineGrained":
         scoped = (access.get("fineGrained") or {}).get("scoped") or []
-        allowed = any(s.get("entity", {}).get("name") == namespace and "repo.write" in s.get("permissions", [])
-                      for s in scoped)  # fmt: skip
+        allowed = any(
+            s.get("entity", {}).get("name") == namespace and "repo.write" in s.get("permissions", []) for s in scoped
+        )
     else:
         orgs = {o.get("name"): o.get("roleInOrg") for o in who.get("orgs") or []}
-        allowed = access.get("role") in WRITE_ROLES and (
-            namespace == who["name"] or orgs.get(namespace) in WRITE_ROLES
-        )
+        allowed = access.get("role") in WRITE_ROLES and (namespace == who["name"] or orgs.get(namespace) in WRITE_ROLES)
     if not allowed:
         raise QlaunchError(
             f"--push-to-hub {repo_id}: the token from {where} (user {who['name']}, role {access.get('role', '?')}) "
@@ -157,8 +172,9 @@ def push(folder: Path, repo_id: str, token: str, private: bool) -> dict[str, Any
 
     api = HfApi()
     url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
-                             commit_message=f"qlaunch export of {folder.name}")  # fmt: skip
+    info = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), token=token, commit_message=f"qlaunch export of {folder.name}"
+    )
     # An existing repo keeps its visibility: record what the hub says it is.
     private = bool(api.model_info(repo_id, revision=info.oid, token=token).private)
     return {"repo_id": repo_id, "private": private, "revision": info.oid, "url": str(url)}
@@ -182,7 +198,9 @@ def run_logged(command: list[str], log: Path) -> int:
     """The export job on this machine: its output on the terminal and appended to its log."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as handle:
-        process = subprocess.Popen(command, env=launcher_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=launcher_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         assert process.stdout is not None
         for line in process.stdout:
             handle.write(line)
@@ -195,9 +213,13 @@ def finish(run: RunConfig, out: Path, target: tuple[str, str] | None, private: b
     """After training.export: push the folder (when asked) and record the export in exports.json.
     Here for a local export; in the job (`python -m launcher.export_command --finish`) otherwise."""
     record = read_json(out / "export.json") or {}
-    entry: dict[str, Any] = {"path": str(out), "kind": record.get("kind"), "at": round(time.time(), 3),
-                             "merge_base": (record.get("merge_check") or {}).get("chosen"),
-                             "gguf": (record.get("gguf") or {}).get("file")}  # fmt: skip
+    entry: dict[str, Any] = {
+        "path": str(out),
+        "kind": record.get("kind"),
+        "at": round(time.time(), 3),
+        "merge_base": (record.get("merge_check") or {}).get("chosen"),
+        "gguf": (record.get("gguf") or {}).get("file"),
+    }
     if target:
         repo_id, token = target
         try:
@@ -244,17 +266,26 @@ def cmd_export(args: argparse.Namespace) -> int:
         submitted = backend.submit_export(run, job, finish_step, dry_run=args.dry_run)
         if args.dry_run:
             print(submitted.script, end="")
-            print(f"# dry run: the {backend.name} export job of run {run.run_id} ({_what(args)}) above was not submitted"
-                  f"{'; ' + submitted.checked if submitted.checked else ''}", file=sys.stderr)  # fmt: skip
+            print(
+                f"# dry run: the {backend.name} export job of run {run.run_id} ({_what(args)}) above was not submitted"
+                f"{'; ' + submitted.checked if submitted.checked else ''}",
+                file=sys.stderr,
+            )
             return 0
-        print(f"export job {submitted.job_id} of run {run.run_id} ({_what(args)}) submitted to {backend.name}: "
-              f"it writes {out} and records it in exports.json when it ends; script {submitted.path}")  # fmt: skip
-        print(f"follow it: qlaunch logs {run.run_id} --export -f -e {p.source} {hint}; "
-              f"then: qlaunch status {p.source} {hint}")  # fmt: skip
+        print(
+            f"export job {submitted.job_id} of run {run.run_id} ({_what(args)}) submitted to {backend.name}: "
+            f"it writes {out} and records it in exports.json when it ends; script {submitted.path}"
+        )
+        print(
+            f"follow it: qlaunch logs {run.run_id} --export -f -e {p.source} {hint}; "
+            f"then: qlaunch status {p.source} {hint}"
+        )
         return 0
     if args.dry_run:
-        print(f"dry run: would export run {run.run_id} ({_what(args)}) here to {out}: "
-              + " ".join(job.placed(python=sys.executable).command))  # fmt: skip
+        print(
+            f"dry run: would export run {run.run_id} ({_what(args)}) here to {out}: "
+            + " ".join(job.placed(python=sys.executable).command)
+        )
         return 0
     print(f"exporting run {run.run_id} ({_what(args)}) to {out}", flush=True)
     code = run_logged(job.placed(python=sys.executable).command, Path(job.log))
@@ -287,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
 
             token = read_hf_token(run)
             if not token:
-                raise QlaunchError(f"--push-to-hub {args.push_to_hub}: the job has no hub token "
-                                   f"(model.hf_token_file, or ${run.model.hf_token_env} passed on by the scheduler)")  # fmt: skip
+                raise QlaunchError(
+                    f"--push-to-hub {args.push_to_hub}: the job has no hub token "
+                    f"(model.hf_token_file, or ${run.model.hf_token_env} passed on by the scheduler)"
+                )
             target = (args.push_to_hub, token)
         finish(run, Path(args.out), target, not args.public)
     except QlaunchError as exc:

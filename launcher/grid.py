@@ -76,7 +76,9 @@ def run_id_for(resolved: dict[str, Any]) -> str:
     resubmitting after an upgrade must not start the whole grid again."""
     defaults = _defaults()
     identity = {
-        section: {key: value for key, value in resolved[section].items() if defaults[section].get(key, object()) != value}
+        section: {
+            key: value for key, value in resolved[section].items() if defaults[section].get(key, object()) != value
+        }
         for section in IDENTITY_SECTIONS
     }
     # Whole-text loss is what every run trained with before the key existed: only answer-only
@@ -115,9 +117,7 @@ def _check_grid_key(key: str, source: str, line: int | None) -> None:
             known = ", ".join(sorted(fields)) if fields else "none (not a section)"
             prefix = ".".join(parts[:depth]) or "top level"
             hint = did_you_mean(part, fields or ())
-            raise ConfigError(
-                f"{where}: grid.{key}: unknown key {part!r} under {prefix}{hint} (known: {known})"
-            )
+            raise ConfigError(f"{where}: grid.{key}: unknown key {part!r} under {prefix}{hint} (known: {known})")
         annotation = fields[part].annotation
         model = annotation if isinstance(annotation, type) else None
         if depth < len(parts) - 1 and model is None:
@@ -210,9 +210,7 @@ def plan(path: str | Path, settings: Sequence[str] = ()) -> Plan:
                     given = next((f"--set {s}" for s in loaded.settings if s.startswith(f"grid.{key}=")), None)
                     where = given or f"{source}:{line}"  # an axis from --set has no line in the file
                     detail = format_validation_error(single, str(source), lines).split(": ", 2)[-1]
-                    raise ConfigError(
-                        f"{where}: grid.{key}[{index}] = {value!r}: {detail}"
-                    ) from None
+                    raise ConfigError(f"{where}: grid.{key}[{index}] = {value!r}: {detail}") from None
             raise ConfigError(format_validation_error(exc, str(source), lines)) from None
         resolved["grid"] = {}
         try:
@@ -244,5 +242,12 @@ def plan(path: str | Path, settings: Sequence[str] = ()) -> Plan:
             )
         )
     _refuse_recipe_problems(runs, grid, lines, str(source))
-    return Plan(experiment=experiment, source=source, storage_root=root, runs=tuple(runs), key_lines=lines,
-                settings=loaded.settings, user_defaults=loaded.user_defaults)  # fmt: skip
+    return Plan(
+        experiment=experiment,
+        source=source,
+        storage_root=root,
+        runs=tuple(runs),
+        key_lines=lines,
+        settings=loaded.settings,
+        user_defaults=loaded.user_defaults,
+    )

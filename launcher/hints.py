@@ -37,8 +37,9 @@ def target_words(p: Plan, backend: str, args: object | None = None, verb: str = 
     return words
 
 
-def command(verb: str, p: Plan, backend: str, args: object | None = None, *,
-            run: str | None = None, extra: Iterable[str] = ()) -> str:  # fmt: skip
+def command(
+    verb: str, p: Plan, backend: str, args: object | None = None, *, run: str | None = None, extra: Iterable[str] = ()
+) -> str:
     """`qlaunch <verb> <file|run -e file> <target options> <extra>`, ready to paste into a shell."""
     where = [run, "-e", str(p.source)] if run else [str(p.source)]
     return shlex.join(["qlaunch", verb, *where, *target_words(p, backend, args, verb), *extra])

@@ -42,7 +42,9 @@ def check_plan(plan, backend: str | None = None) -> list[Problem]:
     problems = []
     for problem, run_ids in found.items():
         if len(plan.runs) > 1 and len(run_ids) < len(plan.runs):
-            problem = replace(problem, message=f"{problem.message} (run{'s' if len(run_ids) > 1 else ''} {', '.join(run_ids)})")
+            problem = replace(
+                problem, message=f"{problem.message} (run{'s' if len(run_ids) > 1 else ''} {', '.join(run_ids)})"
+            )
         problems.append(problem)
     return problems
 
@@ -59,8 +61,12 @@ def refuse_bad_inputs(plan, backend: str | None, skip: bool, console) -> list[Pr
     """What `qlaunch plan/render/run/submit/check` do right after the plan is built: say the
     info lines, and raise InputError (exit 2) with every error before anything starts."""
     if skip:
-        console.print("input checks skipped (--skip-input-checks): each job checks its inputs when it starts",
-                      markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        console.print(
+            "input checks skipped (--skip-input-checks): each job checks its inputs when it starts",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
         return []
     problems = check_plan(plan, backend)
     for problem in problems:

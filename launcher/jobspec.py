@@ -56,8 +56,9 @@ class JobSpec:
     def command(self) -> list[str]:
         return [self.python, "-m", self.module, self.run_yaml, *self.args]
 
-    def placed(self, *, python: str | None = None, run_yaml: str | None = None,
-               args: tuple[str, ...] = ()) -> "JobSpec":  # fmt: skip
+    def placed(
+        self, *, python: str | None = None, run_yaml: str | None = None, args: tuple[str, ...] = ()
+    ) -> "JobSpec":
         """The same job where the backend puts it: another interpreter (the local backend runs
         this qlaunch's), run.yaml at another path (a Kubernetes ConfigMap mount), extra
         arguments (the rendezvous host, which only the backend knows)."""
@@ -157,8 +158,9 @@ def job_specs(run: RunConfig) -> RunJobs:
         workdir=str(paths.root),
         mounts=_mounts(run),
     )
-    train = JobSpec(role=TRAIN, module="training.launch", resources=_resources(run, TRAIN),
-                    log=str(paths.train_log), **common)  # fmt: skip
+    train = JobSpec(
+        role=TRAIN, module="training.launch", resources=_resources(run, TRAIN), log=str(paths.train_log), **common
+    )
     return RunJobs(train, inference_job(run) if run.inference.enabled else None)
 
 
@@ -166,11 +168,18 @@ def inference_job(run: RunConfig) -> JobSpec:
     """The inference job, also when inference.enabled is false (`qlaunch infer --prompt`)."""
     paths = RunPaths.of(run)
     return JobSpec(
-        run_id=run.run_id, role=INFER, python=run.environment.python, module="training.infer",
-        run_yaml=str(paths.config), args=(), env=tuple(sorted(run.environment.variables.items())),
-        resources=_resources(run, INFER), workdir=str(paths.root), log=str(paths.infer_log),
+        run_id=run.run_id,
+        role=INFER,
+        python=run.environment.python,
+        module="training.infer",
+        run_yaml=str(paths.config),
+        args=(),
+        env=tuple(sorted(run.environment.variables.items())),
+        resources=_resources(run, INFER),
+        workdir=str(paths.root),
+        log=str(paths.infer_log),
         mounts=_mounts(run),
-    )  # fmt: skip
+    )
 
 
 # The merge holds the float16 model and, on a CPU, checks it in float32: ~6 bytes per parameter at
@@ -205,8 +214,15 @@ def export_resources(run: RunConfig, merge: bool, memory: str | None = None) -> 
     else:
         wanted, gpus, cpus = EXPORT_ADAPTER_MEMORY, 0, 1
         time_limit = min((EXPORT_ADAPTER_TIME_LIMIT, res.time_limit), key=_seconds)
-    return Resources(nodes=1, gpus_per_node=gpus, gpu_type=res.gpu_type, cpus_per_task=cpus,
-                     memory=memory or wanted, time_limit=time_limit, time_limit_seconds=_seconds(time_limit))  # fmt: skip
+    return Resources(
+        nodes=1,
+        gpus_per_node=gpus,
+        gpu_type=res.gpu_type,
+        cpus_per_task=cpus,
+        memory=memory or wanted,
+        time_limit=time_limit,
+        time_limit_seconds=_seconds(time_limit),
+    )
 
 
 def export_job(run: RunConfig, out: str, merge: bool, gguf_type: str | None, memory: str | None = None) -> JobSpec:
@@ -215,11 +231,18 @@ def export_job(run: RunConfig, out: str, merge: bool, gguf_type: str | None, mem
     paths = RunPaths.of(run)
     args = ("--out", out, *(("--merge",) if merge else ()), *(("--gguf", gguf_type) if gguf_type else ()))
     return JobSpec(
-        run_id=run.run_id, role=EXPORT, python=run.environment.python, module="training.export",
-        run_yaml=str(paths.config), args=args, env=tuple(sorted(run.environment.variables.items())),
-        resources=export_resources(run, merge, memory), workdir=str(paths.root), log=str(paths.root / EXPORT_LOG),
+        run_id=run.run_id,
+        role=EXPORT,
+        python=run.environment.python,
+        module="training.export",
+        run_yaml=str(paths.config),
+        args=args,
+        env=tuple(sorted(run.environment.variables.items())),
+        resources=export_resources(run, merge, memory),
+        workdir=str(paths.root),
+        log=str(paths.root / EXPORT_LOG),
         mounts=_mounts(run),
-    )  # fmt: skip
+    )
 
 
 def export_finish_command(spec: JobSpec, repo_id: str | None, private: bool) -> list[str]:

@@ -66,8 +66,9 @@ class PlanDocument(_Shape):
 
 
 # ---- qlaunch status --json -------------------------------------------------------------------
-State = Literal["unknown", "pending", "running", "requeued", "completed", "failed", "cancelled", "timeout",
-                "out_of_memory"]  # fmt: skip
+State = Literal[
+    "unknown", "pending", "running", "requeued", "completed", "failed", "cancelled", "timeout", "out_of_memory"
+]
 
 
 class StatusRun(_Shape):

@@ -42,8 +42,22 @@ from .job.hub import (
 )
 
 # Weight formats a repo may carry next to each other; a job loads one of them.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
-                   ".gguf", ".ot", ".tflite", ".npz", ".mlmodel", ".pb")  # fmt: skip
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".gguf",
+    ".ot",
+    ".tflite",
+    ".npz",
+    ".mlmodel",
+    ".pb",
+)
 
 
 class PrefetchError(QlaunchError):
@@ -76,7 +90,9 @@ def select_files(ref: HubRef, run: RunConfig, siblings: list[tuple[str, int | No
         weights = [n for n in names if n == run.model.gguf_file]
         if not weights:
             ggufs = ", ".join(n for n in names if n.endswith(".gguf")) or "none"
-            raise PrefetchError(f"model.gguf_file: no {run.model.gguf_file!r} in {ref.repo_id} (its GGUF files: {ggufs})")
+            raise PrefetchError(
+                f"model.gguf_file: no {run.model.gguf_file!r} in {ref.repo_id} (its GGUF files: {ggufs})"
+            )
     else:
         weights = [n for n in top if n.endswith(".safetensors")] or [n for n in top if n.endswith(".bin")]
     return sorted(other + weights)
@@ -94,9 +110,10 @@ def _hub_error(ref: HubRef, run: RunConfig, exc: Exception, token: str | None) -
 
     where = f"{ref.key}: {ref.repo_id}"
     token_source = (
-        f"model.hf_token_file ({run.model.hf_token_file})" if run.model.hf_token_file
+        f"model.hf_token_file ({run.model.hf_token_file})"
+        if run.model.hf_token_file
         else f"${run.model.hf_token_env} (model.hf_token_env)"
-    )  # fmt: skip
+    )
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, GatedRepoError):
         if token is None and status != 403:  # 403: the client sent its stored login's token
@@ -151,8 +168,14 @@ def _fetch(ref: HubRef, run: RunConfig, record: dict | None, cache: Path) -> Fet
             return Fetched(ref, revision, files, size, downloaded=False)
         # A commit hash as revision: snapshot_download resolves nothing and writes no refs/main,
         # so the cache holds exactly the pinned commit. Partial files resume.
-        snapshot_download(ref.repo_id, repo_type=ref.repo_type, revision=revision, cache_dir=str(cache),
-                          allow_patterns=files, token=token)  # fmt: skip
+        snapshot_download(
+            ref.repo_id,
+            repo_type=ref.repo_type,
+            revision=revision,
+            cache_dir=str(cache),
+            allow_patterns=files,
+            token=token,
+        )
     except QlaunchError:
         raise
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one clear line
@@ -163,9 +186,12 @@ def _fetch(ref: HubRef, run: RunConfig, record: dict | None, cache: Path) -> Fet
 def prefetch(p: Plan, say: Callable[[str], None] = lambda message: None, command: bool = False) -> Plan:
     """Pin and download every hub repo of the grid; the plan with each run pinned."""
     from .backends import backend_class  # the backends import the plan module, which imports this
+
     if command and not backend_class(p.experiment.backend).shares_storage:
-        raise PrefetchError("prefetch: a Kubernetes experiment's cache is on its claim, which this machine "
-                            "does not mount; its pods download from the hub themselves")
+        raise PrefetchError(
+            "prefetch: a Kubernetes experiment's cache is on its claim, which this machine "
+            "does not mount; its pods download from the hub themselves"
+        )
     path = pins_path(p.storage_root, p.experiment.name)
     pins = read_pins(path)
     recorded = json.dumps(pins, sort_keys=True)
@@ -179,8 +205,10 @@ def prefetch(p: Plan, say: Callable[[str], None] = lambda message: None, command
         say(f"{'pinned' if record else 'resolving'} {ref.repo_type} {label}")
         fetched = _fetch(ref, run, record, cache)
         size = f", {fetched.bytes / 1e6:.1f} MB" if fetched.bytes else ""
-        say(f"{label} → {fetched.revision[:12]}: {len(fetched.files)} files{size} "
-            f"{'downloaded to' if fetched.downloaded else 'already in'} {cache}")  # fmt: skip
+        say(
+            f"{label} → {fetched.revision[:12]}: {len(fetched.files)} files{size} "
+            f"{'downloaded to' if fetched.downloaded else 'already in'} {cache}"
+        )
         pins[pin_key] = {
             **(record or {"resolved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}),
             "repo_id": ref.repo_id,
@@ -229,8 +257,11 @@ def check_hub(p: Plan) -> list[HubMove]:
             )
         except Exception as exc:  # noqa: BLE001
             raise _hub_error(dataclasses.replace(ref, key="pins.json"), run or p.runs[0], exc, token) from None
-        moves.append(HubMove(f"{ref.repo_type} {ref.repo_id}", ref.requested or DEFAULT_REVISION,
-                             record["revision"], info.sha or "?"))  # fmt: skip
+        moves.append(
+            HubMove(
+                f"{ref.repo_type} {ref.repo_id}", ref.requested or DEFAULT_REVISION, record["revision"], info.sha or "?"
+            )
+        )
     return moves
 
 
@@ -250,4 +281,3 @@ def hub_check_lines(p: Plan) -> list[str]:
                 "its revision into the experiment file (new run ids)"
             )
     return lines
-

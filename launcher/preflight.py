@@ -244,7 +244,9 @@ def step_shape(run: RunConfig) -> StepShape:
     if not packing and "padding_free" not in extra:
         # train.padding_free (auto: on from two examples per micro-batch), training/levers.py
         setting = train.padding_free
-        padding_free = setting is True or (setting == "auto" and 1 < batch and batch * max_length <= PADDING_FREE_MAX_ROW)
+        padding_free = setting is True or (
+            setting == "auto" and 1 < batch and batch * max_length <= PADDING_FREE_MAX_ROW
+        )
     if padding_free and not packing:
         # trl's padding-free collator concatenates the micro-batch into one row.
         return StepShape(batch * max_length, batch * max_length, 1, True, flattened=True)
@@ -284,7 +286,13 @@ def estimate_run(run: RunConfig) -> RunEstimate:
     step = step_shape(run)
     if run.resources.gpus_per_node == 0:
         return RunEstimate(
-            run.run_id, "none", 0, 0, fits=True, tokens_per_step=step.tokens, checked=False,
+            run.run_id,
+            "none",
+            0,
+            0,
+            fits=True,
+            tokens_per_step=step.tokens,
+            checked=False,
             advice="no GPU requested (resources.gpus_per_node: 0): nothing to check",
         )
     capacity = gpu_capacity(gpu)
@@ -292,31 +300,49 @@ def estimate_run(run: RunConfig) -> RunEstimate:
     problems = _precision_problems(run)
     if shape is None:
         return RunEstimate(
-            run.run_id, gpu, 0, capacity or 0, fits=not problems, tokens_per_step=step.tokens,
+            run.run_id,
+            gpu,
+            0,
+            capacity or 0,
+            fits=not problems,
+            tokens_per_step=step.tokens,
             checked=False,
-            advice="; ".join(problems) or f"model {run.model.name_or_path!r} is not in the shape table and "
+            advice="; ".join(problems)
+            or f"model {run.model.name_or_path!r} is not in the shape table and "
             "has no local config.json: memory not checked",
         )
     breakdown, paged = memory_breakdown(run, shape, step)
     peak = sum(breakdown.values())
     if capacity is None:
         return RunEstimate(
-            run.run_id, gpu, peak, 0, fits=not problems, breakdown=breakdown, tokens_per_step=step.tokens,
-            paged_bytes=paged, checked=False,
-            advice="; ".join(problems) or f"unknown resources.gpu_type {gpu!r} (known: "
-            f"{', '.join(sorted(GPU_MEMORY))}): memory not checked",
+            run.run_id,
+            gpu,
+            peak,
+            0,
+            fits=not problems,
+            breakdown=breakdown,
+            tokens_per_step=step.tokens,
+            paged_bytes=paged,
+            checked=False,
+            advice="; ".join(problems)
+            or f"unknown resources.gpu_type {gpu!r} (known: {', '.join(sorted(GPU_MEMORY))}): memory not checked",
         )
     fits = peak <= capacity
     advice = list(problems)
     if not fits:
         advice.append(_advice(run, shape, step, capacity, peak))
     elif peak + paged > capacity:
-        advice.append(
-            f"the paged optimizer state ({_gib(paged)}) will partly live in host memory: slower steps"
-        )
+        advice.append(f"the paged optimizer state ({_gib(paged)}) will partly live in host memory: slower steps")
     return RunEstimate(
-        run.run_id, gpu, peak, capacity, fits=fits and not problems, breakdown=breakdown,
-        advice="; ".join(advice), tokens_per_step=step.tokens, paged_bytes=paged,
+        run.run_id,
+        gpu,
+        peak,
+        capacity,
+        fits=fits and not problems,
+        breakdown=breakdown,
+        advice="; ".join(advice),
+        tokens_per_step=step.tokens,
+        paged_bytes=paged,
     )
 
 
@@ -335,9 +361,7 @@ def memory_breakdown(run: RunConfig, shape: ModelShape, step: StepShape) -> tupl
 
     targets = lora_targets(run, shape)
     layer_shapes = shape.linear_shapes()
-    lora_params = shape.num_layers * sum(
-        run.lora.r * (layer_shapes[t][0] + layer_shapes[t][1]) for t in targets
-    )
+    lora_params = shape.num_layers * sum(run.lora.r * (layer_shapes[t][0] + layer_shapes[t][1]) for t in targets)
     adapter_bytes = 2 if run.train.bf16 else 4  # trl keeps bf16 adapters in bf16
     lora = lora_params * adapter_bytes * 2  # weights + gradients
 
@@ -359,9 +383,7 @@ def memory_breakdown(run: RunConfig, shape: ModelShape, step: StepShape) -> tupl
         "activations": activations,
         "attention mask": attention,
     }
-    slack = (EXPANDABLE_OVERHEAD if run.train.expandable_segments else ACTIVATION_OVERHEAD) * (
-        activations + attention
-    )
+    slack = (EXPANDABLE_OVERHEAD if run.train.expandable_segments else ACTIVATION_OVERHEAD) * (activations + attention)
     if _offloading_mode(run) == "streams":
         layer_input = step.tokens * 2 * shape.hidden_size * compute_bytes / 2
         slack = max(slack, OFFLOAD_POOL_LAYERS * layer_input)
@@ -388,15 +410,14 @@ def _liger(run: RunConfig) -> bool:
     return value is True or (value == "auto" and normalise_gpu(run.resources.gpu_type) in GPU_MEMORY)
 
 
-def _activation_bytes_per_token(
-    run: RunConfig, shape: ModelShape, targets: list[str], compute_bytes: int
-) -> float:
+def _activation_bytes_per_token(run: RunConfig, shape: ModelShape, targets: list[str], compute_bytes: int) -> float:
     h, i, layers = shape.hidden_size, shape.intermediate_size, shape.num_layers
     scale = compute_bytes / 2  # coefficients are for fp16 activations
     lora_inputs = sum(shape.linear_shapes()[t][0] for t in targets)
     half = run.train.fp16 or run.train.bf16 or bool(run.train.sft_args.get("fp16") or run.train.sft_args.get("bf16"))
     lora_bytes = (LORA_INPUT_BYTES_HALF if half else LORA_INPUT_BYTES_FP32) + (
-        LORA_DROPOUT_MASK_BYTES if run.lora.dropout > 0 else 0)
+        LORA_DROPOUT_MASK_BYTES if run.lora.dropout > 0 else 0
+    )
     saved_layer = (LAYER_H * h + LAYER_I * i) * scale
     backward_layer = (BACKWARD_H * h + BACKWARD_I * i) * scale
     if _liger(run):
@@ -419,9 +440,7 @@ def _precision_problems(run: RunConfig) -> list[str]:
     if run.train.bf16:
         problems.append(f"a {run.resources.gpu_type} has no bfloat16: set train.fp16: true instead of train.bf16")
     if run.quantization.bnb_4bit_compute_dtype == "bfloat16":
-        problems.append(
-            f"a {run.resources.gpu_type} has no bfloat16: set quantization.bnb_4bit_compute_dtype: float16"
-        )
+        problems.append(f"a {run.resources.gpu_type} has no bfloat16: set quantization.bnb_4bit_compute_dtype: float16")
     return problems
 
 
@@ -435,8 +454,11 @@ def _peak(run: RunConfig, shape: ModelShape) -> int:
 
 
 def _with_checkpointing(run: RunConfig) -> RunConfig:
-    sft_args = {k: v for k, v in run.train.sft_args.items()
-                if k not in ("gradient_checkpointing", "gradient_checkpointing_kwargs")}
+    sft_args = {
+        k: v
+        for k, v in run.train.sft_args.items()
+        if k not in ("gradient_checkpointing", "gradient_checkpointing_kwargs")
+    }
     return _with_train(run, gradient_checkpointing=True, sft_args=sft_args)
 
 
@@ -530,37 +552,61 @@ def estimate_evaluation(runs: list[RunConfig]) -> RunEstimate | None:
     label = f"evaluation ({len(runs)} runs)"
     resources = _inference_resources(first)
     if resources.gpus_per_node == 0:
-        return RunEstimate(label, "none", 0, 0, fits=True, checked=False,
-                           advice="inference.resources.gpus_per_node: 0: answers on CPU, nothing to check")  # fmt: skip
+        return RunEstimate(
+            label,
+            "none",
+            0,
+            0,
+            fits=True,
+            checked=False,
+            advice="inference.resources.gpus_per_node: 0: answers on CPU, nothing to check",
+        )
     capacity, shape = gpu_capacity(resources.gpu_type), model_shape(first)
     if shape is None or capacity is None:
-        return RunEstimate(label, resources.gpu_type, 0, capacity or 0, fits=True, checked=False,
-                           advice="model or GPU not in the tables: evaluation memory not checked")  # fmt: skip
+        return RunEstimate(
+            label,
+            resources.gpu_type,
+            0,
+            capacity or 0,
+            fits=True,
+            checked=False,
+            advice="model or GPU not in the tables: evaluation memory not checked",
+        )
     compute = 2
     linear = shape.linear_params * ((0.5 + 4 / 64) if first.inference.load_in_4bit else compute)
     weights = int(linear + shape.other_params * compute)
     layers = shape.linear_shapes()
-    adapters = sum(shape.num_layers * sum(run.lora.r * sum(layers[t]) for t in lora_targets(run, shape)) * 4
-                   for run in runs)  # fmt: skip
+    adapters = sum(
+        shape.num_layers * sum(run.lora.r * sum(layers[t]) for t in lora_targets(run, shape)) * 4 for run in runs
+    )
     rows = min(run.inference.rows(EVALUATION_AUTO_ROWS) for run in runs)
     length = max((run.train.max_seq_length or TRL_DEFAULT_MAX_LENGTH) + run.inference.max_new_tokens for run in runs)
     cache = rows * length * 2 * shape.num_layers * shape.kv_dim * compute
     logits = rows * shape.vocab_size * 4
-    breakdown = {"weights": weights, "lora": adapters, "activations": cache + logits,
-                 "overhead": FIXED_OVERHEAD_BYTES}  # fmt: skip
+    breakdown = {"weights": weights, "lora": adapters, "activations": cache + logits, "overhead": FIXED_OVERHEAD_BYTES}
     peak = sum(breakdown.values())
     fits = peak <= capacity
     advice = ""
     if not fits:
         fixed = weights + adapters + FIXED_OVERHEAD_BYTES
-        per_row = (length * 2 * shape.num_layers * shape.kv_dim * compute + shape.vocab_size * 4)
+        per_row = length * 2 * shape.num_layers * shape.kv_dim * compute + shape.vocab_size * 4
         room = (capacity - fixed) // per_row if capacity > fixed else 0
-        advice = (f"the grid evaluation job needs {_gib(peak)} on {resources.gpu_type} ({_gib(capacity)}): "
-                  + (f"set inference.batch_size: {room} or less" if room >= 1 else
-                     "its base model and adapters alone do not fit: evaluate fewer runs per job "
-                     "(inference.per_run: true) or use a larger GPU"))  # fmt: skip
-    return RunEstimate(label, resources.gpu_type, peak, capacity, fits=fits, breakdown=breakdown, advice=advice,
-                       tokens_per_step=rows * length)  # fmt: skip
+        advice = f"the grid evaluation job needs {_gib(peak)} on {resources.gpu_type} ({_gib(capacity)}): " + (
+            f"set inference.batch_size: {room} or less"
+            if room >= 1
+            else "its base model and adapters alone do not fit: evaluate fewer runs per job "
+            "(inference.per_run: true) or use a larger GPU"
+        )
+    return RunEstimate(
+        label,
+        resources.gpu_type,
+        peak,
+        capacity,
+        fits=fits,
+        breakdown=breakdown,
+        advice=advice,
+        tokens_per_step=rows * length,
+    )
 
 
 def _inference_resources(run: RunConfig):
@@ -582,8 +628,12 @@ def _gib(value: int) -> str:
 def format_table(estimates: list[RunEstimate]) -> Table:
     table = Table(title="pre-flight: peak GPU memory per run in GiB (worst-case micro-batch)")
     for column in ("run", "gpu", "tokens", "weights", "LoRA+opt", "activ.", "peak", "of", "fits", "advice"):
-        table.add_column(column, justify="left" if column in ("run", "gpu", "fits", "advice") else "right",
-                         no_wrap=column in ("run", "gpu"), min_width=10 if column == "run" else None)
+        table.add_column(
+            column,
+            justify="left" if column in ("run", "gpu", "fits", "advice") else "right",
+            no_wrap=column in ("run", "gpu"),
+            min_width=10 if column == "run" else None,
+        )
     for e in estimates:
         b = e.breakdown
         if not e.breakdown:

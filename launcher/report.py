@@ -62,14 +62,20 @@ def default_output(plan: Plan, backend_name: str) -> Path:
 # ---- collecting ------------------------------------------------------------------------------
 def build(plan: Plan, backend: Backend, backend_name: str, audit: SearchAudit | None = None) -> ReportDocument:
     rows = collect(plan, backend)
-    scores = {run.run_id: stats.read_scores(RunPaths.of(run).inference / "results.jsonl", run.inference.metric)
-              for run in plan.runs}  # fmt: skip
+    scores = {
+        run.run_id: stats.read_scores(RunPaths.of(run).inference / "results.jsonl", run.inference.metric)
+        for run in plan.runs
+    }
     runs = [_run(run, row, scores[run.run_id]) for run, row in zip(plan.runs, rows)]
     with_metric = [r for r in runs if r.metric is not None and r.metric.tuned is not None]
     if with_metric:
         ranked_by = f"{with_metric[0].metric.name} (tuned)"
-        runs.sort(key=lambda r: (-(r.metric.tuned if r.metric and r.metric.tuned is not None else float("-inf")),
-                                 _or_inf(r.final_loss)))  # fmt: skip
+        runs.sort(
+            key=lambda r: (
+                -(r.metric.tuned if r.metric and r.metric.tuned is not None else float("-inf")),
+                _or_inf(r.final_loss),
+            )
+        )
         best = runs[0]
     else:
         ranked_by = "final_loss"
@@ -143,7 +149,9 @@ def _run(run: RunConfig, row: Row, scores: stats.Scores | None = None) -> Report
         best_loss=min(curve.values()) if curve else None,
         eval_loss=eval_loss,
         metric=Metric(**_metric_fields(metric)) if isinstance(metric, dict) and "name" in metric else None,
-        metrics=[Metric(**_metric_fields(m)) for m in summary.get("metrics", []) if isinstance(m, dict) and "name" in m],
+        metrics=[
+            Metric(**_metric_fields(m)) for m in summary.get("metrics", []) if isinstance(m, dict) and "name" in m
+        ],
         tokens_per_second=round(sum(rates) / len(rates), 2) if rates else None,
         wall_seconds=round(seconds, 3),
         gpus=gpus,
@@ -227,9 +235,7 @@ def write(document: ReportDocument, out: Path) -> ReportDocument:
     if report_plots.available():
         images = report_plots.draw_all(document, out)
     else:
-        document.notes.append(
-            "No plots: matplotlib is not installed (pip install 'qlaunch[report]')."
-        )
+        document.notes.append("No plots: matplotlib is not installed (pip install 'qlaunch[report]').")
     files = {name: str(path) for name, path in images.items()}
     for name in ("report.html", "report.md", "report.json"):
         files[name] = str(out / name)
@@ -263,7 +269,7 @@ def _gpu_time(run: ReportRun, hours: float, seconds: float) -> str:
 
 
 def rank_cell(document: ReportDocument, run: ReportRun) -> str:
-    """"★ best" only for a lead the numbers support; a lead within noise says so."""
+    """ "★ best" only for a lead the numbers support; a lead within noise says so."""
     if not run.best:
         return str(run.rank)
     if crowned(document):
@@ -285,9 +291,15 @@ def table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
         state = run.state + ("" if run.infer_state in ("unknown", "completed") else f" (inference {run.infer_state})")
         if run.pruned and run.state == "completed":
             state = pruned_text(run.pruned)
-        row = [rank_cell(document, run), run.run_id, *(format_value(run.overrides.get(k)) for k in document.varying_keys),
-               state, f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step),
-               _number(run.final_loss), _number(run.best_loss)]  # fmt: skip
+        row = [
+            rank_cell(document, run),
+            run.run_id,
+            *(format_value(run.overrides.get(k)) for k in document.varying_keys),
+            state,
+            f"{run.step}/{run.total_steps}" if run.total_steps else str(run.step),
+            _number(run.final_loss),
+            _number(run.best_loss),
+        ]
         if "eval loss" in header:
             row.append(_number(run.eval_loss))
         if headline:
@@ -309,7 +321,9 @@ def _metric_cell(metric: Metric | MetricInterval | None, interval: MetricInterva
     if metric is None or metric.tuned is None:
         return "–"
     base = "–" if metric.base is None else f"{metric.base:.2f}"
-    span = f" ({interval.tuned_low:.2f}–{interval.tuned_high:.2f})" if interval and interval.tuned_low is not None else ""
+    span = (
+        f" ({interval.tuned_low:.2f}–{interval.tuned_high:.2f})" if interval and interval.tuned_low is not None else ""
+    )
     return f"{base} → {metric.tuned:.2f}{span}"
 
 
@@ -332,7 +346,11 @@ def metrics_table(document: ReportDocument) -> tuple[list[str], list[list[str]]]
     header = ["", "run", *document.varying_keys, *(f"{name} base → tuned (95%)" for name in names), "n"]
     rows = []
     for run in runs:
-        row = [rank_cell(document, run), run.run_id, *(format_value(run.overrides.get(k)) for k in document.varying_keys)]
+        row = [
+            rank_cell(document, run),
+            run.run_id,
+            *(format_value(run.overrides.get(k)) for k in document.varying_keys),
+        ]
         n = None
         for name in names:
             interval = next((i for i in run.intervals if i.name == name), None)
@@ -362,13 +380,30 @@ def markdown(document: ReportDocument) -> str:
     parts += [line(header), line(["---"] * len(header)), *(line(row) for row in rows), ""]
     metric_header, metric_rows = metrics_table(document)
     if metric_rows:
-        parts += ["## Held-out metrics", "", METRICS_EXPLAINED, "",
-                  line(metric_header), line(["---"] * len(metric_header)), *(line(row) for row in metric_rows), ""]  # fmt: skip
+        parts += [
+            "## Held-out metrics",
+            "",
+            METRICS_EXPLAINED,
+            "",
+            line(metric_header),
+            line(["---"] * len(metric_header)),
+            *(line(row) for row in metric_rows),
+            "",
+        ]
     if document.search:
-        parts += ["## Successive halving", "", search_headline(document.search), "",
-                  *(f"- {line}" for line in search_rung_lines(document.search)), ""]  # fmt: skip
-    exported = [f"- {run.run_id}: {e.kind} → {e.path}" + (f" (hub {e.hub.repo_id} @ {e.hub.revision[:10]})" if e.hub else "")
-                for run in document.runs for e in run.exports]  # fmt: skip
+        parts += [
+            "## Successive halving",
+            "",
+            search_headline(document.search),
+            "",
+            *(f"- {line}" for line in search_rung_lines(document.search)),
+            "",
+        ]
+    exported = [
+        f"- {run.run_id}: {e.kind} → {e.path}" + (f" (hub {e.hub.repo_id} @ {e.hub.revision[:10]})" if e.hub else "")
+        for run in document.runs
+        for e in run.exports
+    ]
     if exported:
         parts += ["## Exports", "", *exported, ""]
     ledger_lines = _ledger_lines(document)
@@ -385,15 +420,23 @@ def interrupted(run: ReportRun) -> bool:
 
 
 def _ledger_lines(document: ReportDocument) -> list[str]:
-    return [f"- {run.run_id} attempt {attempt.number}: {attempt_text(attempt)}"
-            for run in document.runs if interrupted(run) for attempt in run.attempts]  # fmt: skip
+    return [
+        f"- {run.run_id} attempt {attempt.number}: {attempt_text(attempt)}"
+        for run in document.runs
+        if interrupted(run)
+        for attempt in run.attempts
+    ]
 
 
 def attempt_text(attempt: AttemptRecord) -> str:
     begin = "from scratch" if attempt.resumed_from is None else f"from checkpoint {attempt.resumed_from}"
-    why = {"preempted": f"preempted ({attempt.signal or 'signal'}), checkpoint saved",
-           "killed": "killed without a save", "failed": f"failed: {(attempt.message or '')[:120]}",
-           "completed": "completed", "running": "running (no end event yet)"}[attempt.outcome]  # fmt: skip
+    why = {
+        "preempted": f"preempted ({attempt.signal or 'signal'}), checkpoint saved",
+        "killed": "killed without a save",
+        "failed": f"failed: {(attempt.message or '')[:120]}",
+        "completed": "completed",
+        "running": "running (no end event yet)",
+    }[attempt.outcome]
     started = time.strftime("%H:%M:%S", time.gmtime(attempt.started_at)) if attempt.started_at else "?"
     if attempt.outcome == "running":
         return f"started {started} UTC {begin}, at step {attempt.stop_step} so far: {why}"
@@ -410,8 +453,13 @@ def html(document: ReportDocument, images: dict[str, Path]) -> str:
     header, rows = table(document)
     metric_header, metric_rows = metrics_table(document)
     inline = {name: base64.b64encode(Path(path).read_bytes()).decode("ascii") for name, path in images.items()}
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     # The whole dotted key (`r` alone says little), free to break after a dot in a narrow header.
     short = {key: markupsafe.Markup(".<wbr>").join(key.split(".")) for key in document.varying_keys}
     return env.get_template("report.html.j2").render(
@@ -479,7 +527,11 @@ def print_summary(console, document: ReportDocument) -> None:
     best = next((r for r in document.runs if r.best), None)
     if best is not None:
         values = " ".join(f"{k}={format_value(v)}" for k, v in best.overrides.items())
-        what = _metric_cell(best.metric, headline_interval(best)) if best.metric else f"final loss {_number(best.final_loss)}"
+        what = (
+            _metric_cell(best.metric, headline_interval(best))
+            if best.metric
+            else f"final loss {_number(best.final_loss)}"
+        )
         top = top_label(document)
         console.print(f"{top}: [bold]{best.run_id}[/] {escape(values)} ({document.ranked_by}: {what})")
     if document.verdict:
@@ -487,10 +539,11 @@ def print_summary(console, document: ReportDocument) -> None:
     lost = sum(r.lost_seconds for r in document.runs)
     redone = sum(r.steps_redone for r in document.runs)
     restarts = sum(r.restarts for r in document.runs)
-    console.print(f"{len(document.runs)} runs, {restarts} restarts, {redone} steps redone, {_duration(lost)} lost to restarts")
+    console.print(
+        f"{len(document.runs)} runs, {restarts} restarts, {redone} steps redone, {_duration(lost)} lost to restarts"
+    )
     if document.search:
         console.print(escape(search_headline(document.search)))
     for note in document.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"report: {document.files.get('report.html')}")
-

@@ -54,18 +54,27 @@ def loss_curves(document: ReportDocument, path: Path) -> Path:
         colour = cycle[index % len(cycle)]
         if run.loss_curve:
             steps, losses = zip(*run.loss_curve)
-            axes.plot(steps, losses, color=colour, linewidth=2.2 if run.best else 1.4,
-                      marker="o" if len(steps) <= 12 else None, markersize=3, label=label(run, crown))  # fmt: skip
+            axes.plot(
+                steps,
+                losses,
+                color=colour,
+                linewidth=2.2 if run.best else 1.4,
+                marker="o" if len(steps) <= 12 else None,
+                markersize=3,
+                label=label(run, crown),
+            )
         if run.eval_curve:
             steps, losses = zip(*run.eval_curve)
-            axes.plot(steps, losses, color=colour, linestyle="--", marker="s", markersize=4,
-                      label=f"{run.run_id} eval")  # fmt: skip
+            axes.plot(steps, losses, color=colour, linestyle="--", marker="s", markersize=4, label=f"{run.run_id} eval")
         for attempt in run.attempts[1:]:
             if attempt.resumed_from:  # where a restart resumed: the curve goes on from there
                 axes.axvline(attempt.resumed_from, color=colour, linestyle=":", linewidth=1, alpha=0.7)
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
-    axes.set_title(f"{document.experiment}: training loss" + (" (dashed: eval)" if any(r.eval_curve for r in document.runs) else ""))
+    axes.set_title(
+        f"{document.experiment}: training loss"
+        + (" (dashed: eval)" if any(r.eval_curve for r in document.runs) else "")
+    )
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, loc="upper right")
     figure.savefig(path, dpi=110)
@@ -94,9 +103,15 @@ def metric_bars(document: ReportDocument, path: Path) -> Path:
         low = [t - i.tuned_low if i and i.tuned_low is not None else 0.0 for t, i in zip(tuned, intervals)]
         high = [i.tuned_high - t if i and i.tuned_high is not None else 0.0 for t, i in zip(tuned, intervals)]
         bars_base = axes.barh([p + height / 2 for p in positions], base, height, label="base", color="#9aa5b1")
-        bars_tuned = axes.barh([p - height / 2 for p in positions], tuned, height, label="tuned (95% interval)",
-                               color="#2f80ed", xerr=[low, high] if any(low + high) else None,
-                               error_kw={"ecolor": "#1f2933", "capsize": 3, "elinewidth": 1})  # fmt: skip
+        bars_tuned = axes.barh(
+            [p - height / 2 for p in positions],
+            tuned,
+            height,
+            label="tuned (95% interval)",
+            color="#2f80ed",
+            xerr=[low, high] if any(low + high) else None,
+            error_kw={"ecolor": "#1f2933", "capsize": 3, "elinewidth": 1},
+        )
         axes.bar_label(bars_base, fmt="%.2f", padding=3, fontsize=8)
         for position, value, above in zip(positions, tuned, high):  # right of the interval's cap
             axes.text(value + above + 0.02, position - height / 2, f"{value:.2f}", va="center", fontsize=8)

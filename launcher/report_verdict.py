@@ -18,7 +18,7 @@ def intervals(summary: dict, scores: stats.Scores | None) -> list[MetricInterval
     """Every configured metric: per-example scores where results.jsonl is readable, else the
     summary's means and n (the inference job's infer_end event: Kubernetes without the claim)."""
     found: dict[str, MetricInterval] = {}
-    for name, per_who in (scores.by_metric.items() if scores else ()):
+    for name, per_who in scores.by_metric.items() if scores else ():
         fields: dict[str, Any] = {"name": name, "n": max(len(v) for v in per_who.values())}
         for who, values in per_who.items():
             mean, low, high = stats.interval(values)
@@ -48,28 +48,43 @@ def comparison(runs: list[ReportRun] | bool, scores: dict[str, stats.Scores | No
     if result is None:
         return None
     return Comparison(
-        metric=name, leader=leader.run_id, runner_up=other.run_id, n=result.n,
-        leader_score=round(result.leader_mean, 4), runner_up_score=round(result.other_mean, 4),
-        leader_only=result.leader_only, runner_up_only=result.other_only, p_value=round(result.p_value, 4),
-        within_noise=result.within_noise, statement=_paired_sentence(leader.run_id, other.run_id, name, result),
-    )  # fmt: skip
+        metric=name,
+        leader=leader.run_id,
+        runner_up=other.run_id,
+        n=result.n,
+        leader_score=round(result.leader_mean, 4),
+        runner_up_score=round(result.other_mean, 4),
+        leader_only=result.leader_only,
+        runner_up_only=result.other_only,
+        p_value=round(result.p_value, 4),
+        within_noise=result.within_noise,
+        statement=_paired_sentence(leader.run_id, other.run_id, name, result),
+    )
 
 
 def _paired_sentence(leader: str, other: str, name: str, result: stats.Paired) -> str:
     differ = result.leader_only + result.other_only
     if differ == 0:
-        return (f"No clear winner on {name}: {leader} and {other} score the same on every one of the {result.n} "
-                f"held-out examples both answered ({result.leader_mean:.2f}); {leader} is ranked first only for "
-                "its lower final training loss.")  # fmt: skip
-    split = (f"of the {result.n} held-out examples both answered they score differently on {differ} "
-             f"({result.leader_only} for {leader}, {result.other_only} for {other})")  # fmt: skip
+        return (
+            f"No clear winner on {name}: {leader} and {other} score the same on every one of the {result.n} "
+            f"held-out examples both answered ({result.leader_mean:.2f}); {leader} is ranked first only for "
+            "its lower final training loss."
+        )
+    split = (
+        f"of the {result.n} held-out examples both answered they score differently on {differ} "
+        f"({result.leader_only} for {leader}, {result.other_only} for {other})"
+    )
     if result.within_noise:
-        return (f"No clear winner on {name}: {leader} ({result.leader_mean:.2f}) leads {other} "
-                f"({result.other_mean:.2f}), but {split}; a split at least this uneven happens by chance "
-                f"with p = {result.p_value:.2f} (McNemar's exact test), so the lead is within sampling noise. "
-                f"More held-out examples (inference.eval_file) would tell them apart.")  # fmt: skip
-    return (f"{leader} is best on {name}: {result.leader_mean:.2f} vs {result.other_mean:.2f} for the runner-up "
-            f"{other}; {split}, {_p(result.p_value)} (McNemar's exact test).")  # fmt: skip
+        return (
+            f"No clear winner on {name}: {leader} ({result.leader_mean:.2f}) leads {other} "
+            f"({result.other_mean:.2f}), but {split}; a split at least this uneven happens by chance "
+            f"with p = {result.p_value:.2f} (McNemar's exact test), so the lead is within sampling noise. "
+            f"More held-out examples (inference.eval_file) would tell them apart."
+        )
+    return (
+        f"{leader} is best on {name}: {result.leader_mean:.2f} vs {result.other_mean:.2f} for the runner-up "
+        f"{other}; {split}, {_p(result.p_value)} (McNemar's exact test)."
+    )
 
 
 def _p(value: float) -> str:
@@ -85,8 +100,13 @@ def lead_within_noise(document: ReportDocument) -> bool:
     if len(ranked) < 2:
         return False
     first, second = (headline_interval(r) for r in ranked[:2])
-    return bool(first and second and first.tuned_low is not None and second.tuned_high is not None
-                and first.tuned_low <= second.tuned_high)  # fmt: skip
+    return bool(
+        first
+        and second
+        and first.tuned_low is not None
+        and second.tuned_high is not None
+        and first.tuned_low <= second.tuned_high
+    )
 
 
 def crowned(document: ReportDocument) -> bool:
@@ -109,8 +129,10 @@ def verdict(runs: list[ReportRun], comparison: Comparison | None, by_metric: boo
     if not runs or not any(r.attempts or r.final_loss is not None for r in runs):
         return ""
     if not by_metric:
-        return ("No inference metrics yet: runs are ranked by final training loss, which says little "
-                "about the answers (inference.eval_file scores them).")  # fmt: skip
+        return (
+            "No inference metrics yet: runs are ranked by final training loss, which says little "
+            "about the answers (inference.eval_file scores them)."
+        )
     scored = [r for r in runs if r.metric is not None and r.metric.tuned is not None]
     leader = scored[0]
     name = leader.metric.name
@@ -121,12 +143,16 @@ def verdict(runs: list[ReportRun], comparison: Comparison | None, by_metric: boo
         parts = [comparison.statement]
     else:
         first, second = headline_interval(leader), headline_interval(other)
-        parts = [f"{leader.run_id} leads on {name} ({leader.metric.tuned:.2f} vs {other.metric.tuned:.2f} for "
-                 f"{other.run_id}); the per-example answers are not readable here, so there is no paired test."]
+        parts = [
+            f"{leader.run_id} leads on {name} ({leader.metric.tuned:.2f} vs {other.metric.tuned:.2f} for "
+            f"{other.run_id}); the per-example answers are not readable here, so there is no paired test."
+        ]
         if first and second and first.tuned_low is not None and second.tuned_high is not None:
             overlap = first.tuned_low <= second.tuned_high
-            parts.append(f"Their 95% intervals ({_span(first)} and {_span(second)}) "
-                         + ("overlap: the lead may be sampling noise." if overlap else "do not overlap."))
+            parts.append(
+                f"Their 95% intervals ({_span(first)} and {_span(second)}) "
+                + ("overlap: the lead may be sampling noise." if overlap else "do not overlap.")
+            )
     parts += _loss_disagrees(leader, other)
     parts += _other_metrics(scored, leader)
     return " ".join(parts)
@@ -139,12 +165,16 @@ def _span(interval: MetricInterval) -> str:
 def _loss_disagrees(leader: ReportRun, other: ReportRun) -> list[str]:
     if leader.eval_loss is not None and other.eval_loss is not None:
         if leader.eval_loss > other.eval_loss:
-            return [f"{leader.run_id} also has the higher eval loss ({leader.eval_loss:.4f} vs {other.eval_loss:.4f}): "
-                    "the loss and the metric disagree."]  # fmt: skip
+            return [
+                f"{leader.run_id} also has the higher eval loss ({leader.eval_loss:.4f} vs {other.eval_loss:.4f}): "
+                "the loss and the metric disagree."
+            ]
         return []
     if leader.final_loss is not None and other.final_loss is not None and leader.final_loss > other.final_loss:
-        return [f"{leader.run_id} has the higher final training loss ({leader.final_loss:.4f} vs "
-                f"{other.final_loss:.4f}; no eval loss: dataset.test_size measures one)."]  # fmt: skip
+        return [
+            f"{leader.run_id} has the higher final training loss ({leader.final_loss:.4f} vs "
+            f"{other.final_loss:.4f}; no eval loss: dataset.test_size measures one)."
+        ]
     return []
 
 

@@ -59,7 +59,9 @@ def _load() -> dict[str, list[dict]]:
         return {}
     if data.get("version") == VERSION:
         runs = data.get("runs") if isinstance(data.get("runs"), dict) else {}
-        return {k: [e for e in v if isinstance(e, dict) and "file" in e] for k, v in runs.items() if isinstance(v, list)}
+        return {
+            k: [e for e in v if isinstance(e, dict) and "file" in e] for k, v in runs.items() if isinstance(v, list)
+        }
     return {k: [v] for k, v in data.items() if isinstance(v, dict) and "file" in v}
 
 
@@ -107,8 +109,14 @@ def record(p: Plan, backend: Any) -> None:
         with _locked():
             index = _load()
             for run in p.runs:
-                entry = {"experiment": p.experiment.name, "file": str(p.source), "run_dir": run.run_dir,
-                         "backend": name, **target, "submitted_at": round(time.time(), 3)}  # fmt: skip
+                entry = {
+                    "experiment": p.experiment.name,
+                    "file": str(p.source),
+                    "run_dir": run.run_dir,
+                    "backend": name,
+                    **target,
+                    "submitted_at": round(time.time(), 3),
+                }
                 # One entry per run folder: submitting into the same folder again replaces it.
                 others = [e for e in index.get(run.run_id, []) if not _same_folder(e, run.run_dir, p.source)]
                 index[run.run_id] = [*others, entry]
@@ -188,8 +196,9 @@ def _ambiguous(what: str, ref: str, command: str, candidates: list[_Candidate]) 
     for c in sorted(candidates, key=lambda c: c.entry.get("submitted_at", 0)):
         when = c.entry.get("submitted_at")
         stamp = time.strftime(", submitted %Y-%m-%d %H:%M", time.localtime(when)) if when else ""
-        lines.append(f"  -e {shlex.quote(c.entry['file'])}  ({c.entry.get('backend', '?')}, runs in "
-                     f"{c.run_dir}{stamp})")  # fmt: skip
+        lines.append(
+            f"  -e {shlex.quote(c.entry['file'])}  ({c.entry.get('backend', '?')}, runs in {c.run_dir}{stamp})"
+        )
     newest = max(candidates, key=lambda c: c.entry.get("submitted_at", 0))
     lines.append(f"e.g. qlaunch {command} {shlex.quote(ref)} -e {shlex.quote(newest.entry['file'])}")
     return ConfigError("\n".join(lines))
@@ -199,8 +208,9 @@ def _pick(what: str, ref: str, command: str, candidates: list[_Candidate], trace
     live = [c for c in candidates if c.plan is not None and not c.why_not]
     if not live:
         reasons = "; ".join(c.why_not for c in candidates)
-        raise ConfigError(f"{what} was submitted from files that no longer plan it ({reasons}); "
-                          f"name the experiment file with -e FILE")  # fmt: skip
+        raise ConfigError(
+            f"{what} was submitted from files that no longer plan it ({reasons}); name the experiment file with -e FILE"
+        )
     # Prefer folders the run really left something in (a submission, a log) over ones that only
     # an older qlaunch recorded (version 1 wrote entries for status and dry runs too).
     pool = (traces and [c for c in live if c.left_traces()]) or live
@@ -209,8 +219,9 @@ def _pick(what: str, ref: str, command: str, candidates: list[_Candidate], trace
     return pool[0]
 
 
-def resolve(ref: str, experiment_file: str | None = None, command: str = "logs",
-            settings: Sequence[str] = ()) -> Resolved:  # fmt: skip
+def resolve(
+    ref: str, experiment_file: str | None = None, command: str = "logs", settings: Sequence[str] = ()
+) -> Resolved:
     """A run id (prefix), an experiment name or an experiment file → the plan, the backend the
     runs were submitted to, the runs (and the kubeconfig/context they were submitted with). The
     experiment is read with `settings` (`--set KEY=VALUE`) applied. `command` only words the hint
@@ -227,7 +238,9 @@ def resolve(ref: str, experiment_file: str | None = None, command: str = "logs",
     by_file: dict[str, dict] = {}
     for entries in index.values():
         for e in entries:
-            if e.get("experiment") == ref and e.get("submitted_at", 0) >= by_file.get(e["file"], {}).get("submitted_at", 0):
+            if e.get("experiment") == ref and e.get("submitted_at", 0) >= by_file.get(e["file"], {}).get(
+                "submitted_at", 0
+            ):
                 by_file[e["file"]] = e
     if by_file:
         candidates = []

@@ -60,9 +60,16 @@ class SubmitResult:
     dry_run: bool = False
 
 
-def submit(plan: Plan, backend: Backend, *, force: bool = False, dry_run: bool | str = False,
-           skip_preflight: bool = False, foreground: Foreground | None = None,
-           prepare: Callable[[Plan], Plan] | None = None) -> SubmitResult:  # fmt: skip
+def submit(
+    plan: Plan,
+    backend: Backend,
+    *,
+    force: bool = False,
+    dry_run: bool | str = False,
+    skip_preflight: bool = False,
+    foreground: Foreground | None = None,
+    prepare: Callable[[Plan], Plan] | None = None,
+) -> SubmitResult:
     """Submit a plan (or only prepare it, for a dry run). A backend that runs the jobs here
     (`foreground`) returns once they have ended, and the result says which runs failed.
     `prepare` runs once the plan passed the pre-flight gate, before anything is recorded or
@@ -75,8 +82,12 @@ def submit(plan: Plan, backend: Backend, *, force: bool = False, dry_run: bool |
         plan = prepare(plan)
     submission = backend.prepare(plan, force=force, offline=dry_run == "client")
     if dry_run:
-        return SubmitResult(EXIT_OK, submission, SubmitReport(skipped=dict(submission.skipped), notes=list(submission.notes)),
-                            dry_run=True)
+        return SubmitResult(
+            EXIT_OK,
+            submission,
+            SubmitReport(skipped=dict(submission.skipped), notes=list(submission.notes)),
+            dry_run=True,
+        )
     run_index.record(plan, backend)  # only what is really submitted re-points `logs/cancel <run>`
     backend.reconcile(plan)
     report = backend.apply(submission, foreground)

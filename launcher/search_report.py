@@ -20,12 +20,16 @@ def summarize(plan: Plan, runs: list[ReportRun]) -> SearchSummary | None:
     for rung, results in read_ledger(experiment_folder).items():
         mine = {rid: found[rung] for rid, found in decisions.items() if rung in found}
         first = next(iter(mine.values()), {})
-        rungs.append(SearchRung(
-            rung=rung, at=first.get("at"), unit=first.get("unit"),
-            results={rid: value for rid, value in results.items() if rid in decisions},
-            continued=sorted(rid for rid, d in mine.items() if not d.get("prune")),
-            stopped=sorted(rid for rid, d in mine.items() if d.get("prune")),
-        ))  # fmt: skip
+        rungs.append(
+            SearchRung(
+                rung=rung,
+                at=first.get("at"),
+                unit=first.get("unit"),
+                results={rid: value for rid, value in results.items() if rid in decisions},
+                continued=sorted(rid for rid, d in mine.items() if not d.get("prune")),
+                stopped=sorted(rid for rid, d in mine.items() if d.get("prune")),
+            )
+        )
     trained = full = 0
     spent = full_hours = 0.0
     by_id = {run.run_id: run for run in plan.runs}
@@ -39,11 +43,19 @@ def summarize(plan: Plan, runs: list[ReportRun]) -> SearchSummary | None:
         full_hours += report_run.gpu_hours * (budget / step) if step and budget else report_run.gpu_hours
     pruned = sorted(rid for rid, found in decisions.items() if any(d.get("prune") for d in found.values()))
     return SearchSummary(
-        strategy="asha", metric=search.metric, mode=search.mode, reduction_factor=search.reduction_factor,
-        rungs=rungs, pruned=pruned, trained_steps=trained, full_steps=full, gpu_hours=round(spent, 4),
-        full_gpu_hours=round(full_hours, 4), saved_gpu_hours=round(full_hours - spent, 4),
+        strategy="asha",
+        metric=search.metric,
+        mode=search.mode,
+        reduction_factor=search.reduction_factor,
+        rungs=rungs,
+        pruned=pruned,
+        trained_steps=trained,
+        full_steps=full,
+        gpu_hours=round(spent, 4),
+        full_gpu_hours=round(full_hours, 4),
+        saved_gpu_hours=round(full_hours - spent, 4),
         saved_fraction=round(1 - trained / full, 4) if full else 0.0,
-    )  # fmt: skip
+    )
 
 
 def headline(summary: SearchSummary) -> str:
@@ -55,10 +67,12 @@ def headline(summary: SearchSummary) -> str:
 
 
 def _headline(summary: SearchSummary) -> str:
-    return (f"Successive halving (asha, η = {summary.reduction_factor}, {summary.metric} {summary.mode}): "
-            f"{len(summary.pruned)} runs stopped early; {summary.trained_steps:,} of {summary.full_steps:,} steps "
-            f"trained ({summary.saved_fraction:.0%} saved), {summary.gpu_hours:.2f} GPU-hours spent of "
-            f"{summary.full_gpu_hours:.2f} for the full grid (estimated from each run's measured rate).")  # fmt: skip
+    return (
+        f"Successive halving (asha, η = {summary.reduction_factor}, {summary.metric} {summary.mode}): "
+        f"{len(summary.pruned)} runs stopped early; {summary.trained_steps:,} of {summary.full_steps:,} steps "
+        f"trained ({summary.saved_fraction:.0%} saved), {summary.gpu_hours:.2f} GPU-hours spent of "
+        f"{summary.full_gpu_hours:.2f} for the full grid (estimated from each run's measured rate)."
+    )
 
 
 def rung_lines(summary: SearchSummary) -> list[str]:

@@ -31,8 +31,11 @@ def tips(run: RunConfig) -> list[str]:
     else:
         rows = int(extra.get("per_device_train_batch_size", train.per_device_train_batch_size))
         if step_shape(run).tokens < PROFILE_ROWS * PROFILE_ROW_LENGTH and "max_length" not in extra:
-            bigger = _with_train(run, per_device_train_batch_size=max(rows, PROFILE_ROWS),
-                                 max_seq_length=max(train.max_seq_length or PROFILE_ROW_LENGTH, PROFILE_ROW_LENGTH))
+            bigger = _with_train(
+                run,
+                per_device_train_batch_size=max(rows, PROFILE_ROWS),
+                max_seq_length=max(train.max_seq_length or PROFILE_ROW_LENGTH, PROFILE_ROW_LENGTH),
+            )
             estimate = estimate_run(bigger)
             if estimate.fits:
                 out.append(

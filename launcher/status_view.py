@@ -74,8 +74,7 @@ def run_events(plan: Plan, backend: Backend) -> dict[str, list[dict]]:
     if events is not None:
         # Pods are read in creation order, which ties within a second (a replacement pod created
         # right after the evicted one): order by the events' own times (stable for equal ones).
-        return {run.run_id: sorted(events.get(run.run_id, []), key=lambda e: e.get("time") or 0)
-                for run in plan.runs}  # fmt: skip
+        return {run.run_id: sorted(events.get(run.run_id, []), key=lambda e: e.get("time") or 0) for run in plan.runs}
     return {run.run_id: read_events(RunPaths.of(run).progress) for run in plan.runs}
 
 
@@ -87,8 +86,13 @@ def collect(plan: Plan, backend: Backend, reconcile: bool = False) -> list[Row]:
     statuses = backend.status(plan)
     events = run_events(plan, backend)
     rows = [
-        Row(run.run_id, run.overrides, statuses.get(run.run_id, RunStatus()), summarize(events[run.run_id]),
-            events[run.run_id])  # fmt: skip
+        Row(
+            run.run_id,
+            run.overrides,
+            statuses.get(run.run_id, RunStatus()),
+            summarize(events[run.run_id]),
+            events[run.run_id],
+        )
         for run in plan.runs
     ]
     for row in rows:
@@ -214,8 +218,9 @@ def build_table(plan: Plan, rows: list[Row], backend_name: str, width: int | Non
     if table is None:
         headers = {name: _two_lines(name) if name in keys else name for name in columns}
         droppable = [*_DROP_ORDER]
-        droppable += [name for name in columns if name not in droppable and name not in ("run", "state")
-                      and name not in keys]  # fmt: skip
+        droppable += [
+            name for name in columns if name not in droppable and name not in ("run", "state") and name not in keys
+        ]
         droppable += list(reversed(plan.varying_keys))
         table = fitted()
         while table is None and droppable:
@@ -241,16 +246,18 @@ def _captioned(table: Table, plan: Plan, hidden: list[str], width: int | None) -
         captions.append(Text(text + "; `qlaunch status --wide` shows every column", style="yellow"))
     mismatches = version_mismatches({run.run_id: attempt_records(Path(run.run_dir)) for run in plan.runs})
     if mismatches:
-        captions.append(Text("not comparable: " + "; ".join(mismatches) + " (attempts/<n>/environment.json)",
-                             style="yellow"))  # fmt: skip
+        captions.append(
+            Text("not comparable: " + "; ".join(mismatches) + " (attempts/<n>/environment.json)", style="yellow")
+        )
     if captions:
         table.caption = Text("\n").join(captions)
         table.caption_justify = "left"
     return table
 
 
-def _table(title: str, columns: dict[str, list], headers: dict[str, str], keys: set[str],
-           widths: dict[str, int]) -> Table:  # fmt: skip
+def _table(
+    title: str, columns: dict[str, list], headers: dict[str, str], keys: set[str], widths: dict[str, int]
+) -> Table:
     """The rich table; `widths` fixes the wrapping columns (grid keys, state) where they must
     be narrower than their longest cell."""
     table = Table(title=title, title_justify="left", header_style="bold")
@@ -301,8 +308,10 @@ def _allocate(columns: dict[str, list], headers: dict[str, str], keys: set[str],
     over-wide table evenly, down to nothing."""
     natural = {name: _natural_width(headers.get(name, name), cells) for name, cells in columns.items()}
     wrapping = [name for name in columns if name in keys or name == "state"]
-    least = {name: _min_width(headers.get(name, name), columns[name], name) if name in wrapping else natural[name]
-             for name in columns}  # fmt: skip
+    least = {
+        name: _min_width(headers.get(name, name), columns[name], name) if name in wrapping else natural[name]
+        for name in columns
+    }
     room = width - (len(columns) + 1) - 2 * len(columns)  # borders, and one space either side of a cell
     if sum(least.values()) > room:
         return None
@@ -425,12 +434,27 @@ def print_progress(console: Console, lines: list[str]) -> None:
 
 
 # ---- a terminal that cannot print UTF-8 (PYTHONIOENCODING=ascii, LANG=C on an old system) --------
-_PLAIN = {"→": "->", "–": "-", "—": "-", "·": "|", "…": "...", "★": "*", "✓": "ok", "✗": "x", "≈": "~",
-          "≥": ">=", "≤": "<=", "×": "x", "±": "+/-", "✔": "ok", "✘": "x"}  # fmt: skip
+_PLAIN = {
+    "→": "->",
+    "–": "-",
+    "—": "-",
+    "·": "|",
+    "…": "...",
+    "★": "*",
+    "✓": "ok",
+    "✗": "x",
+    "≈": "~",
+    "≥": ">=",
+    "≤": "<=",
+    "×": "x",
+    "±": "+/-",
+    "✔": "ok",
+    "✘": "x",
+}
 
 
 def _plain_characters(error: UnicodeError):
-    text = error.object[error.start:error.end]
+    text = error.object[error.start : error.end]
     return "".join(_PLAIN.get(char, "?") for char in text), error.end
 
 

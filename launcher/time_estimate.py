@@ -110,8 +110,9 @@ class TimeEstimate:
         return None if self.seconds is None else self.seconds * self.gpus / 3600
 
 
-def step_seconds(run: RunConfig, shape: ModelShape, spec: GpuSpec, tokens: float, rows: int,
-                 row_length: int, packed: bool) -> float:
+def step_seconds(
+    run: RunConfig, shape: ModelShape, spec: GpuSpec, tokens: float, rows: int, row_length: int, packed: bool
+) -> float:
     """Seconds per micro-batch step of `tokens` (padding included) in `rows` rows."""
     mode = checkpointing_mode(run)
     passes = 3 if mode != "none" else 2
@@ -158,9 +159,11 @@ def _local_rows(run: RunConfig) -> list | None:
         return None
     try:
         text = path.read_text()
-        rows = json.loads(text) if path.suffix.lower() == ".json" else [
-            json.loads(line) for line in text.splitlines() if line.strip()
-        ]
+        rows = (
+            json.loads(text)
+            if path.suffix.lower() == ".json"
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except (OSError, ValueError):
         return None
     if isinstance(rows, dict):  # {"data": [...]} layouts
@@ -188,8 +191,13 @@ def prefetched_rows(run: RunConfig) -> list | None:
         return None
     if not record:
         return None
-    pin = HubPin(key="dataset.path", repo_id=refs[0].repo_id, repo_type="dataset", revision=record["revision"],
-                 files=record.get("files", []))  # fmt: skip
+    pin = HubPin(
+        key="dataset.path",
+        repo_id=refs[0].repo_id,
+        repo_type="dataset",
+        revision=record["revision"],
+        files=record.get("files", []),
+    )
     snapshot = hub.snapshot_dir(run, pin)
     data = [name for name in pin.files if Path(name).suffix.lower() in LOCAL_FORMATS]
     split = run.dataset.split.split("[", 1)[0]
@@ -283,10 +291,14 @@ def _unknown_size_note(run: RunConfig) -> str:
     from .job.hub import is_hub_dataset
 
     if is_hub_dataset(run.dataset.path, run):
-        return (f"dataset size unknown ({run.dataset.path} is on the hub and not prefetched yet): "
-                "qlaunch prefetch, or train.max_steps, gives a time estimate")
-    return (f"dataset size unknown ({run.dataset.path} is not a local .jsonl/.json): "
-            "set train.max_steps for a time estimate")
+        return (
+            f"dataset size unknown ({run.dataset.path} is on the hub and not prefetched yet): "
+            "qlaunch prefetch, or train.max_steps, gives a time estimate"
+        )
+    return (
+        f"dataset size unknown ({run.dataset.path} is not a local .jsonl/.json): "
+        "set train.max_steps for a time estimate"
+    )
 
 
 def _cpu_estimate(run: RunConfig, estimate: TimeEstimate) -> TimeEstimate:
@@ -333,14 +345,17 @@ def _duration(seconds: float | None) -> str:
 
 
 def format_table(estimates: list[TimeEstimate]) -> Table:
-    table = Table(title="time estimate: training wall clock per run (throughput model, bench/RESULTS.md)",
-                  title_justify="left")
+    table = Table(
+        title="time estimate: training wall clock per run (throughput model, bench/RESULTS.md)", title_justify="left"
+    )
     for column in ("run", "gpu", "steps", "s/step", "tokens", "time", "GPU-h", "note"):
-        table.add_column(column, justify="left" if column in ("run", "gpu", "note") else "right",
-                         no_wrap=column in ("run", "gpu"))
+        table.add_column(
+            column, justify="left" if column in ("run", "gpu", "note") else "right", no_wrap=column in ("run", "gpu")
+        )
     for e in estimates:
         table.add_row(
-            e.run_id, f"{e.gpus}× {e.gpu_type}" if e.gpus else "CPU",
+            e.run_id,
+            f"{e.gpus}× {e.gpu_type}" if e.gpus else "CPU",
             "?" if e.steps is None else f"{e.steps:,}",
             "?" if e.seconds_per_step is None else f"{e.seconds_per_step:.2f}",
             "?" if e.tokens is None else f"{e.tokens / 1e6:.2f}M" if e.tokens >= 100_000 else f"{e.tokens / 1e3:.1f}k",
@@ -352,7 +367,14 @@ def format_table(estimates: list[TimeEstimate]) -> Table:
     if len(estimates) > 1:
         total = sum(e.gpu_hours for e in known)
         missing = len(estimates) - len(known)
-        table.add_row("grid", "", "", "", "",
-                      _duration(sum(e.seconds for e in known)) + " in series" if known else "?",
-                      f"{total:.2f}" if known else "?", f"{missing} run(s) not estimated" if missing else "")
+        table.add_row(
+            "grid",
+            "",
+            "",
+            "",
+            "",
+            _duration(sum(e.seconds for e in known)) + " in series" if known else "?",
+            f"{total:.2f}" if known else "?",
+            f"{missing} run(s) not estimated" if missing else "",
+        )
     return table

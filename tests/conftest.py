@@ -27,9 +27,7 @@ from launcher.job.storage import write_run_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-TINY_ROWS = [
-    {"instruction": f"What comes after {n}?", "response": f"{n + 1} comes after {n}."} for n in range(24)
-]
+TINY_ROWS = [{"instruction": f"What comes after {n}?", "response": f"{n + 1} comes after {n}."} for n in range(24)]
 
 
 def smollm2_package_dir() -> Path:

@@ -20,9 +20,10 @@ def docker_or_fail() -> str:
     """The docker client, or skip on a developer machine without one. On CI (CI=true) a missing
     Docker fails the test: the container tests must never pass by being skipped."""
     docker = shutil.which("docker")
-    answers = docker is not None and subprocess.run(
-        [docker, "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    ).returncode == 0
+    answers = (
+        docker is not None
+        and subprocess.run([docker, "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    )
     if answers:
         return docker
     why = "no Docker daemon answers (bash docker/dockerd.sh up)"

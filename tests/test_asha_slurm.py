@@ -34,19 +34,21 @@ def _job_times(job_id: str) -> tuple[str, str, str]:
 
 def test_a_pruned_task_frees_its_slot_for_the_next_run(tmp_path, tiny_experiment, cancel_after):
     require_cluster()
-    p = plan(tiny_experiment(
-        tmp_path,
-        name=unique_name("asha"),
-        backend="slurm",
-        environment={"python": PYTHON},
-        resources={"gpus_per_node": 0, "cpus_per_task": 2, "memory": "2G", "time_limit": "00:10:00"},
-        train={"max_steps": 27, "save_steps": 1000, "logging_steps": 1, "per_device_train_batch_size": 2},
-        lora={"dropout": 0.0},
-        dataset={"path": "data.jsonl", "test_size": 0.25},
-        inference={"enabled": False},
-        search={"strategy": "asha", "first_rung_steps": 1, "reduction_factor": 3},
-        grid={"train.learning_rate": [1e-4, 1e-3]},
-    ))  # fmt: skip
+    p = plan(
+        tiny_experiment(
+            tmp_path,
+            name=unique_name("asha"),
+            backend="slurm",
+            environment={"python": PYTHON},
+            resources={"gpus_per_node": 0, "cpus_per_task": 2, "memory": "2G", "time_limit": "00:10:00"},
+            train={"max_steps": 27, "save_steps": 1000, "logging_steps": 1, "per_device_train_batch_size": 2},
+            lora={"dropout": 0.0},
+            dataset={"path": "data.jsonl", "test_size": 0.25},
+            inference={"enabled": False},
+            search={"strategy": "asha", "first_rung_steps": 1, "reduction_factor": 3},
+            grid={"train.learning_rate": [1e-4, 1e-3]},
+        )
+    )
     cancel_after(p)
     rung0 = Path(p.runs[0].run_dir).parent / "asha" / "rung-0"
     rung0.mkdir(parents=True)
@@ -61,8 +63,12 @@ def test_a_pruned_task_frees_its_slot_for_the_next_run(tmp_path, tiny_experiment
     def ended():
         statuses = backend.status(p)
         bad = {r: s for r, s in statuses.items() if s.state in (State.FAILED, State.CANCELLED, State.TIMEOUT)}
-        assert not bad, {r: RunPaths.of(run).train_log.read_text()[-2000:] for run in p.runs for r in bad
-                         if run.run_id == r and RunPaths.of(run).train_log.exists()}  # fmt: skip
+        assert not bad, {
+            r: RunPaths.of(run).train_log.read_text()[-2000:]
+            for run in p.runs
+            for r in bad
+            if run.run_id == r and RunPaths.of(run).train_log.exists()
+        }
         return all(s.state == State.COMPLETED for s in statuses.values())
 
     wait_for(ended, timeout=600, message="both runs stopped by asha", interval=3)
@@ -76,7 +82,8 @@ def test_a_pruned_task_frees_its_slot_for_the_next_run(tmp_path, tiny_experiment
         assert ends[-1]["status"] == "pruned"
         metrics = json.loads(RunPaths.of(run).metrics.read_text())
         assert metrics["pruned"]["rung"] == 0 and metrics["global_step"] < run.train.max_steps
-    table = subprocess.run([PYTHON, "-m", "launcher.cli", "status", str(p.source), "--wide"],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    table = subprocess.run(
+        [PYTHON, "-m", "launcher.cli", "status", str(p.source), "--wide"], capture_output=True, text=True, timeout=120
+    )
     assert table.returncode == 0, table.stderr
     assert table.stdout.count("pruned @ rung 0") == 2, table.stdout

@@ -110,9 +110,13 @@ def test_tensorboard_start_starts_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     path = quickstart(tmp_path)
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "launcher.cli", "tensorboard", str(path), "--start",
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, cwd=tmp_path)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "tensorboard", str(path), "--start", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

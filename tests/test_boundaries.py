@@ -36,7 +36,9 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
             for alias in node.names:
                 candidate = f"{module}.{alias.name}"
                 as_module = REPO / Path(*candidate.split("."))
-                found.append((node.lineno, candidate if as_module.with_suffix(".py").exists() or as_module.is_dir() else module))
+                found.append(
+                    (node.lineno, candidate if as_module.with_suffix(".py").exists() or as_module.is_dir() else module)
+                )
     return found
 
 
@@ -45,9 +47,12 @@ def sources(folder: str) -> list[Path]:
 
 
 def offenders(folder: str, allowed) -> list[str]:
-    return [f"{path.relative_to(REPO)}:{line}: {module}"
-            for path in sources(folder) for line, module in imported_modules(path)
-            if not allowed(path, module)]  # fmt: skip
+    return [
+        f"{path.relative_to(REPO)}:{line}: {module}"
+        for path in sources(folder)
+        for line, module in imported_modules(path)
+        if not allowed(path, module)
+    ]
 
 
 def test_training_imports_only_the_contract():
@@ -76,19 +81,27 @@ def test_the_walls_would_catch_a_crossing(tmp_path):
     probe = REPO / "launcher" / "job" / "_boundary_probe.py"
     probe.write_text("from ..grid import Plan\n")
     try:
-        assert offenders("launcher/job", lambda p, m: not m.startswith("launcher.") or m.startswith("launcher.job")) == [
-            "launcher/job/_boundary_probe.py:1: launcher.grid"
-        ]
+        assert offenders(
+            "launcher/job", lambda p, m: not m.startswith("launcher.") or m.startswith("launcher.job")
+        ) == ["launcher/job/_boundary_probe.py:1: launcher.grid"]
     finally:
         probe.unlink()
 
 
 def heavy_imports(*args: str, cwd: Path, home: Path) -> list[str]:
     env = {**os.environ, "QLAUNCH_HOME": str(home), "COLUMNS": "120", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher.cli", *args],
-                            capture_output=True, text=True, cwd=cwd, env=env, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    modules = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    modules = [
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    ]
     assert len(modules) > 50, result.stderr[-2000:]  # -X importtime did report
     return sorted({m for m in modules if m.split(".")[0] in HEAVY})
 

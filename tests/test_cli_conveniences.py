@@ -19,9 +19,13 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 def qlaunch(*args, home: Path, env=None, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-        env={**os.environ, "QLAUNCH_HOME": str(home), "COLUMNS": "200", **(env or {})}, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "QLAUNCH_HOME": str(home), "COLUMNS": "200", **(env or {})},
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -88,8 +92,19 @@ def test_set_renders_the_quickstart_for_kubernetes_without_editing_a_copy(home, 
     plain = qlaunch("render", QUICKSTART, "--backend", "k8s", "-o", tmp_path / "no", home=home)
     assert plain.returncode == 2 and "storage.root" in plain.stderr  # the file as shipped cannot
     out = tmp_path / "k8s"
-    result = qlaunch("render", QUICKSTART, "--backend", "k8s", "-o", out, "--set", "storage.root=/mnt/qlaunch",
-                     "--set", "kubernetes.namespace=ml-team", home=home)  # fmt: skip
+    result = qlaunch(
+        "render",
+        QUICKSTART,
+        "--backend",
+        "k8s",
+        "-o",
+        out,
+        "--set",
+        "storage.root=/mnt/qlaunch",
+        "--set",
+        "kubernetes.namespace=ml-team",
+        home=home,
+    )
     assert result.returncode == 0, result.stderr
     documents = [d for f in sorted(out.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     assert documents
@@ -98,9 +113,20 @@ def test_set_renders_the_quickstart_for_kubernetes_without_editing_a_copy(home, 
 
 
 def test_set_values_are_yaml_typed_and_a_grid_axis_can_be_replaced(home):
-    result = qlaunch("plan", QUICKSTART, "--json", "--set", "train.max_steps=7", "--set", "lora.dropout=0",
-                     "--set", "grid.lora.r=[4, 8]", "--set", "train.sft_args.neftune_noise_alpha=5e-1",
-                     home=home)  # fmt: skip
+    result = qlaunch(
+        "plan",
+        QUICKSTART,
+        "--json",
+        "--set",
+        "train.max_steps=7",
+        "--set",
+        "lora.dropout=0",
+        "--set",
+        "grid.lora.r=[4, 8]",
+        "--set",
+        "train.sft_args.neftune_noise_alpha=5e-1",
+        home=home,
+    )
     assert result.returncode == 0, result.stderr
     import json
 
@@ -109,8 +135,9 @@ def test_set_values_are_yaml_typed_and_a_grid_axis_can_be_replaced(home):
     assert {r["overrides"]["lora.r"] for r in runs} == {4, 8}
 
 
-@pytest.mark.parametrize("command", ["check", "plan", "render", "run", "submit", "status", "report", "preflight",
-                                     "prefetch", "tensorboard"])  # fmt: skip
+@pytest.mark.parametrize(
+    "command", ["check", "plan", "render", "run", "submit", "status", "report", "preflight", "prefetch", "tensorboard"]
+)
 def test_every_experiment_command_takes_set_and_errors_name_the_key(home, tmp_path, command):
     extra = {"render": ["-o", tmp_path / "out"], "run": ["--dry-run"], "submit": ["--dry-run"]}.get(command, [])
     result = qlaunch(command, QUICKSTART, *extra, "--set", "train.lerning_rate=1", home=home)
@@ -156,8 +183,9 @@ def test_user_config_gives_account_partition_and_namespace_and_the_file_wins(hom
     script = next((tmp_path / "mine").glob("*.train.sbatch")).read_text()
     assert "#SBATCH --partition=a100" in script and "#SBATCH --account=proj42" in script  # file wins, key by key
 
-    result = qlaunch("render", QUICKSTART, "--backend", "k8s", "--set", "storage.root=/mnt/q", "-o", tmp_path / "k",
-                     home=home)  # fmt: skip
+    result = qlaunch(
+        "render", QUICKSTART, "--backend", "k8s", "--set", "storage.root=/mnt/q", "-o", tmp_path / "k", home=home
+    )
     assert result.returncode == 0, result.stderr
     assert "namespace: ml-team" in next((tmp_path / "k").glob("*.yaml")).read_text()
 
@@ -169,7 +197,10 @@ def test_user_config_cannot_change_what_is_trained_and_its_errors_name_its_lines
     assert result.stderr.startswith(f"error: {config}:1: train: not a user default")
     write_user_config(home, "slurm:\n  partition: gpu\n  acount: proj42\n")
     result = qlaunch("plan", QUICKSTART, home=home)
-    assert result.returncode == 2 and result.stderr.strip() == f"error: {config}:3: slurm.acount: unknown key, did you mean 'account'?"
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == f"error: {config}:3: slurm.acount: unknown key, did you mean 'account'?"
+    )
 
 
 def test_user_config_leaves_run_ids_alone(home):
@@ -201,9 +232,18 @@ def forced_experiment(tmp_path: Path) -> tuple[Path, Path]:
     job started anyway fails in its first second instead of training)."""
     (tmp_path / "data.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"name": "forced", "model": {"name_or_path": str(tmp_path / "gone-model")},
-                                    "dataset": {"path": "data.jsonl"}, "storage": {"root": str(tmp_path / "runs")},
-                                    "resources": {"gpus_per_node": 0}, "inference": {"enabled": False}}))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "forced",
+                "model": {"name_or_path": str(tmp_path / "gone-model")},
+                "dataset": {"path": "data.jsonl"},
+                "storage": {"root": str(tmp_path / "runs")},
+                "resources": {"gpus_per_node": 0},
+                "inference": {"enabled": False},
+            }
+        )
+    )
     from launcher.grid import plan
 
     (run,) = plan(path).runs
@@ -223,8 +263,14 @@ def test_force_lists_what_it_deletes_and_needs_yes_off_a_terminal(home, tmp_path
     assert f"{run_dir}: adapter/ (the trained adapter), metrics.json" in dry.stdout
     assert "(dry run: nothing deleted)" in dry.stdout
 
-    refused = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True,
-                             stdin=subprocess.DEVNULL, env={**os.environ, "QLAUNCH_HOME": str(home)}, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "QLAUNCH_HOME": str(home)},
+        timeout=120,
+    )
     assert refused.returncode == 2
     assert f"{run_dir}: adapter/ (the trained adapter)" in refused.stdout
     assert "nothing deleted, nothing started" in refused.stderr and "--yes" in refused.stderr
@@ -241,9 +287,14 @@ def test_force_asks_on_a_terminal(home, tmp_path):
     path, run_dir = forced_experiment(tmp_path)
     master, slave = pty.openpty()
     os.write(master, b"n\n")
-    answered_no = subprocess.run([sys.executable, "-m", "launcher.cli", "run", str(path), "--force",
-                                  "--skip-input-checks", "--no-prefetch"], stdin=slave, capture_output=True,
-                                 text=True, env={**os.environ, "QLAUNCH_HOME": str(home)}, timeout=120)  # fmt: skip
+    answered_no = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "run", str(path), "--force", "--skip-input-checks", "--no-prefetch"],
+        stdin=slave,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QLAUNCH_HOME": str(home)},
+        timeout=120,
+    )
     os.close(slave)
     os.close(master)
     assert answered_no.returncode == 2, answered_no.stderr

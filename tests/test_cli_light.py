@@ -26,8 +26,12 @@ EXPERIMENT = textwrap.dedent("""\
 def qlaunch(*args, env=None, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "launcher.cli", *args],
-        capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -39,17 +43,25 @@ def experiment(tmp_path):
 
 @pytest.mark.parametrize("command", ["--help", "plan", "render", "status"])
 def test_login_node_commands_never_import_the_training_stack(experiment, tmp_path, command):
-    args = {"--help": ["--help"], "plan": ["plan", str(experiment)],
-            "render": ["render", str(experiment), "-o", str(tmp_path / "out")],
-            "status": ["status", str(experiment)]}[command]  # fmt: skip
+    args = {
+        "--help": ["--help"],
+        "plan": ["plan", str(experiment)],
+        "render": ["render", str(experiment), "-o", str(tmp_path / "out")],
+        "status": ["status", str(experiment)],
+    }[command]
     probe = (
         "import sys\nfrom launcher.cli import main\n"
         f"try:\n    code = main({args!r})\nexcept SystemExit as e:\n    code = e.code\n"
         "import json; print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in "
         f"{HEAVY!r})]))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            env={**os.environ, "QLAUNCH_HOME": str(tmp_path / "home")}, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QLAUNCH_HOME": str(tmp_path / "home")},
+        timeout=120,
+    )
     code, heavy = json.loads(result.stdout.strip().splitlines()[-1])
     assert code == 0, result.stderr
     assert heavy == []

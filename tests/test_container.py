@@ -89,7 +89,9 @@ def test_quickstart_trains_in_the_image_as_the_manifest_starts_it(tmp_path, imag
     def start_pod(name: str) -> subprocess.Popen:
         args = docker_run_args(pod, container, {"storage": claim, "config": config, "handoff": handoff})
         with open(log, "ab") as out:
-            return subprocess.Popen([docker, "run", "--rm", "--name", name, *args], stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                [docker, "run", "--rm", "--name", name, *args], stdout=out, stderr=subprocess.STDOUT
+            )
 
     def steps() -> list[int]:
         return [e["step"] for e in read_events(run_dir.progress) if e.get("event") == "step"]

@@ -22,7 +22,9 @@ def tool(name: str) -> str:
 
 
 def test_dockerfile_is_hadolint_clean():
-    result = subprocess.run([tool("hadolint"), "--no-color", "docker/Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", "docker/Dockerfile"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -23,10 +23,17 @@ def test_best_checkpoint_survives_rotation_and_resume_and_becomes_the_adapter(tm
     run = tiny_plan(
         tmp_path,
         dataset={"path": "data.jsonl", "test_size": 0.25},
-        train={"max_steps": STEPS, "save_steps": 2, "save_total_limit": 1, "eval_strategy": "steps",
-               "eval_steps": 2, "load_best_model_at_end": True, "metric_for_best_model": "eval_loss",
-               # "best" = highest eval loss: an early checkpoint, the one rotation would delete.
-               "sft_args": {"greater_is_better": True}},
+        train={
+            "max_steps": STEPS,
+            "save_steps": 2,
+            "save_total_limit": 1,
+            "eval_strategy": "steps",
+            "eval_steps": 2,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            # "best" = highest eval loss: an early checkpoint, the one rotation would delete.
+            "sft_args": {"greater_is_better": True},
+        },
     ).runs[0]
     paths = RunPaths.of(run)
     log = tmp_path / "train.log"

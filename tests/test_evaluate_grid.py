@@ -24,7 +24,9 @@ def test_the_eval_set_fingerprint_follows_questions_and_settings_not_training(tm
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text(json.dumps({"prompt": "Is 1 a number?", "reference": "OK"}) + "\n")
     run = tiny_plan(tmp_path / "a", inference={"eval_file": str(eval_file)}).runs[0]
-    other_training = tiny_plan(tmp_path / "b", train={"learning_rate": 0.5}, inference={"eval_file": str(eval_file)}).runs[0]
+    other_training = tiny_plan(
+        tmp_path / "b", train={"learning_rate": 0.5}, inference={"eval_file": str(eval_file)}
+    ).runs[0]
     longer = tiny_plan(tmp_path / "c", inference={"eval_file": str(eval_file), "max_new_tokens": 9}).runs[0]
     before = grid_evaluation.eval_set(run)
     assert before == grid_evaluation.eval_set(other_training)  # training is not the eval set
@@ -48,7 +50,9 @@ def test_local_backend_plans_one_evaluation_job_unless_per_run(tmp_path, tiny_pl
     assert list(grid.jobs.values()) == [["train", "evaluate"]] * 2
     assert "-m training.evaluate_grid" in grid.files["evaluate.sh"]
     assert not any("training.infer" in text for text in grid.files.values())
-    per_run = LocalBackend().prepare(tiny_plan(tmp_path / "per-run", inference={"per_run": True}, grid={"lora.r": [4, 8]}))
+    per_run = LocalBackend().prepare(
+        tiny_plan(tmp_path / "per-run", inference={"per_run": True}, grid={"lora.r": [4, 8]})
+    )
     assert list(per_run.jobs.values()) == [["train", "infer"]] * 2
     assert "evaluate.sh" not in per_run.files
     assert all("-m training.infer" in text for text in per_run.files.values())
@@ -147,12 +151,21 @@ def grid(tmp_path_factory, tiny_plan):
     """Three runs of the tiny model: two trained, one never trained."""
     folder = tmp_path_factory.mktemp("evalgrid")
     (folder / "eval.jsonl").write_text(
-        "".join(json.dumps({"prompt": f"What comes after {n}?", "reference": f"{n + 1} comes after {n}."}) + "\n"
-                for n in (30, 40, 50))  # fmt: skip
+        "".join(
+            json.dumps({"prompt": f"What comes after {n}?", "reference": f"{n + 1} comes after {n}."}) + "\n"
+            for n in (30, 40, 50)
+        )
     )
-    p = tiny_plan(folder, inference={"prompts": ["What comes after 3?", "Say hello"], "eval_file": "eval.jsonl",
-                                     "metric": "exact_match,contains", "max_new_tokens": 6},
-                  grid={"train.learning_rate": [0.01, 0.02, 0.005]})  # fmt: skip
+    p = tiny_plan(
+        folder,
+        inference={
+            "prompts": ["What comes after 3?", "Say hello"],
+            "eval_file": "eval.jsonl",
+            "metric": "exact_match,contains",
+            "max_new_tokens": 6,
+        },
+        grid={"train.learning_rate": [0.01, 0.02, 0.005]},
+    )
     trained = p.runs[:2]
     for run in trained:
         log = folder / f"{run.run_id}.train.log"
@@ -247,5 +260,7 @@ def test_qlaunch_evaluate_evaluates_only_what_is_trained_and_not_yet_scored(grid
     assert f"1 runs to evaluate in one job: {second.run_id}" in printed
     assert re.search(rf"{second.run_id}: exact_match base \d\.\d\d → tuned \d\.\d\d on 3 held-out prompts", printed)
     assert grid_evaluation.already_scored(second)
-    again = subprocess.run([*command, "--runs", second.run_id[:6]], capture_output=True, text=True, env=env, timeout=120)
+    again = subprocess.run(
+        [*command, "--runs", second.run_id[:6]], capture_output=True, text=True, env=env, timeout=120
+    )
     assert again.returncode == 0 and "nothing to evaluate" in again.stdout

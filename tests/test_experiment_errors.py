@@ -22,20 +22,33 @@ CASES = {
     "number out of range": ("name: demo\nlora:\n  r: 0\n", ":3: lora.r: Input should be greater than or equal to 1"),
     "missing name": ("train:\n  max_steps: 3\n", ": name: required key is missing"),
     "name unusable for jobs": ("name: My_Experiment\n", ":1: name: must be 1-40 characters"),
-    "enum typo": ("name: demo\nprompt:\n  template: llama-2\n", ":3: prompt.template: Input should be 'llama2', 'chat_template' or 'none'"),
+    "enum typo": (
+        "name: demo\nprompt:\n  template: llama-2\n",
+        ":3: prompt.template: Input should be 'llama2', 'chat_template' or 'none'",
+    ),
     "section is a scalar": ("name: demo\nlora: 64\n", ":2: lora: Input should be a valid dictionary"),
-    "fp16 and bf16": ("name: demo\ntrain:\n  fp16: true\n  bf16: true\n", "train.fp16 and train.bf16 cannot both be true"),
+    "fp16 and bf16": (
+        "name: demo\ntrain:\n  fp16: true\n  bf16: true\n",
+        "train.fp16 and train.bf16 cannot both be true",
+    ),
     "bad time limit": ("name: demo\nresources:\n  time_limit: 2h\n", ":3: resources.time_limit: expected [D-]HH:MM:SS"),
     "bad memory": ("name: demo\nresources:\n  memory: lots\n", ":3: resources.memory: expected a size like 32G"),
     "secret in plain variables": (
         "name: demo\nenvironment:\n  variables:\n    HF_TOKEN: hf_abc\n",
         ":3: environment.variables: 'HF_TOKEN' looks like a secret",
     ),
-    "inference batch size a word": ("name: demo\ninference:\n  batch_size: big\n",
-                                    ":3: inference.batch_size: must be auto (chosen by memory) or a whole number"),
-    "inference batch size zero": ("name: demo\ninference:\n  batch_size: 0\n",
-                                  ":3: inference.batch_size: must be auto (chosen by memory) or a whole number"),
-    "unknown backend": ("name: demo\nbackend: lsf\n", ":2: backend: unknown backend 'lsf' (choose from local, slurm, kubernetes"),
+    "inference batch size a word": (
+        "name: demo\ninference:\n  batch_size: big\n",
+        ":3: inference.batch_size: must be auto (chosen by memory) or a whole number",
+    ),
+    "inference batch size zero": (
+        "name: demo\ninference:\n  batch_size: 0\n",
+        ":3: inference.batch_size: must be auto (chosen by memory) or a whole number",
+    ),
+    "unknown backend": (
+        "name: demo\nbackend: lsf\n",
+        ":2: backend: unknown backend 'lsf' (choose from local, slurm, kubernetes",
+    ),
     "not yaml": ("name: demo\ntrain: [1, 2\n", ": not valid YAML"),
     "empty file": ("", ": the file is empty"),
     "a list, not a mapping": ("- name: demo\n", ":1: expected a mapping of sections"),
@@ -43,7 +56,10 @@ CASES = {
         "name: demo\ngrid:\n  train.lr: [0.1, 0.2]\n",
         ":3: grid.train.lr: unknown key 'lr' under train",
     ),
-    "grid section unknown": ("name: demo\ngrid:\n  optimizer.lr: [0.1]\n", ":3: grid.optimizer.lr: unknown key 'optimizer' under top level"),
+    "grid section unknown": (
+        "name: demo\ngrid:\n  optimizer.lr: [0.1]\n",
+        ":3: grid.optimizer.lr: unknown key 'optimizer' under top level",
+    ),
     "grid value wrong type": (
         "name: demo\ngrid:\n  lora.r: [8,\n    sixteen]\n",
         ":4: grid.lora.r[1] = 'sixteen': Input should be a valid integer",
@@ -100,12 +116,14 @@ def test_good_file_has_the_notebook_defaults(tmp_path):
 
 def test_scientific_notation_is_a_float(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         name: demo
         train:
           learning_rate: 2e-4
           sft_args: {neftune_noise_alpha: 5e0}
-    """))
+    """)
+    )
     (run,) = plan(path).runs
     assert run.train.learning_rate == 0.0002
     assert run.train.sft_args == {"neftune_noise_alpha": 5.0}

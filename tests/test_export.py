@@ -38,11 +38,19 @@ def hub():
 
 def qlaunch(folder: Path, *args: str, endpoint: str = "http://127.0.0.1:9", token: str | None = None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update({"PYTHONPATH": str(REPO), "HF_ENDPOINT": endpoint, "HF_HOME": str(folder / "hf-home"),
-                "QLAUNCH_HOME": str(folder / "qlaunch-home"), "OMP_NUM_THREADS": "1",
-                **({"HF_TOKEN": token} if token else {})})  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=folder, env=env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "HF_ENDPOINT": endpoint,
+            "HF_HOME": str(folder / "hf-home"),
+            "QLAUNCH_HOME": str(folder / "qlaunch-home"),
+            "OMP_NUM_THREADS": "1",
+            **({"HF_TOKEN": token} if token else {}),
+        }
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args], cwd=folder, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,23 +62,46 @@ def trained(tmp_path_factory, tiny_plan):
     p = tiny_plan(
         folder,
         lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        train={"max_steps": 40, "learning_rate": 0.01, "per_device_train_batch_size": 4, "save_steps": 1000,
-               "logging_steps": 10, "warmup_ratio": 0.0},
-        inference={"prompts": ["Is 7 a number?"], "eval_file": "eval.jsonl", "metric": "exact_match",
-                   "max_new_tokens": 4, "compare_base": False},
-    )  # fmt: skip
+        train={
+            "max_steps": 40,
+            "learning_rate": 0.01,
+            "per_device_train_batch_size": 4,
+            "save_steps": 1000,
+            "logging_steps": 10,
+            "warmup_ratio": 0.0,
+        },
+        inference={
+            "prompts": ["Is 7 a number?"],
+            "eval_file": "eval.jsonl",
+            "metric": "exact_match",
+            "max_new_tokens": 4,
+            "compare_base": False,
+        },
+    )
     run = p.runs[0]
     paths = RunPaths.of(run)
     assert run_job("training.sft", paths.config, log=folder / "train.log", cwd=folder) == 0, tail(folder / "train.log")
-    assert run_job("training.infer", paths.config, log=folder / "infer.log", cwd=folder) == 0, tail(folder / "infer.log")
+    assert run_job("training.infer", paths.config, log=folder / "infer.log", cwd=folder) == 0, tail(
+        folder / "infer.log"
+    )
     return p, run, folder
 
 
 @pytest.fixture(scope="module")
 def exported(trained, hub):
     p, run, folder = trained
-    done = qlaunch(folder, "export", str(p.source), "--best", "--merge", "--gguf", "--push-to-hub", "alice/tiny-merged",
-                   endpoint=hub.endpoint, token=TOKEN)  # fmt: skip
+    done = qlaunch(
+        folder,
+        "export",
+        str(p.source),
+        "--best",
+        "--merge",
+        "--gguf",
+        "--push-to-hub",
+        "alice/tiny-merged",
+        endpoint=hub.endpoint,
+        token=TOKEN,
+    )
     out = RunPaths.of(run).root / "export"
     return p, run, folder, done, out
 
@@ -87,7 +118,9 @@ def test_best_export_ships_the_closer_merge_checked_against_the_unmerged_model(e
     check = record["merge_check"]
     assert set(check["candidates"]) == {"dequantized-4bit", "float16"}
     for result in check["candidates"].values():
-        assert {"max_logit_diff", "mean_logit_diff", "top1_token_agreement", "answer_agreement", "metric"} <= set(result)
+        assert {"max_logit_diff", "mean_logit_diff", "top1_token_agreement", "answer_agreement", "metric"} <= set(
+            result
+        )
     chosen = check["candidates"][check["chosen"]]
     # The shipped merge answers exactly as the model that was trained and evaluated.
     assert chosen["answer_agreement"] == 1.0 and chosen["metric"] == check["unmerged_metric"] == 1.0
@@ -125,9 +158,10 @@ def test_a_q8_0_gguf_answers_within_tolerance(exported, tmp_path):
     write_gguf(out, tmp_path / "q8.gguf", "q8_0", "tiny")
     prompts, references = [e["prompt"] for e in EVALS], [e["reference"] for e in EVALS]
     tokenizer = _tokenizer(RunPaths.of(run))
-    exact = (lambda a, r: float(a.strip() == r))  # noqa: E731
-    merged = probe(run, AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), tokenizer, prompts, references,
-                   None, exact)  # fmt: skip
+    exact = lambda a, r: float(a.strip() == r)  # noqa: E731
+    merged = probe(
+        run, AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), tokenizer, prompts, references, None, exact
+    )
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q8.gguf", dtype=torch.float32)
     result = compare(merged, probe(run, loaded, tokenizer, prompts, references, merged.answers, exact), len(EVALS))
     assert result["passes"] and result["answer_agreement"] == 1.0, result
@@ -158,17 +192,32 @@ def test_the_push_is_private_has_every_file_and_answers_the_same_from_the_hub(ex
         "print(json.dumps(generate(run, model, _tokenizer(RunPaths.of(run)), sys.argv[3:])))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(PYTHONPATH=str(REPO), HF_ENDPOINT=hub.endpoint, HF_HOME=str(folder / "reader-hf-home"), HF_TOKEN=TOKEN,
-               OMP_NUM_THREADS="1")  # fmt: skip
+    env.update(
+        PYTHONPATH=str(REPO),
+        HF_ENDPOINT=hub.endpoint,
+        HF_HOME=str(folder / "reader-hf-home"),
+        HF_TOKEN=TOKEN,
+        OMP_NUM_THREADS="1",
+    )
     prompts = [e["prompt"] for e in EVALS]
-    answered = subprocess.run([sys.executable, "-c", script, str(RunPaths.of(run).config), record["hub"]["revision"],
-                               *prompts], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    answered = subprocess.run(
+        [sys.executable, "-c", script, str(RunPaths.of(run).config), record["hub"]["revision"], *prompts],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert answered.returncode == 0, answered.stderr[-3000:]
     assert json.loads(answered.stdout.strip().splitlines()[-1]) == [ANSWER] * len(prompts)
     env.pop("HF_TOKEN")
     env["HF_HOME"] = str(folder / "anonymous-hf-home")
-    refused = subprocess.run([sys.executable, "-c", "from huggingface_hub import model_info; model_info('alice/tiny-merged')"],
-                             env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-c", "from huggingface_hub import model_info; model_info('alice/tiny-merged')"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode != 0 and "RepositoryNotFound" in refused.stderr  # private: 404 without the token
     # The token is in no file and no output.
     assert TOKEN.encode() not in everything_written(p.storage_root, out)
@@ -196,7 +245,9 @@ def test_adapter_only_export_is_the_adapter_a_card_and_export_json(trained, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     files = {f.name for f in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "export.json"} <= files
-    assert not any(name.endswith((".gguf", "model.safetensors")) and name != "adapter_model.safetensors" for name in files)
+    assert not any(
+        name.endswith((".gguf", "model.safetensors")) and name != "adapter_model.safetensors" for name in files
+    )
     record = json.loads((tmp_path / "adapter" / "export.json").read_text())
     assert record["kind"] == "adapter" and record["run_id"] == run.run_id and "merge_check" not in record
     assert "PeftModel.from_pretrained" in (tmp_path / "adapter" / "README.md").read_text()
@@ -206,17 +257,43 @@ def test_adapter_only_export_is_the_adapter_a_card_and_export_json(trained, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, token, message", [
-    (("--push-to-hub", "alice/x"), None, "--push-to-hub alice/x: no hub token ($HF_TOKEN is empty or unset); nothing was exported"),
-    (("--push-to-hub", "carol/x"), TOKEN, "--push-to-hub carol/x: the token from $HF_TOKEN (user alice, role write) cannot write to carol/"),
-    (("--push-to-hub", "bob/x"), READ_TOKEN, "cannot write to bob/"),
-    (("--push-to-hub", "alice/x"), "hf_unknownToken000000000000", "the hub refused the token from $HF_TOKEN (HTTP 401)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, token, message",
+    [
+        (
+            ("--push-to-hub", "alice/x"),
+            None,
+            "--push-to-hub alice/x: no hub token ($HF_TOKEN is empty or unset); nothing was exported",
+        ),
+        (
+            ("--push-to-hub", "carol/x"),
+            TOKEN,
+            "--push-to-hub carol/x: the token from $HF_TOKEN (user alice, role write) cannot write to carol/",
+        ),
+        (("--push-to-hub", "bob/x"), READ_TOKEN, "cannot write to bob/"),
+        (
+            ("--push-to-hub", "alice/x"),
+            "hf_unknownToken000000000000",
+            "the hub refused the token from $HF_TOKEN (HTTP 401)",
+        ),
+    ],
+)
 def test_a_push_that_cannot_happen_is_refused_before_the_merge(trained, hub, tmp_path, args, token, message):
     p, run, folder = trained
     posts = hub.count("POST")
-    done = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--merge", "-o", str(tmp_path / "out"), *args,
-                   endpoint=hub.endpoint, token=token)  # fmt: skip
+    done = qlaunch(
+        folder,
+        "export",
+        str(p.source),
+        "--run",
+        run.run_id,
+        "--merge",
+        "-o",
+        str(tmp_path / "out"),
+        *args,
+        endpoint=hub.endpoint,
+        token=token,
+    )
     assert done.returncode == 2
     assert message in " ".join(done.stderr.split()) and done.stderr.count("error:") == 1
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*")) and hub.count("POST") == posts
@@ -247,7 +324,9 @@ def test_best_is_the_run_the_report_ranks_first(tmp_path, tiny_plan):
         paths = RunPaths.of(run)
         write_json(paths.adapter / "adapter_config.json", {})
         write_json(paths.metrics, {"global_step": 8})
-        write_json(paths.inference / "summary.json", {"metric": {"name": "exact_match", "base": 0.0, "tuned": tuned, "n": 3}})
+        write_json(
+            paths.inference / "summary.json", {"metric": {"name": "exact_match", "base": 0.0, "tuned": tuned, "n": 3}}
+        )
     assert pick_run(plan(p.source), None, best=True).run_id == p.runs[1].run_id
 
 
@@ -306,7 +385,9 @@ def test_the_quickstart_models_best_run_exports_a_merge_and_gguf_that_answer_lik
     trained_at = time.monotonic()
     done = qlaunch(tmp_path, "export", str(source), "--best", "--merge", "--gguf")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print(f"quickstart: trained + evaluated in {trained_at - started:.0f} s, exported in {time.monotonic() - trained_at:.0f} s")
+    print(
+        f"quickstart: trained + evaluated in {trained_at - started:.0f} s, exported in {time.monotonic() - trained_at:.0f} s"
+    )
     [run] = plan(source).runs
     out = RunPaths.of(run).root / "export"
     record = json.loads((out / "export.json").read_text())

@@ -36,21 +36,34 @@ LLAMA_7B = "NousResearch/Llama-2-7b-chat-hf"
 CASES = {
     # A 7B merge + GGUF pushed to the hub from a GPU cluster: token file, site directives, a venv.
     "merge-push": (
-        {"name": "llama2-guanaco", "model": {"name_or_path": LLAMA_7B, "hf_token_file": "/home/me/.cache/hf_token"},
-         "storage": {"root": "/shared/qlaunch-runs"},
-         "environment": {"setup": ["module load cuda/12.1", "source /shared/envs/qlora/bin/activate"],
-                         "variables": {"HF_HOME": "/shared/hf cache", "WANDB_MODE": "offline"}},
-         "slurm": {"partition": "gpu", "inference_partition": "gpu-short", "account": "ml-team",
-                   "extra_directives": ["--comment=qlaunch grid #1"]}},
+        {
+            "name": "llama2-guanaco",
+            "model": {"name_or_path": LLAMA_7B, "hf_token_file": "/home/me/.cache/hf_token"},
+            "storage": {"root": "/shared/qlaunch-runs"},
+            "environment": {
+                "setup": ["module load cuda/12.1", "source /shared/envs/qlora/bin/activate"],
+                "variables": {"HF_HOME": "/shared/hf cache", "WANDB_MODE": "offline"},
+            },
+            "slurm": {
+                "partition": "gpu",
+                "inference_partition": "gpu-short",
+                "account": "ml-team",
+                "extra_directives": ["--comment=qlaunch grid #1"],
+            },
+        },
         dict(merge=True, gguf_type="q8_0", repo="team/guanaco-7b", private=True),
     ),
     # The adapter alone, in the job image under Docker: 1 CPU, 2G, no GPU, half an hour.
     "adapter-docker": (
-        {"name": "llama2-docker", "model": {"name_or_path": LLAMA_7B}, "storage": {"root": "/shared/qlaunch-runs"},
-         "environment": {"container": "registry.example.com/ml/qlaunch-train:0.1.0", "container_runtime": "docker"}},
+        {
+            "name": "llama2-docker",
+            "model": {"name_or_path": LLAMA_7B},
+            "storage": {"root": "/shared/qlaunch-runs"},
+            "environment": {"container": "registry.example.com/ml/qlaunch-train:0.1.0", "container_runtime": "docker"},
+        },
         dict(merge=False, gguf_type=None, repo=None, private=True),
     ),
-}  # fmt: skip
+}
 
 
 def _rendered(tmp_path: Path, case: str) -> str:
@@ -92,28 +105,49 @@ def test_kubernetes_is_refused_with_what_to_do_instead(tmp_path, tiny_plan):
     p = tiny_plan(tmp_path, backend="kubernetes")
     done = qlaunch(tmp_path, "export", str(p.source), "--run", p.runs[0].run_id)
     assert done.returncode == 2 and done.stderr.count("error:") == 1
-    assert "does not run as a Kubernetes Job yet: run it with --backend local on a machine that mounts the storage claim" in (
-        " ".join(done.stderr.split()))  # fmt: skip
+    assert (
+        "does not run as a Kubernetes Job yet: run it with --backend local on a machine that mounts the storage claim"
+        in (" ".join(done.stderr.split()))
+    )
 
 
 # ---- on the real cluster -----------------------------------------------------------------------
 
 
-def qlaunch(folder: Path, *args: str, token: str | None = None, endpoint: str = "http://127.0.0.1:9",
-            timeout: float = 600) -> subprocess.CompletedProcess:  # fmt: skip
+def qlaunch(
+    folder: Path, *args: str, token: str | None = None, endpoint: str = "http://127.0.0.1:9", timeout: float = 600
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update({"PYTHONPATH": str(REPO), "HF_ENDPOINT": endpoint, "HF_HOME": str(folder / "hf-home"),
-                "QLAUNCH_HOME": str(folder / "qlaunch-home"), "OMP_NUM_THREADS": "1",
-                **({"HF_TOKEN": token} if token else {})})  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=folder, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "HF_ENDPOINT": endpoint,
+            "HF_HOME": str(folder / "hf-home"),
+            "QLAUNCH_HOME": str(folder / "qlaunch-home"),
+            "OMP_NUM_THREADS": "1",
+            **({"HF_TOKEN": token} if token else {}),
+        }
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def export_jobs(name: str) -> list[str]:
     """Every job of this experiment's exports slurmctld knows (by the job name prefix)."""
-    out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i %j"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.split()[1:] and line.split()[1].startswith(name)
-            and line.split()[1].endswith("-export")]  # fmt: skip
+    out = subprocess.run(
+        ["squeue", "--noheader", "--states=all", "--format=%i %j"], capture_output=True, text=True
+    ).stdout
+    return [
+        line.split()[0]
+        for line in out.splitlines()
+        if line.split()[1:] and line.split()[1].startswith(name) and line.split()[1].endswith("-export")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +158,9 @@ def trained(tmp_path_factory, tiny_plan):
     p = tiny_plan(folder, name=unique_name("export"), backend="slurm", environment={"python": sys.executable})
     run = p.runs[0]
     started = time.monotonic()
-    assert run_job("training.sft", RunPaths.of(run).config, log=folder / "train.log", cwd=folder) == 0, tail(folder / "train.log")
+    assert run_job("training.sft", RunPaths.of(run).config, log=folder / "train.log", cwd=folder) == 0, tail(
+        folder / "train.log"
+    )
     print(f"trained in {time.monotonic() - started:.1f} s")
     return p, run, folder
 
@@ -134,7 +170,9 @@ def trained(tmp_path_factory, tiny_plan):
 def test_a_slurm_export_job_writes_what_a_local_export_writes(trained):
     p, run, folder = trained
     started = time.monotonic()
-    local = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--backend", "local", "-o", str(folder / "here"))
+    local = qlaunch(
+        folder, "export", str(p.source), "--run", run.run_id, "--backend", "local", "-o", str(folder / "here")
+    )
     assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
     done = qlaunch(folder, "export", str(p.source), "--run", run.run_id)  # the experiment's backend: slurm
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -167,10 +205,16 @@ def test_a_slurm_merge_job_ships_the_same_checked_merge_as_a_local_one(trained, 
     done = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--merge", "--memory", "4G", "-o", str(there))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     job = re.search(r"export job (\d+) of run", done.stdout).group(1)
-    local = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--merge", "--backend", "local", "-o", str(here))
+    local = qlaunch(
+        folder, "export", str(p.source), "--run", run.run_id, "--merge", "--backend", "local", "-o", str(here)
+    )
     assert local.returncode == 0, local.stdout[-2000:] + local.stderr[-2000:]
-    wait_for(lambda: scheduler_jobs(job).get(job) in ("COMPLETED", "FAILED"), timeout=600, message="the merge job",
-             interval=3)  # fmt: skip
+    wait_for(
+        lambda: scheduler_jobs(job).get(job) in ("COMPLETED", "FAILED"),
+        timeout=600,
+        message="the merge job",
+        interval=3,
+    )
     log = (RunPaths.of(run).root / "export.log").read_text()
     assert scheduler_jobs(job)[job] == "COMPLETED", log[-3000:]
     print(f"merge here and as a Slurm job (1 CPU, 4G) in {time.monotonic() - started:.1f} s")
@@ -190,18 +234,43 @@ def test_the_job_pushes_with_the_token_from_its_environment_and_writes_it_nowher
     hub = FakeHub().start()
     try:
         hub.add_user(TOKEN, "alice")
-        dry = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--push-to-hub", "alice/tiny-adapter",
-                      "--dry-run", token=TOKEN, endpoint=hub.endpoint)  # fmt: skip
+        dry = qlaunch(
+            folder,
+            "export",
+            str(p.source),
+            "--run",
+            run.run_id,
+            "--push-to-hub",
+            "alice/tiny-adapter",
+            "--dry-run",
+            token=TOKEN,
+            endpoint=hub.endpoint,
+        )
         assert dry.returncode == 0, dry.stderr[-2000:]
         assert "--push-to-hub alice/tiny-adapter" in dry.stdout and TOKEN not in dry.stdout + dry.stderr
         assert ("model", "alice/tiny-adapter") not in hub.repos
         out = tmp_path / "pushed"
-        done = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--push-to-hub", "alice/tiny-adapter",
-                       "-o", str(out), token=TOKEN, endpoint=hub.endpoint)  # fmt: skip
+        done = qlaunch(
+            folder,
+            "export",
+            str(p.source),
+            "--run",
+            run.run_id,
+            "--push-to-hub",
+            "alice/tiny-adapter",
+            "-o",
+            str(out),
+            token=TOKEN,
+            endpoint=hub.endpoint,
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         job = re.search(r"export job (\d+) of run", done.stdout).group(1)
-        wait_for(lambda: scheduler_jobs(job).get(job) in ("COMPLETED", "FAILED"), timeout=300, message="the export job",
-                 interval=2)  # fmt: skip
+        wait_for(
+            lambda: scheduler_jobs(job).get(job) in ("COMPLETED", "FAILED"),
+            timeout=300,
+            message="the export job",
+            interval=2,
+        )
         log = (RunPaths.of(run).root / "export.log").read_text()
         assert scheduler_jobs(job)[job] == "COMPLETED", log[-3000:]
         repo = hub.repos[("model", "alice/tiny-adapter")]
@@ -223,9 +292,13 @@ def test_refused_exports_submit_nothing(trained, tmp_path, tiny_plan):
     before = export_jobs(run.name)
     unfinished = tiny_plan(tmp_path / "unfinished", name=run.name, backend="slurm").runs[0]
     refused = qlaunch(tmp_path, "export", str(tmp_path / "unfinished" / f"{run.name}.yaml"), "--run", unfinished.run_id)
-    assert refused.returncode == 2 and f"run {unfinished.run_id} has not finished training" in " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and f"run {unfinished.run_id} has not finished training" in " ".join(
+        refused.stderr.split()
+    )
     no_token = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--push-to-hub", "alice/x")
-    assert no_token.returncode == 2 and "no hub token ($HF_TOKEN is empty or unset)" in " ".join(no_token.stderr.split())
+    assert no_token.returncode == 2 and "no hub token ($HF_TOKEN is empty or unset)" in " ".join(
+        no_token.stderr.split()
+    )
     # A 7B merge (its adapter faked: nothing loads) needs ~45G: more than a node of this cluster has.
     big = tiny_plan(tmp_path / "big", name=run.name, backend="slurm", model={"name_or_path": LLAMA_7B}).runs[0]
     write_json(RunPaths.of(big).adapter / "adapter_config.json", {})
@@ -242,6 +315,10 @@ def test_refused_exports_submit_nothing(trained, tmp_path, tiny_plan):
     assert "the export job would ask for 16G (--memory): ask for at least 46G, or leave --memory out" in message
     # --dry-run: the script, checked by slurmctld, nothing queued or written; no token in it.
     dry = qlaunch(folder, "export", str(p.source), "--run", run.run_id, "--dry-run", "-o", str(tmp_path / "dry"))
-    assert dry.returncode == 0 and dry.stdout.startswith("#!/bin/bash\n") and "sbatch --test-only accepted it" in dry.stderr
+    assert (
+        dry.returncode == 0
+        and dry.stdout.startswith("#!/bin/bash\n")
+        and "sbatch --test-only accepted it" in dry.stderr
+    )
     assert export_jobs(run.name) == before and not (tmp_path / "dry").exists()
     assert not any(RunPaths.of(r).root.joinpath("export.sbatch").exists() for r in (unfinished, big))

@@ -29,10 +29,20 @@ def test_qlaunch_report_files_follow_the_umask(tmp_path, umask, mode):
     experiment.write_text("name: modes\nstorage: {root: ./runs}\ndataset: {path: data.jsonl}\n")
     env = {**os.environ, "HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-c", f"import os, sys; os.umask({umask}); from launcher.cli import main; sys.exit(main())",
-         "report", str(experiment), "-o", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            f"import os, sys; os.umask({umask}); from launcher.cli import main; sys.exit(main())",
+            "report",
+            str(experiment),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     written = sorted((tmp_path / "out").glob("report.*"))
     assert [p.name for p in written] == ["report.html", "report.json", "report.md"]

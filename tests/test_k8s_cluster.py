@@ -180,7 +180,11 @@ def test_submit_status_follow_logs_across_a_preemption_then_cancel(target, scena
     second = target.replacement_pod(n.train_job, first, scheduled=False)
     if fake:  # the replacement waits for a GPU
         status = k8s.status(p)[run.run_id]
-        assert status.state == State.REQUEUED and "preempted" in status.detail and "Insufficient nvidia.com/gpu" in status.detail
+        assert (
+            status.state == State.REQUEUED
+            and "preempted" in status.detail
+            and "Insufficient nvidia.com/gpu" in status.detail
+        )
     target.pod_running(n.train_job, second)
     resumed_from, reached = target.trainer_resumes(second, checkpoint)
     resumed = f'"resumed_from": {resumed_from}'
@@ -198,7 +202,13 @@ def test_submit_status_follow_logs_across_a_preemption_then_cancel(target, scena
     assert not follower.is_alive(), "logs -f did not stop when the Job completed"
     text = out.getvalue()
     order = (["loading NousResearch"] if fake else []) + [
-        first_step, later, '"event": "preempted"', f"pod {second}", resumed, '"event": "end"']  # fmt: skip
+        first_step,
+        later,
+        '"event": "preempted"',
+        f"pod {second}",
+        resumed,
+        '"event": "end"',
+    ]
     positions = [text.index(marker) for marker in order]
     assert positions == sorted(positions) and text.count(resumed) == 1
     # The replacement resumed from the very checkpoint the preempted pod saved.
@@ -289,7 +299,12 @@ def test_logs_without_follow_prints_replaced_pods_first(fake, experiment):
     out = io.StringIO()
     k8s.logs(p, run, follow=False, out=out)
     text = out.getvalue()
-    assert text.index(f"pod {first} (replaced)") < text.index("attempt one") < text.index(f"pod {second}") < text.index("attempt two")
+    assert (
+        text.index(f"pod {first} (replaced)")
+        < text.index("attempt one")
+        < text.index(f"pod {second}")
+        < text.index("attempt two")
+    )
     assert k8s.status(p)[run.run_id].restarts == 1
 
 
@@ -298,7 +313,10 @@ def test_dry_run_is_validated_by_the_server_and_stores_nothing(target, scenario)
     assert sorted(report.submitted) == sorted(r.run_id for r in scenario.runs)
     if not target.real:
         assert patches(target.server) and all(r["query"].get("dryRun") == "All" for r in patches(target.server))
-    assert target.objects("jobs", scenario.experiment.name) == [] and target.objects("configmaps", scenario.experiment.name) == []
+    assert (
+        target.objects("jobs", scenario.experiment.name) == []
+        and target.objects("configmaps", scenario.experiment.name) == []
+    )
     if not target.real:
         assert target.server.list("jobs", NS) == [] and target.server.list("configmaps", NS) == []
 
@@ -308,8 +326,12 @@ def test_an_object_refused_by_the_server_leaves_nothing_half_submitted(fake, exp
 
     def webhook(resource, obj, dry_run):
         if obj["metadata"]["name"] == refused:
-            raise ApiError(403, "Forbidden", f'admission webhook "images.policy.example.com" denied the request: '
-                                             f'jobs.batch "{refused}": images must come from registry.example.com')
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'admission webhook "images.policy.example.com" denied the request: '
+                f'jobs.batch "{refused}": images must come from registry.example.com',
+            )
 
     fake.admission = webhook
     with pytest.raises(BackendError) as error:
@@ -426,7 +448,10 @@ def test_forbidden_namespace_submits_nothing(fake, experiment):
     "remove, expected",
     [
         (("secrets", "hf-token"), "Secret 'hf-token' (kubernetes.hf_token_secret) not found in namespace 'ml-team'"),
-        (("persistentvolumeclaims", "qlaunch-storage"), "PersistentVolumeClaim 'qlaunch-storage' (kubernetes.pvc) not found"),
+        (
+            ("persistentvolumeclaims", "qlaunch-storage"),
+            "PersistentVolumeClaim 'qlaunch-storage' (kubernetes.pvc) not found",
+        ),
         (("namespaces", NS), "namespace 'ml-team' (kubernetes.namespace) does not exist"),
     ],
 )
@@ -461,7 +486,9 @@ def test_a_gpu_run_trains_on_a_gpu_node(target, tmp_path, training):
         pytest.skip(NEEDS_GPU)
     path = tmp_path / "gpu.yaml"
     text = target.experiment_yaml("").replace("gpus_per_node: 0", "gpus_per_node: 1")
-    text = text.replace("  lora.r: [4, 8]", "  lora.r: [8]").replace("kubernetes:\n", "kubernetes:\n  gpu_node_label: none\n", 1)
+    text = text.replace("  lora.r: [4, 8]", "  lora.r: [8]").replace(
+        "kubernetes:\n", "kubernetes:\n  gpu_node_label: none\n", 1
+    )
     path.write_text(text)
     p = plan(path)
     k8s, n = target.backend(), job_names(p, p.runs[0])
@@ -480,8 +507,15 @@ def test_a_gpu_run_trains_on_a_gpu_node(target, tmp_path, training):
 
 
 def _cli(*args: str, **kwargs):
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, "COLUMNS": "250"}, timeout=120, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "250"},
+        timeout=120,
+        **kwargs,
+    )
 
 
 def test_cli_submit_status_logs_follow_cancel(fake, experiment):
@@ -499,8 +533,13 @@ def test_cli_submit_status_logs_follow_cancel(fake, experiment):
     line = next(line for line in result.stdout.splitlines() if run.run_id in line)
     assert "running" in line and "8/40" in line and "1.2500" in line
 
-    follower = subprocess.Popen([sys.executable, "-m", "launcher.cli", "logs", run.run_id[:6], "-f"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "logs", run.run_id[:6], "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         time.sleep(1.0)  # the follower may attach before or after the preemption: both must work
         fake.evict_pod(NS, first)
@@ -523,9 +562,18 @@ def _two_context_kubeconfig(path: Path, first: FakeKube, second: FakeKube) -> Pa
     """One kubeconfig holding a context per fake cluster; its current context is the first."""
     import yaml
 
-    configs = [yaml.safe_load(server.write_kubeconfig(path.with_suffix(f".{name}"), namespace=NS).read_text())
-               for name, server in (("first", first), ("second", second))]  # fmt: skip
-    merged = {"apiVersion": "v1", "kind": "Config", "current-context": "first", "clusters": [], "users": [], "contexts": []}
+    configs = [
+        yaml.safe_load(server.write_kubeconfig(path.with_suffix(f".{name}"), namespace=NS).read_text())
+        for name, server in (("first", first), ("second", second))
+    ]
+    merged = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "first",
+        "clusters": [],
+        "users": [],
+        "contexts": [],
+    }
     for name, config in zip(("first", "second"), configs):
         merged["clusters"].append({"name": name, "cluster": config["clusters"][0]["cluster"]})
         merged["users"].append({"name": name, "user": config["users"][0]["user"]})
@@ -539,8 +587,9 @@ def test_context_picks_the_cluster_every_command_talks_to(fake, experiment, tmp_
     second = start_cluster(tmp_path / "second", monkeypatch, NS, hf_token=FAKE_TOKEN)
     try:
         config = _two_context_kubeconfig(tmp_path / "two-contexts", fake, second)
-        result = _cli("submit", str(experiment.source), "--skip-preflight", "--kubeconfig", str(config),
-                      "--context", "second")  # fmt: skip
+        result = _cli(
+            "submit", str(experiment.source), "--skip-preflight", "--kubeconfig", str(config), "--context", "second"
+        )
         assert result.returncode == 0, result.stderr
         assert {job["metadata"]["name"] for job in second.list("jobs", NS)}  # submitted to the second
         assert not fake.list("jobs", NS)
@@ -560,8 +609,9 @@ def test_hints_and_cancel_of_a_run_go_to_the_context_it_was_submitted_to(fake, e
     second = start_cluster(tmp_path / "second", monkeypatch, NS, hf_token=FAKE_TOKEN)
     try:
         config = _two_context_kubeconfig(tmp_path / "two contexts", fake, second)
-        result = _cli("submit", str(experiment.source), "--skip-preflight", "--kubeconfig", str(config),
-                      "--context", "second")  # fmt: skip
+        result = _cli(
+            "submit", str(experiment.source), "--skip-preflight", "--kubeconfig", str(config), "--context", "second"
+        )
         assert result.returncode == 0, result.stderr
         (watch,) = [line.split("Watch: ", 1)[1] for line in result.stdout.splitlines() if "Watch: " in line]
         words = shlex.split(watch)
@@ -572,10 +622,20 @@ def test_hints_and_cancel_of_a_run_go_to_the_context_it_was_submitted_to(fake, e
         bin_dir.mkdir()
         (bin_dir / "qlaunch").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m launcher.cli "$@"\n')
         (bin_dir / "qlaunch").chmod(0o755)
-        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "COLUMNS": "250",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
-        hinted = subprocess.Popen(["bash", "-c", watch], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env, start_new_session=True)  # fmt: skip
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "COLUMNS": "250",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        }
+        hinted = subprocess.Popen(
+            ["bash", "-c", watch],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         time.sleep(6)
         os.killpg(hinted.pid, signal.SIGINT)
         out, err = hinted.communicate(timeout=60)

@@ -59,8 +59,9 @@ def test_the_t4_example_renders_for_kubernetes_with_the_cache_on_the_claim(tmp_p
         claim_mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "storage")
         assert claim_mount == "/shared/qlaunch-runs"
         assert PurePosixPath(claim_mount) in PurePosixPath(env["HF_HOME"]).parents, env["HF_HOME"]
-    run_yamls = [text for doc in docs if doc["kind"] == "ConfigMap" for key, text in doc["data"].items()
-                 if key.endswith(".yaml")]  # each run's, and the grid evaluation's copy of each  # fmt: skip
+    run_yamls = [
+        text for doc in docs if doc["kind"] == "ConfigMap" for key, text in doc["data"].items() if key.endswith(".yaml")
+    ]  # each run's, and the grid evaluation's copy of each
     assert len(run_yamls) == 8
     for text in run_yamls:
         run = yaml.safe_load(text)
@@ -78,10 +79,15 @@ def test_the_t4_example_still_renders_its_setup_for_slurm(tmp_path, capsys):
     assert "module load cuda/12.1" in scripts
 
 
-@pytest.mark.parametrize("command", [
-    ["check"], ["render", "-o", "{out}"], ["render", "-o", "{out}", "--skip-input-checks"],
-    ["submit", "--dry-run", "client"],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["check"],
+        ["render", "-o", "{out}"],
+        ["render", "-o", "{out}", "--skip-input-checks"],
+        ["submit", "--dry-run", "client"],
+    ],
+)
 def test_a_cache_folder_outside_the_pods_volumes_is_one_error_naming_the_variable(tmp_path, capsys, command):
     exp = tmp_path / "exp.yaml"
     exp.write_text(SLURM_MINDED)
@@ -93,8 +99,7 @@ def test_a_cache_folder_outside_the_pods_volumes_is_one_error_naming_the_variabl
         "(the claim 'qlaunch-storage' is mounted at /mnt/qlaunch) and uid 1000 cannot create it: leave HF_HOME "
         "unset (the pods share /mnt/qlaunch/.cache/huggingface on the claim) or point it under /mnt/qlaunch"
     )
-    problems = [line.removeprefix("error: ").strip() for line in err.splitlines()
-                if "environment.variables" in line]  # fmt: skip
+    problems = [line.removeprefix("error: ").strip() for line in err.splitlines() if "environment.variables" in line]
     assert problems == [expected], err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
@@ -106,17 +111,24 @@ def test_the_same_file_is_fine_for_slurm(tmp_path, capsys):
     assert main(["render", str(exp), "--backend", "slurm", "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["/mnt/qlaunch/hf", "/mnt/qlaunch/../qlaunch/hf", "/home/qlaunch/hf", "/tmp/hf", "relative/hf"])
+@pytest.mark.parametrize(
+    "value", ["/mnt/qlaunch/hf", "/mnt/qlaunch/../qlaunch/hf", "/home/qlaunch/hf", "/tmp/hf", "relative/hf"]
+)
 def test_cache_folders_the_pod_can_write_pass(tmp_path, capsys, value):
     exp = tmp_path / "exp.yaml"
     exp.write_text(SLURM_MINDED.replace("/shared/hf-cache", value))
-    assert main(["render", str(exp), "--backend", "kubernetes", "-o", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert main(["render", str(exp), "--backend", "kubernetes", "-o", str(tmp_path / "out")]) == 0, (
+        capsys.readouterr().err
+    )
 
 
 def test_other_folder_variables_are_checked_too_and_read_only_paths_are_not(tmp_path, capsys):
     exp = tmp_path / "exp.yaml"
-    exp.write_text(SLURM_MINDED.replace("HF_HOME: /shared/hf-cache", "TRITON_CACHE_DIR: /scratch/triton\n"
-                                        "    CUDA_HOME: /usr/local/cuda"))  # fmt: skip
+    exp.write_text(
+        SLURM_MINDED.replace(
+            "HF_HOME: /shared/hf-cache", "TRITON_CACHE_DIR: /scratch/triton\n    CUDA_HOME: /usr/local/cuda"
+        )
+    )
     assert main(["check", str(exp), "--backend", "kubernetes"]) == 2
     err = capsys.readouterr().err
     assert f"{exp}:12: environment.variables.TRITON_CACHE_DIR: /scratch/triton is on no volume" in err

@@ -37,7 +37,8 @@ def fake(tmp_path, monkeypatch):
 
 def _experiment(tmp_path: Path, kubernetes: str = "", runs: int = 3):
     path = tmp_path / "grid.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: grid
         backend: kubernetes
         storage: {{root: /mnt/qlaunch}}
@@ -45,7 +46,8 @@ def _experiment(tmp_path: Path, kubernetes: str = "", runs: int = 3):
         inference: {{prompts: ["What is QLoRA?"]}}
         grid:
           lora.r: {[8 * 2**i for i in range(runs)]}
-    """))
+    """)
+    )
     return plan(path)
 
 
@@ -59,8 +61,13 @@ def _train(p, run) -> str:
 
 def _releases(fake) -> list[dict]:
     """The writes that start the evaluation Job (merge patches of it)."""
-    return [r for r in fake.requests if r["method"] == "PATCH" and r["path"].endswith(f"/jobs/{EVALUATE}")
-            and "merge-patch" in r["headers"].get("Content-Type", "")]  # fmt: skip
+    return [
+        r
+        for r in fake.requests
+        if r["method"] == "PATCH"
+        and r["path"].endswith(f"/jobs/{EVALUATE}")
+        and "merge-patch" in r["headers"].get("Content-Type", "")
+    ]
 
 
 def _finish(fake, p, run) -> None:
@@ -79,13 +86,18 @@ def test_the_held_evaluation_job_is_released_exactly_once_after_the_last_trainin
     config = fake.get("configmaps", NS, EVALUATE)["data"]
     assert config["runs.txt"].splitlines() == [f"/config/{run.run_id}.yaml" for run in p.runs]
     assert [yaml.safe_load(config[f"{run.run_id}.yaml"])["run_id"] for run in p.runs] == [r.run_id for r in p.runs]
-    assert held["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == ["training.evaluate_grid", "/config/runs.txt"]
+    assert held["spec"]["template"]["spec"]["containers"][0]["command"][-2:] == [
+        "training.evaluate_grid",
+        "/config/runs.txt",
+    ]
     status = k8s.status(p)[p.runs[0].run_id]
     assert (status.infer_state, status.infer_detail) == (State.PENDING, "grid evaluation waits for 3 training Jobs")
 
     for done, run in enumerate(p.runs[:-1], 1):
         _finish(fake, p, run)
-        assert collect(p, k8s, reconcile=True)[0].status.infer_detail == f"grid evaluation waits for {3 - done} training Job" + "s" * (done == 1)
+        assert collect(p, k8s, reconcile=True)[
+            0
+        ].status.infer_detail == f"grid evaluation waits for {3 - done} training Job" + "s" * (done == 1)
         assert fake.get("jobs", NS, EVALUATE)["spec"]["suspend"] is True and _releases(fake) == []
 
     _finish(fake, p, p.runs[-1])  # the last one: `qlaunch status` starts the evaluation
@@ -93,7 +105,8 @@ def test_the_held_evaluation_job_is_released_exactly_once_after_the_last_trainin
     assert fake.get("jobs", NS, EVALUATE)["spec"]["suspend"] is False
     assert len(_releases(fake)) == 1 and json.loads(_releases(fake)[0]["body"]) == {"spec": {"suspend": False}}
     assert {row.status.infer_state for row in rows} == {State.PENDING} and all(
-        row.status.infer_detail.startswith("grid evaluation") for row in rows)
+        row.status.infer_detail.startswith("grid evaluation") for row in rows
+    )
     assert k8s.reconcile(p) == [] and len(_releases(fake)) == 1  # once
     k8s.submit(p)  # submit reconciles as well: still once
     assert len(_releases(fake)) == 1
@@ -116,7 +129,9 @@ def test_under_kueue_qlaunch_removes_only_its_gate_and_leaves_suspend_to_kueue(f
     assert k8s.status(p)[p.runs[0].run_id].infer_state == State.PENDING
 
     fake.complete_job(NS, _train(p, p.runs[0]))  # Kueue admitted and ran the training Jobs
-    assert k8s.reconcile(p) == [] and fake.get("jobs", NS, EVALUATE)["metadata"]["annotations"][GATE].startswith("qlaunch")
+    assert k8s.reconcile(p) == [] and fake.get("jobs", NS, EVALUATE)["metadata"]["annotations"][GATE].startswith(
+        "qlaunch"
+    )
     fake.complete_job(NS, _train(p, p.runs[1]))
     assert k8s.reconcile(p) == [EVALUATE]
     released = fake.get("jobs", NS, EVALUATE)
@@ -136,7 +151,9 @@ def test_a_failed_training_run_is_named_not_evaluated_and_the_others_are_evaluat
     assert k8s.reconcile(p) == [EVALUATE]
     status = k8s.status(p)
     assert (status[failed.run_id].infer_state, status[failed.run_id].infer_detail) == (
-        State.CANCELLED, "not evaluated: training failed")
+        State.CANCELLED,
+        "not evaluated: training failed",
+    )
     assert status[done.run_id].infer_state == State.PENDING  # the released Job, waiting for its pod
     fake.finish_pod(NS, fake.start_pod(NS, EVALUATE))
     status = k8s.status(p)
@@ -156,8 +173,11 @@ def test_submit_again_does_not_duplicate_it_and_cancel_of_the_experiment_removes
     uid = fake.get("jobs", NS, EVALUATE)["metadata"]["uid"]
     report = k8s.submit(p)
     assert not report.submitted and fake.get("jobs", NS, EVALUATE)["metadata"]["uid"] == uid
-    applied = [r for r in fake.requests if r["method"] == "PATCH" and r["path"].endswith(f"/jobs/{EVALUATE}")
-               and "dryRun" not in r["query"]]  # fmt: skip
+    applied = [
+        r
+        for r in fake.requests
+        if r["method"] == "PATCH" and r["path"].endswith(f"/jobs/{EVALUATE}") and "dryRun" not in r["query"]
+    ]
     assert len(applied) == 1 and len([j for j in fake.list("jobs", NS) if "evaluate" in j["metadata"]["name"]]) == 1
 
     # Cancelling some runs keeps it (it evaluates the others); cancelling the rest removes it.
@@ -181,8 +201,11 @@ def test_logs_infer_and_progress_of_a_run_come_from_the_shared_job(fake, tmp_pat
     pod = fake.start_pod(NS, EVALUATE)
     fake.run_pod(NS, pod)
     first, second = p.runs
-    events = [PROGRESS_PREFIX + json.dumps({"event": "infer_end", "time": 1.0, "step": 5,
-                                            "summary": {"run_id": run.run_id, "prompts": 1}}) for run in p.runs]  # fmt: skip
+    events = [
+        PROGRESS_PREFIX
+        + json.dumps({"event": "infer_end", "time": 1.0, "step": 5, "summary": {"run_id": run.run_id, "prompts": 1}})
+        for run in p.runs
+    ]
     fake.log(NS, pod, f"run {first.run_id}: evaluated", events[0], events[1])
     fake.finish_pod(NS, pod)
     out = io.StringIO()

@@ -42,7 +42,8 @@ def fake(tmp_path, monkeypatch):
 
 def _experiment(tmp_path: Path, extra: str = "") -> object:
     path = tmp_path / "handoff.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: handoff
         backend: kubernetes
         storage: {{root: {tmp_path / "claim"}}}
@@ -50,7 +51,8 @@ def _experiment(tmp_path: Path, extra: str = "") -> object:
         inference: {{per_run: true}}  # one inference Job per run, released by its trainer
         grid:
           lora.r: [8, 16]
-    """))
+    """)
+    )
     return plan(path)
 
 
@@ -111,11 +113,19 @@ def test_the_trainer_starts_its_inference_job_through_the_rendered_role(fake, tm
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert env["QLAUNCH_RELEASE_JOB"] == n.infer_job
     credentials = _project_handoff_volume(fake, train, tmp_path / "handoff")
-    env.update(QLAUNCH_RELEASE_CREDENTIALS=str(credentials), KUBERNETES_SERVICE_HOST="127.0.0.1",
-               KUBERNETES_SERVICE_PORT=str(fake.port), PATH=os.environ["PATH"], PYTHONPATH=str(ROOT),
-               HOME=str(tmp_path), OMP_NUM_THREADS="1")  # fmt: skip
-    command = [sys.executable if arg == "python" else str(run_yaml) if arg == "/config/run.yaml" else arg
-               for arg in container["command"]]  # fmt: skip
+    env.update(
+        QLAUNCH_RELEASE_CREDENTIALS=str(credentials),
+        KUBERNETES_SERVICE_HOST="127.0.0.1",
+        KUBERNETES_SERVICE_PORT=str(fake.port),
+        PATH=os.environ["PATH"],
+        PYTHONPATH=str(ROOT),
+        HOME=str(tmp_path),
+        OMP_NUM_THREADS="1",
+    )
+    command = [
+        sys.executable if arg == "python" else str(run_yaml) if arg == "/config/run.yaml" else arg
+        for arg in container["command"]
+    ]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"started inference Job {n.infer_job}" in done.stderr
@@ -134,8 +144,9 @@ def test_the_handoff_role_allows_patching_that_one_job_and_nothing_else(fake, tm
     _backend().submit(p)
     n, other = (Names.of(p.experiment.name, run.run_id) for run in p.runs)
     role = fake.get("roles", NS, n.handoff)
-    assert role["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": [n.infer_job],
-                              "verbs": ["patch"]}]  # fmt: skip
+    assert role["rules"] == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": [n.infer_job], "verbs": ["patch"]}
+    ]
     batch = _account_client(fake, fake.get("jobs", NS, n.train_job), tmp_path)
     merge = {"_content_type": "application/merge-patch+json"}
     refused = [
@@ -166,8 +177,11 @@ def test_under_kueue_the_handoff_gives_inference_its_queue_label(fake, tmp_path)
     assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "t4-queue"
     assert "kueue.x-k8s.io/queue-name" not in infer["metadata"]["labels"]  # Kueue ignores it for now
     env = {e["name"]: e["value"] for e in _container(train)["env"] if "value" in e}
-    env.update(QLAUNCH_RELEASE_CREDENTIALS=str(_project_handoff_volume(fake, train, tmp_path / "handoff")),
-               KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=str(fake.port))  # fmt: skip
+    env.update(
+        QLAUNCH_RELEASE_CREDENTIALS=str(_project_handoff_volume(fake, train, tmp_path / "handoff")),
+        KUBERNETES_SERVICE_HOST="127.0.0.1",
+        KUBERNETES_SERVICE_PORT=str(fake.port),
+    )
     release(env, attempts=1)
     infer = fake.get("jobs", NS, n.infer_job)
     # Kueue, not qlaunch, resumes it once the queue admits it against quota.
@@ -217,7 +231,9 @@ def test_submit_starts_inference_of_a_completed_run(fake, tmp_path):
 def test_cancel_removes_the_handoff_objects(fake, tmp_path):
     p, k8s = _experiment(tmp_path), _backend()
     k8s.submit(p)
-    assert len(fake.list("serviceaccounts", NS)) == len(fake.list("roles", NS)) == len(fake.list("rolebindings", NS)) == 2
+    assert (
+        len(fake.list("serviceaccounts", NS)) == len(fake.list("roles", NS)) == len(fake.list("rolebindings", NS)) == 2
+    )
     k8s.cancel(p, list(p.runs))
     assert fake.list("serviceaccounts", NS) == fake.list("roles", NS) == fake.list("rolebindings", NS) == []
 
@@ -237,8 +253,12 @@ def test_a_submitter_who_may_not_create_roles_is_told_why_before_anything_is_cre
 
     def edit_role_only(resource, obj, dry_run):  # what the namespace's "edit" ClusterRole gives
         if resource in ("roles", "rolebindings"):
-            raise ApiError(403, "Forbidden", f'{resource}.rbac.authorization.k8s.io is forbidden: User '
-                                             f'"qlaunch-tester" cannot patch resource "{resource}"')
+            raise ApiError(
+                403,
+                "Forbidden",
+                f"{resource}.rbac.authorization.k8s.io is forbidden: User "
+                f'"qlaunch-tester" cannot patch resource "{resource}"',
+            )
 
     fake.admission = edit_role_only
     with pytest.raises(BackendError) as error:
@@ -256,7 +276,9 @@ def test_inference_admitted_before_training_finished_waits_for_the_adapter(tmp_p
     from training.infer import wait_for_training
 
     p = _experiment(tmp_path)
-    doc = next(d for d in run_documents(p, p.runs[0]) if d["kind"] == "Job" and d["metadata"]["name"].endswith("-infer"))
+    doc = next(
+        d for d in run_documents(p, p.runs[0]) if d["kind"] == "Job" and d["metadata"]["name"].endswith("-infer")
+    )
     env = {e["name"]: e["value"] for e in _container(doc)["env"] if "value" in e}
     paths = RunPaths.of(p.runs[0])
 

@@ -36,8 +36,10 @@ def _pod_processes(tmp_path, job: dict, config_maps: list[dict]):
     config = mount_config_map(config_maps, tmp_path / "config", CONFIG_MOUNT)
     home = tmp_path / "home"
     home.mkdir()
-    command = [str(config / arg[len(CONFIG_MOUNT) + 1:]) if arg.startswith(CONFIG_MOUNT + "/") else arg
-               for arg in container["command"]]  # fmt: skip
+    command = [
+        str(config / arg[len(CONFIG_MOUNT) + 1 :]) if arg.startswith(CONFIG_MOUNT + "/") else arg
+        for arg in container["command"]
+    ]
     if command[0] == "python":
         command[0] = sys.executable
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
@@ -46,11 +48,26 @@ def _pod_processes(tmp_path, job: dict, config_maps: list[dict]):
     for index in range(job["spec"]["completions"]):
         log = tmp_path / f"pod-{index}.log"
         # A mount namespace of its own, where /etc/hosts is the pod's: the head's name resolves.
-        processes.append((subprocess.Popen(
-            ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts), *command],
-            env={**env, "JOB_COMPLETION_INDEX": str(index)}, cwd=home,
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        ), log))  # fmt: skip
+        processes.append(
+            (
+                subprocess.Popen(
+                    [
+                        "unshare",
+                        "--mount",
+                        "sh",
+                        "-c",
+                        'mount --bind "$0" /etc/hosts && exec "$@"',
+                        str(hosts),
+                        *command,
+                    ],
+                    env={**env, "JOB_COMPLETION_INDEX": str(index)},
+                    cwd=home,
+                    stdout=open(log, "wb"),
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     return processes
 
 
@@ -59,15 +76,17 @@ def test_indexed_job_pods_rendezvous_and_train_together(tmp_path, tiny_experimen
         pytest.fail("unshare (util-linux) is needed to give each pod its own /etc/hosts")
     claim = tmp_path / "claim"
     claim.mkdir()
-    p = plan(tiny_experiment(
-        tmp_path,
-        name="knodes",
-        backend="kubernetes",
-        storage={"root": str(claim)},
-        resources={"nodes": 2, "gpus_per_node": 0, "cpus_per_task": 1, "memory": "2G"},
-        train={"max_steps": 12, "logging_steps": 1},
-        inference={"enabled": False},
-    ))  # fmt: skip
+    p = plan(
+        tiny_experiment(
+            tmp_path,
+            name="knodes",
+            backend="kubernetes",
+            storage={"root": str(claim)},
+            resources={"nodes": 2, "gpus_per_node": 0, "cpus_per_task": 1, "memory": "2G"},
+            train={"max_steps": 12, "logging_steps": 1},
+            inference={"enabled": False},
+        )
+    )
     # The local data.jsonl travels in the run's ConfigMap (qlaunch stages it): nothing to copy.
     (run,) = p.runs
     documents = run_documents(p, run)

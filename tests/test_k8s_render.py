@@ -190,7 +190,9 @@ def test_no_token_in_any_rendered_file(tmp_path, monkeypatch):
 def test_object_names_are_valid_unique_dns_labels(tmp_path):
     path = tmp_path / "grid.yaml"
     # a 40-character name that starts with a digit
-    path.write_text(textwrap.dedent(EXPERIMENTS["odd-values"]) + "resources: {nodes: 2}\ngrid:\n  lora.r: [8, 16, 32]\n")
+    path.write_text(
+        textwrap.dedent(EXPERIMENTS["odd-values"]) + "resources: {nodes: 2}\ngrid:\n  lora.r: [8, 16, 32]\n"
+    )
     p = plan(path)
     names = []
     for rendered in KubernetesBackend().render(p, tmp_path / "out"):
@@ -233,8 +235,12 @@ def test_multi_node_is_an_indexed_job_behind_a_headless_service(tmp_path):
 
 def test_jobs_survive_preemption_and_run_as_non_root(tmp_path):
     written = KubernetesBackend().render(_plan(tmp_path, "odd-values"), tmp_path / "out")
-    jobs = [d for path in sorted(written, key=lambda f: f.name == "evaluate.yaml")
-            for d in _documents(path) if d["kind"] == "Job"]  # fmt: skip
+    jobs = [
+        d
+        for path in sorted(written, key=lambda f: f.name == "evaluate.yaml")
+        for d in _documents(path)
+        if d["kind"] == "Job"
+    ]
     assert len(jobs) == 2
     for job in jobs:
         rules = job["spec"]["podFailurePolicy"]["rules"]
@@ -257,7 +263,11 @@ def test_jobs_survive_preemption_and_run_as_non_root(tmp_path):
     # Its own deadline (inference.resources.time_limit, one hour by default), not training's.
     assert (evaluate["spec"]["activeDeadlineSeconds"], train["spec"]["activeDeadlineSeconds"]) == (3600, 86400)
     assert evaluate["spec"]["template"]["spec"]["containers"][0]["command"] == [
-        "python", "-m", "training.evaluate_grid", "/config/runs.txt"]  # fmt: skip
+        "python",
+        "-m",
+        "training.evaluate_grid",
+        "/config/runs.txt",
+    ]
 
 
 def test_relative_storage_root_is_refused_with_file_and_line(tmp_path):
@@ -271,7 +281,8 @@ def test_relative_storage_root_is_refused_with_file_and_line(tmp_path):
 
 def test_invalid_cluster_values_are_named_before_anything_is_written(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         name: bad
         storage: {root: /mnt/q}
         kubernetes:
@@ -279,12 +290,17 @@ def test_invalid_cluster_values_are_named_before_anything_is_written(tmp_path):
           shm_size: 8GB
           pvc: Shared_Claim
           node_selector: {"gpu type": "t4"}
-    """))
+    """)
+    )
     with pytest.raises(ConfigError) as error:
         KubernetesBackend().submit(plan(path), dry_run=True)  # refused before any API call
     message = str(error.value)
-    for key, line in (("kubernetes.namespace", 4), ("kubernetes.shm_size", 5), ("kubernetes.pvc", 6),
-                      ("kubernetes.node_selector", 7)):  # fmt: skip
+    for key, line in (
+        ("kubernetes.namespace", 4),
+        ("kubernetes.shm_size", 5),
+        ("kubernetes.pvc", 6),
+        ("kubernetes.node_selector", 7),
+    ):
         assert f"{path.resolve()}:{line}: {key}:" in message
 
 
@@ -293,9 +309,12 @@ def test_cli_renders_kubernetes_manifests(tmp_path):
     path.write_text(textwrap.dedent(EXPERIMENTS["single-node"]))
     result = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "render", str(path), "-o", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "QLAUNCH_HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "QLAUNCH_HOME": str(tmp_path / "home")},
         timeout=120,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.yaml")) == sorted(
         p.name for p in (SNAPSHOTS / "single-node").glob("*.yaml")
@@ -314,13 +333,16 @@ def _render(tmp_path: Path, text: str) -> dict[str, dict]:
 
 
 def test_queue_name_suspends_the_training_job_under_kueue_and_priority_reaches_both_pods(tmp_path):
-    jobs = _render(tmp_path, """\
+    jobs = _render(
+        tmp_path,
+        """\
         name: queued
         backend: kubernetes
         storage: {root: /mnt/q}
         inference: {per_run: true}
         kubernetes: {queue_name: t4-queue, priority_class: qlaunch-low}
-    """)
+    """,
+    )
     train, infer = jobs["train"], jobs["infer"]
     # Kueue admits training against the queue's quota, then un-suspends it.
     assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "t4-queue"
@@ -328,20 +350,25 @@ def test_queue_name_suspends_the_training_job_under_kueue_and_priority_reaches_b
     # patch gives it the label.
     assert "kueue.x-k8s.io/queue-name" not in infer["metadata"]["labels"]
     env = {e["name"]: e.get("value") for e in train["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert json.loads(env["QLAUNCH_RELEASE_PATCH"]) == {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "t4-queue"}}}
+    assert json.loads(env["QLAUNCH_RELEASE_PATCH"]) == {
+        "metadata": {"labels": {"kueue.x-k8s.io/queue-name": "t4-queue"}}
+    }
     for job in (train, infer):
         assert job["spec"]["suspend"] is True
         assert job["spec"]["template"]["spec"]["priorityClassName"] == "qlaunch-low"
 
 
 def test_under_kueue_the_grid_evaluation_is_held_by_an_admission_gate_and_no_trainer_gets_a_token(tmp_path):
-    jobs = _render(tmp_path, """\
+    jobs = _render(
+        tmp_path,
+        """\
         name: queued
         backend: kubernetes
         storage: {root: /mnt/q}
         kubernetes: {queue_name: t4-queue, priority_class: qlaunch-low}
         grid: {lora.r: [8]}
-    """)
+    """,
+    )
     train, evaluate = jobs["train"], jobs["evaluate"]
     # Kueue 0.19 admits no Job its admission-gated-by annotation names a gate for; qlaunch
     # removes its value once every training Job has ended, and Kueue resumes the Job.
@@ -373,51 +400,68 @@ def _refused(tmp_path, text: str) -> tuple[Path, str]:
 
 
 def test_bad_queue_and_priority_class_names_are_named_with_file_and_line(tmp_path):
-    path, message = _refused(tmp_path, "name: bad\nstorage: {root: /mnt/q}\nkubernetes:\n"
-                                       "  queue_name: 'my queue'\n  priority_class: Low_Priority\n")
+    path, message = _refused(
+        tmp_path,
+        "name: bad\nstorage: {root: /mnt/q}\nkubernetes:\n  queue_name: 'my queue'\n  priority_class: Low_Priority\n",
+    )
     assert f"{path}:4: kubernetes.queue_name:" in message
     assert f"{path}:5: kubernetes.priority_class:" in message
 
 
-@pytest.mark.parametrize("label, selector", [
-    ("nvidia.com/gpu.product", {"nvidia.com/gpu.product": "Tesla-T4"}),
-    ("cloud.google.com/gke-accelerator", {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}),
-    ("example.com/gpu", {"example.com/gpu": "t4"}),  # a custom key takes gpu_type verbatim
-])
+@pytest.mark.parametrize(
+    "label, selector",
+    [
+        ("nvidia.com/gpu.product", {"nvidia.com/gpu.product": "Tesla-T4"}),
+        ("cloud.google.com/gke-accelerator", {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}),
+        ("example.com/gpu", {"example.com/gpu": "t4"}),  # a custom key takes gpu_type verbatim
+    ],
+)
 def test_gpu_type_becomes_the_value_of_the_chosen_node_label(tmp_path, label, selector):
-    jobs = _render(tmp_path, f"""\
+    jobs = _render(
+        tmp_path,
+        f"""\
         name: gpus
         backend: kubernetes
         storage: {{root: /mnt/q}}
         resources: {{gpu_type: t4}}
         kubernetes: {{gpu_node_label: {label}, node_selector: {{pool: spot}}}}
-    """)
+    """,
+    )
     for role in ("train", "evaluate"):
         assert jobs[role]["spec"]["template"]["spec"]["nodeSelector"] == {**selector, "pool": "spot"}
 
 
 def test_gpu_node_label_none_and_cpu_pods_get_no_gpu_selector(tmp_path):
-    none = _render(tmp_path / "none", """\
+    none = _render(
+        tmp_path / "none",
+        """\
         name: nolabel
         backend: kubernetes
         storage: {root: /mnt/q}
         kubernetes: {gpu_node_label: none}
-    """)
+    """,
+    )
     assert "nodeSelector" not in none["train"]["spec"]["template"]["spec"]
-    cpu = _render(tmp_path / "cpu", """\
+    cpu = _render(
+        tmp_path / "cpu",
+        """\
         name: cpu
         backend: kubernetes
         storage: {root: /mnt/q}
         resources: {gpus_per_node: 0}
         kubernetes: {node_selector: {cloud.google.com/gke-accelerator: mine}}
-    """)
+    """,
+    )
     # No GPU label is added, and the user's own entry is kept as written.
     assert cpu["train"]["spec"]["template"]["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "mine"}
 
 
 def test_unknown_gpu_type_under_a_known_label_is_one_clear_error(tmp_path):
-    path, message = _refused(tmp_path, "name: bad\nstorage: {root: /mnt/q}\nresources:\n  gpu_type: mi300\n"
-                                       "kubernetes:\n  gpu_node_label: cloud.google.com/gke-accelerator\n")
+    path, message = _refused(
+        tmp_path,
+        "name: bad\nstorage: {root: /mnt/q}\nresources:\n  gpu_type: mi300\n"
+        "kubernetes:\n  gpu_node_label: cloud.google.com/gke-accelerator\n",
+    )
     assert message.count("mi300") == 1
     assert f"{path}:4: resources.gpu_type:" in message
     assert f"{path}:6: kubernetes.gpu_node_label" in message

@@ -156,8 +156,10 @@ def test_small_files_travel_in_the_config_map_without_a_pod(cluster, tmp_path):
     write_dataset(folder / "train.jsonl", size=20_000)
     (folder / "prompts.txt").write_bytes("Caf\xe9 au lait?\n".encode("latin-1"))  # not UTF-8
     path = folder / "small.yaml"
-    path.write_text("name: small\nbackend: kubernetes\nstorage: {root: /mnt/qlaunch}\nkubernetes: {namespace: ml-team}\n"
-                    "dataset: {path: train.jsonl}\ninference: {prompts_file: prompts.txt}\n")  # fmt: skip
+    path.write_text(
+        "name: small\nbackend: kubernetes\nstorage: {root: /mnt/qlaunch}\nkubernetes: {namespace: ml-team}\n"
+        "dataset: {path: train.jsonl}\ninference: {prompts_file: prompts.txt}\n"
+    )
     p = plan(path)
     backend().submit(p)
     assert not kubelet.execs and not [r for r in server.requests if "/pods/" in r["path"] and r["method"] == "PATCH"]
@@ -184,19 +186,23 @@ def test_rendered_objects_with_staged_files_and_the_staging_pod_are_valid(experi
     job = next(d for d in docs if d["kind"] == "Job")
     # The staging pod writes as the same user the Jobs read as, on the same claim and mount.
     assert staging["spec"]["securityContext"] == job["spec"]["template"]["spec"]["securityContext"]
-    assert staging["spec"]["volumes"] == [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "storage"]
+    assert staging["spec"]["volumes"] == [
+        v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "storage"
+    ]
     assert "nodeSelector" not in staging["spec"] and staging["spec"]["activeDeadlineSeconds"] > 0
     # The copies are where run.yaml says: the Jobs mount the run's ConfigMap and each data
     # file's ConfigMap as one projected volume at /config.
-    config = load_yaml(next(d for d in docs if d["kind"] == "ConfigMap" and "run.yaml" in d.get("data", {}))
-                       ["data"]["run.yaml"])  # fmt: skip
+    config = load_yaml(
+        next(d for d in docs if d["kind"] == "ConfigMap" and "run.yaml" in d.get("data", {}))["data"]["run.yaml"]
+    )
     mounts = job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
     assert {"name": "config", "mountPath": "/config", "readOnly": True} in mounts
     key = config["inference"]["eval_file"].removeprefix("/config/")
     assert key.startswith("data-")
     (volume,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
     assert {"configMap": {"name": Names.data(p.experiment.name, key), "items": [{"key": key, "path": key}]}} in (
-        volume["projected"]["sources"])  # fmt: skip
+        volume["projected"]["sources"]
+    )
 
 
 def test_dry_run_says_what_would_be_staged_and_stages_nothing(cluster, experiment):
@@ -223,11 +229,14 @@ def _no_sha256sum(argv: list[str]) -> list[str]:
     return ["sh", "-c", 'echo "sh: 1: sha256sum: not found" >&2; exit 127'] if "qlaunch-stage" in argv else argv
 
 
-@pytest.mark.parametrize("rewrite, expected", [
-    (_sha_flipped, "exit code 3): the claim received bytes with sha256"),
-    (_claim_read_only, "exit code 1): mkdir: cannot create directory: Read-only file system"),
-    (_no_sha256sum, "exit code 127): sh: 1: sha256sum: not found"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "rewrite, expected",
+    [
+        (_sha_flipped, "exit code 3): the claim received bytes with sha256"),
+        (_claim_read_only, "exit code 1): mkdir: cannot create directory: Read-only file system"),
+        (_no_sha256sum, "exit code 127): sh: 1: sha256sum: not found"),
+    ],
+)
 def test_a_failed_upload_is_one_clear_error_and_submits_nothing(cluster, experiment, rewrite, expected):
     server, kubelet, claim = cluster
     path, _ = experiment
@@ -269,8 +278,14 @@ def test_an_api_server_speaking_only_v4_exec_gets_the_file_too(cluster, experime
 def test_cli_submit_stages_the_file_and_shows_it(cluster, experiment):
     server, kubelet, claim = cluster
     path, data = experiment
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "submit", str(path), "--skip-preflight"],
-                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "submit", str(path), "--skip-preflight"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ),
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "staged onto claim qlaunch-storage" in result.stderr and "train.jsonl" in result.stderr
     assert len(uploads(kubelet)) == 1 and len(server.list("jobs", NS)) == 3  # 2 trainings, 1 grid evaluation

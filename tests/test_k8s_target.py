@@ -32,18 +32,27 @@ def test_without_a_kubeconfig_the_tests_use_the_fake_server():
 def test_the_settings_a_real_cluster_run_reads(tmp_path):
     config = tmp_path / "config"
     config.write_text("{}")
-    settings = settings_from_env({"QLAUNCH_TEST_KUBECONFIG": str(config), "QLAUNCH_TEST_NAMESPACE": NS,
-                                  "QLAUNCH_TEST_IMAGE": "qlaunch-train:cpu-test", "QLAUNCH_TEST_GPU": "1",
-                                  "QLAUNCH_TEST_TIMEOUT": "90"})  # fmt: skip
+    settings = settings_from_env(
+        {
+            "QLAUNCH_TEST_KUBECONFIG": str(config),
+            "QLAUNCH_TEST_NAMESPACE": NS,
+            "QLAUNCH_TEST_IMAGE": "qlaunch-train:cpu-test",
+            "QLAUNCH_TEST_GPU": "1",
+            "QLAUNCH_TEST_TIMEOUT": "90",
+        }
+    )
     assert settings == RealSettings(config, NS, "qlaunch-storage", "qlaunch-train:cpu-test", True, 90.0)
     bare = settings_from_env({"QLAUNCH_TEST_KUBECONFIG": str(config), "QLAUNCH_TEST_NAMESPACE": NS})
     assert (bare.image, bare.gpu, bare.pvc) == (None, False, "qlaunch-storage")
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"QLAUNCH_TEST_NAMESPACE": ""}, "is set but QLAUNCH_TEST_NAMESPACE is not"),
-    ({"QLAUNCH_TEST_NAMESPACE": NS, "QLAUNCH_TEST_TIMEOUT": "ten"}, "QLAUNCH_TEST_TIMEOUT='ten': not a number"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"QLAUNCH_TEST_NAMESPACE": ""}, "is set but QLAUNCH_TEST_NAMESPACE is not"),
+        ({"QLAUNCH_TEST_NAMESPACE": NS, "QLAUNCH_TEST_TIMEOUT": "ten"}, "QLAUNCH_TEST_TIMEOUT='ten': not a number"),
+    ],
+)
 def test_incomplete_real_cluster_settings_are_one_clear_error(tmp_path, env, expected):
     config = tmp_path / "config"
     config.write_text("{}")
@@ -59,8 +68,14 @@ def test_the_cluster_tests_stop_at_once_on_a_kubeconfig_without_a_namespace(tmp_
     config.write_text("{}")
     env = {**os.environ, "QLAUNCH_TEST_KUBECONFIG": str(config)}
     env.pop("QLAUNCH_TEST_NAMESPACE", None)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_k8s_cluster.py"],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_k8s_cluster.py"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == pytest.ExitCode.USAGE_ERROR, output
     assert output.count("is set but QLAUNCH_TEST_NAMESPACE is not") == 1
@@ -133,8 +148,9 @@ class SimulatedCluster(Controller):
             return
         resumed = self.checkpoints.get(name)
         attempt = len(self.server.pods_of(NS, name))
-        self.server.log(NS, pod, progress("start", resumed or 0, total_steps=self.max_steps, attempt=attempt,
-                                          resumed_from=resumed))  # fmt: skip
+        self.server.log(
+            NS, pod, progress("start", resumed or 0, total_steps=self.max_steps, attempt=attempt, resumed_from=resumed)
+        )
         self.steps[pod] = resumed or 0
 
     def step(self):
@@ -147,8 +163,12 @@ class SimulatedCluster(Controller):
             job = current["metadata"]["ownerReferences"][0]["name"]
             if any(c["type"] == "DisruptionTarget" for c in current["status"]["conditions"]):
                 self.checkpoints[job] = step
-                self.server.log(NS, pod, progress("checkpoint", step, path=f"checkpoint-{step}"),
-                                progress("preempted", step, signal="SIGTERM"))  # fmt: skip
+                self.server.log(
+                    NS,
+                    pod,
+                    progress("checkpoint", step, path=f"checkpoint-{step}"),
+                    progress("preempted", step, signal="SIGTERM"),
+                )
                 self.server.finish_pod(NS, pod, exit_code=75)
             elif step < self.max_steps:
                 self.steps[pod] = step + 1
@@ -166,8 +186,13 @@ def stand_in(request, tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "not-this-one"))
     controller = getattr(request, "param", Controller)(server)
     controller.start()
-    settings = RealSettings(server.write_kubeconfig(tmp_path / "real-kubeconfig"), NS, image="qlaunch-train:cpu-test",
-                            timeout=15.0, poll=0.05)  # fmt: skip
+    settings = RealSettings(
+        server.write_kubeconfig(tmp_path / "real-kubeconfig"),
+        NS,
+        image="qlaunch-train:cpu-test",
+        timeout=15.0,
+        poll=0.05,
+    )
     yield server, RealTarget(settings)
     controller.stopped.set()
     controller.join()
@@ -206,20 +231,26 @@ def test_real_target_drives_a_run_through_a_preemption(stand_in, tmp_path):
     assert "nvidia.com/gpu" not in str(rendered["containers"][0]["resources"]) and "nodeSelector" not in rendered
 
     first = target.pod_running(job)
-    server.log(NS, first, progress("start", 0, total_steps=40, attempt=1, resumed_from=None), progress("step", 1, loss=2.0))
+    server.log(
+        NS, first, progress("start", 0, total_steps=40, attempt=1, resumed_from=None), progress("step", 1, loss=2.0)
+    )
     assert target.trainer_starts(first) == 1
     server.log(NS, first, progress("step", 2, loss=1.9))
     assert target.trainer_steps_on(first, 1) == '"step": 2, '
 
     target.preempt(first)  # POST .../pods/<name>/eviction
-    condition = next(c for c in server.get("pods", NS, first)["status"]["conditions"] if c["type"] == "DisruptionTarget")
+    condition = next(
+        c for c in server.get("pods", NS, first)["status"]["conditions"] if c["type"] == "DisruptionTarget"
+    )
     assert condition["reason"] == "EvictionByEvictionAPI"
     server.log(NS, first, progress("preempted", 2, signal="SIGTERM"))
     server.finish_pod(NS, first, exit_code=75)
     target.trainer_stops(first)
     second = target.replacement_pod(job, first)
     assert target.pod_running(job, second) == second
-    server.log(NS, second, progress("start", 2, total_steps=40, attempt=2, resumed_from=2), progress("step", 3, loss=1.8))
+    server.log(
+        NS, second, progress("start", 2, total_steps=40, attempt=2, resumed_from=2), progress("step", 3, loss=1.8)
+    )
     assert target.trainer_resumes(second, None) == (2, 3)
     server.finish_pod(NS, second)
     target.trainer_finishes(job, second)
@@ -231,12 +262,24 @@ def test_real_target_drives_a_run_through_a_preemption(stand_in, tmp_path):
 
 def _cluster_tests_in_real_mode(target: RealTarget, **env: str) -> str:
     """tests/test_k8s_cluster.py run as a user with a cluster runs it; its output."""
-    env = {**os.environ, "QLAUNCH_TEST_KUBECONFIG": str(target.settings.kubeconfig), "QLAUNCH_TEST_NAMESPACE": NS,
-           "QLAUNCH_TEST_TIMEOUT": "30", "QLAUNCH_TEST_POLL": "0.05", **env}  # fmt: skip
+    env = {
+        **os.environ,
+        "QLAUNCH_TEST_KUBECONFIG": str(target.settings.kubeconfig),
+        "QLAUNCH_TEST_NAMESPACE": NS,
+        "QLAUNCH_TEST_TIMEOUT": "30",
+        "QLAUNCH_TEST_POLL": "0.05",
+        **env,
+    }
     for key in [k for k, v in env.items() if v == ""]:
         del env[key]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_k8s_cluster.py"],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_k8s_cluster.py"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     return output
@@ -281,7 +324,9 @@ def test_an_image_the_nodes_cannot_pull_fails_at_once_naming_it(stand_in, tmp_pa
     pod = server.start_pod(NS, job)
     with server.cond:
         status = server.store[("pods", NS, pod)]["status"]["containerStatuses"][0]
-        status["state"] = {"waiting": {"reason": "ErrImageNeverPull", "message": "image not present with pull policy of Never"}}
+        status["state"] = {
+            "waiting": {"reason": "ErrImageNeverPull", "message": "image not present with pull policy of Never"}
+        }
     with pytest.raises(TargetError) as error:
         target.pod_running(job)  # not after QLAUNCH_TEST_TIMEOUT: at once
     assert "ErrImageNeverPull" in str(error.value) and "'qlaunch-train:cpu-test'" in str(error.value)

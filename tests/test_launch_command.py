@@ -17,7 +17,9 @@ from training import launch
 
 def _plan(tmp_path: Path, backend: str, resources: str, train: str = "{}"):
     path = tmp_path / "exp.yaml"
-    path.write_text(f"name: mn\nbackend: {backend}\nstorage: {{root: /mnt/q}}\nresources: {resources}\ntrain: {train}\n")
+    path.write_text(
+        f"name: mn\nbackend: {backend}\nstorage: {{root: /mnt/q}}\nresources: {resources}\ntrain: {train}\n"
+    )
     return plan(path)
 
 

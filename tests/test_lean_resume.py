@@ -17,8 +17,13 @@ from launcher.job.storage import RunPaths
 pytestmark = pytest.mark.slow
 
 STEPS = 16
-LEAN = {"use_liger_kernel": True, "activation_offloading": "sync", "expandable_segments": True,
-        "gradient_checkpointing": True, "packing": True}
+LEAN = {
+    "use_liger_kernel": True,
+    "activation_offloading": "sync",
+    "expandable_segments": True,
+    "gradient_checkpointing": True,
+    "packing": True,
+}
 LEAN_RUN = {"train": {"max_steps": STEPS, "save_steps": 1000, "logging_steps": 1, **LEAN}}
 
 
@@ -54,7 +59,9 @@ def test_a_preempted_lean_run_resumes_to_the_same_adapter(tmp_path, tiny_plan):
     assert metrics["global_step"] == reference["global_step"] == STEPS
     assert metrics["resumed_from"] == stopped_at
     assert metrics["train_tokens"] == reference["train_tokens"]
-    resumed, uninterrupted = (load_file(p.adapter / "adapter_model.safetensors") for p in (paths, RunPaths.of(straight)))
+    resumed, uninterrupted = (
+        load_file(p.adapter / "adapter_model.safetensors") for p in (paths, RunPaths.of(straight))
+    )
     assert resumed.keys() == uninterrupted.keys()
     for name in uninterrupted:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-4, atol=1e-6)

@@ -7,8 +7,14 @@ from launcher.job.ledger import build, lost_attempt
 
 
 def start(t, step=0, resumed=None, launched=None, attempt=1):
-    return {"event": "start", "time": t, "step": step, "resumed_from": resumed, "attempt": attempt,
-            "launched_at": launched if launched is not None else t}  # fmt: skip
+    return {
+        "event": "start",
+        "time": t,
+        "step": step,
+        "resumed_from": resumed,
+        "attempt": attempt,
+        "launched_at": launched if launched is not None else t,
+    }
 
 
 def step(t, s):
@@ -29,8 +35,13 @@ def test_a_clean_run_is_one_completed_attempt():
 
 def test_a_preemption_that_checkpointed_redoes_nothing_but_costs_the_restart():
     events = [
-        start(100), step(110, 5), checkpoint(111, 7), {"event": "preempted", "time": 111, "step": 7, "signal": "SIGTERM"},
-        start(150, step=7, resumed=7, launched=140, attempt=2), step(160, 10), {"event": "end", "time": 161, "step": 10},
+        start(100),
+        step(110, 5),
+        checkpoint(111, 7),
+        {"event": "preempted", "time": 111, "step": 7, "signal": "SIGTERM"},
+        start(150, step=7, resumed=7, launched=140, attempt=2),
+        step(160, 10),
+        {"event": "end", "time": 161, "step": 10},
     ]
     ledger = build(events)
     first, second = ledger.attempts
@@ -42,10 +53,16 @@ def test_a_preemption_that_checkpointed_redoes_nothing_but_costs_the_restart():
 
 def test_a_kill_redoes_the_steps_since_the_last_checkpoint():
     events = [
-        start(100), step(110, 4), checkpoint(112, 4), step(120, 8), step(130, 9),
+        start(100),
+        step(110, 4),
+        checkpoint(112, 4),
+        step(120, 8),
+        step(130, 9),
         # what the trainer writes on the next start, about the attempt that vanished
         {"event": "killed", "time": 200, "step": 9, "attempt": 1, "last_time": 130},
-        start(210, step=4, resumed=4, launched=200, attempt=2), step(220, 10), {"event": "end", "time": 221, "step": 10},
+        start(210, step=4, resumed=4, launched=200, attempt=2),
+        step(220, 10),
+        {"event": "end", "time": 221, "step": 10},
     ]
     ledger = build(events)
     killed = ledger.attempts[0]
@@ -57,7 +74,12 @@ def test_a_kill_redoes_the_steps_since_the_last_checkpoint():
 
 def test_a_missing_end_event_followed_by_a_start_is_inferred_killed():
     # Pod logs of a killed pod, then the next pod's (a trainer without the killed event).
-    events = [start(100), step(110, 3), start(150, step=0, resumed=None, attempt=2), {"event": "end", "time": 170, "step": 6}]
+    events = [
+        start(100),
+        step(110, 3),
+        start(150, step=0, resumed=None, attempt=2),
+        {"event": "end", "time": 170, "step": 6},
+    ]
     ledger = build(events)
     assert [a.outcome for a in ledger.attempts] == ["killed", "completed"]
     assert ledger.attempts[0].steps_redone == 3  # no checkpoint: all of it again
@@ -65,7 +87,10 @@ def test_a_missing_end_event_followed_by_a_start_is_inferred_killed():
 
 def test_the_trainer_finds_the_attempt_that_ended_without_a_word():
     assert lost_attempt([start(100), step(110, 3), checkpoint(111, 3), step(120, 6)]) == {
-        "step": 6, "attempt": 1, "last_time": 120}  # fmt: skip
+        "step": 6,
+        "attempt": 1,
+        "last_time": 120,
+    }
     assert lost_attempt([start(100), step(110, 3), {"event": "preempted", "time": 111, "step": 3}]) is None
     assert lost_attempt([]) is None
 
@@ -79,7 +104,9 @@ def test_the_last_attempt_is_running_unless_the_scheduler_says_nothing_runs():
 
 def test_a_failure_and_a_signal_before_training_began():
     events = [
-        start(100), step(110, 2), {"event": "error", "time": 111, "step": 0, "message": "CUDA out of memory"},
+        start(100),
+        step(110, 2),
+        {"event": "error", "time": 111, "step": 0, "message": "CUDA out of memory"},
         {"event": "preempted", "time": 130, "step": 0, "signal": "SIGTERM", "launched_at": 120},
     ]
     failed, stopped = build(events).attempts

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slow
 
 def qlaunch(*args, home, **kwargs):
     env = {**os.environ, "QLAUNCH_HOME": str(home), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=900, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=env, timeout=900, **kwargs
+    )
 
 
 def test_run_trains_the_grid_then_infers_and_never_retrains(tiny_experiment, tmp_path):
@@ -65,8 +66,13 @@ def test_ctrl_c_checkpoints_and_the_next_run_resumes(tiny_experiment, tmp_path):
     (run,) = plan(path).runs
     paths = RunPaths.of(run)
     env = {**os.environ, "QLAUNCH_HOME": str(tmp_path / "home")}
-    process = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(path)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "run", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 600
     while summarize(read_events(paths.progress)).step < 5:
         assert process.poll() is None, process.stdout.read()
@@ -99,8 +105,13 @@ def test_cancel_stops_a_running_run(tiny_experiment, tmp_path):
     paths = RunPaths.of(run)
     home = tmp_path / "home"
     env = {**os.environ, "QLAUNCH_HOME": str(home)}
-    process = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(path)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "run", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 600
     while summarize(read_events(paths.progress)).step < 2:
         assert process.poll() is None, process.stdout.read()

@@ -1,5 +1,6 @@
 """The admin-applied YAML in manifests/: core kinds pass kubernetes-validate --strict; the CRD
 kinds (Kueue, kind's config) have no schema there, so they are parsed and their kind checked."""
+
 from pathlib import Path
 
 import kubernetes_validate
@@ -13,9 +14,11 @@ NOT_IN_SCHEMA = {"kueue.x-k8s.io/v1beta1", "kind.x-k8s.io/v1alpha4"}
 EXPECTED = {
     "storage.yaml": [("v1", "Namespace"), ("v1", "PersistentVolumeClaim")],
     "priority.yaml": [("scheduling.k8s.io/v1", "PriorityClass")] * 2,
-    "kueue-t4.yaml": [("kueue.x-k8s.io/v1beta1", "ResourceFlavor"),
-                      ("kueue.x-k8s.io/v1beta1", "ClusterQueue"),
-                      ("kueue.x-k8s.io/v1beta1", "LocalQueue")],
+    "kueue-t4.yaml": [
+        ("kueue.x-k8s.io/v1beta1", "ResourceFlavor"),
+        ("kueue.x-k8s.io/v1beta1", "ClusterQueue"),
+        ("kueue.x-k8s.io/v1beta1", "LocalQueue"),
+    ],
     "kind-test-cluster.yaml": [("kind.x-k8s.io/v1alpha4", "Cluster")],
     "kind-test-storage.yaml": [("v1", "Namespace"), ("v1", "PersistentVolume"), ("v1", "PersistentVolumeClaim")],
 }

@@ -82,7 +82,9 @@ def uninterrupted(tmp_path_factory, tiny_plan):
     folder = tmp_path_factory.mktemp("ddp-uninterrupted")
     run = tiny_plan(folder, **DDP).runs[0]
     log = folder / "train.log"
-    assert run_job("training.launch", RunPaths.of(run).config, "--processes", str(PROCESSES), log=log, cwd=folder) == 0, tail(log)
+    assert (
+        run_job("training.launch", RunPaths.of(run).config, "--processes", str(PROCESSES), log=log, cwd=folder) == 0
+    ), tail(log)
     return run
 
 
@@ -138,7 +140,9 @@ def test_a_rank_killed_brings_the_other_down(tmp_path, tiny_plan):
     log = tmp_path / "train.log"
     job = launch(run, log, tmp_path)
     wait_until(lambda: len(events(run, "step")) >= 2 or job.poll() is not None, 300, "step 2")
-    ranks = wait_until(lambda: (lambda r: r if len(r) == PROCESSES else None)(worker_pids(paths.config)), 30, "both ranks")
+    ranks = wait_until(
+        lambda: (lambda r: r if len(r) == PROCESSES else None)(worker_pids(paths.config)), 30, "both ranks"
+    )
     os.kill(ranks[1], signal.SIGKILL)
     killed = time.monotonic()
     code = job.wait(timeout=120)  # torchrun's agent stops the survivor; bounded, never a hang

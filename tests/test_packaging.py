@@ -22,8 +22,10 @@ def tracked_files(folder: str) -> list[str]:
 def test_wheel_carries_templates_and_examples_and_uses_them(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     (wheel,) = (tmp_path / "dist").glob("qlaunch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder in ("slurm", "examples"):
@@ -34,12 +36,19 @@ def test_wheel_carries_templates_and_examples_and_uses_them(tmp_path):
     assert not any("qlaunch-runs" in n for n in names)
 
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, timeout=600)  # fmt: skip
-    probe = (
-        "import launcher.templates as t; "
-        "print(t.data_dir('slurm')); print(t.data_dir('examples'))"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(site)}, check=True).stdout.split()  # fmt: skip
+    probe = "import launcher.templates as t; print(t.data_dir('slurm')); print(t.data_dir('examples'))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        check=True,
+    ).stdout.split()
     assert all(line.startswith(str(site / "launcher" / "_data")) for line in out), out

@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_positions_restart_and_boundaries_are_not_scored():
     collate = PackedRowsCollator(pad_token_id=0, pad_to_multiple_of=8)
-    batch = collate([
-        {"input_ids": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},
-        {"input_ids": [11, 12, 13], "seq_lengths": [3]},
-    ])
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},
+            {"input_ids": [11, 12, 13], "seq_lengths": [3]},
+        ]
+    )
     assert batch["input_ids"].shape == (2, 8)
     assert "attention_mask" not in batch  # a mask would turn off per-example attention
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
@@ -75,8 +77,9 @@ def test_packed_logits_and_loss_equal_unpacked_on_real_text(smollm2):
     batch = PackedRowsCollator(tokenizer.pad_token_id)(rows)
 
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    labels=batch["labels"], use_cache=False)
+        out = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False
+        )
         leaky = model(input_ids=batch["input_ids"], use_cache=False).logits  # one causal row each
 
         alone_loss_sum = alone_tokens = 0.0
@@ -105,11 +108,13 @@ def test_packed_run_trains_through_the_entrypoint(tmp_path, tiny_plan):
 
     from launcher.job.storage import RunPaths, read_json
 
-    (run,) = tiny_plan(tmp_path, train={"packing": True, "max_steps": 3, "max_seq_length": 128,
-                                        "group_by_length": False}).runs
+    (run,) = tiny_plan(
+        tmp_path, train={"packing": True, "max_steps": 3, "max_seq_length": 128, "group_by_length": False}
+    ).runs
     paths = RunPaths.of(run)
-    done = subprocess.run([sys.executable, "-m", "training.sft", str(paths.config)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "training.sft", str(paths.config)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "each example attending only to itself" in done.stdout
     metrics = read_json(paths.metrics)

@@ -37,8 +37,9 @@ def test_preflight_counts_the_flattened_row(tiny_plan, tmp_path):
 
     (default,) = tiny_plan(tmp_path / "a", train={"per_device_train_batch_size": 4, "max_seq_length": 1024}).runs
     assert step_shape(default) == step_shape(default).__class__(4096, 4096, 1, True, flattened=True)
-    (padded,) = tiny_plan(tmp_path / "b", train={"per_device_train_batch_size": 4, "max_seq_length": 1024,
-                                                 "padding_free": False}).runs
+    (padded,) = tiny_plan(
+        tmp_path / "b", train={"per_device_train_batch_size": 4, "max_seq_length": 1024, "padding_free": False}
+    ).runs
     assert step_shape(padded).rows == 4 and not step_shape(padded).flattened
     (large,) = tiny_plan(tmp_path / "c", train={"per_device_train_batch_size": 64, "max_seq_length": 1024}).runs
     assert step_shape(large).rows == 64  # auto stays off: padded rows
@@ -89,10 +90,15 @@ def test_flat_row_loss_and_logits_equal_the_padded_batch(tiny_model):
     examples = [{"input_ids": torch.randint(3, 400, (n,), generator=generator).tolist()} for n in lengths]
     flat, padded = flat_and_padded(examples)
     with torch.no_grad():
-        out_flat = tiny_model(input_ids=flat["input_ids"], position_ids=flat["position_ids"],
-                              labels=flat["labels"], use_cache=False)
-        out_pad = tiny_model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
-                             labels=padded["labels"], use_cache=False)
+        out_flat = tiny_model(
+            input_ids=flat["input_ids"], position_ids=flat["position_ids"], labels=flat["labels"], use_cache=False
+        )
+        out_pad = tiny_model(
+            input_ids=padded["input_ids"],
+            attention_mask=padded["attention_mask"],
+            labels=padded["labels"],
+            use_cache=False,
+        )
         at = 0
         for row, n in enumerate(lengths):
             # every example's logits (hence its per-token and per-example loss) are its padded row's
@@ -102,8 +108,9 @@ def test_flat_row_loss_and_logits_equal_the_padded_batch(tiny_model):
         changed = flat["input_ids"].clone()
         changed[0, : lengths[0]] = torch.randint(3, 400, (lengths[0],), generator=generator)
         out_changed = tiny_model(input_ids=changed, position_ids=flat["position_ids"], use_cache=False)
-        torch.testing.assert_close(out_changed.logits[0, lengths[0] :], out_flat.logits[0, lengths[0] :],
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            out_changed.logits[0, lengths[0] :], out_flat.logits[0, lengths[0] :], atol=1e-6, rtol=1e-5
+        )
         assert (out_changed.logits[0, : lengths[0]] - out_flat.logits[0, : lengths[0]]).abs().max() > 1e-3
     # the batch loss (mean over scored tokens) is the padded batch's
     assert out_flat.loss.item() == pytest.approx(out_pad.loss.item(), rel=1e-5)
@@ -113,12 +120,20 @@ def train(tmp_path: Path, tiny_plan, padding_free) -> tuple[list[list[int]], lis
     from launcher.job.progress import read_events
     from launcher.job.storage import RunPaths
 
-    (run,) = tiny_plan(tmp_path, train={"max_steps": 4, "padding_free": padding_free, "group_by_length": True,
-                                        "per_device_train_batch_size": 3}).runs
+    (run,) = tiny_plan(
+        tmp_path,
+        train={"max_steps": 4, "padding_free": padding_free, "group_by_length": True, "per_device_train_batch_size": 3},
+    ).runs
     paths = RunPaths.of(run)
     env = {**os.environ, "QLAUNCH_RECORD_EXAMPLES": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "training.sft", str(paths.config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "training.sft", str(paths.config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     record = [json.loads(line) for line in (paths.root / "examples-per-step.jsonl").read_text().splitlines()]
     steps = [line["examples"] for line in record if "step" in line]

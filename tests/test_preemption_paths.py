@@ -80,11 +80,14 @@ def fake(tmp_path, monkeypatch):
     server.stop()
 
 
-def test_kubernetes_pod_command_checkpoints_on_sigterm_to_pid_1_and_its_replacement_resumes(tmp_path, tiny_experiment, fake):
+def test_kubernetes_pod_command_checkpoints_on_sigterm_to_pid_1_and_its_replacement_resumes(
+    tmp_path, tiny_experiment, fake
+):
     # storage.root stands for the claim: the pod's paths are real paths on this machine.
     storage = tmp_path / "claim"
-    path = tiny_experiment(tmp_path / "exp", backend="kubernetes", storage={"root": str(storage)},
-                           inference={"enabled": False}, **LONG_RUN)  # fmt: skip
+    path = tiny_experiment(
+        tmp_path / "exp", backend="kubernetes", storage={"root": str(storage)}, inference={"enabled": False}, **LONG_RUN
+    )
     p = plan(path)
     (run,) = p.runs
     KubernetesBackend(poll_seconds=0.05).submit(p)
@@ -101,8 +104,14 @@ def test_kubernetes_pod_command_checkpoints_on_sigterm_to_pid_1_and_its_replacem
 
     def start_pod(log: Path) -> subprocess.Popen:
         # PID 1 of its container: the leader of its own process group.
-        return subprocess.Popen(command, cwd=tmp_path, env=job_env(), stdout=log.open("ab"),
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=job_env(),
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     log = tmp_path / "pod-0.log"
     first = start_pod(log)
@@ -122,6 +131,9 @@ def test_kubernetes_pod_command_checkpoints_on_sigterm_to_pid_1_and_its_replacem
 
 
 def pod_failure_exit_codes(job: dict) -> list[int]:
-    return [code for rule in job["spec"]["podFailurePolicy"]["rules"] if rule["action"] == "Ignore"
-            for code in rule.get("onExitCodes", {}).get("values", [])]  # fmt: skip
-
+    return [
+        code
+        for rule in job["spec"]["podFailurePolicy"]["rules"]
+        if rule["action"] == "Ignore"
+        for code in rule.get("onExitCodes", {}).get("values", [])
+    ]

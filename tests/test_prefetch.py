@@ -31,13 +31,18 @@ def rows_file(rows) -> bytes:
 
 def publish_fake_model(hub: FakeHub, **kwargs) -> str:
     """A model repo the way Llama-2 repos look: configs, tokenizer, and two weight formats."""
-    return hub.commit("model", MODEL, {
-        "config.json": b'{"model_type": "llama"}',
-        "tokenizer.json": b'{"version": "1.0"}',
-        "README.md": b"# tiny\n",
-        "model.safetensors": os.urandom(40_000),  # large: served through the CDN redirect
-        "pytorch_model.bin": os.urandom(40_000),  # the other format: never downloaded
-    }, **kwargs)  # fmt: skip
+    return hub.commit(
+        "model",
+        MODEL,
+        {
+            "config.json": b'{"model_type": "llama"}',
+            "tokenizer.json": b'{"version": "1.0"}',
+            "README.md": b"# tiny\n",
+            "model.safetensors": os.urandom(40_000),  # large: served through the CDN redirect
+            "pytorch_model.bin": os.urandom(40_000),  # the other format: never downloaded
+        },
+        **kwargs,
+    )
 
 
 def publish_data(hub: FakeHub, rows=ROWS) -> str:
@@ -70,16 +75,19 @@ def write_experiment(folder: Path, **sections) -> Path:
 
 def qlaunch(hub_endpoint: str, folder: Path, *args: str, token: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update({
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "HF_ENDPOINT": hub_endpoint,
-        "HF_HOME": str(folder / "user-hf-home"),  # no stored login of this machine's user
-        "QLAUNCH_HOME": str(folder / "qlaunch-home"),
-        "OMP_NUM_THREADS": "1",
-        **({"HF_TOKEN": token} if token else {}),
-    })  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=folder, timeout=900)  # fmt: skip
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "HF_ENDPOINT": hub_endpoint,
+            "HF_HOME": str(folder / "user-hf-home"),  # no stored login of this machine's user
+            "QLAUNCH_HOME": str(folder / "qlaunch-home"),
+            "OMP_NUM_THREADS": "1",
+            **({"HF_TOKEN": token} if token else {}),
+        }
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=env, cwd=folder, timeout=900
+    )
 
 
 def test_one_download_for_a_grid_pinned_for_every_run(hub, tmp_path):
@@ -101,7 +109,12 @@ def test_one_download_for_a_grid_pinned_for_every_run(hub, tmp_path):
     assert {(p["repo_id"], p["revision"]) for p in pins.values()} == {(MODEL, model_sha), (DATA, data_sha)}
     cache = tmp_path / "runs" / ".cache" / "huggingface" / "hub"
     snapshot = cache / f"models--{MODEL.replace('/', '--')}" / "snapshots" / model_sha
-    assert sorted(p.name for p in snapshot.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in snapshot.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     # Pinning is execution detail of the same runs: the ids the file always had.
     pinned = [pinned_run(run, pins) for run in plan(experiment).runs]
     assert [run.run_id for run in pinned] == ids
@@ -209,12 +222,20 @@ def test_missing_cached_file_is_one_clear_error_at_job_start(hub, tmp_path):
     write_run_config(run)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    job = subprocess.run([sys.executable, "-m", "training.sft", str(RunPaths.of(run).config)],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    job = subprocess.run(
+        [sys.executable, "-m", "training.sft", str(RunPaths.of(run).config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert job.returncode == 2, job.stderr
     error = " ".join(job.stderr.split())
-    assert (f"error: model.name_or_path: {MODEL} at revision {model_sha}: file 'model.safetensors' is not in "
-            f"the hub cache {cache}") in error  # fmt: skip
+    assert (
+        f"error: model.name_or_path: {MODEL} at revision {model_sha}: file 'model.safetensors' is not in "
+        f"the hub cache {cache}"
+    ) in error
     assert "qlaunch prefetch" in error and "Traceback" not in job.stderr
     (event,) = [e for e in read_events(RunPaths.of(run).progress) if e["event"] == "error"]
     assert "model.safetensors" in event["message"]
@@ -233,10 +254,16 @@ def test_network_cut_job_trains_offline_on_the_pinned_revision(hub, tmp_path, ti
     experiment = write_experiment(
         tmp_path,
         grid={},
-        train={"max_steps": 4, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 2,
-               "max_seq_length": 64, "gradient_checkpointing": False},
+        train={
+            "max_steps": 4,
+            "per_device_train_batch_size": 2,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "max_seq_length": 64,
+            "gradient_checkpointing": False,
+        },
         inference={"prompts": ["What comes after 3?"], "max_new_tokens": 4},
-    )  # fmt: skip
+    )
     (run,) = plan(experiment).runs
     assert qlaunch(hub.endpoint, tmp_path, "prefetch", str(experiment), token=TOKEN).returncode == 0
     publish_data(hub, ROWS[:2])  # main moves on after the pin
@@ -261,8 +288,10 @@ def test_slurm_script_of_a_prefetched_run_runs_offline_from_the_shared_cache(tmp
 
     experiment = write_experiment(tmp_path, backend="slurm", grid={})
     (run,) = plan(experiment).runs
-    pins = {f"model:{MODEL}@main": {"revision": "a" * 40, "files": ["config.json"]},
-            f"dataset:{DATA}@main": {"revision": "b" * 40, "files": ["data/train.jsonl"]}}  # fmt: skip
+    pins = {
+        f"model:{MODEL}@main": {"revision": "a" * 40, "files": ["config.json"]},
+        f"dataset:{DATA}@main": {"revision": "b" * 40, "files": ["data/train.jsonl"]},
+    }
     script = render_run(pinned_run(run, pins)).train
     assert f"export HF_HOME={tmp_path / 'runs' / '.cache' / 'huggingface'}\n" in script
     assert "export HF_HUB_OFFLINE=1\n" in script and "export HF_DATASETS_OFFLINE=1\n" in script
@@ -273,9 +302,18 @@ def test_only_the_weights_a_job_loads_are_downloaded(tmp_path):
     from launcher.job.hub import hub_refs
     from launcher.prefetch import PrefetchError, select_files
 
-    siblings = [(name, 1) for name in ("config.json", "tokenizer.model", "model-00001.safetensors",
-                                       "pytorch_model-00001.bin", "original/consolidated.00.pth",
-                                       "tiny.Q4_0.gguf", "tiny.Q8_0.gguf")]  # fmt: skip
+    siblings = [
+        (name, 1)
+        for name in (
+            "config.json",
+            "tokenizer.model",
+            "model-00001.safetensors",
+            "pytorch_model-00001.bin",
+            "original/consolidated.00.pth",
+            "tiny.Q4_0.gguf",
+            "tiny.Q8_0.gguf",
+        )
+    ]
 
     def files(**model):
         (run,) = plan(write_experiment(tmp_path, grid={}, model=model)).runs
@@ -284,5 +322,7 @@ def test_only_the_weights_a_job_loads_are_downloaded(tmp_path):
     assert files() == ["config.json", "model-00001.safetensors", "tokenizer.model"]
     assert files(gguf_file="tiny.Q8_0.gguf") == ["config.json", "tiny.Q8_0.gguf", "tokenizer.model"]
     assert files(init="random") == ["config.json", "tokenizer.model"]
-    with pytest.raises(PrefetchError, match=r"model.gguf_file: no 'tiny.Q2_K.gguf' in .*tiny.Q4_0.gguf, tiny.Q8_0.gguf"):
+    with pytest.raises(
+        PrefetchError, match=r"model.gguf_file: no 'tiny.Q2_K.gguf' in .*tiny.Q4_0.gguf, tiny.Q8_0.gguf"
+    ):
         files(gguf_file="tiny.Q2_K.gguf")

@@ -112,22 +112,27 @@ def test_bf16_on_a_t4_is_refused(tmp_path):
 def test_local_model_folder_shape_is_read_from_config_json(tmp_path):
     folder = tmp_path / "tiny-model"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "tie_word_embeddings": True,
-    }))
-    (estimate,) = estimates_for(
-        tmp_path, "model: {name_or_path: ./tiny-model}\nresources: {gpu_type: t4}\n"
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 1000,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "tie_word_embeddings": True,
+            }
+        )
     )
+    (estimate,) = estimates_for(tmp_path, "model: {name_or_path: ./tiny-model}\nresources: {gpu_type: t4}\n")
     assert estimate.checked and estimate.fits
     assert estimate.breakdown["weights"] < 1024**2  # thousands of parameters, not billions
 
 
 def test_unknown_model_or_gpu_is_not_refused(tmp_path):
-    (model,) = estimates_for(
-        tmp_path, "model: {name_or_path: someone/mystery-model}\nresources: {gpu_type: t4}\n"
-    )
+    (model,) = estimates_for(tmp_path, "model: {name_or_path: someone/mystery-model}\nresources: {gpu_type: t4}\n")
     assert model.fits and not model.checked
     assert "not checked" in model.advice
     (gpu,) = estimates_for(tmp_path, "resources: {gpu_type: quantum-9000}\n")
@@ -177,8 +182,9 @@ def test_a_run_that_does_not_fit_is_told_the_lean_lever_that_makes_it_fit(tmp_pa
     (refused,) = estimates_for(tmp_path, body)
     assert not refused.fits and refused.estimated_peak_bytes > 16 * GiB
     assert "with train.activation_offloading: true" in refused.advice and "same math" in refused.advice
-    (advised,) = estimates_for(tmp_path, body.replace("group_by_length: false", "group_by_length: false, "
-                                                      "activation_offloading: true"))
+    (advised,) = estimates_for(
+        tmp_path, body.replace("group_by_length: false", "group_by_length: false, activation_offloading: true")
+    )
     assert advised.fits
     assert advised.estimated_peak_bytes < refused.estimated_peak_bytes - 3 * GiB
 
@@ -200,11 +206,17 @@ def measured_runs(tmp_path):
 
     for r in json.loads(RESULTS.read_text())["results"]:
         size = "13b" if r["profile"].startswith("13b:") else "7b"
-        run = RunConfig.model_validate({
-            "name": "bench", "run_id": "0123456789", "run_dir": str(tmp_path),
-            "model": {"name_or_path": f"meta-llama/Llama-2-{size}-hf"}, "train": {"padding_free": False, **r["train"]},
-            "lora": {"target_modules": r["lora_target_modules"]}, "resources": {"gpu_type": "t4"},
-        })
+        run = RunConfig.model_validate(
+            {
+                "name": "bench",
+                "run_id": "0123456789",
+                "run_dir": str(tmp_path),
+                "model": {"name_or_path": f"meta-llama/Llama-2-{size}-hf"},
+                "train": {"padding_free": False, **r["train"]},
+                "lora": {"target_modules": r["lora_target_modules"]},
+                "resources": {"gpu_type": "t4"},
+            }
+        )
         yield r, run
 
 
@@ -221,10 +233,15 @@ def test_estimates_match_the_measured_peaks_of_every_lever_within_10_percent(tmp
 def test_runs_without_packing_are_told_its_measured_effect_and_packed_runs_are_not(tmp_path):
     from launcher import speed_tips
 
-    notebook, fast = plan(write_experiment(tmp_path, """
+    notebook, fast = plan(
+        write_experiment(
+            tmp_path,
+            """
         resources: {gpu_type: t4}
         grid: {train.packing: [false, true]}
-        """)).runs
+        """,
+        )
+    ).runs
     (packing_tip,) = [t for t in speed_tips.tips(notebook) if t.startswith("train.packing: true")]
     assert "3.2× tokens/s" in packing_tip and "GiB here" in packing_tip
     fast_tips = speed_tips.tips(fast)
@@ -265,12 +282,18 @@ def test_every_profile_is_estimated_within_5_percent_memory_and_10_percent_time(
     changes, measured_gib, tokens_per_second = ISSUE_31_H100[name]
     profile = ROOT / "examples" / "profiles" / ("t4-lean.yaml" if changes.get("lean") else "t4-fast.yaml")
     data = load_yaml(profile.read_text())
-    run = RunConfig.model_validate({
-        "name": "bench", "run_id": "0123456789", "run_dir": str(tmp_path),
-        "model": {"name_or_path": f"meta-llama/Llama-2-{changes.get('size', '7b')}-hf"},
-        "quantization": data["quantization"], "lora": {**data["lora"], **changes.get("lora", {})},
-        "train": {**data["train"], "max_steps": 40}, "resources": {"gpu_type": "t4"},
-    })
+    run = RunConfig.model_validate(
+        {
+            "name": "bench",
+            "run_id": "0123456789",
+            "run_dir": str(tmp_path),
+            "model": {"name_or_path": f"meta-llama/Llama-2-{changes.get('size', '7b')}-hf"},
+            "quantization": data["quantization"],
+            "lora": {**data["lora"], **changes.get("lora", {})},
+            "train": {**data["train"], "max_steps": 40},
+            "resources": {"gpu_type": "t4"},
+        }
+    )
     estimate = preflight.estimate_run(run).estimated_peak_bytes / GiB
     assert abs(estimate / measured_gib - 1) <= 0.05, (name, estimate, measured_gib)
     h100 = run.model_copy(update={"resources": run.resources.model_copy(update={"gpu_type": "h100"})})

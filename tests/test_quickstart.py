@@ -75,7 +75,10 @@ def test_tuned_answers_do_not_depend_on_the_base_model_answering_first(quickstar
     prompts.write_text("".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in rows))
     alone = subprocess.run(
         [sys.executable, "-m", "training.infer", str(run), "--no-base", "--prompts-file", str(prompts)],
-        cwd=checkout, capture_output=True, text=True, timeout=900,
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**os.environ, "PYTHONPATH": str(checkout)},
     )
     assert alone.returncode == 0, alone.stderr[-3000:]

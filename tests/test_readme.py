@@ -23,8 +23,20 @@ def test_reference_is_a_valid_experiment_with_the_defaults():
     data = load_yaml(reference_block())
     experiment = Experiment.model_validate(data)
     defaults = Experiment(name=experiment.name)
-    for section in ("model", "dataset", "prompt", "quantization", "lora", "train", "resources",
-                    "inference", "environment", "local", "slurm", "kubernetes"):  # fmt: skip
+    for section in (
+        "model",
+        "dataset",
+        "prompt",
+        "quantization",
+        "lora",
+        "train",
+        "resources",
+        "inference",
+        "environment",
+        "local",
+        "slurm",
+        "kubernetes",
+    ):
         assert getattr(experiment, section) == getattr(defaults, section), f"{section}: README shows non-defaults"
 
 

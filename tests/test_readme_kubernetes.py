@@ -31,7 +31,9 @@ def _training_pod(tmp_path: Path, snippet: str) -> dict:
 
 def test_gke_and_eks_snippets_select_t4_nodes(tmp_path):
     gke, eks = _platform_snippets()
-    assert _training_pod(tmp_path / "gke", gke)["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+    assert _training_pod(tmp_path / "gke", gke)["nodeSelector"] == {
+        "cloud.google.com/gke-accelerator": "nvidia-tesla-t4"
+    }
     eks_pod = _training_pod(tmp_path / "eks", eks)
     assert eks_pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "g4dn.xlarge"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in eks_pod["tolerations"]

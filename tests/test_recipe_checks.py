@@ -53,8 +53,10 @@ def test_an_sft_args_typo_is_refused_at_plan_time_with_a_suggestion(tmp_path, ca
 
 
 def test_sft_args_problems_are_all_named_at_once(tmp_path, capsys):
-    body = ("train:\n  sft_args:\n    max_seq_length: 512\n    output_dir: /elsewhere\n"
-            "    zzz_not_anything: 1\n    neftune_noise_alpha: 5\n")  # fmt: skip
+    body = (
+        "train:\n  sft_args:\n    max_seq_length: 512\n    output_dir: /elsewhere\n"
+        "    zzz_not_anything: 1\n    neftune_noise_alpha: 5\n"
+    )
     assert refused(tmp_path, capsys, body, commands=("plan",)) == [
         f"exp.yaml:6: train.sft_args.max_seq_length: unknown SFTConfig argument (trl {TRL}), did you mean "
         "train.max_seq_length?",
@@ -65,8 +67,10 @@ def test_sft_args_problems_are_all_named_at_once(tmp_path, capsys):
 
 def test_known_sft_args_pass(tmp_path, capsys):
     exp = tmp_path / "exp.yaml"
-    exp.write_text(HEAD + "train:\n  sft_args:\n    neftune_noise_alpha: 5\n    warmup_steps: 10\n"
-                   "    lr_scheduler_kwargs: {min_lr: 1.0e-6}\n")  # fmt: skip
+    exp.write_text(
+        HEAD + "train:\n  sft_args:\n    neftune_noise_alpha: 5\n    warmup_steps: 10\n"
+        "    lr_scheduler_kwargs: {min_lr: 1.0e-6}\n"
+    )
     assert main(["check", str(exp)]) == 0, capsys.readouterr().err
 
 
@@ -92,23 +96,32 @@ def test_a_real_duplicate_grid_value_is_still_called_one(tmp_path, capsys):
 # --- (c) did you mean, for unknown keys everywhere ---------------------------------------------------
 
 
-@pytest.mark.parametrize("body, expected", [
-    ("train:\n  lerning_rate: 0.1\n", "exp.yaml:5: train.lerning_rate: unknown key, did you mean 'learning_rate'?"),
-    ("modle:\n  name_or_path: x\n", "exp.yaml:4: modle: unknown key, did you mean 'model'?"),
-    ("kubernetes:\n  tolerations:\n    - key: a\n      efect: NoSchedule\n",
-     "exp.yaml:7: kubernetes.tolerations.0.efect: unknown key, did you mean 'effect'?"),
-    ("kubernetes:\n  hf_token_secret: {name: t, kye: token}\n",
-     "exp.yaml:5: kubernetes.hf_token_secret.kye: unknown key, did you mean 'key'?"),
-    ("train:\n  zzzz: 1\n", "exp.yaml:5: train.zzzz: unknown key"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("train:\n  lerning_rate: 0.1\n", "exp.yaml:5: train.lerning_rate: unknown key, did you mean 'learning_rate'?"),
+        ("modle:\n  name_or_path: x\n", "exp.yaml:4: modle: unknown key, did you mean 'model'?"),
+        (
+            "kubernetes:\n  tolerations:\n    - key: a\n      efect: NoSchedule\n",
+            "exp.yaml:7: kubernetes.tolerations.0.efect: unknown key, did you mean 'effect'?",
+        ),
+        (
+            "kubernetes:\n  hf_token_secret: {name: t, kye: token}\n",
+            "exp.yaml:5: kubernetes.hf_token_secret.kye: unknown key, did you mean 'key'?",
+        ),
+        ("train:\n  zzzz: 1\n", "exp.yaml:5: train.zzzz: unknown key"),
+    ],
+)
 def test_unknown_keys_get_the_closest_known_key(tmp_path, capsys, body, expected):
     assert refused(tmp_path, capsys, body) == [expected]
 
 
 def test_an_unknown_grid_key_gets_the_closest_known_key(tmp_path, capsys):
     (line,) = refused(tmp_path, capsys, "grid:\n  train.lerning_rate: [0.1, 0.2]\n", commands=("plan",))
-    assert line.startswith("exp.yaml:5: grid.train.lerning_rate: unknown key 'lerning_rate' under train, "
-                           "did you mean 'learning_rate'? (known: ")  # fmt: skip
+    assert line.startswith(
+        "exp.yaml:5: grid.train.lerning_rate: unknown key 'lerning_rate' under train, "
+        "did you mean 'learning_rate'? (known: "
+    )
 
 
 # --- (d) values only the libraries check ----------------------------------------------------------
@@ -166,14 +179,31 @@ LIBRARY_ONLY = {
     ),
     # Ranges pydantic already held (kept here so the catalogue covers what the issue lists).
     "lora dropout 1": ("lora:\n  dropout: 1.0\n", "exp.yaml:5: lora.dropout: Input should be less than 1"),
-    "warmup ratio above 1": ("train:\n  warmup_ratio: 1.5\n", "exp.yaml:5: train.warmup_ratio: Input should be less than or equal to 1"),
-    "fp16 and bf16": ("train:\n  fp16: true\n  bf16: true\n", "exp.yaml:5: train.fp16: train.fp16 and train.bf16 cannot both be true"),
-    "negative max_grad_norm": ("train:\n  max_grad_norm: -1\n", "exp.yaml:5: train.max_grad_norm: Input should be greater than or equal to 0"),
-    "gradient accumulation 0": ("train:\n  gradient_accumulation_steps: 0\n",
-                                "exp.yaml:5: train.gradient_accumulation_steps: Input should be greater than or equal to 1"),
-    "save_steps 0": ("train:\n  save_steps: 0\n", "exp.yaml:5: train.save_steps: Input should be greater than or equal to 1"),
-    "quant type": ("quantization:\n  bnb_4bit_quant_type: nf5\n", "exp.yaml:5: quantization.bnb_4bit_quant_type: Input should be 'nf4' or 'fp4'"),
-}  # fmt: skip
+    "warmup ratio above 1": (
+        "train:\n  warmup_ratio: 1.5\n",
+        "exp.yaml:5: train.warmup_ratio: Input should be less than or equal to 1",
+    ),
+    "fp16 and bf16": (
+        "train:\n  fp16: true\n  bf16: true\n",
+        "exp.yaml:5: train.fp16: train.fp16 and train.bf16 cannot both be true",
+    ),
+    "negative max_grad_norm": (
+        "train:\n  max_grad_norm: -1\n",
+        "exp.yaml:5: train.max_grad_norm: Input should be greater than or equal to 0",
+    ),
+    "gradient accumulation 0": (
+        "train:\n  gradient_accumulation_steps: 0\n",
+        "exp.yaml:5: train.gradient_accumulation_steps: Input should be greater than or equal to 1",
+    ),
+    "save_steps 0": (
+        "train:\n  save_steps: 0\n",
+        "exp.yaml:5: train.save_steps: Input should be greater than or equal to 1",
+    ),
+    "quant type": (
+        "quantization:\n  bnb_4bit_quant_type: nf5\n",
+        "exp.yaml:5: quantization.bnb_4bit_quant_type: Input should be 'nf4' or 'fp4'",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(LIBRARY_ONLY))
@@ -184,8 +214,10 @@ def test_values_only_the_libraries_check_are_refused_at_plan_time(tmp_path, caps
 
 def test_best_model_passes_with_matching_steps_or_save_strategy_best(tmp_path, capsys):
     exp = tmp_path / "exp.yaml"
-    for train in ("  eval_strategy: steps\n  eval_steps: 25\n  save_steps: 100\n",
-                  "  eval_strategy: epoch\n  sft_args: {save_strategy: best}\n"):  # fmt: skip
+    for train in (
+        "  eval_strategy: steps\n  eval_steps: 25\n  save_steps: 100\n",
+        "  eval_strategy: epoch\n  sft_args: {save_strategy: best}\n",
+    ):
         exp.write_text(HEAD + "dataset:\n  test_size: 0.1\ntrain:\n  load_best_model_at_end: true\n" + train)
         assert main(["plan", str(exp)]) == 0, capsys.readouterr().err
 
@@ -247,11 +279,15 @@ JOB_REFUSES = {
     "scheduler typo": {"lr_scheduler_type": "cosin"},
     "plateau scheduler without evaluation": {"lr_scheduler_type": "reduce_lr_on_plateau"},
     "best model with epoch evaluation": {"eval_strategy": "epoch", "load_best_model_at_end": True},
-    "save steps not a multiple": {"eval_strategy": "steps", "eval_steps": 30, "save_steps": 100,
-                                  "load_best_model_at_end": True},
+    "save steps not a multiple": {
+        "eval_strategy": "steps",
+        "eval_steps": 30,
+        "save_steps": 100,
+        "load_best_model_at_end": True,
+    },
     "negative warmup steps": {"sft_args": {"warmup_steps": -5}},
     "prefetch without workers": {"sft_args": {"dataloader_prefetch_factor": 2}},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(JOB_REFUSES))
@@ -262,8 +298,15 @@ def test_what_plan_refuses_the_job_would_refuse(tmp_path, case):
     from launcher.job.recipe_checks import recipe_findings
     from training.arguments import Adjustments, build_sft_config
 
-    run = RunConfig.model_validate({"name": "args", "run_id": "0123456789", "run_dir": str(tmp_path),
-                                    "dataset": {"test_size": 0.1}, "train": JOB_REFUSES[case]})  # fmt: skip
+    run = RunConfig.model_validate(
+        {
+            "name": "args",
+            "run_id": "0123456789",
+            "run_dir": str(tmp_path),
+            "dataset": {"test_size": 0.1},
+            "train": JOB_REFUSES[case],
+        }
+    )
     assert recipe_findings(run)
     with pytest.raises(ConfigError):
         build_sft_config(run, str(tmp_path / "checkpoints"), cuda=False, adjustments=Adjustments())

@@ -30,8 +30,9 @@ def qlaunch(*args, home, columns=None):
     env.update(QLAUNCH_HOME=str(home), OMP_NUM_THREADS="1")
     if columns:
         env["COLUMNS"] = str(columns)
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=env, timeout=900
+    )
 
 
 def last_step(run) -> int:
@@ -44,8 +45,10 @@ def grid(tmp_path_factory, tiny_experiment):
     """The grid after: run A SIGTERMed at step ≥ 3, run B SIGKILLed after checkpoint-4, then
     `qlaunch run` (resumes both, then inference). Returns (experiment path, plan, home, facts)."""
     folder = tmp_path_factory.mktemp("report")
-    evals = "".join(json.dumps({"prompt": f"What comes after {n}?", "reference": f"{n + 1} comes after {n}."}) + "\n"
-                    for n in (3, 7, 11))  # fmt: skip
+    evals = "".join(
+        json.dumps({"prompt": f"What comes after {n}?", "reference": f"{n + 1} comes after {n}."}) + "\n"
+        for n in (3, 7, 11)
+    )
     (folder / "eval.jsonl").write_text(evals)
     path = tiny_experiment(
         folder,

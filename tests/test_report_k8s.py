@@ -40,7 +40,9 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missing(fake, tmp_path, monkeypatch):
-    p, k8s = submitted(tmp_path / "guanaco.yaml", """\
+    p, k8s = submitted(
+        tmp_path / "guanaco.yaml",
+        """\
         name: guanaco
         backend: kubernetes
         storage:
@@ -51,7 +53,8 @@ def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missi
           hf_token_secret: {name: hf-token}
         grid:
           lora.r: [16, 64]
-    """)
+    """,
+    )
     run, other = p.runs
     names = Names.of(p.experiment.name, run.run_id)
     t = time.time() - 7200
@@ -59,17 +62,25 @@ def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missi
     # First pod: 40 steps, checkpoint at 40, preempted by SIGTERM; the replacement resumes at 40.
     first = fake.start_pod(NS, names.train_job)
     fake.run_pod(NS, first)
-    fake.log(NS, first, progress("start", 0, t + 60, total_steps=100, attempt=1, resumed_from=None, launched_at=t),
-             progress("step", 20, t + 600, total_steps=100, loss=1.9, tokens_per_second=1000.0),
-             progress("step", 40, t + 1200, total_steps=100, loss=1.6, tokens_per_second=1200.0),
-             progress("checkpoint", 40, t + 1210, path="checkpoint-40"),
-             progress("preempted", 40, t + 1210, signal="SIGTERM"))  # fmt: skip
+    fake.log(
+        NS,
+        first,
+        progress("start", 0, t + 60, total_steps=100, attempt=1, resumed_from=None, launched_at=t),
+        progress("step", 20, t + 600, total_steps=100, loss=1.9, tokens_per_second=1000.0),
+        progress("step", 40, t + 1200, total_steps=100, loss=1.6, tokens_per_second=1200.0),
+        progress("checkpoint", 40, t + 1210, path="checkpoint-40"),
+        progress("preempted", 40, t + 1210, signal="SIGTERM"),
+    )
     fake.finish_pod(NS, first, exit_code=75)
     second = fake.start_pod(NS, names.train_job)
     fake.run_pod(NS, second)
-    fake.log(NS, second, progress("start", 40, t + 1500, total_steps=100, attempt=2, resumed_from=40, launched_at=t + 1300),
-             progress("step", 100, t + 3300, total_steps=100, loss=1.2, tokens_per_second=1100.0),
-             progress("end", 100, t + 3310, total_steps=100, status="completed"))  # fmt: skip
+    fake.log(
+        NS,
+        second,
+        progress("start", 40, t + 1500, total_steps=100, attempt=2, resumed_from=40, launched_at=t + 1300),
+        progress("step", 100, t + 3300, total_steps=100, loss=1.2, tokens_per_second=1100.0),
+        progress("end", 100, t + 3310, total_steps=100, status="completed"),
+    )
     fake.finish_pod(NS, second)
     fake.fail_job(NS, Names.of(p.experiment.name, other.run_id).train_job)  # the other run's training failed
     # `qlaunch status`: every training Job has ended, so it starts the grid evaluation Job, whose
@@ -78,8 +89,11 @@ def test_report_from_pod_logs_has_the_ledger_and_metrics_and_names_what_is_missi
     infer_pod = fake.start_pod(NS, "guanaco-evaluate")
     fake.run_pod(NS, infer_pod)
     metric = {"name": "json_match", "base": 0.05, "tuned": 0.8, "n": 40}
-    fake.log(NS, infer_pod, progress("infer_end", 100, t + 3500,
-                                     summary={"run_id": run.run_id, "metric": metric, "metrics": [metric]}))  # fmt: skip
+    fake.log(
+        NS,
+        infer_pod,
+        progress("infer_end", 100, t + 3500, summary={"run_id": run.run_id, "metric": metric, "metrics": [metric]}),
+    )
     fake.finish_pod(NS, infer_pod)
 
     monkeypatch.chdir(tmp_path)
@@ -115,7 +129,9 @@ def test_a_pruned_job_completes_and_status_and_report_say_where_asha_stopped_it(
     from launcher.backends.base import State
     from launcher.status_view import build_table, collect
 
-    p, k8s = submitted(tmp_path / "asha.yaml", """\
+    p, k8s = submitted(
+        tmp_path / "asha.yaml",
+        """\
         name: asha
         backend: kubernetes
         storage: {root: /mnt/qlaunch-not-here}
@@ -124,17 +140,31 @@ def test_a_pruned_job_completes_and_status_and_report_say_where_asha_stopped_it(
         search: {strategy: asha, first_rung_steps: 10, reduction_factor: 3}
         grid:
           train.learning_rate: [0.0002, 0.00000001]
-    """)
+    """,
+    )
     kept, stopped = p.runs
     t = time.time() - 600
     pod = fake.start_pod(NS, Names.of(p.experiment.name, stopped.run_id).train_job)
     fake.run_pod(NS, pod)
-    decision = {"rung": 0, "at": 10, "unit": "steps", "value": 2.3011, "rank": 2, "competitors": 2, "keep": 1,
-                "prune": True, "metric": "eval_loss"}  # fmt: skip
-    fake.log(NS, pod, progress("start", 0, t, total_steps=100, attempt=1, resumed_from=None, launched_at=t - 30),
-             progress("step", 10, t + 60, total_steps=100, loss=2.4, tokens_per_second=900.0),
-             progress("pruned", 10, t + 70, **decision),
-             progress("end", 10, t + 75, total_steps=100, status="pruned"))  # fmt: skip
+    decision = {
+        "rung": 0,
+        "at": 10,
+        "unit": "steps",
+        "value": 2.3011,
+        "rank": 2,
+        "competitors": 2,
+        "keep": 1,
+        "prune": True,
+        "metric": "eval_loss",
+    }
+    fake.log(
+        NS,
+        pod,
+        progress("start", 0, t, total_steps=100, attempt=1, resumed_from=None, launched_at=t - 30),
+        progress("step", 10, t + 60, total_steps=100, loss=2.4, tokens_per_second=900.0),
+        progress("pruned", 10, t + 70, **decision),
+        progress("end", 10, t + 75, total_steps=100, status="pruned"),
+    )
     fake.finish_pod(NS, pod)  # exit 0
 
     k8s.reconcile(p)

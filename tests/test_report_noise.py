@@ -23,8 +23,9 @@ METRICS = ("json_match", "json_match_fenced", "format_match")
 def qlaunch(*args, home, **env):
     environment = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
     environment.update(QLAUNCH_HOME=str(home), **env)
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          env=environment, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, env=environment, timeout=300
+    )
 
 
 def answers(right: list[int], n: int = 40) -> list[str]:
@@ -153,5 +154,7 @@ def test_runs_that_answer_alike_are_a_tie_said_as_one(tmp_path):
     document = ReportDocument.model_validate_json(result.stdout)
     assert document.comparison.within_noise and document.comparison.p_value == 1.0
     first, second = (r.run_id for r in document.runs)  # equal scores: the lower final loss ranks first
-    assert document.verdict.startswith(f"No clear winner on json_match: {first} and {second} score the same on "
-                                       "every one of the 40 held-out examples both answered (0.50)")  # fmt: skip
+    assert document.verdict.startswith(
+        f"No clear winner on json_match: {first} and {second} score the same on "
+        "every one of the 40 held-out examples both answered (0.50)"
+    )

@@ -23,12 +23,14 @@ from training.launch import requeue_guard
 
 def _plan(tmp_path: Path, backend: str, resources: str = "{}"):
     path = tmp_path / "e.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         name: guard
         backend: {backend}
-        storage: {{root: {tmp_path / 'runs'}}}
+        storage: {{root: {tmp_path / "runs"}}}
         resources: {resources}
-    """))
+    """)
+    )
     return plan(path)
 
 
@@ -89,11 +91,16 @@ def test_kubernetes_job_fails_on_the_guards_exit_code_and_tells_the_pod_its_job(
     infer = next(d for d in evaluation_documents(p, p.runs) if d["kind"] == "Job")
     rules = train["spec"]["podFailurePolicy"]["rules"]
     # The guard's code fails the Job before exit 75's "replace the pod" rule is looked at.
-    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "train", "operator": "In",
-                                                             "values": [requeue.EXIT_REQUEUES_EXHAUSTED]}}
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "train", "operator": "In", "values": [requeue.EXIT_REQUEUES_EXHAUSTED]},
+    }
     assert any(r.get("onExitCodes", {}).get("values") == [EXIT_PREEMPTED] for r in rules[1:])
     env = {e["name"]: e for e in train["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env[requeue.JOB_ENV]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    assert (
+        env[requeue.JOB_ENV]["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    )
     assert all(r["action"] != "FailJob" for r in infer["spec"]["podFailurePolicy"]["rules"])
 
 
@@ -115,12 +122,24 @@ def test_training_launch_honours_the_guard_in_a_pod(tmp_path):
 
 
 def test_kubernetes_status_says_the_guard_stopped_the_run():
-    job = {"metadata": {"uid": "u1", "name": "j"}, "spec": {"parallelism": 1},
-           "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]}}
-    pod = {"metadata": {"name": "j-a", "ownerReferences": [{"uid": "u1", "kind": "Job"}],
-                        "creationTimestamp": "2026-12-07T00:00:00Z"},
-           "status": {"phase": "Failed", "containerStatuses": [
-               {"name": "train", "state": {"terminated": {"exitCode": requeue.EXIT_REQUEUES_EXHAUSTED}}}]}}
+    job = {
+        "metadata": {"uid": "u1", "name": "j"},
+        "spec": {"parallelism": 1},
+        "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]},
+    }
+    pod = {
+        "metadata": {
+            "name": "j-a",
+            "ownerReferences": [{"uid": "u1", "kind": "Job"}],
+            "creationTimestamp": "2026-12-07T00:00:00Z",
+        },
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {"name": "train", "state": {"terminated": {"exitCode": requeue.EXIT_REQUEUES_EXHAUSTED}}}
+            ],
+        },
+    }
     state, detail, _ = job_state(job, [pod])
     assert state == State.FAILED and "requeue guard" in detail and "qlaunch submit" in detail
 

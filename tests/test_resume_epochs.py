@@ -168,8 +168,13 @@ def test_a_run_stopped_in_every_epoch_trains_what_an_uninterrupted_one_does(name
         seen = Counter(i for line in in_epoch for i in line["examples"])
         assert seen == Counter(examples), f"epoch {epoch}: not every example exactly once: {seen}"
     # The same examples in the same steps as without interruption; different orders in different epochs.
-    assert [steps[s]["examples"] for s in sorted(steps)] == [reference_steps[s]["examples"] for s in sorted(reference_steps)]
-    orders = [[i for s in range(e * per_epoch + 1, (e + 1) * per_epoch + 1) for i in steps[s]["examples"]] for e in range(EPOCHS)]
+    assert [steps[s]["examples"] for s in sorted(steps)] == [
+        reference_steps[s]["examples"] for s in sorted(reference_steps)
+    ]
+    orders = [
+        [i for s in range(e * per_epoch + 1, (e + 1) * per_epoch + 1) for i in steps[s]["examples"]]
+        for e in range(EPOCHS)
+    ]
     assert len({tuple(order) for order in orders}) == EPOCHS
 
     resumed_weights, straight = lora_weights(paths.adapter), lora_weights(RunPaths.of(reference).adapter)

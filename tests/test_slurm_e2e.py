@@ -53,12 +53,19 @@ def _events(run, kind: str) -> list[dict]:
 
 def test_grid_trains_then_runs_inference(tmp_path, tiny_experiment, cancel_after):
     literal = "a b $(touch pwned) 'q' \"qq\""
-    p = plan(tiny_experiment(tmp_path, **_slurm_sections(
-        unique_name("grid"),
-        environment={"variables": {"QLAUNCH_LITERAL": literal},
-                     "setup": ['printf %s "$QLAUNCH_LITERAL" > environment-check.txt']},
-        grid={"lora.r": [4, 8]},
-    )))  # fmt: skip
+    p = plan(
+        tiny_experiment(
+            tmp_path,
+            **_slurm_sections(
+                unique_name("grid"),
+                environment={
+                    "variables": {"QLAUNCH_LITERAL": literal},
+                    "setup": ['printf %s "$QLAUNCH_LITERAL" > environment-check.txt'],
+                },
+                grid={"lora.r": [4, 8]},
+            ),
+        )
+    )
     cancel_after(p)
     backend = SlurmBackend()
     report = backend.submit(p)
@@ -66,9 +73,15 @@ def test_grid_trains_then_runs_inference(tmp_path, tiny_experiment, cancel_after
 
     def finished():
         statuses = backend.status(p)
-        if any(s.state in (State.FAILED, State.CANCELLED) or s.infer_state in (State.FAILED, State.CANCELLED)
-               for s in statuses.values()):  # fmt: skip
-            logs = {r.run_id: RunPaths.of(r).train_log.read_text()[-3000:] for r in p.runs if RunPaths.of(r).train_log.exists()}
+        if any(
+            s.state in (State.FAILED, State.CANCELLED) or s.infer_state in (State.FAILED, State.CANCELLED)
+            for s in statuses.values()
+        ):
+            logs = {
+                r.run_id: RunPaths.of(r).train_log.read_text()[-3000:]
+                for r in p.runs
+                if RunPaths.of(r).train_log.exists()
+            }
             raise AssertionError(f"a job failed: {statuses}\n{logs}")
         return all(s.state == State.COMPLETED and s.infer_state == State.COMPLETED for s in statuses.values())
 
@@ -89,7 +102,8 @@ def test_grid_trains_then_runs_inference(tmp_path, tiny_experiment, cancel_after
 
 
 def test_grid_evaluation_starts_after_every_training_job_and_names_the_run_that_did_not_train(
-        tmp_path, tiny_experiment, cancel_after):  # fmt: skip
+    tmp_path, tiny_experiment, cancel_after
+):
     p = plan(tiny_experiment(tmp_path, **_slurm_sections(unique_name("evalgrid"), grid={"lora.r": [4, 8]})))
     cancel_after(p)
     trained, stopped = p.runs
@@ -105,11 +119,16 @@ def test_grid_evaluation_starts_after_every_training_job_and_names_the_run_that_
 
     def evaluated():
         states = scheduler_jobs(evaluate)
-        return states.get(evaluate) in ("COMPLETED", "FAILED") or RunPaths.of(trained).inference_completed() and not states
+        return (
+            states.get(evaluate) in ("COMPLETED", "FAILED") or RunPaths.of(trained).inference_completed() and not states
+        )
 
     wait_for(evaluated, timeout=600, message="the grid evaluation job", interval=5)
-    wait_for(lambda: scheduler_jobs(evaluate).get(evaluate, "COMPLETED") == "COMPLETED", timeout=60,
-             message="the evaluation job to end")  # fmt: skip
+    wait_for(
+        lambda: scheduler_jobs(evaluate).get(evaluate, "COMPLETED") == "COMPLETED",
+        timeout=60,
+        message="the evaluation job to end",
+    )
     folder = RunPaths.of(trained).root.parent / "evaluation"
     log = (folder / "evaluate.log").read_text()
     assert log.count("loading base model") == 1
@@ -129,22 +148,37 @@ def test_grid_evaluation_starts_after_every_training_job_and_names_the_run_that_
 
     # `qlaunch evaluate --backend slurm`: a job now, for what is trained and not scored.
     shutil.rmtree(RunPaths.of(trained).inference)
-    done = subprocess.run([PYTHON, "-m", "launcher.cli", "evaluate", str(p.source), "--backend", "slurm"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [PYTHON, "-m", "launcher.cli", "evaluate", str(p.source), "--backend", "slurm"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{stopped.run_id} skipped: not trained yet" in done.stdout
     job = re.search(r"grid evaluation job (\d+) submitted", done.stdout).group(1)
-    wait_for(lambda: RunPaths.of(trained).inference_completed() and scheduler_jobs(job).get(job, "COMPLETED") == "COMPLETED",
-             timeout=300, message="qlaunch evaluate's job", interval=3)  # fmt: skip
+    wait_for(
+        lambda: RunPaths.of(trained).inference_completed() and scheduler_jobs(job).get(job, "COMPLETED") == "COMPLETED",
+        timeout=300,
+        message="qlaunch evaluate's job",
+        interval=3,
+    )
     assert (folder / "evaluate.log").read_text().count("loading base model") == 2
 
 
 def test_preempted_run_resumes_from_its_checkpoint(tmp_path, tiny_experiment, cancel_after):
     # The tiny model steps fast; enough steps that both preemptions land mid-training.
     max_steps = 60
-    p = plan(tiny_experiment(tmp_path, **_slurm_sections(
-        unique_name("preempt"), train={"max_steps": max_steps, "save_steps": 20}, inference={"enabled": False},
-    )))  # fmt: skip
+    p = plan(
+        tiny_experiment(
+            tmp_path,
+            **_slurm_sections(
+                unique_name("preempt"),
+                train={"max_steps": max_steps, "save_steps": 20},
+                inference={"enabled": False},
+            ),
+        )
+    )
     cancel_after(p)
     (run,) = p.runs
     backend = SlurmBackend()
@@ -168,8 +202,10 @@ def test_preempted_run_resumes_from_its_checkpoint(tmp_path, tiny_experiment, ca
     wait_for(lambda: training_in_attempt(2), timeout=300, message="second attempt training", interval=0.2)
     high = subprocess.run(
         ["sbatch", "--parsable", "--partition=high", "--exclusive", "--output=/dev/null", "--wrap=sleep 2"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     wait_for(lambda: scheduler_jobs(high).get(high) == "COMPLETED", timeout=120, message="the high-priority job")
 
     wait_for(lambda: backend.status(p)[run.run_id].state == State.COMPLETED, timeout=400, message="run completed")
@@ -200,16 +236,25 @@ def test_a_preempted_array_task_is_requeued_alone_and_resumes(tmp_path, tiny_exp
     """Two runs of one training array, one per node of the `multi` partition (2 CPUs each: a
     whole node); a `multi-high` job takes one node: that task alone is requeued and resumes
     from its checkpoint, the other trains on untouched."""
-    nodes = subprocess.run(["sinfo", "--noheader", "--partition=multi", "--format=%D"], capture_output=True,
-                           text=True).stdout.split()  # fmt: skip
+    nodes = subprocess.run(
+        ["sinfo", "--noheader", "--partition=multi", "--format=%D"], capture_output=True, text=True
+    ).stdout.split()
     if not nodes or int(nodes[0]) < 2:
         pytest.fail("the test cluster has no two-node partition `multi`: run bash slurm/cluster.sh up --nodes 2")
     max_steps = 60
-    p = plan(tiny_experiment(tmp_path, **_slurm_sections(
-        unique_name("arrpre"), train={"max_steps": max_steps, "save_steps": 20}, inference={"enabled": False},
-        resources={"gpus_per_node": 0, "cpus_per_task": 2, "memory": "2G"},
-        slurm={"partition": "multi"}, grid={"lora.r": [4, 8]},
-    )))  # fmt: skip
+    p = plan(
+        tiny_experiment(
+            tmp_path,
+            **_slurm_sections(
+                unique_name("arrpre"),
+                train={"max_steps": max_steps, "save_steps": 20},
+                inference={"enabled": False},
+                resources={"gpus_per_node": 0, "cpus_per_task": 2, "memory": "2G"},
+                slurm={"partition": "multi"},
+                grid={"lora.r": [4, 8]},
+            ),
+        )
+    )
     cancel_after(p)
     backend = SlurmBackend()
     report = backend.submit(p)
@@ -221,16 +266,32 @@ def test_a_preempted_array_task_is_requeued_alone_and_resumes(tmp_path, tiny_exp
 
     wait_for(lambda: all(training(run) for run in p.runs), timeout=300, message="both tasks training", interval=0.5)
     hit, spared = p.runs
-    node = subprocess.run(["squeue", "--noheader", "--array", f"--jobs={tasks[hit.run_id]}", "--format=%N"],
-                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    node = subprocess.run(
+        ["squeue", "--noheader", "--array", f"--jobs={tasks[hit.run_id]}", "--format=%N"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert node, "the task's node"
     high = subprocess.run(
-        ["sbatch", "--parsable", "--partition=multi-high", f"--nodelist={node}", "--exclusive", "--output=/dev/null",
-         "--wrap=sleep 2"], capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        [
+            "sbatch",
+            "--parsable",
+            "--partition=multi-high",
+            f"--nodelist={node}",
+            "--exclusive",
+            "--output=/dev/null",
+            "--wrap=sleep 2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     wait_for(lambda: scheduler_jobs(high).get(high) == "COMPLETED", timeout=120, message="the high-priority job")
-    wait_for(lambda: all(s.state == State.COMPLETED for s in backend.status(p).values()), timeout=400,
-             message="both runs completed")  # fmt: skip
+    wait_for(
+        lambda: all(s.state == State.COMPLETED for s in backend.status(p).values()),
+        timeout=400,
+        message="both runs completed",
+    )
 
     statuses = backend.status(p)
     assert statuses[hit.run_id].restarts == 1 and statuses[spared.run_id].restarts == 0

@@ -45,15 +45,17 @@ def _training_in_attempt(run, attempt: int) -> bool:
 
 def test_two_node_run_trains_across_both_hosts_through_preemptions(tmp_path, tiny_experiment, cancel_after):
     max_steps = 60
-    p = plan(tiny_experiment(
-        tmp_path,
-        name=unique_name("twonode"),
-        backend="slurm",
-        environment={"python": PYTHON},
-        resources={"nodes": 2, "gpus_per_node": 0, "cpus_per_task": 1, "memory": "2G"},
-        slurm={"partition": "multi", "inference_partition": "normal"},
-        train={"max_steps": max_steps, "save_steps": 1000, "logging_steps": 1},
-    ))  # fmt: skip
+    p = plan(
+        tiny_experiment(
+            tmp_path,
+            name=unique_name("twonode"),
+            backend="slurm",
+            environment={"python": PYTHON},
+            resources={"nodes": 2, "gpus_per_node": 0, "cpus_per_task": 1, "memory": "2G"},
+            slurm={"partition": "multi", "inference_partition": "normal"},
+            train={"max_steps": max_steps, "save_steps": 1000, "logging_steps": 1},
+        )
+    )
     cancel_after(p)
     (run,) = p.runs
     backend = SlurmBackend()
@@ -62,10 +64,19 @@ def test_two_node_run_trains_across_both_hosts_through_preemptions(tmp_path, tin
     # 1. a job of the high-priority partition takes one of the two nodes: the whole job requeues.
     wait_for(lambda: _training_in_attempt(run, 1), timeout=300, message="first attempt training", interval=0.5)
     high = subprocess.run(
-        ["sbatch", "--parsable", "--partition=multi-high", f"--nodelist={NODES[1]}", "--exclusive",
-         "--output=/dev/null", "--wrap=sleep 2"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        [
+            "sbatch",
+            "--parsable",
+            "--partition=multi-high",
+            f"--nodelist={NODES[1]}",
+            "--exclusive",
+            "--output=/dev/null",
+            "--wrap=sleep 2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # 2. scontrol requeue, as an admin would.
     wait_for(lambda: _training_in_attempt(run, 2), timeout=300, message="second attempt training", interval=0.5)
     subprocess.run(["scontrol", "requeue", train_job], check=True)
@@ -96,5 +107,9 @@ def test_two_node_run_trains_across_both_hosts_through_preemptions(tmp_path, tin
     assert environment["scheduler"]["slurm_job_nodelist"] == "qlnode[1-2]"
     results = [json.loads(line) for line in (paths.inference / "results.jsonl").read_text().splitlines()]
     assert results and all(row["tuned"] for row in results)
-    assert subprocess.run(["squeue", "--noheader", "--jobs", high, "--states=all", "--format=%T"],
-                          capture_output=True, text=True).stdout.strip() == "COMPLETED"  # fmt: skip
+    assert (
+        subprocess.run(
+            ["squeue", "--noheader", "--jobs", high, "--states=all", "--format=%T"], capture_output=True, text=True
+        ).stdout.strip()
+        == "COMPLETED"
+    )

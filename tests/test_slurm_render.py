@@ -46,8 +46,13 @@ CASES = {
         "name": "llama2-multinode",
         "storage": {"root": "/shared/qlaunch-runs"},
         "train": {"fp16": True},
-        "resources": {"nodes": 2, "gpus_per_node": 4, "cpus_per_task": 16, "memory": "120G",
-                      "time_limit": "1-12:00:00"},
+        "resources": {
+            "nodes": 2,
+            "gpus_per_node": 4,
+            "cpus_per_task": 16,
+            "memory": "120G",
+            "time_limit": "1-12:00:00",
+        },
         "environment": {"container": "/shared/images/qlaunch-train.sif", "python": "python3"},
         "slurm": {"signal_seconds": 600},
     },
@@ -58,8 +63,11 @@ CASES = {
         "storage": {"root": "/shared/qlaunch-runs"},
         "resources": {"gpus_per_node": 2},
         "inference": {"per_run": True},  # an inference job per run, after its training job
-        "environment": {"container": "registry.example.com/ml/qlaunch-train:0.1.0",
-                        "container_runtime": "docker", "variables": {"WANDB_MODE": "offline"}},
+        "environment": {
+            "container": "registry.example.com/ml/qlaunch-train:0.1.0",
+            "container_runtime": "docker",
+            "variables": {"WANDB_MODE": "offline"},
+        },
     },
     # CPU only, no requeue, no inference job.
     "cpu-no-requeue": {
@@ -226,8 +234,11 @@ def test_a_grid_is_one_array_whose_tasks_run_each_runs_own_script(tmp_path):
     assert "#SBATCH --array=0-2%2" in array  # slurm.array_parallelism: 2 runs at once
     assert "#SBATCH --job-name=cpu-smoke-train" in array
     # The run's own directives (the same for every run of the array), its log through a link.
-    run_directives = [line for line in _run_script({n: t for n, t in rendered.items() if p.runs[0].run_id in n})
-                      .splitlines() if line.startswith("#SBATCH") and "--job-name" not in line and "--output" not in line]
+    run_directives = [
+        line
+        for line in _run_script({n: t for n, t in rendered.items() if p.runs[0].run_id in n}).splitlines()
+        if line.startswith("#SBATCH") and "--job-name" not in line and "--output" not in line
+    ]
     assert all(line in array for line in run_directives)
     assert f"#SBATCH --output=/shared/qlaunch-runs/cpu-smoke/arrays/{tasks_name[:-6]}.train.logs/%a.log" in array
 
@@ -240,11 +251,13 @@ def test_a_grid_is_one_array_whose_tasks_run_each_runs_own_script(tmp_path):
     tasks.write_text(arrays[tasks_name].replace("/shared/qlaunch-runs/cpu-smoke", str(storage)))
     script = array.replace(f"/shared/qlaunch-runs/cpu-smoke/arrays/{tasks_name}", str(tasks))
     for i, run in enumerate(p.runs):
-        out = subprocess.run(["bash", "-c", script], env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)},
-                             capture_output=True, text=True)  # fmt: skip
+        out = subprocess.run(
+            ["bash", "-c", script], env={**os.environ, "SLURM_ARRAY_TASK_ID": str(i)}, capture_output=True, text=True
+        )
         assert out.stdout == f"ran {run.run_id}\n", out.stderr
-    missing = subprocess.run(["bash", "-c", script], env={**os.environ, "SLURM_ARRAY_TASK_ID": "7"},
-                             capture_output=True, text=True)  # fmt: skip
+    missing = subprocess.run(
+        ["bash", "-c", script], env={**os.environ, "SLURM_ARRAY_TASK_ID": "7"}, capture_output=True, text=True
+    )
     assert missing.returncode == 1 and "array task 7 is not in" in missing.stderr
 
 
@@ -259,11 +272,15 @@ def test_runs_with_different_directives_form_separate_arrays(tmp_path):
     # As if the last two runs asked for more memory (a per-run resource estimate, another site).
     for run in p.runs[2:]:
         rendered = scripts[run.run_id]
-        scripts[run.run_id] = replace(rendered, train_scheduling=tuple(
-            "--mem=8G" if d.startswith("--mem=") else d for d in rendered.train_scheduling))
+        scripts[run.run_id] = replace(
+            rendered,
+            train_scheduling=tuple("--mem=8G" if d.startswith("--mem=") else d for d in rendered.train_scheduling),
+        )
     chunks = layout(p.runs, scripts, 1001, lambda run: False)
     assert [[run.run_id for run in chunk.runs] for chunk in chunks] == [
-        [run.run_id for run in p.runs[:2]], [run.run_id for run in p.runs[2:]]]  # fmt: skip
+        [run.run_id for run in p.runs[:2]],
+        [run.run_id for run in p.runs[2:]],
+    ]
     assert "#SBATCH --mem=4G" in chunks[0].train and "#SBATCH --mem=8G" in chunks[1].train
     assert all("#SBATCH --array=0-1\n" in chunk.train for chunk in chunks)  # no throttle by default
     # MaxArraySize=3 caps the index: 4 alike runs are two arrays, tasks 0-2 and 0.

@@ -51,12 +51,15 @@ def _experiment(folder: Path, name: str, advance: bool, **resources):
     trainer = folder / "fake-python"
     trainer.write_text(FAKE_TRAINER)
     trainer.chmod(0o755)
-    return plan(write_experiment(
-        folder, name,
-        environment={"python": str(trainer), "variables": {"ADVANCE": "1" if advance else "0"}},
-        resources={"time_limit": "00:05:00", **resources},
-        inference={"enabled": False},
-    ))  # fmt: skip
+    return plan(
+        write_experiment(
+            folder,
+            name,
+            environment={"python": str(trainer), "variables": {"ADVANCE": "1" if advance else "0"}},
+            resources={"time_limit": "00:05:00", **resources},
+            inference={"enabled": False},
+        )
+    )
 
 
 def _scontrol(job_id: str) -> dict[str, str]:
@@ -67,10 +70,12 @@ def _scontrol(job_id: str) -> dict[str, str]:
 def test_exit_75_is_requeued_up_to_the_cap_and_not_without_progress(cluster, tmp_path, cancel_after):
     # One job advances a checkpoint every attempt and meets the cap (2 requeues: 3 attempts);
     # the other never saves one and stops after 1 requeue without progress (2 attempts).
-    capped = _experiment(tmp_path / "capped", unique_name("rqcap"), advance=True,
-                         max_requeues=2, max_requeues_without_progress=5)  # fmt: skip
-    stalled = _experiment(tmp_path / "stalled", unique_name("rqstall"), advance=False,
-                          max_requeues=10, max_requeues_without_progress=1)  # fmt: skip
+    capped = _experiment(
+        tmp_path / "capped", unique_name("rqcap"), advance=True, max_requeues=2, max_requeues_without_progress=5
+    )
+    stalled = _experiment(
+        tmp_path / "stalled", unique_name("rqstall"), advance=False, max_requeues=10, max_requeues_without_progress=1
+    )
     backend = SlurmBackend()
     jobs = {}
     for p in (capped, stalled):
@@ -82,11 +87,14 @@ def test_exit_75_is_requeued_up_to_the_cap_and_not_without_progress(cluster, tmp
         (run,) = p.runs
         return backend.status(p)[run.run_id].state not in (State.PENDING, State.RUNNING, State.REQUEUED)
 
-    wait_for(lambda: ended(capped) and ended(stalled), timeout=240, message="both jobs to stop being requeued",
-             interval=2)  # fmt: skip
+    wait_for(
+        lambda: ended(capped) and ended(stalled), timeout=240, message="both jobs to stop being requeued", interval=2
+    )
 
-    for p, attempts, words in ((capped, 3, "requeued 2 times already (resources.max_requeues: 2)"),
-                               (stalled, 2, "2 attempts in a row stopped without saving a newer checkpoint")):  # fmt: skip
+    for p, attempts, words in (
+        (capped, 3, "requeued 2 times already (resources.max_requeues: 2)"),
+        (stalled, 2, "2 attempts in a row stopped without saving a newer checkpoint"),
+    ):
         (run,) = p.runs
         paths, job_id = RunPaths.of(run), jobs[p.experiment.name]
         # Slurm itself: the job ended with the guard's exit code after exactly that many restarts.
@@ -105,4 +113,6 @@ def test_exit_75_is_requeued_up_to_the_cap_and_not_without_progress(cluster, tmp
 
     (stalled_run,) = stalled.runs
     assert [line.split()[2:] for line in (RunPaths.of(stalled_run).root / LOG_NAME).read_text().splitlines()] == [
-        ["none", "0"], ["none", "0"]]  # fmt: skip
+        ["none", "0"],
+        ["none", "0"],
+    ]

@@ -36,8 +36,13 @@ def environment(home, **extra):
 
 
 def qlaunch(*args, home, **extra):
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          env=environment(home, **extra), timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        capture_output=True,
+        text=True,
+        env=environment(home, **extra),
+        timeout=300,
+    )
 
 
 @pytest.fixture
@@ -57,7 +62,7 @@ def row_cells(text: str, run_id: str) -> list[str]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if run_id in line)
     block = [lines[start]]
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if re.search(r"[0-9a-f]{10}", line) or not line.startswith("│"):
             break
         block.append(line)
@@ -80,7 +85,13 @@ def test_status_at_80_columns_keeps_every_grid_key_or_names_what_it_hid(grid24, 
     for run in runs:  # …and every run shows its own values: no two rows look alike
         row = row_cells(table, run.run_id)
         for key, value in run.overrides.items():
-            shown = f"[{', '.join(value)}]" if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+            shown = (
+                f"[{', '.join(value)}]"
+                if isinstance(value, list)
+                else f"{value:g}"
+                if isinstance(value, float)
+                else str(value)
+            )
             assert shown in row, (key, shown, row)
     header = table.split("┡", 1)[0]
     for column in PROGRESS_COLUMNS:  # shown, or named under the table with the way to see it
@@ -137,13 +148,24 @@ def test_status_watch_off_a_terminal_prints_one_table_per_refresh(grid24, tmp_pa
     path, runs = grid24
     command = [sys.executable, "-m", "launcher.cli", "status", str(path), "--watch", "--interval", "0.2"]
     if where == "pipe":
-        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=environment(tmp_path / "home"), start_new_session=True)  # fmt: skip
+        job = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment(tmp_path / "home"),
+            start_new_session=True,
+        )
         fd = job.stdout.fileno()
     else:  # a real terminal that cannot move the cursor
         parent, child = pty.openpty()
-        job = subprocess.Popen(command, stdout=child, stderr=child, stdin=child, start_new_session=True,
-                               env=environment(tmp_path / "home", TERM="dumb", COLUMNS="200"))  # fmt: skip
+        job = subprocess.Popen(
+            command,
+            stdout=child,
+            stderr=child,
+            stdin=child,
+            start_new_session=True,
+            env=environment(tmp_path / "home", TERM="dumb", COLUMNS="200"),
+        )
         os.close(child)
         fd = parent
     try:
@@ -154,7 +176,9 @@ def test_status_watch_off_a_terminal_prints_one_table_per_refresh(grid24, tmp_pa
     text = output.decode()
     tables = text.split("recorded · local · 24 runs")[1:]
     assert len(tables) >= 4, text[-3000:]
-    for table in tables[:3]:  # each refresh (before the last, still being read) is a whole table: every run, its state, its step
+    for table in tables[
+        :3
+    ]:  # each refresh (before the last, still being read) is a whole table: every run, its state, its step
         for run in runs:
             assert run.run_id in table, table
         assert table.count("running") >= 4
@@ -186,7 +210,9 @@ def test_run_off_a_terminal_prints_progress_lines(tiny_experiment, tmp_path):
     result = qlaunch("run", str(path), "--no-infer", home=tmp_path / "home", QLAUNCH_PROGRESS_SECONDS="0")
     assert result.returncode == 0, result.stdout + result.stderr
     run_id = plan(path).runs[0].run_id
-    progress = [line for line in result.stdout.splitlines() if re.search(rf"{run_id} .*step \d+/8 \(\d+%\) loss \d", line)]
+    progress = [
+        line for line in result.stdout.splitlines() if re.search(rf"{run_id} .*step \d+/8 \(\d+%\) loss \d", line)
+    ]
     assert progress, result.stdout
     assert all("ETA" in line and "elapsed" in line for line in progress)
     assert "\x1b[" not in result.stdout  # plain text for a log file

@@ -38,8 +38,12 @@ def start_launcher(run, log: Path, cwd: Path, processes: int) -> subprocess.Pope
     process group, so that a signal "to the group" reaches exactly the job."""
     return subprocess.Popen(
         [sys.executable, "-m", "training.launch", str(RunPaths.of(run).config), "--processes", str(processes)],
-        cwd=cwd, env=job_env(), stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        cwd=cwd,
+        env=job_env(),
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def workers(run) -> list[int]:
@@ -131,7 +135,9 @@ def _sweep(tmp_path, tiny_plan, processes: int, window) -> list[str]:
                 os.killpg(job.pid, signal.SIGKILL)
         step = assert_stopped_at_a_checkpoint(run, code, log)
         wait_until(lambda: not workers(run), 30, "no worker left")
-        outcomes.append(f"{anchor}+{delay}s {signal.Signals(sig).name} to {'group' if to_group else 'launcher'}: step {step}")
+        outcomes.append(
+            f"{anchor}+{delay}s {signal.Signals(sig).name} to {'group' if to_group else 'launcher'}: step {step}"
+        )
     return outcomes
 
 
@@ -189,14 +195,25 @@ def test_a_new_attempt_refuses_to_start_beside_a_live_worker_of_an_earlier_one(t
     paths = RunPaths.of(run)
     log = tmp_path / "stray.log"
     # An earlier attempt's worker that lives on (stopped mid-training, still holding its rank).
-    stray = subprocess.Popen([sys.executable, "-m", "training.sft", str(paths.config)], cwd=tmp_path,
-                             env=job_env(), stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # fmt: skip
+    stray = subprocess.Popen(
+        [sys.executable, "-m", "training.sft", str(paths.config)],
+        cwd=tmp_path,
+        env=job_env(),
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until(lambda: events(run, "step") or stray.poll() is not None, 300, "the stray's first step")
         stray.send_signal(signal.SIGSTOP)
         steps = len(events(run, "step"))
-        attempt = subprocess.run([sys.executable, "-m", "training.launch", str(paths.config)], cwd=tmp_path,
-                                 env=job_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        attempt = subprocess.run(
+            [sys.executable, "-m", "training.launch", str(paths.config)],
+            cwd=tmp_path,
+            env=job_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert attempt.returncode == 1, attempt.stderr
         assert f"pid {stray.pid}" in attempt.stderr and "earlier attempt" in attempt.stderr, attempt.stderr
         assert "training.sft" in attempt.stderr  # which process: its command line
@@ -206,8 +223,13 @@ def test_a_new_attempt_refuses_to_start_beside_a_live_worker_of_an_earlier_one(t
         stray.wait()
     log = tmp_path / "train.log"
     # Once that process is gone, the lock is gone with it: the run resumes.
-    again = subprocess.Popen([sys.executable, "-m", "training.launch", str(paths.config)], cwd=tmp_path,
-                             env=job_env(), stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # fmt: skip
+    again = subprocess.Popen(
+        [sys.executable, "-m", "training.launch", str(paths.config)],
+        cwd=tmp_path,
+        env=job_env(),
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )
     wait_until(lambda: len(events(run, "start")) == 2 or again.poll() is not None, 300, "the new attempt's start")
     again.send_signal(signal.SIGTERM)
     assert again.wait(timeout=300) == EXIT_PREEMPTED, tail(log)
@@ -218,8 +240,13 @@ def test_local_backend_second_ctrl_c_leaves_no_process_of_a_two_process_run(tiny
     (run,) = plan(path).runs
     paths = RunPaths.of(run)
     env = {**job_env(), "QLAUNCH_HOME": str(tmp_path / "home"), "QLAUNCH_PROCESSES": "2"}
-    process = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(path)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "run", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_until(lambda: summarize(read_events(paths.progress)).step >= 2 or process.poll() is not None, 600, "step 2")
     assert process.poll() is None, process.stdout.read()
     assert len(workers(run)) == 2

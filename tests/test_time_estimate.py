@@ -15,8 +15,13 @@ from launcher.grid import plan
 from launcher.job.config import RunConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "2026-12-02-h200-lean.json"
-T4_FAST = {"fp16": True, "packing": True, "max_seq_length": 1024, "per_device_train_batch_size": 12,
-           "group_by_length": False}
+T4_FAST = {
+    "fp16": True,
+    "packing": True,
+    "max_seq_length": 1024,
+    "per_device_train_batch_size": 12,
+    "group_by_length": False,
+}
 
 
 def experiment(tmp_path: Path, body: str) -> Path:
@@ -26,12 +31,17 @@ def experiment(tmp_path: Path, body: str) -> Path:
 
 
 def test_max_steps_runs_are_estimated_per_run_and_the_grid_sums_gpu_hours(tmp_path):
-    runs = plan(experiment(tmp_path, """
+    runs = plan(
+        experiment(
+            tmp_path,
+            """
         model: {name_or_path: NousResearch/Llama-2-7b-chat-hf}
         resources: {gpu_type: t4}
         train: {max_steps: 500, fp16: true, packing: true, max_seq_length: 1024}
         grid: {train.per_device_train_batch_size: [4, 12]}
-        """)).runs
+        """,
+        )
+    ).runs
     small, large = time_estimate.estimate_grid(runs)
     assert small.steps == large.steps == 500
     assert large.tokens == pytest.approx(3 * small.tokens)
@@ -64,10 +74,16 @@ def test_a_hub_dataset_without_max_steps_says_what_to_set(tmp_path):
 
 def test_a_t4_is_estimated_an_order_of_magnitude_slower_than_an_h100(tmp_path):
     def seconds(gpu):
-        run = RunConfig.model_validate({"name": "te", "run_id": "0123456789", "run_dir": str(tmp_path),
-                                        "model": {"name_or_path": "llama-2-7b"},
-                                        "train": {**T4_FAST, "max_steps": 100},
-                                        "resources": {"gpu_type": gpu}})
+        run = RunConfig.model_validate(
+            {
+                "name": "te",
+                "run_id": "0123456789",
+                "run_dir": str(tmp_path),
+                "model": {"name_or_path": "llama-2-7b"},
+                "train": {**T4_FAST, "max_steps": 100},
+                "resources": {"gpu_type": gpu},
+            }
+        )
         return time_estimate.estimate_time(run).seconds
 
     assert 10 < seconds("t4") / seconds("h100") < 25
@@ -77,11 +93,17 @@ def test_predicted_training_time_is_within_20_percent_of_the_measured_h200_runs(
     checked = []
     for r in json.loads(RESULTS.read_text())["results"]:
         size = "13b" if r["profile"].startswith("13b:") else "7b"
-        run = RunConfig.model_validate({
-            "name": "bench", "run_id": "0123456789", "run_dir": str(tmp_path),
-            "model": {"name_or_path": f"llama-2-{size}"}, "train": {"padding_free": False, **r["train"]},
-            "lora": {"target_modules": r["lora_target_modules"]}, "resources": {"gpu_type": "h200"},
-        })
+        run = RunConfig.model_validate(
+            {
+                "name": "bench",
+                "run_id": "0123456789",
+                "run_dir": str(tmp_path),
+                "model": {"name_or_path": f"llama-2-{size}"},
+                "train": {"padding_free": False, **r["train"]},
+                "lora": {"target_modules": r["lora_target_modules"]},
+                "resources": {"gpu_type": "h200"},
+            }
+        )
         if not r["train"]["packing"]:
             continue  # the notebook's padded tokens depend on its dataset (word-level here, not 4 chars a token)
         predicted = time_estimate.estimate_time(run).seconds
@@ -96,12 +118,17 @@ def test_selective_checkpointing_is_estimated_faster_and_larger_than_full(tmp_pa
     says so in both the time and the memory it estimates."""
     from launcher import preflight
 
-    runs = plan(experiment(tmp_path, f"""
+    runs = plan(
+        experiment(
+            tmp_path,
+            f"""
         model: {{name_or_path: NousResearch/Llama-2-7b-chat-hf}}
         resources: {{gpu_type: t4}}
         train: {json.dumps({**T4_FAST, "max_steps": 100})}
         grid: {{train.gradient_checkpointing: [true, selective]}}
-        """)).runs
+        """,
+        )
+    ).runs
     full, selective = time_estimate.estimate_grid(runs)
     assert selective.seconds < full.seconds
     full_mem, selective_mem = (preflight.estimate_run(run).estimated_peak_bytes for run in runs)

@@ -22,10 +22,21 @@ DATA = "qlaunch-test/counting"
 
 def qlaunch(folder: Path, *args, endpoint: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(PYTHONPATH=str(ROOT), QLAUNCH_HOME=str(folder / "qlaunch-home"), COLUMNS="250",
-               HF_HOME=str(folder / "user-hf-home"), **({"HF_ENDPOINT": endpoint} if endpoint else {}))  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=folder, timeout=300)  # fmt: skip
+    env.update(
+        PYTHONPATH=str(ROOT),
+        QLAUNCH_HOME=str(folder / "qlaunch-home"),
+        COLUMNS="250",
+        HF_HOME=str(folder / "user-hf-home"),
+        **({"HF_ENDPOINT": endpoint} if endpoint else {}),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=folder,
+        timeout=300,
+    )
 
 
 def estimate_rows(stdout: str) -> dict[str, list[str]]:
@@ -42,16 +53,30 @@ def estimate_rows(stdout: str) -> dict[str, list[str]]:
 def test_a_prefetched_hub_dataset_gets_a_time_estimate(tmp_path):
     hub = FakeHub().start()
     try:
-        hub.commit("model", MODEL, {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}",
-                                    "model.safetensors": b"0" * 1000})  # fmt: skip
+        hub.commit(
+            "model",
+            MODEL,
+            {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}", "model.safetensors": b"0" * 1000},
+        )
         rows = ROWS * 10  # 240 examples
         hub.commit("dataset", DATA, {"data/train.jsonl": rows_file(rows), "README.md": b"# counting\n"})
         experiment = tmp_path / "exp.yaml"
-        experiment.write_text(yaml.safe_dump({
-            "name": "hubtime", "model": {"name_or_path": MODEL}, "dataset": {"path": DATA, "format": "instruction"},
-            "resources": {"gpu_type": "t4"}, "storage": {"root": str(tmp_path / "runs")},
-            "train": {"num_train_epochs": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
-        }))  # fmt: skip
+        experiment.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "hubtime",
+                    "model": {"name_or_path": MODEL},
+                    "dataset": {"path": DATA, "format": "instruction"},
+                    "resources": {"gpu_type": "t4"},
+                    "storage": {"root": str(tmp_path / "runs")},
+                    "train": {
+                        "num_train_epochs": 2,
+                        "per_device_train_batch_size": 4,
+                        "gradient_accumulation_steps": 1,
+                    },
+                }
+            )
+        )
         before = qlaunch(tmp_path, "plan", experiment)
         assert before.returncode == 0, before.stderr
         (row,) = estimate_rows(before.stdout).values()

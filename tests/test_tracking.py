@@ -62,9 +62,25 @@ def mlflow_server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     log = open(folder / "server.log", "ab")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--default-artifact-root", str(folder / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=folder,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(folder / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=folder,
     )
     try:
         wait_until(lambda: _healthy(url) or server.poll() is not None, 180, "the MLflow server", interval=0.5)
@@ -94,8 +110,13 @@ def tracked_grid(tmp_path_factory, tiny_plan, mlflow_server):
     plan = tiny_plan(
         folder,
         dataset={"path": "data.jsonl", "test_size": 0.25},
-        train={"max_steps": STEPS, "save_steps": SAVE_EVERY, "logging_steps": 1,
-               "eval_strategy": "steps", "eval_steps": SAVE_EVERY},
+        train={
+            "max_steps": STEPS,
+            "save_steps": SAVE_EVERY,
+            "logging_steps": 1,
+            "eval_strategy": "steps",
+            "eval_steps": SAVE_EVERY,
+        },
         tracking={"report_to": ["tensorboard", "wandb", "mlflow"], "wandb_mode": "offline", "tags": ["ci"]},
         kubernetes={"secrets": [{"env": "WANDB_API_KEY", "name": "wandb", "key": "api-key"}]},
         grid={"train.learning_rate": [1.0e-4, 2.0e-4]},
@@ -111,8 +132,9 @@ def tracked_grid(tmp_path_factory, tiny_plan, mlflow_server):
             job.send_signal(stop)
             code = job.wait(timeout=300)
             assert code == (EXIT_PREEMPTED if stop == signal.SIGTERM else -signal.SIGKILL), tail(paths.train_log)
-            assert subprocess.call(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600) == 0, \
-                tail(paths.train_log)
+            assert (
+                subprocess.call(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600) == 0
+            ), tail(paths.train_log)
         assert events(run, "end")[-1]["step"] == STEPS
     return plan
 
@@ -128,8 +150,8 @@ def wandb_records(path: Path):
         if left < 7:  # a block's tail too short for a header is padding
             offset += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[offset:offset + 7])
-        chunk, offset = data[offset + 7:offset + 7 + length], offset + 7 + length
+        _crc, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        chunk, offset = data[offset + 7 : offset + 7 + length], offset + 7 + length
         if kind == 0 and length == 0:
             continue
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -180,12 +202,21 @@ def test_wandb_offline_keeps_one_run_per_grid_run_across_attempts(tracked_grid):
         # (the SIGKILLed attempt's wandb-core dies before it flushes: its file may be empty)
         records = [r for path in paths for r in wandb_records(next(path.glob("run-*.wandb")))]
         assert {r.run.run_id for r in records if r.WhichOneof("record_type") == "run"} == {run_id}
-        config = {item.key: json.loads(item.value_json) for r in records
-                  if r.WhichOneof("record_type") == "config" for item in r.config.update}
+        config = {
+            item.key: json.loads(item.value_json)
+            for r in records
+            if r.WhichOneof("record_type") == "config"
+            for item in r.config.update
+        }
         assert config["grid"] == {"train.learning_rate": run.train.learning_rate}
         assert config["qlaunch"]["run_id"] == run.run_id and config["qlaunch"]["tracking"]["tags"] == ["ci"]
-        steps = {json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "history"
-                 for item in r.history.item if "/".join(item.nested_key or [item.key]) == "train/global_step"}
+        steps = {
+            json.loads(item.value_json)
+            for r in records
+            if r.WhichOneof("record_type") == "history"
+            for item in r.history.item
+            if "/".join(item.nested_key or [item.key]) == "train/global_step"
+        }
         assert max(steps) == STEPS
 
 
@@ -219,9 +250,22 @@ def test_no_secret_in_any_rendered_file_or_log(tracked_grid, mlflow_server, tmp_
     for backend in ("slurm", "kubernetes"):
         out = tmp_path / backend
         result = subprocess.run(
-            [sys.executable, "-m", "launcher.cli", "render", str(tracked_grid.source), "-b", backend, "-o", str(out),
-             "--skip-input-checks"],
-            env=env, cwd=REPO, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "render",
+                str(tracked_grid.source),
+                "-b",
+                backend,
+                "-o",
+                str(out),
+                "--skip-input-checks",
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
         assert result.returncode == 0, result.stderr
         assert not any(secret in result.stdout + result.stderr for secret in SECRETS.values())
@@ -254,8 +298,14 @@ def test_a_run_asha_stops_is_closed_as_pruned_in_every_tracker(tmp_path, tiny_pl
     for n in range(3):  # three better results: this run ranks 4th and is stopped at rung 0
         (rung0 / f"other{n}.json").write_text(json.dumps({"value": 0.001 * n}))
     paths = RunPaths.of(run)
-    result = subprocess.run([sys.executable, "-m", "training.sft", str(paths.config)], cwd=tmp_path,
-                            env=_tracked_env(mlflow_server), capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "training.sft", str(paths.config)],
+        cwd=tmp_path,
+        env=_tracked_env(mlflow_server),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert events(run, "end")[-1]["status"] == "pruned"
 
@@ -267,6 +317,10 @@ def test_a_run_asha_stops_is_closed_as_pruned_in_every_tracker(tmp_path, tiny_pl
     assert found.data.tags["qlaunch.state"] == "pruned"
     assert found.data.tags["qlaunch.pruned"].startswith("pruned @ rung 0 (eval_loss ")
     (folder,) = (_experiment_dir(plan) / "wandb").glob("offline-run-*")
-    summary = {item.key: json.loads(item.value_json) for record in wandb_records(next(folder.glob("run-*.wandb")))
-               if record.WhichOneof("record_type") == "summary" for item in record.summary.update}  # fmt: skip
+    summary = {
+        item.key: json.loads(item.value_json)
+        for record in wandb_records(next(folder.glob("run-*.wandb")))
+        if record.WhichOneof("record_type") == "summary"
+        for item in record.summary.update
+    }
     assert summary.get("qlaunch/state") == "pruned" and summary.get("qlaunch/pruned_rung") == 0

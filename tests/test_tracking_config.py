@@ -15,7 +15,9 @@ from training.tracking import tracked_run_name, wandb_run_id
 
 
 def run_config(tmp_path, **sections) -> RunConfig:
-    return RunConfig.model_validate({"name": "args", "run_id": "0123456789", "run_dir": str(tmp_path / "args" / "0123456789"), **sections})
+    return RunConfig.model_validate(
+        {"name": "args", "run_id": "0123456789", "run_dir": str(tmp_path / "args" / "0123456789"), **sections}
+    )
 
 
 def sft_config(run: RunConfig, tmp_path):
@@ -27,8 +29,11 @@ def test_no_tracker_unless_asked(tmp_path):
 
 
 def test_wandb_and_mlflow_go_to_transformers_and_tensorboard_to_qlaunchs_own_callback(tmp_path):
-    run = run_config(tmp_path, tracking={"report_to": ["tensorboard", "wandb", "mlflow"]},
-                     overrides={"train.learning_rate": 0.0002, "lora.r": 8})
+    run = run_config(
+        tmp_path,
+        tracking={"report_to": ["tensorboard", "wandb", "mlflow"]},
+        overrides={"train.learning_rate": 0.0002, "lora.r": 8},
+    )
     config = sft_config(run, tmp_path)
     assert config.report_to == ["wandb", "mlflow"]
     assert config.run_name == "0123456789-learning_rate=0.0002-r=8" == tracked_run_name(run)
@@ -43,12 +48,24 @@ def test_report_to_names_one_clear_error(tmp_path):
 
 
 def test_eval_keys_by_their_training_arguments_names(tmp_path):
-    run = run_config(tmp_path, dataset={"test_size": 0.1},
-                     train={"eval_strategy": "steps", "eval_steps": 50, "save_steps": 100,
-                            "load_best_model_at_end": True, "metric_for_best_model": "eval_loss"})
+    run = run_config(
+        tmp_path,
+        dataset={"test_size": 0.1},
+        train={
+            "eval_strategy": "steps",
+            "eval_steps": 50,
+            "save_steps": 100,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+        },
+    )
     config = sft_config(run, tmp_path)
-    assert (config.eval_strategy, config.eval_steps, config.load_best_model_at_end, config.metric_for_best_model) == \
-        ("steps", 50, True, "eval_loss")
+    assert (config.eval_strategy, config.eval_steps, config.load_best_model_at_end, config.metric_for_best_model) == (
+        "steps",
+        50,
+        True,
+        "eval_loss",
+    )
 
 
 def test_eval_without_a_held_out_split_is_refused(tmp_path):
@@ -68,8 +85,10 @@ def test_new_train_keys_at_their_defaults_keep_existing_run_ids(tmp_path):
     path.write_text("name: ids\n" + grid)
     before = [run.run_id for run in plan(path).runs]
     assert before == ["2bb5cbb06b", "1b3789eb2c"]
-    path.write_text("name: ids\ntrain: {eval_strategy: 'no', load_best_model_at_end: false}\n"
-                    "tracking: {report_to: [wandb]}\n" + grid)
+    path.write_text(
+        "name: ids\ntrain: {eval_strategy: 'no', load_best_model_at_end: false}\n"
+        "tracking: {report_to: [wandb]}\n" + grid
+    )
     assert [run.run_id for run in plan(path).runs] == before
     path.write_text("name: ids\ntrain: {eval_strategy: steps, eval_steps: 10}\ndataset: {test_size: 0.1}\n" + grid)
     evaluated = [run.run_id for run in plan(path).runs]
@@ -83,8 +102,9 @@ def test_qlaunch_tensorboard_prints_the_command_over_the_grid(tmp_path):
 
     path = tmp_path / "my exp.yaml"
     path.write_text("name: tb\nstorage: {root: runs here}\ntracking: {report_to: [tensorboard]}\n")
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "tensorboard", str(path)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "tensorboard", str(path)], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == f"tensorboard --logdir '{tmp_path / 'runs here' / 'tb' / 'tensorboard'}'"
 
 
@@ -94,7 +114,13 @@ def test_mlflow_default_file_store_finds_a_grid_runs_run_again(tmp_path, monkeyp
 
     from training.tracking import prepare
 
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS", "MLFLOW_RUN_ID", "MLFLOW_ALLOW_FILE_STORE"):
+    for key in (
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_TAGS",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_ALLOW_FILE_STORE",
+    ):
         monkeypatch.setenv(key, "")  # remembered, so whatever prepare() sets is undone after the test
         monkeypatch.delenv(key)
     run = run_config(tmp_path, tracking={"report_to": ["mlflow"]}, overrides={"train.learning_rate": 0.0002})

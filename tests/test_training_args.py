@@ -10,9 +10,7 @@ from training.arguments import Adjustments, build_sft_config, sft_kwargs
 
 
 def run_config(tmp_path, **train) -> RunConfig:
-    return RunConfig.model_validate(
-        {"name": "args", "run_id": "0123456789", "run_dir": str(tmp_path), "train": train}
-    )
+    return RunConfig.model_validate({"name": "args", "run_id": "0123456789", "run_dir": str(tmp_path), "train": train})
 
 
 def test_notebook_knobs_map_to_transformers5_and_trl1_names(tmp_path):

@@ -77,8 +77,11 @@ def test_progress_events_in_file_and_log(trained):
     assert [e["step"] for e in checkpoints] == [4, 8]  # save_steps: 4
     assert found[-1]["status"] == "completed" and found[-1]["step"] == STEPS
     # The same events, prefixed, in the job's output (what a pod log shows).
-    logged = [json.loads(line.split(PROGRESS_PREFIX, 1)[1]) for line in log.read_text().splitlines()
-              if line.startswith(PROGRESS_PREFIX)]  # fmt: skip
+    logged = [
+        json.loads(line.split(PROGRESS_PREFIX, 1)[1])
+        for line in log.read_text().splitlines()
+        if line.startswith(PROGRESS_PREFIX)
+    ]
     assert logged == found
 
 
@@ -131,8 +134,9 @@ def test_random_init_needs_only_the_models_config(tmp_path, tiny_plan, tiny_mode
     for item in tiny_model_dir.iterdir():
         if not item.name.endswith(".safetensors"):
             shutil.copy(item, shapes_only / item.name)
-    run = tiny_plan(tmp_path, model={"name_or_path": str(shapes_only), "init": "random"},
-                    train={"max_steps": 2}).runs[0]  # fmt: skip
+    run = tiny_plan(tmp_path, model={"name_or_path": str(shapes_only), "init": "random"}, train={"max_steps": 2}).runs[
+        0
+    ]
     paths = RunPaths.of(run)
     log = tmp_path / "train.log"
     assert run_job("training.sft", paths.config, log=log, cwd=tmp_path) == 0, tail(log)

@@ -39,7 +39,9 @@ def start_job(module: str, *args: str, log: Path, cwd: Path, env: dict[str, str]
     )
 
 
-def run_job(module: str, *args: str, log: Path, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None) -> int:
+def run_job(
+    module: str, *args: str, log: Path, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> int:
     process = start_job(module, *args, log=log, cwd=cwd, env=env)
     try:
         return process.wait(timeout=timeout)
@@ -83,8 +85,9 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def mount_config_map(config_maps: dict | list[dict], folder: Path, mount_path: str = "/config", *,
-                     same_path: bool = False) -> Path:  # fmt: skip
+def mount_config_map(
+    config_maps: dict | list[dict], folder: Path, mount_path: str = "/config", *, same_path: bool = False
+) -> Path:
     """What the kubelet does with a run's config volume: the run's ConfigMap and the ConfigMaps
     of its staged data files (one per file, shared by the grid), every key a file in `folder`
     (data as text, binaryData decoded), for a "pod" run on this machine. Unless the folder is

@@ -140,8 +140,7 @@ def checked_sft_args(run: RunConfig) -> dict[str, Any]:
             raise ConfigError(f"train.sft_args.{key}: set by qlaunch ({RESERVED_SFT_ARGS[key]})")
         if key not in known:
             raise ConfigError(
-                f"train.sft_args.{key}: unknown SFTConfig argument (trl {_trl_version()})"
-                f"{did_you_mean(key, known)}"
+                f"train.sft_args.{key}: unknown SFTConfig argument (trl {_trl_version()}){did_you_mean(key, known)}"
             )
     return dict(run.train.sft_args)
 

@@ -50,8 +50,10 @@ class Decision:
     def describe(self, metric: str) -> str:
         verdict = "stopped" if self.prune else "continues"
         unit = self.unit[:-1] if self.at == 1 else self.unit
-        return (f"rung {self.rung} ({self.at} {unit}): {metric} {self.value:.4f}, rank {self.rank} of "
-                f"{self.competitors} (top {self.keep} continue): {verdict}")  # fmt: skip
+        return (
+            f"rung {self.rung} ({self.at} {unit}): {metric} {self.value:.4f}, rank {self.rank} of "
+            f"{self.competitors} (top {self.keep} continue): {verdict}"
+        )
 
 
 def ledger_dir(run: RunConfig) -> Path:
@@ -67,15 +69,20 @@ def decide(run: RunConfig, rung: int, value: float) -> tuple[int, int, int, bool
     folder = ledger_dir(run) / f"rung-{rung}"
     folder.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    write_json(folder / f"{run.run_id}.json", {"run_id": run.run_id, "value": value, "time": now,
-                                                "overrides": run.overrides})  # fmt: skip
+    write_json(
+        folder / f"{run.run_id}.json", {"run_id": run.run_id, "value": value, "time": now, "overrides": run.overrides}
+    )
     entries = rung_entries(experiment_folder, rung)  # one read of the ledger: values and times
     results = {run_id: float(entry["value"]) for run_id, entry in entries.items()}
     times = {run_id: entry["time"] for run_id, entry in entries.items() if isinstance(entry.get("time"), (int, float))}
     results[run.run_id] = value
     sign = 1.0 if search.mode == "min" else -1.0
-    ahead = sum(1 for other, v in results.items() if other != run.run_id and (
-        sign * v < sign * value or (v == value and (times.get(other, now), other) < (now, run.run_id))))  # fmt: skip
+    ahead = sum(
+        1
+        for other, v in results.items()
+        if other != run.run_id
+        and (sign * v < sign * value or (v == value and (times.get(other, now), other) < (now, run.run_id)))
+    )
     rank = ahead + 1
     keep = max(len(results) // search.reduction_factor, 1)
     return rank, len(results), keep, rank > keep

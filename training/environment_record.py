@@ -62,8 +62,15 @@ def _cpu() -> tuple[str, list[str]]:
 
 
 def _scheduler() -> dict:
-    keys = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_NODEID", "SLURM_JOB_NODELIST",
-            "JOB_COMPLETION_INDEX", "RANK", "WORLD_SIZE")
+    keys = (
+        "SLURM_JOB_ID",
+        "SLURM_RESTART_COUNT",
+        "SLURM_NODEID",
+        "SLURM_JOB_NODELIST",
+        "JOB_COMPLETION_INDEX",
+        "RANK",
+        "WORLD_SIZE",
+    )
     record = {key.lower(): os.environ[key] for key in keys if key in os.environ}
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         record["kubernetes_pod"] = socket.gethostname()

@@ -161,8 +161,10 @@ def prepare(entry: Entry, force: bool) -> None:
 
 def base_key(run: RunConfig) -> str:
     """Runs with equal keys share one loaded base model."""
-    return json.dumps([run.model.model_dump(mode="json"), run.quantization.model_dump(mode="json"),
-                       run.inference.load_in_4bit], sort_keys=True)  # fmt: skip
+    return json.dumps(
+        [run.model.model_dump(mode="json"), run.quantization.model_dump(mode="json"), run.inference.load_in_4bit],
+        sort_keys=True,
+    )
 
 
 # --- generation ---------------------------------------------------------------------------------
@@ -172,8 +174,9 @@ def generation_key(run: RunConfig) -> tuple:
     return (run.inference.max_new_tokens, run.inference.temperature)
 
 
-def rows_per_batch(model, adapters_per_prompt: int, longest: int, max_new_tokens: int,
-                   rows: int = ROWS_PER_BATCH) -> int:  # fmt: skip
+def rows_per_batch(
+    model, adapters_per_prompt: int, longest: int, max_new_tokens: int, rows: int = ROWS_PER_BATCH
+) -> int:
     """Whole prompts (at least BATCH_SIZE, the per-run job's batch) × every adapter, up to
     `rows`; fewer on a GPU whose free memory would not hold the key/value cache of that many."""
     import torch
@@ -189,8 +192,14 @@ def rows_per_batch(model, adapters_per_prompt: int, longest: int, max_new_tokens
     return max(1, min(wanted, int(free * 0.6 // max(per_row, 1))))
 
 
-def answers_per_call(runs: list[RunConfig], model, adapters_per_prompt: int, longest: int, max_new_tokens: int,
-                     rows: int = ROWS_PER_BATCH) -> int:  # fmt: skip
+def answers_per_call(
+    runs: list[RunConfig],
+    model,
+    adapters_per_prompt: int,
+    longest: int,
+    max_new_tokens: int,
+    rows: int = ROWS_PER_BATCH,
+) -> int:
     """inference.batch_size where these runs set it (the smallest asked), else auto: by memory."""
     chosen = sorted({run.inference.batch_size for run in runs} - {"auto"})
     return int(chosen[0]) if chosen else rows_per_batch(model, adapters_per_prompt, longest, max_new_tokens, rows)
@@ -215,12 +224,12 @@ def generate_rows(model, tokenizer, rows: list[tuple[str, str]], settings: tuple
                 eos_token_id=tokenizer.eos_token_id,
                 **sampling,
             )
-        return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
     answers: list[str] = []
     try:
         for start in range(0, len(rows), per_batch):
-            chunk = rows[start:start + per_batch]
+            chunk = rows[start : start + per_batch]
             answers += answer(chunk, adapter_names=[adapter for _, adapter in chunk])
         return answers
     except (ValueError, TypeError) as exc:
@@ -232,7 +241,7 @@ def generate_rows(model, tokenizer, rows: list[tuple[str, str]], settings: tuple
     for who in dict.fromkeys(adapter for _, adapter in rows):
         mine = [row for row in rows if row[1] == who]
         for start in range(0, len(mine), BATCH_SIZE):
-            chunk = mine[start:start + BATCH_SIZE]
+            chunk = mine[start : start + BATCH_SIZE]
             if who == BASE:
                 with model.disable_adapter():
                     texts = answer(chunk)
@@ -258,8 +267,10 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     loaded = time.time()
-    log(f"loading base model {first.model.name_or_path} ({'4-bit' if first.inference.load_in_4bit else 'unquantized'}) "
-        f"once for {len(entries)} runs")  # fmt: skip
+    log(
+        f"loading base model {first.model.name_or_path} ({'4-bit' if first.inference.load_in_4bit else 'unquantized'}) "
+        f"once for {len(entries)} runs"
+    )
     model = load_model(first, resolve_model(first), cuda=cuda, load_in_4bit=first.inference.load_in_4bit)
     model.eval()
     job["base_loads"] += 1
@@ -308,8 +319,10 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_
         longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
         runs = [e.run for e in attached if generation_key(e.run) == settings]
         per_batch = answers_per_call(runs, model, width, longest, settings[0], batch_rows)
-        log(f"answering {len(texts)} prompts × {width} (base + adapters): {len(rows)} answers, "
-            f"{per_batch} per batch, max_new_tokens {settings[0]}")  # fmt: skip
+        log(
+            f"answering {len(texts)} prompts × {width} (base + adapters): {len(rows)} answers, "
+            f"{per_batch} per batch, max_new_tokens {settings[0]}"
+        )
         for (text, who), answer in zip(rows, generate_rows(model, tokenizer, rows, settings, per_batch)):
             answers[(settings, text, who)] = answer
     generate_seconds = time.time() - started
@@ -320,11 +333,22 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_
 
         device = torch.cuda.get_device_name(0)
     for entry in attached:
-        write_run(entry, answers, text_of, {
-            "device": device, "base_check_max_logit_diff": difference,
-            "evaluated_by": {"job": "grid", "runs": len(attached), "base_loads": 1,
-                             "load_seconds": round(load_seconds, 2), "generate_seconds": round(generate_seconds, 2)},
-        })  # fmt: skip
+        write_run(
+            entry,
+            answers,
+            text_of,
+            {
+                "device": device,
+                "base_check_max_logit_diff": difference,
+                "evaluated_by": {
+                    "job": "grid",
+                    "runs": len(attached),
+                    "base_loads": 1,
+                    "load_seconds": round(load_seconds, 2),
+                    "generate_seconds": round(generate_seconds, 2),
+                },
+            },
+        )
     del model
 
 
@@ -348,8 +372,10 @@ def write_run(entry: Entry, answers: dict, text_of, facts: dict[str, Any]) -> No
     }
     if entry.evals:
         summary.update(score(entry.evals, entry.metrics))
-    atomic_write_text(paths.inference / "results.jsonl",
-                      "".join(json.dumps(i.record(), ensure_ascii=False) + "\n" for i in everything))  # fmt: skip
+    atomic_write_text(
+        paths.inference / "results.jsonl",
+        "".join(json.dumps(i.record(), ensure_ascii=False) + "\n" for i in everything),
+    )
     summary["seconds"] = round(facts["evaluated_by"]["load_seconds"] + facts["evaluated_by"]["generate_seconds"], 2)
     write_json(paths.inference / "summary.json", summary)
     steps = int((json.loads(paths.metrics.read_text()) or {}).get("global_step", 0))
@@ -359,9 +385,13 @@ def write_run(entry: Entry, answers: dict, text_of, facts: dict[str, Any]) -> No
     print_table(entry.items, entry.evals, run.inference.compare_base, shown_evals=2)
     for metric in summary.get("metrics", []):
         base = f"base {metric['base']:.2f} → " if "base" in metric else ""
-        log(f"run {run.run_id} metric {metric['name']}: {base}tuned {metric['tuned']:.2f} ({metric['n']} held-out examples)")
+        log(
+            f"run {run.run_id} metric {metric['name']}: {base}tuned {metric['tuned']:.2f} ({metric['n']} held-out examples)"
+        )
     with open(paths.infer_log, "a") as handle:  # `qlaunch logs --infer` of the run points here
-        handle.write(f"[qlaunch] evaluated by the grid evaluation job; its log: {paths.root.parent / grid_evaluation.FOLDER / grid_evaluation.LOG_FILE}\n")
+        handle.write(
+            f"[qlaunch] evaluated by the grid evaluation job; its log: {paths.root.parent / grid_evaluation.FOLDER / grid_evaluation.LOG_FILE}\n"
+        )
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -371,9 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate_grid", description=__doc__.splitlines()[0])
     parser.add_argument("runs_file", help="a file listing one run.yaml (or run folder) per line")
     parser.add_argument("--force", action="store_true", help="evaluate runs already scored on their eval set too")
-    parser.add_argument("--rows-per-batch", type=int, default=ROWS_PER_BATCH,
-                        help=f"answers per mixed batch, whole prompts × every adapter (default {ROWS_PER_BATCH}; "
-                        f"at least {BATCH_SIZE} prompts)")  # fmt: skip
+    parser.add_argument(
+        "--rows-per-batch",
+        type=int,
+        default=ROWS_PER_BATCH,
+        help=f"answers per mixed batch, whole prompts × every adapter (default {ROWS_PER_BATCH}; "
+        f"at least {BATCH_SIZE} prompts)",
+    )
     args = parser.parse_args(argv)
     quiet_job_logs()  # before bitsandbytes and transformers are imported
     started = time.time()
@@ -406,14 +440,20 @@ def main(argv: list[str] | None = None) -> int:
                     entry.drop("not evaluated", f"the evaluation of its base model failed: {_one_line(exc)}")
 
     outcome = {e.label: {"outcome": e.outcome, **({"why": e.why} if e.why else {})} for e in entries}
-    record = {"runs": outcome, "base_loads": job["base_loads"], "seconds": round(time.time() - started, 2),
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    record = {
+        "runs": outcome,
+        "base_loads": job["base_loads"],
+        "seconds": round(time.time() - started, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     known = [e.run for e in entries if e.run is not None]
     if known:
         write_json(grid_evaluation.folder(known) / grid_evaluation.OUTCOMES_FILE, record)
     counts = {name: sum(e.outcome == name for e in entries) for name in ("evaluated", "skipped", "not evaluated")}
-    log(f"grid evaluation: {counts['evaluated']} evaluated, {counts['skipped']} already scored, "
-        f"{counts['not evaluated']} not evaluated; base model loaded {job['base_loads']}× in {record['seconds']:.0f} s")  # fmt: skip
+    log(
+        f"grid evaluation: {counts['evaluated']} evaluated, {counts['skipped']} already scored, "
+        f"{counts['not evaluated']} not evaluated; base model loaded {job['base_loads']}× in {record['seconds']:.0f} s"
+    )
     for entry in entries:
         if entry.outcome == "not evaluated":
             log(f"not evaluated: {entry.label}: {entry.why}")

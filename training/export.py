@@ -74,8 +74,9 @@ def _texts(run: RunConfig, tokenizer, prompts: list[str]) -> list[str]:
     return [without_leading_bos(format_prompt(run, tokenizer, p), tokenizer) for p in prompts]
 
 
-def probe(run: RunConfig, model, tokenizer, prompts: list[str], references: list[str | None], forced: list[str] | None,
-          metric) -> Probe:  # fmt: skip
+def probe(
+    run: RunConfig, model, tokenizer, prompts: list[str], references: list[str | None], forced: list[str] | None, metric
+) -> Probe:
     """Greedy answers, the headline metric on the prompts with a reference, and the logits on
     each prompt followed by `forced` (the unmerged model's answers; None: this model's own)."""
     import torch
@@ -108,7 +109,11 @@ def compare(reference: Probe, candidate: Probe, n_scored: int) -> dict[str, Any]
         "metric": candidate.metric,
     }
     tolerance = max(METRIC_TOLERANCE, 1 / n_scored) if n_scored else 0.0
-    metric_ok = reference.metric is None or candidate.metric is None or abs(candidate.metric - reference.metric) <= tolerance + 1e-9
+    metric_ok = (
+        reference.metric is None
+        or candidate.metric is None
+        or abs(candidate.metric - reference.metric) <= tolerance + 1e-9
+    )
     result["passes"] = bool(agree >= ANSWER_AGREEMENT and metric_ok)
     return result
 
@@ -194,10 +199,16 @@ def export(run: RunConfig, paths: RunPaths, out: Path, merge: bool, gguf_type: s
 
 def _build(run: RunConfig, paths: RunPaths, staging: Path, merge: bool, gguf_type: str | None) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "run_id": run.run_id, "experiment": run.name, "run_dir": str(paths.root), "qlaunch_version": __version__,
-        "base_model": run.model.name_or_path, "gguf_file": run.model.gguf_file, "overrides": run.overrides,
-        "created_at": round(time.time(), 3), "kind": "merged" if merge else "adapter",
-    }  # fmt: skip
+        "run_id": run.run_id,
+        "experiment": run.name,
+        "run_dir": str(paths.root),
+        "qlaunch_version": __version__,
+        "base_model": run.model.name_or_path,
+        "gguf_file": run.model.gguf_file,
+        "overrides": run.overrides,
+        "created_at": round(time.time(), 3),
+        "kind": "merged" if merge else "adapter",
+    }
     summary = read_json(paths.inference / "summary.json") or {}
     if isinstance(summary.get("metric"), dict):
         record["eval_metric"] = summary["metric"]
@@ -231,17 +242,24 @@ def _build(run: RunConfig, paths: RunPaths, staging: Path, merge: bool, gguf_typ
     reference = probe(run, model, tokenizer, prompts, references, None, metric)
     del model
     check: dict[str, Any] = {
-        "prompts": len(prompts), "eval_examples": len(evals), "metric_name": name, "unmerged_metric": reference.metric,
+        "prompts": len(prompts),
+        "eval_examples": len(evals),
+        "metric_name": name,
+        "unmerged_metric": reference.metric,
         "answer_agreement_required": ANSWER_AGREEMENT,
-        "metric_tolerance": max(METRIC_TOLERANCE, 1 / len(evals)) if evals else None, "candidates": {},
-    }  # fmt: skip
+        "metric_tolerance": max(METRIC_TOLERANCE, 1 / len(evals)) if evals else None,
+        "candidates": {},
+    }
     candidates = staging / ".candidates"
     for kind in CANDIDATES:
         log(f"merge check: the adapter merged into the {kind} base")
         model = merged(run, source, paths, kind)
         model.save_pretrained(candidates / kind)
-        result = compare(reference, probe(run, _evaluated(model, cuda), tokenizer, prompts, references,
-                                          reference.answers, metric), len(evals))  # fmt: skip
+        result = compare(
+            reference,
+            probe(run, _evaluated(model, cuda), tokenizer, prompts, references, reference.answers, metric),
+            len(evals),
+        )
         check["candidates"][kind] = result
         log(f"merge check {kind}: " + ", ".join(f"{k} {v}" for k, v in result.items()))
         del model
@@ -279,8 +297,13 @@ def gguf_check(run: RunConfig, staging: Path, gguf_type: str, tokenizer, prompts
     texts = _texts(run, tokenizer, prompts)
     same_ids = all(tokenizer(t).input_ids == gguf_tokenizer(t).input_ids for t in texts)
     result = compare(reference, probe(run, loaded, tokenizer, prompts, references, reference.answers, metric), n_scored)
-    result.update(file=filename, type=gguf_type, bytes=(staging / filename).stat().st_size,
-                  tokenizer_ids_equal=same_ids, merged_metric=reference.metric)  # fmt: skip
+    result.update(
+        file=filename,
+        type=gguf_type,
+        bytes=(staging / filename).stat().st_size,
+        tokenizer_ids_equal=same_ids,
+        merged_metric=reference.metric,
+    )
     log("gguf check: " + ", ".join(f"{k} {v}" for k, v in result.items()))
     if not (result["passes"] and same_ids):
         raise MergeRefused(f"the GGUF file does not answer like the merged model: {json.dumps(result)}")
@@ -302,10 +325,14 @@ def model_card(run: RunConfig, paths: RunPaths, record: dict[str, Any]) -> str:
         "---",
         f"# {run.name} / {run.run_id}",
         "",
-        f"QLoRA fine-tune of `{run.model.name_or_path}`" + (f" (`{run.model.gguf_file}`)" if run.model.gguf_file else "")
+        f"QLoRA fine-tune of `{run.model.name_or_path}`"
+        + (f" (`{run.model.gguf_file}`)" if run.model.gguf_file else "")
         + f", trained with qlaunch {record['qlaunch_version']} (experiment `{run.name}`, run `{run.run_id}`). "
-        + ("The adapter merged into the base model (float16)." if merged_kind else "The LoRA adapter alone; "
-           "load it on the base model with `PeftModel.from_pretrained`."),
+        + (
+            "The adapter merged into the base model (float16)."
+            if merged_kind
+            else "The LoRA adapter alone; load it on the base model with `PeftModel.from_pretrained`."
+        ),
         "",
         "## Recipe",
         "",
@@ -322,26 +349,42 @@ def model_card(run: RunConfig, paths: RunPaths, record: dict[str, Any]) -> str:
     metric = record.get("eval_metric")
     if metric:
         base = f"{metric['base']:.2f} → " if "base" in metric else ""
-        lines += ["", f"**{metric['name']}** on {metric['n']} held-out examples: base {base}tuned {metric['tuned']:.2f}."]
+        lines += [
+            "",
+            f"**{metric['name']}** on {metric['n']} held-out examples: base {base}tuned {metric['tuned']:.2f}.",
+        ]
     check = record.get("merge_check")
     if check:
-        lines += ["", "## Merge check", "",
-                  f"Each merge compared with the unmerged model (4-bit base + adapter, what was trained and evaluated) "
-                  f"on {check['prompts']} prompts. Shipped: **{check.get('chosen')}**.", "",
-                  "| merged into | max logit diff | mean logit diff | top-1 tokens agree | greedy answers agree | "
-                  f"{check['metric_name'] or 'metric'} (unmerged {check['unmerged_metric']}) |",
-                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            "## Merge check",
+            "",
+            f"Each merge compared with the unmerged model (4-bit base + adapter, what was trained and evaluated) "
+            f"on {check['prompts']} prompts. Shipped: **{check.get('chosen')}**.",
+            "",
+            "| merged into | max logit diff | mean logit diff | top-1 tokens agree | greedy answers agree | "
+            f"{check['metric_name'] or 'metric'} (unmerged {check['unmerged_metric']}) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for kind, result in check["candidates"].items():
-            lines.append(f"| {kind} | {result['max_logit_diff']:.4g} | {result['mean_logit_diff']:.4g} | "
-                         f"{result['top1_token_agreement']:.3f} | {result['answer_agreement']:.3f} | {result['metric']} |")  # fmt: skip
+            lines.append(
+                f"| {kind} | {result['max_logit_diff']:.4g} | {result['mean_logit_diff']:.4g} | "
+                f"{result['top1_token_agreement']:.3f} | {result['answer_agreement']:.3f} | {result['metric']} |"
+            )
     gguf = record.get("gguf")
     if gguf:
-        lines += ["", "## GGUF", "",
-                  f"`{gguf['file']}` ({gguf['type']}), loaded back with transformers: greedy answers agree with the "
-                  f"merged model's on {gguf['answer_agreement']:.0%} of the prompts, max logit diff "
-                  f"{gguf['max_logit_diff']:.4g}.", "",
-                  f"    llama-cli -m {gguf['file']} -cnv", "",
-                  f"Ollama: a Modelfile with `FROM ./{gguf['file']}`, then `ollama create {run.name} -f Modelfile`."]  # fmt: skip
+        lines += [
+            "",
+            "## GGUF",
+            "",
+            f"`{gguf['file']}` ({gguf['type']}), loaded back with transformers: greedy answers agree with the "
+            f"merged model's on {gguf['answer_agreement']:.0%} of the prompts, max logit diff "
+            f"{gguf['max_logit_diff']:.4g}.",
+            "",
+            f"    llama-cli -m {gguf['file']} -cnv",
+            "",
+            f"Ollama: a Modelfile with `FROM ./{gguf['file']}`, then `ollama create {run.name} -f Modelfile`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -363,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_env(run)
     if input_errors(run, args.run, ("model", "inference") if args.merge else ("model",)):
         return EXIT_CONFIG
+
     def work() -> int:
         out = Path(args.out).expanduser().resolve()
         record = export(run, RunPaths.of(run), out, args.merge, args.gguf)

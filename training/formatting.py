@@ -41,7 +41,6 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 LLAMA2_BOS, LLAMA2_EOS = "<s>", "</s>"
 
 
-
 @dataclass(frozen=True)
 class Turn:
     user: str
@@ -81,8 +80,7 @@ def detect_format(run: RunConfig, columns: Iterable[str]) -> str:
         missing = [c for c in needed_fields(ds, ds.format).values() if c not in columns]
         if missing:
             raise ConfigError(
-                f"dataset.format: {ds.format!r} needs column(s) {missing} "
-                f"(the dataset has: {sorted(columns)})"
+                f"dataset.format: {ds.format!r} needs column(s) {missing} (the dataset has: {sorted(columns)})"
             )
         return ds.format
     fmt = auto_format(ds, columns)
@@ -114,7 +112,9 @@ def _as_role_content(message: Any) -> Any:
     return message
 
 
-def message_turns(messages: list[dict[str, Any]], default_system: str | None, where: str) -> tuple[str | None, list[Turn]]:
+def message_turns(
+    messages: list[dict[str, Any]], default_system: str | None, where: str
+) -> tuple[str | None, list[Turn]]:
     """A conversation as (system, turns); roles must alternate user/assistant."""
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: expected a non-empty list of {{role, content}} messages")
@@ -215,14 +215,18 @@ def adds_bos(tokenizer) -> bool:
     if bos is None:
         return False
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(with_special) and with_special[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+    return (
+        bool(with_special)
+        and with_special[0] == bos
+        and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+    )
 
 
 def without_leading_bos(text: str, tokenizer) -> str:
     """Drop a BOS the text starts with when the tokenizer adds its own: never two BOS tokens."""
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and adds_bos(tokenizer):
-        return text[len(bos):]
+        return text[len(bos) :]
     return text
 
 
@@ -240,8 +244,7 @@ def load_records(run: RunConfig, token: str | None = None):
             kind = LOCAL_FORMATS.get(local.suffix.lower())
             if kind is None:
                 raise ConfigError(
-                    f"dataset.path: {local}: unsupported file type {local.suffix!r} "
-                    f"(use {', '.join(LOCAL_FORMATS)})"
+                    f"dataset.path: {local}: unsupported file type {local.suffix!r} (use {', '.join(LOCAL_FORMATS)})"
                 )
             data = datasets.load_dataset(kind, data_files=str(local), split=ds.split)
         elif local is not None:

@@ -25,8 +25,11 @@ def permute(weights, n_head: int, n_head_kv: int | None):
     """llama.cpp's LlamaModel.permute: HF's rotate-half layout → GGML's interleaved pairs."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))  # fmt: skip
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _vocab(folder: Path):

@@ -60,12 +60,17 @@ def release_request(env: dict[str, str]) -> urllib.request.Request:
     url = f"{_api_base(env)}/apis/batch/v1/namespaces/{namespace}/jobs/{env[JOB_ENV]}"
     body = env[PATCH_ENV].encode()
     json.loads(body)  # a broken patch is a rendering bug: fail here, not at the server
-    return urllib.request.Request(url, data=body, method="PATCH", headers={
-        "Authorization": f"Bearer {token}",
-        "Content-Type": "application/merge-patch+json",
-        "Accept": "application/json",
-        "User-Agent": "qlaunch-training-handoff",
-    })  # fmt: skip
+    return urllib.request.Request(
+        url,
+        data=body,
+        method="PATCH",
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/merge-patch+json",
+            "Accept": "application/json",
+            "User-Agent": "qlaunch-training-handoff",
+        },
+    )
 
 
 def release(env: dict[str, str], attempts: int = ATTEMPTS, retry_seconds: float = RETRY_SECONDS) -> None:

@@ -80,7 +80,7 @@ def read_prompts_file(path: Path, key: str) -> list[str]:
                 row = json.loads(line)
                 prompts.append(str(row["prompt"]))
             except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"{path}:{number}: expected a JSON object with a \"prompt\" field") from None
+                raise ConfigError(f'{path}:{number}: expected a JSON object with a "prompt" field') from None
         else:
             prompts.append(line)
     return prompts
@@ -97,11 +97,14 @@ def read_eval_file(path: Path) -> list[Item]:
             continue
         try:
             row = json.loads(line)
-            items.append(Item(str(row["prompt"]), reference=row["reference"] if isinstance(row["reference"], str) else json.dumps(row["reference"])))
+            items.append(
+                Item(
+                    str(row["prompt"]),
+                    reference=row["reference"] if isinstance(row["reference"], str) else json.dumps(row["reference"]),
+                )
+            )
         except (ValueError, KeyError, TypeError):
-            raise ConfigError(
-                f"{path}:{number}: expected a JSON object with \"prompt\" and \"reference\" fields"
-            ) from None
+            raise ConfigError(f'{path}:{number}: expected a JSON object with "prompt" and "reference" fields') from None
     if not items:
         raise ConfigError(f"inference.eval_file: {path} has no examples")
     return items
@@ -142,12 +145,14 @@ def generate(run: RunConfig, model, tokenizer, prompts: list[str]) -> list[str]:
 
     settings = run.inference
     texts = [without_leading_bos(format_prompt(run, tokenizer, p), tokenizer) for p in prompts]
-    sampling = {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": settings.temperature} if settings.temperature > 0 else {"do_sample": False}
+    )
     answers: list[str] = []
     device = next(model.parameters()).device
     size = settings.rows(BATCH_SIZE)  # inference.batch_size
     for start in range(0, len(texts), size):
-        batch = tokenizer(texts[start:start + size], return_tensors="pt", padding=True).to(device)
+        batch = tokenizer(texts[start : start + size], return_tensors="pt", padding=True).to(device)
         with torch.no_grad():
             output = model.generate(
                 **batch,
@@ -156,7 +161,7 @@ def generate(run: RunConfig, model, tokenizer, prompts: list[str]) -> list[str]:
                 eos_token_id=tokenizer.eos_token_id,
                 **sampling,
             )
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
         answers += [clean_answer(run, t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
 
@@ -215,11 +220,13 @@ def _marked(item: Item, who: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.infer",
-        description="Answer prompts with the base model and the run's adapter, side by side."
+        description="Answer prompts with the base model and the run's adapter, side by side.",
     )
     parser.add_argument("run", help="the run's run.yaml, or its run folder")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); replaces the experiment's prompts")
-    parser.add_argument("--prompts-file", help=".jsonl with a \"prompt\" field, or one prompt per line")
+    parser.add_argument(
+        "--prompt", action="append", default=[], help="a prompt (repeatable); replaces the experiment's prompts"
+    )
+    parser.add_argument("--prompts-file", help='.jsonl with a "prompt" field, or one prompt per line')
     parser.add_argument("--merge", action="store_true", help="also write the merged float16 model to <run dir>/merged/")
     parser.add_argument("--no-base", action="store_true", help="skip the base model's answers")
     args = parser.parse_args(argv)
@@ -256,8 +263,10 @@ def infer(run: RunConfig, paths: RunPaths, args) -> int:
     wait_for_training(paths)
     pruned = pruned_decision(paths.metrics)
     if pruned and not (args.prompt or args.prompts_file or args.merge):
-        log(f"run {run.run_id} was stopped early by asha ({pruned_text(pruned)}): not evaluated "
-            f"(qlaunch infer {run.run_id} --prompt ... still answers with its adapter)")  # fmt: skip
+        log(
+            f"run {run.run_id} was stopped early by asha ({pruned_text(pruned)}): not evaluated "
+            f"(qlaunch infer {run.run_id} --prompt ... still answers with its adapter)"
+        )
         return EXIT_OK
     if not (paths.adapter / "adapter_config.json").is_file():
         raise ConfigError(f"run {run.run_id} has no trained adapter yet ({paths.adapter}): train it first")

@@ -84,9 +84,17 @@ def machine_rank(explicit: int | None, env: dict[str, str]) -> int:
     return 0
 
 
-def accelerate_command(run: RunConfig, run_yaml: Path, *, gpus: int, rank: int,
-                       main_process_ip: str | None, main_process_port: int,
-                       env: dict[str, str], extra: list[str] = ()) -> list[str]:  # fmt: skip
+def accelerate_command(
+    run: RunConfig,
+    run_yaml: Path,
+    *,
+    gpus: int,
+    rank: int,
+    main_process_ip: str | None,
+    main_process_port: int,
+    env: dict[str, str],
+    extra: list[str] = (),
+) -> list[str]:
     """`accelerate launch` for this node. `gpus`: GPUs this node uses (0: CPU)."""
     nodes = run.resources.nodes
     per_node = max(gpus, 1)
@@ -109,8 +117,14 @@ def accelerate_command(run: RunConfig, run_yaml: Path, *, gpus: int, rank: int,
     if nodes > 1:
         if not main_process_ip:
             raise SystemExit(f"error: run {run.run_id} has {nodes} nodes: --main-process-ip is required")
-        command += ["--machine_rank", str(rank), "--main_process_ip", main_process_ip,
-                    "--main_process_port", str(main_process_port)]  # fmt: skip
+        command += [
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            main_process_ip,
+            "--main_process_port",
+            str(main_process_port),
+        ]
     return command + list(extra) + ["-m", "training.sft", str(run_yaml)]
 
 
@@ -228,11 +242,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     parser.add_argument("run_config", help="the run's run.yaml (or its run folder)")
     processes = os.environ.get(PROCESSES_ENV, "")
-    parser.add_argument("--processes", type=int, default=int(processes) if processes.isdigit() else None,
-                        help=f"GPUs (processes) on this node; default: ${PROCESSES_ENV}, else resources.gpus_per_node, "
-                             "at most the visible GPUs; 0 or no CUDA: one CPU process")  # fmt: skip
-    parser.add_argument("--machine-rank", type=int, default=None,
-                        help="this node's rank; default: $SLURM_NODEID, $JOB_COMPLETION_INDEX, 0")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=int(processes) if processes.isdigit() else None,
+        help=f"GPUs (processes) on this node; default: ${PROCESSES_ENV}, else resources.gpus_per_node, "
+        "at most the visible GPUs; 0 or no CUDA: one CPU process",
+    )
+    parser.add_argument(
+        "--machine-rank",
+        type=int,
+        default=None,
+        help="this node's rank; default: $SLURM_NODEID, $JOB_COMPLETION_INDEX, 0",
+    )
     parser.add_argument("--main-process-ip", help="host of rank 0 (multi-node runs)")
     from launcher.job.protocol import MAIN_PROCESS_PORT
 
@@ -255,9 +277,15 @@ def processes_on_this_node(args: argparse.Namespace, run: RunConfig) -> int:
 def node_command(args: argparse.Namespace, extra: list[str], run: RunConfig, env: dict[str, str]) -> list[str]:
     """The accelerate command for this node, from the options and the run config."""
     return accelerate_command(
-        run, Path(args.run_config).resolve(), gpus=processes_on_this_node(args, run), rank=machine_rank(args.machine_rank, env),
-        main_process_ip=args.main_process_ip, main_process_port=args.main_process_port, env=env, extra=extra,
-    )  # fmt: skip
+        run,
+        Path(args.run_config).resolve(),
+        gpus=processes_on_this_node(args, run),
+        rank=machine_rank(args.machine_rank, env),
+        main_process_ip=args.main_process_ip,
+        main_process_port=args.main_process_port,
+        env=env,
+        extra=extra,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     command = node_command(args, accelerate_args, run, env)
     busy = earlier_attempt_workers(paths, args, run, env, stop)
     if busy:
-        _say(f"run {run.run_id} is still being trained by an earlier attempt: {'; '.join(h.describe() for h in busy)}. "
-             "Not starting a second writer of its folder: stop those processes first.")  # fmt: skip
+        _say(
+            f"run {run.run_id} is still being trained by an earlier attempt: {'; '.join(h.describe() for h in busy)}. "
+            "Not starting a second writer of its folder: stop those processes first."
+        )
         return EXIT_FAILED
     if stop.received is not None:
         _say(f"got {signal.Signals(stop.received).name} before training started: stopping")
@@ -293,8 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(request_dir, ignore_errors=True)
 
 
-def run_workers(command: list[str], env: dict[str, str], stop: StopForwarder, run: RunConfig,
-                paths: RunPaths, args: argparse.Namespace) -> int:  # fmt: skip
+def run_workers(
+    command: list[str],
+    env: dict[str, str],
+    stop: StopForwarder,
+    run: RunConfig,
+    paths: RunPaths,
+    args: argparse.Namespace,
+) -> int:
     # One stop request must reach accelerate and every worker. As the leader of its own process
     # group (the local backend's process, a container's PID 1) training.launch keeps them in
     # that group, so that whoever stops the job by group (the local backend's SIGKILL on a second
@@ -322,8 +358,9 @@ def run_workers(command: list[str], env: dict[str, str], stop: StopForwarder, ru
     return code
 
 
-def earlier_attempt_workers(paths: RunPaths, args: argparse.Namespace, run: RunConfig,
-                            env: dict[str, str], stop: StopForwarder) -> list:  # fmt: skip
+def earlier_attempt_workers(
+    paths: RunPaths, args: argparse.Namespace, run: RunConfig, env: dict[str, str], stop: StopForwarder
+) -> list:
     """Live processes that hold this node's ranks of the run (an earlier attempt's workers),
     after giving them EARLIER_ATTEMPT_GRACE_S to die."""
     per_node = max(processes_on_this_node(args, run), 1)

@@ -49,19 +49,27 @@ def padding_free_decision(
     """(flatten each micro-batch into one row, the one log line saying why). `auto` stops where
     the row could outgrow PADDING_FREE_MAX_ROW tokens (SDPA's mask grows with its square)."""
     from launcher.job.config import PADDING_FREE_MAX_ROW
+
     if packing:
         return False, "padding-free batches: packed rows already carry no padding (train.packing: true)"
     if setting is False:
-        return False, "padding-free batches: off (train.padding_free: false): micro-batches padded to their longest example"
+        return (
+            False,
+            "padding-free batches: off (train.padding_free: false): micro-batches padded to their longest example",
+        )
     asked = "train.padding_free: true" if setting is True else "auto"
     if batch_size < 2 and setting == "auto":
         return False, f"padding-free batches: off ({asked}; one example per micro-batch: nothing is padded)"
     if setting == "auto" and batch_size * (max_length or 0) > PADDING_FREE_MAX_ROW:
-        return False, (f"padding-free batches: off ({asked}; a row of {batch_size} x {max_length} tokens would "
-                       f"exceed {PADDING_FREE_MAX_ROW}, and SDPA's mask grows with its square: "
-                       "train.packing: true trains such budgets without padding)")
-    return True, (f"padding-free batches: on ({asked}): each micro-batch's examples in one row, "
-                  "each attending only to itself, no padding computed")
+        return False, (
+            f"padding-free batches: off ({asked}; a row of {batch_size} x {max_length} tokens would "
+            f"exceed {PADDING_FREE_MAX_ROW}, and SDPA's mask grows with its square: "
+            "train.packing: true trains such budgets without padding)"
+        )
+    return True, (
+        f"padding-free batches: on ({asked}): each micro-batch's examples in one row, "
+        "each attending only to itself, no padding computed"
+    )
 
 
 def installed_liger_version() -> str | None:
@@ -135,9 +143,17 @@ def keep_attention_when_checkpointing(model, log) -> None:
         from transformers.modeling_layers import GradientCheckpointingLayer  # the decoder layers
 
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-        kept = sum(1 for m in layers if (getattr(m, "_gradient_checkpointing_func", None) is not None
-                                         and m._gradient_checkpointing_func.keywords.get("context_fn") is context_fn))
-        log(f"selective activation checkpointing: attention outputs kept in {kept} of {len(layers)} checkpointed layers")
+        kept = sum(
+            1
+            for m in layers
+            if (
+                getattr(m, "_gradient_checkpointing_func", None) is not None
+                and m._gradient_checkpointing_func.keywords.get("context_fn") is context_fn
+            )
+        )
+        log(
+            f"selective activation checkpointing: attention outputs kept in {kept} of {len(layers)} checkpointed layers"
+        )
         return result
 
     model.activation_checkpointing_enable = activation_checkpointing_enable

@@ -66,14 +66,16 @@ def resolve_model(run: RunConfig) -> ModelSource:
     path = resolve_location(run.model.name_or_path, run, "model.name_or_path")
     source = ModelSource(path, run.model.revision, token, run.model.trust_remote_code, path)
     if run.model.gguf_file:
-        source = ModelSource(
-            str(convert_gguf(run, source)), None, token, run.model.trust_remote_code, ""
-        )
-    tokenizer = (
-        resolve_location(run.model.tokenizer, run, "model.tokenizer") if run.model.tokenizer else source.path
+        source = ModelSource(str(convert_gguf(run, source)), None, token, run.model.trust_remote_code, "")
+    tokenizer = resolve_location(run.model.tokenizer, run, "model.tokenizer") if run.model.tokenizer else source.path
+    return ModelSource(
+        source.path,
+        source.revision,
+        token,
+        source.trust_remote_code,
+        tokenizer,
+        run.model.tokenizer_revision if run.model.tokenizer else None,
     )
-    return ModelSource(source.path, source.revision, token, source.trust_remote_code, tokenizer,
-                       run.model.tokenizer_revision if run.model.tokenizer else None)
 
 
 def _cache_name(source_path: str, gguf_file: str, revision: str | None) -> str:
@@ -174,10 +176,15 @@ def device_map(cuda: bool):
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    kwargs = source.hub_kwargs() if source.tokenizer_path == source.path else {
-        "trust_remote_code": source.trust_remote_code, **({"token": source.token} if source.token else {}),
-        **({"revision": source.tokenizer_revision} if source.tokenizer_revision else {}),
-    }
+    kwargs = (
+        source.hub_kwargs()
+        if source.tokenizer_path == source.path
+        else {
+            "trust_remote_code": source.trust_remote_code,
+            **({"token": source.token} if source.token else {}),
+            **({"revision": source.tokenizer_revision} if source.tokenizer_revision else {}),
+        }
+    )
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path, **kwargs)
     if tokenizer.pad_token is None:
         # Llama 2 has no pad token; the notebook pads with EOS (right side, for training).

@@ -42,7 +42,9 @@ class PackedRowsCollator:
             n = len(ids)
             lengths = example.get("seq_lengths") or [n]
             input_ids[row, :n] = ids
-            row_labels = torch.as_tensor(example["labels"], dtype=torch.long).clone() if "labels" in example else ids.clone()
+            row_labels = (
+                torch.as_tensor(example["labels"], dtype=torch.long).clone() if "labels" in example else ids.clone()
+            )
             for key in ("completion_mask", "assistant_masks"):
                 if key in example:
                     row_labels[torch.as_tensor(example[key]) == 0] = -100

@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hold_rank(paths.root, int(os.environ.get("RANK", "0")))
     except RunFolderBusy as busy:
-        print(f"error: run {run.run_id} is still being trained by an earlier attempt's process "
-              f"({busy}): stop it before starting the run again", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: run {run.run_id} is still being trained by an earlier attempt's process "
+            f"({busy}): stop it before starting the run again",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
     # The launcher's input checks again, before transformers is even imported: a path checked
@@ -147,8 +150,10 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         from .environment_record import record_attempt
 
         environment = record_attempt(paths, attempt)
-        log(f"environment: {environment['device']}, cpu {environment['cpu_model']} "
-            f"[{' '.join(environment['cpu_flags']) or 'no avx512/amx'}], recorded in attempts/{attempt}/")
+        log(
+            f"environment: {environment['device']}, cpu {environment['cpu_model']} "
+            f"[{' '.join(environment['cpu_flags']) or 'no avx512/amx'}], recorded in attempts/{attempt}/"
+        )
     log(
         f"run {run.run_id} attempt {attempt}: "
         + (f"resuming from {latest[1].name}" if latest else "starting from scratch")
@@ -163,8 +168,10 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     log("loss: " + ("the answers only (the prompt is context)" if answer_only else "the whole text"))
     if run.train.completion_only_loss is None and answer_only:
         # The plan could not see the columns (format auto, hub dataset), so the id does not record it.
-        log("note: answer-only loss was chosen from the dataset's columns here; set dataset.format "
-            "(or train.completion_only_loss) in the experiment so the run id records it")
+        log(
+            "note: answer-only loss was chosen from the dataset's columns here; set dataset.format "
+            "(or train.completion_only_loss) in the experiment so the run id records it"
+        )
     sft_config = build_sft_config(
         run, str(paths.checkpoints), cuda=cuda, adjustments=adjustments, completion_only_loss=answer_only
     )
@@ -229,7 +236,9 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
     if use_packed_rows(trainer, model):
         log("packing: rows of max_seq_length tokens, each example attending only to itself")
     flatten, line = padding_free_decision(
-        run.train.padding_free, packing=bool(sft_config.packing), batch_size=sft_config.per_device_train_batch_size,
+        run.train.padding_free,
+        packing=bool(sft_config.packing),
+        batch_size=sft_config.per_device_train_batch_size,
         max_length=sft_config.max_length,
     )
     if not getattr(trainer, "padding_free", False):  # sft_args.padding_free: trl's own collator
@@ -304,10 +313,16 @@ def finish_pruned(run: RunConfig, paths: RunPaths, write, decision) -> int:
     from .asha import pruned_metrics, publish_pruned_adapter
 
     publish_pruned_adapter(paths, decision)
-    log(f"asha stopped this run at rung {decision.rung} (step {decision.step}) before it was preempted: "
-        "its adapter is that checkpoint's")  # fmt: skip
-    metrics = {"run_id": run.run_id, "global_step": decision.step, "eval_loss": decision.value,
-               **pruned_metrics(decision, run.search.metric)}  # fmt: skip
+    log(
+        f"asha stopped this run at rung {decision.rung} (step {decision.step}) before it was preempted: "
+        "its adapter is that checkpoint's"
+    )
+    metrics = {
+        "run_id": run.run_id,
+        "global_step": decision.step,
+        "eval_loss": decision.value,
+        **pruned_metrics(decision, run.search.metric),
+    }
     write_json(paths.metrics, metrics)
     write("end", decision.step, status="pruned")
     return EXIT_OK

@@ -104,9 +104,7 @@ def _mlflow_environment(run: RunConfig, *, is_main: bool) -> None:
         # server or database and takes concurrent runs of a grid on shared storage.
         os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     os.environ["MLFLOW_EXPERIMENT_NAME"] = run.name
-    os.environ["MLFLOW_TAGS"] = json.dumps(
-        {MLFLOW_RUN_TAG: run.run_id, **{tag: "true" for tag in run.tracking.tags}}
-    )
+    os.environ["MLFLOW_TAGS"] = json.dumps({MLFLOW_RUN_TAG: run.run_id, **{tag: "true" for tag in run.tracking.tags}})
     if is_main:  # only rank 0 logs (transformers' callback checks it too)
         os.environ["MLFLOW_RUN_ID"] = mlflow_run_for(run, uri)
 
@@ -181,8 +179,9 @@ def record_pruned(run: RunConfig, pruned: dict[str, Any], step: int) -> None:
         import wandb
 
         if wandb.run is not None:
-            wandb.run.summary.update({"qlaunch/state": "pruned", "qlaunch/pruned": text,
-                                      "qlaunch/pruned_rung": pruned.get("rung", 0)})  # fmt: skip
+            wandb.run.summary.update(
+                {"qlaunch/state": "pruned", "qlaunch/pruned": text, "qlaunch/pruned_rung": pruned.get("rung", 0)}
+            )
 
 
 def _short(value: Any) -> str:

@@ -50,5 +50,14 @@ def get_backend(name: str, **target: str | None) -> Backend:
     return backend_class(name).connect(**target)
 
 
-__all__ = ["Backend", "RunStatus", "State", "Submission", "SubmitReport", "backend_class", "canonical",
-           "get_backend", "names"]  # fmt: skip
+__all__ = [
+    "Backend",
+    "RunStatus",
+    "State",
+    "Submission",
+    "SubmitReport",
+    "backend_class",
+    "canonical",
+    "get_backend",
+    "names",
+]

@@ -162,8 +162,11 @@ class Backend(abc.ABC):
         dry_run: prepare (with the scheduler's checks) and report, submit nothing."""
         submission = self.prepare(plan, force=force, offline=dry_run == "client")
         if dry_run:
-            return SubmitReport(submitted={r: [f"{j} (dry run)" for j in jobs] for r, jobs in submission.jobs.items()},
-                                skipped=dict(submission.skipped), notes=list(submission.notes))  # fmt: skip
+            return SubmitReport(
+                submitted={r: [f"{j} (dry run)" for j in jobs] for r, jobs in submission.jobs.items()},
+                skipped=dict(submission.skipped),
+                notes=list(submission.notes),
+            )
         return self.apply(submission)
 
     def progress_events(self, plan: Plan) -> dict[str, list[dict]] | None:

@@ -109,12 +109,19 @@ class LocalBackend(Backend):
             files[f"{run.run_id}.sh"] = "\n".join(lines) + "\n"
         graded = [run for run in plan.runs if run.inference.enabled and not evaluation.per_run(run, self.name)]
         if graded:
-            files["evaluate.sh"] = "\n".join([
-                "#!/bin/sh",
-                f"# qlaunch local grid evaluation {plan.experiment.name}: after the grid's training, the runs",
-                f"# that trained (listed in {grid_evaluation.folder(graded) / grid_evaluation.RUNS_FILE}), base model loaded once",
-                shlex.join(evaluation.local_command(graded, grid_evaluation.folder(graded) / grid_evaluation.RUNS_FILE)),
-            ]) + "\n"  # fmt: skip
+            files["evaluate.sh"] = (
+                "\n".join(
+                    [
+                        "#!/bin/sh",
+                        f"# qlaunch local grid evaluation {plan.experiment.name}: after the grid's training, the runs",
+                        f"# that trained (listed in {grid_evaluation.folder(graded) / grid_evaluation.RUNS_FILE}), base model loaded once",
+                        shlex.join(
+                            evaluation.local_command(graded, grid_evaluation.folder(graded) / grid_evaluation.RUNS_FILE)
+                        ),
+                    ]
+                )
+                + "\n"
+            )
         jobs: dict[str, list[str]] = {}
         skipped: dict[str, str] = {}
         for run in plan.runs:
@@ -131,8 +138,7 @@ class LocalBackend(Backend):
                     skipped[run.run_id] = "completed"
             else:
                 jobs[run.run_id] = ["train", self._inference_phase(run)] if run.inference.enabled else ["train"]
-        return Submission(self.name, files, jobs, skipped, "runs on this machine",
-                          request=_Request(plan, force))  # fmt: skip
+        return Submission(self.name, files, jobs, skipped, "runs on this machine", request=_Request(plan, force))
 
     def _inference_phase(self, run: RunConfig) -> str:
         return "infer" if evaluation.per_run(run, self.name) else "evaluate"
@@ -171,8 +177,9 @@ class LocalBackend(Backend):
             stopping["count"] += 1
             sig = signal.SIGTERM if stopping["count"] == 1 else signal.SIGKILL
             if stopping["count"] == 1:
-                say("stopping: runs save a checkpoint and stop; `qlaunch run` again resumes them "
-                    "(Ctrl-C again to kill)")
+                say(
+                    "stopping: runs save a checkpoint and stop; `qlaunch run` again resumes them (Ctrl-C again to kill)"
+                )
             for job in running:
                 if sig == signal.SIGKILL:
                     _kill_tree(job.process)
@@ -209,8 +216,10 @@ class LocalBackend(Backend):
                     running.append(self._start_evaluation(waiting))
                     for run in waiting:
                         report.submitted.setdefault(run.run_id, []).append(str(running[-1].process.pid))
-                    say(f"grid evaluation of {len(waiting)} runs started (pid {running[-1].process.pid}): "
-                        f"base model loaded once; log {grid_evaluation.folder(waiting) / grid_evaluation.LOG_FILE}")
+                    say(
+                        f"grid evaluation of {len(waiting)} runs started (pid {running[-1].process.pid}): "
+                        f"base model loaded once; log {grid_evaluation.folder(waiting) / grid_evaluation.LOG_FILE}"
+                    )
                     waiting = []
                 if stopping["count"] and not running:
                     for run in [run for run, _ in todo] + waiting:
@@ -276,7 +285,9 @@ class LocalBackend(Backend):
             else:
                 why = outcome.get("why") or f"the evaluation job exited with {code}"
                 self._set_state(run, "failed", phase="infer", returncode=code or 1, detail=why)
-                say(f"{run.run_id} not evaluated: {why}; see {grid_evaluation.folder(job.runs) / grid_evaluation.LOG_FILE}")
+                say(
+                    f"{run.run_id} not evaluated: {why}; see {grid_evaluation.folder(job.runs) / grid_evaluation.LOG_FILE}"
+                )
 
     def _finished(self, job: _Job, code: int, say: Callable[[str], None]) -> bool:
         """Record how a job ended; True when the run's inference job should follow."""
@@ -333,8 +344,7 @@ class LocalBackend(Backend):
         elif status.state == State.FAILED:
             # "process gone": it died with no exit recorded (qlaunch killed, the machine rebooted).
             status.detail = (
-                f"exit {local.get('returncode')}" if "returncode" in local
-                else "process gone; `qlaunch run` resumes it"
+                f"exit {local.get('returncode')}" if "returncode" in local else "process gone; `qlaunch run` resumes it"
             )
         return status
 

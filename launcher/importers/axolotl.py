@@ -55,8 +55,11 @@ SFT_ARGS = {
 
 TRACKERS = ("wandb_", "mlflow_", "comet_", "use_tensorboard", "use_wandb", "use_mlflow")
 # Tracker keys with a home in qlaunch's `tracking:` section (the rest are warnings with a reason).
-TRACKER_KEYS = {"wandb_project": "tracking.project", "wandb_entity": "tracking.wandb_entity",
-                "mlflow_tracking_uri": "tracking.mlflow_uri"}  # fmt: skip
+TRACKER_KEYS = {
+    "wandb_project": "tracking.project",
+    "wandb_entity": "tracking.wandb_entity",
+    "mlflow_tracking_uri": "tracking.mlflow_uri",
+}
 TRACKER_NOT_MAPPED = {
     "wandb_name": "qlaunch names each tracked run <run id>-<grid values>, the same on every resume",
     "wandb_run_id": "qlaunch derives the W&B run id from the run id, so every attempt continues one run",
@@ -67,8 +70,15 @@ TRACKER_NOT_MAPPED = {
 }
 
 # Axolotl's Liger plugin switches: qlaunch has one (train.use_liger_kernel, auto by default).
-LIGER_KEYS = ("liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_swiglu", "liger_layer_norm",
-              "liger_cross_entropy", "liger_fused_linear_cross_entropy")
+LIGER_KEYS = (
+    "liger_rope",
+    "liger_rms_norm",
+    "liger_glu_activation",
+    "liger_swiglu",
+    "liger_layer_norm",
+    "liger_cross_entropy",
+    "liger_fused_linear_cross_entropy",
+)
 
 # Keys with a reason why they are not carried over.
 NOT_MAPPED = {
@@ -141,10 +151,27 @@ def from_axolotl(path: Path) -> Imported:
         raise ConfigError(f"{path}: base_model: missing (is this an Axolotl config?)")
 
     off: list[str] = []
-    handled = {"adapter", "load_in_4bit", "load_in_8bit", "bnb_config_kwargs", "lora_target_modules",
-               "lora_target_linear", "bf16", "fp16", "fp32", "gradient_checkpointing", "train_on_inputs",
-               "datasets", "seed", "chat_template", "eval_steps", "eval_strategy", "evaluation_strategy",
-               "plugins", *LIGER_KEYS}
+    handled = {
+        "adapter",
+        "load_in_4bit",
+        "load_in_8bit",
+        "bnb_config_kwargs",
+        "lora_target_modules",
+        "lora_target_linear",
+        "bf16",
+        "fp16",
+        "fp32",
+        "gradient_checkpointing",
+        "train_on_inputs",
+        "datasets",
+        "seed",
+        "chat_template",
+        "eval_steps",
+        "eval_strategy",
+        "evaluation_strategy",
+        "plugins",
+        *LIGER_KEYS,
+    }
     for key, value in cfg.items():
         if key in DIRECT:
             if value is not None:
@@ -195,8 +222,10 @@ def from_axolotl(path: Path) -> Imported:
     _datasets(cfg.get("datasets"), out)
     _evaluation(cfg, out)
     if out.has("dataset.test_size") and out.get("dataset.test_size") and not out.has("train.eval_strategy"):
-        out.warn("val_set_size: qlaunch evaluates the held-out split once, after training (set "
-                 "train.eval_strategy/train.eval_steps for evaluations during training)")
+        out.warn(
+            "val_set_size: qlaunch evaluates the held-out split once, after training (set "
+            "train.eval_strategy/train.eval_steps for evaluations during training)"
+        )
     if off:
         out.warn(f"off or empty in the source, nothing to carry over: {', '.join(off)}")
     out.note_unset_defaults()
@@ -211,8 +240,10 @@ def _evaluation(cfg: dict, out: Imported) -> None:
         return
     source = src(key, strategy) if strategy not in (None, "") else src("eval_steps", steps)
     if not out.get("dataset.test_size"):
-        out.warn(f"{source[len('axolotl '):]}: not mapped: qlaunch evaluates on the held-out dataset.test_size, "
-                 "and val_set_size is 0 (set both to evaluate during training)")
+        out.warn(
+            f"{source[len('axolotl ') :]}: not mapped: qlaunch evaluates on the held-out dataset.test_size, "
+            "and val_set_size is 0 (set both to evaluate during training)"
+        )
         return
     out.set("train.eval_strategy", strategy if strategy not in (None, "") else "steps", source)
     if steps:
@@ -230,8 +261,7 @@ def _trackers(cfg: dict, out: Imported, off: list[str]) -> None:
     if cfg.get("use_mlflow") or cfg.get("mlflow_tracking_uri"):
         report.append(("mlflow", "use_mlflow" if cfg.get("use_mlflow") else "mlflow_tracking_uri"))
     if report:
-        out.set("tracking.report_to", [name for name, _ in report],
-                ", ".join(src(key, cfg[key]) for _, key in report))  # fmt: skip
+        out.set("tracking.report_to", [name for name, _ in report], ", ".join(src(key, cfg[key]) for _, key in report))
     for key, target in TRACKER_KEYS.items():
         if cfg.get(key) not in (None, ""):
             out.set(target, cfg[key], src(key, cfg[key]))
@@ -245,8 +275,10 @@ def _trackers(cfg: dict, out: Imported, off: list[str]) -> None:
         elif key in TRACKER_NOT_MAPPED:
             out.warn(f"{key}: {yaml_scalar(value)}: not mapped: {TRACKER_NOT_MAPPED[key]}")
         elif key.startswith("comet_"):
-            out.warn(f"{key}: {yaml_scalar(value)}: not mapped: Comet is not supported "
-                     "(tracking.report_to: tensorboard, wandb, mlflow)")  # fmt: skip
+            out.warn(
+                f"{key}: {yaml_scalar(value)}: not mapped: Comet is not supported "
+                "(tracking.report_to: tensorboard, wandb, mlflow)"
+            )
         elif key not in TRACKER_KEYS and key not in ("use_wandb", "use_tensorboard", "use_mlflow", "wandb_mode"):
             out.warn(f"{key}: {yaml_scalar(value)}: not mapped: unknown to the importer (see the tracking: section)")
 
@@ -257,21 +289,35 @@ def _adapter(cfg: dict, out: Imported) -> None:
         source = src("adapter", adapter) if adapter == "qlora" else src("load_in_4bit", True)
         out.set("quantization.load_in_4bit", True, source)
         # Axolotl's 4-bit defaults: NF4 with double quantisation (bnb_config_kwargs overrides them).
-        kwargs = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, **(cfg.get("bnb_config_kwargs") or {})}
+        kwargs = {
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            **(cfg.get("bnb_config_kwargs") or {}),
+        }
         for key, value in kwargs.items():
-            origin = f"axolotl bnb_config_kwargs.{key}: {yaml_scalar(value)}" if key in (cfg.get("bnb_config_kwargs") or {}) else f"{source} (Axolotl's default {key})"
+            origin = (
+                f"axolotl bnb_config_kwargs.{key}: {yaml_scalar(value)}"
+                if key in (cfg.get("bnb_config_kwargs") or {})
+                else f"{source} (Axolotl's default {key})"
+            )
             if key in ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant"):
                 out.set(f"quantization.{key}", value, origin)
             else:
-                out.warn(f"bnb_config_kwargs.{key}: {yaml_scalar(value)}: not mapped (qlaunch sets only quant type and double quantisation)")
+                out.warn(
+                    f"bnb_config_kwargs.{key}: {yaml_scalar(value)}: not mapped (qlaunch sets only quant type and double quantisation)"
+                )
     elif adapter == "lora":
         out.set("quantization.load_in_4bit", False, src("adapter", adapter) + " (LoRA without 4-bit loading)")
         if cfg.get("load_in_8bit"):
-            out.warn("load_in_8bit: true: not mapped (qlaunch has no 8-bit loading): LoRA on the unquantised "
-                     "model instead, or set adapter: qlora for 4-bit")
+            out.warn(
+                "load_in_8bit: true: not mapped (qlaunch has no 8-bit loading): LoRA on the unquantised "
+                "model instead, or set adapter: qlora for 4-bit"
+            )
     else:
-        out.warn(f"adapter: {yaml_scalar(adapter)}: qlaunch trains LoRA adapters only; imported as QLoRA "
-                 "(4-bit NF4 + LoRA), not a full fine-tune")
+        out.warn(
+            f"adapter: {yaml_scalar(adapter)}: qlaunch trains LoRA adapters only; imported as QLoRA "
+            "(4-bit NF4 + LoRA), not a full fine-tune"
+        )
     if cfg.get("load_in_8bit") and adapter == "qlora":
         out.warn("load_in_8bit: true: ignored, adapter: qlora loads in 4 bits")
 
@@ -283,7 +329,11 @@ def _lora_targets(cfg: dict, out: Imported) -> None:
         if modules:
             out.warn(f"lora_target_modules: {yaml_scalar(modules)}: covered by lora_target_linear (all-linear)")
     elif modules:
-        out.set("lora.target_modules", modules if isinstance(modules, list) else [modules], src("lora_target_modules", modules))
+        out.set(
+            "lora.target_modules",
+            modules if isinstance(modules, list) else [modules],
+            src("lora_target_modules", modules),
+        )
 
 
 def _liger(cfg: dict, out: Imported) -> None:
@@ -298,8 +348,10 @@ def _liger(cfg: dict, out: Imported) -> None:
         out.set("train.use_liger_kernel", False, src(next(k for k in LIGER_KEYS[:5] if cfg.get(k) is False), False))
     for key in LIGER_KEYS[5:]:
         if cfg.get(key):
-            out.warn(f"{key}: true: not needed: trl's SFTTrainer computes the loss through its chunked LM head "
-                     "(the full logits are never built)")
+            out.warn(
+                f"{key}: true: not needed: trl's SFTTrainer computes the loss through its chunked LM head "
+                "(the full logits are never built)"
+            )
     plugins = [p for p in (cfg.get("plugins") or []) if "liger" not in str(p).lower()]
     if plugins:
         out.warn(f"plugins: {yaml_scalar(plugins)}: not mapped (Axolotl plugins; Liger is train.use_liger_kernel)")
@@ -323,7 +375,11 @@ def _precision(cfg: dict, out: Imported) -> None:
         return
     if out.get("quantization.load_in_4bit"):
         # Axolotl computes the 4-bit layers in the training dtype.
-        out.set("quantization.bnb_4bit_compute_dtype", dtype, f"axolotl {'bf16' if dtype == 'bfloat16' else 'fp16' if dtype == 'float16' else 'fp32'} (Axolotl's 4-bit compute dtype is the training dtype)")
+        out.set(
+            "quantization.bnb_4bit_compute_dtype",
+            dtype,
+            f"axolotl {'bf16' if dtype == 'bfloat16' else 'fp16' if dtype == 'float16' else 'fp32'} (Axolotl's 4-bit compute dtype is the training dtype)",
+        )
 
 
 def _datasets(datasets: Any, out: Imported) -> None:
@@ -353,40 +409,82 @@ def _datasets(datasets: Any, out: Imported) -> None:
     base = kind.split(":")[0] if isinstance(kind, str) else kind
     fmt = TYPES.get(kind) or (TYPES.get(base) if base == "sharegpt" else None)
     if fmt is None:
-        out.warn(f"{where}.type: {yaml_scalar(kind)}: not mapped (qlaunch reads alpaca, sharegpt, chat_template "
-                 "and completion data); dataset.format stays auto")
+        out.warn(
+            f"{where}.type: {yaml_scalar(kind)}: not mapped (qlaunch reads alpaca, sharegpt, chat_template "
+            "and completion data); dataset.format stays auto"
+        )
     else:
         out.set("dataset.format", fmt, f"axolotl {where}.type: {yaml_scalar(kind)}")
     if fmt == "instruction":
         out.set("dataset.instruction_field", "instruction", f"axolotl {where}.type: alpaca (its instruction column)")
         out.set("dataset.input_field", "input", f"axolotl {where}.type: alpaca (its input column)")
         out.set("dataset.response_field", "output", f"axolotl {where}.type: alpaca (its output column)")
-        out.warn(f"{where}.type: alpaca: rows are rendered in qlaunch's prompt.template "
-                 f"({out.get('prompt.template', 'llama2')}), not Axolotl's '### Instruction:' wording")
+        out.warn(
+            f"{where}.type: alpaca: rows are rendered in qlaunch's prompt.template "
+            f"({out.get('prompt.template', 'llama2')}), not Axolotl's '### Instruction:' wording"
+        )
     elif fmt == "messages":
         field = ds.get("field_messages") or ("conversations" if base == "sharegpt" else "messages")
-        out.set("dataset.messages_field", field, f"axolotl {where}.field_messages: {yaml_scalar(field)}"
-                if ds.get("field_messages") else f"axolotl {where}.type: {kind} (Axolotl's default column)")
+        out.set(
+            "dataset.messages_field",
+            field,
+            f"axolotl {where}.field_messages: {yaml_scalar(field)}"
+            if ds.get("field_messages")
+            else f"axolotl {where}.type: {kind} (Axolotl's default column)",
+        )
         roles = ds.get("message_property_mappings") or {}
         role = roles.get("role") or ds.get("message_field_role")
         content = roles.get("content") or ds.get("message_field_content")
-        if (role, content) not in ((None, None), ("role", "content"), ("from", "value"), ("role", None),
-                                   (None, "content"), ("from", None), (None, "value")):
+        if (role, content) not in (
+            (None, None),
+            ("role", "content"),
+            ("from", "value"),
+            ("role", None),
+            (None, "content"),
+            ("from", None),
+            (None, "value"),
+        ):
             out.warn(f"{where}: message keys {role!r}/{content!r}: qlaunch reads role/content or from/value")
         if not out.has("prompt.template"):
             out.set("prompt.template", "chat_template", f"axolotl {where}.type: {kind} (rendered with a chat template)")
-        out.warn(f"{where}.type: {kind}: with answer-only loss, qlaunch scores the last answer of each "
-                 "conversation (earlier turns are context), where Axolotl scores every assistant turn")
+        out.warn(
+            f"{where}.type: {kind}: with answer-only loss, qlaunch scores the last answer of each "
+            "conversation (earlier turns are context), where Axolotl scores every assistant turn"
+        )
     elif fmt == "text":
         field = ds.get("field") or "text"
-        out.set("dataset.text_field", field, f"axolotl {where}.field: {yaml_scalar(field)}" if ds.get("field") else f"axolotl {where}.type: completion (its text column)")
-    known = {"path", "type", "split", "data_files", "ds_type", "field_messages", "message_property_mappings",
-             "message_field_role", "message_field_content", "field", "roles_to_train", "train_on_eos"}
+        out.set(
+            "dataset.text_field",
+            field,
+            f"axolotl {where}.field: {yaml_scalar(field)}"
+            if ds.get("field")
+            else f"axolotl {where}.type: completion (its text column)",
+        )
+    known = {
+        "path",
+        "type",
+        "split",
+        "data_files",
+        "ds_type",
+        "field_messages",
+        "message_property_mappings",
+        "message_field_role",
+        "message_field_content",
+        "field",
+        "roles_to_train",
+        "train_on_eos",
+    }
     for key, value in ds.items():
         if key in known:
             continue
         out.warn(f"{where}.{key}: {yaml_scalar(value)}: not mapped")
     if ds.get("roles_to_train") not in (None, ["assistant"], ["gpt"]):
         out.warn(f"{where}.roles_to_train: {yaml_scalar(ds['roles_to_train'])}: qlaunch trains on the last answer only")
-    if ds.get("ds_type") and not ds.get("data_files") and not str(path or "").endswith((".json", ".jsonl", ".csv", ".parquet")):
-        out.warn(f"{where}.ds_type: {ds['ds_type']}: a local dataset needs a .jsonl/.json/.csv/.parquet path in qlaunch")
+    if (
+        ds.get("ds_type")
+        and not ds.get("data_files")
+        and not str(path or "").endswith((".json", ".jsonl", ".csv", ".parquet"))
+    ):
+        out.warn(
+            f"{where}.ds_type: {ds['ds_type']}: a local dataset needs a .jsonl/.json/.csv/.parquet path in qlaunch"
+        )

@@ -22,7 +22,9 @@ HELP = "Write a qlaunch experiment file from an Axolotl YAML or a trl sft.py com
 
 def add_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument(
-        "source", nargs="+", metavar="SOURCE",
+        "source",
+        nargs="+",
+        metavar="SOURCE",
         help="an Axolotl config (.yaml), or after `--` the arguments of trl's examples/scripts/sft.py",
     )
     command.add_argument("-o", "--output", help="experiment file to write (default: ./<name>.yaml)")

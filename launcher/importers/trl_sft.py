@@ -65,8 +65,17 @@ DIRECT = {
 # --report_to values with a home in `tracking.report_to`.
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
-HANDLED = {"use_peft", "load_in_4bit", "load_in_8bit", "dtype", "lora_target_modules", "report_to",
-           "assistant_only_loss", "group_by_length", "train_sampling_strategy"}
+HANDLED = {
+    "use_peft",
+    "load_in_4bit",
+    "load_in_8bit",
+    "dtype",
+    "lora_target_modules",
+    "report_to",
+    "assistant_only_loss",
+    "group_by_length",
+    "train_sampling_strategy",
+}
 
 NOT_MAPPED = {
     "output_dir": "qlaunch writes each run under <storage.root>/<experiment>/<run id>",
@@ -115,7 +124,7 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
     # A pasted `python trl/examples/scripts/sft.py …` or `accelerate launch … sft.py …`.
     starts = [i for i, token in enumerate(argv) if token.endswith(".py")]
     if starts:
-        argv = argv[starts[-1] + 1:]
+        argv = argv[starts[-1] + 1 :]
     parsed: dict[str, Any] = {}
     raw: dict[str, str] = {}
     index = 0
@@ -169,9 +178,13 @@ def from_sft_args(argv: list[str]) -> Imported:
         elif key in HANDLED:
             continue
         elif key in NOT_MAPPED and NOT_MAPPED[key]:
-            out.warn(f"{src(key)[len('sft.py '):]}: not mapped: {NOT_MAPPED[key]}")
+            out.warn(f"{src(key)[len('sft.py ') :]}: not mapped: {NOT_MAPPED[key]}")
         else:
-            out.set(f"train.sft_args.{key}", value, src(key) + " (passed to SFTConfig as is; its name is checked when the grid is planned)")
+            out.set(
+                f"train.sft_args.{key}",
+                value,
+                src(key) + " (passed to SFTConfig as is; its name is checked when the grid is planned)",
+            )
 
     if args.get("use_peft"):
         for key, default in TRL_LORA_DEFAULTS.items():
@@ -195,28 +208,44 @@ def from_sft_args(argv: list[str]) -> Imported:
         if modules == "all-linear" or modules == ["all-linear"]:
             out.set("lora.target_modules", "all-linear", src("lora_target_modules"))
         else:
-            out.set("lora.target_modules", modules if isinstance(modules, list) else [modules], src("lora_target_modules"))
+            out.set(
+                "lora.target_modules", modules if isinstance(modules, list) else [modules], src("lora_target_modules")
+            )
     if "group_by_length" in args:
         out.set("train.group_by_length", bool(args["group_by_length"]), src("group_by_length"))
     elif "train_sampling_strategy" in args:
-        out.set("train.group_by_length", args["train_sampling_strategy"] == "group_by_length", src("train_sampling_strategy"))
+        out.set(
+            "train.group_by_length",
+            args["train_sampling_strategy"] == "group_by_length",
+            src("train_sampling_strategy"),
+        )
     if args.get("assistant_only_loss"):
         out.set("train.completion_only_loss", True, src("assistant_only_loss"))
-        out.warn("--assistant_only_loss: imported as train.completion_only_loss: true, masked by the rendered prompt "
-                 "(the last answer of a conversation is scored, earlier turns are context)")
+        out.warn(
+            "--assistant_only_loss: imported as train.completion_only_loss: true, masked by the rendered prompt "
+            "(the last answer of a conversation is scored, earlier turns are context)"
+        )
     _trackers(args, out, src)
     strategy = args.get("eval_strategy")
     if strategy not in (None, "no") and not out.has("dataset.test_size"):
         # sft.py evaluates on the dataset's test split; qlaunch on a held-out part of the training split.
-        out.set("dataset.test_size", 0.05, src("eval_strategy") + " (sft.py's --dataset_test_split is not "
-                "read: qlaunch holds out this fraction of the training split instead)")
-        out.warn("--eval_strategy: evaluated on dataset.test_size: 0.05 of the training split (sft.py used the "
-                 "dataset's test split): set the fraction you want")
+        out.set(
+            "dataset.test_size",
+            0.05,
+            src("eval_strategy") + " (sft.py's --dataset_test_split is not "
+            "read: qlaunch holds out this fraction of the training split instead)",
+        )
+        out.warn(
+            "--eval_strategy: evaluated on dataset.test_size: 0.05 of the training split (sft.py used the "
+            "dataset's test split): set the fraction you want"
+        )
     if "dataset_text_field" in args:
         out.set("dataset.format", "text", src("dataset_text_field") + " (a ready text column)")
-    out.warn("prompt.template: left at llama2 (Llama 2's chat format); sft.py renders conversational data with "
-             "the tokenizer's chat template (set prompt.template: chat_template for that); text rows are "
-             "trained as they are either way")
+    out.warn(
+        "prompt.template: left at llama2 (Llama 2's chat format); sft.py renders conversational data with "
+        "the tokenizer's chat template (set prompt.template: chat_template for that); text rows are "
+        "trained as they are either way"
+    )
     out.note_unset_defaults()
     return out
 
@@ -233,8 +262,10 @@ def _trackers(args: dict, out: Imported, src) -> None:
         out.set("tracking.report_to", known, src("report_to"))
     other = [name for name in names if name not in TRACKERS and name != "none"]
     if other:
-        out.warn(f"--report_to {','.join(other)}: not mapped: qlaunch's trackers are {', '.join(TRACKERS)} "
-                 "(tracking.report_to)")
+        out.warn(
+            f"--report_to {','.join(other)}: not mapped: qlaunch's trackers are {', '.join(TRACKERS)} "
+            "(tracking.report_to)"
+        )
 
 
 __all__ = ["from_sft_args", "parse_args"]

@@ -27,6 +27,7 @@ NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
 # Read by preflight (its estimate) and by the job (training/levers.py), which must agree.
 PADDING_FREE_MAX_ROW = 8192
 
+
 class Section(BaseModel):
     """Every section rejects unknown keys: a typo must not silently fall back to a default."""
 
@@ -242,7 +243,9 @@ class InferenceConfig(Section):
     def _batch_size(cls, value: Any) -> Any:
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
-        raise ValueError(f"must be auto (chosen by memory) or a whole number of answers per batch, at least 1; got {value!r}")
+        raise ValueError(
+            f"must be auto (chosen by memory) or a whole number of answers per batch, at least 1; got {value!r}"
+        )
 
     def rows(self, auto: int) -> int:
         """Answers per generate call: the number set, or `auto`'s."""
@@ -349,9 +352,7 @@ class KubernetesConfig(Section):
     # feature discovery), cloud.google.com/gke-accelerator (GKE), any other key, or "none".
     gpu_node_label: str = "nvidia.com/gpu.product"
     node_selector: dict[str, str] = Field(default_factory=dict)  # merged over the GPU label
-    tolerations: list[Toleration] = Field(
-        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists")]
-    )
+    tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists")])
     pvc: str = "qlaunch-storage"  # ReadWriteMany claim mounted at storage.root
     hf_token_secret: SecretRef | None = None
     # Further secrets as environment variables: [{env: WANDB_API_KEY, name: wandb, key: api-key}]

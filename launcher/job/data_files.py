@@ -89,8 +89,9 @@ def _json(path: Path, handle, limit: int) -> Rows:
     except ValueError:
         return Rows(error=first_error)
     if isinstance(document, dict):
-        return Rows(error=f"{path}: one JSON object, not records (expected a JSON array of objects, "
-                          "or one object per line)")  # fmt: skip
+        return Rows(
+            error=f"{path}: one JSON object, not records (expected a JSON array of objects, or one object per line)"
+        )
     if not isinstance(document, list):
         return Rows(error=first_error)
     records = Rows()
@@ -124,8 +125,10 @@ def _csv(path: Path, handle, limit: int) -> Rows:
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) > len(header):
-                return Rows(fields=list(header),
-                            error=f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}")  # fmt: skip
+                return Rows(
+                    fields=list(header),
+                    error=f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}",
+                )
             if len(result.rows) >= limit:
                 result.complete = False
                 break
@@ -148,8 +151,10 @@ def _parquet(path: Path, limit: int) -> Rows:
         total = parquet.metadata.num_rows
         sample = next(parquet.iter_batches(batch_size=min(limit, 1000)), None)
     except OSError as exc:
-        return Rows(error=f"cannot read {path}: {exc.strerror}") if exc.strerror else Rows(
-            error=f"{path}: not a Parquet file ({exc})"
+        return (
+            Rows(error=f"cannot read {path}: {exc.strerror}")
+            if exc.strerror
+            else Rows(error=f"{path}: not a Parquet file ({exc})")
         )
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid and friends
         return Rows(error=f"{path}: not a Parquet file ({exc})")

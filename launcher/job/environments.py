@@ -43,7 +43,8 @@ def version_mismatches(runs: dict[str, list[dict]]) -> list[str]:
         versions = seen.get(name, {})
         if len(versions) > 1:
             parts = ", ".join(
-                f"{version or 'none'} ({', '.join(sorted(ids))})" for version, ids in sorted(versions.items(), key=lambda kv: str(kv[0]))
+                f"{version or 'none'} ({', '.join(sorted(ids))})"
+                for version, ids in sorted(versions.items(), key=lambda kv: str(kv[0]))
             )
             warnings.append(f"{name} differs across the grid: {parts}")
     return warnings

@@ -113,8 +113,9 @@ def line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
     return None
 
 
-def locate_key(lines: dict[tuple, int], dotted: str, grid: dict | None = None,
-               overrides: dict | None = None) -> tuple[str, int | None]:  # fmt: skip
+def locate_key(
+    lines: dict[tuple, int], dotted: str, grid: dict | None = None, overrides: dict | None = None
+) -> tuple[str, int | None]:
     """(the key as an error names it, its line in the experiment file): the grid value's own
     line (`grid.<key>[i]`) where the grid set the key for a run with these `overrides`; else the
     key's line (or its deepest parent's); else, for a key only the grid names, the grid's line.
@@ -128,7 +129,9 @@ def locate_key(lines: dict[tuple, int], dotted: str, grid: dict | None = None,
                 value = overrides.get(grid_key)
                 index = next((i for i, v in enumerate(grid[grid_key]) if v == value), None)
                 if index is not None:
-                    return f"grid.{grid_key}[{index}]", lines.get(("grid", grid_key, index)) or lines.get(("grid", grid_key))
+                    return f"grid.{grid_key}[{index}]", lines.get(("grid", grid_key, index)) or lines.get(
+                        ("grid", grid_key)
+                    )
     line = line_of(lines, tuple(parts))
     if line is None and ("grid", dotted) in lines:
         return f"grid.{dotted}", lines[("grid", dotted)]
@@ -207,11 +210,13 @@ def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[tuple, int]
         # Every duplicate at once, with its dotted key (the loader would stop at the first).
         duplicates = duplicate_keys(node)
         if duplicates:
-            raise ConfigError("\n".join(
-                f"{source}:{second}: {'.'.join(str(p) for p in path)}: duplicate key, first at line {first} "
-                "(YAML would silently keep only the last one)"
-                for path, first, second in duplicates
-            ))  # fmt: skip
+            raise ConfigError(
+                "\n".join(
+                    f"{source}:{second}: {'.'.join(str(p) for p in path)}: duplicate key, first at line {first} "
+                    "(YAML would silently keep only the last one)"
+                    for path, first, second in duplicates
+                )
+            )
         data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

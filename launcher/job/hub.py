@@ -156,8 +156,14 @@ def pinned_run(run: RunConfig, pins: dict[str, dict]) -> RunConfig:
     update_dataset: dict = {}
     for ref in hub_refs(run):
         record = pins[ref.pin_key]
-        pin = HubPin(key=ref.key, repo_id=ref.repo_id, repo_type=ref.repo_type, requested=ref.requested,
-                     revision=record["revision"], files=record["files"])  # fmt: skip
+        pin = HubPin(
+            key=ref.key,
+            repo_id=ref.repo_id,
+            repo_type=ref.repo_type,
+            requested=ref.requested,
+            revision=record["revision"],
+            files=record["files"],
+        )
         hub_pins.append(pin)
         if ref.key == "model.name_or_path":
             update_model["revision"] = pin.revision
@@ -165,8 +171,10 @@ def pinned_run(run: RunConfig, pins: dict[str, dict]) -> RunConfig:
             update_model["tokenizer_revision"] = pin.revision
         else:
             update_dataset["revision"] = pin.revision
-    return run.model_copy(update={
-        "model": run.model.model_copy(update=update_model),
-        "dataset": run.dataset.model_copy(update=update_dataset),
-        "hub_pins": hub_pins,
-    })  # fmt: skip
+    return run.model_copy(
+        update={
+            "model": run.model.model_copy(update=update_model),
+            "dataset": run.dataset.model_copy(update=update_dataset),
+            "hub_pins": hub_pins,
+        }
+    )

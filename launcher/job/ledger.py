@@ -127,8 +127,12 @@ def build(events: Iterable[dict[str, Any]], *, active: bool | None = None) -> Le
                 continue
             # Stopped before training began (a signal while loading the model): an attempt
             # that started from the newest checkpoint and trained nothing.
-            current = Attempt(number=len(attempts) + 1, launched_at=event.get("launched_at"),
-                              resumed_from=step or None, stop_step=step or 0)  # fmt: skip
+            current = Attempt(
+                number=len(attempts) + 1,
+                launched_at=event.get("launched_at"),
+                resumed_from=step or None,
+                stop_step=step or 0,
+            )
             attempts.append(current)
         if when is not None:
             current.ended_at = when
@@ -190,7 +194,9 @@ def _cost_restarts(attempts: list[Attempt]) -> None:
         attempt.steps_redone = max(0, attempt.stop_step - max(resume, attempt.start_step))
         if attempt.ended_at is not None:
             saved = attempt.checkpoints.get(resume)
-            since = saved if saved is not None and resume > attempt.start_step else (attempt.started_at or attempt.ended_at)
+            since = (
+                saved if saved is not None and resume > attempt.start_step else (attempt.started_at or attempt.ended_at)
+            )
             redone_time = attempt.ended_at - since if attempt.steps_redone else 0.0
             startup = 0.0
             if following is not None and following.started_at and following.launched_at:

@@ -106,7 +106,7 @@ def get_metric(name: str | None) -> tuple[str, Callable[[str, str], float]]:
     name = name or DEFAULT_METRIC
     if name.startswith("regex:"):
         try:
-            pattern = re.compile(name[len("regex:"):], re.DOTALL)
+            pattern = re.compile(name[len("regex:") :], re.DOTALL)
         except re.error as exc:
             raise ConfigError(f"inference.metric: {name!r}: not a valid regular expression: {exc}") from None
         return name, lambda answer, _reference: float(pattern.fullmatch(answer.strip()) is not None)

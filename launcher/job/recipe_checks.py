@@ -73,8 +73,9 @@ def sft_arg_problem(key: str) -> str | None:
 
 
 def sft_args_findings(run: RunConfig) -> list[Finding]:
-    return [Finding(f"train.sft_args.{key}", problem) for key in run.train.sft_args
-            if (problem := sft_arg_problem(key))]  # fmt: skip
+    return [
+        Finding(f"train.sft_args.{key}", problem) for key in run.train.sft_args if (problem := sft_arg_problem(key))
+    ]
 
 
 def recipe_findings(run: RunConfig) -> list[Finding]:
@@ -85,24 +86,41 @@ def recipe_findings(run: RunConfig) -> list[Finding]:
         if value is not None and (problem := _name_finding(key, value, "an optimizer", names["optimizers"])):
             findings.append(problem)
     scheduler = extra.get("lr_scheduler_type", t.lr_scheduler_type)
-    for key, value in (("train.lr_scheduler_type", t.lr_scheduler_type),
-                       ("train.sft_args.lr_scheduler_type", extra.get("lr_scheduler_type"))):  # fmt: skip
+    for key, value in (
+        ("train.lr_scheduler_type", t.lr_scheduler_type),
+        ("train.sft_args.lr_scheduler_type", extra.get("lr_scheduler_type")),
+    ):
         if value is not None and (problem := _name_finding(key, value, "a scheduler", names["lr_scheduler_types"])):
             findings.append(problem)
     eval_strategy = extra.get("eval_strategy", t.eval_strategy)
     if scheduler in EVAL_SCHEDULERS and eval_strategy == "no":
-        findings.append(Finding("train.lr_scheduler_type", f"{scheduler!r} steps on evaluation results: set "
-                                "train.eval_strategy (and dataset.test_size) or choose another scheduler"))  # fmt: skip
+        findings.append(
+            Finding(
+                "train.lr_scheduler_type",
+                f"{scheduler!r} steps on evaluation results: set "
+                "train.eval_strategy (and dataset.test_size) or choose another scheduler",
+            )
+        )
     if t.max_steps == 0 or t.max_steps < -1:
-        findings.append(Finding("train.max_steps", f"{t.max_steps}: use a positive number of steps, or -1 to "
-                                "train train.num_train_epochs epochs"))  # fmt: skip
+        findings.append(
+            Finding(
+                "train.max_steps",
+                f"{t.max_steps}: use a positive number of steps, or -1 to train train.num_train_epochs epochs",
+            )
+        )
     findings += _best_model_findings(t)
     warmup = extra.get("warmup_steps")
     if isinstance(warmup, (int, float)) and not isinstance(warmup, bool) and warmup < 0:
         findings.append(Finding("train.sft_args.warmup_steps", f"{warmup}: must be 0 or more"))
-    if extra.get("dataloader_prefetch_factor") is not None and not extra.get("dataloader_num_workers", t.dataloader_num_workers):
-        findings.append(Finding("train.sft_args.dataloader_prefetch_factor",
-                                "needs train.dataloader_num_workers above 0 (there are no worker processes to prefetch)"))  # fmt: skip
+    if extra.get("dataloader_prefetch_factor") is not None and not extra.get(
+        "dataloader_num_workers", t.dataloader_num_workers
+    ):
+        findings.append(
+            Finding(
+                "train.sft_args.dataloader_prefetch_factor",
+                "needs train.dataloader_num_workers above 0 (there are no worker processes to prefetch)",
+            )
+        )
     return findings
 
 
@@ -122,8 +140,13 @@ def _best_model_findings(t: TrainConfig) -> list[Finding]:
     if save_strategy == "best":
         return []
     if eval_strategy != save_strategy:
-        return [Finding(strategy_key, f"{eval_strategy!r}: load_best_model_at_end needs it to be {save_strategy!r} "
-                                      f"(qlaunch saves every train.save_steps steps)")]  # fmt: skip
+        return [
+            Finding(
+                strategy_key,
+                f"{eval_strategy!r}: load_best_model_at_end needs it to be {save_strategy!r} "
+                f"(qlaunch saves every train.save_steps steps)",
+            )
+        ]
     save_key, save_steps = value("save_steps")
     eval_key, eval_steps = value("eval_steps")
     if eval_steps is None:
@@ -131,6 +154,11 @@ def _best_model_findings(t: TrainConfig) -> list[Finding]:
         eval_key += " (eval_steps is null)"
     numbers = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (save_steps, eval_steps))
     if eval_strategy == "steps" and numbers and save_steps % eval_steps:
-        return [Finding(save_key, f"{save_steps} is not a multiple of {eval_key} = {eval_steps}: "
-                                  "load_best_model_at_end needs a checkpoint at every evaluation")]  # fmt: skip
+        return [
+            Finding(
+                save_key,
+                f"{save_steps} is not a multiple of {eval_key} = {eval_steps}: "
+                "load_best_model_at_end needs a checkpoint at every evaluation",
+            )
+        ]
     return []

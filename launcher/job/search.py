@@ -55,5 +55,7 @@ def pruned_decision(metrics_file: Path) -> dict[str, Any] | None:
 
 def pruned_text(pruned: dict[str, Any]) -> str:
     """`pruned @ rung 1 (eval_loss 2.3011, rank 3/4)`: where asha stopped the run, and why."""
-    return (f"pruned @ rung {pruned.get('rung')} ({pruned.get('metric', 'eval_loss')} "
-            f"{float(pruned.get('value', 'nan')):.4f}, rank {pruned.get('rank')}/{pruned.get('competitors')})")  # fmt: skip
+    return (
+        f"pruned @ rung {pruned.get('rung')} ({pruned.get('metric', 'eval_loss')} "
+        f"{float(pruned.get('value', 'nan')):.4f}, rank {pruned.get('rank')}/{pruned.get('competitors')})"
+    )

@@ -1,17 +1,17 @@
 """The storage layout every backend and the trainer share.
 
-    <storage root>/<experiment>/<run id>/
-        run.yaml            resolved run config: a job starts from this file alone
-        progress.jsonl      progress events (launcher.progress), appended across restarts
-        train.log           the training job's output (appended across requeues)
-        infer.log           the inference job's output
-        checkpoints/        checkpoint-<step>/ (complete ones only; partial saves are in .tmp-*)
-        adapter/            final LoRA adapter + tokenizer (PeftModel.from_pretrained loads it)
-        metrics.json        final training metrics; its presence means training completed
-        inference/          results.jsonl, summary.json
-        attempts/<n>/       environment.json: versions, device, CPU flags, host, job id of attempt n
-        submission.json     backend, job ids, submission times
-        requeues.log        the requeue guard's stops; requeue-stopped.txt its refusal (launcher/job/requeue.py)
+<storage root>/<experiment>/<run id>/
+    run.yaml            resolved run config: a job starts from this file alone
+    progress.jsonl      progress events (launcher.progress), appended across restarts
+    train.log           the training job's output (appended across requeues)
+    infer.log           the inference job's output
+    checkpoints/        checkpoint-<step>/ (complete ones only; partial saves are in .tmp-*)
+    adapter/            final LoRA adapter + tokenizer (PeftModel.from_pretrained loads it)
+    metrics.json        final training metrics; its presence means training completed
+    inference/          results.jsonl, summary.json
+    attempts/<n>/       environment.json: versions, device, CPU flags, host, job id of attempt n
+    submission.json     backend, job ids, submission times
+    requeues.log        the requeue guard's stops; requeue-stopped.txt its refusal (launcher/job/requeue.py)
 """
 
 from __future__ import annotations

@@ -64,8 +64,14 @@ class FakeHub:
         self._thread: threading.Thread | None = None
 
     # ---- content ------------------------------------------------------------------------------
-    def commit(self, repo_type: str, repo_id: str, files: dict[str, bytes], branch: str = "main",
-               gated_token: str | None = None) -> str:  # fmt: skip
+    def commit(
+        self,
+        repo_type: str,
+        repo_id: str,
+        files: dict[str, bytes],
+        branch: str = "main",
+        gated_token: str | None = None,
+    ) -> str:
         """A new commit with exactly `files` on `branch`; returns its 40-hex hash."""
         repo = self.repos.setdefault((repo_type, repo_id), Repo(repo_type, repo_id))
         if gated_token is not None:
@@ -100,7 +106,9 @@ class FakeHub:
     def downloads(self) -> list[str]:
         """Paths of the GETs that sent file bytes (resolve of small files, CDN of large ones)."""
         with self._lock:
-            return [path for m, path in self.requests if m == "GET" and ("/resolve/" in path or path.startswith("/cdn/"))]
+            return [
+                path for m, path in self.requests if m == "GET" and ("/resolve/" in path or path.startswith("/cdn/"))
+            ]
 
     # ---- server -------------------------------------------------------------------------------
     @property
@@ -136,8 +144,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              content_type: str = "application/json") -> None:  # fmt: skip
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for key, value in (headers or {}).items():
@@ -161,9 +174,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.state.ranges.append(match.group(0))
             start = int(match.group(1))
             end = int(match.group(2)) if match.group(2) else len(data) - 1
-            part = data[start:end + 1]
-            self._send(206, part, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"},
-                       "application/octet-stream")  # fmt: skip
+            part = data[start : end + 1]
+            self._send(
+                206, part, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}, "application/octet-stream"
+            )
         elif self.state.cut_after is not None and self.command == "GET" and len(data) > self.state.cut_after:
             cut, self.state.cut_after = self.state.cut_after, None
             self.send_response(200)
@@ -188,10 +202,16 @@ class _Handler(BaseHTTPRequestHandler):
         if repo.gated_token is not None:
             auth = self.headers.get("Authorization", "")
             if not auth:
-                self._error(401, "GatedRepo", f"Access to {repo_type} {repo_id} is restricted. You must be authenticated.")
+                self._error(
+                    401, "GatedRepo", f"Access to {repo_type} {repo_id} is restricted. You must be authenticated."
+                )
                 return None
             if auth != f"Bearer {repo.gated_token}":
-                self._error(403, "GatedRepo", f"Access to {repo_type} {repo_id} is restricted and you are not in the authorized list.")
+                self._error(
+                    403,
+                    "GatedRepo",
+                    f"Access to {repo_type} {repo_id} is restricted and you are not in the authorized list.",
+                )
                 return None
         return repo
 
@@ -204,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _user(self) -> dict | None:
         auth = self.headers.get("Authorization", "")
-        return self.state.users.get(auth[len("Bearer "):]) if auth.startswith("Bearer ") else None
+        return self.state.users.get(auth[len("Bearer ") :]) if auth.startswith("Bearer ") else None
 
     def _may_write(self, repo_id: str, read: bool = False) -> bool:
         user = self._user()
@@ -239,7 +259,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if (repo_type, repo_id) in self.state.repos:
                     return self._send(409, json.dumps({"error": "You already created this repo", "url": url}).encode())
                 self.state.repos[(repo_type, repo_id)] = Repo(
-                    repo_type, repo_id, private=data.get("visibility", "private" if data.get("private") else "public") == "private"
+                    repo_type,
+                    repo_id,
+                    private=data.get("visibility", "private" if data.get("private") else "public") == "private",
                 )
             self.state.commit(repo_type, repo_id, {".gitattributes": b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"})
             return self._json({"url": url, "name": repo_id})
@@ -252,8 +274,14 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._may_write(repo_id):
             return self._error(403, None, f"You don't have the rights to write to {repo_id}")
         if upload.group(3) == "preupload":
-            return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                         for f in json.loads(body)["files"]]})  # fmt: skip
+            return self._json(
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                        for f in json.loads(body)["files"]
+                    ]
+                }
+            )
         repo = self.state.repos[(repo_type, repo_id)]
         branch = unquote(upload.group(4))
         files = dict(repo.commits.get(repo.refs.get(branch, ""), {}))
@@ -288,11 +316,14 @@ class _Handler(BaseHTTPRequestHandler):
             user = self._user()
             if user is None:
                 return self._error(401, None, "Invalid credentials in Authorization header")
-            return self._json({
-                "type": "user", "name": user["name"],
-                "orgs": [{"name": org, "roleInOrg": "write"} for org in user["orgs"]],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user["role"]}},
-            })  # fmt: skip
+            return self._json(
+                {
+                    "type": "user",
+                    "name": user["name"],
+                    "orgs": [{"name": org, "roleInOrg": "write"} for org in user["orgs"]],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user["role"]}},
+                }
+            )
         with self.state._lock:
             self.state.requests.append((self.command, path))
         api = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+)(?:/(.*))?)?", path)
@@ -307,18 +338,44 @@ class _Handler(BaseHTTPRequestHandler):
             files = repo.commits[sha]
             if api.group(3) == "tree":
                 prefix = unquote(api.group(5) or "")
-                return self._json([
-                    {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest(),
-                     **({"lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
-                        if len(data) >= LFS_THRESHOLD else {})}
-                    for name, data in sorted(files.items()) if name.startswith(prefix)
-                ])  # fmt: skip
-            return self._json({
-                "id": repo.repo_id, "_id": sha[:24], "sha": sha, "private": repo.private,
-                "gated": "manual" if repo.gated_token else False, "disabled": False,
-                "lastModified": "2026-11-30T12:00:00.000Z", "tags": [], "downloads": 0, "likes": 0,
-                "siblings": [{"rfilename": name, "size": len(data)} for name, data in sorted(files.items())],
-            })  # fmt: skip
+                return self._json(
+                    [
+                        {
+                            "type": "file",
+                            "path": name,
+                            "size": len(data),
+                            "oid": hashlib.sha1(data).hexdigest(),
+                            **(
+                                {
+                                    "lfs": {
+                                        "oid": hashlib.sha256(data).hexdigest(),
+                                        "size": len(data),
+                                        "pointerSize": 134,
+                                    }
+                                }
+                                if len(data) >= LFS_THRESHOLD
+                                else {}
+                            ),
+                        }
+                        for name, data in sorted(files.items())
+                        if name.startswith(prefix)
+                    ]
+                )
+            return self._json(
+                {
+                    "id": repo.repo_id,
+                    "_id": sha[:24],
+                    "sha": sha,
+                    "private": repo.private,
+                    "gated": "manual" if repo.gated_token else False,
+                    "disabled": False,
+                    "lastModified": "2026-11-30T12:00:00.000Z",
+                    "tags": [],
+                    "downloads": 0,
+                    "likes": 0,
+                    "siblings": [{"rfilename": name, "size": len(data)} for name, data in sorted(files.items())],
+                }
+            )
         resolve = re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if resolve:
             repo = self._repo("dataset" if resolve.group(1) else "model", resolve.group(2))
@@ -334,11 +391,17 @@ class _Handler(BaseHTTPRequestHandler):
             if len(data) >= LFS_THRESHOLD:
                 blob = hashlib.sha256(data).hexdigest()
                 port = self.server.server_address[1]
-                return self._send(302, b"", {
-                    "Location": f"http://localhost:{port}/cdn/{blob}",
-                    "X-Repo-Commit": sha, "X-Linked-Etag": f'"{blob}"', "X-Linked-Size": str(len(data)),
-                    "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
-                })  # fmt: skip
+                return self._send(
+                    302,
+                    b"",
+                    {
+                        "Location": f"http://localhost:{port}/cdn/{blob}",
+                        "X-Repo-Commit": sha,
+                        "X-Linked-Etag": f'"{blob}"',
+                        "X-Linked-Size": str(len(data)),
+                        "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
+                    },
+                )
             return self._bytes(data, {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
         cdn = re.fullmatch(r"/cdn/([0-9a-f]{64})", path)
         if cdn and cdn.group(1) in self.state.blobs:

@@ -14,12 +14,25 @@ def start_cluster(tmp_path, monkeypatch, namespace: str, hf_token: str | None = 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("QLAUNCH_HOME", str(tmp_path / "qlaunch-home"))
     server.add({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    server.add({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "qlaunch-storage", "namespace": namespace},
-                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}})  # fmt: skip
+    server.add(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "qlaunch-storage", "namespace": namespace},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}},
+        }
+    )
     if hf_token is not None:
         monkeypatch.setenv("HF_TOKEN", hf_token)
-        server.add({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token", "namespace": namespace},
-                    "type": "Opaque", "data": {"token": base64.b64encode(hf_token.encode()).decode()}})  # fmt: skip
+        server.add(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "hf-token", "namespace": namespace},
+                "type": "Opaque",
+                "data": {"token": base64.b64encode(hf_token.encode()).decode()},
+            }
+        )
     return server
 
 

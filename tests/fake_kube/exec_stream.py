@@ -28,8 +28,9 @@ STDIN, STDOUT, STDERR, ERROR, CLOSE = 0, 1, 2, 3, 255
 
 
 class Kubelet:
-    def __init__(self, fake, volumes: dict[str, Path], protocols: tuple[str, ...] = (V5, V4),
-                 start_delay: float = 0.05):  # fmt: skip
+    def __init__(
+        self, fake, volumes: dict[str, Path], protocols: tuple[str, ...] = (V5, V4), start_delay: float = 0.05
+    ):
         self.fake = fake
         self.volumes = {claim: Path(folder) for claim, folder in volumes.items()}
         self.protocols = protocols
@@ -49,10 +50,21 @@ class Kubelet:
         if pod["metadata"].get("ownerReferences"):
             return
         spec = pod["spec"]
-        pod["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
-                         "containerStatuses": [
-                             {"name": c["name"], "ready": False, "restartCount": 0, "image": c["image"], "imageID": "",
-                              "state": {"waiting": {"reason": "ContainerCreating"}}} for c in spec["containers"]]}  # fmt: skip
+        pod["status"] = {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [
+                {
+                    "name": c["name"],
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": c["image"],
+                    "imageID": "",
+                    "state": {"waiting": {"reason": "ContainerCreating"}},
+                }
+                for c in spec["containers"]
+            ],
+        }
         spec["nodeName"] = "gke-cpu-pool-node-1"
         namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         if self.pull_error is not None:
@@ -80,10 +92,21 @@ class Kubelet:
                 return _refuse(handler, 404, "the server could not find the requested resource")
             namespace, name = parts[3], parts[5]
             if self.exec_forbidden:
-                return _refuse(handler, 403, f'pods "{name}" is forbidden: User "{self.fake.user}" cannot create '
-                                             f'resource "pods/exec" in API group "" in the namespace "{namespace}"')
-            self.fake.requests.append({"method": "GET", "path": url.path, "query": {k: v[-1] for k, v in query.items()},
-                                       "headers": dict(handler.headers), "body": ""})  # fmt: skip
+                return _refuse(
+                    handler,
+                    403,
+                    f'pods "{name}" is forbidden: User "{self.fake.user}" cannot create '
+                    f'resource "pods/exec" in API group "" in the namespace "{namespace}"',
+                )
+            self.fake.requests.append(
+                {
+                    "method": "GET",
+                    "path": url.path,
+                    "query": {k: v[-1] for k, v in query.items()},
+                    "headers": dict(handler.headers),
+                    "body": "",
+                }
+            )
             pod = self.fake.get("pods", namespace, name)
             if pod is None:
                 return _refuse(handler, 404, f'pods "{name}" not found')
@@ -97,7 +120,9 @@ class Kubelet:
             argv = self._translate(pod, query.get("container", [None])[0], command)
         except _Refused:
             return
-        accept = base64.b64encode(hashlib.sha1((handler.headers["Sec-WebSocket-Key"] + GUID).encode()).digest()).decode()
+        accept = base64.b64encode(
+            hashlib.sha1((handler.headers["Sec-WebSocket-Key"] + GUID).encode()).digest()
+        ).decode()
         handler.send_response(101, "Switching Protocols")
         handler.send_header("Upgrade", "websocket")
         handler.send_header("Connection", "Upgrade")
@@ -113,15 +138,21 @@ class Kubelet:
         """The command with each claim's mountPath (in pod `container`) replaced by its folder here."""
         spec = pod["spec"]
         chosen = next((c for c in spec["containers"] if c["name"] == container), spec["containers"][0])
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes") or []
-                  if "persistentVolumeClaim" in v}  # fmt: skip
-        mounts = [(m["mountPath"].rstrip("/"), self.volumes[claims[m["name"]]])
-                  for m in chosen.get("volumeMounts") or [] if m["name"] in claims and claims[m["name"]] in self.volumes]  # fmt: skip
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in spec.get("volumes") or []
+            if "persistentVolumeClaim" in v
+        }
+        mounts = [
+            (m["mountPath"].rstrip("/"), self.volumes[claims[m["name"]]])
+            for m in chosen.get("volumeMounts") or []
+            if m["name"] in claims and claims[m["name"]] in self.volumes
+        ]
 
         def here(arg: str) -> str:
             for mount, folder in mounts:
                 if arg == mount or arg.startswith(mount + "/"):
-                    return str(folder) + arg[len(mount):]
+                    return str(folder) + arg[len(mount) :]
             return arg
 
         argv = [here(arg) for arg in command]
@@ -133,7 +164,9 @@ class _Refused(Exception):
 
 
 def _refuse(handler, code: int, message: str) -> None:
-    body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}).encode()
+    body = json.dumps(
+        {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}
+    ).encode()
     handler.send_response(code)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(body)))
@@ -157,8 +190,10 @@ class _Session:
             return self._close()
         reader = threading.Thread(target=self._feed, args=(process,), daemon=True)
         reader.start()
-        pumps = [threading.Thread(target=self._pump, args=(stream, channel), daemon=True)
-                 for stream, channel in ((process.stdout, STDOUT), (process.stderr, STDERR))]  # fmt: skip
+        pumps = [
+            threading.Thread(target=self._pump, args=(stream, channel), daemon=True)
+            for stream, channel in ((process.stdout, STDOUT), (process.stderr, STDERR))
+        ]
         for pump in pumps:
             pump.start()
         code = process.wait()
@@ -261,9 +296,13 @@ class _Session:
         if code == 0:
             status = {"metadata": {}, "status": "Success"}
         else:
-            status = {"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
-                      "message": message or f"command terminated with non-zero exit code: exit status {code}",
-                      "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}  # fmt: skip
+            status = {
+                "metadata": {},
+                "status": "Failure",
+                "reason": "NonZeroExitCode",
+                "message": message or f"command terminated with non-zero exit code: exit status {code}",
+                "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
+            }
         self._send(0x2, bytes([ERROR]) + json.dumps(status).encode())
 
     def _close(self) -> None:

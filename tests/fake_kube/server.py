@@ -75,9 +75,15 @@ class ApiError(Exception):
 
     def status(self) -> dict:
         return {
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": self.message, "reason": self.reason, "details": self.details, "code": self.code,
-        }  # fmt: skip
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
+            "code": self.code,
+        }
 
 
 def _qualified(resource: str) -> str:
@@ -85,8 +91,7 @@ def _qualified(resource: str) -> str:
 
 
 def not_found(resource: str, name: str) -> ApiError:
-    return ApiError(404, "NotFound", f'{_qualified(resource)} "{name}" not found',
-                    {"name": name, "kind": resource})  # fmt: skip
+    return ApiError(404, "NotFound", f'{_qualified(resource)} "{name}" not found', {"name": name, "kind": resource})
 
 
 # -- label selectors ------------------------------------------------------------------------
@@ -183,12 +188,21 @@ class FakeKube:
 
     def write_kubeconfig(self, path: Path, namespace: str = "default", token: str | None = None) -> Path:
         config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url,
-                                                      **({"certificate-authority": str(self.ca_path)} if self.ca_path else {})}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
+            "clusters": [
+                {
+                    "name": "fake",
+                    "cluster": {
+                        "server": self.url,
+                        **({"certificate-authority": str(self.ca_path)} if self.ca_path else {}),
+                    },
+                }
+            ],
             "users": [{"name": self.user, "user": {"token": token or self.token}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": self.user, "namespace": namespace}}],
-        }  # fmt: skip
+        }
         path.write_text(yaml.safe_dump(config))
         return path
 
@@ -228,8 +242,13 @@ class FakeKube:
 
     def list(self, resource: str, namespace: str, selector: str = "") -> list[dict]:
         with self.cond:
-            return [copy.deepcopy(o) for (r, ns, _), o in sorted(self.store.items())
-                    if r == resource and ns == namespace and matches(o["metadata"].get("labels") or {}, parse_selector(selector))]  # fmt: skip
+            return [
+                copy.deepcopy(o)
+                for (r, ns, _), o in sorted(self.store.items())
+                if r == resource
+                and ns == namespace
+                and matches(o["metadata"].get("labels") or {}, parse_selector(selector))
+            ]
 
     # -- controller (the test plays the Job controller and the kubelet) ---------------------
 
@@ -241,8 +260,10 @@ class FakeKube:
         return token
 
     def pods_of(self, namespace: str, job: str) -> list[dict]:
-        return sorted(self.list("pods", namespace, f"batch.kubernetes.io/job-name={job}"),
-                      key=lambda p: int(p["metadata"]["resourceVersion"]))  # fmt: skip
+        return sorted(
+            self.list("pods", namespace, f"batch.kubernetes.io/job-name={job}"),
+            key=lambda p: int(p["metadata"]["resourceVersion"]),
+        )
 
     def start_pod(self, namespace: str, job_name: str, index: int | None = None, scheduled: bool = True) -> str:
         with self.cond:
@@ -265,33 +286,69 @@ class FakeKube:
             if indexed and spec.get("subdomain"):
                 spec["hostname"] = f"{job_name}-{index}"
             pod = {
-                "apiVersion": "v1", "kind": "Pod",
+                "apiVersion": "v1",
+                "kind": "Pod",
                 "metadata": {
-                    "name": name, "labels": labels, "annotations": annotations,
-                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
-                                         "uid": job["metadata"]["uid"], "controller": True,
-                                         "blockOwnerDeletion": True}],
+                    "name": name,
+                    "labels": labels,
+                    "annotations": annotations,
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "Job",
+                            "name": job_name,
+                            "uid": job["metadata"]["uid"],
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
                 },
                 "spec": spec,
-                "status": {"phase": "Pending", "conditions": [
-                    {"type": "PodScheduled", "status": "True" if scheduled else "False",
-                     **({} if scheduled else {"reason": "Unschedulable",
-                                               "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."})}
-                ]},
-            }  # fmt: skip
+                "status": {
+                    "phase": "Pending",
+                    "conditions": [
+                        {
+                            "type": "PodScheduled",
+                            "status": "True" if scheduled else "False",
+                            **(
+                                {}
+                                if scheduled
+                                else {
+                                    "reason": "Unschedulable",
+                                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                                }
+                            ),
+                        }
+                    ],
+                },
+            }
             if scheduled:
                 pod["spec"]["nodeName"] = "gke-t4-pool-node-1"
                 if spec.get("initContainers"):  # the first init container runs (waits)
                     pod["status"]["initContainerStatuses"] = [
-                        {"name": c["name"], "ready": False, "restartCount": 0, "image": c["image"], "imageID": "",
-                         "state": {"running": {"startedAt": now_rfc3339()}} if i == 0 else {"waiting": {"reason": "PodInitializing"}}}
+                        {
+                            "name": c["name"],
+                            "ready": False,
+                            "restartCount": 0,
+                            "image": c["image"],
+                            "imageID": "",
+                            "state": {"running": {"startedAt": now_rfc3339()}}
+                            if i == 0
+                            else {"waiting": {"reason": "PodInitializing"}},
+                        }
                         for i, c in enumerate(spec["initContainers"])
-                    ]  # fmt: skip
+                    ]
                 pod["status"]["containerStatuses"] = [
-                    {"name": c["name"], "ready": False, "restartCount": 0, "image": c["image"], "imageID": "",
-                     "state": {"waiting": {"reason": "ContainerCreating"}}}
+                    {
+                        "name": c["name"],
+                        "ready": False,
+                        "restartCount": 0,
+                        "image": c["image"],
+                        "imageID": "",
+                        "state": {"waiting": {"reason": "ContainerCreating"}},
+                    }
                     for c in spec["containers"]
-                ]  # fmt: skip
+                ]
             self._new_meta(pod, namespace)
             self.store[("pods", namespace, name)] = pod
             self.logs[pod["metadata"]["uid"]] = []
@@ -312,18 +369,32 @@ class FakeKube:
             started = now_rfc3339()
             pod["spec"]["nodeName"] = "gke-t4-pool-node-1"
             pod["status"]["phase"] = "Running"
-            pod["status"]["conditions"] = [{"type": t, "status": "True"} for t in ("PodScheduled", "Initialized", "Ready")]
+            pod["status"]["conditions"] = [
+                {"type": t, "status": "True"} for t in ("PodScheduled", "Initialized", "Ready")
+            ]
             if pod["spec"].get("initContainers"):
                 pod["status"]["initContainerStatuses"] = [
-                    {"name": c["name"], "ready": True, "restartCount": 0, "image": c["image"], "imageID": "",
-                     "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}
+                    {
+                        "name": c["name"],
+                        "ready": True,
+                        "restartCount": 0,
+                        "image": c["image"],
+                        "imageID": "",
+                        "state": {"terminated": {"exitCode": 0, "reason": "Completed"}},
+                    }
                     for c in pod["spec"]["initContainers"]
-                ]  # fmt: skip
+                ]
             pod["status"]["containerStatuses"] = [
-                {"name": c["name"], "ready": True, "restartCount": 0, "image": c["image"], "imageID": "",
-                 "state": {"running": {"startedAt": started}}}
+                {
+                    "name": c["name"],
+                    "ready": True,
+                    "restartCount": 0,
+                    "image": c["image"],
+                    "imageID": "",
+                    "state": {"running": {"startedAt": started}},
+                }
                 for c in pod["spec"]["containers"]
-            ]  # fmt: skip
+            ]
             self._bump("pods", "MODIFIED", pod)
             self._sync_job(namespace, self._owner(pod))
 
@@ -348,15 +419,22 @@ class FakeKube:
             self._bump("pods", "MODIFIED", pod)
             self._sync_job(namespace, self._owner(pod))
 
-    def evict_pod(self, namespace: str, name: str, reason: str = "PreemptionByScheduler",
-                  terminate: bool = True) -> None:  # fmt: skip
+    def evict_pod(
+        self, namespace: str, name: str, reason: str = "PreemptionByScheduler", terminate: bool = True
+    ) -> None:
         """The scheduler or the eviction API takes the pod away: DisruptionTarget, SIGTERM; the
         trainer checkpoints and exits 75 (with terminate=False it is still saving)."""
         with self.cond:
             pod = self._pod(namespace, name)
             pod["status"].setdefault("conditions", []).append(
-                {"type": "DisruptionTarget", "status": "True", "reason": reason,
-                 "message": "Kubernetes: preempted by a higher-priority pod", "lastTransitionTime": now_rfc3339()})  # fmt: skip
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": reason,
+                    "message": "Kubernetes: preempted by a higher-priority pod",
+                    "lastTransitionTime": now_rfc3339(),
+                }
+            )
             pod["metadata"]["deletionTimestamp"] = now_rfc3339()
             if terminate:
                 self._terminate(pod, 75, "Error")
@@ -390,10 +468,16 @@ class FakeKube:
         status["active"] = sum(1 for p in phases if p in ("Pending", "Running"))
         status["succeeded"] = phases.count("Succeeded")
         # podFailurePolicy: a DisruptionTarget pod is ignored, not counted as failed.
-        status["failed"] = sum(1 for p in pods if p["status"]["phase"] == "Failed"
-                               and not any(c["type"] == "DisruptionTarget" for c in p["status"].get("conditions") or []))  # fmt: skip
+        status["failed"] = sum(
+            1
+            for p in pods
+            if p["status"]["phase"] == "Failed"
+            and not any(c["type"] == "DisruptionTarget" for c in p["status"].get("conditions") or [])
+        )
         completions = job["spec"].get("completions") or 1
-        if status["succeeded"] >= completions and not any(c["type"] == "Complete" for c in status.get("conditions") or []):
+        if status["succeeded"] >= completions and not any(
+            c["type"] == "Complete" for c in status.get("conditions") or []
+        ):
             self._set_job_condition(namespace, name, "Complete", "CompletionsReached")
             return
         self._bump("jobs", "MODIFIED", job)
@@ -402,8 +486,15 @@ class FakeKube:
 
     def handle(self, method: str, path: str, query: dict, headers: dict, body: bytes):
         """Returns (code, payload dict) or ("stream", generator of bytes) for watch/follow."""
-        self.requests.append({"method": method, "path": path, "query": query,
-                              "headers": dict(headers), "body": body.decode("utf-8", "replace")})  # fmt: skip
+        self.requests.append(
+            {
+                "method": method,
+                "path": path,
+                "query": query,
+                "headers": dict(headers),
+                "body": body.decode("utf-8", "replace"),
+            }
+        )
         route = self._route(path)
         resource, namespace, name, sub = route
         bearer = (headers.get("Authorization") or "").removeprefix("Bearer ")
@@ -414,17 +505,26 @@ class FakeKube:
         elif bearer != self.token:
             raise ApiError(401, "Unauthorized", "Unauthorized")
         if resource == "namespaces" and name in self.forbidden:
-            raise ApiError(403, "Forbidden", f'namespaces "{name}" is forbidden: User "{self.user}" cannot get '
-                                             'resource "namespaces" in API group "" at the cluster scope')
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'namespaces "{name}" is forbidden: User "{self.user}" cannot get '
+                'resource "namespaces" in API group "" at the cluster scope',
+            )
         if namespace in self.forbidden:
-            verb = {"GET": "list" if name is None else "get", "PATCH": "patch", "DELETE": "delete"}.get(method, method.lower())
+            verb = {"GET": "list" if name is None else "get", "PATCH": "patch", "DELETE": "delete"}.get(
+                method, method.lower()
+            )
             verb = "watch" if query.get("watch") in ("true", "True", "1") else verb
             shown = resource if sub is None else f"{resource}/{sub}"
             group = GROUP.get(resource, "")
-            raise ApiError(403, "Forbidden",
-                           f'{_qualified(resource)} is forbidden: User "{self.user}" cannot {verb} resource '
-                           f'"{shown}" in API group "{group}" in the namespace "{namespace}"',
-                           {"kind": resource})  # fmt: skip
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'{_qualified(resource)} is forbidden: User "{self.user}" cannot {verb} resource '
+                f'"{shown}" in API group "{group}" in the namespace "{namespace}"',
+                {"kind": resource},
+            )
         if method == "GET" and sub == "log":
             return self._log(namespace, name, query)
         if method == "GET" and name is None:
@@ -436,7 +536,11 @@ class FakeKube:
             if obj is None:
                 raise not_found(resource, name)
             if "as=PartialObjectMetadata" in headers.get("Accept", ""):
-                return 200, {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
+                return 200, {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": obj["metadata"],
+                }
             return 200, obj
         if method == "PATCH" and headers.get("Content-Type", "").startswith(MERGE_PATCH):
             return self._merge_patch(resource, namespace, name, query, body)
@@ -448,7 +552,9 @@ class FakeKube:
             return self._delete(resource, namespace, name, query, body)
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported by the fake API server")
 
-    def _authorize(self, token: str, verb: str, resource: str, sub: str | None, namespace: str, name: str | None) -> None:
+    def _authorize(
+        self, token: str, verb: str, resource: str, sub: str | None, namespace: str, name: str | None
+    ) -> None:
         """RBAC for a ServiceAccount token: allowed when a RoleBinding of the namespace binds the
         account to a Role with a rule matching the group, resource, verb and resourceName."""
         account_ns, account = self.service_account_tokens[token]
@@ -461,20 +567,30 @@ class FakeKube:
         shown = resource if sub is None else f"{resource}/{sub}"
         group = GROUP.get(resource, "")
         for binding in bindings:
-            bound = any(s.get("kind") == "ServiceAccount" and s.get("name") == account
-                        and s.get("namespace", namespace) == account_ns for s in binding.get("subjects") or [])  # fmt: skip
+            bound = any(
+                s.get("kind") == "ServiceAccount"
+                and s.get("name") == account
+                and s.get("namespace", namespace) == account_ns
+                for s in binding.get("subjects") or []
+            )
             if not bound or binding["roleRef"].get("kind") != "Role":
                 continue
             for rule in (roles.get(binding["roleRef"]["name"]) or {}).get("rules") or []:
-                if (group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", [])) \
-                        and (shown in rule.get("resources", []) or "*" in rule.get("resources", [])) \
-                        and (verb in rule.get("verbs", []) or "*" in rule.get("verbs", [])) \
-                        and (not rule.get("resourceNames") or name in rule["resourceNames"]):  # fmt: skip
+                if (
+                    (group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", []))
+                    and (shown in rule.get("resources", []) or "*" in rule.get("resources", []))
+                    and (verb in rule.get("verbs", []) or "*" in rule.get("verbs", []))
+                    and (not rule.get("resourceNames") or name in rule["resourceNames"])
+                ):
                     return
         target = f'{_qualified(resource)} "{name}"' if name else _qualified(resource)
-        raise ApiError(403, "Forbidden", f'{target} is forbidden: User "{user}" cannot {verb} resource "{shown}" '
-                                         f'in API group "{group}" in the namespace "{namespace}"',
-                       {"name": name or "", "kind": resource})  # fmt: skip
+        raise ApiError(
+            403,
+            "Forbidden",
+            f'{target} is forbidden: User "{user}" cannot {verb} resource "{shown}" '
+            f'in API group "{group}" in the namespace "{namespace}"',
+            {"name": name or "", "kind": resource},
+        )
 
     def _route(self, path: str) -> tuple[str, str, str | None, str | None]:
         parts = [p for p in path.split("/") if p]
@@ -498,8 +614,12 @@ class FakeKube:
         items = self.list(resource, namespace, query.get("labelSelector", ""))
         with self.cond:
             version = str(self.rv)
-        return 200, {"kind": f"{kind}List", "apiVersion": api_version, "metadata": {"resourceVersion": version},
-                     "items": items}  # fmt: skip
+        return 200, {
+            "kind": f"{kind}List",
+            "apiVersion": api_version,
+            "metadata": {"resourceVersion": version},
+            "items": items,
+        }
 
     def _watch(self, resource: str, namespace: str, query: dict):
         requirements = parse_selector(query.get("labelSelector", ""))
@@ -550,7 +670,9 @@ class FakeKube:
         names = [c["name"] for c in pod["spec"]["containers"]]
         container = query.get("container")
         if container is None and len(names) > 1:
-            raise ApiError(400, "BadRequest", f"a container name must be specified for pod {name}, choose one of: {names}")
+            raise ApiError(
+                400, "BadRequest", f"a container name must be specified for pod {name}, choose one of: {names}"
+            )
         container = container or names[0]
         if container not in names:
             raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
@@ -583,8 +705,11 @@ class FakeKube:
                     while True:
                         current = self.store.get(("pods", namespace, name))
                         lines = self.logs.get(uid, [])
-                        alive = (current is not None and current["metadata"]["uid"] == uid
-                                 and current["status"]["phase"] in ("Pending", "Running"))  # fmt: skip
+                        alive = (
+                            current is not None
+                            and current["metadata"]["uid"] == uid
+                            and current["status"]["phase"] in ("Pending", "Running")
+                        )
                         if len(lines) > sent or not alive or self.closing:
                             break
                         self.cond.wait(0.5)
@@ -612,8 +737,12 @@ class FakeKube:
     def _invalid(self, kind: str, name: str, field: str, message: str) -> ApiError:
         group = GROUP.get(_plural(kind))
         qualified = f"{kind}.{group}" if group else kind
-        return ApiError(422, "Invalid", f'{qualified} "{name}" is invalid: {field}: {message}',
-                        {"name": name, "kind": kind, "causes": [{"field": field, "message": message}]})  # fmt: skip
+        return ApiError(
+            422,
+            "Invalid",
+            f'{qualified} "{name}" is invalid: {field}: {message}',
+            {"name": name, "kind": kind, "causes": [{"field": field, "message": message}]},
+        )
 
     def _validate(self, resource: str, obj: dict) -> None:
         import jsonschema
@@ -622,14 +751,21 @@ class FakeKube:
         pattern = _DNS_1035 if resource == "services" else _DNS_LABEL if resource == "namespaces" else _SUBDOMAIN
         limit = 63 if resource in ("services", "namespaces", "jobs") else 253
         if len(name) > limit or not pattern.match(name):
-            raise self._invalid(kind, name, "metadata.name", f'Invalid value: "{name}": must be a valid DNS name of at most {limit} characters')
+            raise self._invalid(
+                kind,
+                name,
+                "metadata.name",
+                f'Invalid value: "{name}": must be a valid DNS name of at most {limit} characters',
+            )
         for where in ("metadata.labels", "spec.template.metadata.labels"):
             node = obj
             for part in where.split("."):
                 node = (node or {}).get(part) if isinstance(node, dict) else None
             for key, value in (node or {}).items():
                 if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
-                    raise self._invalid(kind, name, f"{where}", f'Invalid value: "{value}": a valid label must be 63 characters or less')
+                    raise self._invalid(
+                        kind, name, f"{where}", f'Invalid value: "{value}": a valid label must be 63 characters or less'
+                    )
         try:
             _schema_validator(obj["kind"], obj["apiVersion"]).validate(obj)
         except jsonschema.ValidationError as exc:
@@ -639,11 +775,16 @@ class FakeKube:
     def _apply(self, resource: str, namespace: str, name: str | None, query: dict, headers: dict, body: bytes):
         api_version, kind, namespaced = RESOURCES[resource]
         if not headers.get("Content-Type", "").startswith("application/apply-patch+yaml"):
-            raise ApiError(415, "UnsupportedMediaType",
-                           f"the fake API server only speaks server-side apply, not {headers.get('Content-Type')}")  # fmt: skip
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                f"the fake API server only speaks server-side apply, not {headers.get('Content-Type')}",
+            )
         manager = query.get("fieldManager")
         if not manager:
-            raise ApiError(400, "BadRequest", "fieldManager is required for apply requests (PATCH application/apply-patch+yaml)")
+            raise ApiError(
+                400, "BadRequest", "fieldManager is required for apply requests (PATCH application/apply-patch+yaml)"
+            )
         force = query.get("force") in ("true", "True", "1")
         dry_run = query.get("dryRun") == "All"
         try:
@@ -651,12 +792,18 @@ class FakeKube:
         except ValueError:
             obj = yaml.safe_load(body)
         if obj.get("apiVersion") != api_version or obj.get("kind") != kind:
-            raise ApiError(400, "BadRequest", f"expected {api_version} {kind}, got {obj.get('apiVersion')} {obj.get('kind')}")
+            raise ApiError(
+                400, "BadRequest", f"expected {api_version} {kind}, got {obj.get('apiVersion')} {obj.get('kind')}"
+            )
         meta = obj.setdefault("metadata", {})
         if meta.get("name") != name:
             raise ApiError(400, "BadRequest", "the name of the object does not match the name on the URL")
         if namespaced and meta.setdefault("namespace", namespace) != namespace:
-            raise ApiError(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request")
+            raise ApiError(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            )
         self._validate(resource, obj)
         if self.admission is not None:
             self.admission(resource, obj, dry_run)
@@ -680,27 +827,45 @@ class FakeKube:
                     created["metadata"]["resourceVersion"] = ""
                 return 201, copy.deepcopy(created)
             if existing["metadata"].get("deletionTimestamp"):
-                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {_qualified(resource)} "{name}": object is being deleted',
-                               {"name": name, "kind": resource})  # fmt: skip
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {_qualified(resource)} "{name}": object is being deleted',
+                    {"name": name, "kind": resource},
+                )
             owner = self.managers.get(key)
             if owner not in (None, manager) and not force:
-                raise ApiError(409, "Conflict", f'Apply failed with 1 conflict: conflict with "{owner}": .metadata.labels',
-                               {"name": name, "kind": resource})  # fmt: skip
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Apply failed with 1 conflict: conflict with "{owner}": .metadata.labels',
+                    {"name": name, "kind": resource},
+                )
             updated = copy.deepcopy(existing)
             if resource == "jobs":
                 applied_template = copy.deepcopy(obj["spec"]["template"])
                 applied_template.setdefault("metadata", {}).setdefault("labels", {}).update(
-                    {k: v for k, v in existing["spec"]["template"]["metadata"]["labels"].items()
-                     if k not in (obj["spec"]["template"].get("metadata") or {}).get("labels", {})})  # fmt: skip
+                    {
+                        k: v
+                        for k, v in existing["spec"]["template"]["metadata"]["labels"].items()
+                        if k not in (obj["spec"]["template"].get("metadata") or {}).get("labels", {})
+                    }
+                )
                 for field in ("template", "completions", "completionMode"):
-                    new = applied_template if field == "template" else obj["spec"].get(field, existing["spec"].get(field))
+                    new = (
+                        applied_template if field == "template" else obj["spec"].get(field, existing["spec"].get(field))
+                    )
                     if new != existing["spec"].get(field):
                         raise self._invalid(kind, name, f"spec.{field}", "field is immutable")
             for section, value in obj.items():
                 if section not in ("metadata", "status", "apiVersion", "kind"):
                     if resource == "jobs" and section == "spec":
-                        updated["spec"] = {**existing["spec"], **value, "template": existing["spec"]["template"],
-                                           "selector": existing["spec"]["selector"]}  # fmt: skip
+                        updated["spec"] = {
+                            **existing["spec"],
+                            **value,
+                            "template": existing["spec"]["template"],
+                            "selector": existing["spec"]["selector"],
+                        }
                     else:
                         updated[section] = value
             for field in ("labels", "annotations"):
@@ -750,8 +915,14 @@ class FakeKube:
         spec.setdefault("suspend", False)
         spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
         labels = spec["template"].setdefault("metadata", {}).setdefault("labels", {})
-        labels.update({"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": job["metadata"]["name"],
-                       "controller-uid": uid, "job-name": job["metadata"]["name"]})  # fmt: skip
+        labels.update(
+            {
+                "batch.kubernetes.io/controller-uid": uid,
+                "batch.kubernetes.io/job-name": job["metadata"]["name"],
+                "controller-uid": uid,
+                "job-name": job["metadata"]["name"],
+            }
+        )
         job["status"] = {"startTime": now_rfc3339(), "active": 0}
 
     # -- delete -----------------------------------------------------------------------------
@@ -773,8 +944,13 @@ class FakeKube:
                     self._sync_job(namespace, self._owner(obj))
                 return 200, copy.deepcopy(obj)
             policy = policy or "Orphan"  # the batch/v1 Job default: pods are left behind
-            dependents = [k for k, p in self.store.items() if k[0] == "pods" and k[1] == namespace
-                          and any(r.get("uid") == obj["metadata"]["uid"] for r in p["metadata"].get("ownerReferences") or [])]  # fmt: skip
+            dependents = [
+                k
+                for k, p in self.store.items()
+                if k[0] == "pods"
+                and k[1] == namespace
+                and any(r.get("uid") == obj["metadata"]["uid"] for r in p["metadata"].get("ownerReferences") or [])
+            ]
             if policy == "Orphan":
                 for k in dependents:
                     self.store[k]["metadata"]["ownerReferences"] = []
@@ -830,9 +1006,28 @@ def _self_signed(httpd: ThreadingHTTPServer) -> Path:
     """Serve HTTPS with a fresh self-signed certificate for 127.0.0.1; returns the CA file."""
     folder = Path(tempfile.mkdtemp(prefix="fake-kube-tls-"))
     key, cert = folder / "server.key", folder / "ca.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=fake-kube",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=fake-kube",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(cert), str(key))
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)

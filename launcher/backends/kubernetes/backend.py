@@ -118,12 +118,24 @@ class KubernetesBackend(Backend):
     def input_findings(cls, run: RunConfig, storage_root: Path) -> list[Finding]:
         findings = [Finding(key, message) for key, message in unmounted_folders(run, str(storage_root))]
         if run.environment.setup:
-            findings.append(Finding("environment.setup", "Slurm's: the pods start from kubernetes.image and do not "
-                                    "run these lines (their run.yaml leaves them out)", level="info"))  # fmt: skip
+            findings.append(
+                Finding(
+                    "environment.setup",
+                    "Slurm's: the pods start from kubernetes.image and do not "
+                    "run these lines (their run.yaml leaves them out)",
+                    level="info",
+                )
+            )
         return findings
 
-    def __init__(self, kubeconfig: str | None = None, context: str | None = None, *,
-                 poll_seconds: float = 2.0, delete_timeout: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        *,
+        poll_seconds: float = 2.0,
+        delete_timeout: float | None = None,
+    ):
         self.kube = Kube(kubeconfig, context)
         self.poll_seconds = poll_seconds
         self.delete_timeout = delete_timeout
@@ -141,10 +153,16 @@ class KubernetesBackend(Backend):
         api, name = _APPLY_METHODS[kind]
         method = getattr(getattr(self.kube, api), name)
         return self.kube.call(
-            method, meta["name"], meta["namespace"], doc,
-            field_manager=FIELD_MANAGER, force=True, dry_run=DRY_RUN if dry_run else None,
-            _content_type=APPLY_PATCH, what=f"applying {kind} {meta['name']}",
-        )  # fmt: skip
+            method,
+            meta["name"],
+            meta["namespace"],
+            doc,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            dry_run=DRY_RUN if dry_run else None,
+            _content_type=APPLY_PATCH,
+            what=f"applying {kind} {meta['name']}",
+        )
 
     def _dry_run(self, doc: Obj) -> None:
         try:
@@ -162,8 +180,12 @@ class KubernetesBackend(Backend):
     def _list(self, plan: Plan, kind: str) -> list[Obj]:
         namespace = naming.namespace_of(plan)
         method = self.kube.batch.list_namespaced_job if kind == "jobs" else self.kube.core.list_namespaced_pod
-        listing = self.kube.call(method, namespace, label_selector=naming.experiment_selector(plan),
-                                 what=f"listing {kind} in namespace {namespace!r}")  # fmt: skip
+        listing = self.kube.call(
+            method,
+            namespace,
+            label_selector=naming.experiment_selector(plan),
+            what=f"listing {kind} in namespace {namespace!r}",
+        )
         return listing.get("items") or []
 
     def _lists(self, plan: Plan, reuse: bool = False) -> tuple[list[Obj], list[Obj]]:
@@ -195,8 +217,9 @@ class KubernetesBackend(Backend):
         namespace = naming.namespace_of(plan)
         core = self.kube.core
         try:
-            found = self.kube.call(core.read_namespace, namespace, missing_ok=True,
-                                   what=f"reading namespace {namespace!r}")  # fmt: skip
+            found = self.kube.call(
+                core.read_namespace, namespace, missing_ok=True, what=f"reading namespace {namespace!r}"
+            )
         except KubeApiError as exc:
             if exc.status != 403:  # many users may not read Namespace objects; the GETs below tell
                 raise
@@ -207,8 +230,13 @@ class KubernetesBackend(Backend):
                 f"ReadWriteMany claim {plan.runs[0].kubernetes.pvc!r} in it, before submitting"
             )
         for pvc in sorted({run.kubernetes.pvc for run in plan.runs}):
-            claim = self.kube.call(core.read_namespaced_persistent_volume_claim, pvc, namespace,
-                                   missing_ok=True, what=f"reading PVC {pvc!r}")  # fmt: skip
+            claim = self.kube.call(
+                core.read_namespaced_persistent_volume_claim,
+                pvc,
+                namespace,
+                missing_ok=True,
+                what=f"reading PVC {pvc!r}",
+            )
             if claim is None:
                 raise BackendError(
                     f"PersistentVolumeClaim {pvc!r} (kubernetes.pvc) not found in namespace "
@@ -227,10 +255,13 @@ class KubernetesBackend(Backend):
             try:
                 # Metadata only: the token never leaves the cluster, not even into this process.
                 found = self.kube.call(
-                    core.read_namespaced_secret, name, namespace, missing_ok=True,
+                    core.read_namespaced_secret,
+                    name,
+                    namespace,
+                    missing_ok=True,
                     _headers={"Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"},
                     what=f"checking Secret {name!r}",
-                )  # fmt: skip
+                )
             except KubeApiError as exc:
                 if exc.status == 403:  # pods may use a Secret their submitter cannot read
                     continue
@@ -246,18 +277,30 @@ class KubernetesBackend(Backend):
         # Foreground: the Job object stays until its pods are gone, so nothing is left running
         # and a resubmission cannot start a second trainer on the same run folder.
         result = self.kube.call(
-            self.kube.batch.delete_namespaced_job, name, namespace,
-            propagation_policy="Foreground", dry_run=DRY_RUN if dry_run else None,
-            missing_ok=True, what=f"deleting Job {name}",
-        )  # fmt: skip
+            self.kube.batch.delete_namespaced_job,
+            name,
+            namespace,
+            propagation_policy="Foreground",
+            dry_run=DRY_RUN if dry_run else None,
+            missing_ok=True,
+            what=f"deleting Job {name}",
+        )
         return result is not None
 
     def _wait_gone(self, namespace: str, names: list[str], grace: int) -> None:
         timeout = self.delete_timeout if self.delete_timeout is not None else grace + 120
         deadline = time.monotonic() + timeout
         for name in names:
-            while self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
-                                 what=f"waiting for Job {name} to be deleted") is not None:  # fmt: skip
+            while (
+                self.kube.call(
+                    self.kube.batch.read_namespaced_job,
+                    name,
+                    namespace,
+                    missing_ok=True,
+                    what=f"waiting for Job {name} to be deleted",
+                )
+                is not None
+            ):
                 if time.monotonic() > deadline:
                     raise BackendError(
                         f"Job {name} is still being deleted after {timeout:.0f}s (its pod is saving "
@@ -279,17 +322,19 @@ class KubernetesBackend(Backend):
         evaluation_name = manifests.evaluation_name(plan)
         if evaluation_docs:
             files[f"{naming.EVALUATE}.yaml"] = manifests.file_text(
-                plan, "", evaluation_docs, what=f"grid evaluation of {len(graded)} runs")
+                plan, "", evaluation_docs, what=f"grid evaluation of {len(graded)} runs"
+            )
         shared = f"{evaluation_name} (grid evaluation, after every training Job)"
         namespace = naming.namespace_of(plan)
         if offline or not plan.runs:
-            jobs = {run_id: [d["metadata"]["name"] for d in docs if d["kind"] == "Job"]
-                    for run_id, docs in documents.items()}  # fmt: skip
+            jobs = {
+                run_id: [d["metadata"]["name"] for d in docs if d["kind"] == "Job"]
+                for run_id, docs in documents.items()
+            }
             for run in graded:
                 jobs[run.run_id].append(shared)
             checked = "not sent to the API server (client-side dry run)" + _staging_note(self._uploads(plan, plan.runs))
-            return Submission(self.name, files, jobs, {}, checked,
-                              request=_Request(plan, namespace, {}, {}))  # fmt: skip
+            return Submission(self.name, files, jobs, {}, checked, request=_Request(plan, namespace, {}, {}))
 
         self._preflight(plan)
         job_list = self._list(plan, "jobs")
@@ -315,8 +360,12 @@ class KubernetesBackend(Backend):
                     todo[naming.INFER] = "create"
                 elif todo[naming.TRAIN] or not (infer_state.active or infer_state == State.COMPLETED):
                     todo[naming.INFER] = "replace"  # a new training run gets a new inference
-            if train_state == State.COMPLETED and not todo[naming.TRAIN] and manifests.hands_off(run) and (
-                    todo[naming.INFER] or (infer is not None and manifests.awaiting_release(infer))):
+            if (
+                train_state == State.COMPLETED
+                and not todo[naming.TRAIN]
+                and manifests.hands_off(run)
+                and (todo[naming.INFER] or (infer is not None and manifests.awaiting_release(infer)))
+            ):
                 releases.append(run.run_id)
             if not any(todo.values()):
                 skipped[run.run_id] = (
@@ -330,8 +379,7 @@ class KubernetesBackend(Backend):
         for run in graded:
             if action and run.run_id in skipped:
                 skipped[run.run_id] += f"; grid evaluation Job {evaluation_name} {action}d"
-        request = _Request(plan, namespace, documents, actions, releases, uploads,
-                           evaluation_docs, action, release)  # fmt: skip
+        request = _Request(plan, namespace, documents, actions, releases, uploads, evaluation_docs, action, release)
 
         # The server validates every object (admission, quotas, schema) before any is stored; a
         # Job about to be replaced cannot be dry-run against its old, immutable self, but its
@@ -352,9 +400,14 @@ class KubernetesBackend(Backend):
         for pvc in uploads:  # the staging pod too (an admission policy may refuse it)
             run = next(r for r in plan.runs if r.kubernetes.pvc == pvc)
             self._apply(stage_pod(plan, run, stage_pod_name()), dry_run=True)
-        jobs = {run_id: [f"{request.job_name(run_id, role)}{' (replace)' if action == 'replace' else ''}"
-                         for role, action in todo.items() if action]
-                for run_id, todo in actions.items()}  # fmt: skip
+        jobs = {
+            run_id: [
+                f"{request.job_name(run_id, role)}{' (replace)' if action == 'replace' else ''}"
+                for role, action in todo.items()
+                if action
+            ]
+            for run_id, todo in actions.items()
+        }
         if action:
             for run in graded:
                 if run.run_id in jobs:
@@ -362,9 +415,16 @@ class KubernetesBackend(Backend):
         checked = "validated by the API server (server-side dry run)" + _staging_note(uploads)
         return Submission(self.name, files, jobs, skipped, checked, request=request)
 
-    def _evaluation_action(self, plan: Plan, graded: list[RunConfig], job_list: list[Obj], pods: list[Obj],
-                           actions: dict[str, dict[str, str | None]], existing: dict[tuple[str, str], Obj],
-                           force: bool) -> tuple[str | None, bool]:  # fmt: skip
+    def _evaluation_action(
+        self,
+        plan: Plan,
+        graded: list[RunConfig],
+        job_list: list[Obj],
+        pods: list[Obj],
+        actions: dict[str, dict[str, str | None]],
+        existing: dict[tuple[str, str], Obj],
+        force: bool,
+    ) -> tuple[str | None, bool]:
         """(None: keep, "create" or "replace" the grid evaluation Job; release it once applied).
         Kept while it evaluates the same runs and none of their training is submitted again
         (`submit` twice never makes a second one); a held one stays held while any trains."""
@@ -381,15 +441,19 @@ class KubernetesBackend(Backend):
             action = None
         trains = [existing.get((run.run_id, naming.TRAIN)) for run in graded]
         ended = not trained_again and all(
-            train is None or not job_state(train, [p for p in pods if owned_by(p, train)])[0].active for train in trains)
+            train is None or not job_state(train, [p for p in pods if owned_by(p, train)])[0].active for train in trains
+        )
         held = action is not None or (current is not None and manifests.evaluation_held(current))
         return action, held and ended and any(train is not None for train in trains)
 
     @staticmethod
     def _evaluation_job(job_list: list[Obj]) -> Obj | None:
         """The experiment's grid evaluation Job (of two, the newer: one being replaced)."""
-        found = [job for job in job_list
-                 if ((job.get("metadata") or {}).get("labels") or {}).get(naming.ROLE_LABEL) == naming.EVALUATE]
+        found = [
+            job
+            for job in job_list
+            if ((job.get("metadata") or {}).get("labels") or {}).get(naming.ROLE_LABEL) == naming.EVALUATE
+        ]
         return sorted(found, key=created)[-1] if found else None
 
     def _release_evaluation(self, plan: Plan, job: Obj) -> bool:
@@ -398,10 +462,14 @@ class KubernetesBackend(Backend):
         meta = job["metadata"]
         try:
             self.kube.call(
-                self.kube.batch.patch_namespaced_job, meta["name"], meta["namespace"],
-                manifests.evaluation_release_patch(job), _content_type=MERGE_PATCH, missing_ok=True,
+                self.kube.batch.patch_namespaced_job,
+                meta["name"],
+                meta["namespace"],
+                manifests.evaluation_release_patch(job),
+                _content_type=MERGE_PATCH,
+                missing_ok=True,
                 what=f"starting grid evaluation Job {meta['name']}",
-            )  # fmt: skip
+            )
         except KubeApiError as exc:
             self.release_errors[naming.EVALUATE] = str(exc)
             return False
@@ -452,8 +520,9 @@ class KubernetesBackend(Backend):
             # Every training Job had ended: nothing else will. Read again first: `qlaunch submit`
             # reconciles between prepare and apply, and the release happens once.
             name = manifests.evaluation_name(plan)
-            current = self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
-                                     what=f"reading Job {name}")  # fmt: skip
+            current = self.kube.call(
+                self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True, what=f"reading Job {name}"
+            )
             if current is not None and manifests.evaluation_held(current):
                 self._release_evaluation(plan, current)
         # 3. Training done, so no trainer will release the inference Job: start it now.
@@ -478,9 +547,10 @@ class KubernetesBackend(Backend):
         dry_run="client": local checks and rendering only, no API call."""
         submission = self.prepare(plan, force=force, offline=dry_run == "client")
         if dry_run:
-            return SubmitReport(submitted={r: [j.removesuffix(" (replace)") for j in jobs]
-                                           for r, jobs in submission.jobs.items()},
-                                skipped=dict(submission.skipped))  # fmt: skip
+            return SubmitReport(
+                submitted={r: [j.removesuffix(" (replace)") for j in jobs] for r, jobs in submission.jobs.items()},
+                skipped=dict(submission.skipped),
+            )
         return self.apply(submission)
 
     # -- status ------------------------------------------------------------------------------
@@ -499,7 +569,11 @@ class KubernetesBackend(Backend):
             if job_state(train, pods)[0] == State.COMPLETED and self._release(run, infer) is not infer:
                 released.append(infer["metadata"]["name"])
         evaluation = self._evaluation_job(job_list)
-        if evaluation is not None and manifests.evaluation_held(evaluation) and self._training_ended(plan, evaluation, jobs, pods):
+        if (
+            evaluation is not None
+            and manifests.evaluation_held(evaluation)
+            and self._training_ended(plan, evaluation, jobs, pods)
+        ):
             if self._release_evaluation(plan, evaluation):
                 released.append(evaluation["metadata"]["name"])
         return released
@@ -508,15 +582,21 @@ class KubernetesBackend(Backend):
     def _still_training(plan: Plan, evaluation: Obj, jobs: dict[tuple[str, str], Obj], pods: list[Obj]) -> list[str]:
         """The runs the grid evaluation Job evaluates whose training Job has not ended."""
         ids = {run.run_id for run in plan.runs}
-        return [run_id for run_id in manifests.evaluated_ids(evaluation) if run_id in ids
-                and (train := jobs.get((run_id, naming.TRAIN))) is not None and job_state(train, pods)[0].active]
+        return [
+            run_id
+            for run_id in manifests.evaluated_ids(evaluation)
+            if run_id in ids
+            and (train := jobs.get((run_id, naming.TRAIN))) is not None
+            and job_state(train, pods)[0].active
+        ]
 
     def _training_ended(self, plan: Plan, evaluation: Obj, jobs: dict[tuple[str, str], Obj], pods: list[Obj]) -> bool:
         """Every training Job of the evaluated runs has ended (completed, failed, or gone): the
         last one to end releases the evaluation, once, whatever its own end."""
         ids = set(manifests.evaluated_ids(evaluation))
         return any(key[0] in ids and key[1] == naming.TRAIN for key in jobs) and not self._still_training(
-            plan, evaluation, jobs, pods)
+            plan, evaluation, jobs, pods
+        )
 
     def status(self, plan: Plan) -> dict[str, RunStatus]:
         """Every run's state, read only (`reconcile` does the writes)."""
@@ -541,8 +621,15 @@ class KubernetesBackend(Backend):
             result[run.run_id] = status
         return result
 
-    def _evaluation_status(self, plan: Plan, run: RunConfig, status: RunStatus, evaluation: Obj,
-                           jobs: dict[tuple[str, str], Obj], pods: list[Obj]) -> None:  # fmt: skip
+    def _evaluation_status(
+        self,
+        plan: Plan,
+        run: RunConfig,
+        status: RunStatus,
+        evaluation: Obj,
+        jobs: dict[tuple[str, str], Obj],
+        pods: list[Obj],
+    ) -> None:
         """A run's inference, as the shared grid evaluation Job tells it."""
         status.job_ids.append(evaluation["metadata"]["name"])
         if status.state != State.UNKNOWN and not status.state.active and status.state != State.COMPLETED:
@@ -551,8 +638,11 @@ class KubernetesBackend(Backend):
         state, detail, _ = job_state(evaluation, pods)
         if manifests.evaluation_held(evaluation) and state == State.PENDING:
             still = self._still_training(plan, evaluation, jobs, pods)
-            waiting = (f"grid evaluation waits for {len(still)} training Job{'s' if len(still) != 1 else ''}"
-                       if still else "grid evaluation: every training ended; `qlaunch status` starts it")
+            waiting = (
+                f"grid evaluation waits for {len(still)} training Job{'s' if len(still) != 1 else ''}"
+                if still
+                else "grid evaluation: every training ended; `qlaunch status` starts it"
+            )
             status.infer_state = State.PENDING
             status.infer_detail = self.release_errors.get(naming.EVALUATE, waiting)
             return
@@ -565,9 +655,14 @@ class KubernetesBackend(Backend):
         meta = job["metadata"]
         try:
             released = self.kube.call(
-                self.kube.batch.patch_namespaced_job, meta["name"], meta["namespace"], manifests.release_patch(run),
-                _content_type=MERGE_PATCH, missing_ok=True, what=f"starting inference Job {meta['name']}",
-            )  # fmt: skip
+                self.kube.batch.patch_namespaced_job,
+                meta["name"],
+                meta["namespace"],
+                manifests.release_patch(run),
+                _content_type=MERGE_PATCH,
+                missing_ok=True,
+                what=f"starting inference Job {meta['name']}",
+            )
         except KubeApiError as exc:
             self.release_errors[run.run_id] = str(exc)
             return job
@@ -609,15 +704,19 @@ class KubernetesBackend(Backend):
         if infer and not manifests.hands_off(run):  # the grid evaluation Job answers for it
             role, name = naming.EVALUATE, manifests.evaluation_name(plan)
             selector = f"{naming.experiment_selector(plan)},{naming.ROLE_LABEL}={role}"
-        job = self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
-                             what=f"reading Job {name}")  # fmt: skip
+        job = self.kube.call(
+            self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True, what=f"reading Job {name}"
+        )
         if job is None:
-            raise BackendError(f"run {run.run_id} has no {role} Job {name!r} in namespace {namespace!r} "
-                               "(not submitted, cancelled, or removed by ttlSecondsAfterFinished)")
+            raise BackendError(
+                f"run {run.run_id} has no {role} Job {name!r} in namespace {namespace!r} "
+                "(not submitted, cancelled, or removed by ttlSecondsAfterFinished)"
+            )
 
         def finished() -> bool:
-            current = self.kube.call(self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True,
-                                     what=f"reading Job {name}")  # fmt: skip
+            current = self.kube.call(
+                self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True, what=f"reading Job {name}"
+            )
             return current is None or job_state(current, [])[0] not in (State.PENDING, State.RUNNING, State.REQUEUED)
 
         LogFollower(self.kube, namespace, selector, out, finished).run(follow)
@@ -634,16 +733,29 @@ class KubernetesBackend(Backend):
             deleted = [self._delete_job(namespace, job["metadata"]["name"]) for job in found]
             if any(deleted):
                 cancelled.append(run.run_id)
-            self.kube.call(self.kube.core.delete_namespaced_config_map, n.config, namespace, missing_ok=True,
-                           what=f"deleting ConfigMap {n.config}")  # fmt: skip
+            self.kube.call(
+                self.kube.core.delete_namespaced_config_map,
+                n.config,
+                namespace,
+                missing_ok=True,
+                what=f"deleting ConfigMap {n.config}",
+            )
             leftovers = [("Service", n.service)] if run.resources.nodes > 1 else []
             if manifests.hands_off(run):
-                leftovers += [(kind, n.handoff) for kind in ("RoleBinding", "Role", "ServiceAccount")
-                              if kind != "ServiceAccount" or run.kubernetes.service_account is None]  # fmt: skip
+                leftovers += [
+                    (kind, n.handoff)
+                    for kind in ("RoleBinding", "Role", "ServiceAccount")
+                    if kind != "ServiceAccount" or run.kubernetes.service_account is None
+                ]
             for kind, name in leftovers:
                 api, method = _APPLY_METHODS[kind]
-                self.kube.call(getattr(getattr(self.kube, api), method.replace("patch_", "delete_")), name, namespace,
-                               missing_ok=True, what=f"deleting {kind} {name}")  # fmt: skip
+                self.kube.call(
+                    getattr(getattr(self.kube, api), method.replace("patch_", "delete_")),
+                    name,
+                    namespace,
+                    missing_ok=True,
+                    what=f"deleting {kind} {name}",
+                )
         # The grid evaluation Job goes with the last of its runs: while another run still has its
         # training Job, it evaluates that one (and names the cancelled ones).
         chosen = {run.run_id for run in runs}
@@ -651,8 +763,13 @@ class KubernetesBackend(Backend):
         if graded and not any((run.run_id, naming.TRAIN) in jobs for run in graded if run.run_id not in chosen):
             name = manifests.evaluation_name(plan)
             self._delete_job(namespace, name)
-            self.kube.call(self.kube.core.delete_namespaced_config_map, name, namespace, missing_ok=True,
-                           what=f"deleting ConfigMap {name}")  # fmt: skip
+            self.kube.call(
+                self.kube.core.delete_namespaced_config_map,
+                name,
+                namespace,
+                missing_ok=True,
+                what=f"deleting ConfigMap {name}",
+            )
         self._delete_unused_data(plan, namespace)
         return cancelled
 
@@ -660,8 +777,12 @@ class KubernetesBackend(Backend):
         """The experiment's data ConfigMaps (one per staged file, shared by its runs) that no
         Job of the experiment still mounts: after the last run that read a file is cancelled."""
         selector = f"{naming.experiment_selector(plan)},app.kubernetes.io/component={manifests.DATA_COMPONENT}"
-        listing = self.kube.call(self.kube.core.list_namespaced_config_map, namespace, label_selector=selector,
-                                 what=f"listing data ConfigMaps in namespace {namespace!r}")  # fmt: skip
+        listing = self.kube.call(
+            self.kube.core.list_namespaced_config_map,
+            namespace,
+            label_selector=selector,
+            what=f"listing data ConfigMaps in namespace {namespace!r}",
+        )
         data = [item["metadata"]["name"] for item in listing.get("items") or []]
         if not data:
             return
@@ -674,8 +795,13 @@ class KubernetesBackend(Backend):
                     used.add((source.get("configMap") or {}).get("name"))
         for name in data:
             if name not in used:
-                self.kube.call(self.kube.core.delete_namespaced_config_map, name, namespace, missing_ok=True,
-                               what=f"deleting ConfigMap {name}")  # fmt: skip
+                self.kube.call(
+                    self.kube.core.delete_namespaced_config_map,
+                    name,
+                    namespace,
+                    missing_ok=True,
+                    what=f"deleting ConfigMap {name}",
+                )
 
 
 _EVALUATION_KEY = "\0evaluate"  # never a run id
@@ -691,7 +817,9 @@ def _first_time(doc: Obj, seen: set[tuple[str, str]]) -> bool:
 
 def _staging_note(uploads: dict[str, list[LocalFile]]) -> str:
     """What submit stages onto the claims, for the dry-run summary."""
-    notes = [f"{len(files)} local file{'s' if len(files) > 1 else ''} "
-             f"({describe_size(sum(f.size for f in files))}) to stage onto claim {pvc!r}"
-             for pvc, files in uploads.items()]  # fmt: skip
+    notes = [
+        f"{len(files)} local file{'s' if len(files) > 1 else ''} "
+        f"({describe_size(sum(f.size for f in files))}) to stage onto claim {pvc!r}"
+        for pvc, files in uploads.items()
+    ]
     return "".join(f"; {note}" for note in notes)

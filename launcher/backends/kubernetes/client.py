@@ -49,8 +49,10 @@ def _refuse_unknown_context(context: str, paths: list[Path]) -> None:
         known += [c.get("name") for c in data.get("contexts") or [] if isinstance(c, dict) and c.get("name")]
     if context not in known:
         files = ", ".join(str(p) for p in paths)
-        raise BackendError(f"context {context!r} is not in the kubeconfig {files} (its contexts: "
-                           f"{', '.join(known) or 'none'}); see `kubectl config get-contexts`")
+        raise BackendError(
+            f"context {context!r} is not in the kubeconfig {files} (its contexts: "
+            f"{', '.join(known) or 'none'}); see `kubectl config get-contexts`"
+        )
 
 
 class Kube:
@@ -151,9 +153,13 @@ class Kube:
 
         try:
             yield from watch.Watch().stream(
-                fn, *args, timeout_seconds=timeout_seconds, deserialize=False,
-                _request_timeout=(REQUEST_TIMEOUT[0], timeout_seconds + 30), **kwargs,
-            )  # fmt: skip
+                fn,
+                *args,
+                timeout_seconds=timeout_seconds,
+                deserialize=False,
+                _request_timeout=(REQUEST_TIMEOUT[0], timeout_seconds + 30),
+                **kwargs,
+            )
         except ApiException as exc:
             raise self.error(exc, what) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -170,8 +176,10 @@ class Kube:
         if status == 0:
             text = f"cannot reach the Kubernetes API at {self.host}{doing}: {message}"
         elif status == 401:
-            text = (f"the Kubernetes API at {self.host} rejected your credentials{doing} "
-                    f"(401 Unauthorized): refresh your kubeconfig login. {message}")
+            text = (
+                f"the Kubernetes API at {self.host} rejected your credentials{doing} "
+                f"(401 Unauthorized): refresh your kubeconfig login. {message}"
+            )
         elif status == 403:
             text = f"forbidden{doing}: {message}"
         else:

@@ -80,8 +80,13 @@ class ProgressReader:
         if entry.read_at is not None:
             kwargs["since_seconds"] = math.ceil(now - entry.read_at) + _OVERLAP
         try:
-            response = self.kube.open(self.kube.core.read_namespaced_pod_log, pod["metadata"]["name"],
-                                      namespace, _request_timeout=(10, 60), **kwargs)
+            response = self.kube.open(
+                self.kube.core.read_namespaced_pod_log,
+                pod["metadata"]["name"],
+                namespace,
+                _request_timeout=(10, 60),
+                **kwargs,
+            )
             text = response.data.decode("utf-8", errors="replace")
         except KubeApiError as exc:
             if exc.status in (400, 404):  # not started yet, or gone
@@ -95,7 +100,9 @@ class ProgressReader:
             if PROGRESS_PREFIX.strip() not in body:
                 continue
             key = _ts_key(stamp)
-            if entry.last_key is not None and (key < entry.last_key or (key == entry.last_key and body in entry.at_last_key)):
+            if entry.last_key is not None and (
+                key < entry.last_key or (key == entry.last_key and body in entry.at_last_key)
+            ):
                 continue
             if key != entry.last_key:
                 entry.last_key, entry.at_last_key = key, set()
@@ -122,8 +129,15 @@ class LogFollower:
     """Prints one role's pod logs of a run, oldest pod first; with follow, keeps printing as the
     Job replaces pods, until the Job has finished (or is gone)."""
 
-    def __init__(self, kube: Kube, namespace: str, selector: str, out: IO[str],
-                 job_finished: Callable[[], bool], wait_seconds: int = 30):  # fmt: skip
+    def __init__(
+        self,
+        kube: Kube,
+        namespace: str,
+        selector: str,
+        out: IO[str],
+        job_finished: Callable[[], bool],
+        wait_seconds: int = 30,
+    ):
         self.kube, self.namespace, self.selector, self.out = kube, namespace, selector, out
         self.job_finished = job_finished
         self.wait_seconds = wait_seconds
@@ -131,8 +145,12 @@ class LogFollower:
         self.done: set[str] = set()  # pods printed to their end
 
     def _pods(self) -> tuple[list[Obj], str]:
-        listing = self.kube.call(self.kube.core.list_namespaced_pod, self.namespace,
-                                 label_selector=self.selector, what="listing the run's pods")  # fmt: skip
+        listing = self.kube.call(
+            self.kube.core.list_namespaced_pod,
+            self.namespace,
+            label_selector=self.selector,
+            what="listing the run's pods",
+        )
         pods = [p for p in listing.get("items") or [] if _rank_zero(p)]
         return sorted(pods, key=created), (listing.get("metadata") or {}).get("resourceVersion") or ""
 
@@ -145,11 +163,14 @@ class LogFollower:
         skip = self.printed.get(uid, 0)
         try:
             response = self.kube.open(
-                self.kube.core.read_namespaced_pod_log, pod["metadata"]["name"], self.namespace,
-                container=pod_container(pod), follow=follow,
+                self.kube.core.read_namespaced_pod_log,
+                pod["metadata"]["name"],
+                self.namespace,
+                container=pod_container(pod),
+                follow=follow,
                 # A quiet trainer may print nothing for minutes; a timed-out stream is resumed.
                 _request_timeout=(10, 600) if follow else (10, 120),
-            )  # fmt: skip
+            )
         except KubeApiError as exc:
             if exc.status in (400, 404):  # not started, or deleted meanwhile
                 return
@@ -172,9 +193,14 @@ class LogFollower:
     def _wait_for_change(self, resource_version: str) -> None:
         """Until a pod of the run changes (or wait_seconds pass): the caller lists again."""
         try:
-            for _ in self.kube.watch(self.kube.core.list_namespaced_pod, self.namespace,
-                                     label_selector=self.selector, resource_version=resource_version,
-                                     timeout_seconds=self.wait_seconds, what="watching the run's pods"):  # fmt: skip
+            for _ in self.kube.watch(
+                self.kube.core.list_namespaced_pod,
+                self.namespace,
+                label_selector=self.selector,
+                resource_version=resource_version,
+                timeout_seconds=self.wait_seconds,
+                what="watching the run's pods",
+            ):
                 return
         except KeyError:
             # An ERROR event (e.g. 410 Gone: the version expired) that the client cannot unpack

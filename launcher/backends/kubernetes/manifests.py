@@ -116,15 +116,18 @@ def _env(plan: Plan, run: RunConfig, role: str) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in variables.items()]
     if role == TRAIN:
         # Which Job this pod belongs to: the requeue guard counts the stops of this Job only.
-        env.append({"name": REQUEUE_JOB_ENV, "valueFrom": {"fieldRef": {
-            "fieldPath": f"metadata.labels['{JOB_UID_LABEL}']"}}})
+        env.append(
+            {"name": REQUEUE_JOB_ENV, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{JOB_UID_LABEL}']"}}}
+        )
     secret = run.kubernetes.hf_token_secret
     if secret is not None:
         # The token stays in the cluster: the kubelet resolves the reference at pod start.
-        env.append({
-            "name": run.model.hf_token_env,
-            "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
-        })
+        env.append(
+            {
+                "name": run.model.hf_token_env,
+                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
+            }
+        )
     for extra in run.kubernetes.secrets:  # e.g. WANDB_API_KEY for tracking.report_to: [wandb]
         env.append({"name": extra.env, "valueFrom": {"secretKeyRef": {"name": extra.name, "key": extra.key}}})
     return env
@@ -164,8 +167,9 @@ def pod_tolerations(run: RunConfig, gpus: int) -> list[dict[str, Any]]:
     """kubernetes.tolerations for a pod with `gpus` GPUs: a pod without GPUs does not tolerate
     the GPU taint, so it cannot take a GPU node's CPUs and memory from the GPU jobs; the other
     tolerations (a spot pool's, say) apply to every pod."""
-    return [t.model_dump(exclude_none=True) for t in run.kubernetes.tolerations
-            if gpus > 0 or t.key not in GPU_TAINT_KEYS]  # fmt: skip
+    return [
+        t.model_dump(exclude_none=True) for t in run.kubernetes.tolerations if gpus > 0 or t.key not in GPU_TAINT_KEYS
+    ]
 
 
 def train_command(plan: Plan, run: RunConfig) -> list[str]:
@@ -217,11 +221,13 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     if queued and train:
         job_labels[QUEUE_LABEL] = k8s.queue_name
     handoff = hands_off(run)
-    container_security = _sorted({
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-    })
+    container_security = _sorted(
+        {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
+    )
     storage_root = str(plan.storage_root)
     job_spec: dict[str, Any] = {
         "backoffLimit": k8s.backoff_limit,
@@ -243,21 +249,26 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         # The requeue guard (launcher/job/requeue.py, in training.launch) stopped the run: it was
         # replaced resources.max_requeues times, or kept stopping without a newer checkpoint.
         # First, so that it wins over the rules below.
-        rules.append({"action": "FailJob", "onExitCodes": {
-            "containerName": role, "operator": "In", "values": [EXIT_REQUEUES_EXHAUSTED]}})
-    job_spec["podFailurePolicy"] = {"rules": rules + [
-        # Preemption, eviction, node drain or shutdown: not the run's fault. The Job replaces the
-        # pod without counting it against backoffLimit; the new pod resumes from its checkpoint.
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        # The trainer checkpointed on SIGTERM and exited EXIT_PREEMPTED: same as above (covers a
-        # SIGTERM that comes without a DisruptionTarget condition, e.g. `kubectl delete pod`).
-        # activeDeadlineSeconds and the requeue guard above bound the run as a whole.
-        {"action": "Ignore",
-         "onExitCodes": {"containerName": role, "operator": "In", "values": [EXIT_PREEMPTED]}},
-    ]}  # fmt: skip
+        rules.append(
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": role, "operator": "In", "values": [EXIT_REQUEUES_EXHAUSTED]},
+            }
+        )
+    job_spec["podFailurePolicy"] = {
+        "rules": rules
+        + [
+            # Preemption, eviction, node drain or shutdown: not the run's fault. The Job replaces the
+            # pod without counting it against backoffLimit; the new pod resumes from its checkpoint.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # The trainer checkpointed on SIGTERM and exited EXIT_PREEMPTED: same as above (covers a
+            # SIGTERM that comes without a DisruptionTarget condition, e.g. `kubectl delete pod`).
+            # activeDeadlineSeconds and the requeue guard above bound the run as a whole.
+            {"action": "Ignore", "onExitCodes": {"containerName": role, "operator": "In", "values": [EXIT_PREEMPTED]}},
+        ]
+    }
     if indexed:
-        job_spec.update(completionMode="Indexed", completions=spec.resources.nodes,
-                        parallelism=spec.resources.nodes)  # fmt: skip
+        job_spec.update(completionMode="Indexed", completions=spec.resources.nodes, parallelism=spec.resources.nodes)
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": k8s.termination_grace_period_seconds,
@@ -273,8 +284,7 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
     pod.update(automountServiceAccountToken=False, enableServiceLinks=False)
     if indexed:
         pod["subdomain"] = n.service
-    gpu_nodes = (gpu_selector(k8s.gpu_node_label, spec.resources.gpu_type)
-                 if spec.resources.gpus_per_node > 0 else {})
+    gpu_nodes = gpu_selector(k8s.gpu_node_label, spec.resources.gpu_type) if spec.resources.gpus_per_node > 0 else {}
     node_selector = {**gpu_nodes, **k8s.node_selector}  # the user's entries win
     if node_selector:
         pod["nodeSelector"] = _sorted(node_selector)
@@ -289,22 +299,28 @@ def _job(plan: Plan, run: RunConfig, role: str) -> dict[str, Any]:
         "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    pod["containers"] = [{
-        "name": role,
-        "image": k8s.image,
-        "imagePullPolicy": pull_policy(run),
-        "command": train_command(plan, run) if train else infer_command(run),
-        "env": _sorted(_env(plan, run, role) + (_release_env(plan, run) if train and handoff else [])
-                       + ([] if train else [{"name": INFER_WAITS_ENV, "value": "1"}])),
-        "resources": _sorted(_resources(spec.resources)),
-        "securityContext": container_security,
-        "volumeMounts": [
-            {"name": "storage", "mountPath": storage_root},
-            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "home", "mountPath": POD_HOME},
-        ] + ([{"name": "handoff", "mountPath": HANDOFF_MOUNT, "readOnly": True}] if train and handoff else []),
-    }]  # fmt: skip
+    pod["containers"] = [
+        {
+            "name": role,
+            "image": k8s.image,
+            "imagePullPolicy": pull_policy(run),
+            "command": train_command(plan, run) if train else infer_command(run),
+            "env": _sorted(
+                _env(plan, run, role)
+                + (_release_env(plan, run) if train and handoff else [])
+                + ([] if train else [{"name": INFER_WAITS_ENV, "value": "1"}])
+            ),
+            "resources": _sorted(_resources(spec.resources)),
+            "securityContext": container_security,
+            "volumeMounts": [
+                {"name": "storage", "mountPath": storage_root},
+                {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+                {"name": "dshm", "mountPath": "/dev/shm"},
+                {"name": "home", "mountPath": POD_HOME},
+            ]
+            + ([{"name": "handoff", "mountPath": HANDOFF_MOUNT, "readOnly": True}] if train and handoff else []),
+        }
+    ]
     pod["volumes"] = [
         {"name": "storage", "persistentVolumeClaim": {"claimName": k8s.pvc}},
         _config_volume(plan, run),
@@ -363,11 +379,16 @@ def _release_env(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
 def _handoff_volume() -> dict[str, Any]:
     """What the kubelet's own token automount gives (token, CA, namespace), for one container:
     a short-lived token the kubelet refreshes, bound to the pod."""
-    return {"name": "handoff", "projected": {"sources": [
-        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
-        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
-    ]}}  # fmt: skip
+    return {
+        "name": "handoff",
+        "projected": {
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3600}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+            ]
+        },
+    }
 
 
 def _handoff_objects(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
@@ -379,21 +400,33 @@ def _handoff_objects(plan: Plan, run: RunConfig) -> list[dict[str, Any]]:
     account = run.kubernetes.service_account or n.handoff
     documents: list[dict[str, Any]] = []
     if run.kubernetes.service_account is None:
-        documents.append({"apiVersion": "v1", "kind": "ServiceAccount",
-                          "metadata": _metadata(plan, run, n.handoff, object_labels),
-                          "automountServiceAccountToken": False})  # fmt: skip
-    documents.append({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": _metadata(plan, run, n.handoff, object_labels),
-        "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": [n.infer_job],
-                   "verbs": ["patch"]}],
-    })  # fmt: skip
-    documents.append({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": _metadata(plan, run, n.handoff, object_labels),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.handoff},
-        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
-    })  # fmt: skip
+        documents.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": _metadata(plan, run, n.handoff, object_labels),
+                "automountServiceAccountToken": False,
+            }
+        )
+    documents.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _metadata(plan, run, n.handoff, object_labels),
+            "rules": [
+                {"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": [n.infer_job], "verbs": ["patch"]}
+            ],
+        }
+    )
+    documents.append(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _metadata(plan, run, n.handoff, object_labels),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n.handoff},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
+        }
+    )
     return documents
 
 
@@ -420,17 +453,26 @@ def _data_config_maps(plan: Plan, run: RunConfig, files: RunFiles) -> list[dict[
         metadata = {
             "name": Names.data(plan.experiment.name, key),
             "namespace": run.kubernetes.namespace,
-            "labels": _sorted({
-                "app.kubernetes.io/name": "qlaunch",
-                "app.kubernetes.io/component": DATA_COMPONENT,
-                "app.kubernetes.io/part-of": plan.experiment.name,
-                "app.kubernetes.io/managed-by": "qlaunch",
-                EXPERIMENT_LABEL: plan.experiment.name,
-            }),
+            "labels": _sorted(
+                {
+                    "app.kubernetes.io/name": "qlaunch",
+                    "app.kubernetes.io/component": DATA_COMPONENT,
+                    "app.kubernetes.io/part-of": plan.experiment.name,
+                    "app.kubernetes.io/managed-by": "qlaunch",
+                    EXPERIMENT_LABEL: plan.experiment.name,
+                }
+            ),
         }
         field = ("data", files.data) if key in files.data else ("binaryData", files.binary_data)
-        documents.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
-                          "immutable": True, field[0]: {key: field[1][key]}})  # fmt: skip
+        documents.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": metadata,
+                "immutable": True,
+                field[0]: {key: field[1][key]},
+            }
+        )
     return documents
 
 
@@ -443,8 +485,10 @@ def _config_volume(plan: Plan, run: RunConfig) -> dict[str, Any]:
     if not keys:
         return {"name": "config", "configMap": {"name": n.config}}
     sources = [{"configMap": {"name": n.config}}]
-    sources += [{"configMap": {"name": Names.data(plan.experiment.name, key), "items": [{"key": key, "path": key}]}}
-                for key in keys]  # fmt: skip
+    sources += [
+        {"configMap": {"name": Names.data(plan.experiment.name, key), "items": [{"key": key, "path": key}]}}
+        for key in keys
+    ]
     return {"name": "config", "projected": {"sources": sources}}
 
 
@@ -527,15 +571,20 @@ def evaluation_documents(plan: Plan, runs: list[RunConfig]) -> list[dict[str, An
         raise ConfigError(
             f"{plan.where('grid')}: the grid evaluation Job's ConfigMap would hold "
             f"{size // 1024} KiB of run.yaml files ({len(runs)} runs; the API stores at most about 1 MiB "
-            "per object): set inference.per_run: true (one inference Job per run), or split the grid")
+            "per object): set inference.per_run: true (one inference Job per run), or split the grid"
+        )
     meta_annotations = {EVALUATES_ANNOTATION: ",".join(run.run_id for run in runs)}
     config_map = {
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": name, "namespace": k8s.namespace,
-                     "labels": _sorted({k: v for k, v in evaluation_labels(plan).items() if k != ROLE_LABEL}),
-                     "annotations": meta_annotations},
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": k8s.namespace,
+            "labels": _sorted({k: v for k, v in evaluation_labels(plan).items() if k != ROLE_LABEL}),
+            "annotations": meta_annotations,
+        },
         "data": _sorted(data),
-    }  # fmt: skip
+    }
     job = _job(plan, first, INFER)
     spec = evaluation.evaluation_job(runs, PurePosixPath(EVALUATION_RUNS_FILE))
     pod = job["spec"]["template"]["spec"]
@@ -546,26 +595,32 @@ def evaluation_documents(plan: Plan, runs: list[RunConfig]) -> list[dict[str, An
     container["resources"] = _sorted(_resources(spec.resources))
     keys = sorted({key for f in files.values() for key in (*f.data, *f.binary_data)})
     sources = [{"configMap": {"name": name}}]
-    sources += [{"configMap": {"name": Names.data(plan.experiment.name, key), "items": [{"key": key, "path": key}]}}
-                for key in keys]  # fmt: skip
-    pod["volumes"] = [{"name": "config", "projected": {"sources": sources}} if v["name"] == "config" else v
-                      for v in pod["volumes"]]  # fmt: skip
+    sources += [
+        {"configMap": {"name": Names.data(plan.experiment.name, key), "items": [{"key": key, "path": key}]}}
+        for key in keys
+    ]
+    pod["volumes"] = [
+        {"name": "config", "projected": {"sources": sources}} if v["name"] == "config" else v for v in pod["volumes"]
+    ]
     rules = job["spec"]["podFailurePolicy"]["rules"]
     for rule in rules:
         if "onExitCodes" in rule:
             rule["onExitCodes"]["containerName"] = EVALUATE
     job["spec"]["activeDeadlineSeconds"] = spec.resources.time_limit_seconds
     template_labels = {**evaluation_labels(plan)}
-    job["spec"]["template"]["metadata"] = {"labels": _sorted(template_labels),
-                                           "annotations": _sorted(meta_annotations)}  # fmt: skip
+    job["spec"]["template"]["metadata"] = {"labels": _sorted(template_labels), "annotations": _sorted(meta_annotations)}
     job_labels = dict(template_labels)
     job_annotations = {**meta_annotations, STARTS_AFTER_ANNOTATION: "training"}
     job["spec"]["suspend"] = True  # without Kueue: qlaunch resumes it; under Kueue: Kueue does
     if k8s.queue_name is not None:
         job_labels[QUEUE_LABEL] = k8s.queue_name
         job_annotations[ADMISSION_GATE_ANNOTATION] = TRAINING_GATE
-    job["metadata"] = {"name": name, "namespace": k8s.namespace, "labels": _sorted(job_labels),
-                       "annotations": _sorted(job_annotations)}  # fmt: skip
+    job["metadata"] = {
+        "name": name,
+        "namespace": k8s.namespace,
+        "labels": _sorted(job_labels),
+        "annotations": _sorted(job_annotations),
+    }
     return [config_map, job]
 
 
@@ -574,7 +629,9 @@ def evaluation_release_patch(job: dict[str, Any]) -> dict[str, Any]:
     leaves the admission gate annotation (the annotation goes with the last value) and Kueue,
     which owns spec.suspend, admits and resumes the Job; without Kueue, resume it."""
     meta = job.get("metadata") or {}
-    if (meta.get("labels") or {}).get(QUEUE_LABEL) is not None or ADMISSION_GATE_ANNOTATION in (meta.get("annotations") or {}):
+    if (meta.get("labels") or {}).get(QUEUE_LABEL) is not None or ADMISSION_GATE_ANNOTATION in (
+        meta.get("annotations") or {}
+    ):
         gates = [g.strip() for g in (meta.get("annotations") or {}).get(ADMISSION_GATE_ANNOTATION, "").split(",")]
         left = [g for g in gates if g and g != TRAINING_GATE]
         return {"metadata": {"annotations": {ADMISSION_GATE_ANNOTATION: ",".join(left) or None}}}
@@ -613,8 +670,9 @@ _Dumper.add_representer(str, _represent_str)
 
 
 def to_yaml(documents: list[dict[str, Any]]) -> str:
-    return yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, allow_unicode=True,
-                         width=1000, explicit_start=True)
+    return yaml.dump_all(
+        documents, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000, explicit_start=True
+    )
 
 
 def file_text(plan: Plan, run_id: str, documents: list[dict[str, Any]], what: str | None = None) -> str:

@@ -28,6 +28,7 @@ JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 # Marks an inference Job that starts only when training releases it (see release_patch).
 STARTS_AFTER_ANNOTATION = f"{LABEL_PREFIX}/starts-after"
 
+
 @dataclass(frozen=True)
 class Names:
     """Object names of one run: DNS-1123 labels of at most 63 characters, unique per run."""
@@ -80,11 +81,14 @@ class Names:
     def job(self, role: str) -> str:
         return self.train_job if role == TRAIN else self.infer_job
 
+
 def names(plan: Plan, run: RunConfig) -> Names:
     return Names.of(plan.experiment.name, run.run_id)
 
+
 def namespace_of(plan: Plan) -> str:
     return plan.runs[0].kubernetes.namespace if plan.runs else plan.experiment.kubernetes.namespace
+
 
 def experiment_selector(plan: Plan) -> str:
     return f"{EXPERIMENT_LABEL}={plan.experiment.name}"

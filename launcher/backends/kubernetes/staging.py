@@ -36,10 +36,22 @@ POD_SCRATCH = (POD_HOME, "/dev/shm", "/tmp")
 # output). A value outside the claim and the scratch folders fails in the pod: the image's root
 # filesystem belongs to root, the pod runs as kubernetes.run_as_user.
 WRITTEN_FOLDER_VARIABLES = (
-    "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_XET_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_HUB_CACHE",
-    "TRANSFORMERS_CACHE", "TORCH_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
-    "TMPDIR", "WANDB_DIR", "MPLCONFIGDIR", "HOME",
-)  # fmt: skip
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_DATASETS_CACHE",
+    "HF_XET_CACHE",
+    "HF_ASSETS_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "TRANSFORMERS_CACHE",
+    "TORCH_HOME",
+    "XDG_CACHE_HOME",
+    "TRITON_CACHE_DIR",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TMPDIR",
+    "WANDB_DIR",
+    "MPLCONFIGDIR",
+    "HOME",
+)
 # A file this small goes into the ConfigMap; the whole ConfigMap stays far below the API's 1 MiB
 # object limit (etcd's request limit is about 1.5 MiB, and the object carries metadata too).
 CONFIGMAP_FILE_LIMIT = 256 * 1024
@@ -186,15 +198,19 @@ def unmounted_folders(run: RunConfig, storage_root: str) -> list[tuple[str, str]
         if any(path == folder or folder in path.parents for folder in writable):
             continue
         if name.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_")):
-            fix = (f"leave {name} unset (the pods share {PurePosixPath(storage_root) / '.cache' / 'huggingface'} "
-                   f"on the claim) or point it under {storage_root}")  # fmt: skip
+            fix = (
+                f"leave {name} unset (the pods share {PurePosixPath(storage_root) / '.cache' / 'huggingface'} "
+                f"on the claim) or point it under {storage_root}"
+            )
         else:
             fix = f"point it under {storage_root} (the claim) or {POD_HOME} (the pod's own)"
-        found.append((
-            f"environment.variables.{name}",
-            f"{value} is on no volume of the Kubernetes pods (the claim {run.kubernetes.pvc!r} is mounted at "
-            f"{storage_root}) and uid {run.kubernetes.run_as_user} cannot create it: {fix}",
-        ))  # fmt: skip
+        found.append(
+            (
+                f"environment.variables.{name}",
+                f"{value} is on no volume of the Kubernetes pods (the claim {run.kubernetes.pvc!r} is mounted at "
+                f"{storage_root}) and uid {run.kubernetes.run_as_user} cannot create it: {fix}",
+            )
+        )
     return found
 
 

@@ -128,9 +128,11 @@ def job_state(job: Obj | None, pods: list[Obj]) -> tuple[State, str, int]:
             return State.OUT_OF_MEMORY, "OOMKilled: raise resources.memory", restarts
         detail = exit_detail(last_failed[-1]) if last_failed else ""
         if last_failed and _guarded(last_failed[-1]):
-            detail = ("the requeue guard stopped it: resources.max_requeues reached, or "
-                      "resources.max_requeues_without_progress stops in a row without a newer checkpoint "
-                      "(its log says which); `qlaunch submit` resumes it")  # fmt: skip
+            detail = (
+                "the requeue guard stopped it: resources.max_requeues reached, or "
+                "resources.max_requeues_without_progress stops in a row without a newer checkpoint "
+                "(its log says which); `qlaunch submit` resumes it"
+            )
         return State.FAILED, f"{reason}" + (f", {detail}" if detail else ""), restarts
     if spec.get("suspend"):
         return State.PENDING, "suspended", restarts

@@ -29,11 +29,19 @@ CONTAINER = "stage"
 POD_SECONDS = 3600  # how long a staging pod may live, whatever happens to the launcher
 START_TIMEOUT = 300.0  # scheduling and pulling the image
 CHUNK = 256 * 1024
-_STUCK = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-          "CreateContainerError", "RunContainerError"}  # fmt: skip
+_STUCK = {
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+}
 
 # stdout "present" when $1 already holds the bytes whose sha256 is $2.
-CHECK_SCRIPT = 'if [ -f "$1" ] && [ "$(sha256sum < "$1" | cut -d " " -f 1)" = "$2" ]; then echo present; else echo absent; fi'
+CHECK_SCRIPT = (
+    'if [ -f "$1" ] && [ "$(sha256sum < "$1" | cut -d " " -f 1)" = "$2" ]; then echo present; else echo absent; fi'
+)
 # Reads exactly $2 bytes from stdin (so a v4 exec stream, which cannot signal end of input, works
 # too), checks them against $3, then renames them to $1.
 UPLOAD_SCRIPT = """set -eu
@@ -76,15 +84,21 @@ def stage_pod(plan: Plan, run: RunConfig, name: str) -> dict[str, Any]:
         "runAsUser": k8s.run_as_user,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    pod["containers"] = [{
-        "name": CONTAINER,
-        "image": k8s.image,
-        "imagePullPolicy": pull_policy(run),
-        "command": ["sleep", str(POD_SECONDS)],
-        "resources": {"limits": {"memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "64Mi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True},
-        "volumeMounts": [{"name": "storage", "mountPath": root}],
-    }]  # fmt: skip
+    pod["containers"] = [
+        {
+            "name": CONTAINER,
+            "image": k8s.image,
+            "imagePullPolicy": pull_policy(run),
+            "command": ["sleep", str(POD_SECONDS)],
+            "resources": {"limits": {"memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "64Mi"}},
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "capabilities": {"drop": ["ALL"]},
+                "runAsNonRoot": True,
+            },
+            "volumeMounts": [{"name": "storage", "mountPath": root}],
+        }
+    ]
     pod["volumes"] = [{"name": "storage", "persistentVolumeClaim": {"claimName": k8s.pvc}}]
     return {
         "apiVersion": "v1",
@@ -128,45 +142,68 @@ class Stager:
         k8s = run.kubernetes
         name, namespace = stage_pod_name(), k8s.namespace
         doc = stage_pod(plan, run, name)
-        self.kube.call(self.kube.core.patch_namespaced_pod, name, namespace, doc, field_manager=FIELD_MANAGER,
-                       force=True, _content_type=APPLY_PATCH, what=f"creating staging Pod {name}")  # fmt: skip
+        self.kube.call(
+            self.kube.core.patch_namespaced_pod,
+            name,
+            namespace,
+            doc,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY_PATCH,
+            what=f"creating staging Pod {name}",
+        )
         try:
             self._wait_running(namespace, name, k8s.pvc)
             for local in files:
                 self._stage_one(namespace, name, k8s.pvc, local, say)
         finally:
-            self.kube.call(self.kube.core.delete_namespaced_pod, name, namespace, grace_period_seconds=0,
-                           missing_ok=True, what=f"deleting staging Pod {name}")  # fmt: skip
+            self.kube.call(
+                self.kube.core.delete_namespaced_pod,
+                name,
+                namespace,
+                grace_period_seconds=0,
+                missing_ok=True,
+                what=f"deleting staging Pod {name}",
+            )
 
     def _wait_running(self, namespace: str, name: str, pvc: str) -> None:
         deadline = time.monotonic() + self.start_timeout
         why = "not scheduled yet"
         while True:
-            pod = self.kube.call(self.kube.core.read_namespaced_pod, name, namespace,
-                                 what=f"reading staging Pod {name}")  # fmt: skip
+            pod = self.kube.call(
+                self.kube.core.read_namespaced_pod, name, namespace, what=f"reading staging Pod {name}"
+            )
             status = pod.get("status") or {}
             phase = status.get("phase")
             running = any("running" in (s.get("state") or {}) for s in status.get("containerStatuses") or [])
             if phase == "Running" and running:
                 return
             if phase in ("Succeeded", "Failed"):
-                raise BackendError(f"staging Pod {name} (claim {pvc!r}) ended ({phase}) before the files were "
-                                   f"staged: {status.get('message') or status.get('reason') or 'see kubectl describe pod'}")  # fmt: skip
+                raise BackendError(
+                    f"staging Pod {name} (claim {pvc!r}) ended ({phase}) before the files were "
+                    f"staged: {status.get('message') or status.get('reason') or 'see kubectl describe pod'}"
+                )
             for container in status.get("containerStatuses") or []:
                 waiting = (container.get("state") or {}).get("waiting") or {}
                 if waiting.get("reason") in _STUCK:
-                    detail = f"{waiting['reason']}: {waiting['message']}" if waiting.get("message") else waiting["reason"]
-                    raise BackendError(f"staging Pod {name} cannot start ({detail}); check kubernetes.image "
-                                       "(the staging pod uses the Jobs' image); nothing was submitted")  # fmt: skip
+                    detail = (
+                        f"{waiting['reason']}: {waiting['message']}" if waiting.get("message") else waiting["reason"]
+                    )
+                    raise BackendError(
+                        f"staging Pod {name} cannot start ({detail}); check kubernetes.image "
+                        "(the staging pod uses the Jobs' image); nothing was submitted"
+                    )
                 if waiting.get("reason"):
                     why = waiting["reason"]
             for condition in status.get("conditions") or []:
                 if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
                     why = f"unschedulable: {condition.get('message') or condition.get('reason')}"
             if time.monotonic() > deadline:
-                raise BackendError(f"staging Pod {name} did not start within {self.start_timeout:.0f}s ({why}); "
-                                   f"nothing was submitted. It mounts claim {pvc!r}: check `kubectl -n {namespace} "
-                                   f"describe pod {name}`")  # fmt: skip
+                raise BackendError(
+                    f"staging Pod {name} did not start within {self.start_timeout:.0f}s ({why}); "
+                    f"nothing was submitted. It mounts claim {pvc!r}: check `kubectl -n {namespace} "
+                    f"describe pod {name}`"
+                )
             time.sleep(self.poll_seconds)
 
     def _stage_one(self, namespace: str, pod: str, pvc: str, local: LocalFile, say: Callable[[str], None]) -> None:
@@ -180,14 +217,23 @@ class Stager:
         from rich.console import Console
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-        progress = Progress(TextColumn("staging {task.description}"), BarColumn(), DownloadColumn(),
-                            TransferSpeedColumn(), console=Console(stderr=True))  # fmt: skip
+        progress = Progress(
+            TextColumn("staging {task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=Console(stderr=True),
+        )
         with progress:
             task = progress.add_task(local.source.name, total=local.size)
             result = self._exec(
-                namespace, pod, ["sh", "-c", UPLOAD_SCRIPT, "qlaunch-stage", local.pod_path, str(local.size), local.sha256],
-                stdin=_chunks(local), sent=lambda n: progress.advance(task, n), timeout=120 + local.size / 1e6,
-            )  # fmt: skip
+                namespace,
+                pod,
+                ["sh", "-c", UPLOAD_SCRIPT, "qlaunch-stage", local.pod_path, str(local.size), local.sha256],
+                stdin=_chunks(local),
+                sent=lambda n: progress.advance(task, n),
+                timeout=120 + local.size / 1e6,
+            )
         if result.code != 0 or result.stdout.strip() != "staged":
             raise self._failed(local, pvc, result)
         say(f"staged onto claim {pvc}: {shown} at {local.pod_path}")
@@ -195,28 +241,50 @@ class Stager:
     @staticmethod
     def _failed(local: LocalFile, pvc: str, result: _Exec) -> BackendError:
         detail = (result.stderr.strip() or result.message or result.stdout.strip() or "no output").splitlines()[-1]
-        return BackendError(f"staging {local.source} onto claim {pvc!r} at {local.pod_path} failed "
-                            f"(exit code {result.code}): {detail}; no Job was submitted")  # fmt: skip
+        return BackendError(
+            f"staging {local.source} onto claim {pvc!r} at {local.pod_path} failed "
+            f"(exit code {result.code}): {detail}; no Job was submitted"
+        )
 
-    def _exec(self, namespace: str, pod: str, command: list[str], stdin: Iterator[bytes] | None = None,
-              sent: Callable[[int], None] | None = None, timeout: float = 120) -> _Exec:  # fmt: skip
+    def _exec(
+        self,
+        namespace: str,
+        pod: str,
+        command: list[str],
+        stdin: Iterator[bytes] | None = None,
+        sent: Callable[[int], None] | None = None,
+        timeout: float = 120,
+    ) -> _Exec:
         from kubernetes.client.exceptions import ApiException
         from kubernetes.stream import stream
         from websocket import WebSocketException
 
         try:
-            ws = stream(self.kube.core.connect_get_namespaced_pod_exec, pod, namespace, container=CONTAINER,
-                        command=command, stdin=stdin is not None, stdout=True, stderr=True, tty=False,
-                        _preload_content=False, binary=True)  # fmt: skip
+            ws = stream(
+                self.kube.core.connect_get_namespaced_pod_exec,
+                pod,
+                namespace,
+                container=CONTAINER,
+                command=command,
+                stdin=stdin is not None,
+                stdout=True,
+                stderr=True,
+                tty=False,
+                _preload_content=False,
+                binary=True,
+            )
         except ApiException as exc:
             # A refused WebSocket upgrade comes back as status 0 with the HTTP status in its reason.
             reason = str(exc.reason or exc).split(" -+-+- ")[0]
             if "403" in reason:
-                raise BackendError(f"forbidden to exec into staging Pod {pod} in namespace {namespace!r} ({reason}): "
-                                   "staging local data files needs `create` on pods/exec (and on pods); "
-                                   "nothing was submitted") from None  # fmt: skip
-            raise BackendError(f"cannot open an exec stream to staging Pod {pod} at {self.kube.host}: {reason}; "
-                               "nothing was submitted") from None  # fmt: skip
+                raise BackendError(
+                    f"forbidden to exec into staging Pod {pod} in namespace {namespace!r} ({reason}): "
+                    "staging local data files needs `create` on pods/exec (and on pods); "
+                    "nothing was submitted"
+                ) from None
+            raise BackendError(
+                f"cannot open an exec stream to staging Pod {pod} at {self.kube.host}: {reason}; nothing was submitted"
+            ) from None
         broken: Exception | None = None
         try:
             for chunk in stdin or ():
@@ -267,4 +335,3 @@ def _exit_status(raw: bytes) -> tuple[int, str]:
 def _chunks(local: LocalFile) -> Iterator[bytes]:
     with local.source.open("rb") as handle:
         yield from iter(lambda: handle.read(CHUNK), b"")
-

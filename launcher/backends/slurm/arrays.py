@@ -90,17 +90,41 @@ def array_option(indices: Iterable[int], throttle: int | None) -> str:
     return f"--array={task_range(indices)}" + (f"%{throttle}" if throttle else "")
 
 
-def _array_script(kind: str, run: RunConfig, count: int, scheduling: tuple[str, ...], tasks: Path,
-                  logs: Path, script: str, throttle: int | None) -> str:  # fmt: skip
-    directives = [f"--job-name={run.name}-{'train' if kind == 'training' else 'infer'}",
-                  array_option(range(count), throttle), *scheduling, f"--output={logs}/%a.log"]  # fmt: skip
-    return templates.render("slurm", "array.sbatch.j2", kind=kind, experiment=run.name, count=count,
-                            directives=[directive(d) for d in directives], tasks=str(tasks), script=script,
-                            throttle=throttle)  # fmt: skip
+def _array_script(
+    kind: str,
+    run: RunConfig,
+    count: int,
+    scheduling: tuple[str, ...],
+    tasks: Path,
+    logs: Path,
+    script: str,
+    throttle: int | None,
+) -> str:
+    directives = [
+        f"--job-name={run.name}-{'train' if kind == 'training' else 'infer'}",
+        array_option(range(count), throttle),
+        *scheduling,
+        f"--output={logs}/%a.log",
+    ]
+    return templates.render(
+        "slurm",
+        "array.sbatch.j2",
+        kind=kind,
+        experiment=run.name,
+        count=count,
+        directives=[directive(d) for d in directives],
+        tasks=str(tasks),
+        script=script,
+        throttle=throttle,
+    )
 
 
-def layout(runs: Sequence[RunConfig], scripts: Mapping[str, RunScripts], max_array_size: int,
-           per_run_infer: Callable[[RunConfig], bool]) -> list[Chunk]:  # fmt: skip
+def layout(
+    runs: Sequence[RunConfig],
+    scripts: Mapping[str, RunScripts],
+    max_array_size: int,
+    per_run_infer: Callable[[RunConfig], bool],
+) -> list[Chunk]:
     """Every run of the plan in a chunk, in plan order: the same plan and MaxArraySize always
     give the same chunks (and file names), so a resubmit reuses the task lists."""
     if not runs:
@@ -114,18 +138,34 @@ def layout(runs: Sequence[RunConfig], scripts: Mapping[str, RunScripts], max_arr
     chunks = []
     for (train_scheduling, infer_scheduling, throttle), members in groups.items():
         for start in range(0, len(members), max_array_size):
-            part = tuple(members[start:start + max_array_size])
+            part = tuple(members[start : start + max_array_size])
             tasks = "# task\trun\trun folder (qlaunch: array task N runs the run on the line starting with N)\n"
             tasks += "".join(f"{i}\t{run.run_id}\t{run.run_dir}\n" for i, run in enumerate(part))
             key = repr((train_scheduling, infer_scheduling, throttle)) + tasks
             chunk_id = f"{part[0].name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
             tasks_file = place / f"{chunk_id}.tasks"
-            train = _array_script("training", part[0], len(part), train_scheduling, tasks_file,
-                                  place / f"{chunk_id}.train.logs", TRAIN_SCRIPT, throttle)  # fmt: skip
+            train = _array_script(
+                "training",
+                part[0],
+                len(part),
+                train_scheduling,
+                tasks_file,
+                place / f"{chunk_id}.train.logs",
+                TRAIN_SCRIPT,
+                throttle,
+            )
             infer = None
             if infer_scheduling is not None:
-                infer = _array_script("inference", part[0], len(part), infer_scheduling, tasks_file,
-                                      place / f"{chunk_id}.infer.logs", INFER_SCRIPT, throttle)  # fmt: skip
+                infer = _array_script(
+                    "inference",
+                    part[0],
+                    len(part),
+                    infer_scheduling,
+                    tasks_file,
+                    place / f"{chunk_id}.infer.logs",
+                    INFER_SCRIPT,
+                    throttle,
+                )
             chunks.append(Chunk(chunk_id, place, part, tasks, train, infer, throttle))
     return chunks
 
@@ -176,12 +216,20 @@ def collapse(ids: Sequence[str], infos: Mapping[str, JobInfo]) -> list[str]:
 def throttle(commands: SlurmCommands, array_ids: Sequence[str], limit: int) -> None:
     """`scontrol update JobId=<array> ArrayTaskThrottle=K` on each array (0: no throttle)."""
     for array in array_ids:
-        commands.run(["scontrol", "update", f"JobId={array}", f"ArrayTaskThrottle={limit}"],
-                     what=f"scontrol update of array {array}")  # fmt: skip
+        commands.run(
+            ["scontrol", "update", f"JobId={array}", f"ArrayTaskThrottle={limit}"],
+            what=f"scontrol update of array {array}",
+        )
 
 
-def submit_array(commands: SlurmCommands, chunk: Chunk, kind: str, indices: Sequence[int],
-                 env: Mapping[str, str], after: str | None = None) -> str:  # fmt: skip
+def submit_array(
+    commands: SlurmCommands,
+    chunk: Chunk,
+    kind: str,
+    indices: Sequence[int],
+    env: Mapping[str, str],
+    after: str | None = None,
+) -> str:
     """One sbatch: the chunk's training or inference array over these task indices; returns the
     array's job id. after: the training array the inference tasks wait for, task by task."""
     options = [array_option(indices, chunk.throttle)]
@@ -192,8 +240,15 @@ def submit_array(commands: SlurmCommands, chunk: Chunk, kind: str, indices: Sequ
     return commands.sbatch(chunk.script(kind), options, env=env, what=what)
 
 
-def submit_actions(commands: SlurmCommands, chunks: Sequence[Chunk], actions: Sequence, env: Mapping[str, str],
-                   record: Callable[..., None], submitted: dict[str, list[str]], done: list[str]) -> list:  # fmt: skip
+def submit_actions(
+    commands: SlurmCommands,
+    chunks: Sequence[Chunk],
+    actions: Sequence,
+    env: Mapping[str, str],
+    record: Callable[..., None],
+    submitted: dict[str, list[str]],
+    done: list[str],
+) -> list:
     """Submit the actions (slurm._Action: run, train, infer, grid, after) as arrays, chunk by
     chunk: the training array over the runs to train, then the inference array over the runs
     with per-run inference (`aftercorr` on that training array, task by task; none where
@@ -224,8 +279,14 @@ def submit_actions(commands: SlurmCommands, chunks: Sequence[Chunk], actions: Se
             array = submit_array(commands, chunk, "train", [index[a.run.run_id] for a in train], env)
             for action in train:
                 i = index[action.run.run_id]
-                record(action.run, "train", f"{array}_{i}", script=str(chunk.script("train")), array_job_id=array,
-                       array_task_id=i)  # fmt: skip
+                record(
+                    action.run,
+                    "train",
+                    f"{array}_{i}",
+                    script=str(chunk.script("train")),
+                    array_job_id=array,
+                    array_task_id=i,
+                )
                 submitted.setdefault(action.run.run_id, []).append(f"{array}_{i}")
                 if action.infer and not action.grid:
                     infer_groups.setdefault(array, []).append(action)
@@ -237,8 +298,15 @@ def submit_actions(commands: SlurmCommands, chunks: Sequence[Chunk], actions: Se
             array = submit_array(commands, chunk, "infer", [index[a.run.run_id] for a in group], env, after=after)
             for action in group:
                 i = index[action.run.run_id]
-                record(action.run, "infer", f"{array}_{i}", script=str(chunk.script("infer")), array_job_id=array,
-                       array_task_id=i, dependency=f"--dependency=aftercorr:{after}" if after else None)  # fmt: skip
+                record(
+                    action.run,
+                    "infer",
+                    f"{array}_{i}",
+                    script=str(chunk.script("infer")),
+                    array_job_id=array,
+                    array_task_id=i,
+                    dependency=f"--dependency=aftercorr:{after}" if after else None,
+                )
                 submitted.setdefault(action.run.run_id, []).append(f"{array}_{i}")
         done += [a.run.run_id for a in todo]
     return singles

@@ -167,8 +167,9 @@ class SlurmBackend(Backend):
         return status
 
     # ---- submit -------------------------------------------------------------------------------
-    def _plan_actions(self, plan: Plan, scripts: dict[str, RunScripts], infos: dict[str, JobInfo],
-                      force: bool, report: SubmitReport) -> list[_Action]:  # fmt: skip
+    def _plan_actions(
+        self, plan: Plan, scripts: dict[str, RunScripts], infos: dict[str, JobInfo], force: bool, report: SubmitReport
+    ) -> list[_Action]:
         actions = []
         for run in plan.runs:
             paths = RunPaths.of(run)
@@ -216,9 +217,7 @@ class SlurmBackend(Backend):
                     seen.add(key)
                     path = Path(tmp) / f"{action.run.run_id}-{kind}.sbatch"
                     path.write_text(text)
-                    self.commands.test_only(
-                        path, env=env, what=f"run {action.run.run_id}'s {kind} job"
-                    )
+                    self.commands.test_only(path, env=env, what=f"run {action.run.run_id}'s {kind} job")
             graded = [action.run for action in actions if action.grid]
             if graded:
                 text, _ = render_evaluation(graded)
@@ -242,8 +241,9 @@ class SlurmBackend(Backend):
             files[EVALUATE_SCRIPT] = render_evaluation(graded)[0]
         # Offline (render): cut by Slurm's default MaxArraySize, asking no cluster.
         limits = slurm_limits.Limits() if offline else slurm_limits.read(self.commands, plan.runs[0].slurm.qos)
-        chunks = slurm_arrays.layout(plan.runs, scripts, limits.max_array_size,
-                                     lambda run: evaluation.per_run(run, self.name))  # fmt: skip
+        chunks = slurm_arrays.layout(
+            plan.runs, scripts, limits.max_array_size, lambda run: evaluation.per_run(run, self.name)
+        )
         for chunk in chunks:
             files.update(chunk.files())
         report = SubmitReport()
@@ -265,9 +265,15 @@ class SlurmBackend(Backend):
         evaluate_text = render_evaluation(graded)[0] if graded else None
         if limits.notes:
             checked += "; " + "; ".join(limits.notes)
-        return Submission(self.name, files, jobs, report.skipped, checked,
-                          request=_Request(tuple(actions), infos, force, evaluate_text, tuple(chunks)),
-                          notes=notes)  # fmt: skip
+        return Submission(
+            self.name,
+            files,
+            jobs,
+            report.skipped,
+            checked,
+            request=_Request(tuple(actions), infos, force, evaluate_text, tuple(chunks)),
+            notes=notes,
+        )
 
     @staticmethod
     def _fit(actions: list[_Action], limits: slurm_limits.Limits, report: SubmitReport) -> list[str]:
@@ -293,12 +299,16 @@ class SlurmBackend(Backend):
         evaluation_waits = "; the grid's evaluation job goes out with the last of them" if deferred else ""
         if waiting:
             queued = sum(1 for a in actions if a.train or a.infer)
-            return [f"{queued:,} of {queued + len(waiting):,} runs queued; {len(waiting):,} wait for room "
-                    f"({limits.why}): run `qlaunch submit` again once jobs have ended (it queues only what is "
-                    f"missing{evaluation_waits})"]  # fmt: skip
+            return [
+                f"{queued:,} of {queued + len(waiting):,} runs queued; {len(waiting):,} wait for room "
+                f"({limits.why}): run `qlaunch submit` again once jobs have ended (it queues only what is "
+                f"missing{evaluation_waits})"
+            ]
         if deferred:
-            return [f"the grid's evaluation job waits for room ({limits.why}): run `qlaunch submit` again once "
-                    "jobs have ended"]  # fmt: skip
+            return [
+                f"the grid's evaluation job waits for room ({limits.why}): run `qlaunch submit` again once "
+                "jobs have ended"
+            ]
         return []
 
     def apply(self, submission: Submission, options: Foreground | None = None) -> SubmitReport:
@@ -319,8 +329,9 @@ class SlurmBackend(Backend):
 
         done: list[str] = []
         try:
-            singles = slurm_arrays.submit_actions(self.commands, request.chunks, actions, env, _record_job,
-                                                  report.submitted, done)  # fmt: skip
+            singles = slurm_arrays.submit_actions(
+                self.commands, request.chunks, actions, env, _record_job, report.submitted, done
+            )
         except BackendError as exc:
             self._midway(exc, actions, report, done)
         for action in singles:
@@ -340,8 +351,8 @@ class SlurmBackend(Backend):
         partly = [f"{run_id} ({', '.join(jobs)})" for run_id, jobs in report.submitted.items() if run_id not in done]
         raise BackendError(
             f"{exc}\nsubmitted before this failure: {', '.join(done) or 'none'}; "
-            + (f"partly submitted: {', '.join(partly)}; " if partly else "") +
-            f"not submitted: {', '.join(remaining)}. Fix the cause and run submit again: "
+            + (f"partly submitted: {', '.join(partly)}; " if partly else "")
+            + f"not submitted: {', '.join(remaining)}. Fix the cause and run submit again: "
             "it submits only what is missing."
         ) from None
 
@@ -362,8 +373,12 @@ class SlurmBackend(Backend):
             check = Path(tmp) / EXPORT_SCRIPT
             check.write_text(text)
             res = job.resources
-            asks = (f"--mem={res.memory} (" + ("what the merge needs, or --memory" if "--merge" in job.args else "an adapter export")
-                    + f"), --cpus-per-task={res.cpus_per_task}" + (f", {res.gpus_per_node} GPU" if res.gpus_per_node else ""))
+            asks = (
+                f"--mem={res.memory} ("
+                + ("what the merge needs, or --memory" if "--merge" in job.args else "an adapter export")
+                + f"), --cpus-per-task={res.cpus_per_task}"
+                + (f", {res.gpus_per_node} GPU" if res.gpus_per_node else "")
+            )
             try:
                 self.commands.test_only(check, env=env, what=f"the export job of run {run.run_id}")
             except BackendError as exc:
@@ -373,8 +388,10 @@ class SlurmBackend(Backend):
             return ExportSubmission(text, checked=checked)
         latest = _Submissions.of(run).latest("export")
         if latest and self.export_active(run):
-            raise BackendError(f"run {run.run_id} has an export job still queued or running ({latest}): "
-                               f"wait for it, or scancel {latest}")  # fmt: skip
+            raise BackendError(
+                f"run {run.run_id} has an export job still queued or running ({latest}): "
+                f"wait for it, or scancel {latest}"
+            )
         script = RunPaths.of(run).root / EXPORT_SCRIPT
         script.write_text(text)
         job_id = self.commands.sbatch(script, env=env, what=f"sbatch of the export job of run {run.run_id}")
@@ -395,13 +412,20 @@ class SlurmBackend(Backend):
         runs_file = evaluation.write_runs_file(runs)
         script = runs_file.parent / EVALUATE_SCRIPT
         script.write_text(text)
-        waits = sorted({job.split("_")[0] for action in actions for job in [  # an array: all its tasks
-            _Submissions.of(action.run).latest("train") if action.train else action.after] if job})  # fmt: skip
+        waits = sorted(
+            {
+                job.split("_")[0]
+                for action in actions
+                for job in [  # an array: all its tasks
+                    _Submissions.of(action.run).latest("train") if action.train else action.after
+                ]
+                if job
+            }
+        )
         options = [f"--dependency=afterany:{':'.join(waits)}"] if waits else []
         job_id = self.commands.sbatch(script, options, env=env, what="sbatch of the grid evaluation job")
         for run in runs:
-            _record_job(run, "infer", job_id, script=str(script), grid=True,
-                        dependency=options[0] if options else None)  # fmt: skip
+            _record_job(run, "infer", job_id, script=str(script), grid=True, dependency=options[0] if options else None)
             report.submitted.setdefault(run.run_id, []).append(job_id)
         return job_id
 
@@ -499,8 +523,13 @@ class SlurmBackend(Backend):
         """`qlaunch throttle`: ArrayTaskThrottle=limit on the plan's arrays that still have
         tasks queued or running; returns their ids."""
         infos = self._infos(plan.runs)
-        arrays = sorted({parsed[0] for job_id, info in infos.items()
-                         if info.state.active and (parsed := slurm_arrays.task_id(job_id))}, key=int)  # fmt: skip
+        arrays = sorted(
+            {
+                parsed[0]
+                for job_id, info in infos.items()
+                if info.state.active and (parsed := slurm_arrays.task_id(job_id))
+            },
+            key=int,
+        )
         slurm_arrays.throttle(self.commands, arrays, limit)
         return arrays
-

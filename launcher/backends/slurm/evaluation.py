@@ -22,18 +22,21 @@ def job_name(runs) -> str:
     return f"{runs[0].name}-evaluate"
 
 
-def render_evaluation(runs: list[RunConfig], runs_file: Path | None = None,
-                      extra: tuple[str, ...] = ()) -> tuple[str, tuple[str, ...]]:  # fmt: skip
+def render_evaluation(
+    runs: list[RunConfig], runs_file: Path | None = None, extra: tuple[str, ...] = ()
+) -> tuple[str, tuple[str, ...]]:
     """(script text, the directives sbatch --test-only is asked about)."""
     for run in runs:
         _validate(run)
     runs_file = runs_file or grid_evaluation.folder(runs) / grid_evaluation.RUNS_FILE
     spec = evaluation.evaluation_job(runs, runs_file, extra=extra)
     first = runs[0]
-    directives = [f"--job-name={job_name(runs)}" if d.startswith("--job-name=") else d
-                  for d in _infer_directives(first, spec)]  # fmt: skip
+    directives = [
+        f"--job-name={job_name(runs)}" if d.startswith("--job-name=") else d for d in _infer_directives(first, spec)
+    ]
     context = _context(first, spec)
     context["run_id"] = "grid"
-    text = templates.render("slurm", "evaluate.sbatch.j2", **context, run_count=len(runs),
-                            directives=[directive(d) for d in directives])  # fmt: skip
+    text = templates.render(
+        "slurm", "evaluate.sbatch.j2", **context, run_count=len(runs), directives=[directive(d) for d in directives]
+    )
     return text, _scheduling(directives)

@@ -209,10 +209,16 @@ class SlurmCommands:
         if not job_ids or not self.accounting_enabled():
             return {}
         result = self.run(
-            ["sacct", "--allocations", "--parsable2", "--noheader",
-             f"--format={','.join(_SACCT_FIELDS)}", f"--jobs={','.join(job_ids)}"],
+            [
+                "sacct",
+                "--allocations",
+                "--parsable2",
+                "--noheader",
+                f"--format={','.join(_SACCT_FIELDS)}",
+                f"--jobs={','.join(job_ids)}",
+            ],
             check=False,
-        )  # fmt: skip
+        )
         if result.returncode != 0:
             return {}
         parsed = _parse(result.stdout, _SACCT_FIELDS)

@@ -25,8 +25,19 @@ from .arrays import DEFAULT_MAX_ARRAY_SIZE
 from .jobs import SlurmCommands
 
 # A state in which a job counts against MaxSubmitJobs (queued or holding resources).
-_QUEUED_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED",
-                  "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT"}  # fmt: skip
+_QUEUED_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+}
 
 
 @dataclass(frozen=True)
@@ -72,8 +83,10 @@ def _number(value: str | None) -> int | None:
 
 def _sacctmgr_limits(commands: SlurmCommands, user: str, qos: str | None) -> tuple[list[tuple[int, str]], str | None]:
     """([(limit, what)], None) where slurmdbd answers; ([], why not) elsewhere."""
-    assoc = _answer(commands, ["sacctmgr", "--noheader", "--parsable2", "show", "assoc", f"user={user}",
-                               "format=MaxSubmit,QOS,DefaultQOS"])  # fmt: skip
+    assoc = _answer(
+        commands,
+        ["sacctmgr", "--noheader", "--parsable2", "show", "assoc", f"user={user}", "format=MaxSubmit,QOS,DefaultQOS"],
+    )
     if assoc is None:
         return [], "sacctmgr is not on PATH or did not answer"
     if assoc.returncode != 0:
@@ -89,8 +102,9 @@ def _sacctmgr_limits(commands: SlurmCommands, user: str, qos: str | None) -> tup
                 limits.append((value, f"your association's MaxSubmitJobs={value}"))
             if not qos:
                 qos_names.add(fields[2] or "normal")
-    qos_rows = _answer(commands, ["sacctmgr", "--noheader", "--parsable2", "show", "qos",
-                                  "format=Name,MaxSubmitJobsPerUser"])  # fmt: skip
+    qos_rows = _answer(
+        commands, ["sacctmgr", "--noheader", "--parsable2", "show", "qos", "format=Name,MaxSubmitJobsPerUser"]
+    )
     if qos_rows is not None and qos_rows.returncode == 0:
         for line in qos_rows.stdout.splitlines():
             name, _, value = line.partition("|")
@@ -107,7 +121,9 @@ def read(commands: SlurmCommands, qos: str | None = None) -> Limits:
     notes = []
     max_array = _number(config.get("MaxArraySize"))
     if max_array is None:
-        notes.append(f"MaxArraySize could not be read (scontrol show config); arrays are cut at Slurm's default {DEFAULT_MAX_ARRAY_SIZE}")
+        notes.append(
+            f"MaxArraySize could not be read (scontrol show config); arrays are cut at Slurm's default {DEFAULT_MAX_ARRAY_SIZE}"
+        )
         max_array = DEFAULT_MAX_ARRAY_SIZE
     user = os.environ.get("USER") or getpass.getuser()
     # One line per array task; %A is the task's own job record, or its array's while the task

@@ -97,8 +97,9 @@ def _scheduling(directives: list[str]) -> tuple[str, ...]:
     return tuple(d for d in directives if not d.startswith(("--job-name=", "--output=")))
 
 
-def _job_directives(run: RunConfig, spec: JobSpec, name: str, partition: str | None, *own: str,
-                    nodes: int | None = None) -> list[str]:  # fmt: skip
+def _job_directives(
+    run: RunConfig, spec: JobSpec, name: str, partition: str | None, *own: str, nodes: int | None = None
+) -> list[str]:
     """The directives every qlaunch job has (name, size, partition, account…), `own` before the
     log options, the user's extra directives last (they win)."""
     res, slurm = spec.resources, run.slurm
@@ -130,8 +131,13 @@ def _train_directives(run: RunConfig, spec: JobSpec) -> list[str]:
 
 def _infer_directives(run: RunConfig, spec: JobSpec) -> list[str]:
     # If training fails, the dependency can never be met: cancel instead of pending forever.
-    return _job_directives(run, spec, job_name(run, infer=True), run.slurm.inference_partition or run.slurm.partition,
-                           "--kill-on-invalid-dep=yes")  # fmt: skip
+    return _job_directives(
+        run,
+        spec,
+        job_name(run, infer=True),
+        run.slurm.inference_partition or run.slurm.partition,
+        "--kill-on-invalid-dep=yes",
+    )
 
 
 # Multi-node steps: how long the other nodes may take to end after the first one did (all stop
@@ -167,8 +173,16 @@ def _context(run: RunConfig, spec: JobSpec) -> dict:
 
 # What a docker/podman container gets from the job's shell (apptainer passes everything): what
 # the job script exports, the token by name, where caches go, and Slurm's own task variables.
-_CONTAINER_ENV = ("PYTHONUNBUFFERED", "HF_HOME", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODEID",
-                  "SLURM_PROCID", "SLURM_LOCALID", "SLURM_RESTART_COUNT")
+_CONTAINER_ENV = (
+    "PYTHONUNBUFFERED",
+    "HF_HOME",
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODEID",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_RESTART_COUNT",
+)
 
 
 def _container_env(run: RunConfig, spec: JobSpec) -> list[str]:
@@ -229,8 +243,9 @@ EXPORT_SCRIPT = "export.sbatch"
 
 def _export_directives(run: RunConfig, spec: JobSpec) -> list[str]:
     # A requeued export starts again from nothing (it writes beside its folder, renamed at the end).
-    return _job_directives(run, spec, f"{job_name(run)}-export", run.slurm.inference_partition or run.slurm.partition,
-                           nodes=1)  # fmt: skip
+    return _job_directives(
+        run, spec, f"{job_name(run)}-export", run.slurm.inference_partition or run.slurm.partition, nodes=1
+    )
 
 
 def render_export(run: RunConfig, spec: JobSpec, finish: list[str]) -> tuple[str, tuple[str, ...]]:
