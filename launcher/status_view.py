@@ -211,8 +211,13 @@ def build_table(plan: Plan, rows: list[Row], backend_name: str, width: int | Non
         widths = _allocate(columns, headers, keys, width)
         if widths is None:
             return None
-        table = _table(title, columns, headers, keys, widths)
-        return None if _cuts_a_cell(table, width) else table  # the allocation, checked on the rendering
+        # The allocation, checked on a rendering of the rows that decide it (each column's widest
+        # cell and longest word): the same column widths as all rows, a thousand rows or three.
+        sample = _deciding_rows(columns)
+        probe = _table(
+            title, {name: [cells[i] for i in sample] for name, cells in columns.items()}, headers, keys, widths
+        )
+        return None if _cuts_a_cell(probe, width) else _table(title, columns, headers, keys, widths)
 
     table = fitted()
     if table is None:
@@ -276,6 +281,19 @@ def _table(
     for cells in zip(*columns.values()):
         table.add_row(*cells)
     return table
+
+
+def _deciding_rows(columns: dict[str, list]) -> list[int]:
+    """The rows whose cells decide the table's column widths: per column, the one with the widest
+    line and the one with the longest word."""
+    chosen: set[int] = set()
+    for cells in columns.values():
+        if not cells:
+            continue
+        texts = [_plain(cell) for cell in cells]
+        chosen.add(max(range(len(texts)), key=lambda i: max(map(cell_len, texts[i].split("\n")), default=0)))
+        chosen.add(max(range(len(texts)), key=lambda i: max(map(cell_len, texts[i].split()), default=0)))
+    return sorted(chosen)
 
 
 def _plain(cell) -> str:
