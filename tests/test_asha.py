@@ -188,6 +188,8 @@ def test_two_runs_reaching_a_rung_at_the_same_moment_both_land_in_the_ledger(tmp
         ({"strategy": "asha", "first_rung_steps": 30}, {"max_steps": 27}, "first_rung_steps 30 is not below"),
         ({"strategy": "asha", "first_rung_steps": 3, "reduction_factor": 1}, {}, "search.reduction_factor"),
         ({"strategy": "asha"}, {}, "exactly one of first_rung_steps or first_rung_tokens"),
+        ({"strategy": "asha", "first_rung_steps": 3, "metric": "eval_mean_token_accuracy"}, {}, "search.mode: max"),
+        ({"strategy": "asha", "first_rung_steps": 3, "metric": "eval_accuracy"}, {}, "search.metric"),
         ({"strategy": "asha", "first_rung_steps": 3, "metric": "accuracy"}, {}, "search.metric"),
     ],
 )
@@ -233,3 +235,29 @@ def test_audit_finishes_the_stopped_runs_as_the_plain_grid_and_says_the_winner_s
     assert all(metrics(r).get("pruned") for r in pruned)  # the grid's own runs are left as they were
     again = qlaunch("report", str(plain.source), "--audit", home=home)
     assert again.returncode == 2 and "--audit needs search.strategy: asha" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_rung_can_compare_token_accuracy_higher_is_better(tmp_path, tiny_plan):
+    """search.metric eval_mean_token_accuracy (trl's, on the held-out examples), mode max: three
+    better accuracies recorded already, so this run ranks 4th of 4 and stops at rung 0."""
+    search = {**ASHA, "metric": "eval_mean_token_accuracy", "mode": "max"}
+    run = tiny_plan(tmp_path, **{**SECTIONS, "grid": {}}, search=search).runs[0]
+    rung0 = Path(run.run_dir).parent / "asha" / "rung-0"
+    rung0.mkdir(parents=True)
+    for n in range(3):
+        (rung0 / f"other{n}.json").write_text(json.dumps({"value": 0.97 + 0.01 * n}))
+    result = subprocess.run(
+        [sys.executable, "-m", "training.launch", str(RunPaths.of(run).config)],
+        cwd=tmp_path,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    decision = metrics(run)["pruned"]
+    assert (decision["metric"], decision["rung"], decision["rank"]) == ("eval_mean_token_accuracy", 0, 4)
+    assert 0.0 <= decision["value"] < 0.97
+    assert metrics(run)["eval_mean_token_accuracy"] == decision["value"]  # what report --audit compares
+    assert read_ledger(Path(run.run_dir).parent)[0][run.run_id] == decision["value"]

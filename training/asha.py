@@ -144,6 +144,11 @@ def make_callback(run: RunConfig, paths: RunPaths, log, is_main: bool):
                 control.should_evaluate = True
             return control
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # trl adds its eval metrics (eval_mean_token_accuracy) to the evaluation's log line,
+            # not to the metrics on_evaluate gets; the log line comes first and has eval_loss too.
+            return self.on_evaluate(args, state, control, metrics=logs)
+
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             if self.pending is None or not metrics or run.search.metric not in metrics:
                 return control

@@ -282,7 +282,11 @@ def train(run: RunConfig, paths: RunPaths, write, preemption) -> int:
         "adjustments": adjustments.notes,
     }
     if eval_data is not None:
-        metrics["eval_loss"] = pruned.value if pruned is not None else _final_eval_loss(trainer)
+        metrics["eval_loss"] = (
+            _final_eval_loss(trainer) if pruned is None or run.search.metric != "eval_loss" else pruned.value
+        )
+        if run.search.metric != "eval_loss":  # the asha metric of the saved adapter, as eval_loss is
+            metrics[run.search.metric] = pruned.value if pruned is not None else _final_eval(trainer, run.search.metric)
     if pruned is not None:
         metrics.update(stopped)
     if cuda:
@@ -329,13 +333,21 @@ def finish_pruned(run: RunConfig, paths: RunPaths, write, decision) -> int:
 
 
 def _final_eval_loss(trainer) -> float | None:
-    """The eval loss of the adapter that is saved: from the evaluation the trainer already ran at
+    return _final_eval(trainer, "eval_loss")
+
+
+def _final_eval(trainer, name: str) -> float | None:
+    """An eval metric of the adapter that is saved: from the evaluation the trainer already ran at
     that step (the best one with load_best_model_at_end), else from evaluating now. Evaluating
     the same step twice would log it twice to the trackers."""
     state = trainer.state
     step = state.best_global_step if trainer.args.load_best_model_at_end else state.global_step
-    logged = [h["eval_loss"] for h in state.log_history if "eval_loss" in h and h.get("step") == step]
-    return logged[-1] if logged and step else trainer.evaluate().get("eval_loss")
+    logged = [h[name] for h in state.log_history if name in h and h.get("step") == step]
+    if logged and step:
+        return logged[-1]
+    trainer.evaluate()  # trl's own eval metrics reach only the log line: read it back
+    found = [h[name] for h in trainer.state.log_history if name in h]
+    return found[-1] if found else None
 
 
 if __name__ == "__main__":

@@ -375,7 +375,9 @@ class SearchConfig(Section):
     losing runs early"). Not part of the run id: a run never stopped trains exactly as in a grid."""
 
     strategy: Literal["grid", "asha"] = "grid"
-    metric: Literal["eval_loss"] = "eval_loss"  # what the trainer computes at a rung
+    # What the trainer computes at a rung on the held-out examples: eval_loss, or trl's
+    # eval_mean_token_accuracy (the share of answer tokens predicted exactly; mode: max).
+    metric: Literal["eval_loss", "eval_mean_token_accuracy"] = "eval_loss"
     mode: Literal["min", "max"] = "min"
     # The first rung, in optimizer steps or in training tokens (tokens compare runs of different
     # batch shapes); rung k is first × reduction_factor^k, below the run's own budget.
@@ -387,6 +389,8 @@ class SearchConfig(Section):
     def _one_first_rung(self) -> "SearchConfig":
         if self.strategy == "asha" and (self.first_rung_steps is None) == (self.first_rung_tokens is None):
             raise ValueError("asha needs exactly one of first_rung_steps or first_rung_tokens")
+        if self.metric == "eval_mean_token_accuracy" and self.mode == "min":
+            raise ValueError("metric eval_mean_token_accuracy is better when higher: set search.mode: max")
         return self
 
 
@@ -438,7 +442,7 @@ class Experiment(Section):
         if self.search.strategy == "asha":
             if not self.dataset.test_size:
                 raise ValueError(
-                    "search.strategy asha compares runs by eval_loss on held-out examples, but "
+                    f"search.strategy asha compares runs by {self.search.metric} on held-out examples, but "
                     "dataset.test_size is 0: set dataset.test_size (e.g. 0.1)"
                 )
             budget = self.train.max_steps
