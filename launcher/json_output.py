@@ -107,7 +107,7 @@ Outcome = Literal["completed", "preempted", "killed", "failed", "running"]
 
 
 class AttemptRecord(_Shape):
-    """One start of the training job (launcher.ledger)."""
+    """One start of the training job (launcher.job.ledger)."""
 
     number: int
     launched_at: float | None

@@ -1,4 +1,4 @@
-"""Trainer callbacks → `launcher.progress` events (progress.jsonl and the log, prefixed)."""
+"""Trainer callbacks → `launcher.job.progress` events (progress.jsonl and the log, prefixed)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ PVC, but it can read pod logs). Events, all with "event", "time" (unix seconds) 
                 one has no end event (killed without a save); step = the last step it reached
     infer_end   summary (inference job finished)
 
-`launcher.ledger` turns them into attempts (started, from which checkpoint, stopped where and why).
+`launcher.job.ledger` turns them into attempts (started, from which checkpoint, stopped where and why).
 
 Pure Python, no torch: the trainer imports it too.
 """

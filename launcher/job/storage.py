@@ -2,7 +2,7 @@
 
 <storage root>/<experiment>/<run id>/
     run.yaml            resolved run config: a job starts from this file alone
-    progress.jsonl      progress events (launcher.progress), appended across restarts
+    progress.jsonl      progress events (launcher.job.progress), appended across restarts
     train.log           the training job's output (appended across requeues)
     infer.log           the inference job's output
     checkpoints/        checkpoint-<step>/ (complete ones only; partial saves are in .tmp-*)

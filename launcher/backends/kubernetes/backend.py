@@ -11,7 +11,7 @@ missing) → one list of the experiment's Jobs → server-side dry run of every 
 local data files onto the claim (staging, upload) → apply.
 status: one Job list and one Pod list per refresh, whatever the grid size.
 progress_events(plan) → {run id: [progress events]} from the pods' logs (the laptop cannot read
-the PVC); the status table summarizes them with launcher.progress.summarize.
+the PVC); the status table summarizes them with launcher.job.progress.summarize.
 """
 
 from __future__ import annotations
