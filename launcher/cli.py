@@ -322,10 +322,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.audit:
         from .audit import audit
 
-        if not _backend(args, name).shares_storage:
+        backend = _backend(args, name)
+        if not backend.shares_storage:
             raise QlaunchError(
                 "--audit trains the stopped runs on this machine from their checkpoints, which "
                 f"the {name} backend's storage does not let it read"
+            )
+        if not backend.foreground and not args.here:  # a login node is no place to train
+            raise QlaunchError(
+                f"--audit trains the stopped runs on this machine, like `qlaunch run`, not as {name} jobs: run "
+                "it on a machine with the GPU the runs need (a compute node), with --here, e.g. "
+                f"srun --gres=gpu:1 --pty {hints.command('report', p, name, args, extra=['--audit', '--here'])}"
             )
         found = audit(p, lambda line: err_console.print(escape(line), highlight=False, soft_wrap=True))
     document = report.build(p, _backend(args, name), name, audit=found)
@@ -559,6 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="search.strategy asha: finish the runs it stopped (copies beside the grid, trained "
         "here from their rung checkpoints) and say whether the winner would have changed",
+    )
+    command.add_argument(
+        "--here",
+        action="store_true",
+        help="with --audit, for a Slurm experiment: train on this machine (a compute node) anyway",
     )
     json_option(command)
 

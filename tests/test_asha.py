@@ -261,3 +261,12 @@ def test_a_rung_can_compare_token_accuracy_higher_is_better(tmp_path, tiny_plan)
     assert 0.0 <= decision["value"] < 0.97
     assert metrics(run)["eval_mean_token_accuracy"] == decision["value"]  # what report --audit compares
     assert read_ledger(Path(run.run_dir).parent)[0][run.run_id] == decision["value"]
+
+
+def test_audit_of_a_slurm_grid_does_not_train_on_the_login_node_unless_told(tmp_path, tiny_experiment):
+    path = tiny_experiment(tmp_path, **SECTIONS, backend="slurm", search=ASHA)
+    result = qlaunch("report", str(path), "--audit", home=tmp_path / "home")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "not as slurm jobs" in result.stderr and "srun --gres=gpu:1 --pty qlaunch report" in result.stderr
+    assert result.stderr.rstrip().endswith("--audit --here")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("audit"))
