@@ -48,6 +48,8 @@ def quickstart_on_kubernetes(folder: Path, image: str) -> Path:
     experiment["storage"] = {"root": CLAIM_MOUNT}
     experiment["train"].update(max_steps=STEPS, save_steps=1000, logging_steps=1)
     experiment["kubernetes"] = {"image": image, "image_pull_policy": "Never"}
+    # Per-run inference: the training pod's hand-off to its inference Job runs in the image too.
+    experiment.setdefault("inference", {})["per_run"] = True
     path = folder / "quickstart-k8s.yaml"
     path.write_text(yaml.safe_dump(experiment, sort_keys=False))
     # Its data files beside it, as in examples/: local files, so submit stages them.

@@ -603,6 +603,25 @@ def test_context_picks_the_cluster_every_command_talks_to(fake, experiment, tmp_
         second.stop()
 
 
+def _interrupted_after_first_table(process: subprocess.Popen) -> tuple[str, str]:
+    """Ctrl-C as a user gives it: once the watch has drawn its first table (not at a fixed time,
+    which on a loaded machine can fall before the command has even started)."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not any("pending" in line for line in lines):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"the watch did not stop on Ctrl-C; it printed: {''.join(lines)[-3000:]}") from None
+    reader.join(timeout=10)
+    return "".join(lines), process.stderr.read()
+
+
 def test_hints_and_cancel_of_a_run_go_to_the_context_it_was_submitted_to(fake, experiment, tmp_path, monkeypatch):
     """The Watch hint repeats --kubeconfig/--context; `cancel <run>` alone reaches that cluster."""
     (tmp_path / "second").mkdir()
@@ -636,9 +655,7 @@ def test_hints_and_cancel_of_a_run_go_to_the_context_it_was_submitted_to(fake, e
             env=env,
             start_new_session=True,
         )
-        time.sleep(6)
-        os.killpg(hinted.pid, signal.SIGINT)
-        out, err = hinted.communicate(timeout=60)
+        out, err = _interrupted_after_first_table(hinted)
         assert out.count("pending") >= 2, out + err  # the second cluster's jobs; the first has none
 
         run = experiment.runs[0]

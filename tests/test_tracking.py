@@ -313,7 +313,8 @@ def test_a_run_asha_stops_is_closed_as_pruned_in_every_tracker(tmp_path, tiny_pl
     reader.Reload()
     assert [(e.step, e.value) for e in reader.Scalars("qlaunch/pruned_rung")] == [(1, 0.0)]
     client = MlflowClient(tracking_uri=mlflow_server)
-    (found,) = client.search_runs([client.get_experiment_by_name(plan.experiment.name).experiment_id])
+    experiment = client.get_experiment_by_name(plan.experiment.name)  # shared with the grid above: same name
+    (found,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`qlaunch.run_id` = '{run.run_id}'")
     assert found.data.tags["qlaunch.state"] == "pruned"
     assert found.data.tags["qlaunch.pruned"].startswith("pruned @ rung 0 (eval_loss ")
     (folder,) = (_experiment_dir(plan) / "wandb").glob("offline-run-*")
