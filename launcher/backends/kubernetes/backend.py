@@ -459,19 +459,7 @@ class KubernetesBackend(Backend):
     def _release_evaluation(self, plan: Plan, job: Obj) -> bool:
         """Start the held grid evaluation Job, as the submitter: under Kueue remove qlaunch's
         admission gate (Kueue owns spec.suspend), else resume it. A refusal is kept for status."""
-        meta = job["metadata"]
-        try:
-            self.kube.call(
-                self.kube.batch.patch_namespaced_job,
-                meta["name"],
-                meta["namespace"],
-                manifests.evaluation_release_patch(job),
-                _content_type=MERGE_PATCH,
-                missing_ok=True,
-                what=f"starting grid evaluation Job {meta['name']}",
-            )
-        except KubeApiError as exc:
-            self.release_errors[naming.EVALUATE] = str(exc)
+        if self._patch_held(job, manifests.evaluation_release_patch(job), naming.EVALUATE, "grid evaluation") is None:
             return False
         self.release_errors.pop(naming.EVALUATE, None)
         return True
@@ -652,21 +640,29 @@ class KubernetesBackend(Backend):
     def _release(self, run: RunConfig, job: Obj) -> Obj:
         """What the training pod does when it has written its final adapter, done as the
         submitter. A refusal (no patch permission) leaves the Job as it is: status still works."""
+        released = self._patch_held(job, manifests.release_patch(run), run.run_id, "inference")
+        return job if released is None else released or job
+
+    def _patch_held(self, job: Obj, patch: Obj, key: str, what: str) -> Obj | None:
+        """Merge-patch a held Job to start it, as the submitter: the patched Job ({} when it is
+        gone), or None when the API refused (the refusal kept under `key` for status)."""
         meta = job["metadata"]
         try:
-            released = self.kube.call(
-                self.kube.batch.patch_namespaced_job,
-                meta["name"],
-                meta["namespace"],
-                manifests.release_patch(run),
-                _content_type=MERGE_PATCH,
-                missing_ok=True,
-                what=f"starting inference Job {meta['name']}",
+            return (
+                self.kube.call(
+                    self.kube.batch.patch_namespaced_job,
+                    meta["name"],
+                    meta["namespace"],
+                    patch,
+                    _content_type=MERGE_PATCH,
+                    missing_ok=True,
+                    what=f"starting {what} Job {meta['name']}",
+                )
+                or {}
             )
         except KubeApiError as exc:
-            self.release_errors[run.run_id] = str(exc)
-            return job
-        return released or job
+            self.release_errors[key] = str(exc)
+            return None
 
     def progress_events(self, plan: Plan) -> dict[str, list[dict]]:
         """Run id → progress events parsed from its pods' logs (training pods oldest first, then
