@@ -275,19 +275,26 @@ def submit_actions(
         index = {action.run.run_id: chunk.index(action.run.run_id) for action in todo}
         train = [a for a in todo if a.train]
         infer_groups: dict[str | None, list] = {}
-        if train:
-            array = submit_array(commands, chunk, "train", [index[a.run.run_id] for a in train], env)
-            for action in train:
+
+        def recorded(kind: str, array: str, actions: list, **fields) -> None:
+            """Each action's task of the array, in its submission.json and in `submitted`."""
+            for action in actions:
                 i = index[action.run.run_id]
                 record(
                     action.run,
-                    "train",
+                    kind,
                     f"{array}_{i}",
-                    script=str(chunk.script("train")),
+                    script=str(chunk.script(kind)),
                     array_job_id=array,
                     array_task_id=i,
+                    **fields,
                 )
                 submitted.setdefault(action.run.run_id, []).append(f"{array}_{i}")
+
+        if train:
+            array = submit_array(commands, chunk, "train", [index[a.run.run_id] for a in train], env)
+            recorded("train", array, train)
+            for action in train:
                 if action.infer and not action.grid:
                     infer_groups.setdefault(array, []).append(action)
         for action in todo:
@@ -296,17 +303,6 @@ def submit_actions(
                 infer_groups.setdefault(after, []).append(action)
         for after, group in infer_groups.items():
             array = submit_array(commands, chunk, "infer", [index[a.run.run_id] for a in group], env, after=after)
-            for action in group:
-                i = index[action.run.run_id]
-                record(
-                    action.run,
-                    "infer",
-                    f"{array}_{i}",
-                    script=str(chunk.script("infer")),
-                    array_job_id=array,
-                    array_task_id=i,
-                    dependency=f"--dependency=aftercorr:{after}" if after else None,
-                )
-                submitted.setdefault(action.run.run_id, []).append(f"{array}_{i}")
+            recorded("infer", array, group, dependency=f"--dependency=aftercorr:{after}" if after else None)
         done += [a.run.run_id for a in todo]
     return singles
