@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,13 @@ from launcher.grid import Plan, plan
 from launcher.job.storage import write_run_config
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# A suite started in the background (`make test &`, a CI runner's non-interactive shell) inherits
+# SIGINT ignored, and every command it starts would ignore the Ctrl-C the tests press (a process
+# may keep an ignored SIGINT across exec; Python then installs no KeyboardInterrupt handler).
+# Python's own handler here makes the commands the tests start see the default again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 TINY_ROWS = [{"instruction": f"What comes after {n}?", "response": f"{n + 1} comes after {n}."} for n in range(24)]
 
