@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("-o", "--output", default="rendered", help="folder (default: ./rendered)")
     input_checks_option(command)
 
-    command = add("run", cmd_run, "Train every run of the grid on this machine, then run inference.")
+    command = add("run", cmd_run, "Train every run of the grid on this machine, then evaluate them all in one job.")
     command.add_argument("experiment")
     command.add_argument("--max-parallel", "-j", type=int, help="runs at a time (default: local.max_parallel)")
     command.add_argument(
@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     input_checks_option(command)
     command.add_argument("--no-prefetch", action="store_true", help="skip pinning/downloading hub repos first")
 
-    command = add("submit", cmd_submit, "Submit the grid (training + dependent inference jobs).")
+    command = add("submit", cmd_submit, "Submit the grid: its training (Slurm: job arrays) and one evaluation job after it.")
     command.add_argument("experiment")
     backend_option(command)
     command.add_argument(
