@@ -497,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     input_checks_option(command)
     command.add_argument("--no-prefetch", action="store_true", help="skip pinning/downloading hub repos first")
 
-    command = add("submit", cmd_submit, "Submit the grid: its training (Slurm: job arrays) and one evaluation job after it.")
+    command = add(
+        "submit", cmd_submit, "Submit the grid: its training (Slurm: job arrays) and one evaluation job after it."
+    )
     command.add_argument("experiment")
     backend_option(command)
     command.add_argument(

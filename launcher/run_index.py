@@ -29,7 +29,7 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from .grid import Plan
 from .grid import plan as _plan
@@ -115,6 +115,8 @@ def record(p: Plan, backend: Any) -> None:
                     "run_dir": run.run_dir,
                     "backend": name,
                     **target,
+                    # --set KEY=VALUE it was started with: `logs/cancel/infer <run>` plan it the same way
+                    **({"settings": list(p.settings)} if p.settings else {}),
                     "submitted_at": round(time.time(), 3),
                 }
                 # One entry per run folder: submitting into the same folder again replaces it.
@@ -174,10 +176,15 @@ class _Candidate:
         return any((Path(self.run_dir) / name).exists() for name in _TRACES)
 
 
-def _candidate(run_id: str, entry: dict, plan: Callable[[str], Plan]) -> _Candidate:
+def _planned(entry: dict, settings: Sequence[str]) -> Plan:
+    """The entry's file, planned with the user's --set, or else the --set it was started with."""
+    return _plan(entry["file"], settings=tuple(settings) or tuple(entry.get("settings", ())))
+
+
+def _candidate(run_id: str, entry: dict, settings: Sequence[str]) -> _Candidate:
     found = _Candidate(entry)
     try:
-        found.plan = plan(entry["file"])
+        found.plan = _planned(entry, settings)
     except ConfigError as exc:
         found.why_not = str(exc)
         return found
@@ -246,7 +253,7 @@ def resolve(
         candidates = []
         for entry in by_file.values():
             try:
-                candidates.append(_Candidate(entry, plan(entry["file"])))
+                candidates.append(_Candidate(entry, _planned(entry, settings)))
             except ConfigError as exc:
                 candidates.append(_Candidate(entry, why_not=str(exc)))
         for c in candidates:
@@ -257,7 +264,7 @@ def resolve(
     matches = sorted(run_id for run_id in index if run_id.startswith(ref))
     if len(matches) == 1:
         run_id = matches[0]
-        chosen = _pick(f"run {run_id}", ref, command, [_candidate(run_id, e, plan) for e in index[run_id]])
+        chosen = _pick(f"run {run_id}", ref, command, [_candidate(run_id, e, settings) for e in index[run_id]])
         return _resolved(chosen.plan, chosen.plan.find(run_id), chosen.entry)
     if not matches:
         raise ConfigError(

@@ -365,3 +365,19 @@ def test_a_run_submitted_from_two_files_is_one_error_naming_both(tmp_path):
         assert set(_slurm_states(submitted[first][run_id]).values()) == {"PENDING"}
     finally:
         _scancel([j for s in submitted.values() for ids in s.values() for j in ids])
+
+
+def test_a_run_started_with_set_is_found_again_by_its_id(tmp_path):
+    """`qlaunch run exp.yaml --set train.max_steps=3` makes other run ids than the file alone:
+    `logs <run>` afterwards, with no --set, plans the file the way the run was started and
+    shows that run's log (it said the file "no longer plans" the run)."""
+    qlaunch = Qlaunch(tmp_path)
+    path = failing_run(qlaunch, tmp_path / "exps", "exp.yaml", tmp_path / "runs")
+    result = qlaunch("run", str(path), "--no-prefetch", "--set", "train.max_steps=3")
+    assert result.returncode == 1, result.stdout + result.stderr
+    (run,) = plan(path, settings=("train.max_steps=3",)).runs
+    assert run.run_id not in {r.run_id for r in plan(path).runs}
+    log = Path(run.run_dir, "train.log").read_text()
+    shown = qlaunch("logs", run.run_id)
+    assert shown.returncode == 0, shown.stderr
+    assert log and shown.stdout == log
