@@ -345,10 +345,20 @@ def _duration(seconds: float | None) -> str:
 
 
 def format_table(estimates: list[TimeEstimate]) -> Table:
+    # A note every run shares (a CPU grid: "CPU time is not modelled") goes under the table once,
+    # rather than wrapped into four lines on every row of an 80-column terminal.
+    notes = {e.note for e in estimates}
+    shared = len(estimates) > 1 and len(notes) == 1 and notes != {""}
+    title = "time estimate: training wall clock per run (throughput model, bench/RESULTS.md)"
     table = Table(
-        title="time estimate: training wall clock per run (throughput model, bench/RESULTS.md)", title_justify="left"
+        title=title,
+        title_justify="left",
+        min_width=len(title),  # the title on one line where the terminal is as wide
+        caption=f"every run: {estimates[0].note}" if shared else None,
+        caption_justify="left",
     )
-    for column in ("run", "gpu", "steps", "s/step", "tokens", "time", "GPU-h", "note"):
+    columns = ("run", "gpu", "steps", "s/step", "tokens", "time", "GPU-h") + (() if shared else ("note",))
+    for column in columns:
         table.add_column(
             column, justify="left" if column in ("run", "gpu", "note") else "right", no_wrap=column in ("run", "gpu")
         )
@@ -361,7 +371,7 @@ def format_table(estimates: list[TimeEstimate]) -> Table:
             "?" if e.tokens is None else f"{e.tokens / 1e6:.2f}M" if e.tokens >= 100_000 else f"{e.tokens / 1e3:.1f}k",
             _duration(e.seconds),
             "?" if e.gpu_hours is None else f"{e.gpu_hours:.2f}",
-            e.note,
+            *(() if shared else (e.note,)),
         )
     known = [e for e in estimates if e.gpu_hours is not None]
     if len(estimates) > 1:
@@ -375,6 +385,6 @@ def format_table(estimates: list[TimeEstimate]) -> Table:
             "",
             _duration(sum(e.seconds for e in known)) + " in series" if known else "?",
             f"{total:.2f}" if known else "?",
-            f"{missing} run(s) not estimated" if missing else "",
+            *(() if shared else (f"{missing} of {len(estimates)} runs not estimated" if missing else "",)),
         )
     return table
