@@ -31,8 +31,8 @@ from launcher.backends.kubernetes.naming import Names
 from launcher.backends.kubernetes.staging import CONFIG_MOUNT
 from launcher.cli import main
 from launcher.grid import plan
-from launcher.jobspec import export_finish_command, export_job
 from launcher.job.storage import RunPaths
+from launcher.jobspec import export_finish_command, export_job
 
 NS = "ml-team"
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "k8s" / "export"
