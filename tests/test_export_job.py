@@ -101,16 +101,6 @@ def test_the_merge_job_asks_for_the_memory_the_merge_needs_and_the_adapter_job_f
     assert "--volume /shared/qlaunch-runs:/shared/qlaunch-runs" in adapter
 
 
-def test_kubernetes_is_refused_with_what_to_do_instead(tmp_path, tiny_plan):
-    p = tiny_plan(tmp_path, backend="kubernetes")
-    done = qlaunch(tmp_path, "export", str(p.source), "--run", p.runs[0].run_id)
-    assert done.returncode == 2 and done.stderr.count("error:") == 1
-    assert (
-        "does not run as a Kubernetes Job yet: run it with --backend local on a machine that mounts the storage claim"
-        in (" ".join(done.stderr.split()))
-    )
-
-
 # ---- on the real cluster -----------------------------------------------------------------------
 
 
