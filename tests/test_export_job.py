@@ -167,7 +167,7 @@ def test_a_slurm_export_job_writes_what_a_local_export_writes(trained):
     done = qlaunch(folder, "export", str(p.source), "--run", run.run_id)  # the experiment's backend: slurm
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     job = re.search(r"export job (\d+) of run", done.stdout).group(1)
-    assert f"qlaunch logs {run.run_id} --export -f -e {p.source} --backend slurm" in done.stdout
+    assert f"qlaunch logs {run.run_id} -e {p.source} --export -f" in done.stdout  # slurm: the file's own backend
     out = RunPaths.of(run).root / "export"
     wait_for(lambda: scheduler_jobs(job).get(job) == "COMPLETED", timeout=300, message="the export job", interval=2)
     print(f"local export + slurm export job in {time.monotonic() - started:.1f} s")

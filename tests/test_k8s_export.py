@@ -289,6 +289,35 @@ def trained_on_the_claim(tmp_path, tiny_plan, fake):
     return p, run
 
 
+def _play_kubelet(fake, tmp_path: Path, job: dict) -> None:
+    """The Job's pod, run here: the run's ConfigMaps as a folder, the claim at storage.root
+    (already so), the image's `python` this interpreter; the container's command as it is. Its
+    output becomes the pod's log on the fake server."""
+    config = mount_config_map(fake.list("configmaps", NS), tmp_path / "config", CONFIG_MOUNT)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    shell, flag, script = container["command"]
+    bin_dir = tmp_path / "image-bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = job_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"})
+    pod = subprocess.run(
+        [shell, flag, script.replace(f"{CONFIG_MOUNT}/", f"{config}/")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert pod.returncode == 0, pod.stdout[-3000:] + pod.stderr[-3000:]
+    name = job["metadata"]["name"]
+    pod_name = fake.start_pod(NS, name)
+    fake.run_pod(NS, pod_name)
+    fake.log(NS, pod_name, *pod.stdout.splitlines())
+    fake.finish_pod(NS, pod_name)
+    fake.complete_job(NS, name)
+
+
 @pytest.mark.slow
 def test_the_export_jobs_command_writes_what_a_local_export_writes_and_status_shows_it(
     fake, tmp_path, capsys, trained_on_the_claim
@@ -301,32 +330,7 @@ def test_the_export_jobs_command_writes_what_a_local_export_writes_and_status_sh
     code, out, err = _qlaunch(capsys, "export", path, "--run", run.run_id)
     assert code == 0, err
     (job,) = _export_jobs(fake)
-    name = job["metadata"]["name"]
-
-    # The kubelet: the run's ConfigMaps as a folder, the claim at storage.root (already so), the
-    # image's `python` this interpreter; the container's command as it is.
-    config = mount_config_map(fake.list("configmaps", NS), tmp_path / "config", CONFIG_MOUNT)
-    (container,) = job["spec"]["template"]["spec"]["containers"]
-    shell, flag, script = container["command"]
-    bin_dir = tmp_path / "image-bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
-    (bin_dir / "python").chmod(0o755)
-    env = job_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"})
-    pod = subprocess.run(
-        [shell, flag, script.replace(f"{CONFIG_MOUNT}/", f"{config}/")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert pod.returncode == 0, pod.stdout[-3000:] + pod.stderr[-3000:]
-    pod_name = fake.start_pod(NS, name)
-    fake.run_pod(NS, pod_name)
-    fake.log(NS, pod_name, *pod.stdout.splitlines())
-    fake.finish_pod(NS, pod_name)
-    fake.complete_job(NS, name)
+    _play_kubelet(fake, tmp_path, job)
 
     there = RunPaths.of(run).root / "export"
     assert sorted(f.name for f in there.iterdir()) == sorted(f.name for f in here.iterdir())
@@ -344,3 +348,24 @@ def test_the_export_jobs_command_writes_what_a_local_export_writes_and_status_sh
     assert shown["path"] == str(there) and shown["kind"] == "adapter"
     code, out, err = _qlaunch(capsys, "logs", run.run_id, "--export", "-e", path)
     assert code == 0 and f"export of run {run.run_id}: {there}" in out, err
+
+
+@pytest.mark.slow
+def test_a_merge_job_ships_the_same_checked_merge_as_a_local_merge(fake, tmp_path, capsys, trained_on_the_claim):
+    p, run = trained_on_the_claim
+    path = str(p.source)
+    here, there = tmp_path / "claim" / "merged-here", tmp_path / "claim" / "merged-there"
+    local = _qlaunch(capsys, "export", path, "--run", run.run_id, "--merge", "--backend", "local", "-o", str(here))
+    assert local[0] == 0, local[1][-2000:] + local[2][-2000:]
+    code, out, err = _qlaunch(
+        capsys, "export", path, "--run", run.run_id, "--merge", "--memory", "4G", "-o", str(there)
+    )
+    assert code == 0, err
+    (job,) = _export_jobs(fake)
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"] == "4Gi"
+    _play_kubelet(fake, tmp_path, job)
+    assert sorted(f.name for f in there.iterdir()) == sorted(f.name for f in here.iterdir())
+    assert (there / "model.safetensors").read_bytes() == (here / "model.safetensors").read_bytes()
+    record, local_record = (json.loads((d / "export.json").read_text()) for d in (there, here))
+    assert record["merge_check"]["chosen"] == local_record["merge_check"]["chosen"]
+    assert record["merge_check"]["candidates"] == local_record["merge_check"]["candidates"]
