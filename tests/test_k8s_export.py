@@ -289,10 +289,11 @@ def trained_on_the_claim(tmp_path, tiny_plan, fake):
     return p, run
 
 
-def _play_kubelet(fake, tmp_path: Path, job: dict) -> None:
+def _play_kubelet(fake, tmp_path: Path, job: dict, hub: dict[str, str] | None = None) -> int:
     """The Job's pod, run here: the run's ConfigMaps as a folder, the claim at storage.root
     (already so), the image's `python` this interpreter; the container's command as it is. Its
-    output becomes the pod's log on the fake server."""
+    output becomes the pod's log on the fake server; returns its exit code. `hub`: the hub's
+    variables (HF_ENDPOINT, and HF_TOKEN as the kubelet resolves it from the Secret)."""
     config = mount_config_map(fake.list("configmaps", NS), tmp_path / "config", CONFIG_MOUNT)
     (container,) = job["spec"]["template"]["spec"]["containers"]
     shell, flag, script = container["command"]
@@ -300,7 +301,8 @@ def _play_kubelet(fake, tmp_path: Path, job: dict) -> None:
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     (bin_dir / "python").chmod(0o755)
-    env = job_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"})
+    env = job_env({"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    env.update(hub or {"HF_HUB_OFFLINE": "1"})
     pod = subprocess.run(
         [shell, flag, script.replace(f"{CONFIG_MOUNT}/", f"{config}/")],
         env=env,
@@ -309,13 +311,17 @@ def _play_kubelet(fake, tmp_path: Path, job: dict) -> None:
         text=True,
         timeout=900,
     )
-    assert pod.returncode == 0, pod.stdout[-3000:] + pod.stderr[-3000:]
+    assert pod.returncode == 0 or hub, pod.stdout[-3000:] + pod.stderr[-3000:]
     name = job["metadata"]["name"]
     pod_name = fake.start_pod(NS, name)
     fake.run_pod(NS, pod_name)
-    fake.log(NS, pod_name, *pod.stdout.splitlines())
-    fake.finish_pod(NS, pod_name)
-    fake.complete_job(NS, name)
+    fake.log(NS, pod_name, *pod.stdout.splitlines(), *pod.stderr.splitlines())
+    fake.finish_pod(NS, pod_name, exit_code=pod.returncode)
+    if pod.returncode == 0:
+        fake.complete_job(NS, name)
+    else:
+        fake.fail_job(NS, name, reason="PodFailurePolicy")
+    return pod.returncode
 
 
 @pytest.mark.slow
@@ -369,3 +375,51 @@ def test_a_merge_job_ships_the_same_checked_merge_as_a_local_merge(fake, tmp_pat
     record, local_record = (json.loads((d / "export.json").read_text()) for d in (there, here))
     assert record["merge_check"]["chosen"] == local_record["merge_check"]["chosen"]
     assert record["merge_check"]["candidates"] == local_record["merge_check"]["candidates"]
+
+
+@pytest.mark.slow
+def test_the_pod_asks_the_hub_with_the_secrets_token_before_exporting_and_pushes_it_written_nowhere(
+    fake, tmp_path, capsys, trained_on_the_claim
+):
+    from tests.fake_hub import FakeHub
+
+    p, run = trained_on_the_claim
+    path = str(p.source)
+    hub = FakeHub().start()
+    try:
+        hub.add_user(TOKEN, "alice")
+        hub.add_user("hf_readOnly0123456789abcdefgh", "bob", role="read")
+        refused_out = tmp_path / "claim" / "refused"
+        code, out, err = _qlaunch(
+            capsys, "export", path, "--run", run.run_id, "--push-to-hub", "bob/x", "-o", str(refused_out)
+        )
+        assert code == 0, err  # the token is the Secret's: only the pod can ask the hub
+        (job,) = _export_jobs(fake)
+        # A read-only token in the Secret: the pod stops before exporting anything.
+        read_only = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_readOnly0123456789abcdefgh"}
+        assert _play_kubelet(fake, tmp_path, job, hub=read_only) == 1
+        assert not refused_out.exists() and ("model", "bob/x") not in hub.repos
+        code, out, err = _qlaunch(capsys, "logs", run.run_id, "--export", "-e", path)
+        assert "cannot write to bob/" in out and "hf_readOnly" not in out
+
+        pushed_out = tmp_path / "claim" / "pushed"
+        code, out, err = _qlaunch(
+            capsys, "export", path, "--run", run.run_id, "--push-to-hub", "alice/tiny", "-o", str(pushed_out)
+        )
+        assert code == 0, err
+        job = next(j for j in _export_jobs(fake) if j["metadata"]["name"] != job["metadata"]["name"])
+        assert _play_kubelet(fake, tmp_path, job, hub={"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN}) == 0
+        repo = hub.repos[("model", "alice/tiny")]
+        record = json.loads((pushed_out / "export.json").read_text())
+        assert repo.private and record["hub"]["revision"] == repo.refs["main"]
+        assert (
+            hub.files("model", "alice/tiny")["adapter_model.safetensors"]
+            == (pushed_out / "adapter_model.safetensors").read_bytes()
+        )
+        written = b"".join(f.read_bytes() for f in (tmp_path / "claim").rglob("*") if f.is_file())
+        manifests = json.dumps(fake.list("jobs", NS))
+        assert TOKEN.encode() not in written and TOKEN not in manifests
+        code, out, err = _qlaunch(capsys, "logs", run.run_id, "--export", "-e", path)
+        assert "pushed to " in out and TOKEN not in out
+    finally:
+        hub.stop()
