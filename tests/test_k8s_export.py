@@ -289,10 +289,10 @@ def trained_on_the_claim(tmp_path, tiny_plan, fake):
     return p, run
 
 
-def _play_kubelet(fake, tmp_path: Path, job: dict, hub: dict[str, str] | None = None) -> int:
+def _play_kubelet(fake, tmp_path: Path, job: dict, hub: dict[str, str] | None = None) -> tuple[int, str]:
     """The Job's pod, run here: the run's ConfigMaps as a folder, the claim at storage.root
     (already so), the image's `python` this interpreter; the container's command as it is. Its
-    output becomes the pod's log on the fake server; returns its exit code. `hub`: the hub's
+    output becomes the pod's log on the fake server; returns its exit code and output. `hub`: the hub's
     variables (HF_ENDPOINT, and HF_TOKEN as the kubelet resolves it from the Secret)."""
     config = mount_config_map(fake.list("configmaps", NS), tmp_path / "config", CONFIG_MOUNT)
     (container,) = job["spec"]["template"]["spec"]["containers"]
@@ -321,7 +321,7 @@ def _play_kubelet(fake, tmp_path: Path, job: dict, hub: dict[str, str] | None = 
         fake.complete_job(NS, name)
     else:
         fake.fail_job(NS, name, reason="PodFailurePolicy")
-    return pod.returncode
+    return pod.returncode, pod.stdout + pod.stderr
 
 
 @pytest.mark.slow
@@ -397,7 +397,7 @@ def test_the_pod_asks_the_hub_with_the_secrets_token_before_exporting_and_pushes
         (job,) = _export_jobs(fake)
         # A read-only token in the Secret: the pod stops before exporting anything.
         read_only = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_readOnly0123456789abcdefgh"}
-        assert _play_kubelet(fake, tmp_path, job, hub=read_only) == 1
+        assert _play_kubelet(fake, tmp_path, job, hub=read_only)[0] == 1
         assert not refused_out.exists() and ("model", "bob/x") not in hub.repos
         code, out, err = _qlaunch(capsys, "logs", run.run_id, "--export", "-e", path)
         assert "cannot write to bob/" in out and "hf_readOnly" not in out
@@ -408,7 +408,9 @@ def test_the_pod_asks_the_hub_with_the_secrets_token_before_exporting_and_pushes
         )
         assert code == 0, err
         job = next(j for j in _export_jobs(fake) if j["metadata"]["name"] != job["metadata"]["name"])
-        assert _play_kubelet(fake, tmp_path, job, hub={"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN}) == 0
+        code, log = _play_kubelet(fake, tmp_path, job, hub={"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN})
+        assert code == 0, log[-3000:]
+        assert "pushed to " in log and TOKEN not in log  # what its pod printed
         repo = hub.repos[("model", "alice/tiny")]
         record = json.loads((pushed_out / "export.json").read_text())
         assert repo.private and record["hub"]["revision"] == repo.refs["main"]
@@ -419,7 +421,5 @@ def test_the_pod_asks_the_hub_with_the_secrets_token_before_exporting_and_pushes
         written = b"".join(f.read_bytes() for f in (tmp_path / "claim").rglob("*") if f.is_file())
         manifests = json.dumps(fake.list("jobs", NS))
         assert TOKEN.encode() not in written and TOKEN not in manifests
-        code, out, err = _qlaunch(capsys, "logs", run.run_id, "--export", "-e", path)
-        assert "pushed to " in out and TOKEN not in out
     finally:
         hub.stop()
