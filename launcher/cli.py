@@ -360,7 +360,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     backend = _submitted_backend(args, found)
     try:
         if args.export:
-            backend.export_logs(runs[0], follow=args.follow, out=sys.stdout)
+            backend.export_logs(runs[0], follow=args.follow, out=sys.stdout, plan=p)
         else:
             backend.logs(p, runs[0], follow=args.follow, out=sys.stdout, infer=args.infer)
     except KeyboardInterrupt:

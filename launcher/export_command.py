@@ -7,11 +7,15 @@ training (`--best`: the run `qlaunch report` ranks first, which needs an evaluat
 `--push-to-hub` a token (`model.hf_token_env` / `model.hf_token_file`) that the hub says can
 write to the repo's namespace; for a merge, the host memory where it runs. Then the export job
 (jobspec.export_job: `python -m training.export`) runs as a job of the experiment's backend
-(`--backend`): on this machine, now (local), or submitted (Slurm: `Backend.submit_export`, which
-asks the scheduler before it queues anything). Its last step (`finish`: here, or `python -m
-launcher.export_command --finish` in the job) pushes the folder with huggingface_hub
-(`create_repo` + `upload_folder`) and records the export in `<run dir>/exports.json` (report and
-`status --json`). The token is passed to the client only: never printed, logged or written.
+(`--backend`): on this machine, now (local), or submitted (`Backend.submit_export`, which asks
+the scheduler before it queues anything: Slurm's sbatch --test-only, Kubernetes' server-side dry
+run). Its last step (`finish`: here, or `python -m launcher.export_command --finish` in the job)
+pushes the folder with huggingface_hub (`create_repo` + `upload_folder`) and records the export in
+`<run dir>/exports.json` (report and `status --json`); in a job it also prints the record as a
+progress line (`export_end`), which is how Kubernetes, whose claim this machine cannot read, shows
+it. The token is passed to the client only: never printed, logged or written. On Kubernetes the
+token is the Secret's (kubernetes.hf_token_secret), which never leaves the cluster: the pod asks the
+hub (`--check-push`) before it merges anything.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .backends import get_backend
 from .backends import names as backend_names
+from .backends.base import State
 from .grid import Plan, plan
 from .job.config import RunConfig
 from .job.errors import QlaunchError
+from .job.progress import EXPORT_EVENT, emit, make_event
 from .job.storage import RunPaths, read_json, write_json
 from .jobspec import export_finish_command, export_job, launcher_environment, memory_mib, merge_memory_bytes
 
@@ -62,11 +69,15 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
         choices=backend_names(),
         help="where the export job runs (default: the experiment's backend; local: here, now)",
     )
+    command.add_argument("--kubeconfig", help="kubernetes: kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+    command.add_argument("--context", help="kubernetes: kubeconfig context (default: its current context)")
     command.add_argument(
         "--memory", metavar="SIZE", help="host memory the export job asks for, e.g. 48G (default: what the merge needs)"
     )
     command.add_argument(
-        "--dry-run", action="store_true", help="check everything and print the job script; submit and write nothing"
+        "--dry-run",
+        action="store_true",
+        help="check everything and print the job script (Kubernetes: the Job); submit and write nothing",
     )
 
 
@@ -88,11 +99,23 @@ def pick_run(p: Plan, run_ref: str | None, best: bool, backend=None) -> RunConfi
         run = next(r for r in p.runs if r.run_id == document.best_run)
     else:
         [run] = p.find(run_ref or "")
-    if not RunPaths.of(run).training_completed():
+    if backend.shares_storage:
+        done, state = RunPaths.of(run).training_completed(), None
+    else:  # the claim is not readable here: the scheduler says whether training completed
         state = backend.status(p).get(run.run_id)
+        done = state is not None and state.state == State.COMPLETED
+    if not done:
+        state = state or backend.status(p).get(run.run_id)
+        value = state.state.value if state else "unknown"
+        gone = (
+            "; a training Job removed by ttlSecondsAfterFinished is not known any more: export with --backend "
+            "local on a machine that mounts the claim"
+            if not backend.shares_storage and value == State.UNKNOWN.value
+            else ""
+        )
         raise QlaunchError(
-            f"run {run.run_id} has not finished training (state: {state.state.value if state else 'unknown'}): "
-            f"nothing to export (qlaunch status {p.source} --backend {backend.name})"
+            f"run {run.run_id} has not finished training (state: {value}): "
+            f"nothing to export (qlaunch status {p.source} --backend {backend.name}){gone}"
         )
     return run
 
@@ -189,9 +212,18 @@ def record_export(run: RunConfig, entry: dict[str, Any]) -> None:
     write_json(path, {"exports": exports})
 
 
-def exports_of(run: RunConfig) -> list[dict[str, Any]]:
+def exports_of(run: RunConfig, events: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The run's exports: `<run dir>/exports.json`, and the `export_end` progress events of its
+    export jobs (`events`: Kubernetes reads them from the pod logs; the claim is not readable here).
+    One entry per export folder, the file's over an event's, oldest first."""
+    by_path: dict[Any, dict[str, Any]] = {}
+    for event in events:
+        entry = event.get("export") if event.get("event") == EXPORT_EVENT else None
+        if isinstance(entry, dict):
+            by_path[entry.get("path")] = entry
     exports = (read_json(RunPaths.of(run).root / EXPORTS_FILE) or {}).get("exports", [])
-    return [e for e in exports if isinstance(e, dict)]
+    by_path.update((e.get("path"), e) for e in exports if isinstance(e, dict))
+    return sorted(by_path.values(), key=lambda e: e.get("at") or 0)
 
 
 def run_logged(command: list[str], log: Path) -> int:
@@ -241,14 +273,16 @@ def _what(args: argparse.Namespace) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .runner import backend_for
-
     if args.gguf and not args.merge:
         raise QlaunchError("--gguf writes the merged model: add --merge")
     if args.memory is not None and not re.fullmatch(r"\d+[KMGT]?", args.memory):
         raise QlaunchError(f"--memory {args.memory}: a size such as 48G or 64000M")
     p = plan(args.experiment)
-    backend = backend_for(p, args.backend)
+    backend = get_backend(
+        args.backend or p.experiment.backend,
+        kubeconfig=getattr(args, "kubeconfig", None),
+        context=getattr(args, "context", None),
+    )
     backend.check_export()
     run = pick_run(p, args.run, args.best, backend)
     here = backend.foreground  # the local backend: the job runs on this machine, now
@@ -257,13 +291,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             check_merge_memory(run)
         elif args.memory:
             check_merge_memory(run, job_memory=args.memory)
-    target = push_target(run, args.push_to_hub) if args.push_to_hub else None
+    target = None
+    if args.push_to_hub:
+        # A job that gets its token where this machine cannot read it (a Kubernetes Secret) asks
+        # the hub itself, before it merges anything (backend.export_push_check).
+        target = backend.export_push_check(run, args.push_to_hub) or push_target(run, args.push_to_hub)
     out = Path(args.output).expanduser().resolve() if args.output else RunPaths.of(run).root / "export"
     job = export_job(run, str(out), args.merge, args.gguf_type if args.gguf else None, args.memory)
-    hint = f"--backend {backend.name}"
     if not here:
         finish_step = export_finish_command(job, target[0] if target else None, args.private)
-        submitted = backend.submit_export(run, job, finish_step, dry_run=args.dry_run)
+        submitted = backend.submit_export(run, job, finish_step, dry_run=args.dry_run, plan=p)
         if args.dry_run:
             print(submitted.script, end="")
             print(
@@ -272,13 +309,16 @@ def cmd_export(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 0
+        from . import hints
+
         print(
             f"export job {submitted.job_id} of run {run.run_id} ({_what(args)}) submitted to {backend.name}: "
-            f"it writes {out} and records it in exports.json when it ends; script {submitted.path}"
+            f"it writes {out} and records it in exports.json when it ends; "
+            + (f"script {submitted.path}" if submitted.path else submitted.checked)
         )
         print(
-            f"follow it: qlaunch logs {run.run_id} --export -f -e {p.source} {hint}; "
-            f"then: qlaunch status {p.source} {hint}"
+            f"follow it: {hints.command('logs', p, backend.name, args, run=run.run_id, extra=['--export', '-f'])}; "
+            f"then: {hints.command('status', p, backend.name, args)}"
         )
         return 0
     if args.dry_run:
@@ -300,17 +340,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---- the export job's last step -------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """`python -m launcher.export_command --finish RUN_YAML --out DIR [--push-to-hub REPO] [--public]`:
-    run by the export job once training.export has written DIR. The token comes from the job's
-    environment or model.hf_token_file, as for every job; nothing here prints it."""
+    run by the export job once training.export has written DIR; it ends with the record as a
+    progress line (`export_end`). `--check-push RUN_YAML --push-to-hub REPO`: the job's first step
+    where the token is only the job's (Kubernetes): the hub must say it may write to REPO. The token
+    comes from the job's environment or model.hf_token_file, as for every job; nothing here prints it."""
     from .job.experiment_file import load_run_config
 
     parser = argparse.ArgumentParser(prog="python -m launcher.export_command")
-    parser.add_argument("--finish", metavar="RUN_YAML", required=True)
-    parser.add_argument("--out", required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--finish", metavar="RUN_YAML")
+    mode.add_argument("--check-push", metavar="RUN_YAML")
+    parser.add_argument("--out")
     parser.add_argument("--push-to-hub", metavar="REPO")
     parser.add_argument("--public", action="store_true")
     args = parser.parse_args(argv)
+    if args.check_push and not args.push_to_hub or args.finish and not args.out:
+        parser.error("--check-push needs --push-to-hub; --finish needs --out")
     try:
+        if args.check_push:
+            repo_id, _ = push_target(load_run_config(args.check_push), args.push_to_hub)
+            print(f"the hub token may write to {repo_id}", flush=True)
+            return 0
         run = load_run_config(args.finish)
         target = None
         if args.push_to_hub:
@@ -323,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"(model.hf_token_file, or ${run.model.hf_token_env} passed on by the scheduler)"
                 )
             target = (args.push_to_hub, token)
-        finish(run, Path(args.out), target, not args.public)
+        entry = finish(run, Path(args.out), target, not args.public)
+        emit(make_event(EXPORT_EVENT, 0, run_id=run.run_id, export=entry), None, sys.stdout)
     except QlaunchError as exc:
         print(f"qlaunch export: error: {exc}", file=sys.stderr)
         return 1

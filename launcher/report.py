@@ -166,7 +166,7 @@ def _run(run: RunConfig, row: Row, scores: stats.Scores | None = None) -> Report
         environment=_environment(paths),
         answers=_answers(paths),
         intervals=intervals(summary, scores),
-        exports=exports_of(run),
+        exports=exports_of(run, row.events),
     )
 
 

@@ -380,7 +380,7 @@ def status_document(plan: Plan, rows: list[Row], backend_name: str) -> dict:
                 restarts=max(row.progress.restarts, row.status.restarts or 0),
                 metric=row.metric,
                 pruned=row.progress.pruned,
-                exports=exports_of(runs[row.run_id]),
+                exports=exports_of(runs[row.run_id], row.events),
             )
             for row in rows
         ],

@@ -101,16 +101,6 @@ def test_the_merge_job_asks_for_the_memory_the_merge_needs_and_the_adapter_job_f
     assert "--volume /shared/qlaunch-runs:/shared/qlaunch-runs" in adapter
 
 
-def test_kubernetes_is_refused_with_what_to_do_instead(tmp_path, tiny_plan):
-    p = tiny_plan(tmp_path, backend="kubernetes")
-    done = qlaunch(tmp_path, "export", str(p.source), "--run", p.runs[0].run_id)
-    assert done.returncode == 2 and done.stderr.count("error:") == 1
-    assert (
-        "does not run as a Kubernetes Job yet: run it with --backend local on a machine that mounts the storage claim"
-        in (" ".join(done.stderr.split()))
-    )
-
-
 # ---- on the real cluster -----------------------------------------------------------------------
 
 
@@ -177,7 +167,7 @@ def test_a_slurm_export_job_writes_what_a_local_export_writes(trained):
     done = qlaunch(folder, "export", str(p.source), "--run", run.run_id)  # the experiment's backend: slurm
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     job = re.search(r"export job (\d+) of run", done.stdout).group(1)
-    assert f"qlaunch logs {run.run_id} --export -f -e {p.source} --backend slurm" in done.stdout
+    assert f"qlaunch logs {run.run_id} -e {p.source} --export -f" in done.stdout  # slurm: the file's own backend
     out = RunPaths.of(run).root / "export"
     wait_for(lambda: scheduler_jobs(job).get(job) == "COMPLETED", timeout=300, message="the export job", interval=2)
     print(f"local export + slurm export job in {time.monotonic() - started:.1f} s")

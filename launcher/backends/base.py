@@ -185,7 +185,16 @@ class Backend(abc.ABC):
     def check_export(self) -> None:
         """Refuse `qlaunch export` on this backend before anything is read (one error), if it cannot run it."""
 
-    def submit_export(self, run: RunConfig, job: "JobSpec", finish: list[str], *, dry_run: bool) -> ExportSubmission:
+    def export_push_check(self, run: RunConfig, repo: str) -> tuple[str, str | None] | None:
+        """`qlaunch export --push-to-hub REPO` where the job's hub token is not this machine's to
+        read (a Kubernetes Secret): (repo id, None) once what can be checked here passed (the job
+        then asks the hub before it merges), or one error. None: the token is the one this machine
+        reads (`model.hf_token_env` / `hf_token_file`), and the hub is asked from here."""
+        return None
+
+    def submit_export(
+        self, run: RunConfig, job: "JobSpec", finish: list[str], *, dry_run: bool, plan: Plan | None = None
+    ) -> ExportSubmission:
         """`qlaunch export` as a job of this backend: `job` (training.export) then `finish` (the push
         and exports.json), with the job's resources; refusals (the scheduler's) before it is queued.
         A backend that runs its jobs here (`foreground`) is never asked: the export runs in place."""
@@ -198,7 +207,7 @@ class Backend(abc.ABC):
         """Whether the run's export job may still write to its log (`qlaunch logs RUN --export -f`)."""
         return False
 
-    def export_logs(self, run: RunConfig, *, follow: bool, out: IO[str]) -> None:
+    def export_logs(self, run: RunConfig, *, follow: bool, out: IO[str], plan: Plan | None = None) -> None:
         """Print the log of the run's export (`<run dir>/export.log`); with follow, while its job runs."""
         from ..jobspec import EXPORT_LOG
         from ..logs import follow_file

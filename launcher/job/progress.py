@@ -17,6 +17,8 @@ PVC, but it can read pod logs). Events, all with "event", "time" (unix seconds) 
     killed      attempt, last_time: written by the next attempt on its start when the previous
                 one has no end event (killed without a save); step = the last step it reached
     infer_end   summary (inference job finished)
+    export_end  run_id, export: the record `qlaunch export`'s job added to `<run dir>/exports.json`
+                (printed only, by `python -m launcher.export_command --finish`)
 
 `launcher.job.ledger` turns them into attempts (started, from which checkpoint, stopped where and why).
 
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, TextIO
 
 PROGRESS_PREFIX = "QLAUNCH_PROGRESS "
+EXPORT_EVENT = "export_end"
 
 # Documented exit code of a job that checkpointed on SIGTERM/SIGUSR1 and stopped (EX_TEMPFAIL):
 # not a failure; starting the run again resumes it.

@@ -26,8 +26,10 @@ from ...grid import Plan
 from ...job.config import RunConfig
 from ...job.errors import BackendError, QlaunchError
 from ...job.run_checks import Finding
-from ..base import Backend, Foreground, RunStatus, State, Submission, SubmitReport
+from ...jobspec import JobSpec
+from ..base import Backend, ExportSubmission, Foreground, RunStatus, State, Submission, SubmitReport
 from . import checks, manifests, naming
+from . import export as export_manifest
 from .client import APPLY_PATCH, FIELD_MANAGER, MERGE_PATCH, Kube, KubeApiError
 from .logs import LogFollower, ProgressReader
 from .staging import LocalFile, describe_size, local_sources, plan_uploads, run_files, unmounted_folders
@@ -91,13 +93,6 @@ class KubernetesBackend(Backend):
     # released by reconcile() (status, status --watch, submit); `inference.per_run: true` keeps
     # one inference Job per run, released by its own trainer (training/handoff.py).
     grid_evaluation = True
-
-    def check_export(self) -> None:
-        """Not a Job yet: the export reads and writes the run folder, which is on the claim."""
-        raise QlaunchError(
-            "qlaunch export does not run as a Kubernetes Job yet: run it with --backend local on a machine that "
-            "mounts the storage claim at the experiment's storage.root (the run folders must be readable there)"
-        )
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> "KubernetesBackend":
@@ -672,12 +667,20 @@ class KubernetesBackend(Backend):
         jobs = self._by_run(plan, job_list)
         pods = sorted(pod_list, key=created)
         run_pods: dict[str, list[Obj]] = {}
+        exports: dict[str, list[Obj]] = {}  # run id → its export Jobs (one per export folder)
+        for job in job_list:
+            labels = job["metadata"].get("labels") or {}
+            if labels.get(naming.ROLE_LABEL) == export_manifest.EXPORT:
+                exports.setdefault(labels.get(naming.RUN_LABEL), []).append(job)
         for run in plan.runs:
             ordered = []
             for role in (naming.TRAIN, naming.INFER):
                 job = jobs.get((run.run_id, role))
                 if job is not None:
                     ordered += [p for p in pods if owned_by(p, job) and completion_index(p) in (None, "0")]
+            # Then its export Jobs' pods: their `export_end` lines are what status/report show.
+            for job in exports.get(run.run_id, []):
+                ordered += [p for p in pods if owned_by(p, job)]
             run_pods[run.run_id] = ordered
         evaluation = self._evaluation_job(job_list)
         if evaluation is not None:
@@ -689,6 +692,106 @@ class KubernetesBackend(Backend):
             if run_id in events:
                 events[run_id].append(event)
         return events
+
+    # -- qlaunch export ----------------------------------------------------------------------
+
+    def export_push_check(self, run: RunConfig, repo: str) -> tuple[str, str | None]:
+        """The export pod's token is the Secret's, which never leaves the cluster: the pod asks the
+        hub before it merges (export.pod_command); here only what needs no token."""
+        secret = run.kubernetes.hf_token_secret
+        if secret is None:
+            raise QlaunchError(
+                f"--push-to-hub {repo}: the export Job gets a hub token only from the Secret that "
+                "kubernetes.hf_token_secret names, and the experiment names none (kubectl create secret generic "
+                "hf-token --from-literal=token=...; kubernetes.hf_token_secret: {name: hf-token}); nothing was exported"
+            )
+        if "/" not in repo:
+            raise QlaunchError(
+                f"--push-to-hub {repo}: name the repo with its owner (user/{repo} or org/{repo}): the token is in "
+                "the cluster's Secret, so qlaunch cannot ask the hub here whose it is"
+            )
+        return repo, None
+
+    def _export_jobs(self, plan: Plan, run: RunConfig) -> list[Obj]:
+        namespace = run.kubernetes.namespace
+        listing = self.kube.call(
+            self.kube.batch.list_namespaced_job,
+            namespace,
+            label_selector=export_manifest.export_selector(plan, run),
+            what=f"listing the export Jobs of run {run.run_id}",
+        )
+        return sorted(listing.get("items") or [], key=created)
+
+    def submit_export(
+        self, run: RunConfig, job: JobSpec, finish: list[str], *, dry_run: bool, plan: Plan | None = None
+    ) -> ExportSubmission:
+        """`qlaunch export --backend kubernetes`: one Job (export.export_document), checked like
+        submit's objects (the plan's values, the namespace, claim and token Secret, the run's
+        ConfigMap it mounts, a server-side dry run) before it is created; an earlier export Job of
+        the same folder is replaced once it has ended (refused while it runs)."""
+        assert plan is not None, "the Kubernetes export Job is rendered from the plan"
+        checks.check_plan(plan)
+        repo = finish[finish.index("--push-to-hub") + 1] if "--push-to-hub" in finish else None
+        document = export_manifest.export_document(plan, run, job, finish, repo)
+        text = export_manifest.file_text(plan, run, document)
+        namespace, name = run.kubernetes.namespace, document["metadata"]["name"]
+        self._preflight(plan)
+        config = naming.names(plan, run).config
+        found = self.kube.call(
+            self.kube.core.read_namespaced_config_map,
+            config,
+            namespace,
+            missing_ok=True,
+            what=f"reading ConfigMap {config}",
+        )
+        if found is None:
+            raise BackendError(
+                f"run {run.run_id} has no ConfigMap {config!r} in namespace {namespace!r} (its run.yaml, which the "
+                "export Job mounts): was it cancelled? `qlaunch submit` creates it again"
+            )
+        existing = self.kube.call(
+            self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True, what=f"reading Job {name}"
+        )
+        if existing is not None and job_state(existing, [])[0].active:
+            raise BackendError(
+                f"run {run.run_id} has an export Job into this folder still queued or running ({name}): wait for "
+                f"it (qlaunch logs {run.run_id} --export -f), or kubectl -n {namespace} delete job {name}"
+            )
+        if existing is not None:  # its template is immutable: the deletion is what can be dry-run
+            self._delete_job(namespace, name, dry_run=True)
+        else:
+            self._dry_run(document)
+        checked = "validated by the API server (server-side dry run)" + (
+            f"; it replaces the ended Job {name}" if existing is not None else ""
+        )
+        if dry_run:
+            return ExportSubmission(text, checked=checked)
+        if existing is not None:
+            self._delete_job(namespace, name)
+            self._wait_gone(namespace, [name], run.kubernetes.termination_grace_period_seconds)
+        self._apply(document, dry_run=False)
+        return ExportSubmission(text, job_id=name, checked=f"Job {name} in namespace {namespace}")
+
+    def export_logs(self, run: RunConfig, *, follow: bool, out: IO[str], plan: Plan | None = None) -> None:
+        """The newest export Job's pod log (the pods print what Slurm's export.log holds)."""
+        assert plan is not None
+        namespace = run.kubernetes.namespace
+        jobs = self._export_jobs(plan, run)
+        if not jobs:
+            raise BackendError(
+                f"run {run.run_id} has no export Job in namespace {namespace!r}: nothing exported yet (qlaunch "
+                "export), or removed by ttlSecondsAfterFinished"
+            )
+        name = jobs[-1]["metadata"]["name"]
+        selector = f"{export_manifest.export_selector(plan, run)},batch.kubernetes.io/job-name={name}"
+
+        def finished() -> bool:
+            current = self.kube.call(
+                self.kube.batch.read_namespaced_job, name, namespace, missing_ok=True, what=f"reading Job {name}"
+            )
+            return current is None or not job_state(current, [])[0].active
+
+        LogFollower(self.kube, namespace, selector, out, finished).run(follow)
 
     # -- logs --------------------------------------------------------------------------------
 

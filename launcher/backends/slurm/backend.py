@@ -363,7 +363,9 @@ class SlurmBackend(Backend):
         return self._submit_evaluation(actions, text, SubmitReport(), launcher_environment())
 
     # ---- qlaunch export ------------------------------------------------------------------------
-    def submit_export(self, run: RunConfig, job: JobSpec, finish: list[str], *, dry_run: bool) -> ExportSubmission:
+    def submit_export(
+        self, run: RunConfig, job: JobSpec, finish: list[str], *, dry_run: bool, plan: Plan | None = None
+    ) -> ExportSubmission:
         """`qlaunch export --backend slurm`: `<run dir>/export.sbatch`, asked of slurmctld with
         `sbatch --test-only` (the memory the merge needs on a node of the partition) before it is
         submitted; dry_run: the script and the scheduler's answer, nothing written or queued."""
