@@ -17,7 +17,7 @@ from typing import Callable
 
 from . import run_index
 from .backends import Backend, State, Submission, SubmitReport, canonical, get_backend
-from .backends.base import Foreground, write_files
+from .backends.base import WAITING, Foreground, write_files
 from .grid import Plan
 from .job.config import RunConfig
 from .job.errors import QlaunchError
@@ -102,14 +102,45 @@ def submit(
     return result
 
 
-def watch(plan: Plan, backend: Backend, show: Callable[[list], None], interval: float) -> None:
-    """Refresh `show(rows)` every `interval` seconds until no run has anything active."""
+def top_up(plan: Plan, backend: Backend, say: Callable[[str], None]) -> bool:
+    """One refresh of `status --watch --top-up`: what `qlaunch submit` does (the same prepare and
+    apply, which queue only what is missing and never a job twice), saying what it queued.
+    Returns whether runs still wait for room in the queue (the watch then keeps topping up).
+    No pre-flight gate: the grid passed it (or was told to skip it) when it was first submitted."""
+    try:
+        report = submit(plan, backend, skip_preflight=True).report
+    except QlaunchError as exc:  # e.g. sbatch refused midway: said, and tried again next refresh
+        say(f"top-up: {exc}")
+        return True
+    waiting = sum(1 for why in report.skipped.values() if why == WAITING)
+    if report.submitted:
+        jobs = {job for ids in report.submitted.values() for job in ids}
+        runs = sorted(report.submitted)
+        shown = ", ".join(runs[:5]) + (", …" if len(runs) > 5 else "")
+        left = "; the rest still waits for room" if waiting else "; nothing waits for room now"
+        say(f"top-up: queued {len(jobs):,} job{'s' * (len(jobs) != 1)} for {len(runs):,} runs ({shown}){left}")
+    return waiting > 0
+
+
+def watch(
+    plan: Plan,
+    backend: Backend,
+    show: Callable[[list], None],
+    interval: float,
+    top_up: Callable[[], bool] | None = None,
+) -> None:
+    """Refresh `show(rows)` every `interval` seconds until no run has anything active. With
+    `top_up` (returns whether runs still wait for room), each refresh first queues what fits,
+    and the watch goes on while runs wait."""
     from .status_view import collect
 
+    waiting = top_up is not None
     while True:
+        if waiting:
+            waiting = top_up()
         rows = collect(plan, backend, reconcile=True)
         show(rows)
-        if all(not r.status.state.active and not r.status.infer_state.active for r in rows):
+        if not waiting and all(not r.status.state.active and not r.status.infer_state.active for r in rows):
             return
         time.sleep(interval)
 

@@ -152,6 +152,8 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=$ctld_addr
 AccountingStoragePort=$DBD_PORT
 AccountingStorageEnforce=associations,limits,qos
+# Clients reach slurmdbd through the munged named here (AuthInfo's socket is not used for it).
+AccountingStoragePass=$STATE_DIR/munge/munge.socket
 JobCompType=jobcomp/none
 MailProg=/bin/true
 MpiDefault=none
@@ -289,7 +291,6 @@ FLUSH PRIVILEGES;" >/dev/null || die "could not set up the slurm_acct_db databas
 }
 
 start_slurmdbd() {
-    local i
     if pid_alive "$STATE_DIR/run/slurmdbd.pid" && [ "$DBD_CONFIG_CHANGED" = 1 ]; then
         log "slurmdbd.conf changed: restarting slurmdbd"
         stop_pidfile slurmdbd
@@ -298,7 +299,8 @@ start_slurmdbd() {
         slurmdbd || die "slurmdbd did not start; see $STATE_DIR/log/slurmdbd.log"
     fi
     # It creates its tables on first start: wait until it answers sacctmgr.
-    for ((i = 0; i < WAIT_SECONDS; i++)); do
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    while ((SECONDS < deadline)); do
         if timeout 10 sacctmgr --noheader --parsable2 show cluster format=Cluster >/dev/null 2>&1; then return 0; fi
         sleep 1
     done
