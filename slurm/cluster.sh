@@ -20,6 +20,7 @@
 # MaxSubmitJobs=5` is a real per-user limit.
 #
 # Everything it writes lives under $QLAUNCH_SLURM_DIR (default /var/lib/qlaunch-slurm), except
+# a /usr/sbin/policy-rc.d for the length of apt-get install (where none was there) and
 # symlinks in /etc/slurm that point there: sbatch/squeue/scontrol read /etc/slurm/slurm.conf, so
 # the plain commands work with no SLURM_CONF in anyone's environment. It refuses to touch an
 # /etc/slurm/slurm.conf it did not write. Needs root (CI runs it as root on a fresh machine).
@@ -78,10 +79,14 @@ install_packages() {
         printf '#!/bin/sh\n# %s\nexit 101\n' "$MARKER (apt-get install only)" >"$policy"
         chmod 755 "$policy"
         placed=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also if the install is interrupted
     fi
     local status=0
     apt-get install -y -q --no-install-recommends slurm-wlm slurmdbd mariadb-server munge >/dev/null || status=$?
-    if [ "$placed" = 1 ]; then rm -f "$policy"; fi
+    if [ "$placed" = 1 ]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
     [ "$status" -eq 0 ] || die "apt-get install failed (exit $status)"
 }
 
