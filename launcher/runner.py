@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -60,6 +62,30 @@ class SubmitResult:
     dry_run: bool = False
 
 
+@contextlib.contextmanager
+def _one_submit_at_a_time(plan: Plan, backend: Backend, dry_run: bool):
+    """A scheduler's submits of one experiment on this machine, one after the other (a `qlaunch
+    submit` beside `status --watch --top-up`, or two submits): what is missing is decided and
+    submitted under one lock, so the second sees the first's jobs and queues none of them twice.
+    Not for a dry run, nor for a backend that runs the jobs here (that submit lasts the training)."""
+    if dry_run or backend.foreground:
+        yield
+        return
+    try:
+        import fcntl
+
+        key = hashlib.sha256(f"{Path(plan.source).resolve()}\0{backend.name}".encode()).hexdigest()[:16]
+        folder = run_index.home() / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / f"submit-{key}.lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def submit(
     plan: Plan,
     backend: Backend,
@@ -80,17 +106,18 @@ def submit(
             return SubmitResult(EXIT_FAILED, refused=refused)
     if prepare is not None:
         plan = prepare(plan)
-    submission = backend.prepare(plan, force=force, offline=dry_run == "client")
-    if dry_run:
-        return SubmitResult(
-            EXIT_OK,
-            submission,
-            SubmitReport(skipped=dict(submission.skipped), notes=list(submission.notes)),
-            dry_run=True,
-        )
-    run_index.record(plan, backend)  # only what is really submitted re-points `logs/cancel <run>`
-    backend.reconcile(plan)
-    report = backend.apply(submission, foreground)
+    with _one_submit_at_a_time(plan, backend, bool(dry_run)):
+        submission = backend.prepare(plan, force=force, offline=dry_run == "client")
+        if dry_run:
+            return SubmitResult(
+                EXIT_OK,
+                submission,
+                SubmitReport(skipped=dict(submission.skipped), notes=list(submission.notes)),
+                dry_run=True,
+            )
+        run_index.record(plan, backend)  # only what is really submitted re-points `logs/cancel <run>`
+        backend.reconcile(plan)
+        report = backend.apply(submission, foreground)
     result = SubmitResult(EXIT_OK, submission, report)
     if backend.foreground:
         if report.interrupted:

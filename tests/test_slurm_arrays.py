@@ -383,6 +383,26 @@ def test_status_watch_top_up_queues_the_waiting_runs_as_room_frees_and_never_twi
         watch.wait(timeout=30)
 
 
+def test_two_submits_of_one_grid_at_once_queue_each_run_once(cluster, tmp_path, cancel_after):
+    p = plan(
+        write_experiment(
+            tmp_path, unique_name("twice"), slurm=HELD, inference={"enabled": False}, grid={"train.seed": [1, 2, 3, 4]}
+        )
+    )
+    cancel_after(p)
+    command = [PYTHON, "-m", "launcher.cli", "submit", str(p.source), "--skip-preflight", "--no-prefetch"]
+    both = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in both]
+    assert [proc.returncode for proc in both] == [0, 0], outputs
+    # One queued the grid; the other, after it, found every run queued and submitted nothing.
+    assert sorted(output.count(" submitted: ") for output in outputs) == [0, 4], outputs
+    assert sorted(output.count(" skipped: already pending") for output in outputs) == [0, 4], outputs
+    assert all(len(_submission_ids(p, run.run_id)) == 1 for run in p.runs)
+
+
 def _submission_ids(p, run_id: str) -> list[str]:
     run = next(run for run in p.runs if run.run_id == run_id)
     return [job["job_id"] for job in json.loads(RunPaths.of(run).submission.read_text())["jobs"]]
