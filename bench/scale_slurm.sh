@@ -39,7 +39,10 @@ from pathlib import Path
 
 import yaml
 
-from launcher.backends.slurm import SlurmBackend
+try:  # the backend's module since the house (#27); a checkout before it (QLAUNCH_SRC) has it one level up
+    from launcher.backends.slurm.backend import SlurmBackend
+except ImportError:
+    from launcher.backends.slurm import SlurmBackend
 from launcher.grid import plan
 
 runs, work = int(sys.argv[1]), Path(sys.argv[2])

@@ -273,9 +273,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             console.print(escape(line))
     out = Console(highlight=False, width=PIPE_WIDTH) if args.wide else console  # --wide: every column
     width = None if args.wide else console.width
+    if args.top_up and not args.watch:
+        raise QlaunchError(
+            "--top-up queues runs at each refresh of --watch: use both (qlaunch status --watch --top-up)"
+        )
+    if args.top_up and backend.foreground:
+        raise QlaunchError(f"--top-up is for a scheduler's queue limits; the {name} backend runs jobs here, not queued")
     if not args.watch:
         out.print(build_table(p, collect(p, backend, reconcile=True), name, width=width))
         return 0
+
+    def topped_up(say):  # --top-up: each refresh queues the runs that wait for room, as submit does
+        return (lambda: runner.top_up(p, backend, say)) if args.top_up else None
+
     try:
         if not console.is_interactive:  # a pipe, a file, TERM=dumb: one whole table per refresh
             runner.watch(
@@ -283,6 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 backend,
                 lambda rows: print_plain_refresh(out, build_table(p, rows, name, width=width)),
                 args.interval,
+                topped_up(lambda line: out.print(escape(line), soft_wrap=True)),
             )
             return 0
         with Live(
@@ -295,6 +306,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 backend,
                 lambda rows: live.update(build_table(p, rows, name, width=console.width), refresh=True),
                 args.interval,
+                topped_up(lambda line: live.console.print(escape(line), soft_wrap=True)),
             )
     except KeyboardInterrupt:
         pass
@@ -540,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     backend_option(command)
     command.add_argument("--watch", "-w", action="store_true", help="refresh until every run has ended")
     command.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes")
+    command.add_argument(
+        "--top-up",
+        action="store_true",
+        help="with --watch: each refresh queues the runs that wait for room in the queue (as `qlaunch submit` "
+        "again would: only what is missing, never twice) and says what it queued",
+    )
     command.add_argument(
         "--wide",
         action="store_true",

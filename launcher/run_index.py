@@ -41,12 +41,13 @@ VERSION = 2
 _TRACES = ("submission.json", "local.json", "train.log", "progress.jsonl")
 
 
-def _home() -> Path:
+def home() -> Path:
+    """$QLAUNCH_HOME (default ~/.qlaunch): the run index, and the runner's submit locks."""
     return Path(os.environ.get("QLAUNCH_HOME", "~/.qlaunch")).expanduser()
 
 
 def _index_path() -> Path:
-    return _home() / "runs.json"
+    return home() / "runs.json"
 
 
 def _load() -> dict[str, list[dict]]:
@@ -71,8 +72,8 @@ def _locked():
     try:
         import fcntl
 
-        _home().mkdir(parents=True, exist_ok=True)
-        handle = open(_home() / "runs.json.lock", "a")
+        home().mkdir(parents=True, exist_ok=True)
+        handle = open(home() / "runs.json.lock", "a")
     except (ImportError, OSError):
         yield
         return

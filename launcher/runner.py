@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import Callable
 
 from . import run_index
 from .backends import Backend, State, Submission, SubmitReport, canonical, get_backend
-from .backends.base import Foreground, write_files
+from .backends.base import WAITING, Foreground, write_files
 from .grid import Plan
 from .job.config import RunConfig
 from .job.errors import QlaunchError
@@ -60,6 +62,30 @@ class SubmitResult:
     dry_run: bool = False
 
 
+@contextlib.contextmanager
+def _one_submit_at_a_time(plan: Plan, backend: Backend, dry_run: bool):
+    """A scheduler's submits of one experiment on this machine, one after the other (a `qlaunch
+    submit` beside `status --watch --top-up`, or two submits): what is missing is decided and
+    submitted under one lock, so the second sees the first's jobs and queues none of them twice.
+    Not for a dry run, nor for a backend that runs the jobs here (that submit lasts the training)."""
+    if dry_run or backend.foreground:
+        yield
+        return
+    try:
+        import fcntl
+
+        key = hashlib.sha256(f"{Path(plan.source).resolve()}\0{backend.name}".encode()).hexdigest()[:16]
+        folder = run_index.home() / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / f"submit-{key}.lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def submit(
     plan: Plan,
     backend: Backend,
@@ -80,17 +106,18 @@ def submit(
             return SubmitResult(EXIT_FAILED, refused=refused)
     if prepare is not None:
         plan = prepare(plan)
-    submission = backend.prepare(plan, force=force, offline=dry_run == "client")
-    if dry_run:
-        return SubmitResult(
-            EXIT_OK,
-            submission,
-            SubmitReport(skipped=dict(submission.skipped), notes=list(submission.notes)),
-            dry_run=True,
-        )
-    run_index.record(plan, backend)  # only what is really submitted re-points `logs/cancel <run>`
-    backend.reconcile(plan)
-    report = backend.apply(submission, foreground)
+    with _one_submit_at_a_time(plan, backend, bool(dry_run)):
+        submission = backend.prepare(plan, force=force, offline=dry_run == "client")
+        if dry_run:
+            return SubmitResult(
+                EXIT_OK,
+                submission,
+                SubmitReport(skipped=dict(submission.skipped), notes=list(submission.notes)),
+                dry_run=True,
+            )
+        run_index.record(plan, backend)  # only what is really submitted re-points `logs/cancel <run>`
+        backend.reconcile(plan)
+        report = backend.apply(submission, foreground)
     result = SubmitResult(EXIT_OK, submission, report)
     if backend.foreground:
         if report.interrupted:
@@ -102,14 +129,45 @@ def submit(
     return result
 
 
-def watch(plan: Plan, backend: Backend, show: Callable[[list], None], interval: float) -> None:
-    """Refresh `show(rows)` every `interval` seconds until no run has anything active."""
+def top_up(plan: Plan, backend: Backend, say: Callable[[str], None]) -> bool:
+    """One refresh of `status --watch --top-up`: what `qlaunch submit` does (the same prepare and
+    apply, which queue only what is missing and never a job twice), saying what it queued.
+    Returns whether runs still wait for room in the queue (the watch then keeps topping up).
+    No pre-flight gate: the grid passed it (or was told to skip it) when it was first submitted."""
+    try:
+        report = submit(plan, backend, skip_preflight=True).report
+    except QlaunchError as exc:  # e.g. sbatch refused midway: said, and tried again next refresh
+        say(f"top-up: {exc}")
+        return True
+    waiting = sum(1 for why in report.skipped.values() if why == WAITING)
+    if report.submitted:
+        jobs = {job for ids in report.submitted.values() for job in ids}
+        runs = sorted(report.submitted)
+        shown = ", ".join(runs[:5]) + (", …" if len(runs) > 5 else "")
+        left = "; the rest still waits for room" if waiting else "; nothing waits for room now"
+        say(f"top-up: queued {len(jobs):,} job{'s' * (len(jobs) != 1)} for {len(runs):,} runs ({shown}){left}")
+    return waiting > 0
+
+
+def watch(
+    plan: Plan,
+    backend: Backend,
+    show: Callable[[list], None],
+    interval: float,
+    top_up: Callable[[], bool] | None = None,
+) -> None:
+    """Refresh `show(rows)` every `interval` seconds until no run has anything active. With
+    `top_up` (returns whether runs still wait for room), each refresh first queues what fits,
+    and the watch goes on while runs wait."""
     from .status_view import collect
 
+    waiting = top_up is not None
     while True:
+        if waiting:
+            waiting = top_up()
         rows = collect(plan, backend, reconcile=True)
         show(rows)
-        if all(not r.status.state.active and not r.status.infer_state.active for r in rows):
+        if not waiting and all(not r.status.state.active and not r.status.infer_state.active for r in rows):
             return
         time.sleep(interval)
 

@@ -13,7 +13,14 @@
 #   slurm/cluster.sh status   daemons, node and partitions, queue
 #   slurm/cluster.sh down     stop the daemons (jobs are cancelled first)
 #
+# Accounting: a MariaDB server of its own (data, socket and port 127.0.0.1:$DB_PORT under the
+# state dir, not the system's) and slurmdbd, so sacct and sacctmgr answer as on a real cluster:
+# cluster qlaunch-test, account qlaunch, user root (and $SUDO_USER) in it, limits enforced
+# (AccountingStorageEnforce=associations,limits,qos): `sacctmgr -i modify user root set
+# MaxSubmitJobs=5` is a real per-user limit.
+#
 # Everything it writes lives under $QLAUNCH_SLURM_DIR (default /var/lib/qlaunch-slurm), except
+# a /usr/sbin/policy-rc.d for the length of apt-get install (where none was there) and
 # symlinks in /etc/slurm that point there: sbatch/squeue/scontrol read /etc/slurm/slurm.conf, so
 # the plain commands work with no SLURM_CONF in anyone's environment. It refuses to touch an
 # /etc/slurm/slurm.conf it did not write. Needs root (CI runs it as root on a fresh machine).
@@ -41,6 +48,12 @@ BRIDGE=qlbr0
 SUBNET=10.77.0
 NODE_PREFIX=qlnode
 HOSTS_MARK="# qlaunch-slurm test node"
+# Accounting: MariaDB on this port (127.0.0.1 only), slurmdbd on Slurm's usual one.
+DB_PORT=${QLAUNCH_SLURM_DB_PORT:-16033}
+DBD_PORT=6819
+ACCOUNT=qlaunch
+# Every wait below gives up after this many seconds, naming the log to read.
+WAIT_SECONDS=90
 
 log() { printf 'cluster.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -51,13 +64,30 @@ need_root() {
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-        && command -v sbatch >/dev/null && command -v munged >/dev/null; then
+        && command -v sbatch >/dev/null && command -v munged >/dev/null \
+        && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null \
+        && command -v mariadb-install-db >/dev/null; then
         return
     fi
-    log "installing slurm-wlm and munge (apt-get)"
+    log "installing slurm-wlm, slurmdbd, mariadb-server and munge (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null
+    # The packages' own services are not wanted (this script starts its own daemons): where
+    # invoke-rc.d would start them, policy-rc.d says no for the length of the install.
+    local policy=/usr/sbin/policy-rc.d placed=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# %s\nexit 101\n' "$MARKER (apt-get install only)" >"$policy"
+        chmod 755 "$policy"
+        placed=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also if the install is interrupted
+    fi
+    local status=0
+    apt-get install -y -q --no-install-recommends slurm-wlm slurmdbd mariadb-server munge >/dev/null || status=$?
+    if [ "$placed" = 1 ]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
+    [ "$status" -eq 0 ] || die "apt-get install failed (exit $status)"
 }
 
 pid_alive() {  # pid_alive PIDFILE
@@ -122,7 +152,13 @@ SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+# slurmdbd (below, with its own MariaDB): sacct, sacctmgr, and association/QOS limits enforced.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=$ctld_addr
+AccountingStoragePort=$DBD_PORT
+AccountingStorageEnforce=associations,limits,qos
+# Clients reach slurmdbd through the munged named here (AuthInfo's socket is not used for it).
+AccountingStoragePass=$STATE_DIR/munge/munge.socket
 JobCompType=jobcomp/none
 MailProg=/bin/true
 MpiDefault=none
@@ -142,7 +178,7 @@ PreemptMode=REQUEUE
 # Send the job's --signal (qlaunch: B:USR1) at preemption too, not only before its time limit.
 SlurmctldParameters=preempt_send_user_signal
 KillWait=30
-# Finished jobs stay visible to squeue for an hour (there is no slurmdbd/sacct here).
+# Finished jobs stay visible to squeue for an hour (sacct keeps them after that).
 MinJobAge=3600
 # Array indices 0-99 (Slurm's default is 1001): qlaunch's tests see a grid cut into several arrays.
 MaxArraySize=100
@@ -172,6 +208,138 @@ NodeName=$host Name=gpu Type=t4 File=$STATE_DIR/dev/nvidia[0-$((GPU_COUNT - 1))]
         fi
         ln -sfn "$STATE_DIR/etc/$name" "$target"
     done
+}
+
+# ---- accounting: MariaDB + slurmdbd --------------------------------------------------------
+db_dir() { echo "$STATE_DIR/mariadb"; }
+
+db_client() {  # db_client SQL: as MariaDB's root, through its socket (root logs in by socket)
+    mariadb --no-defaults --socket="$(db_dir)/mysqld.sock" --user=root --batch --execute="$1"
+}
+
+write_dbd_config() {
+    local host dir conf pass
+    host=$(hostname -s)
+    dir=$(db_dir)
+    mkdir -p "$dir"
+    if [ ! -s "$dir/slurm.password" ]; then
+        (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/slurm.password")
+    fi
+    pass=$(cat "$dir/slurm.password")
+    conf=$(cat <<EOF
+$MARKER: edits are overwritten by the next \`up\`.
+AuthType=auth/munge
+AuthInfo=socket=$STATE_DIR/munge/munge.socket
+DbdHost=$host
+DbdPort=$DBD_PORT
+SlurmUser=root
+DebugLevel=info
+LogFile=$STATE_DIR/log/slurmdbd.log
+PidFile=$STATE_DIR/run/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$pass
+StorageLoc=slurm_acct_db
+EOF
+)
+    DBD_CONFIG_CHANGED=0
+    if [ ! -f "$STATE_DIR/etc/slurmdbd.conf" ] || [ "$(cat "$STATE_DIR/etc/slurmdbd.conf")" != "$conf" ]; then
+        DBD_CONFIG_CHANGED=1
+    fi
+    # slurmdbd refuses a config others can read (it holds the database password).
+    (umask 077 && printf '%s\n' "$conf" >"$STATE_DIR/etc/slurmdbd.conf")
+    chmod 600 "$STATE_DIR/etc/slurmdbd.conf"
+    local target="$ETC_SLURM/slurmdbd.conf"
+    if [ -e "$target" ] && [ "$(readlink -f "$target")" != "$STATE_DIR/etc/slurmdbd.conf" ]; then
+        die "$target exists and was not written by this script (a real Slurm install?); not touching it"
+    fi
+    ln -sfn "$STATE_DIR/etc/slurmdbd.conf" "$target"
+}
+
+start_mariadb() {
+    local dir i
+    dir=$(db_dir)
+    pid_alive "$dir/mariadb.pid" && return 0
+    mkdir -p "$dir/data"
+    chown mysql:mysql "$dir" "$dir/data"
+    if [ ! -d "$dir/data/mysql" ]; then
+        log "initialising the accounting database (MariaDB) in $dir/data"
+        mariadb-install-db --no-defaults --user=mysql --datadir="$dir/data" \
+            --auth-root-authentication-method=socket --skip-test-db \
+            >"$STATE_DIR/log/mariadb-install.log" 2>&1 \
+            || die "mariadb-install-db failed; see $STATE_DIR/log/mariadb-install.log"
+    fi
+    # Its own server, not the system's: own data, socket, pid file, and a port on 127.0.0.1 only.
+    setsid mariadbd --no-defaults --user=mysql --datadir="$dir/data" \
+        --socket="$dir/mysqld.sock" --pid-file="$dir/mariadb.pid" \
+        --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve \
+        --innodb-buffer-pool-size=64M --log-error="$STATE_DIR/log/mariadb.log" \
+        </dev/null >/dev/null 2>&1 &
+    for ((i = 0; i < WAIT_SECONDS * 2; i++)); do
+        if db_client "SELECT 1" >/dev/null 2>&1; then return 0; fi
+        sleep 0.5
+    done
+    die "MariaDB did not answer within $WAIT_SECONDS s; see $STATE_DIR/log/mariadb.log"
+}
+
+setup_database() {
+    local pass
+    pass=$(cat "$(db_dir)/slurm.password")
+    # Idempotent: the user gets the current password each time.
+    db_client "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+FLUSH PRIVILEGES;" >/dev/null || die "could not set up the slurm_acct_db database; see $STATE_DIR/log/mariadb.log"
+}
+
+start_slurmdbd() {
+    if pid_alive "$STATE_DIR/run/slurmdbd.pid" && [ "$DBD_CONFIG_CHANGED" = 1 ]; then
+        log "slurmdbd.conf changed: restarting slurmdbd"
+        stop_pidfile slurmdbd
+    fi
+    if ! pid_alive "$STATE_DIR/run/slurmdbd.pid"; then
+        slurmdbd || die "slurmdbd did not start; see $STATE_DIR/log/slurmdbd.log"
+    fi
+    # It creates its tables on first start: wait until it answers sacctmgr.
+    local deadline=$((SECONDS + WAIT_SECONDS))
+    while ((SECONDS < deadline)); do
+        if timeout 10 sacctmgr --noheader --parsable2 show cluster format=Cluster >/dev/null 2>&1; then return 0; fi
+        sleep 1
+    done
+    die "slurmdbd did not answer sacctmgr within $WAIT_SECONDS s; see $STATE_DIR/log/slurmdbd.log"
+}
+
+sacctmgr_lists() {  # sacctmgr_lists ARGS...: whether `sacctmgr show ARGS` lists anything
+    [ -n "$(timeout 30 sacctmgr --noheader --parsable2 show "$@" 2>/dev/null)" ]
+}
+
+# The cluster, an account and its users (with AccountingStorageEnforce=associations a user
+# without an association may not submit). Idempotent: only what is missing is added.
+setup_associations() {
+    local user
+    sacctmgr_lists cluster "$CLUSTER_NAME" format=Cluster \
+        || timeout 30 sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null \
+        || die "sacctmgr add cluster $CLUSTER_NAME failed"
+    sacctmgr_lists account "$ACCOUNT" format=Account \
+        || timeout 30 sacctmgr -i add account "$ACCOUNT" cluster="$CLUSTER_NAME" \
+            description=qlaunch-tests organization=qlaunch >/dev/null \
+        || die "sacctmgr add account $ACCOUNT failed"
+    for user in root ${SUDO_USER:-}; do
+        sacctmgr_lists assoc cluster="$CLUSTER_NAME" account="$ACCOUNT" user="$user" format=User \
+            || timeout 30 sacctmgr -i add user "$user" account="$ACCOUNT" defaultaccount="$ACCOUNT" \
+                cluster="$CLUSTER_NAME" >/dev/null \
+            || die "sacctmgr add user $user failed"
+    done
+}
+
+start_accounting() {
+    start_mariadb
+    setup_database
+    start_slurmdbd
+    setup_associations
 }
 
 start_munge() {
@@ -310,12 +478,29 @@ stop_pidfile() {  # stop_pidfile NAME
     kill -9 "$pid" 2>/dev/null || true
 }
 
+stop_mariadb() {
+    local file pid i
+    file="$(db_dir)/mariadb.pid"
+    pid_alive "$file" || return 0
+    pid=$(cat "$file")
+    kill "$pid" 2>/dev/null || true
+    # A clean InnoDB shutdown takes a few seconds; SIGKILL only past the bound.
+    for ((i = 0; i < WAIT_SECONDS * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    log "mariadbd (pid $pid) did not stop on SIGTERM; sending SIGKILL"
+    kill -9 "$pid" 2>/dev/null || true
+}
+
 cmd_up() {
     need_root
     install_packages
     setup_network
     write_config
+    write_dbd_config
     start_munge
+    start_accounting
     start_slurm
     wait_ready
 }
@@ -330,6 +515,8 @@ cmd_down() {
     fi
     stop_slurmds
     stop_pidfile slurmctld
+    stop_pidfile slurmdbd
+    stop_mariadb
     stop_pidfile munged
     teardown_network
     # Job steps outlive slurmd by design; end the ones this cluster started.
@@ -344,7 +531,12 @@ cmd_down() {
 
 cmd_status() {
     local name
-    for name in munged slurmctld $(cd "$STATE_DIR/run" 2>/dev/null && ls slurmd-*.pid 2>/dev/null | sed 's/[.]pid$//'); do
+    if pid_alive "$(db_dir)/mariadb.pid"; then
+        echo "mariadbd: running (pid $(cat "$(db_dir)/mariadb.pid"))"
+    else
+        echo "mariadbd: stopped"
+    fi
+    for name in munged slurmdbd slurmctld $(cd "$STATE_DIR/run" 2>/dev/null && ls slurmd-*.pid 2>/dev/null | sed 's/[.]pid$//'); do
         if pid_alive "$STATE_DIR/run/$name.pid"; then
             echo "$name: running (pid $(cat "$STATE_DIR/run/$name.pid"))"
         else

@@ -98,3 +98,12 @@ def test_logs_of_an_unknown_run_says_how_to_name_it(tmp_path):
     assert result.returncode == 2
     assert "no run or experiment 'deadbeef' known here" in result.stderr
     assert "-e FILE" in result.stderr
+
+
+def test_status_top_up_needs_watch_and_a_scheduler(experiment, tmp_path):
+    env = {"QLAUNCH_HOME": str(tmp_path / "home")}
+    alone = qlaunch("status", str(experiment), "--top-up", env=env)
+    assert alone.returncode == 2 and "use both (qlaunch status --watch --top-up)" in alone.stderr
+    here = qlaunch("status", str(experiment), "--watch", "--top-up", "--backend", "local", env=env)
+    assert here.returncode == 2 and "the local backend runs jobs here" in here.stderr
+    assert not (tmp_path / "runs").exists()  # nothing submitted, nothing run

@@ -4,16 +4,20 @@ sets MaxArraySize=100), without training.
 Jobs are submitted held (`--hold` through slurm.extra_directives), as in test_slurm_cluster:
 Slurm accepts, lists, throttles and cancels their tasks like any other, and none uses a CPU.
 The sbatch/squeue/scancel/scontrol in front of the real ones only log their calls (the
-wrappers of test_slurm_cluster); the limit test adds a stand-in for `sacctmgr`, because the test
-cluster has no slurmdbd to answer it.
+wrappers of test_slurm_cluster). The limit tests set a real per-user limit, MaxSubmitJobs, with
+`sacctmgr` on the cluster's own slurmdbd (cluster.sh up runs one, with MariaDB), which slurmctld
+enforces: what qlaunch reads is what Slurm refuses past.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -126,8 +130,9 @@ def test_a_grid_larger_than_max_array_size_goes_out_as_several_arrays(cluster, t
     cancel_after(p)
     backend = SlurmBackend()
     prepared = backend.prepare(p)
-    # No slurmdbd on the test cluster: said, and the grid is still cut by MaxArraySize.
-    assert "per-user limits (MaxSubmitJobs) could not be read" in prepared.checked
+    # slurmdbd answers sacctmgr (no per-user limit set): every limit read, none in the way; the
+    # grid is cut by MaxArraySize.
+    assert prepared.checked == "accepted by sbatch --test-only" and prepared.notes == []
 
     log = _wrappers(tmp_path / "wrappers")
     monkeypatch.setenv("PATH", f"{tmp_path / 'wrappers'}{os.pathsep}{os.environ['PATH']}")
@@ -212,17 +217,44 @@ def test_throttle_renders_percent_k_and_qlaunch_throttle_changes_it_on_the_queue
     assert _scontrol(train)["ArrayTaskThrottle"] == "1" and _scontrol(infer)["ArrayTaskThrottle"] == "1"
 
 
-# Stands in for sacctmgr where slurmdbd would answer: the association allows `room` more queued
-# jobs than this user has queued outside this test's experiment (other tests share the cluster).
-FAKE_SACCTMGR = """#!/bin/sh
-case "$*" in
-*" assoc "*)
-    others=$(squeue --noheader --array --user="$(id -un)" --states=PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING \\
-        --format=%j | grep -cv "^{name}-")
-    echo "$((others + {room}))|normal|normal";;
-*" qos "*) echo "normal|";;
-esac
-"""
+_QUEUED = "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING"
+
+
+@pytest.fixture
+def max_submit_jobs(cluster):
+    """set(name, room): this user's MaxSubmitJobs (sacctmgr, on the test cluster's slurmdbd) set
+    to `room` more jobs than the user has queued outside experiment `name` (other tests share
+    the cluster); lifted again (-1) after the test."""
+    user = os.environ.get("USER") or getpass.getuser()
+    shown = subprocess.run(
+        ["sacctmgr", "--noheader", "--parsable2", "show", "assoc", f"user={user}", "format=User"],
+        capture_output=True,
+        text=True,
+    )
+    if shown.returncode != 0 or user not in shown.stdout.split():
+        pytest.fail(f"sacctmgr has no association for {user}: {shown.stderr.strip()} (bash slurm/cluster.sh up)")
+
+    def modify(value: int) -> None:
+        subprocess.run(
+            ["sacctmgr", "-i", "modify", "user", f"name={user}", "set", f"MaxSubmitJobs={value}"],
+            check=True,
+            capture_output=True,
+        )
+
+    def set_room(name: str, room: int) -> int:
+        names = subprocess.run(
+            ["squeue", "--noheader", "--array", f"--user={user}", f"--states={_QUEUED}", "--format=%j"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        limit = sum(1 for job in names if not job.startswith(f"{name}-")) + room
+        modify(limit)
+        return limit
+
+    yield set_room
+    modify(-1)
+
 
 # Stands in for the trainer: the run completes at once (adapter and metrics on storage).
 FAKE_TRAINER = """#!/bin/sh
@@ -230,37 +262,41 @@ mkdir -p adapter && echo '{}' > adapter/adapter_config.json && echo '{"train_los
 """
 
 
-def test_a_grid_over_the_users_limit_queues_what_fits_and_a_later_submit_the_rest(
-    cluster, tmp_path, monkeypatch, cancel_after
-):
-    name = unique_name("lim")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sacctmgr").write_text(FAKE_SACCTMGR.replace("{name}", name).replace("{room}", "4"))
-    (bin_dir / "fake-python").write_text(FAKE_TRAINER)
-    for tool in bin_dir.iterdir():
-        tool.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+def _limited_grid(tmp_path, prefix: str, max_submit_jobs, cancel_after):
+    """Six held runs whose trainer completes at once, and a user limit leaving room for four."""
+    name = unique_name(prefix)
+    trainer = tmp_path / "fake-python"
+    trainer.write_text(FAKE_TRAINER)
+    trainer.chmod(0o755)
     p = plan(
         write_experiment(
-            tmp_path,
-            name,
-            slurm=HELD,
-            environment={"python": str(bin_dir / "fake-python")},
-            grid={"train.seed": [1, 2, 3, 4, 5, 6]},
+            tmp_path, name, slurm=HELD, environment={"python": str(trainer)}, grid={"train.seed": [1, 2, 3, 4, 5, 6]}
         )
     )
     cancel_after(p)
+    limit = max_submit_jobs(name, 4)
+    return p, limit
+
+
+def _release_and_complete(backend, p, run_ids):
+    """These runs end (released, they complete at once): room frees."""
+    for run_id in run_ids:
+        subprocess.run(["scontrol", "release", _submission_ids(p, run_id)[0]], check=True)
+    wait_for(
+        lambda: all(backend.status(p)[run_id].state == State.COMPLETED for run_id in run_ids),
+        timeout=120,
+        message="the released runs to complete",
+    )
+
+
+def test_a_grid_over_the_users_limit_queues_what_fits_and_a_later_submit_the_rest(
+    max_submit_jobs, tmp_path, cancel_after
+):
+    p, limit = _limited_grid(tmp_path, "lim", max_submit_jobs, cancel_after)
     backend = SlurmBackend()
 
-    def release_and_complete(run_ids):  # runs end (released, they complete at once): room frees
-        for run_id in run_ids:
-            subprocess.run(["scontrol", "release", _submission_ids(p, run_id)[0]], check=True)
-        wait_for(
-            lambda: all(backend.status(p)[run_id].state == State.COMPLETED for run_id in run_ids),
-            timeout=120,
-            message="the released runs to complete",
-        )
+    def release_and_complete(run_ids):
+        _release_and_complete(backend, p, run_ids)
 
     first = backend.submit(p)
     queued = [run.run_id for run in p.runs[:4]]
@@ -269,8 +305,12 @@ def test_a_grid_over_the_users_limit_queues_what_fits_and_a_later_submit_the_res
     assert first.submitted == {run_id: [_submission_ids(p, run_id)[0]] for run_id in queued}
     assert {first.skipped[run.run_id] for run in p.runs[4:]} == {WAITING}
     (note,) = first.notes
-    assert note.startswith("4 of 6 runs queued; 2 wait for room (your association's MaxSubmitJobs=")
+    assert note.startswith(f"4 of 6 runs queued; 2 wait for room (your association's MaxSubmitJobs={limit}, ")
     assert "`qlaunch submit` again" in note and "evaluation job goes out with the last of them" in note
+    assert "`qlaunch status --watch --top-up`" in note
+    # The limit is Slurm's own: one more job of this user is refused by slurmctld itself.
+    refused = subprocess.run(["sbatch", "--hold", "--output=/dev/null", "--wrap=true"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "AssocMaxSubmitJobLimit" in refused.stderr, refused.stderr
 
     second = backend.submit(p)  # no room freed: nothing new, nothing twice
     assert second.submitted == {} and second.notes[0].startswith("0 of 2 runs queued; 2 wait for room")
@@ -288,6 +328,79 @@ def test_a_grid_over_the_users_limit_queues_what_fits_and_a_later_submit_the_res
     assert len(arrays) == 2  # every run once: the first four in one array, the last two in another
     shown = _scontrol(evaluation.pop())["Dependency"]
     assert all(f"afterany:{array}_*" in shown for array in arrays)
+
+
+def test_status_watch_top_up_queues_the_waiting_runs_as_room_frees_and_never_twice(
+    max_submit_jobs, tmp_path, cancel_after
+):
+    p, limit = _limited_grid(tmp_path, "topup", max_submit_jobs, cancel_after)
+    backend = SlurmBackend()
+    first = backend.submit(p)
+    queued, waiting = [run.run_id for run in p.runs[:4]], [run.run_id for run in p.runs[4:]]
+    assert sorted(first.submitted) == sorted(queued)
+
+    output = tmp_path / "watch.out"
+    with open(output, "w") as out:
+        watch = subprocess.Popen(
+            [PYTHON, "-m", "launcher.cli", "status", str(p.source), "--watch", "--top-up", "--interval", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+
+        def said() -> list[str]:
+            return [line for line in output.read_text().splitlines() if line.startswith("top-up:")]
+
+        # A refresh with no room queues nothing and says nothing; the table keeps coming.
+        def tables() -> int:  # one title line per refresh: "<experiment> · slurm · 6 runs · <time>"
+            return sum(1 for line in output.read_text().splitlines() if p.experiment.name in line and "6 runs" in line)
+
+        wait_for(lambda: tables() >= 2, timeout=60, message="two refreshes")
+        assert said() == [] and all(not RunPaths.of(run).submission.exists() for run in p.runs[4:])
+
+        _release_and_complete(backend, p, queued[:2])  # room for two
+        wait_for(lambda: said(), timeout=60, message="the watch's top-up line")
+        jobs = {run_id: _submission_ids(p, run_id) for run_id in waiting}
+        assert all(len(ids) == 1 for ids in jobs.values())  # one array for both, by the watch
+        assert len({ids[0].split("_")[0] for ids in jobs.values()}) == 1
+        shown = ", ".join(sorted(waiting))
+        # The evaluation job still waits: the queue is full again (2 held + 2 new of 4).
+        assert said() == [f"top-up: queued 2 jobs for 2 runs ({shown}); the rest still waits for room"]
+
+        # Later refreshes queue nothing twice; once the runs end, the grid's evaluation job goes out.
+        _release_and_complete(backend, p, queued[2:] + waiting)
+        wait_for(lambda: len(said()) == 2, timeout=60, message="the evaluation job, queued by the watch")
+        assert said()[1].startswith("top-up: queued 1 job for 6 runs (") and said()[1].endswith(
+            "nothing waits for room now"
+        )
+        time.sleep(3)  # three more refreshes: nothing more is queued
+        assert len(said()) == 2
+        assert all(len(_submission_ids(p, run.run_id)) == 2 for run in p.runs)  # training + evaluation
+        assert watch.poll() is None  # the evaluation job is held: still active, still watched
+    finally:
+        watch.send_signal(signal.SIGTERM)
+        watch.wait(timeout=30)
+
+
+def test_two_submits_of_one_grid_at_once_queue_each_run_once(cluster, tmp_path, cancel_after):
+    p = plan(
+        write_experiment(
+            tmp_path, unique_name("twice"), slurm=HELD, inference={"enabled": False}, grid={"train.seed": [1, 2, 3, 4]}
+        )
+    )
+    cancel_after(p)
+    command = [PYTHON, "-m", "launcher.cli", "submit", str(p.source), "--skip-preflight", "--no-prefetch"]
+    both = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=120)[0] for proc in both]
+    assert [proc.returncode for proc in both] == [0, 0], outputs
+    # One queued the grid; the other, after it, found every run queued and submitted nothing.
+    assert sorted(output.count(" submitted: ") for output in outputs) == [0, 4], outputs
+    assert sorted(output.count(" skipped: already pending") for output in outputs) == [0, 4], outputs
+    assert all(len(_submission_ids(p, run.run_id)) == 1 for run in p.runs)
 
 
 def _submission_ids(p, run_id: str) -> list[str]:

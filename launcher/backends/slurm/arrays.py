@@ -184,8 +184,13 @@ def write(chunk: Chunk) -> None:
         for i, run in enumerate(chunk.runs):
             link, target = logs / f"{i}.log", getattr(RunPaths.of(run), log)
             if not link.is_symlink() or os.readlink(link) != str(target):
-                link.unlink(missing_ok=True)
-                link.symlink_to(target)
+                # Replaced in one rename, never removed first: a task of this chunk that starts
+                # (or is requeued) meanwhile must not find no link and create a plain file,
+                # which would keep its lines out of the run's log.
+                spare = logs / f".{i}.log.{os.getpid()}"
+                spare.unlink(missing_ok=True)
+                spare.symlink_to(target)
+                os.replace(spare, link)
 
 
 def task_id(job_id: str) -> tuple[str, int] | None:

@@ -302,12 +302,12 @@ class SlurmBackend(Backend):
             return [
                 f"{queued:,} of {queued + len(waiting):,} runs queued; {len(waiting):,} wait for room "
                 f"({limits.why}): run `qlaunch submit` again once jobs have ended (it queues only what is "
-                f"missing{evaluation_waits})"
+                f"missing{evaluation_waits}), or let `qlaunch status --watch --top-up` queue them as room frees"
             ]
         if deferred:
             return [
                 f"the grid's evaluation job waits for room ({limits.why}): run `qlaunch submit` again once "
-                "jobs have ended"
+                "jobs have ended, or let `qlaunch status --watch --top-up` queue it as room frees"
             ]
         return []
 
