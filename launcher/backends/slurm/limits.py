@@ -155,7 +155,10 @@ def read(commands: SlurmCommands, qos: str | None = None) -> Limits:
         candidates.append((max(0, max_jobs - held - 1), f"MaxJobCount={max_jobs}, {held} jobs held by slurmctld"))
     user_limits, why_not = _sacctmgr_limits(commands, user, qos)
     if why_not is not None:
-        notes.append(f"per-user limits (MaxSubmitJobs) could not be read: {why_not}")
+        notes.append(
+            f"per-user limits (MaxSubmitJobs) could not be read (sacctmgr: {why_not}): a cluster without "
+            "Slurm accounting (slurmdbd) has none; where one is set, sbatch refuses an array that goes over it"
+        )
     for limit, what in user_limits:
         candidates.append((max(0, limit - mine), f"{what}, {mine} of your jobs queued"))
     room, why = min(candidates) if candidates else (None, "")
