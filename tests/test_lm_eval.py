@@ -191,3 +191,34 @@ def test_local_task_scores_base_and_each_adapter_in_the_report(tmp_path, tiny_pl
         ]
         cell = f"{task['base']:.3f} → {task['tuned']:.3f}"
         assert cell in html and cell in markdown
+
+
+def test_benchmark_scores_reach_tensorboard_and_mlflow_beside_the_runs_metrics(tmp_path, tiny_plan, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.tracking import mlflow_uri, record_benchmarks, tensorboard_dir
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tiny_plan(tmp_path, inference={"lm_eval": LOCAL}, tracking={"report_to": ["tensorboard", "mlflow"]}).runs[0]
+    field = {
+        "tasks": {
+            "qlaunch_numbers": {
+                "metric": "acc",
+                "base": 0.1,
+                "tuned": 0.15,
+                "n": 20,
+                "metrics": {"tuned": {"acc": 0.15, "acc_norm": 0.35}, "base": {"acc": 0.1, "acc_norm": 0.1}},
+            }
+        }
+    }
+    record_benchmarks(run, field, step=8)
+    reader = EventAccumulator(str(tensorboard_dir(run)))
+    reader.Reload()
+    assert [(e.step, round(e.value, 3)) for e in reader.Scalars("lm_eval/qlaunch_numbers/acc")] == [(8, 0.15)]
+    assert reader.Scalars("lm_eval/qlaunch_numbers/acc_base")[0].value == pytest.approx(0.1)
+    client = MlflowClient(tracking_uri=mlflow_uri(run))
+    experiment = client.get_experiment_by_name(run.name)
+    (found,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`qlaunch.run_id` = '{run.run_id}'")
+    assert found.data.metrics["lm_eval/qlaunch_numbers/acc_norm"] == pytest.approx(0.35)
+    assert found.data.metrics["lm_eval/qlaunch_numbers/acc_norm_base"] == pytest.approx(0.1)
