@@ -222,3 +222,10 @@ def test_benchmark_scores_reach_tensorboard_and_mlflow_beside_the_runs_metrics(t
     (found,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`qlaunch.run_id` = '{run.run_id}'")
     assert found.data.metrics["lm_eval/qlaunch_numbers/acc_norm"] == pytest.approx(0.35)
     assert found.data.metrics["lm_eval/qlaunch_numbers/acc_norm_base"] == pytest.approx(0.1)
+
+
+def test_kubernetes_refuses_a_local_task_folder_the_pods_cannot_read(tmp_path, tiny_experiment):
+    path = tiny_experiment(tmp_path, backend="kubernetes", inference={"lm_eval": LOCAL})
+    problems = [str(p) for p in check_plan(plan(path)) if "lm_eval" in p.key]
+    assert len(problems) == 1 and "inference.lm_eval.include_path" in problems[0], problems
+    assert "the pods cannot read a task folder of this machine" in problems[0]

@@ -15,6 +15,7 @@ relative to it (as the launcher checked them at plan time).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,16 @@ def include_folder(run: RunConfig) -> Path | None:
 
 
 def task_manager(run: RunConfig):
+    """lm-eval's index of tasks (its own and include_path's): seconds to build, so once per folder."""
+    folder = include_folder(run)
+    return _task_manager(str(folder) if folder else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None):
     from lm_eval.tasks import TaskManager
 
-    folder = include_folder(run)
-    return TaskManager(include_path=str(folder) if folder else None)
+    return TaskManager(include_path=include_path)
 
 
 def problem(run: RunConfig) -> str | None:

@@ -251,8 +251,8 @@ def name_findings(run) -> list:
 def dataset_findings(run, remote: bool, storage_root: Path | None = None) -> list:
     """A local task's data files that are missing; on a backend whose jobs run elsewhere (a
     cluster), tasks that would download their dataset from the hub, unless allow_hub. With
-    `storage_root` (a backend whose pods see only their claim, Kubernetes): an include_path
-    outside it, which the pods could not read."""
+    `storage_root` (a backend whose pods see only their claim, Kubernetes): any include_path,
+    which is not staged into the pods."""
     from .run_checks import Finding
 
     settings = run.inference.lm_eval
@@ -261,12 +261,13 @@ def dataset_findings(run, remote: bool, storage_root: Path | None = None) -> lis
     folder = _include_folder(run)
     if folder is not None and not folder.is_dir():
         return []  # name_findings says it
-    if folder is not None and storage_root is not None and not folder.resolve().is_relative_to(storage_root.resolve()):
+    if folder is not None and storage_root is not None:
         return [
             Finding(
                 "inference.lm_eval.include_path",
-                f"{folder} is not under storage.root ({storage_root}): the pods read only their claim, "
-                "so put the task folder there",
+                f"{folder}: the pods cannot read a task folder of this machine (qlaunch stages data files "
+                "into the cluster, not lm-eval task folders yet); on Kubernetes use lm-eval's own tasks "
+                "(with inference.lm_eval.allow_hub: true)",
             )
         ]
     names, _ = known_tasks(folder)
