@@ -325,7 +325,12 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_
     for settings, texts in by_settings.items():
         if not texts:  # runs with lm-eval tasks only
             continue
-        rows = [(text, who) for text, adapters in texts.items() for who in adapters]
+        # The base model's rows first: it has not learned the task's format (or where to stop),
+        # so its answers tend to run to max_new_tokens, and generate runs a batch until its
+        # longest row ends. Batched together, they leave the adapters' batches free to stop
+        # when the adapters' (shorter) answers end (bench/RESULTS.md).
+        rows = [(text, BASE) for text, adapters in texts.items() if BASE in adapters]
+        rows += [(text, who) for text, adapters in texts.items() for who in adapters if who != BASE]
         width = max(len(adapters) for adapters in texts.values())
         longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
         runs = [e.run for e in attached if generation_key(e.run) == settings]
