@@ -229,3 +229,16 @@ def test_kubernetes_refuses_a_local_task_folder_the_pods_cannot_read(tmp_path, t
     problems = [str(p) for p in check_plan(plan(path)) if "lm_eval" in p.key]
     assert len(problems) == 1 and "inference.lm_eval.include_path" in problems[0], problems
     assert "the pods cannot read a task folder of this machine" in problems[0]
+
+
+def test_the_job_refuses_an_unknown_task_with_lm_evals_own_index(tmp_path, tiny_plan):
+    """A run.yaml the plan-time check never saw (another launcher, --skip-input-checks): the job
+    names the task before it loads the model."""
+    from training.lm_eval_run import problem
+
+    run = tiny_plan(tmp_path, inference={"lm_eval": LOCAL}).runs[0]
+    assert problem(run) is None
+    run.inference.lm_eval.tasks = ["qlaunch_numbrs"]
+    message = problem(run)
+    assert message.startswith("inference.lm_eval.tasks: no such lm-eval task: 'qlaunch_numbrs'")
+    assert "close names: qlaunch_numbers" in message

@@ -394,7 +394,13 @@ def run_benchmarks_for(model, tokenizer, attached: list[Entry], job: dict[str, A
         first = members[0].run
         base = any(e.run.inference.compare_base for e in members)
         log(f"lm-eval: tasks {', '.join(first.inference.lm_eval.tasks)} for the base model and {len(members)} adapters")
-        scores = run_benchmarks(model, tokenizer, first, [e.adapter for e in members], base)
+        try:
+            scores = run_benchmarks(model, tokenizer, first, [e.adapter for e in members], base)
+        except Exception as exc:  # noqa: BLE001 - said as lm-eval's failure; the group is not evaluated
+            traceback.print_exc()
+            raise RuntimeError(
+                f"lm-eval ({', '.join(first.inference.lm_eval.tasks)}) failed: {_one_line(exc)}"
+            ) from exc
         for entry in members:
             fields[entry.adapter] = summary_field(
                 entry.run, scores.get(BASE) if entry.run.inference.compare_base else None, scores[entry.adapter]
