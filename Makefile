@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # Exactly the versions CI last passed with (requirements/lock.txt); pyproject.toml keeps the
 # ranges for people who install qlaunch into their own environment.
 LOCK ?= requirements/lock.txt
-EXTRAS ?= train,test,report
+EXTRAS ?= train,test,report,lm-eval
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)

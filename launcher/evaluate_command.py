@@ -87,6 +87,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     f"on {metric.get('n')} held-out prompts"
                 )
             )
-        else:
+        for task, row in ((summary.get("lm_eval") or {}).get("tasks") or {}).items():
+            if row.get("tuned") is None:
+                continue
+            base = f"base {row['base']:.3f} → " if row.get("base") is not None else ""
+            console.print(
+                escape(
+                    f"{run.run_id}: lm-eval {task} {row.get('metric')} {base}tuned {row['tuned']:.3f} on {row.get('n')}"
+                )
+            )
+        if "tuned" not in metric and not (summary.get("lm_eval") or {}).get("tasks"):
             console.print(f"{run.run_id}: evaluated")
     return code

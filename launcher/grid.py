@@ -23,6 +23,7 @@ from .input_checks import locate
 from .job.config import IDENTITY_SECTIONS, DatasetConfig, Experiment, RunConfig, TrainConfig
 from .job.errors import ConfigError
 from .job.experiment_file import format_validation_error, load_experiment, locate_key
+from .job.lm_eval_tasks import name_findings
 from .job.loss import resolve_for_plan
 from .job.recipe_checks import did_you_mean, recipe_findings, sft_arg_problem
 
@@ -146,7 +147,7 @@ def _refuse_recipe_problems(runs: list[RunConfig], grid: dict, lines: dict[tuple
     file: a grid value's own line where a grid value set the key."""
     problems: dict[str, int] = {}
     for run in runs:
-        for finding in recipe_findings(run):
+        for finding in recipe_findings(run) + name_findings(run):
             problem = locate(finding, run, grid, lines, source)
             problems.setdefault(str(problem), problem.line or 0)
     if problems:

@@ -12,6 +12,7 @@ from pathlib import Path
 from .job.config import RunConfig
 from .job.data_files import Rows, read_rows
 from .job.experiment_file import locate_key
+from .job.lm_eval_tasks import dataset_findings
 from .job.run_checks import Finding, InputError, Problem, check_run
 
 
@@ -36,6 +37,9 @@ def check_plan(plan, backend: str | None = None) -> list[Problem]:
     for run in plan.runs:
         findings = check_run(kind.job_view(run, plan.storage_root), read=read)
         findings += kind.input_findings(run, plan.storage_root)
+        findings += dataset_findings(
+            run, remote=not kind.foreground, storage_root=None if kind.shares_storage else plan.storage_root
+        )
         for finding in findings:
             problem = locate(finding, run, grid, lines, source)
             found.setdefault(problem, []).append(run.run_id)

@@ -29,6 +29,17 @@ class Metric(_Shape):
     n: int | None = None
 
 
+class Benchmark(_Shape):
+    """An lm-evaluation-harness task of inference.lm_eval (summary.json's `lm_eval`): its headline
+    metric (acc where the task reports it) for the base model and the fine-tuned one."""
+
+    task: str
+    metric: str | None = None
+    base: float | None = None
+    tuned: float | None = None
+    n: int | None = None  # examples scored (after inference.lm_eval.limit)
+
+
 class HubPush(_Shape):
     repo_id: str
     private: bool
@@ -198,6 +209,7 @@ class ReportRun(_Shape):
     answers: list[Answer]  # the first few of inference/results.jsonl
     intervals: list[MetricInterval] = []  # every configured metric, where results.jsonl is readable
     exports: list[Export] = []  # `qlaunch export`s of the run, oldest first
+    benchmarks: list[Benchmark] = []  # inference.lm_eval's tasks, base → tuned
     # search.strategy asha: the decision that stopped the run (as in status --json)
     pruned: dict[str, Any] | None = None
 

@@ -29,6 +29,7 @@ from .job.storage import RunPaths, atomic_write_text, read_json
 from .json_output import (
     Answer,
     AttemptRecord,
+    Benchmark,
     Environment,
     Metric,
     MetricInterval,
@@ -167,7 +168,17 @@ def _run(run: RunConfig, row: Row, scores: stats.Scores | None = None) -> Report
         answers=_answers(paths),
         intervals=intervals(summary, scores),
         exports=exports_of(run, row.events),
+        benchmarks=_benchmarks(summary),
     )
+
+
+def _benchmarks(summary: dict) -> list[Benchmark]:
+    tasks = (summary.get("lm_eval") or {}).get("tasks") or {}
+    return [
+        Benchmark(task=task, **{key: row.get(key) for key in ("metric", "base", "tuned", "n")})
+        for task, row in tasks.items()
+        if isinstance(row, dict)
+    ]
 
 
 def _metric_fields(metric: dict) -> dict:
@@ -361,6 +372,55 @@ def metrics_table(document: ReportDocument) -> tuple[list[str], list[list[str]]]
     return header, rows
 
 
+BENCHMARKS_EXPLAINED = (
+    "lm-evaluation-harness tasks (inference.lm_eval), scored in the grid evaluation job on the same "
+    "loaded base model: the base model (adapters disabled) → each run's adapter, n examples per task."
+)
+
+
+def benchmark_names(document: ReportDocument) -> list[tuple[str, str | None]]:
+    names: list[tuple[str, str | None]] = []
+    for run in document.runs:
+        for b in run.benchmarks:
+            if (b.task, b.metric) not in names:
+                names.append((b.task, b.metric))
+    return names
+
+
+def benchmarks_table(document: ReportDocument) -> tuple[list[str], list[list[str]]]:
+    """A column per lm-eval task: base → tuned of its headline metric. Empty when none."""
+    names = benchmark_names(document)
+    runs = [run for run in document.runs if run.benchmarks]
+    if not names:
+        return [], []
+    header = [
+        "",
+        "run",
+        *document.varying_keys,
+        *(f"{task} {metric or ''} base → tuned".strip() for task, metric in names),
+        "n",
+    ]
+    rows = []
+    for run in runs:
+        row = [
+            rank_cell(document, run),
+            run.run_id,
+            *(format_value(run.overrides.get(k)) for k in document.varying_keys),
+        ]
+        n = []
+        for task, metric in names:
+            found = next((b for b in run.benchmarks if (b.task, b.metric) == (task, metric)), None)
+            if found is None or found.tuned is None:
+                row.append("–")
+                continue
+            base = "–" if found.base is None else f"{found.base:.3f}"
+            row.append(f"{base} → {found.tuned:.3f}")
+            if found.n is not None and str(found.n) not in n:
+                n.append(str(found.n))
+        rows.append([*row, "/".join(n) or "–"])
+    return header, rows
+
+
 def markdown(document: ReportDocument) -> str:
     header, rows = table(document)
 
@@ -388,6 +448,18 @@ def markdown(document: ReportDocument) -> str:
             line(metric_header),
             line(["---"] * len(metric_header)),
             *(line(row) for row in metric_rows),
+            "",
+        ]
+    bench_header, bench_rows = benchmarks_table(document)
+    if bench_rows:
+        parts += [
+            "## Standard benchmarks (lm-eval)",
+            "",
+            BENCHMARKS_EXPLAINED,
+            "",
+            line(bench_header),
+            line(["---"] * len(bench_header)),
+            *(line(row) for row in bench_rows),
             "",
         ]
     if document.search:
@@ -452,6 +524,7 @@ def html(document: ReportDocument, images: dict[str, Path]) -> str:
 
     header, rows = table(document)
     metric_header, metric_rows = metrics_table(document)
+    bench_header, bench_rows = benchmarks_table(document)
     inline = {name: base64.b64encode(Path(path).read_bytes()).decode("ascii") for name, path in images.items()}
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
@@ -470,6 +543,9 @@ def html(document: ReportDocument, images: dict[str, Path]) -> str:
         metric_header=metric_header,
         metric_rows=metric_rows,
         metrics_explained=METRICS_EXPLAINED,
+        bench_header=bench_header,
+        bench_rows=bench_rows,
+        benchmarks_explained=BENCHMARKS_EXPLAINED,
         top=top_label(document),
         rank_cell=rank_cell,
         images=inline,

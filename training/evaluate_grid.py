@@ -152,8 +152,16 @@ def prepare(entry: Entry, force: bool) -> None:
         check_prefetched(run)
     except ConfigError as exc:
         return entry.drop("not evaluated", str(exc))
-    if not entry.items and not entry.evals:
-        return entry.drop("not evaluated", "no prompts (inference.prompts / prompts_file / eval_file)")
+    if not entry.items and not entry.evals and run.inference.lm_eval is None:
+        return entry.drop("not evaluated", "no prompts (inference.prompts / prompts_file / eval_file / lm_eval)")
+    try:
+        from .lm_eval_run import problem as benchmark_problem
+
+        problem = benchmark_problem(run)
+    except Exception as exc:  # noqa: BLE001 - a task folder lm-eval cannot index is the run's problem
+        problem = f"inference.lm_eval: {_one_line(exc)}"
+    if problem:
+        return entry.drop("not evaluated", problem)
     problem = adapter_problem(paths.adapter)
     if problem:
         return entry.drop("not evaluated", problem)
@@ -279,7 +287,8 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_
         return without_leading_bos(format_prompt(entry.run, tokenizer, prompt), tokenizer)
 
     # Every adapter is attached before the first forward pass through the wrapped model (#8).
-    probe = text_of(entries[0], (entries[0].items + entries[0].evals)[0].prompt)
+    asked = entries[0].items + entries[0].evals
+    probe = text_of(entries[0], asked[0].prompt if asked else "Hello")
     reference = probe_logits(model, tokenizer, probe)
     attached: list[Entry] = []
     for entry in entries:
@@ -314,7 +323,14 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_
                     adapters.append(who)
     answers: dict[tuple, str] = {}
     for settings, texts in by_settings.items():
-        rows = [(text, who) for text, adapters in texts.items() for who in adapters]
+        if not texts:  # runs with lm-eval tasks only
+            continue
+        # The base model's rows first: it has not learned the task's format (or where to stop),
+        # so its answers tend to run to max_new_tokens, and generate runs a batch until its
+        # longest row ends. Batched together, they leave the adapters' batches free to stop
+        # when the adapters' (shorter) answers end (bench/RESULTS.md).
+        rows = [(text, BASE) for text, adapters in texts.items() if BASE in adapters]
+        rows += [(text, who) for text, adapters in texts.items() for who in adapters if who != BASE]
         width = max(len(adapters) for adapters in texts.values())
         longest = max(len(tokenizer(text)["input_ids"]) for text in texts)
         runs = [e.run for e in attached if generation_key(e.run) == settings]
@@ -326,6 +342,7 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_
         for (text, who), answer in zip(rows, generate_rows(model, tokenizer, rows, settings, per_batch)):
             answers[(settings, text, who)] = answer
     generate_seconds = time.time() - started
+    benchmarks, benchmark_seconds = run_benchmarks_for(model, tokenizer, attached, job)
 
     device = "cpu"
     if cuda:
@@ -346,13 +363,61 @@ def evaluate_group(entries: list[Entry], cuda: bool, job: dict[str, Any], batch_
                     "base_loads": 1,
                     "load_seconds": round(load_seconds, 2),
                     "generate_seconds": round(generate_seconds, 2),
+                    **({"lm_eval_seconds": round(benchmark_seconds, 2)} if benchmarks else {}),
                 },
             },
+            benchmarks.get(entry.adapter),
         )
     del model
 
 
-def write_run(entry: Entry, answers: dict, text_of, facts: dict[str, Any]) -> None:
+def lm_eval_key(run: RunConfig) -> str:
+    """Runs with equal keys share the base model's lm-eval scores."""
+    settings = run.inference.lm_eval
+    return json.dumps([settings.model_dump(mode="json") if settings else None, run.experiment_dir], sort_keys=True)
+
+
+def run_benchmarks_for(model, tokenizer, attached: list[Entry], job: dict[str, Any]) -> tuple[dict, float]:
+    """lm-eval (inference.lm_eval) on the loaded model: the base once per distinct setting, each
+    adapter once. Returns adapter name → the run's summary field, and the seconds it took."""
+    started = time.time()
+    wanting: dict[str, list[Entry]] = {}
+    for entry in attached:
+        if entry.run.inference.lm_eval is not None:
+            wanting.setdefault(lm_eval_key(entry.run), []).append(entry)
+    if not wanting:
+        return {}, 0.0
+    from .lm_eval_run import run_benchmarks, summary_field
+
+    fields: dict[str, dict] = {}
+    for members in wanting.values():
+        first = members[0].run
+        base = any(e.run.inference.compare_base for e in members)
+        log(f"lm-eval: tasks {', '.join(first.inference.lm_eval.tasks)} for the base model and {len(members)} adapters")
+        try:
+            scores = run_benchmarks(model, tokenizer, first, [e.adapter for e in members], base)
+        except Exception as exc:  # noqa: BLE001 - said as lm-eval's failure; the group is not evaluated
+            traceback.print_exc()
+            raise RuntimeError(
+                f"lm-eval ({', '.join(first.inference.lm_eval.tasks)}) failed: {_one_line(exc)}"
+            ) from exc
+        for entry in members:
+            fields[entry.adapter] = summary_field(
+                entry.run, scores.get(BASE) if entry.run.inference.compare_base else None, scores[entry.adapter]
+            )
+        job.setdefault("lm_eval_base", []).append(
+            {
+                "runs": [e.run.run_id for e in members],
+                "tasks": list(first.inference.lm_eval.tasks),
+                "base": scores.get(BASE),
+            }
+        )
+    return fields, time.time() - started
+
+
+def write_run(
+    entry: Entry, answers: dict, text_of, facts: dict[str, Any], benchmarks: dict[str, Any] | None = None
+) -> None:
     run, paths = entry.run, RunPaths.of(entry.run)
     settings = generation_key(run)
     everything = entry.items + entry.evals
@@ -372,22 +437,36 @@ def write_run(entry: Entry, answers: dict, text_of, facts: dict[str, Any]) -> No
     }
     if entry.evals:
         summary.update(score(entry.evals, entry.metrics))
+    if benchmarks is not None:
+        summary["lm_eval"] = benchmarks
     atomic_write_text(
         paths.inference / "results.jsonl",
         "".join(json.dumps(i.record(), ensure_ascii=False) + "\n" for i in everything),
     )
-    summary["seconds"] = round(facts["evaluated_by"]["load_seconds"] + facts["evaluated_by"]["generate_seconds"], 2)
+    by = facts["evaluated_by"]
+    summary["seconds"] = round(by["load_seconds"] + by["generate_seconds"] + by.get("lm_eval_seconds", 0), 2)
     write_json(paths.inference / "summary.json", summary)
     steps = int((json.loads(paths.metrics.read_text()) or {}).get("global_step", 0))
     emit(make_event("infer_end", steps, summary=summary), paths.progress, sys.stdout)
     entry.outcome, entry.why = "evaluated", ""
     log(f"run {run.run_id}: evaluated")
-    print_table(entry.items, entry.evals, run.inference.compare_base, shown_evals=2)
+    if entry.items or entry.evals:
+        print_table(entry.items, entry.evals, run.inference.compare_base, shown_evals=2)
     for metric in summary.get("metrics", []):
         base = f"base {metric['base']:.2f} → " if "base" in metric else ""
         log(
             f"run {run.run_id} metric {metric['name']}: {base}tuned {metric['tuned']:.2f} ({metric['n']} held-out examples)"
         )
+    for task, row in (benchmarks or {}).get("tasks", {}).items():
+        base = f"base {row['base']:.3f} → " if row.get("base") is not None else ""
+        log(f"run {run.run_id} lm-eval {task} {row['metric']}: {base}tuned {row['tuned']:.3f} ({row['n']} examples)")
+    if benchmarks and run.tracking.report_to:
+        from .tracking import record_benchmarks
+
+        try:
+            record_benchmarks(run, benchmarks, steps)
+        except Exception as exc:  # noqa: BLE001 - a tracker down does not lose the scores on disk
+            log(f"run {run.run_id}: lm-eval scores not sent to the trackers: {_one_line(exc)}")
     with open(paths.infer_log, "a") as handle:  # `qlaunch logs --infer` of the run points here
         handle.write(
             f"[qlaunch] evaluated by the grid evaluation job; its log: {paths.root.parent / grid_evaluation.FOLDER / grid_evaluation.LOG_FILE}\n"
@@ -449,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     known = [e.run for e in entries if e.run is not None]
     if known:
         write_json(grid_evaluation.folder(known) / grid_evaluation.OUTCOMES_FILE, record)
+        if job.get("lm_eval_base"):
+            write_json(grid_evaluation.folder(known) / grid_evaluation.LM_EVAL_FILE, {"base": job["lm_eval_base"]})
     counts = {name: sum(e.outcome == name for e in entries) for name in ("evaluated", "skipped", "not evaluated")}
     log(
         f"grid evaluation: {counts['evaluated']} evaluated, {counts['skipped']} already scored, "

@@ -213,3 +213,47 @@ def wandb_run_config_callback(run: RunConfig):
                 wandb.run.config.update(config, allow_val_change=True)
 
     return WandbRunConfig()
+
+
+def benchmark_metrics(lm_eval: dict[str, Any]) -> dict[str, float]:
+    """`lm_eval/<task>/<metric>` (the adapter's) and `.../<metric>_base` from summary.json's
+    lm_eval field: every metric each task reported."""
+    flat: dict[str, float] = {}
+    for task, row in (lm_eval.get("tasks") or {}).items():
+        for who, metrics in (row.get("metrics") or {}).items():
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    flat[f"lm_eval/{task}/{name}{'' if who == 'tuned' else '_' + who}"] = float(value)
+    return flat
+
+
+def record_benchmarks(run: RunConfig, lm_eval: dict[str, Any], step: int) -> None:
+    """The grid evaluation's lm-eval scores into the run's tracked run, where the training's
+    metrics are (TensorBoard scalars at the final step, MLflow metrics on the run found by its
+    tag, the W&B run resumed by its id: its summary)."""
+    wanted, metrics = run.tracking.report_to, benchmark_metrics(lm_eval)
+    if not wanted or not metrics:
+        return
+    if "tensorboard" in wanted:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(tensorboard_dir(run)))
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, step)
+        writer.close()
+    if "mlflow" in wanted:
+        from mlflow.tracking import MlflowClient
+
+        uri = mlflow_uri(run)
+        if uri.startswith("file:"):
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+        client, mlflow_run = MlflowClient(tracking_uri=uri), mlflow_run_for(run, uri)
+        for name, value in metrics.items():
+            client.log_metric(mlflow_run, name, value, step=step)
+    if "wandb" in wanted:
+        import wandb
+
+        _wandb_environment(run)
+        tracked = wandb.init(id=wandb_run_id(run), resume="allow", name=tracked_run_name(run))
+        tracked.summary.update(metrics)
+        tracked.finish()

@@ -219,6 +219,43 @@ class InferenceResources(Section):
         return value
 
 
+class LmEvalConfig(Section):
+    """inference.lm_eval: lm-evaluation-harness tasks scored in the grid evaluation job for the base
+    model and every adapter (training/lm_eval_run.py); names checked at plan time
+    (launcher/job/lm_eval_tasks.py)."""
+
+    tasks: list[str] = Field(min_length=1)  # lm-eval task, group or tag names
+    # Examples per task (a whole number), or a fraction of each task (0 < limit < 1); null: all.
+    limit: int | float | None = None
+    num_fewshot: int | None = Field(default=None, ge=0, le=64)  # null: each task's own default
+    # A folder of the user's own task YAMLs (relative to the experiment file); their relative
+    # dataset_kwargs.data_files are relative to it.
+    include_path: str | None = None
+    batch_size: int = Field(default=8, ge=1)  # requests per forward pass
+    # Cluster backends: tasks whose dataset is on the hub are refused at plan time unless the
+    # nodes can download it (qlaunch prefetch does not fetch lm-eval datasets).
+    allow_hub: bool = False
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _one_task(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _limit(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, float) and not isinstance(value, bool) and 0 < value < 1:
+            return value
+        raise ValueError(
+            f"must be a whole number of examples per task (at least 1) or a fraction of each task "
+            f"between 0 and 1; got {value!r}"
+        )
+
+
 class InferenceConfig(Section):
     enabled: bool = True  # run the inference job after training
     resources: InferenceResources = Field(default_factory=InferenceResources)
@@ -237,6 +274,8 @@ class InferenceConfig(Section):
     # Answers per generate call: auto (the per-run job: 8; the grid job: whole prompts × every
     # adapter up to 192 rows, fewer where the GPU's free memory would not hold them), or a number.
     batch_size: Literal["auto"] | int = "auto"
+    # Standard benchmarks (lm-evaluation-harness) in the grid evaluation job; null: none.
+    lm_eval: LmEvalConfig | None = None
 
     @field_validator("batch_size", mode="before")
     @classmethod

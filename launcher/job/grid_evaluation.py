@@ -6,6 +6,8 @@ the evaluation job and the job writes back, so both sides name them the same way
         evaluate.log        the job's output
         evaluation.json     what happened to each run: evaluated, skipped (already scored), or
                             not evaluated and why
+        lm_eval.json        inference.lm_eval: the base model's lm-eval scores, once per base
+                            model and setting (each run's summary.json carries base and tuned)
 
 The eval set (`eval_set` in summary.json) is a fingerprint of everything an answer or a score
 depends on besides the adapter: the prompts, the held-out file (prompts + references), the prompt
@@ -26,6 +28,7 @@ FOLDER = "evaluation"
 RUNS_FILE = "runs.txt"
 LOG_FILE = "evaluate.log"
 OUTCOMES_FILE = "evaluation.json"
+LM_EVAL_FILE = "lm_eval.json"
 
 
 def folder(runs: list[RunConfig] | tuple[RunConfig, ...]) -> Path:
@@ -55,6 +58,12 @@ def eval_set(run: RunConfig) -> str:
         "compare_base": inference.compare_base,
         "prompt": run.prompt.model_dump(mode="json"),
     }
+    if inference.lm_eval is not None:  # only then: fingerprints of runs without it stay as they were
+        identity["lm_eval"] = inference.lm_eval.model_dump(mode="json")
+        if inference.lm_eval.include_path:
+            folder = run.resolve_path(inference.lm_eval.include_path)
+            files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+            identity["lm_eval_files"] = {str(p.relative_to(folder)): _file_digest(p) for p in files}
     text = json.dumps(identity, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
