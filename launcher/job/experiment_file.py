@@ -288,7 +288,11 @@ def load_run_config(path: str | Path) -> RunConfig:
 # Keys added after the job image was first published, left out of run.yaml at their defaults:
 # a run that does not use one keeps the bytes it had, and a job image older than the key (which
 # refuses keys it does not know) still reads the run.yaml. (section, key) → default.
-NEWER_KEYS_AT_DEFAULT = {("inference", "batch_size"): "auto", ("slurm", "array_parallelism"): None}
+NEWER_KEYS_AT_DEFAULT = {
+    ("inference", "batch_size"): "auto",
+    ("inference", "lm_eval"): None,
+    ("slurm", "array_parallelism"): None,
+}
 
 
 def dump_run_config(run: RunConfig) -> str:
