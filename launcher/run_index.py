@@ -67,19 +67,25 @@ def _load() -> dict[str, list[dict]]:
 
 
 @contextlib.contextmanager
-def _locked():
-    """Concurrent submits must not drop each other's entries (read-modify-write under a lock)."""
+def file_lock(path: Path):
+    """An exclusive lock on `path` for the block, waited for; none where there is no flock (not
+    POSIX) or the folder cannot be written (a read-only home must not stop a submission)."""
     try:
         import fcntl
 
-        home().mkdir(parents=True, exist_ok=True)
-        handle = open(home() / "runs.json.lock", "a")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
     except (ImportError, OSError):
         yield
         return
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
+
+
+def _locked():
+    """Concurrent submits must not drop each other's entries (read-modify-write under a lock)."""
+    return file_lock(home() / "runs.json.lock")
 
 
 def _shares_storage(backend_name: str | None) -> bool:

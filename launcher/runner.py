@@ -71,18 +71,8 @@ def _one_submit_at_a_time(plan: Plan, backend: Backend, dry_run: bool):
     if dry_run or backend.foreground:
         yield
         return
-    try:
-        import fcntl
-
-        key = hashlib.sha256(f"{Path(plan.source).resolve()}\0{backend.name}".encode()).hexdigest()[:16]
-        folder = run_index.home() / "locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / f"submit-{key}.lock", "a")
-    except (ImportError, OSError):
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    key = hashlib.sha256(f"{Path(plan.source).resolve()}\0{backend.name}".encode()).hexdigest()[:16]
+    with run_index.file_lock(run_index.home() / "locks" / f"submit-{key}.lock"):
         yield
 
 
