@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from slurm_support import REPO, require_cluster, scheduler_jobs, unique_name, wait_for
+from snapshot_support import assert_matches_snapshot
 from training_support import run_job, tail
 
 from launcher.backends.slurm.script import render_export
@@ -29,7 +30,6 @@ from launcher.jobspec import export_job
 from tests.fake_hub import FakeHub
 
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "slurm" / "export"
-UPDATE = os.environ.get("QLAUNCH_UPDATE_SNAPSHOTS") == "1"
 TOKEN = "hf_exportJobSecret0123456789abcd"
 LLAMA_7B = "NousResearch/Llama-2-7b-chat-hf"
 
@@ -81,11 +81,7 @@ def _rendered(tmp_path: Path, case: str) -> str:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_export_script_matches_its_snapshot(tmp_path, case):
     text = _rendered(tmp_path, case)
-    snapshot = SNAPSHOTS / f"{case}.sbatch"
-    if UPDATE:
-        snapshot.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.write_text(text)
-    assert text == snapshot.read_text(), f"export/{case}.sbatch differs from its snapshot (QLAUNCH_UPDATE_SNAPSHOTS=1)"
+    assert_matches_snapshot(text, SNAPSHOTS / f"{case}.sbatch")
 
 
 def test_the_merge_job_asks_for_the_memory_the_merge_needs_and_the_adapter_job_for_little(tmp_path):

@@ -23,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from fake_kube import start_cluster
+from snapshot_support import assert_matches_snapshot
 from training_support import job_env, mount_config_map, run_job, tail
 
 from launcher.backends.kubernetes import export as export_manifest
@@ -36,7 +37,6 @@ from launcher.jobspec import export_finish_command, export_job
 
 NS = "ml-team"
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "k8s" / "export"
-UPDATE = os.environ.get("QLAUNCH_UPDATE_SNAPSHOTS") == "1"
 SCHEMA_VERSIONS = ("1.30", "1.37")  # as tests/test_k8s_render.py
 TOKEN = "hf_k8sExportSecret0123456789abcd"
 LLAMA_7B = "NousResearch/Llama-2-7b-chat-hf"
@@ -93,11 +93,7 @@ def test_the_export_job_matches_its_snapshot_and_both_kubernetes_versions_schema
     for version in SCHEMA_VERSIONS:
         kubernetes_validate.validate(document, version, strict=True)
     text = export_manifest.file_text(p, run, document)
-    snapshot = SNAPSHOTS / f"{case}.yaml"
-    if UPDATE:
-        snapshot.parent.mkdir(parents=True, exist_ok=True)
-        snapshot.write_text(text)
-    assert text == snapshot.read_text(), f"export/{case}.yaml differs from its snapshot (QLAUNCH_UPDATE_SNAPSHOTS=1)"
+    assert_matches_snapshot(text, SNAPSHOTS / f"{case}.yaml")
 
 
 def test_a_merge_is_a_cpu_pod_with_the_memory_the_merge_needs_and_the_token_only_by_reference(tmp_path):
